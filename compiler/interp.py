@@ -1,0 +1,62 @@
+"""Reference interpreter: runs any kiln graph op by op in torch eager. The oracle for pass tests."""
+from __future__ import annotations
+
+from typing import Any
+
+import sympy
+import torch
+
+from .ir import Graph, Node
+from .ops import OPS, evaluate
+
+
+class _Ctx:
+    def __init__(self, env: dict) -> None:
+        self.env = env
+        self.node: Node | None = None
+
+    def eval(self, expr: Any) -> Any:
+        return evaluate(expr, self.env)
+
+
+def bind_dims(graph: Graph, inputs: dict[str, torch.Tensor]) -> dict:
+    """Bind each symbolic input dimension to the size of the tensor passed for it."""
+    env: dict = {}
+    for node in graph.inputs:
+        t = inputs[node.name]
+        if len(t.shape) != node.type.rank:
+            raise ValueError(f"input '{node.name}' must have rank {node.type.rank} ({node.type}), got {tuple(t.shape)}")
+        for d, size in zip(node.type.shape, t.shape):
+            if d.is_Symbol:
+                if env.get(d, size) != size:
+                    raise ValueError(f"dimension {d} bound to both {env[d]} and {size}")
+                env[d] = size
+            elif d.is_Integer and int(d) != size:
+                raise ValueError(f"input '{node.name}' dim must be {d}, got {size} (expected {node.type})")
+    return env
+
+
+def run(graph: Graph, inputs: dict[str, torch.Tensor], params: dict[str, torch.Tensor] | None = None,
+        return_env: bool = False) -> list[torch.Tensor] | tuple[list[torch.Tensor], dict]:
+    """Execute `graph` on named inputs; returns the outputs (in order)."""
+    params = graph.params if params is None else params
+    ctx = _Ctx(bind_dims(graph, inputs))
+    values: dict[Node, torch.Tensor] = {}
+    with torch.no_grad():
+        for node in graph.nodes:
+            if node.op == "input":
+                values[node] = inputs[node.name]
+            elif node.op == "param":
+                values[node] = params[node.attrs["name"]]
+            else:
+                ctx.node = node
+                try:
+                    values[node] = OPS[node.op].ref(ctx, [values[i] for i in node.inputs], node.attrs)
+                except Exception as e:  # name the node: a bare torch error says nothing of where
+                    raise RuntimeError(f"interpreter failed at {node.name} = {node.op}"
+                                       f"({', '.join(i.name for i in node.inputs)}): {e}") from e
+    outs = [values[o] for o in graph.outputs]
+    return (outs, values) if return_env else outs
+
+
+__all__ = ["run", "bind_dims", "sympy"]
