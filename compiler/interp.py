@@ -60,3 +60,23 @@ def run(graph: Graph, inputs: dict[str, torch.Tensor], params: dict[str, torch.T
 
 
 __all__ = ["run", "bind_dims", "sympy"]
+
+
+def evaluate_subgraph(graph: Graph, node: Node, dims: dict[str, int]) -> torch.Tensor:
+    """Evaluate one node whose ancestors read no graph inputs, with symbolic dims bound by name."""
+    from .ir import sym
+    anc = graph.ancestors(node) | {node}
+    if any(n.op == "input" for n in anc):
+        raise ValueError(f"%{node.name} depends on graph inputs")
+    ctx = _Ctx({sym(k): v for k, v in dims.items()})
+    values: dict[Node, torch.Tensor] = {}
+    with torch.no_grad():
+        for n in graph.nodes:
+            if n not in anc:
+                continue
+            if n.op == "param":
+                values[n] = graph.params[n.attrs["name"]]
+            else:
+                ctx.node = n
+                values[n] = OPS[n.op].ref(ctx, [values[i] for i in n.inputs], n.attrs)
+    return values[node]

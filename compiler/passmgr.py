@@ -1,0 +1,143 @@
+"""Pass manager: pipelines as strings, verification, rewrite counters, per-pass records, IR dumps."""
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import sympy
+
+from .errors import PassError
+from .ir import Graph, sym
+from .ops import flops_of
+from .verify import verify
+
+# Pipelines are data; a name expands to its pass list.
+PIPELINES: dict[str, str] = {
+    # The minimum that runs: attention recognized so the KV cache can be derived.
+    "O0": "canonicalize,fuse-attention,kv-cache,canonicalize",
+    # Recognize the LLM-level ops that the targets have fused kernels for.
+    "O1": "canonicalize,fuse-norms,fuse-rope,fuse-attention,fuse-mlp,kv-cache,canonicalize",
+}
+
+
+@dataclass
+class PassRecord:
+    name: str
+    params: dict[str, Any]
+    exact: bool
+    rewrites: dict[str, int]
+    nodes_before: int
+    nodes_after: int
+    param_bytes_before: int
+    param_bytes_after: int
+    flops_per_token_before: int
+    flops_per_token_after: int
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_pipeline(spec: str) -> list[tuple[str, dict[str, Any]]]:
+    """'canonicalize,kv-cache{page_size=16},O1' -> [(name, params), ...] with pipelines expanded."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    for m in re.finditer(r"\s*([A-Za-z0-9_\-]+)\s*(\{[^}]*\})?\s*(,|$)", spec.strip()):
+        name, params = m.group(1), m.group(2)
+        if name in PIPELINES:
+            if params:
+                raise PassError(f"pipeline '{name}' takes no parameters")
+            out.extend(parse_pipeline(PIPELINES[name]))
+            continue
+        kv: dict[str, Any] = {}
+        if params:
+            for item in params[1:-1].split(","):
+                if not item.strip():
+                    continue
+                if "=" not in item:
+                    raise PassError(f"pass parameter '{item}' of '{name}' must be key=value")
+                k, v = item.split("=", 1)
+                kv[k.strip()] = _value(v.strip())
+        out.append((name, kv))
+    if not out:
+        raise PassError(f"empty pipeline {spec!r}")
+    return out
+
+
+def _value(v: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(v.lower(), v)
+
+
+def flops_per_token(g: Graph) -> int:
+    env = {sym("batch"): 1, sym("tokens"): 1}
+    total = sympy.Integer(0)
+    for n in g.nodes:
+        total += flops_of(n)
+    v = total.subs(env)
+    return int(v) if v.is_number else 0
+
+
+class PassManager:
+    """Runs a pipeline; verifies after each pass (when asked), records effects, dumps IR."""
+
+    def __init__(self, verify_each: bool = True, dump_ir: str | None = None) -> None:
+        self.verify_each = verify_each
+        self.dump_ir = dump_ir
+        self.records: list[PassRecord] = []
+
+    def run(self, graph: Graph, pipeline: str) -> Graph:
+        from kiln.passes import REGISTRY, run_counted
+        steps = parse_pipeline(pipeline)
+        for name, _ in steps:
+            if name not in REGISTRY:
+                raise PassError(f"unknown pass '{name}'; known passes: {', '.join(sorted(REGISTRY))}; "
+                                f"pipelines: {', '.join(PIPELINES)}")
+        if self.dump_ir:
+            os.makedirs(self.dump_ir, exist_ok=True)
+            self._dump(0, "trace", graph)
+        done: list[str] = []
+        for i, (name, params) in enumerate(steps, 1):
+            info = REGISTRY[name]
+            before = graph.stats()
+            f0 = flops_per_token(graph)
+            t0 = time.perf_counter()
+            try:
+                out, counts = run_counted(info, graph, params)
+                if self.verify_each:
+                    verify(out)
+            except TypeError as e:
+                raise PassError(f"pass '{name}' rejected parameters {params}: {e}") from e
+            except Exception as e:
+                if isinstance(e, PassError):
+                    raise
+                after = f" (after {', '.join(done)})" if done else ""
+                raise PassError(f"pass '{name}'{after} failed: {e}") from e
+            dt = time.perf_counter() - t0
+            after_stats = out.stats()
+            self.records.append(PassRecord(name, params, info.exact, counts, before["nodes"], after_stats["nodes"],
+                                           before["param_bytes"], after_stats["param_bytes"], f0,
+                                           flops_per_token(out), round(dt, 4)))
+            done.append(name)
+            graph = out
+            if self.dump_ir:
+                self._dump(i, name, graph)
+        return graph
+
+    def _dump(self, i: int, name: str, g: Graph) -> None:
+        with open(os.path.join(self.dump_ir, f"{i:02d}-{name}.txt"), "w") as f:
+            f.write(str(g) + "\n")
+
+
+def run_pipeline(graph: Graph, pipeline: str, verify_each: bool = True,
+                 dump_ir: str | None = None) -> tuple[Graph, list[PassRecord]]:
+    pm = PassManager(verify_each, dump_ir)
+    g = pm.run(graph, pipeline)
+    return g, pm.records

@@ -1,0 +1,90 @@
+"""fuse-attention: recognize attention with its mask construction as one `attention` op."""
+from __future__ import annotations
+
+import torch
+
+from kiln.interp import evaluate_subgraph
+from kiln.ir import Graph, Node
+from kiln.ops import same
+
+from . import count, register
+
+
+def strip_repeat_kv(k: Node) -> tuple[Node, int]:
+    """reshape(expand(unsqueeze(x, 2), [B, Hkv, rep, T, D]), [B, Hkv*rep, T, D]) -> (x, rep)."""
+    if k.op == "reshape" and k.inputs[0].op == "expand" and k.inputs[0].inputs[0].op == "unsqueeze":
+        e, u = k.inputs[0], k.inputs[0].inputs[0]
+        x = u.inputs[0]
+        if u.attrs["dim"] == 2 and x.type.rank == 4 and e.type.rank == 5:
+            rep = e.type.shape[2]
+            if rep.is_Integer and same(k.type.shape[1], x.type.shape[1] * rep) and same(
+                    k.type.shape[2], x.type.shape[2]) and same(k.type.shape[3], x.type.shape[3]):
+                return x, int(rep)
+    return k, 1
+
+
+def classify_mask(g: Graph, mask: Node, probe: tuple[int, ...]) -> tuple[bool, int] | None:
+    """Evaluate a mask that depends only on shapes at several lengths; return (causal, window)
+    when it equals a causal (optionally sliding-window) mask at all of them, else None."""
+    if any(n.op == "input" for n in g.ancestors(mask)):
+        return None
+    window = 0
+    for t in probe:
+        try:
+            m = evaluate_subgraph(g, mask, {"batch": 1, "tokens": t})
+        except Exception:
+            return None
+        if m.dtype != torch.bool:
+            m = m > float("-inf") / 2 if m.is_floating_point() else m.bool()
+        m = m.reshape(-1, t, t) if m.dim() >= 2 and m.shape[-1] == t and m.shape[-2] == t else None
+        if m is None:
+            return None
+        allowed = int(m[0, -1].sum())  # the last query sees min(t, window) keys
+        i = torch.arange(t)[:, None]
+        j = torch.arange(t)[None, :]
+        ref = j <= i
+        if allowed < t:
+            window = allowed if window in (0, allowed) else -1
+            ref = ref & (j > i - allowed)
+        if window < 0 or not bool((m == ref).all()):
+            return None
+    return True, window
+
+
+@register("fuse-attention")
+def fuse_attention(graph: Graph, probe: str = "9,17") -> Graph:
+    """Matches: `sdpa(q, k, v, mask)` whose mask is built from shapes alone (no input values) and
+    evaluates to a causal or sliding-window mask at the probe lengths and at the model's maximum
+    length; also `is_causal=True` without a mask. Looks through the repeat_kv expansion of keys and
+    values (GQA/MQA). Guarantees: each match is `attention(q, k, v, scale, causal, window)` with k/v
+    holding the model's own number of KV heads; the mask construction becomes dead. Exact.
+    Does not fire on masks that depend on input values (padding masks) or are not causal."""
+    g = graph.copy()
+    lengths = tuple(int(x) for x in probe.split(",")) + (int(g.meta.get("max_tokens", 4096)),)
+    verdicts: dict[Node, tuple[bool, int] | None] = {}
+    for n in list(g.nodes):
+        if n.op != "sdpa":
+            continue
+        if len(n.inputs) == 4:
+            mask = n.inputs[3]
+            if mask not in verdicts:
+                verdicts[mask] = classify_mask(g, mask, lengths)
+            verdict = verdicts[mask]
+        else:
+            verdict = (True, 0) if n.attrs.get("causal") else None
+        if verdict is None:
+            continue
+        q, k, v = n.inputs[:3]
+        k, rk = strip_repeat_kv(k)
+        v, rv = strip_repeat_kv(v)
+        if rk != rv:
+            continue
+        att = g.add("attention", [q, k, v], {"scale": n.attrs["scale"], "causal": True, "window": verdict[1]},
+                    name="attention", before=n, source=n.source)
+        g.replace_all_uses(n, att)
+        g.nodes.remove(n)
+        count("attention")
+        if rk > 1:
+            count("gqa-repeat-removed")
+    g.dce()
+    return g

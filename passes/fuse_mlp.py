@@ -1,0 +1,41 @@
+"""fuse-mlp: recognize gated MLPs (SwiGLU, GeGLU) as one `gated_mlp` op."""
+from __future__ import annotations
+
+from kiln.ir import Graph, Node
+
+from . import register
+from .canonicalize import apply_rules
+from .pattern import commutative
+
+_ACTS = {"silu": "silu", "gelu": "gelu"}
+
+
+def _gated_mlp(g: Graph, n: Node) -> Node | None:
+    # down(act(gate(x)) * up(x)) -> gated_mlp(x, Wg, Wu, Wd), all three linear without bias
+    if n.op != "linear" or len(n.inputs) != 2:
+        return None
+    for a, u in commutative(n.inputs[0], "mul"):
+        if a.op not in _ACTS or (a.op == "gelu" and a.attrs.get("approximate", "none") not in ("none", "tanh")):
+            continue
+        gate = a.inputs[0]
+        if gate.op != "linear" or u.op != "linear" or len(gate.inputs) != 2 or len(u.inputs) != 2:
+            continue
+        if gate.inputs[0] is not u.inputs[0]:
+            continue
+        act = a.op if a.op == "silu" else ("gelu_tanh" if a.attrs.get("approximate") == "tanh" else "gelu")
+        return g.add("gated_mlp", [gate.inputs[0], gate.inputs[1], u.inputs[1], n.inputs[1]], {"act": act},
+                     name="mlp", before=n, source=n.source)
+    return None
+
+
+RULES = [("gated-mlp", _gated_mlp)]
+
+
+@register("fuse-mlp")
+def fuse_mlp(graph: Graph) -> Graph:
+    """Matches: `down(act(gate(x)) * up(x))` with act in {silu, gelu} and bias-free linears.
+    Guarantees: each match is one `gated_mlp(x, w_gate, w_up, w_down, act)`. Exact."""
+    g = graph.copy()
+    apply_rules(g, RULES)
+    g.toposort()
+    return g

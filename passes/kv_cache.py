@@ -1,0 +1,100 @@
+"""kv-cache: derive the incremental program from the full-sequence trace.
+
+The traced forward recomputes every token; serving needs `prefill` (a prompt chunk) and `decode`
+(one new token per sequence) that read and append to a KV cache. This pass makes the change once,
+for any decoder-only model whose attention was recognized:
+
+- positions become an input: the trace's position ids (`arange(tokens)` broadcast over the batch)
+  are replaced by `positions [batch, tokens]`, so rotary/learned position embeddings follow;
+- each `attention(q, k, v)` becomes `cached_attention(q, k, v, cache_i, page_table, positions)`,
+  which writes k/v into layer i's paged cache and attends over everything cached for the sequence;
+- optionally only the last token's logits are computed (what generation needs).
+
+Both entry points are the same graph at different symbolic shapes: prefill binds `batch=1`,
+decode binds `tokens=1`.
+"""
+from __future__ import annotations
+
+import sympy
+
+from kiln.errors import PassError
+from kiln.ir import Graph, TensorType, sym
+
+from . import count, register
+
+BATCH, TOKENS, PAGES, MAX_PAGES = sym("batch"), sym("tokens"), sym("pages"), sym("max_pages")
+
+
+def _replace_positions(g: Graph, positions) -> None:
+    pos64 = None
+    for a in g.find("arange"):
+        if not (a.attrs["start"] == 0 and sympy.sympify(a.attrs["end"]) == TOKENS and a.attrs.get("step", 1) == 1):
+            raise PassError(f"kv-cache: %{a.name} = arange({a.attrs['start']}, {a.attrs['end']}) is not a position "
+                            f"range over tokens (from {a.source}); kiln cannot tell what it means incrementally")
+        users = [u for u in g.nodes if a in u.inputs]
+        for u in users:
+            if u.op == "unsqueeze" and u.attrs["dim"] == 0:
+                if pos64 is None:
+                    pos64 = g.add("cast", [positions], {"dtype": a.type.dtype}, name="position_ids", before=u)
+                g.replace_all_uses(u, pos64)
+                count("positions")
+            else:
+                raise PassError(f"kv-cache: the position range %{a.name} is used by %{u.name} = {u.op} "
+                                f"(from {u.source}) as a [tokens] vector; kiln needs [batch, tokens] position ids")
+    g.dce()
+
+
+@register("kv-cache")
+def kv_cache(graph: Graph, page_size: int = 16, logits: str = "last") -> Graph:
+    """Matches: every `attention` op (run fuse-attention first) and the position-id range.
+    Guarantees: inputs become (input_ids, positions, page_table, kv_cache_0..L-1); each attention
+    reads/writes a paged cache [pages, 2, kv_heads, page_size, head_dim]; with logits=last the output
+    is [batch, 1, vocab]. Exact: prefill of a prompt equals the traced forward's rows."""
+    if logits not in ("last", "all"):
+        raise PassError(f"kv-cache: logits must be 'last' or 'all', got {logits!r}")
+    if int(page_size) < 1:
+        raise PassError(f"kv-cache: page_size must be positive, got {page_size}")
+    page_size = int(page_size)
+    left = graph.find("sdpa")
+    if left:
+        raise PassError(f"kv-cache: attention %{left[0].name} (from {left[0].source}) was not recognized as causal "
+                        "attention; run fuse-attention first, or the model's mask depends on input values")
+    if not graph.find("attention"):
+        raise PassError("kv-cache: the graph has no attention op; run fuse-attention before kv-cache")
+    g = graph.copy()
+    positions = g.add_input("positions", TensorType((BATCH, TOKENS), "int32"))
+    page_table = g.add_input("page_table", TensorType((BATCH, MAX_PAGES), "int32"))
+    _replace_positions(g, positions)
+    layers = []
+    for i, att in enumerate(g.find("attention")):
+        q, k, v = att.inputs
+        kv_heads, head_dim = k.type.shape[1], k.type.shape[3]
+        cache = g.add_input(f"kv_cache_{i}", TensorType((PAGES, sympy.Integer(2), kv_heads, sympy.Integer(page_size),
+                                                         head_dim), k.type.dtype))
+        ca = g.add("cached_attention", [q, k, v, cache, page_table, positions],
+                   {"scale": att.attrs["scale"], "window": att.attrs.get("window", 0), "layer": i},
+                   name=f"cached_attention_{i}", before=att, source=att.source)
+        g.replace_all_uses(att, ca)
+        g.nodes.remove(att)
+        layers.append({"kv_heads": int(kv_heads), "head_dim": int(head_dim), "num_heads": int(q.type.shape[1]),
+                       "window": att.attrs.get("window", 0)})
+        count("cached-attention")
+    if logits == "last":
+        outs = []
+        for o in g.outputs:
+            if o.op != "linear":
+                raise PassError(f"kv-cache: logits=last needs the output to be a linear layer, got {o.op}")
+            x = o.inputs[0]
+            last = g.add("slice", [x], {"dim": 1, "start": TOKENS - 1, "end": TOKENS, "step": 1},
+                         name="last_token", before=o)
+            outs.append(g.add("linear", [last] + o.inputs[1:], name=o.name + "_last", before=o, source=o.source))
+            count("last-token-logits")
+        g.outputs = outs
+    g.dce()
+    g.toposort()
+    g.reinfer()
+    g.meta["kv_cache"] = {"page_size": page_size, "dtype": "float32", "layers": layers,
+                          "layout": "[pages, 2, kv_heads, page_size, head_dim]"}
+    g.meta["logits"] = logits
+    g.meta["entry_points"] = {"prefill": {"batch": 1}, "decode": {"tokens": 1}}
+    return g
