@@ -1,0 +1,13 @@
+"""kiln targets: each lowers optimized IR through TVM and carries its own kernels and cost model."""
+from __future__ import annotations
+
+TARGETS = ("cpu",)
+
+
+def get_target(name: str, **options):
+    """Return the target object for `name` (only imports TVM's compiler when called)."""
+    if name == "cpu":
+        from .cpu import CpuTarget
+        return CpuTarget(**options)
+    from kiln.errors import KilnError
+    raise KilnError(f"unknown target '{name}'; available targets: {', '.join(TARGETS)}")

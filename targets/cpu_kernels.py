@@ -77,40 +77,39 @@ def _linear_body(k: int, n: int, mr: int, tg: int, single_row_fast_path: bool):
             g = T.Bind(task // nblk)
             nb = T.Bind(task % nblk)
             for tt in range(T.min(T.int64(tg), ntile - g * tg)):
-                if True:
-                    i0 = T.Bind((g * tg + tt) * rows)
-                    # two [rows, 16] halves: each < 1 KiB so it stays a stack alloca -> registers
-                    a0 = T.alloc_buffer((rows, 16), "float32", scope="global")  # lanes 0..15
-                    a1 = T.alloc_buffer((rows, 16), "float32", scope="global")  # lanes 16..31
+                i0 = T.Bind((g * tg + tt) * rows)
+                # two [rows, 16] halves: each < 1 KiB so it stays a stack alloca -> registers
+                a0 = T.alloc_buffer((rows, 16), "float32", scope="global")  # lanes 0..15
+                a1 = T.alloc_buffer((rows, 16), "float32", scope="global")  # lanes 16..31
+                for r in T.unroll(rows):
+                    for j in T.vectorized(16):
+                        a0[r, j] = T.float32(0)
+                        a1[r, j] = T.float32(0)
+                for kk in range(k):
                     for r in T.unroll(rows):
                         for j in T.vectorized(16):
-                            a0[r, j] = T.float32(0)
-                            a1[r, j] = T.float32(0)
-                    for kk in range(k):
-                        for r in T.unroll(rows):
+                            a0[r, j] = a0[r, j] + x[T.min(i0 + r, m - 1), kk] * w[nb, kk, j]
+                            a1[r, j] = a1[r, j] + x[T.min(i0 + r, m - 1), kk] * w[nb, kk, 16 + j]
+                for r in T.unroll(rows):
+                    if i0 + r < m:
+                        if nb < nfull:
                             for j in T.vectorized(16):
-                                a0[r, j] = a0[r, j] + x[T.min(i0 + r, m - 1), kk] * w[nb, kk, j]
-                                a1[r, j] = a1[r, j] + x[T.min(i0 + r, m - 1), kk] * w[nb, kk, 16 + j]
-                    for r in T.unroll(rows):
-                        if i0 + r < m:
-                            if nb < nfull:
-                                for j in T.vectorized(16):
-                                    if bias is not None:
-                                        out[i0 + r, nb * NB + j] = a0[r, j] + bias[nb * NB + j]
-                                        out[i0 + r, nb * NB + 16 + j] = a1[r, j] + bias[nb * NB + 16 + j]
-                                    else:
-                                        out[i0 + r, nb * NB + j] = a0[r, j]
-                                        out[i0 + r, nb * NB + 16 + j] = a1[r, j]
-                            else:
-                                for j in range(16):
-                                    for h in range(2):
-                                        if nb * NB + h * 16 + j < n:
-                                            if bias is not None:
-                                                out[i0 + r, nb * NB + h * 16 + j] = T.if_then_else(
-                                                    h == 0, a0[r, j], a1[r, j]) + bias[nb * NB + h * 16 + j]
-                                            else:
-                                                out[i0 + r, nb * NB + h * 16 + j] = T.if_then_else(
-                                                    h == 0, a0[r, j], a1[r, j])
+                                if bias is not None:
+                                    out[i0 + r, nb * NB + j] = a0[r, j] + bias[nb * NB + j]
+                                    out[i0 + r, nb * NB + 16 + j] = a1[r, j] + bias[nb * NB + 16 + j]
+                                else:
+                                    out[i0 + r, nb * NB + j] = a0[r, j]
+                                    out[i0 + r, nb * NB + 16 + j] = a1[r, j]
+                        else:
+                            for j in range(16):
+                                for h in range(2):
+                                    if nb * NB + h * 16 + j < n:
+                                        if bias is not None:
+                                            out[i0 + r, nb * NB + h * 16 + j] = T.if_then_else(
+                                                h == 0, a0[r, j], a1[r, j]) + bias[nb * NB + h * 16 + j]
+                                        else:
+                                            out[i0 + r, nb * NB + h * 16 + j] = T.if_then_else(
+                                                h == 0, a0[r, j], a1[r, j])
 
     @T.macro
     def body(x, w, bias, out, m):
