@@ -1,0 +1,185 @@
+"""Public API: `kiln.compile(model, target, passes) -> Artifact` and `kiln.load(path) -> Engine`."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from typing import Any, Callable
+
+from .errors import KilnError
+
+KILN_VERSION = "0.1.0"
+
+
+def _noop(msg: str) -> None:
+    pass
+
+
+def _max_context(cfg: Any, cap: int = 8192) -> int:
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and v > 0:
+            return min(v, cap)
+    return 2048
+
+
+def compile(model: Any, target: str = "cpu", passes: str = "O1", *, tokenizer_dir: str | None = None,
+            name: str | None = None, dump_ir: str | None = None, max_context: int | None = None,
+            progress: Callable[[str], None] | None = None, verify_each: bool = True):
+    """Compile a causal LM for `target` with the pass pipeline `passes`.
+
+    `model` is a transformers causal LM (nn.Module), a built-in name (`smollm2-135m`), a GGUF file or a
+    local transformers folder. Returns an `Artifact`; `artifact.save(dir)` writes it.
+    """
+    import torch
+
+    from kiln.targets import get_target
+    from kiln.targets.lower import materialize
+
+    from .artifact import Artifact
+    from .models import load_model
+    from .passmgr import run_pipeline
+    from .trace import trace
+
+    progress = progress or _noop
+    timings: dict[str, float] = {}
+    source = getattr(model, "name_or_path", None) or type(model).__name__
+    t0 = time.perf_counter()
+    if isinstance(model, str):
+        progress(f"loading {model}")
+        lm = load_model(model, progress)
+        source, model, tokenizer_dir = model, lm.model, tokenizer_dir or lm.folder
+        timings["load"] = time.perf_counter() - t0
+    if not isinstance(model, torch.nn.Module):
+        raise KilnError(f"kiln.compile needs a torch.nn.Module or a model name/path, got {type(model).__name__}")
+    tgt = get_target(target)  # refuse an unknown target before the slow steps
+    cfg = getattr(model, "config", None)
+    ctx = int(max_context or _max_context(cfg))
+    t = time.perf_counter()
+    progress("tracing with torch.export (symbolic batch and tokens)")
+    graph = trace(model, max_tokens=ctx)
+    timings["trace"] = time.perf_counter() - t
+    t = time.perf_counter()
+    progress(f"running passes: {passes}")
+    graph, records = run_pipeline(graph, passes, verify_each=verify_each, dump_ir=dump_ir)
+    timings["passes"] = time.perf_counter() - t
+    if "kv_cache" not in graph.meta:
+        raise KilnError(f"pipeline '{passes}' has no kv-cache pass: the runtime needs prefill/decode entry points "
+                        "(add kv-cache after fuse-attention, or use O0/O1)")
+    t = time.perf_counter()
+    progress(f"lowering to TVM Relax and building for {target}")
+    build = tgt.build(graph)
+    timings["lower"] = build.timings["lower"]
+    timings["tvm_build"] = build.timings["tvm_build"]
+    t = time.perf_counter()
+    progress("packing weights")
+    weights = {s.name: materialize(s, graph.params) for s in build.weight_specs}
+    timings["pack_weights"] = time.perf_counter() - t
+    kv = graph.meta["kv_cache"]
+    kv = dict(kv, bytes_per_token=sum(2 * l["kv_heads"] * l["head_dim"] * 4 for l in kv["layers"]))
+    import tvm
+    stats = graph.stats()
+    manifest = {
+        "schema_version": _schema(),
+        "kiln_version": KILN_VERSION,
+        "tvm_version": tvm.__version__,
+        "name": name or (cfg.model_type if cfg is not None else "model"),
+        "source": str(source),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": graph.meta.get("model", {}),
+        "num_params": stats["params"],
+        "target": build.target,
+        "pipeline": passes,
+        "passes": [r.to_json() for r in records],
+        "entry_points": _signatures(graph),
+        "kv_cache": kv,
+        "max_context": ctx,
+        "weights": [s.to_json() for s in build.weight_specs],
+        "weight_bytes": int(sum(a.nbytes for a in weights.values())),
+        "eos_token_ids": _eos_ids(cfg),
+        "kernels": build.kernels,
+    }
+    timings["total"] = time.perf_counter() - t0
+    return Artifact(build, weights, manifest, str(graph), tokenizer_dir,
+                    {k: round(v, 3) for k, v in timings.items()})
+
+
+def _schema() -> int:
+    from kiln.runtime.artifact import SCHEMA_VERSION
+    return SCHEMA_VERSION
+
+
+def _eos_ids(cfg: Any) -> list[int]:
+    v = getattr(cfg, "eos_token_id", None)
+    if v is None:
+        return []
+    return [int(x) for x in (v if isinstance(v, (list, tuple)) else [v])]
+
+
+def _signatures(graph) -> dict[str, Any]:
+    ins = [{"name": n.name, "type": str(n.type)} for n in graph.inputs if not n.name.startswith("kv_cache_")]
+    sig = {"inputs": ins + [{"name": "kv_caches", "type": f"tuple of {len(graph.meta['kv_cache']['layers'])} layers"},
+                            {"name": "weights", "type": "tuple (see weights)"}],
+           "outputs": [{"name": o.name, "type": str(o.type)} for o in graph.outputs]}
+    return {name: dict(sig, bind=bind) for name, bind in graph.meta["entry_points"].items()}
+
+
+def load(path: str, **engine_options: Any):
+    """Load an artifact directory into an `Engine` (needs only TVM's runtime, numpy and safetensors)."""
+    from kiln.runtime.engine import Engine
+    return Engine(path, **engine_options)
+
+
+# -- build cache -----------------------------------------------------------------------------------
+
+def build_key(source: str, target: str, passes: str, max_context: int | None) -> str | None:
+    """A cache key for a model named by path: the file's identity plus every build option."""
+    from .models import BUILTIN, builtin_gguf
+    path = builtin_gguf(source) if source in BUILTIN else source
+    if not os.path.exists(path):
+        return None
+    st = []
+    for root, _, names in os.walk(path) if os.path.isdir(path) else [(os.path.dirname(path), [], [os.path.basename(path)])]:
+        for n in sorted(names):
+            s = os.stat(os.path.join(root, n))
+            st.append((n, s.st_size, int(s.st_mtime)))
+    import torch
+    payload = json.dumps([os.path.abspath(path), st, target, passes, max_context, KILN_VERSION, torch.__version__,
+                          _tvm_version(), _host()])
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def _tvm_version() -> str:
+    import tvm
+    return tvm.__version__
+
+
+def _host() -> str:
+    from kiln.targets.cpu import host_cpu
+    return host_cpu()
+
+
+def cached_build(source: str, out: str, target: str = "cpu", passes: str = "O1", max_context: int | None = None,
+                 progress: Callable[[str], None] | None = None, use_cache: bool = True, **kw) -> tuple[str, bool]:
+    """Build `source` into `out`, reusing an identical earlier build. Returns (path, from_cache)."""
+    from .artifact import copy_artifact
+    from .models import cache_dir
+    progress = progress or _noop
+    key = build_key(source, target, passes, max_context) if use_cache else None
+    entry = os.path.join(cache_dir(), "builds", key) if key else None
+    if entry and os.path.exists(os.path.join(entry, "manifest.json")):
+        from kiln.runtime.artifact import ArtifactError, read_manifest, verify_files
+        try:
+            verify_files(entry, read_manifest(entry))
+            progress(f"identical build found in the build cache ({key})")
+            copy_artifact(entry, out)
+            return os.path.abspath(out), True
+        except ArtifactError as e:
+            progress(f"build cache entry {key} is damaged ({e}); rebuilding")
+    art = compile(source, target=target, passes=passes, max_context=max_context, progress=progress, **kw)
+    progress(f"writing artifact to {out}")
+    path = art.save(out)
+    if entry:
+        copy_artifact(path, entry)
+    return path, False

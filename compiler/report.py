@@ -1,0 +1,40 @@
+"""The build report: what every pass did, what the build cost, what the artifact holds."""
+from __future__ import annotations
+
+from typing import Any
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def render_report(m: dict[str, Any]) -> str:
+    """Markdown report from a manifest (also what `kiln inspect` prints)."""
+    model = m.get("model", {})
+    lines = [f"# kiln artifact: {m.get('name', '?')}", "",
+             f"- model: {model.get('architectures', ['?'])[0] if model.get('architectures') else model.get('model_type', '?')}"
+             f" from `{m.get('source', '?')}`, {m.get('num_params', 0) / 1e6:.1f}M parameters",
+             f"- target: {m['target'].get('name')} ({m['target'].get('mcpu', '')}), TVM {m.get('tvm_version')}, "
+             f"kiln {m.get('kiln_version')}, schema {m.get('schema_version')}",
+             f"- pipeline: `{m.get('pipeline')}`",
+             f"- entry points: {', '.join(m.get('entry_points', {}))}; max context {m.get('max_context')} tokens",
+             f"- weights: {_mb(m.get('weight_bytes', 0))} in {len(m.get('weights', []))} fields",
+             f"- KV cache: {m['kv_cache']['page_size']}-token pages, {len(m['kv_cache']['layers'])} layers, "
+             f"{m['kv_cache'].get('bytes_per_token', 0)} bytes per token ({m['kv_cache'].get('dtype')})", ""]
+    lines += ["## Passes", "", "| # | pass | exact | rewrites | nodes | param bytes | FLOPs/token | seconds |",
+              "|---|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(m.get("passes", []), 1):
+        rw = ", ".join(f"{k} {v}" for k, v in r["rewrites"].items()) or "-"
+        params = "{" + ",".join(f"{k}={v}" for k, v in r["params"].items()) + "}" if r["params"] else ""
+        lines.append(f"| {i} | {r['name']}{params} | {'yes' if r['exact'] else 'lossy'} | {rw} | "
+                     f"{r['nodes_before']} -> {r['nodes_after']} | {_mb(r['param_bytes_before'])} -> "
+                     f"{_mb(r['param_bytes_after'])} | {r['flops_per_token_before'] / 1e6:.1f}M -> "
+                     f"{r['flops_per_token_after'] / 1e6:.1f}M | {r['seconds']:.2f} |")
+    t = m.get("timings", {})
+    if t:
+        lines += ["", "## Build time (seconds)", "", "| phase | seconds |", "|---|---|"]
+        lines += [f"| {k} | {v:.2f} |" for k, v in t.items()]
+    k = m.get("kernels", [])
+    if k:
+        lines += ["", f"## Kernels ({len(k)})", "", ", ".join(f"`{x}`" for x in k)]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,186 @@
+"""The engine: loads an artifact with TVM's runtime only, owns the paged KV cache, generates text.
+
+Static batching: each prompt is prefilled on its own (batch 1, any length), then all sequences
+decode together, one token per sequence per step; a sequence leaves the batch when it stops.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .artifact import LIBRARY, WEIGHTS, ArtifactError, check_target, read_manifest, verify_files
+from .kv_cache import PagePool, page_table
+from .sampling import SamplingParams, sample
+
+
+def _threads() -> None:
+    # TVM's pool assumes SMT and uses half the cores by default; kiln kernels want one thread per core.
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ.setdefault("TVM_NUM_THREADS", str(n))
+
+
+@dataclass
+class Completion:
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = ""  # "stop" (stop/eos token) or "length"
+    prefill_seconds: float = 0.0
+
+
+@dataclass
+class _Seq:
+    index: int
+    ids: list[int]  # prompt + generated
+    prompt_len: int
+    pages: list[int]
+    params: SamplingParams
+    rng: np.random.Generator
+    out: Completion
+    done: bool = False
+
+
+class Engine:
+    """Serve one artifact. `kv_cache_tokens` sizes the page pool (tokens over all sequences)."""
+
+    def __init__(self, path: str, kv_cache_tokens: int = 8192, verify: bool = True) -> None:
+        _threads()
+        self.path = path
+        self.manifest = read_manifest(path)
+        check_target(self.manifest, "cpu")
+        if verify:
+            verify_files(path, self.manifest)
+        import tvm
+        from tvm.runtime.vm import VirtualMachine
+        self._tvm = tvm
+        self.device = tvm.cpu()
+        try:
+            lib = tvm.runtime.load_module(os.path.join(path, LIBRARY))
+        except Exception as e:
+            raise ArtifactError(f"cannot load {LIBRARY} from {path}: {e}") from e
+        self.vm = VirtualMachine(lib, self.device)
+        self.weights = self._load_weights()
+        kv = self.manifest["kv_cache"]
+        self.page_size = int(kv["page_size"])
+        self.max_context = int(self.manifest["max_context"])
+        self.pool = PagePool(-(-int(kv_cache_tokens) // self.page_size), self.page_size)
+        self.caches = tuple(tvm.runtime.tensor(np.zeros(
+            (self.pool.num_pages, 2, l["kv_heads"], self.page_size, l["head_dim"]), dtype=kv.get("dtype", "float32")),
+            self.device) for l in kv["layers"])
+        self.tokenizer = None
+        tok_dir = os.path.join(path, "tokenizer")
+        if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+            from .tokenizer import Tokenizer
+            self.tokenizer = Tokenizer(tok_dir)
+        self.eos_ids = tuple(self.manifest.get("eos_token_ids") or ())
+
+    def _load_weights(self) -> tuple:
+        from safetensors.numpy import load_file
+        try:
+            arrays = load_file(os.path.join(self.path, WEIGHTS))
+        except Exception as e:
+            raise ArtifactError(f"cannot read {WEIGHTS}: {e}; the artifact is corrupt: rebuild it") from e
+        out = []
+        for spec in self.manifest["weights"]:
+            a = arrays.get(spec["name"])
+            if a is None:
+                raise ArtifactError(f"{WEIGHTS} lacks weight '{spec['name']}'; rebuild the artifact")
+            if tuple(a.shape) != tuple(spec["shape"]) or str(a.dtype) != spec["dtype"]:
+                raise ArtifactError(f"weight '{spec['name']}' is {a.dtype}{list(a.shape)}, the manifest says "
+                                    f"{spec['dtype']}{spec['shape']}; rebuild the artifact")
+            out.append(self._tvm.runtime.tensor(a, self.device))
+        return tuple(out)
+
+    # -- low-level entry points -------------------------------------------------------------------
+    def _t(self, a: np.ndarray):
+        return self._tvm.runtime.tensor(a, self.device)
+
+    def prefill(self, ids: Sequence[int], pages: list[int], start: int = 0) -> np.ndarray:
+        """Run `ids` (positions start..start+n-1) through the model, filling the cache; returns the
+        last token's logits [vocab]."""
+        n = len(ids)
+        x = np.asarray(ids, dtype=np.int64)[None]
+        pos = np.arange(start, start + n, dtype=np.int32)[None]
+        out = self.vm["prefill"](self._t(x), self._t(pos), self._t(page_table([pages])), self.caches, self.weights)
+        return out.numpy()[0, -1]
+
+    def decode(self, tokens: Sequence[int], positions: Sequence[int], pages: list[list[int]]) -> np.ndarray:
+        """One new token per sequence; returns logits [batch, vocab]."""
+        x = np.asarray(tokens, dtype=np.int64)[:, None]
+        pos = np.asarray(positions, dtype=np.int32)[:, None]
+        out = self.vm["decode"](self._t(x), self._t(pos), self._t(page_table(pages)), self.caches, self.weights)
+        return out.numpy()[:, -1]
+
+    # -- generation -------------------------------------------------------------------------------
+    def encode(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this artifact has no tokenizer: pass token ids instead of text")
+            text = self.tokenizer.apply_chat_template(prompt) if chat else prompt
+            return self.tokenizer.encode(text)
+        return [int(t) for t in prompt]
+
+    def _check(self, ids: list[int], p: SamplingParams, i: int) -> None:
+        if not ids:
+            raise ValueError(f"prompt {i} is empty: give at least one token")
+        need = len(ids) + p.max_new_tokens
+        if need > self.max_context:
+            raise ValueError(f"prompt {i} has {len(ids)} tokens; with max_new_tokens={p.max_new_tokens} it needs "
+                             f"{need} positions but the artifact supports {self.max_context}: shorten the prompt or "
+                             "lower max_new_tokens")
+
+    def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams] =
+                 SamplingParams(), chat: bool = False,
+                 stream: Callable[[int, int], None] | None = None) -> list[Completion]:
+        """Generate for a static batch of prompts (text or token ids). `stream(i, token)` sees each
+        token as it is produced. Requests that cannot fit are refused before any work starts."""
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError("give one SamplingParams, or one per prompt")
+        encoded = [self.encode(p, chat) for p in prompts]
+        for i, (ids, p) in enumerate(zip(encoded, plist)):
+            p.validate()
+            self._check(ids, p, i)
+        need = sum(self.pool.pages_for(len(ids) + p.max_new_tokens) for ids, p in zip(encoded, plist))
+        if need > len(self.pool.free):
+            raise ValueError(f"this batch needs {need} KV pages but {len(self.pool.free)} of {self.pool.num_pages} "
+                             "are free: send fewer or shorter requests, or load with a larger kv_cache_tokens")
+        seqs = []
+        try:
+            for i, (ids, p) in enumerate(zip(encoded, plist)):
+                pages = self.pool.alloc(self.pool.pages_for(len(ids) + p.max_new_tokens))
+                seqs.append(_Seq(i, list(ids), len(ids), pages, p, np.random.default_rng(p.seed), Completion(list(ids))))
+            for s in seqs:
+                t0 = time.perf_counter()
+                logits = self.prefill(s.ids, s.pages)
+                s.out.prefill_seconds = time.perf_counter() - t0
+                self._accept(s, sample(logits, s.params, s.rng), stream)
+            while True:
+                live = [s for s in seqs if not s.done]
+                if not live:
+                    break
+                logits = self.decode([s.ids[-1] for s in live], [len(s.ids) - 1 for s in live], [s.pages for s in live])
+                for s, row in zip(live, logits):
+                    self._accept(s, sample(row, s.params, s.rng), stream)
+        finally:
+            for s in seqs:
+                self.pool.release(s.pages)
+        for s in seqs:
+            if self.tokenizer is not None:
+                s.out.text = self.tokenizer.decode(s.out.token_ids)
+        return [s.out for s in seqs]
+
+    def _accept(self, s: _Seq, tok: int, stream) -> None:
+        s.ids.append(tok)
+        s.out.token_ids.append(tok)
+        if stream is not None:
+            stream(s.index, tok)
+        stops = set(s.params.stop_token_ids) | (set() if s.params.ignore_eos else set(self.eos_ids))
+        if tok in stops:
+            s.done, s.out.finish_reason = True, "stop"
+        elif len(s.out.token_ids) >= s.params.max_new_tokens:
+            s.done, s.out.finish_reason = True, "length"

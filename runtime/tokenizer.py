@@ -1,0 +1,40 @@
+"""Tokenizer for artifacts: the `tokenizers` library plus the model's chat template (jinja2)."""
+from __future__ import annotations
+
+import json
+import os
+
+
+class Tokenizer:
+    def __init__(self, folder: str) -> None:
+        from tokenizers import Tokenizer as _T
+        self.tok = _T.from_file(os.path.join(folder, "tokenizer.json"))
+        cfg_path = os.path.join(folder, "tokenizer_config.json")
+        self.config = json.load(open(cfg_path)) if os.path.exists(cfg_path) else {}
+        tpl = os.path.join(folder, "chat_template.jinja")
+        self.chat_template = open(tpl).read() if os.path.exists(tpl) else self.config.get("chat_template")
+
+    def token_id(self, tok) -> int | None:
+        if isinstance(tok, dict):
+            tok = tok.get("content")
+        return self.tok.token_to_id(tok) if tok else None
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.token_id(self.config.get("eos_token"))
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def apply_chat_template(self, user_message: str, system: str | None = None) -> str:
+        if not self.chat_template:
+            return user_message
+        import jinja2
+        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_message}]
+        return env.from_string(self.chat_template).render(
+            messages=msgs, add_generation_prompt=True, bos_token=self.config.get("bos_token", ""),
+            eos_token=self.config.get("eos_token", ""))
