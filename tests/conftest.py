@@ -66,3 +66,24 @@ def engines(artifacts):
 def rel_err(a, b) -> float:
     a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
     return float((a - b).abs().max() / b.abs().max())
+
+
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """transformers' greedy continuation through its own KV cache, EOS treated as an ordinary token
+    (`generate` would stop at EOS, and `min_new_tokens` would forbid it instead).
+
+    For sliding-window models transformers' cached path disagrees with its own full forward once the
+    sequence passes the window (seen with 5.24), so those use the full forward: the traced definition."""
+    toks: list[int] = []
+    with torch.no_grad():
+        if getattr(model.config, "sliding_window", None):
+            ids = list(prompt)
+            for _ in range(n):
+                ids.append(int(model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].argmax()))
+            return ids[len(prompt):]
+        out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+        for i in range(n):
+            toks.append(int(out.logits[0, -1].argmax()))
+            if i < n - 1:
+                out = model(input_ids=torch.tensor([[toks[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+    return toks

@@ -6,7 +6,7 @@ import torch
 import kiln
 from kiln.runtime.sampling import SamplingParams
 
-from conftest import FAMILIES, rel_err
+from conftest import FAMILIES, hf_greedy, rel_err
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [1, 2, 3], list(range(20, 45)), [42]]
 
@@ -26,26 +26,11 @@ def test_prefill_logits_match_transformers(family, engines, models):
         assert rel_err(logits, ref) < 1e-4, (family, n)
 
 
-def reference_greedy(model, prompt, n):
-    """transformers' greedy continuation. For sliding-window models, transformers' cached `generate`
-    disagrees with its own full forward once the sequence passes the window (seen with 5.24: the
-    cached path diverges where the uncached one does not), so those are checked against the full
-    forward, which is the traced definition."""
-    with torch.no_grad():
-        if getattr(model.config, "sliding_window", None):
-            ids = list(prompt)
-            for _ in range(n):
-                ids.append(int(model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].argmax()))
-            return ids[len(prompt):]
-        return model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                              pad_token_id=0)[0, len(prompt):].tolist()
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_batch_generation_equals_transformers(family, engines, models):
     outs = engines[family].generate(PROMPTS, SamplingParams(max_new_tokens=32, ignore_eos=True))
     for p, o in zip(PROMPTS, outs):
-        assert o.token_ids == reference_greedy(models[family], p, 32), (family, p)
+        assert o.token_ids == hf_greedy(models[family], p, 32), (family, p)
         assert o.finish_reason == "length"
 
 
