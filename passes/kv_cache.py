@@ -10,8 +10,9 @@ for any decoder-only model whose attention was recognized:
   which writes k/v into layer i's paged cache and attends over everything cached for the sequence;
 - optionally only the last token's logits are computed (what generation needs).
 
-Both entry points are the same graph at different symbolic shapes: prefill binds `batch=1`,
-decode binds `tokens=1`.
+The entry points are the same graph at different symbolic shapes: prefill binds `batch=1`, decode
+binds `tokens=1`, verify binds neither and keeps every token's logits (the slice marked `last_token`
+is the one thing an entry point may drop).
 """
 from __future__ import annotations
 
@@ -85,7 +86,7 @@ def kv_cache(graph: Graph, page_size: int = 16, logits: str = "last") -> Graph:
             if o.op != "linear":
                 raise PassError(f"kv-cache: logits=last needs the output to be a linear layer, got {o.op}")
             x = o.inputs[0]
-            last = g.add("slice", [x], {"dim": 1, "start": TOKENS - 1, "end": TOKENS, "step": 1},
+            last = g.add("slice", [x], {"dim": 1, "start": TOKENS - 1, "end": TOKENS, "step": 1, "last_token": True},
                          name="last_token", before=o)
             outs.append(g.add("linear", [last] + o.inputs[1:], name=o.name + "_last", before=o, source=o.source))
             count("last-token-logits")
@@ -96,5 +97,7 @@ def kv_cache(graph: Graph, page_size: int = 16, logits: str = "last") -> Graph:
     g.meta["kv_cache"] = {"page_size": page_size, "dtype": "float32", "layers": layers,
                           "layout": "[pages, 2, kv_heads, page_size, head_dim]"}
     g.meta["logits"] = logits
-    g.meta["entry_points"] = {"prefill": {"batch": 1}, "decode": {"tokens": 1}}
+    # prefill: one sequence, any length; decode: one token per sequence; verify: any batch and length
+    # with logits for every token (the `last_token` slice is skipped there), for speculative decoding.
+    g.meta["entry_points"] = {"prefill": {"batch": 1}, "decode": {"tokens": 1}, "verify": {"all_logits": 1}}
     return g

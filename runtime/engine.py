@@ -115,6 +115,15 @@ class Engine:
         out = self.vm["decode"](self._t(x), self._t(pos), self._t(page_table(pages)), self.caches, self.weights)
         return out.numpy()[:, -1]
 
+    def verify(self, tokens: Sequence[Sequence[int]], positions: Sequence[Sequence[int]],
+               pages: list[list[int]]) -> np.ndarray:
+        """Several new tokens per sequence (equal counts), filling the cache; returns logits for every
+        token [batch, tokens, vocab] (speculative decoding checks draft tokens with this)."""
+        x = np.asarray(tokens, dtype=np.int64)
+        pos = np.asarray(positions, dtype=np.int32)
+        out = self.vm["verify"](self._t(x), self._t(pos), self._t(page_table(pages)), self.caches, self.weights)
+        return out.numpy()
+
     # -- generation -------------------------------------------------------------------------------
     def encode(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
         if isinstance(prompt, str):

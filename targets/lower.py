@@ -307,6 +307,8 @@ def _expand(f, n, xs):
 @_rule("slice")
 def _slice(f, n, xs):
     from kiln.ops import _slice_bounds
+    if n.attrs.get("last_token") and f.bind.get("all_logits"):
+        return xs[0]  # verify entry point: logits for every token
     d = n.attrs["dim"] % n.type.rank
     start, end, _ = _slice_bounds(n.inputs[0].type.shape[d], n.attrs["start"], n.attrs["end"], n.attrs.get("step", 1))
     return f.emit(relax.op.strided_slice(xs[0], [d], [_tir(sympy.sympify(start), f.env)],
@@ -341,7 +343,9 @@ def _embedding(f, n, xs):
 def linear_call(f: _FunctionLowering, x: relax.Expr, x_node_shape, spec: str, k: int, n_out: int,
                 bias: relax.Expr | None) -> relax.Expr:
     """x [..., k] -> [..., n_out] through the packed-weight kernel (rows flattened to m)."""
-    lead = f.dims(x_node_shape[:-1])
+    # Leading dims from the Relax value, not the IR type: the verify entry point keeps all tokens
+    # where the IR's last-token slice says 1.
+    lead = list(x.ty.shape.values)[:-1] if hasattr(x, "ty") and x.ty.shape is not None else f.dims(x_node_shape[:-1])
     m = lead[0]
     for d in lead[1:]:
         m = m * d

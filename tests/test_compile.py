@@ -74,3 +74,18 @@ def test_bad_requests_are_refused_cleanly(engines):
         eng.generate([[1] * 200] * 20, SamplingParams(max_new_tokens=50))
     assert len(eng.pool.free) == free
     assert eng.generate([[3, 4]], SamplingParams(max_new_tokens=2))[0].token_ids  # still serving
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_verify_entry_point_gives_every_tokens_logits(family, engines, models):
+    eng = engines[family]
+    ids = torch.randint(0, 97, (2, 6))
+    pages = [eng.pool.alloc(1), eng.pool.alloc(1)]
+    try:
+        out = eng.verify(ids.tolist(), [list(range(6))] * 2, pages)
+    finally:
+        for p in pages:
+            eng.pool.release(p)
+    with torch.no_grad():
+        ref = models[family](input_ids=ids, use_cache=False).logits
+    assert out.shape == tuple(ref.shape) and rel_err(out, ref) < 1e-4
