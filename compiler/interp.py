@@ -37,13 +37,23 @@ def bind_dims(graph: Graph, inputs: dict[str, torch.Tensor]) -> dict:
 
 
 def run(graph: Graph, inputs: dict[str, torch.Tensor], params: dict[str, torch.Tensor] | None = None,
-        return_env: bool = False) -> list[torch.Tensor] | tuple[list[torch.Tensor], dict]:
-    """Execute `graph` on named inputs; returns the outputs (in order)."""
+        return_env: bool = False, observe=None) -> list[torch.Tensor] | tuple[list[torch.Tensor], dict]:
+    """Execute `graph` on named inputs; returns the outputs (in order).
+
+    `observe(node, value)` sees every computed value (calibration); unless `return_env`, values are
+    freed after their last use so large models run in bounded memory."""
     params = graph.params if params is None else params
     ctx = _Ctx(bind_dims(graph, inputs))
     values: dict[Node, torch.Tensor] = {}
+    last_use: dict[Node, int] = {}
+    if not return_env:
+        for i, n in enumerate(graph.nodes):
+            for x in n.inputs:
+                last_use[x] = i
+        for o in graph.outputs:
+            last_use[o] = len(graph.nodes)
     with torch.no_grad():
-        for node in graph.nodes:
+        for idx, node in enumerate(graph.nodes):
             if node.op == "input":
                 values[node] = inputs[node.name]
             elif node.op == "param":
@@ -55,6 +65,12 @@ def run(graph: Graph, inputs: dict[str, torch.Tensor], params: dict[str, torch.T
                 except Exception as e:  # name the node: a bare torch error says nothing of where
                     raise RuntimeError(f"interpreter failed at {node.name} = {node.op}"
                                        f"({', '.join(i.name for i in node.inputs)}): {e}") from e
+                if observe is not None:
+                    observe(node, values[node])
+            if not return_env:
+                for x in node.inputs:
+                    if last_use.get(x) == idx:
+                        values.pop(x, None)
     outs = [values[o] for o in graph.outputs]
     return (outs, values) if return_env else outs
 

@@ -236,7 +236,9 @@ class Graph:
         ops: dict[str, int] = {}
         for n in self.nodes:
             ops[n.op] = ops.get(n.op, 0) + 1
-        nbytes = sum(int(t.numel()) * t.element_size() for t in self.params.values())
+        bits = self.meta.get("param_bits", {})  # packed sub-byte parameters (quantized codes)
+        nbytes = sum((int(t.numel()) * bits[k] + 7) // 8 if k in bits else int(t.numel()) * t.element_size()
+                     for k, t in self.params.items())
         return {"nodes": len(self.nodes), "ops": ops, "param_bytes": nbytes,
                 "params": sum(int(t.numel()) for t in self.params.values())}
 

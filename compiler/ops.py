@@ -374,9 +374,26 @@ def _attention_infer(inputs, attrs):
     return TensorType(q.shape[:-1] + (v.shape[-1],), q.dtype)
 
 
+def kv_fake_quant(x: torch.Tensor, dtype: str | None) -> torch.Tensor:
+    """The value K/V take after a round trip through an 8-bit cache: one scale per token and head
+    (absmax over head_dim). x: [..., head_dim]."""
+    if not dtype or dtype == "float32":
+        return x
+    amax = x.abs().amax(-1, keepdim=True).clamp_min(1e-8)
+    if dtype == "int8":
+        s = amax / 127.0
+        return torch.round(x / s).clamp(-127, 127) * s
+    if dtype == "fp8_e4m3":
+        s = amax / 448.0
+        return (x / s).to(torch.float8_e4m3fn).float() * s
+    raise ValueError(f"unknown KV cache dtype {dtype}")
+
+
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                        causal: bool = True, window: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
+                        causal: bool = True, window: int = 0, mask: torch.Tensor | None = None,
+                        kv_dtype: str | None = None) -> torch.Tensor:
     """q: [B, H, T, D], k/v: [B, Hkv, S, D] with H a multiple of Hkv (GQA)."""
+    k, v = kv_fake_quant(k, kv_dtype), kv_fake_quant(v, kv_dtype)
     rep = q.shape[1] // k.shape[1]
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -391,7 +408,8 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
 
 
 _op("attention", _attention_infer, "softmax(q k^T * scale + causal/window mask) v; GQA by head groups")(
-    lambda ctx, x, a: attention_reference(x[0], x[1], x[2], a["scale"], a.get("causal", True), a.get("window", 0)))
+    lambda ctx, x, a: attention_reference(x[0], x[1], x[2], a["scale"], a.get("causal", True), a.get("window", 0),
+                                          kv_dtype=a.get("kv_dtype")))
 
 
 def _sdpa_ref(ctx, x, a):
@@ -416,7 +434,8 @@ _op("gated_mlp", lambda i, a: TensorType(i[0].type.shape[:-1] + (i[3].type.shape
     "down(act(gate(x)) * up(x)); weights [ffn, d], [ffn, d], [d, ffn]")(_gated_mlp_ref)
 
 
-def cached_attention_reference(q, k, v, cache, page_table, positions, scale: float, window: int = 0):
+def cached_attention_reference(q, k, v, cache, page_table, positions, scale: float, window: int = 0,
+                               kv_dtype: str | None = None):
     """Write k/v into the paged cache at `positions`, then attend each query over its cached prefix.
 
     q: [B, H, T, D]; k, v: [B, Hkv, T, D]; cache: [pages, 2, Hkv, page, D] (mutated in place);
@@ -424,6 +443,7 @@ def cached_attention_reference(q, k, v, cache, page_table, positions, scale: flo
     """
     page = cache.shape[3]
     B, H, T, D = q.shape
+    k, v = kv_fake_quant(k, kv_dtype), kv_fake_quant(v, kv_dtype)
     out = torch.zeros(B, H, T, v.shape[-1], dtype=q.dtype)
     pos = positions.long()
     for b in range(B):
@@ -459,7 +479,28 @@ def cached_attention_reference(q, k, v, cache, page_table, positions, scale: flo
 
 _op("cached_attention", lambda i, a: TensorType(i[0].type.shape, i[0].type.dtype),
     "attention over a paged KV cache: inputs q, k, v, cache, page_table, positions")(
-    lambda ctx, x, a: cached_attention_reference(*x, a["scale"], a.get("window", 0)))
+    lambda ctx, x, a: cached_attention_reference(*x, a["scale"], a.get("window", 0), a.get("kv_dtype")))
+
+
+def _qweight_ref(ctx, x, a):
+    from .quant import dequantize
+    return dequantize(x[0], x[1], x[2], a["group"])
+
+
+_op("qweight", lambda i, a: TensorType(i[0].type.shape, "float32"),
+    "a quantized weight: codes [N, K], scales and zero points [N, K/group]; value (q - z) * s. "
+    "Targets fuse it into its consumer (no fp32 copy of the weight is materialized)")(_qweight_ref)
+
+
+def _fake_quant_act_ref(ctx, x, a):
+    # dynamic per-token symmetric int8: the value an int8 activation kernel would see
+    t = x[0]
+    s = t.abs().amax(-1, keepdim=True).clamp_min(1e-8) / 127.0
+    return torch.round(t / s).clamp(-127, 127) * s
+
+
+_op("quant_act", lambda i, a: i[0].type, "dynamic per-token int8 quantization of activations (value "
+    "after dequantization)")(_fake_quant_act_ref)
 
 
 def flops_of(node: Node) -> sympy.Expr:

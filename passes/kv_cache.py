@@ -73,7 +73,8 @@ def kv_cache(graph: Graph, page_size: int = 16, logits: str = "last") -> Graph:
         cache = g.add_input(f"kv_cache_{i}", TensorType((PAGES, sympy.Integer(2), kv_heads, sympy.Integer(page_size),
                                                          head_dim), k.type.dtype))
         ca = g.add("cached_attention", [q, k, v, cache, page_table, positions],
-                   {"scale": att.attrs["scale"], "window": att.attrs.get("window", 0), "layer": i},
+                   {"scale": att.attrs["scale"], "window": att.attrs.get("window", 0), "layer": i,
+                    **({"kv_dtype": att.attrs["kv_dtype"]} if att.attrs.get("kv_dtype") else {})},
                    name=f"cached_attention_{i}", before=att, source=att.source)
         g.replace_all_uses(att, ca)
         g.nodes.remove(att)
@@ -94,7 +95,9 @@ def kv_cache(graph: Graph, page_size: int = 16, logits: str = "last") -> Graph:
     g.dce()
     g.toposort()
     g.reinfer()
-    g.meta["kv_cache"] = {"page_size": page_size, "dtype": "float32", "layers": layers,
+    kv_dtypes = {a.attrs.get("kv_dtype") or "float32" for a in g.find("cached_attention")}
+    g.meta["kv_cache"] = {"page_size": page_size, "dtype": kv_dtypes.pop() if len(kv_dtypes) == 1 else "mixed",
+                          "layers": layers,
                           "layout": "[pages, 2, kv_heads, page_size, head_dim]"}
     g.meta["logits"] = logits
     # prefill: one sequence, any length; decode: one token per sequence; verify: any batch and length

@@ -193,3 +193,16 @@ class Engine:
             s.done, s.out.finish_reason = True, "stop"
         elif len(s.out.token_ids) >= s.params.max_new_tokens:
             s.done, s.out.finish_reason = True, "length"
+
+    # -- paged-cache helpers (serving runtime) ----------------------------------------------------
+    def cache_views(self) -> list[np.ndarray]:
+        """Zero-copy numpy views of every layer's cache tensor (CPU, via DLPack)."""
+        views = getattr(self, "_cache_views", None)
+        if views is None:
+            views = self._cache_views = [np.from_dlpack(c) for c in self.caches]
+        return views
+
+    def copy_page(self, src: int, dst: int) -> None:
+        """Copy KV page `src` to page `dst` in every layer (copy-on-write of a shared page)."""
+        for v in self.cache_views():
+            v[dst] = v[src]

@@ -54,8 +54,28 @@ def _tir(e: sympy.Expr, env: dict[str, Any]):
     raise NotImplementedError(f"dimension expression {e} has no TIR form")
 
 
-def _pack(w, transform: str):
+def _qkey(w: Node) -> tuple:
+    return (w.attrs["bits"], w.attrs["group"], w.attrs["sym"])
+
+
+_QCACHE: dict = {}
+
+
+def _pack(w, transform: str, key: tuple = ()):
     import numpy as np
+    if transform.startswith("q"):
+        # "q<bits>g<group><s|a>:<i>": sources are codes..., scales..., zeros... (one per concatenated weight)
+        head, i = transform.split(":")
+        bits, rest = head[1:].split("g")
+        group, sym = int(rest[:-1]), rest[-1] == "s"
+        key = (key, head)
+        if key not in _QCACHE:
+            from . import cpu_qkernels as Q
+            n = len(w) // 3
+            cat = [np.concatenate(w[j * n:(j + 1) * n], axis=0) for j in range(3)]
+            _QCACHE.clear()
+            _QCACHE[key] = Q.pack_qweight(cat[0].astype(np.int32), cat[1], None if sym else cat[2], int(bits), group, sym)
+        return _QCACHE[key][int(i)]
     if transform == "raw":
         return w[0]
     if transform == "linear":
@@ -67,7 +87,7 @@ def _pack(w, transform: str):
 
 def materialize(spec: WeightSpec, params: dict[str, Any]):
     """Compute one weight field (numpy) from graph parameters (torch tensors)."""
-    return _pack([params[s].detach().cpu().contiguous().numpy() for s in spec.sources], spec.transform)
+    return _pack([params[s].detach().cpu().contiguous().numpy() for s in spec.sources], spec.transform, spec.sources)
 
 
 class _FunctionLowering:
@@ -155,16 +175,37 @@ class Lowering:
         g = self.graph
         for n in g.nodes:
             if n.op == "linear":
-                self._add_spec(n.inputs[1], "linear")
+                self.weight_fields(n.inputs[1])
                 if len(n.inputs) > 2:
                     self._add_spec(n.inputs[2], "raw")
             elif n.op == "gated_mlp":
-                self.linear_cat(n.inputs[1], n.inputs[2])
-                self._add_spec(n.inputs[3], "linear")
+                self.weight_fields(n.inputs[1], n.inputs[2])
+                self.weight_fields(n.inputs[3])
+            elif n.op == "qweight":
+                continue  # read by its consumer's kernel, never materialized
             else:
                 for i in n.inputs:
                     if i.op == "param":
                         self._add_spec(i, "raw")
+
+    def weight_fields(self, *ws: Node) -> list[str]:
+        """Fields for a linear kernel's weight: fp32 packed, or quantized codes/scales/zeros packed.
+        Several weights (gate and up) are concatenated along the output dim into one kernel."""
+        if all(w.op == "param" for w in ws):
+            return [self._add_spec(ws[0], "linear") if len(ws) == 1 else self.linear_cat(*ws)]
+        if all(w.op == "qweight" for w in ws) and len({_qkey(w) for w in ws}) == 1:
+            from . import cpu_qkernels as Q
+            a = ws[0].attrs
+            rows = sum(int(w.type.shape[0]) for w in ws)
+            k = int(ws[0].type.shape[1])
+            sources = tuple(f"{w.inputs[j].attrs['name']}" for j in range(3) for w in ws)
+            names = []
+            for i, (shape, dtype) in enumerate(Q.packed_shapes(rows, k, a["bits"], a["group"], a["sym"])):
+                names.append(self._register(sources, f"q{a['bits']}g{a['group']}{'s' if a['sym'] else 'a'}:{i}",
+                                            tuple(shape), dtype, packed=True))
+            return names
+        raise UnsupportedOpError("linear over a mix of quantized and fp32 or differently quantized weights",
+                                 ws[0].source)
 
     def spec_name(self, sources: tuple[str, ...], transform: str) -> str:
         return "+".join(sources) + ("" if transform == "raw" else f"@{transform}")
@@ -177,11 +218,11 @@ class Lowering:
         return self._register(tuple(p.attrs["name"] for p in ps), "linear_cat", (rows, int(ps[0].type.shape[1])),
                               ps[0].type.dtype)
 
-    def _register(self, sources, transform, logical_shape, dtype) -> str:
+    def _register(self, sources, transform, logical_shape, dtype, packed: bool = False) -> str:
         name = self.spec_name(sources, transform)
         if name in self.weight_index:
             return name
-        if transform == "raw":
+        if transform == "raw" or packed:
             shape = logical_shape
         else:
             shape = ((logical_shape[0] + K.NB - 1) // K.NB, logical_shape[1], K.NB)  # see K.linear_weight_layout()
@@ -340,8 +381,8 @@ def _embedding(f, n, xs):
     return f.emit(relax.op.take(xs[0], xs[1], axis=0))
 
 
-def linear_call(f: _FunctionLowering, x: relax.Expr, x_node_shape, spec: str, k: int, n_out: int,
-                bias: relax.Expr | None) -> relax.Expr:
+def linear_call(f: _FunctionLowering, x: relax.Expr, x_node_shape, specs: list[str], k: int, n_out: int,
+                bias: relax.Expr | None, q: tuple | None = None) -> relax.Expr:
     """x [..., k] -> [..., n_out] through the packed-weight kernel (rows flattened to m)."""
     # Leading dims from the Relax value, not the IR type: the verify entry point keeps all tokens
     # where the IR's last-token slice says 1.
@@ -350,9 +391,15 @@ def linear_call(f: _FunctionLowering, x: relax.Expr, x_node_shape, spec: str, k:
     for d in lead[1:]:
         m = m * d
     x2 = f.emit(relax.op.reshape(x, [m, k]))
-    gv = f.low.kernel(("linear", k, n_out, bias is not None, f.mode),
-                      lambda: K.linear_func(k, n_out, bias is not None, f.mode))
-    args = [x2, f.weight(spec)] + ([bias] if bias is not None else [])
+    if q is None:
+        gv = f.low.kernel(("linear", k, n_out, bias is not None, f.mode),
+                          lambda: K.linear_func(k, n_out, bias is not None, f.mode))
+    else:
+        from . import cpu_qkernels as Q
+        bits, group, sym = q
+        gv = f.low.kernel(("qlinear", k, n_out, bits, group, "sym" if sym else "asym", bias is not None, f.mode),
+                          lambda: Q.qlinear_func(k, n_out, bits, group, sym, bias is not None, f.mode))
+    args = [x2] + [f.weight(s) for s in specs] + ([bias] if bias is not None else [])
     y = f.emit(relax.call_tir(gv, args, relax.TensorType([m, n_out], "float32")))
     return f.emit(relax.op.reshape(y, lead + [n_out]))
 
@@ -360,24 +407,24 @@ def linear_call(f: _FunctionLowering, x: relax.Expr, x_node_shape, spec: str, k:
 @_rule("linear")
 def _linear(f, n, xs):
     w = n.inputs[1]
-    spec = f.low.spec_name((w.attrs["name"],), "linear")
     bias = f.weight(f.low.spec_name((n.inputs[2].attrs["name"],), "raw")) if len(n.inputs) > 2 else None
-    return linear_call(f, xs[0], n.inputs[0].type.shape, spec, int(w.type.shape[1]), int(w.type.shape[0]), bias)
+    return linear_call(f, xs[0], n.inputs[0].type.shape, f.low.weight_fields(w), int(w.type.shape[1]),
+                       int(w.type.shape[0]), bias, _qkey(w) if w.op == "qweight" else None)
 
 
 @_rule("gated_mlp")
 def _gated_mlp(f, n, xs):
     x, wg, wu, wd = n.inputs
     ffn, d = int(wg.type.shape[0]), int(wg.type.shape[1])
-    spec = f.low.linear_cat(wg, wu)
-    gu = linear_call(f, xs[0], x.type.shape, spec, d, 2 * ffn, None)
+    gu = linear_call(f, xs[0], x.type.shape, f.low.weight_fields(wg, wu), d, 2 * ffn, None,
+                     _qkey(wg) if wg.op == "qweight" else None)
     rank = x.type.rank
     g = f.emit(relax.op.strided_slice(gu, [rank - 1], [0], [ffn], assume_inbound=True))
     u = f.emit(relax.op.strided_slice(gu, [rank - 1], [ffn], [2 * ffn], assume_inbound=True))
     act = {"silu": relax.op.nn.silu, "gelu": relax.op.nn.gelu, "gelu_tanh": relax.op.nn.gelu_tanh}[n.attrs["act"]]
     h = f.emit(relax.op.multiply(f.emit(act(g)), u))
-    return linear_call(f, h, n.type.shape[:-1] + (ffn,), f.low.spec_name((wd.attrs["name"],), "linear"),
-                       ffn, int(wd.type.shape[0]), None)
+    return linear_call(f, h, n.type.shape[:-1] + (ffn,), f.low.weight_fields(wd), ffn, int(wd.type.shape[0]), None,
+                       _qkey(wd) if wd.op == "qweight" else None)
 
 
 @_rule("rms_norm")

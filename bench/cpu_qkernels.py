@@ -1,0 +1,81 @@
+"""Benchmark kiln's weight-only quantized linear kernels against the fp32 linear kernel.
+
+Usage: .venv/bin/python bench/cpu_qkernels.py [--rounds N]
+For each shape: fp32 linear_func, int8 per-channel sym, int4 g128 sym (g64 where 128 does not divide k,
+e.g. k=576), int4 g32 asym.  Variants are
+timed interleaved for N rounds (default 3) and the best time of each is kept (the 2 cores are shared).
+Prints: time, weight bytes read (all packed arrays), GB/s of those bytes, speedup vs fp32.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import numpy as np  # noqa: E402
+import tvm  # noqa: E402
+
+from targets import cpu_kernels as ck  # noqa: E402
+from targets import cpu_qkernels as cq  # noqa: E402
+
+TGT = ck.cpu_target()
+VARIANTS = [("fp32", None), ("int8 pc sym", (8, 0, True)), ("int4 g128* sym", (4, 128, True)),
+            ("int4 g32 asym", (4, 32, False))]
+SHAPES = [("gemv", 1, 576, 3072), ("gemv", 1, 1536, 576), ("gemv", 1, 576, 49152), ("gemm", 256, 576, 1536)]
+
+
+def _timeit(fn, min_time: float = 0.25, min_iter: int = 5) -> float:
+    for _ in range(3):
+        fn()
+    n, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        n += 1
+        el = time.perf_counter() - t0
+        if n >= min_iter and el >= min_time:
+            return el / n
+
+
+def _prepare(mode: str, m: int, k: int, n: int, q):
+    rng = np.random.default_rng(k + n)
+    w = rng.standard_normal((n, k), dtype=np.float32)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    if q is None:
+        f = tvm.compile(tvm.IRModule({"main": ck.linear_func(k, n, False, mode)}), target=TGT)["main"]
+        arrs, ref_w = [ck.pack_linear_weight(w)], w
+    else:
+        bits, group, sym = q
+        group = group or k
+        if k % group:  # SmolLM2's k=576 is not a multiple of 128: fall back to the largest divisor tried
+            group = next(g for g in (64, 32) if k % g == 0)
+        f = tvm.compile(tvm.IRModule({"main": cq.qlinear_func(k, n, bits, group, sym, False, mode)}),
+                        target=TGT)["main"]
+        qq, s, z = cq.quantize_rtn(w, bits, group, sym)
+        arrs, ref_w = cq.pack_qweight(qq, s, z, bits, group, sym), cq.dequantize(qq, s, z, bits, group, sym)
+    args = [tvm.runtime.tensor(a) for a in [x] + arrs + [np.zeros((m, n), np.float32)]]
+    f(*args)
+    np.testing.assert_allclose(args[-1].numpy(), x @ ref_w.T, rtol=1e-3, atol=1e-3)
+    return (lambda: f(*args)), sum(a.nbytes for a in arrs)
+
+
+def main() -> None:
+    rounds = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 3
+    print(f"TVM threads={tvm.runtime.num_threads()} target={TGT}")
+    print(f"{'shape':32s} {'variant':14s} {'time us':>9s} {'weight MB':>9s} {'GB/s':>6s} {'speedup':>7s}")
+    for mode, m, k, n in SHAPES:
+        runs = [(name, *_prepare(mode, m, k, n, q)) for name, q in VARIANTS]
+        best = [float("inf")] * len(runs)
+        for _ in range(rounds):
+            for i, (_, fn, _) in enumerate(runs):
+                time.sleep(0.2)  # let the other pool's spinning threads sleep
+                best[i] = min(best[i], _timeit(fn))
+        for i, (name, _, nbytes) in enumerate(runs):
+            print(f"{mode} m={m:<4d} k={k:<5d} n={n:<6d}     {name:14s} {best[i]*1e6:9.1f} {nbytes/1e6:9.2f}"
+                  f" {nbytes/best[i]/1e9:6.1f} {best[0]/best[i]:6.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Quantization schemes and the math that picks integer codes (RTN, GPTQ, AWQ), in torch.
+
+A weight [N, K] becomes integer codes q [N, K], scales s [N, K/group] and (asymmetric) zero points
+z [N, K/group], with dequantized value (q - z) * s. Symmetric schemes fix z = 2^(bits-1), so codes
+are always unsigned and in [0, 2^bits - 1]. group = 0 means one group per output channel.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .errors import KilnError
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    """Weight-only integer quantization scheme, recorded in the manifest by name and version."""
+    name: str
+    bits: int
+    group: int  # 0 = per output channel
+    sym: bool
+    version: int = 1
+
+    def group_for(self, k: int) -> int:
+        g = self.group or k
+        if k % g:
+            raise KilnError(f"scheme {self.name}: group {g} does not divide the input size {k}")
+        return g
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def parse_scheme(name: str) -> WeightQuant:
+    """'int8', 'int4_g128', 'int4_g128_sym', 'int4_sym' (per-channel), 'int3_g64', ...
+
+    Defaults: per-channel schemes are symmetric, group-wise ones asymmetric (as GGUF's Q4_1 and
+    most int4 checkpoints); `_sym` / `_asym` override."""
+    m = re.fullmatch(r"int([2-8])(?:_g(\d+))?(_sym|_asym)?", name.strip())
+    if not m:
+        raise KilnError(f"unknown quantization scheme '{name}': use int8, int4_g128, int4_g32_sym, int4_sym, "
+                        "int3_g64 ... (int<bits>[_g<group>][_sym|_asym])")
+    bits, group = int(m.group(1)), int(m.group(2) or 0)
+    sym = (m.group(3) == "_sym") if m.group(3) else group == 0
+    return WeightQuant(name.strip(), bits, group, sym)
+
+
+def _qrange(bits: int) -> int:
+    return (1 << bits) - 1
+
+
+def params_for(w: torch.Tensor, scheme: WeightQuant) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zero points [N, G] from the weight's range in each group (round to nearest)."""
+    n, k = w.shape
+    g = scheme.group_for(k)
+    wg = w.reshape(n, k // g, g)
+    if scheme.sym:
+        half = 1 << (scheme.bits - 1)
+        s = wg.abs().amax(-1).clamp_min(1e-12) / (half - 1 if scheme.bits > 1 else 1)
+        z = torch.full_like(s, float(half))
+    else:
+        lo, hi = wg.amin(-1).clamp_max(0), wg.amax(-1).clamp_min(0)
+        s = ((hi - lo) / _qrange(scheme.bits)).clamp_min(1e-12)
+        z = torch.round(-lo / s).clamp(0, _qrange(scheme.bits))
+    return s, z
+
+
+def quantize_with(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, scheme: WeightQuant) -> torch.Tensor:
+    """Codes for w given per-group scales and zero points."""
+    n, k = w.shape
+    g = scheme.group_for(k)
+    q = torch.round(w.reshape(n, k // g, g) / s[..., None]) + z[..., None]
+    return q.clamp(0, _qrange(scheme.bits)).reshape(n, k)
+
+
+def dequantize(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, group: int) -> torch.Tensor:
+    n, k = q.shape
+    g = group or k
+    return ((q.float().reshape(n, k // g, g) - z[..., None]) * s[..., None]).reshape(n, k)
+
+
+def rtn(w: torch.Tensor, scheme: WeightQuant) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round to nearest: (codes uint8 [N, K], scales [N, G], zeros [N, G])."""
+    w = w.float()
+    s, z = params_for(w, scheme)
+    return quantize_with(w, s, z, scheme).to(torch.uint8), s, z
+
+
+def gptq(w: torch.Tensor, H: torch.Tensor, scheme: WeightQuant, block: int = 128,
+         damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ (Frantar et al., 2023): quantize columns left to right and push each column's rounding
+    error onto the columns not yet quantized, weighted by the inverse Hessian H = X^T X of the layer's
+    calibration inputs. Group scales are fixed from the (error-updated) weights when a group starts."""
+    W = w.float().clone()
+    n, k = W.shape
+    g = scheme.group_for(k)
+    H = H.double().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(k, dtype=H.dtype)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+    Q = torch.zeros_like(W)
+    S = torch.zeros(n, k // g)
+    Z = torch.zeros(n, k // g)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        W1, Q1, E1 = W[:, i1:i2].clone(), torch.zeros(n, i2 - i1), torch.zeros(n, i2 - i1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % g == 0:
+                s, z = params_for(torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :g], WeightQuant("", scheme.bits, g, scheme.sym))
+                S[:, col // g], Z[:, col // g] = s[:, 0], z[:, 0]
+            s, z = S[:, col // g], Z[:, col // g]
+            w1 = W1[:, i]
+            q = (torch.round(w1 / s) + z).clamp(0, _qrange(scheme.bits))
+            Q1[:, i] = q
+            err = (w1 - (q - z) * s) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            E1[:, i] = err
+        Q[:, i1:i2] = Q1
+        W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]
+    return Q.to(torch.uint8), S, Z
+
+
+def awq_scales(ws: list[torch.Tensor], x_absmean: torch.Tensor, X: torch.Tensor, scheme: WeightQuant,
+               grid: int = 20) -> torch.Tensor:
+    """AWQ (Lin et al., 2024): per-input-channel scales s = mean|x|^alpha, alpha searched on a grid to
+    minimize the output error of the RTN-quantized (W * s) applied to (x / s). Returns s [K]."""
+    ref = [X @ w.T for w in ws]
+    best, best_s = float("inf"), torch.ones_like(x_absmean)
+    for i in range(grid + 1):
+        a = i / grid
+        s = x_absmean.clamp_min(1e-5) ** a
+        s = s / (s.max() * s.min()).sqrt()
+        err = 0.0
+        for w, r in zip(ws, ref):
+            q, sc, z = rtn(w * s[None, :], scheme)
+            wq = dequantize(q, sc, z, scheme.group_for(w.shape[1])) / s[None, :]
+            err += float(((X @ wq.T - r) ** 2).mean())
+        if err < best:
+            best, best_s = err, s
+    return best_s

@@ -1,0 +1,25 @@
+"""quantize-kv: store the paged KV cache in 8 bits (int8 or fp8 e4m3), one scale per token and head."""
+from __future__ import annotations
+
+from kiln.errors import PassError
+from kiln.ir import Graph
+
+from . import count, register
+
+
+@register("quantize-kv", exact=False)
+def quantize_kv(graph: Graph, dtype: str = "int8") -> Graph:
+    """Matches: every `attention` (before kv-cache) or `cached_attention` (after).
+    Guarantees: the op carries kv_dtype, so keys and values are used as they come back from an 8-bit
+    cache: per (token, head) absmax scale over head_dim; int8 symmetric (127 levels) or fp8 e4m3
+    (scale to 448). kv-cache records the dtype in the cache layout. Lossy."""
+    if dtype not in ("int8", "fp8_e4m3"):
+        raise PassError(f"quantize-kv: dtype must be int8 or fp8_e4m3, got '{dtype}'")
+    g = graph.copy()
+    for n in g.nodes:
+        if n.op in ("attention", "cached_attention"):
+            n.attrs["kv_dtype"] = dtype
+            count(f"kv-{dtype}")
+    if "kv_cache" in g.meta:
+        g.meta["kv_cache"]["dtype"] = dtype
+    return g

@@ -1,0 +1,112 @@
+"""quantize-weights: weight-only integer quantization of linear layers (RTN, GPTQ, AWQ)."""
+from __future__ import annotations
+
+import torch
+
+from kiln.errors import PassError
+from kiln.ir import Graph, Node
+from kiln.quant import WeightQuant, awq_scales, gptq, parse_scheme, rtn
+
+from . import count, register
+
+
+def _is_lm_head(g: Graph, n: Node) -> bool:
+    return n in g.outputs or any(o.op in ("slice", "reshape") and n in o.inputs for o in g.outputs)
+
+
+def _qweight(g: Graph, name: str, w: torch.Tensor, scheme: WeightQuant, codes, scales, zeros, before: Node) -> Node:
+    base = name + f".{scheme.name}"
+    q = g.add_param(base + ".codes", codes)
+    s = g.add_param(base + ".scales", scales.float().contiguous())
+    z = g.add_param(base + ".zeros", zeros.float().contiguous())
+    g.meta.setdefault("param_bits", {})[base + ".codes"] = scheme.bits
+    return g.add("qweight", [q, s, z], {"bits": scheme.bits, "group": scheme.group_for(w.shape[1]), "sym": scheme.sym,
+                                        "scheme": scheme.name}, name="qw", before=before)
+
+
+def _fold_input_scale(g: Graph, x: Node, users: list[Node], s: torch.Tensor) -> Node:
+    """Make `users` see x / s: fold into an RMSNorm weight when only they read it, else multiply."""
+    all_users = [u for u in g.nodes if x in u.inputs]
+    if x.op == "rms_norm" and x.inputs[1].op == "param" and set(all_users) <= set(users):
+        wname = x.inputs[1].attrs["name"]
+        p = g.add_param(wname + ".awq", (g.params[wname] / s).contiguous())
+        x.inputs = [x.inputs[0], p]
+        count("awq-fold-norm")
+        return x
+    p = g.add_param(f"{x.name}.awq_inv_scale", (1.0 / s).contiguous())
+    m = g.add("mul", [x, p], name=x.name + "_awq", before=users[0])
+    count("awq-scale-input")
+    return m
+
+
+@register("quantize-weights", exact=False)
+def quantize_weights(graph: Graph, scheme: str = "int8", method: str = "rtn", lm_head: str = "same",
+                     calib_windows: int = 8) -> Graph:
+    """Matches: `linear` layers whose weight is a parameter (and the weights of `gated_mlp`, RTN only).
+    Guarantees: each weight becomes `qweight(codes, scales, zeros)` (value (q - z) * s) under the
+    named scheme; `lm_head=none|same|<scheme>` sets the output layer apart; embeddings stay fp32.
+    method=rtn rounds to nearest; gptq and awq need calibration windows in graph.meta['calib_tokens']
+    and run before fuse-mlp and kv-cache (they observe each linear's input). Lossy."""
+    s = parse_scheme(scheme)
+    head = None if lm_head == "none" else (s if lm_head == "same" else parse_scheme(lm_head))
+    if method not in ("rtn", "gptq", "awq"):
+        raise PassError(f"quantize-weights: method must be rtn, gptq or awq, got '{method}'")
+    g = graph.copy()
+    linears = [n for n in g.nodes if n.op == "linear" and n.inputs[1].op == "param"]
+    if method != "rtn":
+        if g.find("gated_mlp"):
+            raise PassError(f"quantize-weights method={method} observes each linear's input: run it before fuse-mlp")
+        if "calib_tokens" not in g.meta:
+            raise PassError(f"quantize-weights method={method} needs calibration text: pass calib=... to "
+                            "kiln.compile (or --calib FILE to kiln build)")
+    plan = [(n, _is_lm_head(g, n)) for n in linears]
+    stats = {}
+    if method != "rtn":
+        from kiln.calib import collect_input_stats
+        stats = collect_input_stats(g, list({n.inputs[0] for n, _ in plan}), g.meta["calib_tokens"][:int(calib_windows)])
+    if method == "awq":
+        groups: dict[Node, list[Node]] = {}
+        for n, is_head in plan:
+            if not is_head or head is not None:
+                groups.setdefault(n.inputs[0], []).append(n)
+        for x, users in groups.items():
+            ws = [g.params[u.inputs[1].attrs["name"]] for u in users]
+            sc = awq_scales(ws, stats[x].mean_abs, stats[x].sample, head if _is_lm_head(g, users[0]) else s)
+            new_x = _fold_input_scale(g, x, users, sc)
+            for u in users:
+                p = u.inputs[1]
+                scaled = g.add_param(p.attrs["name"] + ".awq", (g.params[p.attrs["name"]] * sc[None, :]).contiguous())
+                u.inputs = [new_x, scaled] + u.inputs[2:]
+        g.toposort()
+    done: dict[str, Node] = {}
+    for n, is_head in plan:
+        sch = head if is_head else s
+        if sch is None:
+            continue
+        p = n.inputs[1]
+        name = p.attrs["name"]
+        if name not in done:
+            w = g.params[name].float()
+            if method == "gptq":
+                codes, sc, z = gptq(w, stats[n.inputs[0]].hessian, sch)
+            else:
+                codes, sc, z = rtn(w, sch)
+            done[name] = _qweight(g, name, w, sch, codes, sc, z, before=n)
+        n.inputs = [n.inputs[0], done[name]] + n.inputs[2:]
+        count(f"linear-{sch.name}")
+    for n in g.find("gated_mlp"):
+        for i in (1, 2, 3):
+            p = n.inputs[i]
+            if p.op != "param":
+                continue
+            name = p.attrs["name"]
+            if name not in done:
+                w = g.params[name].float()
+                done[name] = _qweight(g, name, w, s, *rtn(w, s), before=n)
+            n.inputs[i] = done[name]
+        count(f"mlp-{s.name}")
+    g.dce()
+    g.toposort()
+    g.meta["quant"] = {"weights": s.to_json(), "method": method, "lm_head": head.to_json() if head else None,
+                       "embedding": None}
+    return g

@@ -1,0 +1,464 @@
+"""Serving runtime: a request scheduler over one Engine with a paged, prefix-cached KV cache.
+
+    server = Server(engine, policy="continuous", max_batch=16, prefill_chunk=256, max_wait_s=0.01, draft=None)
+    h = server.submit("prompt or ids", SamplingParams(max_new_tokens=64), callback=lambda tok: ...)
+    for tok in h: ...            # streams token ids; h.result() blocks for the Completion; h.cancel()
+    outs = server.generate([...], params)        # list[Completion], in order
+    server.metrics()             # TTFT, TPOT, tokens/s, KV pages, preemptions, prefix hits, acceptance
+    server.close()
+
+Policies:
+- `static`: fixed batches of up to max_batch in arrival order; every prompt of the batch is prefilled whole,
+  then the batch decodes to completion before the next batch starts.
+- `dynamic`: like static, but a batch starts only when max_batch requests wait or the oldest has waited
+  max_wait_s.
+- `continuous`: iteration-level. Between decode steps, finished requests leave and waiting ones join. Each
+  step runs one decode step of every decoding request and at most `prefill_chunk` prompt tokens of the
+  requests still prefilling, so a long prompt never stalls the others for more than one chunk.
+
+KV pages are allocated lazily (a page when a sequence first writes into it). When none is left the newest
+running request is preempted: its pages are released and it goes back to the front of the queue, to be
+recomputed later (prompt + tokens so far; its full pages usually come back from the prefix cache).
+With `background=True` (default) a thread runs the scheduler; with `background=False` call `step()` (or
+`generate`, which steps until its requests are done). Every public method is safe from several threads.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import queue
+import threading
+import time
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from .engine import Completion
+from .kv_cache import OutOfPages, PageManager
+from .sampling import SamplingParams, sample
+
+POLICIES = ("static", "dynamic", "continuous")
+
+
+class RequestFailed(RuntimeError):
+    """A request failed (its stream callback raised, or the engine failed on its batch)."""
+
+
+class RequestHandle:
+    """Streams a request's tokens: iterate it, or pass `callback(token_id)` to submit. `result()` blocks."""
+
+    _END = object()
+
+    def __init__(self, server: "Server", rid: int, prompt_ids: list[int], callback) -> None:
+        self._server, self.id, self._callback = server, rid, callback
+        self._q: queue.Queue = queue.Queue()
+        self._done = threading.Event()
+        self.completion = Completion(list(prompt_ids))
+        self.error: BaseException | None = None
+        self.metrics: dict = {}
+
+    def __iter__(self) -> Iterator[int]:
+        while True:
+            t = self._q.get()
+            if t is self._END:
+                if self.error is not None:
+                    raise RequestFailed(f"request {self.id} failed: {self.error!r}") from self.error
+                return
+            yield t
+
+    def result(self, timeout: float | None = None) -> Completion:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} not finished after {timeout} s")
+        if self.error is not None:
+            raise RequestFailed(f"request {self.id} failed: {self.error!r}") from self.error
+        return self.completion
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def cancel(self) -> None:
+        """Stop generating; result() then gives the tokens so far with finish_reason 'cancelled'."""
+        self._server._cancel(self.id)
+
+    # server side
+    def _push(self, tok: int) -> None:
+        self.completion.token_ids.append(tok)
+        self._q.put(tok)
+        if self._callback is not None:
+            self._callback(tok)
+
+    def _finish(self, reason: str, error: BaseException | None = None) -> None:
+        self.completion.finish_reason = reason
+        self.error = error
+        self._q.put(self._END)
+        self._done.set()
+
+
+class _Req:
+    __slots__ = ("id", "prompt_len", "ids", "params", "rng", "handle", "arrival", "pages", "computed",
+                 "registered", "matched", "dpages", "dcomputed", "first_at", "finished_at", "state",
+                 "preemptions", "stops")
+
+    def __init__(self, rid, ids, params, handle, stops) -> None:
+        self.id, self.ids, self.params, self.handle = rid, list(ids), params, handle
+        self.prompt_len = len(ids)
+        self.rng = np.random.default_rng(params.seed)
+        self.arrival = time.perf_counter()
+        self.pages: list[int] = []
+        self.dpages: list[int] = []
+        self.computed = self.registered = self.dcomputed = 0
+        self.matched = False
+        self.first_at = self.finished_at = None
+        self.state = "waiting"
+        self.preemptions = 0
+        self.stops = stops
+
+    @property
+    def pending(self) -> int:
+        return len(self.ids) - self.computed
+
+    @property
+    def generated(self) -> int:
+        return len(self.ids) - self.prompt_len
+
+
+class Server:
+    def __init__(self, engine, policy: str = "continuous", max_batch: int = 16, prefill_chunk: int = 256,
+                 max_wait_s: float = 0.01, draft=None, spec_k: int = 4, spec_k_max: int = 8,
+                 prefix_caching: bool = True, background: bool = True, chat: bool = False) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy '{policy}': choose one of {', '.join(POLICIES)}")
+        if max_batch < 1 or prefill_chunk < 1 or max_wait_s < 0:
+            raise ValueError("max_batch and prefill_chunk must be >= 1 and max_wait_s >= 0")
+        self.engine, self.policy, self.max_batch = engine, policy, max_batch
+        self.prefill_chunk, self.max_wait_s, self.chat = prefill_chunk, max_wait_s, chat
+        if engine.pool.used:
+            raise ValueError("the engine's page pool is in use: give the Server an engine of its own")
+        self.kv = PageManager(engine.pool, engine.copy_page, prefix_caching)
+        self.spec = None
+        if draft is not None:
+            from .speculative import Speculator
+            self.spec = Speculator(engine, draft, spec_k, spec_k_max)
+        self._ids = itertools.count()
+        self._lock = threading.Lock()       # incoming queue, cancellations
+        self._step_lock = threading.RLock()  # scheduler state
+        self._wake = threading.Condition(self._lock)
+        self._incoming: list[_Req] = []
+        self._cancels: set[int] = set()
+        self.waiting: collections.deque[_Req] = collections.deque()
+        self.running: list[_Req] = []
+        self._finished: list[dict] = []
+        self.preemptions = self.steps = self.decode_steps = self.prefill_tokens = 0
+        self.peak_batch = 0
+        self._t_first = self._t_last = None
+        self._closed = False
+        self._thread = None
+        if background:
+            self._thread = threading.Thread(target=self._loop, name="kiln-server", daemon=True)
+            self._thread.start()
+
+    # -- public API -------------------------------------------------------------------------------
+    def submit(self, prompt: str | Sequence[int], params: SamplingParams = SamplingParams(),
+               callback: Callable[[int], None] | None = None, chat: bool | None = None) -> RequestHandle:
+        """Queue a request; refuses (ValueError) one that can never run. Returns its handle."""
+        if self._closed:
+            raise RuntimeError("the server is closed")
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        params.validate()
+        eng = self.engine
+        ids = eng.encode(prompt, self.chat if chat is None else chat)
+        eng._check(ids, params, 0)
+        need = len(ids) + params.max_new_tokens
+        for e, what in ((eng, "engine"), ) + (((self.spec.draft, "draft engine"),) if self.spec else ()):
+            if e.pool.pages_for(need) > e.pool.num_pages:
+                raise ValueError(f"this request needs {e.pool.pages_for(need)} KV pages ({need} positions) but the "
+                                 f"{what}'s whole pool has {e.pool.num_pages}: shorten it or load with a larger "
+                                 "kv_cache_tokens")
+        stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(eng.eos_ids))
+        rid = next(self._ids)
+        h = RequestHandle(self, rid, ids, callback)
+        r = _Req(rid, ids, params, h, stops)
+        with self._lock:
+            self._incoming.append(r)
+            if self._t_first is None:
+                self._t_first = r.arrival
+            self._wake.notify()
+        return h
+
+    def generate(self, prompts: Sequence[str | Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] = SamplingParams()) -> list[Completion]:
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError("give one SamplingParams, or one per prompt")
+        handles = [self.submit(p, sp) for p, sp in zip(prompts, plist)]
+        if self._thread is None:
+            while not all(h.done() for h in handles):
+                if not self.step():
+                    time.sleep(0.001)
+        return [h.result() for h in handles]
+
+    def close(self) -> None:
+        """Stop the scheduler thread; unfinished requests are cancelled."""
+        with self._lock:
+            self._closed = True
+            self._cancels.update(r.id for r in self._incoming)
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+        with self._step_lock:
+            self._cancels.update(r.id for r in list(self.waiting) + self.running)
+            self._drain()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def metrics(self) -> dict:
+        with self._step_lock:
+            fin = list(self._finished)
+            ok = [f for f in fin if f["finish_reason"] in ("stop", "length")]
+            out_tok = sum(f["output_tokens"] for f in fin)
+            wall = (self._t_last - self._t_first) if self._t_first and self._t_last else 0.0
+            ttft = np.array([f["ttft_s"] for f in ok if f["ttft_s"] is not None])
+            tpot = np.array([f["tpot_s"] for f in ok if f["tpot_s"] is not None])
+
+            def pct(a, q):
+                return float(np.percentile(a, q)) if a.size else None
+            m = {"policy": self.policy, "requests_finished": len(ok),
+                 "requests_failed": sum(f["finish_reason"] == "error" for f in fin),
+                 "requests_cancelled": sum(f["finish_reason"] == "cancelled" for f in fin),
+                 "requests_waiting": len(self.waiting) + len(self._incoming), "requests_running": len(self.running),
+                 "output_tokens": out_tok, "prefill_tokens_computed": self.prefill_tokens, "wall_s": wall,
+                 "tokens_per_s": out_tok / wall if wall > 0 else None,
+                 "ttft_mean_s": float(ttft.mean()) if ttft.size else None, "ttft_p50_s": pct(ttft, 50),
+                 "ttft_p99_s": pct(ttft, 99), "tpot_mean_s": float(tpot.mean()) if tpot.size else None,
+                 "tpot_p99_s": pct(tpot, 99), "preemptions": self.preemptions, "steps": self.steps,
+                 "decode_steps": self.decode_steps, "peak_batch": self.peak_batch}
+            m.update(self.kv.stats())
+            q = self.kv.query_tokens
+            m["prefix_hit_rate"] = self.kv.hit_tokens / q if q else 0.0
+            if self.spec is not None:
+                m.update(self.spec.stats())
+            return m
+
+    def request_metrics(self) -> list[dict]:
+        with self._step_lock:
+            return list(self._finished)
+
+    # -- scheduler --------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+            try:
+                did = self.step()
+            except Exception:  # never let the thread die; step fails the requests involved itself
+                did = False
+            if not did:
+                with self._lock:
+                    if self._closed:
+                        return
+                    if not self._incoming and not self._cancels:
+                        self._wake.wait(timeout=max(1e-3, self.max_wait_s / 4) if self.waiting else 0.5)
+
+    def _cancel(self, rid: int) -> None:
+        with self._lock:
+            self._cancels.add(rid)
+            self._wake.notify()
+
+    def _drain(self) -> None:
+        with self._lock:
+            inc, self._incoming = self._incoming, []
+            cancels, self._cancels = self._cancels, set()
+        self.waiting.extend(inc)
+        if cancels:
+            for r in [r for r in self.waiting if r.id in cancels]:
+                self.waiting.remove(r)
+                self._finish(r, "cancelled")
+            for r in [r for r in self.running if r.id in cancels]:
+                self._finish(r, "cancelled")
+
+    def step(self) -> bool:
+        """One scheduler iteration. Returns False when there was nothing to run."""
+        with self._step_lock:
+            self._drain()
+            if self.policy == "continuous":
+                self._admit_continuous()
+            elif not self.running:
+                self._admit_batch()
+            if not self.running:
+                return False
+            self.steps += 1
+            self.peak_batch = max(self.peak_batch, len(self.running))
+            dec = [r for r in self.running if r.pending == 1]
+            if dec:
+                self._decode(dec)
+            pre = [r for r in self.running if r.pending > 1]
+            budget = self.prefill_chunk if self.policy == "continuous" else None
+            for r in pre:
+                if r.state != "running":
+                    continue
+                n = r.pending if budget is None else min(r.pending, budget)
+                self._prefill(r, n)
+                if budget is not None:
+                    budget -= n
+                    if budget <= 0:
+                        break
+            self.running = [r for r in self.running if r.state == "running"]
+            return True
+
+    def _admit_batch(self) -> None:
+        if not self.waiting:
+            return
+        if self.policy == "dynamic" and len(self.waiting) < self.max_batch and \
+                time.perf_counter() - self.waiting[0].arrival < self.max_wait_s:
+            return
+        avail = self.kv.available
+        while self.waiting and len(self.running) < self.max_batch:
+            need = self.kv.pool.pages_for(len(self.waiting[0].ids) + 1)
+            if need > avail and self.running:
+                break
+            avail -= need
+            self._start(self.waiting.popleft())
+
+    def _admit_continuous(self) -> None:
+        while self.waiting and len(self.running) < self.max_batch:
+            r = self.waiting[0]
+            need = self.kv.pool.pages_for(min(len(r.ids), self.prefill_chunk) + 1)
+            if self.running and self.kv.available - need < len(self.running):
+                break  # keep a page per running sequence so admission does not cause preemption at once
+            self._start(self.waiting.popleft())
+
+    def _start(self, r: _Req) -> None:
+        r.state = "running"
+        self.running.append(r)
+
+    def _preempt(self, r: _Req) -> None:
+        self.kv.release(r.pages)
+        if self.spec is not None:
+            self.spec.release(r)
+        r.pages, r.computed, r.registered, r.matched, r.state = [], 0, 0, False, "waiting"
+        r.preemptions += 1
+        self.preemptions += 1
+        self.running.remove(r)
+        self.waiting.appendleft(r)
+
+    def _reserve(self, r: _Req, positions: int, draft_k: int = 0) -> bool:
+        """Pages for positions 0..positions-1, the page written first made private (copy-on-write), and
+        draft pages when speculating. Preempts the newest running request while pages are short; False
+        when `r` itself had to go."""
+        while True:
+            try:
+                self.kv.ensure(r.pages, positions)
+                if r.computed // self.kv.page_size < len(r.pages):
+                    self.kv.writable(r.pages, r.computed // self.kv.page_size)
+                if draft_k:
+                    self.spec.reserve_draft(r, draft_k)
+                return True
+            except OutOfPages:
+                victim = max((x for x in self.running if x.state == "running"), key=lambda x: x.id)
+                self._preempt(victim)
+                if victim is r:
+                    return False
+
+    def _prefill(self, r: _Req, n: int) -> None:
+        if not r.matched:
+            r.matched = True
+            if not r.pages:
+                r.pages = self.kv.match(r.ids)
+                r.registered = len(r.pages)
+                r.computed = min(len(r.pages) * self.kv.page_size, len(r.ids) - 1)
+                n = min(n, r.pending)
+                if r.pending == 1:
+                    return  # whole prompt cached: its last token goes through decode next step
+        if not self._reserve(r, r.computed + n):
+            return
+        try:
+            logits = self.engine.prefill(r.ids[r.computed:r.computed + n], r.pages, start=r.computed)
+        except Exception as e:
+            self._finish(r, "error", e)
+            return
+        r.computed += n
+        self.prefill_tokens += n
+        r.registered = self.kv.register(r.ids, r.pages, r.computed, r.registered)
+        if r.pending == 0:
+            self._emit(r, sample(logits, r.params, r.rng))
+
+    def _decode(self, dec: list[_Req]) -> None:
+        k = 0
+        if self.spec is not None:
+            k = min(self.spec.step_k(dec), min(r.params.max_new_tokens - r.generated for r in dec))
+        for r in sorted(dec, key=lambda x: x.id):
+            if r.state == "running":
+                self._reserve(r, len(r.ids) + k, k)
+        dec = [r for r in dec if r.state == "running"]
+        if not dec:
+            return
+        self.decode_steps += 1
+        try:
+            if k >= 1:
+                news = self.spec.step(dec, k)
+            else:
+                logits = self.engine.decode([r.ids[-1] for r in dec], [len(r.ids) - 1 for r in dec],
+                                            [r.pages for r in dec])
+                news = [[sample(row, r.params, r.rng)] for r, row in zip(dec, logits)]
+        except Exception as e:
+            for r in dec:
+                self._finish(r, "error", e)
+            return
+        for r, new in zip(dec, news):
+            r.computed = len(r.ids)  # KV of the last token is written now
+            for t in new:
+                self._emit(r, t)
+                if r.state != "running":
+                    break
+            if r.state == "running":
+                r.computed = len(r.ids) - 1  # KV of every accepted token is written; the newest has none yet
+                r.registered = self.kv.register(r.ids, r.pages, r.computed, r.registered)
+
+    def _emit(self, r: _Req, tok: int) -> None:
+        """Append a sampled token. Position len(ids)-1 has no KV yet, so computed = len(ids)-1 after."""
+        now = time.perf_counter()
+        if r.first_at is None:
+            r.first_at = now
+        r.ids.append(tok)
+        r.computed = min(r.computed, len(r.ids) - 1)
+        try:
+            r.handle._push(tok)
+        except Exception as e:
+            self._finish(r, "error", e)
+            return
+        if tok in r.stops:
+            self._finish(r, "stop")
+        elif r.generated >= r.params.max_new_tokens:
+            self._finish(r, "length")
+
+    def _finish(self, r: _Req, reason: str, error: BaseException | None = None) -> None:
+        if r.state == "done":
+            return
+        if r.state == "running":
+            self.kv.release(r.pages)
+            if self.spec is not None:
+                self.spec.release(r)
+            r.pages = []
+        r.state = "done"
+        r.finished_at = now = time.perf_counter()
+        self._t_last = now
+        n = r.generated
+        self._finished.append({
+            "id": r.id, "prompt_tokens": r.prompt_len, "output_tokens": n, "finish_reason": reason,
+            "ttft_s": r.first_at - r.arrival if r.first_at is not None else None,
+            "tpot_s": (now - r.first_at) / (n - 1) if r.first_at is not None and n > 1 else None,
+            "latency_s": now - r.arrival, "preemptions": r.preemptions})
+        h = r.handle
+        h.metrics = self._finished[-1]
+        if self.engine.tokenizer is not None:
+            try:
+                h.completion.text = self.engine.tokenizer.decode(h.completion.token_ids)
+            except Exception:
+                pass
+        h._finish(reason, error)

@@ -1,0 +1,387 @@
+"""Weight-only quantized CPU kernels (TVM TIR, AVX-512 friendly) for kiln.
+
+Same conventions as :mod:`targets.cpu_kernels` (read its module docstring and pitfalls first): every
+kernel is a hand-scheduled TVMScript ``PrimFunc`` with explicit ``T.parallel`` / ``T.vectorized`` /
+``T.unroll`` loops, scalar lets via ``T.Bind``, and scratch buffers of scope "global" below 1 KiB so
+they stay stack allocas (registers).
+
+Quantization (per output row n, per group of ``group`` consecutive k, ``g = k // group``)::
+
+    Wdq[n, k] = (q[n, k] - z[n, g]) * s[n, g]
+
+Reference helpers: :func:`quantize_rtn` (round to nearest), :func:`dequantize`.  Kernels:
+:func:`qlinear_func` computes ``out = x @ Wdq.T (+ bias)`` for 4- and 8-bit codes, reading the arrays
+made by :func:`pack_qweight` (layout in :func:`qweight_layout`) and never materializing Wdq in memory:
+
+* decode ("gemv"): parallel over 32-lane output blocks; per k the 32 codes are widened to fp32 in
+  registers and FMA'd into per-group partial sums ``sum_k x*q``; at the end of each group
+  ``acc += part * s + xsum * zs`` (``zs = -z*s``; symmetric codes are stored signed, no zs term).
+* prefill ("gemm"): each parallel task (a 32-lane block x a group of row tiles) dequantizes its
+  [k, 32] weight block once into a per-task fp32 workspace (L2-resident) and then runs the fp32
+  register-blocked loop of ``cpu_kernels.linear_func``: the dequant cost is shared by 64 rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm.script import tirx as T
+
+from .cpu_kernels import NB, _GEMM_MR, _GEMM_TG, _GEMV_MR, cpu_target  # noqa: F401  (re-export target)
+
+_GEMV_KU = 4  # independent k partial sums in the single-row decode path
+_HB = NB // 2  # 16 lanes = one zmm of fp32
+_KERNEL_BITS = (4, 8)
+_REF_BITS = (2, 3, 4, 8)
+
+
+# --------------------------------------------------------------------------- reference quantization
+
+
+def _check(shape: tuple[int, int], bits: int, group: int, kernel: bool = False) -> int:
+    allowed = _KERNEL_BITS if kernel else _REF_BITS
+    if bits not in allowed:
+        raise ValueError(f"bits={bits} not supported (supported: {allowed})")
+    n, k = shape
+    if group <= 0 or k % group != 0:
+        raise ValueError(f"group={group} must divide K: weight shape [N={n}, K={k}]")
+    return k // group
+
+
+def quantize_rtn(w: np.ndarray, bits: int, group: int, sym: bool
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Round-to-nearest quantization of a torch-layout weight w [N, K].
+
+    Returns ``(q, scales, zeros)``: q [N, K] int32 codes in [0, 2^bits - 1]; scales [N, K//group] f32;
+    zeros [N, K//group] f32, or None for ``sym`` (codes are offset by 2^(bits-1), the implicit zero point).
+
+    * sym:  s = max|w| / (2^(bits-1) - 1),  q = clamp(round(w/s), -2^(bits-1), 2^(bits-1)-1) + 2^(bits-1)
+    * asym: s = (max - min) / (2^bits - 1), z = round(-min/s),  q = clamp(round(w/s) + z, 0, 2^bits - 1)
+
+    ``group == K`` means per-channel.  Rounding is numpy's (half to even).  A group whose scale would be
+    0 (all equal values) gets s = |value| / qmax (or 1 for all zeros) so it reconstructs exactly.  For
+    asym, z is a float that lies outside the code range when a group does not span 0.
+    Raises ValueError if group does not divide K or bits is not in {2, 3, 4, 8}.
+    """
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"weight must be 2-D [N, K], got shape {w.shape}")
+    ng = _check(w.shape, bits, group)
+    n, k = w.shape
+    wg = w.reshape(n, ng, group)
+    if sym:
+        qmax = 2 ** (bits - 1) - 1
+        amax = np.abs(wg).max(axis=2)
+        s = (amax / np.float32(qmax)).astype(np.float32)
+        s = np.where(s > 0, s, np.float32(1)).astype(np.float32)
+        q = np.clip(np.round(wg / s[:, :, None]), -(qmax + 1), qmax) + (qmax + 1)
+        return q.reshape(n, k).astype(np.int32), s, None
+    qmax = 2 ** bits - 1
+    lo, hi = wg.min(axis=2), wg.max(axis=2)
+    s = ((hi - lo) / np.float32(qmax)).astype(np.float32)
+    degenerate = np.abs(lo) / np.float32(qmax)
+    s = np.where(s > 0, s, np.where(degenerate > 0, degenerate, np.float32(1))).astype(np.float32)
+    z = np.round(-lo / s).astype(np.float32)
+    q = np.clip(np.round(wg / s[:, :, None]) + z[:, :, None], 0, qmax)
+    return q.reshape(n, k).astype(np.int32), s, z
+
+
+def dequantize(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, bits: int, group: int,
+               sym: bool) -> np.ndarray:
+    """Reference dequantization: Wdq[n, k] = (q[n, k] - z[n, k // group]) * s[n, k // group], float32 [N, K].
+
+    For sym the zero point is 2^(bits-1) and ``zeros`` is ignored (may be None).
+    """
+    q = np.asarray(q)
+    ng = _check(q.shape, bits, group)
+    n, k = q.shape
+    s = np.asarray(scales, np.float32).reshape(n, ng, 1)
+    if sym:
+        z = np.float32(2 ** (bits - 1))
+    else:
+        if zeros is None:
+            raise ValueError("asymmetric dequantize needs zeros")
+        z = np.asarray(zeros, np.float32).reshape(n, ng, 1)
+    wq = q.reshape(n, ng, group).astype(np.float32)
+    return ((wq - z) * s).reshape(n, k).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- packed layout
+
+
+def qweight_layout(bits: int, group: int, sym: bool) -> str:
+    """Description of the arrays made by :func:`pack_qweight` (in kernel argument order)."""
+    if bits not in _KERNEL_BITS:
+        raise ValueError(f"bits={bits} has no kernel (supported: {_KERNEL_BITS})")
+    nb = f"ceil(N/{NB})"
+    if bits == 8:
+        codes = (f"codes[{nb}, K, {NB}] " + ("int8 = q - 128 (signed)" if sym else "uint8 = q")
+                 + f", codes[b, k, j] = code of W[b*{NB}+j, k]")
+    else:
+        codes = (f"codes[{nb}, K, {_HB}] uint8, codes[b, k, j] = c(b*{NB}+j, k) | c(b*{NB}+{_HB}+j, k) << 4"
+                 + (" with c = q (value q - 8)" if sym else " with c = q"))
+    g = f"K/{group}"
+    out = f"q{bits}g{group}{'s' if sym else 'a'}: {codes}; scales[{nb}, {g}, {NB}] f32 = s[b*{NB}+j, g]"
+    if not sym:
+        out += f"; zs[{nb}, {g}, {NB}] f32 = -z*s  (Wdq = q*s + zs)"
+    return out + "; padded rows have code 0 (sym 8-bit: 0 = q 128) and scale 0"
+
+
+def packed_shapes(n: int, k: int, bits: int, group: int, sym: bool) -> list[tuple[tuple[int, ...], str]]:
+    """Shape and dtype of each array :func:`pack_qweight` returns for a weight [n, k] (kernel order)."""
+    ng = _check((n, k), bits, group, kernel=True)
+    nblk = (n + NB - 1) // NB
+    if bits == 8:
+        out = [((nblk, k, NB), "int8" if sym else "uint8")]
+    else:
+        out = [((nblk, k, _HB), "uint8")]
+    out.append(((nblk, ng, NB), "float32"))
+    if not sym:
+        out.append(((nblk, ng, NB), "float32"))
+    return out
+
+
+def _block(a: np.ndarray, nblk: int) -> np.ndarray:
+    """[N, C] -> [nblk, C, NB] zero padded (a[b, c, j] = A[b*NB + j, c])."""
+    n, c = a.shape
+    p = np.zeros((nblk * NB, c), a.dtype)
+    p[:n] = a
+    return np.ascontiguousarray(p.reshape(nblk, NB, c).transpose(0, 2, 1))
+
+
+def pack_qweight(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, bits: int, group: int,
+                 sym: bool) -> list[np.ndarray]:
+    """Pack (q, scales, zeros) from :func:`quantize_rtn` into the arrays :func:`qlinear_func` reads.
+
+    Returns [codes, scales] (sym) or [codes, scales, zs] (asym), see :func:`qweight_layout`.
+    """
+    q = np.asarray(q)
+    ng = _check(q.shape, bits, group, kernel=True)
+    n, k = q.shape
+    nblk = (n + NB - 1) // NB
+    qi = q.astype(np.int32)
+    if qi.min(initial=0) < 0 or qi.max(initial=0) > 2 ** bits - 1:
+        raise ValueError(f"codes out of range for {bits} bits")
+    s = np.asarray(scales, np.float32).reshape(n, ng)
+    if bits == 8:
+        codes = _block((qi - 128).astype(np.int8) if sym else qi.astype(np.uint8), nblk)
+    else:
+        c = _block(qi.astype(np.uint8), nblk)  # [nblk, K, 32]
+        codes = np.ascontiguousarray(c[:, :, :_HB] | (c[:, :, _HB:] << 4)).astype(np.uint8)
+    out = [codes, _block(s, nblk)]
+    if not sym:
+        if zeros is None:
+            raise ValueError("asymmetric packing needs zeros")
+        z = np.asarray(zeros, np.float32).reshape(n, ng)
+        out.append(_block((-z * s).astype(np.float32), nblk))
+    return out
+
+
+# --------------------------------------------------------------------------- qlinear kernels
+
+
+def _codes(bits: int, sym: bool, wq, nb, kk, j, half: int):
+    """fp32 value of the code of lane half*16 + j at k = kk (signed for sym, i.e. q - zero point)."""
+    if bits == 8:
+        return T.Cast("float32", wq[nb, kk, half * _HB + j])
+    b = T.Cast("int32", wq[nb, kk, j])
+    c = T.bitwise_and(b, 15) if half == 0 else T.shift_right(b, 4)
+    if sym:
+        c = c - 8
+    return T.Cast("float32", c)
+
+
+def _qlinear_body(k: int, n: int, bits: int, group: int, sym: bool, mode: str):
+    """Macro computing out = x @ Wdq.T (+ bias) from packed (wq, sc, zs); bias/zs may be None."""
+    nblk = (n + NB - 1) // NB
+    nfull = n // NB
+    G = k // group
+    GS = group
+    asym = not sym
+    mr = _GEMV_MR if mode == "gemv" else _GEMM_MR
+    tg = _GEMM_TG
+    ku1 = next(u for u in (_GEMV_KU, 2, 1) if GS % u == 0)  # k unroll of the single-row path
+
+    def deq(wq, nb, kk, j, half):
+        return _codes(bits, sym, wq, nb, kk, j, half)
+
+    @T.macro
+    def store(a0, a1, bias, out, m, nb, i0, rows):
+        for r in T.unroll(rows):
+            if i0 + r < m:
+                if nb < nfull:
+                    for j in T.vectorized(16):
+                        if bias is not None:
+                            out[i0 + r, nb * NB + j] = a0[r, j] + bias[nb * NB + j]
+                            out[i0 + r, nb * NB + 16 + j] = a1[r, j] + bias[nb * NB + 16 + j]
+                        else:
+                            out[i0 + r, nb * NB + j] = a0[r, j]
+                            out[i0 + r, nb * NB + 16 + j] = a1[r, j]
+                else:
+                    for j in range(16):
+                        for h in range(2):
+                            if nb * NB + h * 16 + j < n:
+                                if bias is not None:
+                                    out[i0 + r, nb * NB + h * 16 + j] = T.if_then_else(
+                                        h == 0, a0[r, j], a1[r, j]) + bias[nb * NB + h * 16 + j]
+                                else:
+                                    out[i0 + r, nb * NB + h * 16 + j] = T.if_then_else(
+                                        h == 0, a0[r, j], a1[r, j])
+
+    @T.macro
+    def gemv_tiles(x, wq, sc, zs, bias, out, m, rows, ku):
+        # One task per 32-lane block; all row tiles of it (rows clamped to m-1, duplicates never stored).
+        # ku independent partial sums over k (k unrolled by ku): with one row, a single accumulator pair
+        # is bound by the 4-cycle FMA latency, not by the code widening.
+        ntile = T.Bind((m + rows - 1) // rows)
+        for nb in T.parallel(nblk):
+            for tt in range(ntile):
+                i0 = T.Bind(tt * rows)
+                a0 = T.alloc_buffer((rows, 16), "float32", scope="global")  # totals, lanes 0..15
+                a1 = T.alloc_buffer((rows, 16), "float32", scope="global")  # lanes 16..31
+                p0 = T.alloc_buffer((ku * rows, 16), "float32", scope="global")  # group partials sum x*q
+                p1 = T.alloc_buffer((ku * rows, 16), "float32", scope="global")
+                xs = T.alloc_buffer((ku * rows,), "float32", scope="global")  # group sums of x (asym)
+                for r in T.unroll(rows):
+                    for j in T.vectorized(16):
+                        a0[r, j] = T.float32(0)
+                        a1[r, j] = T.float32(0)
+                for g in range(G):
+                    for r in T.unroll(ku * rows):
+                        xs[r] = T.float32(0)
+                        for j in T.vectorized(16):
+                            p0[r, j] = T.float32(0)
+                            p1[r, j] = T.float32(0)
+                    for kq in range(GS // ku):
+                        for u in T.unroll(ku):
+                            kk = T.Bind(g * GS + kq * ku + u)
+                            for r in T.unroll(rows):
+                                for j in T.vectorized(16):
+                                    p0[u * rows + r, j] = (p0[u * rows + r, j]
+                                                           + x[T.min(i0 + r, m - 1), kk] * deq(wq, nb, kk, j, 0))
+                                    p1[u * rows + r, j] = (p1[u * rows + r, j]
+                                                           + x[T.min(i0 + r, m - 1), kk] * deq(wq, nb, kk, j, 1))
+                                if asym:
+                                    xs[u * rows + r] = xs[u * rows + r] + x[T.min(i0 + r, m - 1), kk]
+                    for u in T.unroll(ku):
+                        for r in T.unroll(rows):
+                            for j in T.vectorized(16):
+                                if asym:
+                                    a0[r, j] = (a0[r, j] + p0[u * rows + r, j] * sc[nb, g, j]
+                                                + xs[u * rows + r] * zs[nb, g, j])
+                                    a1[r, j] = (a1[r, j] + p1[u * rows + r, j] * sc[nb, g, 16 + j]
+                                                + xs[u * rows + r] * zs[nb, g, 16 + j])
+                                else:
+                                    a0[r, j] = a0[r, j] + p0[u * rows + r, j] * sc[nb, g, j]
+                                    a1[r, j] = a1[r, j] + p1[u * rows + r, j] * sc[nb, g, 16 + j]
+                store(a0, a1, bias, out, m, nb, i0, rows)
+
+    @T.macro
+    def gemm_tiles(x, wq, sc, zs, bias, out, m, rows):
+        ntile = T.Bind((m + rows - 1) // rows)
+        ngrp = T.Bind((ntile + tg - 1) // tg)
+        for task in T.parallel(ngrp * nblk):
+            gi = T.Bind(task // nblk)
+            nb = T.Bind(task % nblk)
+            # per-task fp32 copy of this 32-lane weight block (>= 1 KiB: one workspace alloc per task)
+            wd = T.alloc_buffer((k, NB), "float32")
+            for g in range(G):
+                for kq in range(GS):
+                    for j in T.vectorized(16):
+                        if asym:
+                            wd[g * GS + kq, j] = deq(wq, nb, g * GS + kq, j, 0) * sc[nb, g, j] + zs[nb, g, j]
+                            wd[g * GS + kq, 16 + j] = (deq(wq, nb, g * GS + kq, j, 1) * sc[nb, g, 16 + j]
+                                                       + zs[nb, g, 16 + j])
+                        else:
+                            wd[g * GS + kq, j] = deq(wq, nb, g * GS + kq, j, 0) * sc[nb, g, j]
+                            wd[g * GS + kq, 16 + j] = deq(wq, nb, g * GS + kq, j, 1) * sc[nb, g, 16 + j]
+            for tt in range(T.min(T.int64(tg), ntile - gi * tg)):
+                i0 = T.Bind((gi * tg + tt) * rows)
+                a0 = T.alloc_buffer((rows, 16), "float32", scope="global")
+                a1 = T.alloc_buffer((rows, 16), "float32", scope="global")
+                for r in T.unroll(rows):
+                    for j in T.vectorized(16):
+                        a0[r, j] = T.float32(0)
+                        a1[r, j] = T.float32(0)
+                for kk in range(k):
+                    for r in T.unroll(rows):
+                        for j in T.vectorized(16):
+                            a0[r, j] = a0[r, j] + x[T.min(i0 + r, m - 1), kk] * wd[kk, j]
+                            a1[r, j] = a1[r, j] + x[T.min(i0 + r, m - 1), kk] * wd[kk, 16 + j]
+                store(a0, a1, bias, out, m, nb, i0, rows)
+
+    @T.macro
+    def body(x, wq, sc, zs, bias, out, m):
+        if mode == "gemv":
+            if m == 1:
+                gemv_tiles(x, wq, sc, zs, bias, out, m, 1, ku1)
+            else:
+                gemv_tiles(x, wq, sc, zs, bias, out, m, mr, 1)
+        else:
+            gemm_tiles(x, wq, sc, zs, bias, out, m, mr)
+
+    return body
+
+
+def qlinear_func(k: int, n: int, bits: int, group: int, sym: bool, has_bias: bool,
+                 mode: str) -> tvm.tirx.PrimFunc:
+    """out[m, n] = x[m, k] @ Wdq.T (+ bias[n]) with Wdq dequantized on the fly from packed codes.
+
+    Signature: (x [m, k] f32, *pack_qweight(...) arrays (see packed_shapes), [bias [n] f32], out [m, n] f32),
+    m symbolic int64.  bits in {4, 8}; group divides k (group == k: per-channel).
+    mode="gemv" (decode, m small) or "gemm" (prefill, m large).
+    """
+    if mode not in ("gemv", "gemm"):
+        raise ValueError(f"unknown qlinear mode {mode!r}")
+    shapes = packed_shapes(n, k, bits, group, sym)
+    body = _qlinear_body(k, n, bits, group, sym, mode)
+    (cs, cd), (ss, sd) = shapes[0], shapes[1]
+
+    if sym and has_bias:
+
+        @T.prim_func
+        def qlinear_sym_bias(x_h: T.handle, wq: T.Buffer(cs, cd), sc: T.Buffer(ss, sd),
+                             bias: T.Buffer((n,), "float32"), o_h: T.handle):
+            T.func_attr({"tir.noalias": True})
+            m = T.int64()
+            x = T.match_buffer(x_h, (m, k), "float32")  # x: [m, k]
+            out = T.match_buffer(o_h, (m, n), "float32")  # out: [m, n]
+            body(x, wq, sc, None, bias, out, m)
+
+        return qlinear_sym_bias
+
+    if sym:
+
+        @T.prim_func
+        def qlinear_sym(x_h: T.handle, wq: T.Buffer(cs, cd), sc: T.Buffer(ss, sd), o_h: T.handle):
+            T.func_attr({"tir.noalias": True})
+            m = T.int64()
+            x = T.match_buffer(x_h, (m, k), "float32")
+            out = T.match_buffer(o_h, (m, n), "float32")
+            body(x, wq, sc, None, None, out, m)
+
+        return qlinear_sym
+
+    if has_bias:
+
+        @T.prim_func
+        def qlinear_asym_bias(x_h: T.handle, wq: T.Buffer(cs, cd), sc: T.Buffer(ss, sd),
+                              zs: T.Buffer(ss, sd), bias: T.Buffer((n,), "float32"), o_h: T.handle):
+            T.func_attr({"tir.noalias": True})
+            m = T.int64()
+            x = T.match_buffer(x_h, (m, k), "float32")
+            out = T.match_buffer(o_h, (m, n), "float32")
+            body(x, wq, sc, zs, bias, out, m)
+
+        return qlinear_asym_bias
+
+    @T.prim_func
+    def qlinear_asym(x_h: T.handle, wq: T.Buffer(cs, cd), sc: T.Buffer(ss, sd), zs: T.Buffer(ss, sd),
+                     o_h: T.handle):
+        T.func_attr({"tir.noalias": True})
+        m = T.int64()
+        x = T.match_buffer(x_h, (m, k), "float32")
+        out = T.match_buffer(o_h, (m, n), "float32")
+        body(x, wq, sc, zs, None, out, m)
+
+    return qlinear_asym
