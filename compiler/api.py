@@ -26,11 +26,19 @@ def _max_context(cfg: Any, cap: int = 8192) -> int:
 
 def compile(model: Any, target: str = "cpu", passes: str = "O1", *, tokenizer_dir: str | None = None,
             name: str | None = None, dump_ir: str | None = None, max_context: int | None = None,
-            progress: Callable[[str], None] | None = None, verify_each: bool = True):
+            progress: Callable[[str], None] | None = None, verify_each: bool = True,
+            quant: str | None = None, quant_method: str = "rtn", kv_quant: str | None = None,
+            w8a8: bool = False, calib: str | None = None, eval_text: str | None = None,
+            calib_windows: int = 8, eval_tokens: int = 2048):
     """Compile a causal LM for `target` with the pass pipeline `passes`.
 
     `model` is a transformers causal LM (nn.Module), a built-in name (`smollm2-135m`), a GGUF file or a
     local transformers folder. Returns an `Artifact`; `artifact.save(dir)` writes it.
+
+    Quantization: `quant="int4_g128"` (with `quant_method` rtn|awq|gptq), `kv_quant="int8"|"fp8_e4m3"`,
+    `w8a8=True` insert the matching passes into the pipeline. `calib` (text file, or "lee") feeds
+    calibrating methods; `eval_text` makes every lossy pass record perplexity and KL on that text.
+    A model prepared with `kiln.qat.prepare` compiles with exactly its training scheme.
     """
     import torch
 
@@ -54,12 +62,28 @@ def compile(model: Any, target: str = "cpu", passes: str = "O1", *, tokenizer_di
     if not isinstance(model, torch.nn.Module):
         raise KilnError(f"kiln.compile needs a torch.nn.Module or a model name/path, got {type(model).__name__}")
     tgt = get_target(target)  # refuse an unknown target before the slow steps
+    from .passmgr import with_quantization
+    from .qat import qat_scheme, strip_qat
+    qs = qat_scheme(model)
+    head = "same"
+    if qs is not None:
+        model = strip_qat(model)
+        (quant, head), quant_method = qs, "rtn"
+    if quant or kv_quant or w8a8:
+        passes = with_quantization(passes, quant, quant_method, kv_quant, w8a8, head)
     cfg = getattr(model, "config", None)
     ctx = int(max_context or _max_context(cfg))
     t = time.perf_counter()
     progress("tracing with torch.export (symbolic batch and tokens)")
     graph = trace(model, max_tokens=ctx)
     timings["trace"] = time.perf_counter() - t
+    if calib or eval_text:
+        from .calib import read_text, windows
+        tok = _tokenizer(tokenizer_dir)
+        if calib:
+            graph.meta["calib_tokens"] = windows(tok(read_text(calib))["input_ids"], 256, calib_windows)
+        if eval_text:
+            graph.meta["eval_tokens"] = windows(tok(read_text(eval_text))["input_ids"], 256, max(1, eval_tokens // 256))
     t = time.perf_counter()
     progress(f"running passes: {passes}")
     graph, records = run_pipeline(graph, passes, verify_each=verify_each, dump_ir=dump_ir)
@@ -79,6 +103,8 @@ def compile(model: Any, target: str = "cpu", passes: str = "O1", *, tokenizer_di
     kv = graph.meta["kv_cache"]
     kv = dict(kv, bytes_per_token=sum(2 * l["kv_heads"] * l["head_dim"] * 4 for l in kv["layers"]))
     import tvm
+    graph.meta.pop("calib_tokens", None)
+    graph.meta.pop("eval_tokens", None)
     stats = graph.stats()
     manifest = {
         "schema_version": _schema(),
@@ -99,10 +125,19 @@ def compile(model: Any, target: str = "cpu", passes: str = "O1", *, tokenizer_di
         "weight_bytes": int(sum(a.nbytes for a in weights.values())),
         "eos_token_ids": _eos_ids(cfg),
         "kernels": build.kernels,
+        "quantization": graph.meta.get("quant"),
     }
     timings["total"] = time.perf_counter() - t0
     return Artifact(build, weights, manifest, str(graph), tokenizer_dir,
                     {k: round(v, 3) for k, v in timings.items()})
+
+
+def _tokenizer(folder: str | None):
+    if not folder:
+        raise KilnError("calibration/evaluation text needs a tokenizer: pass tokenizer_dir=... (a folder with "
+                        "the model's tokenizer files)")
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def _schema() -> int:
@@ -133,7 +168,7 @@ def load(path: str, **engine_options: Any):
 
 # -- build cache -----------------------------------------------------------------------------------
 
-def build_key(source: str, target: str, passes: str, max_context: int | None) -> str | None:
+def build_key(source: str, target: str, passes: str, max_context: int | None, options: dict | None = None) -> str | None:
     """A cache key for a model named by path: the file's identity plus every build option."""
     from .models import BUILTIN, builtin_gguf
     path = builtin_gguf(source) if source in BUILTIN else source
@@ -146,8 +181,22 @@ def build_key(source: str, target: str, passes: str, max_context: int | None) ->
             st.append((n, s.st_size, int(s.st_mtime)))
     import torch
     payload = json.dumps([os.path.abspath(path), st, target, passes, max_context, KILN_VERSION, torch.__version__,
-                          _tvm_version(), _host()])
+                          _tvm_version(), _host(), _source_hash(), sorted((options or {}).items())], default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def _source_hash() -> str:
+    """kiln's own code is part of a build's identity: a changed pass or kernel must not hit the cache."""
+    import kiln.passes
+    import kiln.targets
+    h = hashlib.sha256()
+    for mod in (kiln, kiln.passes, kiln.targets):
+        d = os.path.dirname(mod.__file__)
+        for n in sorted(os.listdir(d)):
+            if n.endswith(".py"):
+                with open(os.path.join(d, n), "rb") as f:
+                    h.update(n.encode() + f.read())
+    return h.hexdigest()[:16]
 
 
 def _tvm_version() -> str:
@@ -166,7 +215,8 @@ def cached_build(source: str, out: str, target: str = "cpu", passes: str = "O1",
     from .artifact import copy_artifact
     from .models import cache_dir
     progress = progress or _noop
-    key = build_key(source, target, passes, max_context) if use_cache else None
+    key = build_key(source, target, passes, max_context, {k: v for k, v in kw.items() if k != "dump_ir"}) \
+        if use_cache and not kw.get("dump_ir") else None
     entry = os.path.join(cache_dir(), "builds", key) if key else None
     if entry and os.path.exists(os.path.join(entry, "manifest.json")):
         from kiln.runtime.artifact import ArtifactError, read_manifest, verify_files

@@ -20,8 +20,13 @@ def cmd_build(a: argparse.Namespace) -> int:
     from kiln.api import cached_build
     show = _progress_printer()
     t0 = time.perf_counter()
+    quant = dict(quant=a.quant, quant_method=a.quant_method, kv_quant=a.kv_quant, w8a8=a.w8a8, calib=a.calib,
+                 eval_text=a.eval)
+    if a.quant_method != "rtn" or a.w8a8:
+        quant["calib"] = a.calib or "lee"
     path, hit = cached_build(a.model, a.output, target=a.target, passes=a.passes, max_context=a.max_context,
-                             progress=show, use_cache=not a.no_cache, dump_ir=a.dump_ir)
+                             progress=show, use_cache=not a.no_cache, dump_ir=a.dump_ir,
+                             **{k: v for k, v in quant.items() if v})
     from kiln.runtime.artifact import read_manifest
     m = read_manifest(path)
     if hit:
@@ -97,6 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--max-context", type=int, default=None, help="longest sequence the artifact serves")
     b.add_argument("--dump-ir", default=None, help="write the IR after every pass into this folder")
     b.add_argument("--no-cache", action="store_true", help="do not use or fill the build cache")
+    b.add_argument("--quant", default=None, help="weight scheme: int8, int4_g128, int4_g32_sym, int4_sym, ...")
+    b.add_argument("--quant-method", default="rtn", choices=["rtn", "awq", "gptq"])
+    b.add_argument("--kv-quant", default=None, choices=["int8", "fp8_e4m3"], help="store the KV cache in 8 bits")
+    b.add_argument("--w8a8", action="store_true", help="int8 weights and dynamic int8 activations (SmoothQuant)")
+    b.add_argument("--calib", default=None, help="calibration text file (default for awq/gptq/w8a8: the Lee "
+                   "corpus lee.cor)")
+    b.add_argument("--eval", default=None, help="evaluation text file ('lee_background' for the built-in one): "
+                   "lossy passes record perplexity and KL on it")
     b.set_defaults(fn=cmd_build)
     r = sub.add_parser("run", help="generate text with an artifact")
     r.add_argument("artifact")

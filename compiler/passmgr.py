@@ -42,6 +42,28 @@ class PassRecord:
         return asdict(self)
 
 
+def format_pipeline(steps: list[tuple[str, dict[str, Any]]]) -> str:
+    return ",".join(n + ("{" + ",".join(f"{k}={v}" for k, v in p.items()) + "}" if p else "") for n, p in steps)
+
+
+def with_quantization(pipeline: str, quant: str | None = None, method: str = "rtn", kv: str | None = None,
+                      activations: bool = False, lm_head: str = "same") -> str:
+    """Insert quantization passes into a pipeline: weight/activation passes before fuse-mlp (they
+    observe each linear's input), KV before kv-cache."""
+    steps = parse_pipeline(pipeline)
+    names = [n for n, _ in steps]
+    at = names.index("fuse-mlp") if "fuse-mlp" in names else names.index("kv-cache") if "kv-cache" in names else len(steps)
+    add = []
+    if activations:
+        add.append(("quantize-activations", {}))
+    elif quant:
+        add.append(("quantize-weights", {"scheme": quant, "method": method, **({"lm_head": lm_head}
+                                                                               if lm_head != "same" else {})}))
+    if kv:
+        add.append(("quantize-kv", {"dtype": kv}))
+    return format_pipeline(steps[:at] + add + steps[at:])
+
+
 def parse_pipeline(spec: str) -> list[tuple[str, dict[str, Any]]]:
     """'canonicalize,kv-cache{page_size=16},O1' -> [(name, params), ...] with pipelines expanded."""
     out: list[tuple[str, dict[str, Any]]] = []
@@ -92,6 +114,8 @@ class PassManager:
         self.verify_each = verify_each
         self.dump_ir = dump_ir
         self.records: list[PassRecord] = []
+        self._ref = None
+        self._ppl0 = None
 
     def run(self, graph: Graph, pipeline: str) -> Graph:
         from kiln.passes import REGISTRY, run_counted
@@ -122,14 +146,28 @@ class PassManager:
                 raise PassError(f"pass '{name}'{after} failed: {e}") from e
             dt = time.perf_counter() - t0
             after_stats = out.stats()
+            extra = self._evaluate(graph, out) if not info.exact else {}
             self.records.append(PassRecord(name, params, info.exact, counts, before["nodes"], after_stats["nodes"],
                                            before["param_bytes"], after_stats["param_bytes"], f0,
-                                           flops_per_token(out), round(dt, 4)))
+                                           flops_per_token(out), round(dt, 4), extra))
             done.append(name)
             graph = out
             if self.dump_ir:
                 self._dump(i, name, graph)
         return graph
+
+    def _evaluate(self, before: Graph, after: Graph) -> dict[str, Any]:
+        """For a lossy pass, when evaluation text is attached: perplexity before/after and mean KL of
+        the result to the graph as it was before the first lossy pass."""
+        tokens = after.meta.get("eval_tokens")
+        if not tokens or after.find("cached_attention"):
+            return {}
+        from .calib import perplexity_and_kl
+        if self._ref is None:
+            self._ppl0, _, self._ref = perplexity_and_kl(before, tokens)
+        ppl, kl, _ = perplexity_and_kl(after, tokens, self._ref)
+        return {"eval_tokens": sum(len(w) for w in tokens), "perplexity_before": round(self._ppl0, 4),
+                "perplexity_after": round(ppl, 4), "kl_to_reference": round(kl, 6)}
 
     def _dump(self, i: int, name: str, g: Graph) -> None:
         with open(os.path.join(self.dump_ir, f"{i:02d}-{name}.txt"), "w") as f:

@@ -24,10 +24,9 @@ class WeightQuant:
     version: int = 1
 
     def group_for(self, k: int) -> int:
-        g = self.group or k
-        if k % g:
-            raise KilnError(f"scheme {self.name}: group {g} does not divide the input size {k}")
-        return g
+        """Group size for an input dim of k. When it does not divide k (SmolLM2's 576 with 128), the
+        last group is shorter: there are ceil(k / group) groups."""
+        return min(self.group or k, k)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -51,11 +50,19 @@ def _qrange(bits: int) -> int:
     return (1 << bits) - 1
 
 
+def _grouped(w: torch.Tensor, g: int) -> torch.Tensor:
+    """[N, K] -> [N, ceil(K/g), g], zero-padded (zeros change neither absmax nor a range that
+    always includes zero)."""
+    n, k = w.shape
+    pad = -k % g
+    if pad:
+        w = torch.nn.functional.pad(w, (0, pad))
+    return w.reshape(n, (k + pad) // g, g)
+
+
 def params_for(w: torch.Tensor, scheme: WeightQuant) -> tuple[torch.Tensor, torch.Tensor]:
     """Scales and zero points [N, G] from the weight's range in each group (round to nearest)."""
-    n, k = w.shape
-    g = scheme.group_for(k)
-    wg = w.reshape(n, k // g, g)
+    wg = _grouped(w, scheme.group_for(w.shape[1]))
     if scheme.sym:
         half = 1 << (scheme.bits - 1)
         s = wg.abs().amax(-1).clamp_min(1e-12) / (half - 1 if scheme.bits > 1 else 1)
@@ -70,15 +77,13 @@ def params_for(w: torch.Tensor, scheme: WeightQuant) -> tuple[torch.Tensor, torc
 def quantize_with(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, scheme: WeightQuant) -> torch.Tensor:
     """Codes for w given per-group scales and zero points."""
     n, k = w.shape
-    g = scheme.group_for(k)
-    q = torch.round(w.reshape(n, k // g, g) / s[..., None]) + z[..., None]
-    return q.clamp(0, _qrange(scheme.bits)).reshape(n, k)
+    q = torch.round(_grouped(w, scheme.group_for(k)) / s[..., None]) + z[..., None]
+    return q.clamp(0, _qrange(scheme.bits)).reshape(n, -1)[:, :k]
 
 
 def dequantize(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, group: int) -> torch.Tensor:
     n, k = q.shape
-    g = group or k
-    return ((q.float().reshape(n, k // g, g) - z[..., None]) * s[..., None]).reshape(n, k)
+    return ((_grouped(q.float(), group or k) - z[..., None]) * s[..., None]).reshape(n, -1)[:, :k]
 
 
 def rtn(w: torch.Tensor, scheme: WeightQuant) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -103,8 +108,8 @@ def gptq(w: torch.Tensor, H: torch.Tensor, scheme: WeightQuant, block: int = 128
     H += damp * torch.mean(torch.diag(H)) * torch.eye(k, dtype=H.dtype)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
     Q = torch.zeros_like(W)
-    S = torch.zeros(n, k // g)
-    Z = torch.zeros(n, k // g)
+    S = torch.zeros(n, -(-k // g))
+    Z = torch.zeros(n, -(-k // g))
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         W1, Q1, E1 = W[:, i1:i2].clone(), torch.zeros(n, i2 - i1), torch.zeros(n, i2 - i1)

@@ -142,6 +142,14 @@ class PageManager:
         if need > 0:
             pages.extend(self.alloc(need))
 
+    def clear_cache(self) -> None:
+        """Forget the prefix index; idle cached pages go back to the pool's free list."""
+        for p in list(self.evictable):
+            self.pool.release([p])
+        self.evictable.clear()
+        self.by_hash.clear()
+        self.hash_of.clear()
+
     # -- prefix cache -----------------------------------------------------------------------------
     def _chain(self, tokens, n_pages: int, start_hash: bytes = b"") -> list[bytes]:
         import hashlib

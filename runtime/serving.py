@@ -132,8 +132,6 @@ class Server:
             raise ValueError("max_batch and prefill_chunk must be >= 1 and max_wait_s >= 0")
         self.engine, self.policy, self.max_batch = engine, policy, max_batch
         self.prefill_chunk, self.max_wait_s, self.chat = prefill_chunk, max_wait_s, chat
-        if engine.pool.used:
-            raise ValueError("the engine's page pool is in use: give the Server an engine of its own")
         self.kv = PageManager(engine.pool, engine.copy_page, prefix_caching)
         self.spec = None
         if draft is not None:
@@ -209,6 +207,7 @@ class Server:
         with self._step_lock:
             self._cancels.update(r.id for r in list(self.waiting) + self.running)
             self._drain()
+            self.kv.clear_cache()  # give cached pages back to the engine's pool
 
     def __enter__(self):
         return self

@@ -132,7 +132,7 @@ def packed_shapes(n: int, k: int, bits: int, group: int, sym: bool) -> list[tupl
     ng = _check((n, k), bits, group, kernel=True)
     nblk = (n + NB - 1) // NB
     if bits == 8:
-        out = [((nblk, k, NB), "int8" if sym else "uint8")]
+        out = [((nblk, k, NB), "uint8")]
     else:
         out = [((nblk, k, _HB), "uint8")]
     out.append(((nblk, ng, NB), "float32"))
@@ -164,31 +164,52 @@ def pack_qweight(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, bi
         raise ValueError(f"codes out of range for {bits} bits")
     s = np.asarray(scales, np.float32).reshape(n, ng)
     if bits == 8:
-        codes = _block((qi - 128).astype(np.int8) if sym else qi.astype(np.uint8), nblk)
+        codes = _block(qi.astype(np.uint8), nblk)
     else:
         c = _block(qi.astype(np.uint8), nblk)  # [nblk, K, 32]
         codes = np.ascontiguousarray(c[:, :, :_HB] | (c[:, :, _HB:] << 4)).astype(np.uint8)
-    out = [codes, _block(s, nblk)]
+    a, b = _deq_ab(bits)
+    out = [codes, _block(s * np.float32(a), nblk)]
     if not sym:
         if zeros is None:
             raise ValueError("asymmetric packing needs zeros")
         z = np.asarray(zeros, np.float32).reshape(n, ng)
-        out.append(_block((-z * s).astype(np.float32), nblk))
+        out.append(_block((-(z + np.float32(a * b)) * s).astype(np.float32), nblk))
     return out
 
 
 # --------------------------------------------------------------------------- qlinear kernels
 
 
-def _codes(bits: int, sym: bool, wq, nb, kk, j, half: int):
-    """fp32 value of the code of lane half*16 + j at k = kk (signed for sym, i.e. q - zero point)."""
+# How codes become fp32 f = (c - B*A) / A ... precisely f = B + c / A, per bits:
+#   "cvt":   f = float(c)                   (A = 1, B = 0): widen + vcvtdq2ps
+#   "magic": f = 1 + c / 2^bits, exactly    (A = 2^bits, B = 1): widen, shift, OR into the bits of 1.0f
+# sum_k x*Wdq = s'*P + zs'*X with P = sum_k x*f, X = sum_k x, s' = s*A, zs' = -s*(A*B + z).
+_DEQ = {8: "cvt", 4: "cvt"}
+
+
+def _deq_ab(bits: int) -> tuple[float, float]:
+    return (1.0, 0.0) if _DEQ[bits] == "cvt" else (float(2 ** bits), 1.0)
+
+
+def _sym_c(bits: int) -> float:
+    """zs' / s' for symmetric codes (z = 2^(bits-1)): f - _sym_c == (c - z) / A."""
+    a, b = _deq_ab(bits)
+    return b + 2 ** (bits - 1) / a
+
+
+def _codes(bits: int, wq, nb, kk, j, half: int):
+    """f = B + c / A (exact) for the code c of lane half*16 + j at k = kk (see _DEQ)."""
+    v = T.Cast("int32", wq[nb, kk, half * _HB + j] if bits == 8 else wq[nb, kk, j])
+    if _DEQ[bits] == "cvt":
+        if bits == 4:
+            v = T.bitwise_and(v, 15) if half == 0 else T.shift_right(v, 4)
+        return T.Cast("float32", v)
     if bits == 8:
-        return T.Cast("float32", wq[nb, kk, half * _HB + j])
-    b = T.Cast("int32", wq[nb, kk, j])
-    c = T.bitwise_and(b, 15) if half == 0 else T.shift_right(b, 4)
-    if sym:
-        c = c - 8
-    return T.Cast("float32", c)
+        m = T.shift_left(v, 15)  # v < 256: bits 15..22
+    else:
+        m = T.bitwise_and(T.shift_left(v, 19 if half == 0 else 15), 0x780000)  # nibble -> bits 19..22
+    return T.reinterpret("float32", T.bitwise_or(m, 0x3F800000))
 
 
 def _qlinear_body(k: int, n: int, bits: int, group: int, sym: bool, mode: str):
@@ -200,10 +221,11 @@ def _qlinear_body(k: int, n: int, bits: int, group: int, sym: bool, mode: str):
     asym = not sym
     mr = _GEMV_MR if mode == "gemv" else _GEMM_MR
     tg = _GEMM_TG
+    symc = _sym_c(bits)
     ku1 = next(u for u in (_GEMV_KU, 2, 1) if GS % u == 0)  # k unroll of the single-row path
 
     def deq(wq, nb, kk, j, half):
-        return _codes(bits, sym, wq, nb, kk, j, half)
+        return _codes(bits, wq, nb, kk, j, half)
 
     @T.macro
     def store(a0, a1, bias, out, m, nb, i0, rows):
@@ -261,8 +283,7 @@ def _qlinear_body(k: int, n: int, bits: int, group: int, sym: bool, mode: str):
                                                            + x[T.min(i0 + r, m - 1), kk] * deq(wq, nb, kk, j, 0))
                                     p1[u * rows + r, j] = (p1[u * rows + r, j]
                                                            + x[T.min(i0 + r, m - 1), kk] * deq(wq, nb, kk, j, 1))
-                                if asym:
-                                    xs[u * rows + r] = xs[u * rows + r] + x[T.min(i0 + r, m - 1), kk]
+                                xs[u * rows + r] = xs[u * rows + r] + x[T.min(i0 + r, m - 1), kk]
                     for u in T.unroll(ku):
                         for r in T.unroll(rows):
                             for j in T.vectorized(16):
@@ -271,9 +292,11 @@ def _qlinear_body(k: int, n: int, bits: int, group: int, sym: bool, mode: str):
                                                 + xs[u * rows + r] * zs[nb, g, j])
                                     a1[r, j] = (a1[r, j] + p1[u * rows + r, j] * sc[nb, g, 16 + j]
                                                 + xs[u * rows + r] * zs[nb, g, 16 + j])
-                                else:
-                                    a0[r, j] = a0[r, j] + p0[u * rows + r, j] * sc[nb, g, j]
-                                    a1[r, j] = a1[r, j] + p1[u * rows + r, j] * sc[nb, g, 16 + j]
+                                else:  # zs = -1.5 * sc
+                                    a0[r, j] = a0[r, j] + (p0[u * rows + r, j] - T.float32(symc)
+                                                           * xs[u * rows + r]) * sc[nb, g, j]
+                                    a1[r, j] = a1[r, j] + (p1[u * rows + r, j] - T.float32(symc)
+                                                           * xs[u * rows + r]) * sc[nb, g, 16 + j]
                 store(a0, a1, bias, out, m, nb, i0, rows)
 
     @T.macro
@@ -292,9 +315,10 @@ def _qlinear_body(k: int, n: int, bits: int, group: int, sym: bool, mode: str):
                             wd[g * GS + kq, j] = deq(wq, nb, g * GS + kq, j, 0) * sc[nb, g, j] + zs[nb, g, j]
                             wd[g * GS + kq, 16 + j] = (deq(wq, nb, g * GS + kq, j, 1) * sc[nb, g, 16 + j]
                                                        + zs[nb, g, 16 + j])
-                        else:
-                            wd[g * GS + kq, j] = deq(wq, nb, g * GS + kq, j, 0) * sc[nb, g, j]
-                            wd[g * GS + kq, 16 + j] = deq(wq, nb, g * GS + kq, j, 1) * sc[nb, g, 16 + j]
+                        else:  # (f - 1.5) * sc == (q - 2^(bits-1)) * s exactly
+                            wd[g * GS + kq, j] = (deq(wq, nb, g * GS + kq, j, 0) - T.float32(symc)) * sc[nb, g, j]
+                            wd[g * GS + kq, 16 + j] = ((deq(wq, nb, g * GS + kq, j, 1) - T.float32(symc))
+                                                       * sc[nb, g, 16 + j])
             for tt in range(T.min(T.int64(tg), ntile - gi * tg)):
                 i0 = T.Bind((gi * tg + tt) * rows)
                 a0 = T.alloc_buffer((rows, 16), "float32", scope="global")
