@@ -38,9 +38,11 @@ def export(model: torch.nn.Module, max_tokens: int = 4096):
     model = model.eval()
     ids = torch.randint(0, 8, (2, 8))
     shapes = ({0: Dim("batch", min=1, max=1024), 1: Dim("tokens", min=1, max=max_tokens)},)
-    with torch.no_grad():
+    import warnings
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations, not the user's
         ep = torch.export.export(_LogitsOnly(model), (ids,), dynamic_shapes=shapes, strict=False)
-    return ep.run_decompositions({})
+        return ep.run_decompositions({})
 
 
 def source_line(fx_node) -> str | None:

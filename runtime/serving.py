@@ -255,7 +255,11 @@ class Server:
                     return
             try:
                 did = self.step()
-            except Exception:  # never let the thread die; step fails the requests involved itself
+            except Exception as e:  # a scheduler bug: fail what is in flight rather than hang its clients
+                with self._step_lock:
+                    for r in list(self.running):
+                        self._finish(r, "error", e)
+                    self.running = []
                 did = False
             if not did:
                 with self._lock:

@@ -58,6 +58,12 @@ def _qkey(w: Node) -> tuple:
     return (w.attrs["bits"], w.attrs["group"], w.attrs["sym"])
 
 
+def _padded_k(k: int, group: int) -> int:
+    """The kernels want whole groups: a ragged last group (576 with 128) is padded with zero weights,
+    and the input with zeros to match."""
+    return -(-k // group) * group
+
+
 _QCACHE: dict = {}
 
 
@@ -73,6 +79,11 @@ def _pack(w, transform: str, key: tuple = ()):
             from . import cpu_qkernels as Q
             n = len(w) // 3
             cat = [np.concatenate(w[j * n:(j + 1) * n], axis=0) for j in range(3)]
+            codes = cat[0].astype(np.int32)
+            pad = _padded_k(codes.shape[1], group) - codes.shape[1]
+            if pad:  # padded codes sit at the zero point of the last group: they dequantize to 0
+                zero = np.round(cat[2][:, -1:]).astype(np.int32)
+                cat[0] = np.concatenate([codes, np.repeat(zero, pad, axis=1)], axis=1)
             _QCACHE.clear()
             _QCACHE[key] = Q.pack_qweight(cat[0].astype(np.int32), cat[1], None if sym else cat[2], int(bits), group, sym)
         return _QCACHE[key][int(i)]
@@ -126,7 +137,7 @@ class _FunctionLowering:
                     else:
                         self.values[n] = next(it)
                 for n in g.nodes:
-                    if n.op in ("input", "param") or n in self.values:
+                    if n.op in ("input", "param", "qweight") or n in self.values:
                         continue  # parameters are read on first use, in the layout the use needs
                     self.values[n] = self.lower_node(n)
                 outs = [self.values[o] for o in g.outputs]
@@ -149,6 +160,8 @@ class _FunctionLowering:
         return fn(self, n, [self.value(i) for i in n.inputs])
 
     def value(self, i: Node) -> relax.Expr | None:
+        if i.op == "qweight":
+            return None  # consumed inside the consumer's kernel
         if i.op == "param":
             raw = self.low.spec_name((i.attrs["name"],), "raw")
             return self.weight(raw) if raw in self.low.weight_index else None
@@ -183,10 +196,15 @@ class Lowering:
                 self.weight_fields(n.inputs[3])
             elif n.op == "qweight":
                 continue  # read by its consumer's kernel, never materialized
+            elif n.op == "embedding" and self._packed_too(n.inputs[0]):
+                continue  # a tied embedding reads its rows out of the LM head's packed layout
             else:
                 for i in n.inputs:
                     if i.op == "param":
                         self._add_spec(i, "raw")
+
+    def _packed_too(self, p: Node) -> bool:
+        return p.op == "param" and any(u.op == "linear" and u.inputs[1] is p for u in self.graph.nodes)
 
     def weight_fields(self, *ws: Node) -> list[str]:
         """Fields for a linear kernel's weight: fp32 packed, or quantized codes/scales/zeros packed.
@@ -196,8 +214,12 @@ class Lowering:
         if all(w.op == "qweight" for w in ws) and len({_qkey(w) for w in ws}) == 1:
             from . import cpu_qkernels as Q
             a = ws[0].attrs
+            if a["bits"] not in (4, 8):
+                raise UnsupportedOpError(f"qweight with {a['bits']}-bit codes", ws[0].source,
+                                         hint=f"target '{self.target_name}' has int8 and int4 kernels; "
+                                              f"{a['bits']}-bit schemes are for accuracy studies (interpreter) only")
             rows = sum(int(w.type.shape[0]) for w in ws)
-            k = int(ws[0].type.shape[1])
+            k = _padded_k(int(ws[0].type.shape[1]), a["group"])
             sources = tuple(f"{w.inputs[j].attrs['name']}" for j in range(3) for w in ws)
             names = []
             for i, (shape, dtype) in enumerate(Q.packed_shapes(rows, k, a["bits"], a["group"], a["sym"])):
@@ -378,6 +400,17 @@ def _full(f, n, xs):
 
 @_rule("embedding")
 def _embedding(f, n, xs):
+    w, ids = n.inputs
+    if f.low._packed_too(w):
+        from tvm import te
+        packed = f.weight(f.low.weight_fields(w)[0])  # [ceil(V/NB), D, NB]
+        nb = K.NB
+
+        def gather(wp, idx):
+            # rows of W[V, D] out of the packed [V/NB, D, NB] layout
+            return te.compute(tuple(idx.shape) + (wp.shape[1],),
+                              lambda *i: wp[idx[i[:-1]] // nb, i[-1], idx[i[:-1]] % nb], name="embedding_packed")
+        return f.bb.emit_te(gather, packed, xs[1])
     return f.emit(relax.op.take(xs[0], xs[1], axis=0))
 
 
@@ -391,6 +424,10 @@ def linear_call(f: _FunctionLowering, x: relax.Expr, x_node_shape, specs: list[s
     for d in lead[1:]:
         m = m * d
     x2 = f.emit(relax.op.reshape(x, [m, k]))
+    if q is not None and _padded_k(k, q[1]) != k:
+        pad = _padded_k(k, q[1]) - k
+        x2 = f.emit(relax.op.nn.pad(x2, [0, 0, 0, pad]))
+        k = k + pad
     if q is None:
         gv = f.low.kernel(("linear", k, n_out, bias is not None, f.mode),
                           lambda: K.linear_func(k, n_out, bias is not None, f.mode))
