@@ -79,40 +79,51 @@ def main() -> int:
     ap.add_argument("--decode-prompt-tokens", type=int, default=64)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--variants", default="fp32", help="comma-separated: fp32, int8, int4_g128, ... (weight schemes)")
     a = ap.parse_args()
     torch.manual_seed(0)
     import kiln
     from kiln.models import load_model
     lm = load_model(a.model)
     model = lm.model
-    art = a.artifact
-    if art is None:
-        art, _ = kiln.cached_build(a.model, os.path.join(tempfile.mkdtemp(), "art"))
-    eng = kiln.load(art, kv_cache_tokens=16384)
-    with open(_corpus()) as f:
+    variants = [v.strip() for v in a.variants.split(",")]
+    engines = {}
+    for v in variants:
+        art = a.artifact if (a.artifact and v == "fp32") else None
+        if art is None:
+            kw = {} if v == "fp32" else {"quant": v}
+            art, _ = kiln.cached_build(a.model, os.path.join(tempfile.mkdtemp(), "art"), **kw)
+        engines[v] = kiln.load(art, kv_cache_tokens=16384)
+    with open(_corpus(), encoding="latin-1") as f:
         text = f.read()
     ids = lm.tokenizer(text)["input_ids"]
     prefill_ids = ids[: a.prompt_tokens]
     rows = []
     _settle()
     hf = bench_hf_prefill(model, prefill_ids, a.reps)
-    _settle()
-    kl = bench_kiln_prefill(eng, prefill_ids, a.reps)
-    rows.append((f"prefill {a.prompt_tokens} tokens (tok/s)", a.prompt_tokens / hf, a.prompt_tokens / kl))
+    ks = []
+    for v, eng in engines.items():
+        _settle()
+        ks.append(a.prompt_tokens / bench_kiln_prefill(eng, prefill_ids, a.reps))
+    rows.append((f"prefill {a.prompt_tokens} tokens (tok/s)", a.prompt_tokens / hf, ks))
     for batch in (1, 8):
         n = a.decode_prompt_tokens
         prompts = [ids[i * n:(i + 1) * n] for i in range(batch)]
         _settle()
         hf = bench_hf_decode(model, prompts, a.steps)
-        _settle()
-        kl = bench_kiln_decode(eng, prompts, a.steps)
-        rows.append((f"decode batch {batch} (tok/s)", batch / hf, batch / kl))
+        ks = []
+        for v, eng in engines.items():
+            _settle()
+            ks.append(batch / bench_kiln_decode(eng, prompts, a.steps))
+        rows.append((f"decode batch {batch} (tok/s)", batch / hf, ks))
     print(f"\nmodel {a.model}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"TVM threads {os.environ.get('TVM_NUM_THREADS')}, {os.cpu_count()} CPUs\n")
-    print(f"| measure | transformers eager | kiln | kiln / transformers |")
-    print("|---|---|---|---|")
-    for name, h, k in rows:
-        print(f"| {name} | {h:.1f} | {k:.1f} | {k / h:.2f}x |")
+    head = " | ".join(f"kiln {v} | ratio" for v in engines)
+    print(f"| measure | transformers eager (fp32) | {head} |")
+    print("|---|---|" + "---|---|" * len(engines))
+    for name, h, ks in rows:
+        cells = " | ".join(f"{k:.1f} | {k / h:.2f}x" for k in ks)
+        print(f"| {name} | {h:.1f} | {cells} |")
     return 0
 
 

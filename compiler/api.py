@@ -101,7 +101,10 @@ def compile(model: Any, target: str = "cpu", passes: str = "O1", *, tokenizer_di
     weights = {s.name: materialize(s, graph.params) for s in build.weight_specs}
     timings["pack_weights"] = time.perf_counter() - t
     kv = graph.meta["kv_cache"]
-    kv = dict(kv, bytes_per_token=sum(2 * l["kv_heads"] * l["head_dim"] * 4 for l in kv["layers"]))
+    import numpy as np
+    per_token = sum(int(np.prod([int(d) for d in t["shape"][1:]])) * np.dtype(t["dtype"]).itemsize // kv["page_size"]
+                    for t in kv["tensors"])
+    kv = dict(kv, bytes_per_token=per_token)
     import tvm
     graph.meta.pop("calib_tokens", None)
     graph.meta.pop("eval_tokens", None)

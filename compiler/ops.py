@@ -434,15 +434,33 @@ _op("gated_mlp", lambda i, a: TensorType(i[0].type.shape[:-1] + (i[3].type.shape
     "down(act(gate(x)) * up(x)); weights [ffn, d], [ffn, d], [d, ffn]")(_gated_mlp_ref)
 
 
-def cached_attention_reference(q, k, v, cache, page_table, positions, scale: float, window: int = 0,
-                               kv_dtype: str | None = None):
+def cached_attention_reference(q, k, v, cache, page_table, positions, scales=None, scale: float = 1.0,
+                               window: int = 0, kv_dtype: str | None = None):
     """Write k/v into the paged cache at `positions`, then attend each query over its cached prefix.
 
     q: [B, H, T, D]; k, v: [B, Hkv, T, D]; cache: [pages, 2, Hkv, page, D] (mutated in place);
-    page_table: [B, max_pages]; positions: [B, T] (absolute; < 0 marks padding).
+    page_table: [B, max_pages]; positions: [B, T] (absolute; < 0 marks padding). An int8 cache comes
+    with `scales [pages, 2, Hkv, page]` (one per token and head).
     """
     page = cache.shape[3]
     B, H, T, D = q.shape
+    if scales is not None:  # int8 codes + scales: store quantized, read back dequantized
+        amax = lambda x: x.abs().amax(-1).clamp_min(1e-8) / 127.0  # noqa: E731
+        sk, sv = amax(k), amax(v)
+        kq = torch.round(k / sk[..., None]).clamp(-127, 127)
+        vq = torch.round(v / sv[..., None]).clamp(-127, 127)
+        for b in range(B):
+            for t in range(T):
+                p = int(positions[b, t])
+                if p >= 0:
+                    pg = int(page_table[b, p // page])
+                    cache[pg, 0, :, p % page] = kq[b, :, t].to(cache.dtype)
+                    cache[pg, 1, :, p % page] = vq[b, :, t].to(cache.dtype)
+                    scales[pg, 0, :, p % page] = sk[b, :, t]
+                    scales[pg, 1, :, p % page] = sv[b, :, t]
+        deq = cache.float() * scales[..., None]
+        return cached_attention_reference(q, kq * sk[..., None], vq * sv[..., None], deq, page_table, positions,
+                                          None, scale, window)
     k, v = kv_fake_quant(k, kv_dtype), kv_fake_quant(v, kv_dtype)
     out = torch.zeros(B, H, T, v.shape[-1], dtype=q.dtype)
     pos = positions.long()
@@ -479,7 +497,8 @@ def cached_attention_reference(q, k, v, cache, page_table, positions, scale: flo
 
 _op("cached_attention", lambda i, a: TensorType(i[0].type.shape, i[0].type.dtype),
     "attention over a paged KV cache: inputs q, k, v, cache, page_table, positions")(
-    lambda ctx, x, a: cached_attention_reference(*x, a["scale"], a.get("window", 0), a.get("kv_dtype")))
+    lambda ctx, x, a: cached_attention_reference(*x[:6], x[6] if len(x) > 6 else None, a["scale"],
+                                                 a.get("window", 0), a.get("kv_dtype")))
 
 
 def _qweight_ref(ctx, x, a):

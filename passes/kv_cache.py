@@ -70,9 +70,11 @@ def kv_cache(graph: Graph, page_size: int = 16, logits: str = "last") -> Graph:
     for i, att in enumerate(g.find("attention")):
         q, k, v = att.inputs
         kv_heads, head_dim = k.type.shape[1], k.type.shape[3]
-        cache = g.add_input(f"kv_cache_{i}", TensorType((PAGES, sympy.Integer(2), kv_heads, sympy.Integer(page_size),
-                                                         head_dim), k.type.dtype))
-        ca = g.add("cached_attention", [q, k, v, cache, page_table, positions],
+        kv_dtype = att.attrs.get("kv_dtype")
+        slots = (PAGES, sympy.Integer(2), kv_heads, sympy.Integer(page_size))
+        cache = g.add_input(f"kv_cache_{i}", TensorType(slots + (head_dim,), "int8" if kv_dtype == "int8" else k.type.dtype))
+        extra = [g.add_input(f"kv_cache_{i}_scale", TensorType(slots, "float32"))] if kv_dtype == "int8" else []
+        ca = g.add("cached_attention", [q, k, v, cache, page_table, positions] + extra,
                    {"scale": att.attrs["scale"], "window": att.attrs.get("window", 0), "layer": i,
                     **({"kv_dtype": att.attrs["kv_dtype"]} if att.attrs.get("kv_dtype") else {})},
                    name=f"cached_attention_{i}", before=att, source=att.source)
@@ -96,8 +98,11 @@ def kv_cache(graph: Graph, page_size: int = 16, logits: str = "last") -> Graph:
     g.toposort()
     g.reinfer()
     kv_dtypes = {a.attrs.get("kv_dtype") or "float32" for a in g.find("cached_attention")}
+    # the cache tensors in input order, `pages` left symbolic: what a runtime allocates
+    tensors = [{"name": n.name, "shape": [str(d) for d in n.type.shape], "dtype": n.type.dtype}
+               for n in g.inputs if n.name.startswith("kv_cache_")]
     g.meta["kv_cache"] = {"page_size": page_size, "dtype": kv_dtypes.pop() if len(kv_dtypes) == 1 else "mixed",
-                          "layers": layers,
+                          "layers": layers, "tensors": tensors,
                           "layout": "[pages, 2, kv_heads, page_size, head_dim]"}
     g.meta["logits"] = logits
     # prefill: one sequence, any length; decode: one token per sequence; verify: any batch and length

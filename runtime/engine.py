@@ -68,9 +68,10 @@ class Engine:
         self.page_size = int(kv["page_size"])
         self.max_context = int(self.manifest["max_context"])
         self.pool = PagePool(-(-int(kv_cache_tokens) // self.page_size), self.page_size)
+        # one tensor per cache input of the program, in its order (`pages` is ours to choose)
         self.caches = tuple(tvm.runtime.tensor(np.zeros(
-            (self.pool.num_pages, 2, l["kv_heads"], self.page_size, l["head_dim"]), dtype=kv.get("dtype", "float32")),
-            self.device) for l in kv["layers"])
+            tuple(self.pool.num_pages if d == "pages" else int(d) for d in t["shape"]), dtype=t["dtype"]), self.device)
+            for t in kv["tensors"])
         self.tokenizer = None
         tok_dir = os.path.join(path, "tokenizer")
         if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):

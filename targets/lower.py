@@ -496,6 +496,11 @@ def _rope(f, n, xs):
 
 @_rule("cached_attention")
 def _cached_attention(f, n, xs):
+    if len(xs) > 6:
+        return _cached_attention_int8(f, n, xs)
+    if n.attrs.get("kv_dtype"):
+        raise UnsupportedOpError(f"cached_attention with a {n.attrs['kv_dtype']} KV cache", n.source,
+                                 hint=f"target '{f.low.target_name}' has fp32 and int8 KV-cache kernels")
     q, k, v, cache, page_table, positions = xs
     qn, kn, _, cn = n.inputs[:4]
     heads, kv_heads, head_dim = int(qn.type.shape[1]), int(kn.type.shape[1]), int(kn.type.shape[3])
@@ -528,3 +533,26 @@ def _quant_act(f, n, xs):
                                relax.const(np.float32(127.0))))
     q = f.emit(relax.op.clip(f.emit(relax.op.round(f.emit(relax.op.divide(x, s)))), -127, 127))
     return f.emit(relax.op.multiply(q, s))
+
+
+def _cached_attention_int8(f, n, xs):
+    from . import cpu_kv8
+    q, k, v, cache, page_table, positions, scales = xs
+    qn, kn, _, cn = n.inputs[:4]
+    heads, kv_heads, head_dim = int(qn.type.shape[1]), int(kn.type.shape[1]), int(kn.type.shape[3])
+    page = int(cn.type.shape[3])
+    perm = [0, 2, 1, 3]
+    qt, kt, vt = (f.emit(relax.op.permute_dims(x, perm)) for x in (q, k, v))
+    append = f.low.kernel(("kv_append_int8", kv_heads, head_dim, page),
+                          lambda: cpu_kv8.kv_append_int8_func(kv_heads, head_dim, page))
+    both = f.emit(relax.op.call_tir_inplace(append, [cache, scales, kt, vt, page_table, positions], [0, 1],
+                                            [f.ttype(cn.type), f.ttype(n.inputs[6].type)]))
+    cache2 = f.emit(relax.TupleGetItem(both, 0))
+    scales2 = f.emit(relax.TupleGetItem(both, 1))
+    scale, window = float(n.attrs["scale"]), int(n.attrs.get("window", 0))
+    attn = f.low.kernel(("paged_attention_int8", heads, kv_heads, head_dim, page, window, f"{scale:.6g}"),
+                        lambda: cpu_kv8.paged_attention_int8_func(heads, kv_heads, head_dim, page, scale, window))
+    b, t = f.dims(qn.type.shape[:1])[0], f.dims(qn.type.shape[2:3])[0]
+    o = f.emit(relax.call_tir(attn, [qt, cache2, scales2, page_table, positions],
+                              relax.TensorType([b, t, heads, head_dim], "float32")))
+    return f.emit(relax.op.permute_dims(o, perm))

@@ -1,0 +1,592 @@
+"""The `mlir` target: optimized kiln IR -> a functional PyTorch program -> MLIR through torch-mlir.
+
+Many accelerators consume MLIR. This target hands them the model *after* kiln's passes (fused
+`rms_norm`, `rope`, `gated_mlp`, paged `cached_attention`, quantized `qweight` weights):
+
+1. `to_torch_module(graph)` rebuilds the optimized graph as an `nn.Module` whose `prefill` / `decode`
+   run the IR op by op with the torch reference implementations of `kiln.ops` (parameters are
+   registered buffers, never inlined). It is *functional*: MLIR tensors are values, so each entry point
+   returns the updated KV caches instead of writing them in place.
+2. `export_mlir(graph, out_dir, forms)` exports each entry point with `torch.export` (symbolic batch /
+   tokens / pages / max_pages) and imports it with torch-mlir's FX importer into each requested output
+   form. Weights are trailing *function arguments* (never constants); they are saved to
+   `weights.safetensors` and the argument order is returned (and written to `entry_points.json`).
+3. `RefBackend` compiles a `linalg-on-tensors` module with torch-mlir's reference lowering
+   (MLIR -> LLVM, ExecutionEngine) so the exported MLIR itself can be checked numerically.
+
+Ops with no clean MLIR form are lowered to standard ops, and each lowering is reported in `notes`:
+`qweight` -> dequantize `(codes.float() - zeros) * scales` feeding a plain matmul; `cached_attention`
+-> a functional paged append (`index_put` into the cache, padding rows sent to a scratch page that is
+then dropped) followed by a gather of each sequence's pages through the page table and masked
+attention (causal / sliding window, GQA by repeating KV heads).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Sequence
+
+import sympy
+import torch
+import torch.nn.functional as F
+
+from kiln.errors import KilnError, UnsupportedOpError
+from kiln.ir import Graph, Node
+from kiln.ops import OPS, _rebuild, kv_fake_quant, norm_dim, torch_dtype
+
+SUPPORTED_FORMS: tuple[str, ...] = ("torch", "linalg-on-tensors", "tosa", "stablehlo")
+ENTRY_POINTS: tuple[str, ...] = ("prefill", "decode")
+WEIGHTS_FILE = "weights.safetensors"
+SIGNATURES_FILE = "entry_points.json"
+
+NOTE_QWEIGHT = ("qweight (packed integer codes) has no MLIR form: lowered to dequantize "
+                "(codes.float() - zeros) * scales (per group) followed by a plain fp32 matmul; codes stay "
+                "uint8 function arguments")
+NOTE_CACHED_ATTENTION = ("cached_attention (paged) has no MLIR form: lowered to a functional paged append "
+                         "(index_put of k/v into a copy of the cache; padding tokens write a scratch page that is "
+                         "dropped), a gather of each sequence's pages through page_table into a contiguous K/V "
+                         "[batch, kv_heads, max_pages*page_size, head_dim], and masked softmax attention "
+                         "(causal{window}; GQA by repeat_interleave of KV heads); the updated caches are returned "
+                         "as extra results instead of being written in place")
+NOTE_WEIGHTS = ("weights are function arguments after the KV caches (see entry_points[...]['args']), stored in "
+                "weights.safetensors under their kiln parameter names; nothing is inlined as a constant")
+
+
+class MlirFormError(UnsupportedOpError):
+    """An MLIR output form cannot express a kiln op (after kiln's own lowering to torch ops)."""
+
+    def __init__(self, op: str, form: str, node: str | None = None, source: str | None = None,
+                 detail: str = "") -> None:
+        self.form, self.node = form, node
+        hint = (f"torch-mlir cannot lower kiln op '{op}'{f' (%{node})' if node else ''} to the '{form}' form. "
+                f"Use another form (supported: {', '.join(SUPPORTED_FORMS)}), e.g. linalg-on-tensors, or drop the "
+                f"pass that creates '{op}' from the pipeline")
+        super().__init__(op, source, detail, hint)
+
+
+# -- symbolic dimensions at export time ---------------------------------------------------------
+
+def _dim_value(e: Any, env: dict[str, Any]) -> Any:
+    """Evaluate a sympy dim with symbols bound to ints or torch SymInts (no specialization)."""
+    if isinstance(e, (list, tuple)):
+        return type(e)(_dim_value(x, env) for x in e)
+    if not isinstance(e, sympy.Basic):
+        return e
+    if e.is_Integer:
+        return int(e)
+    if e.is_Symbol:
+        return env[e.name]
+    if isinstance(e, sympy.Add):
+        out = _dim_value(e.args[0], env)
+        for a in e.args[1:]:
+            out = out + _dim_value(a, env)
+        return out
+    if isinstance(e, sympy.Mul):
+        num, den = e.as_numer_denom()
+        if den != 1:
+            return _dim_value(num, env) // _dim_value(den, env)
+        out = _dim_value(e.args[0], env)
+        for a in e.args[1:]:
+            out = out * _dim_value(a, env)
+        return out
+    if isinstance(e, (sympy.floor, sympy.ceiling)) and isinstance(e.args[0], sympy.Mul):
+        num, den = e.args[0].as_numer_denom()
+        n, d = _dim_value(num, env), _dim_value(den, env)
+        return n // d if isinstance(e, sympy.floor) else -((-n) // d)
+    if isinstance(e, sympy.Pow) and e.exp.is_Integer and int(e.exp) > 0:
+        b = _dim_value(e.base, env)
+        out = b
+        for _ in range(int(e.exp) - 1):
+            out = out * b
+        return out
+    raise KilnError(f"mlir target: dimension expression {e} has no form over symbolic sizes")
+
+
+class _Ctx:
+    def __init__(self, env: dict[str, Any]) -> None:
+        self.env = env
+        self.node: Node | None = None
+
+    def eval(self, expr: Any) -> Any:
+        return _dim_value(expr, self.env)
+
+
+# -- lowerings of ops with no clean MLIR form ---------------------------------------------------
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int) -> torch.Tensor:
+    """(codes.float() - zeros) * scales, one scale/zero per `group` input columns (ragged last group)."""
+    n, k = codes.shape
+    g = group or k
+    if g >= k:
+        return (codes.float() - zeros[:, :1]) * scales[:, :1]
+    # expand per-group scales/zeros over their columns (static sizes: no padding needed)
+    idx = torch.arange(k) // g
+    return (codes.float() - zeros[:, idx]) * scales[:, idx]
+
+
+def paged_append(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, page_table: torch.Tensor,
+                 positions: torch.Tensor) -> torch.Tensor:
+    """Functional paged KV append: a new cache with k/v written at `positions`.
+
+    cache [pages, 2, Hkv, page, D]; k, v [B, Hkv, T, D]; page_table [B, max_pages]; positions [B, T]
+    (< 0 marks padding: those rows go to a scratch page appended for the write and dropped after)."""
+    pages, page = cache.shape[0], cache.shape[3]
+    pos = positions.long()
+    valid = pos >= 0
+    p = pos.clamp_min(0)
+    pg = torch.gather(page_table.long(), 1, p // page)  # [B, T]
+    pg = torch.where(valid, pg, torch.full_like(pg, pages))
+    slot = p % page
+    hkv, dh = cache.shape[2], cache.shape[4]
+    scratch = torch.zeros_like(cache[:1])
+    # rows = (page, slot) pairs: [pages + 1, 2, Hkv, page, D] -> [(pages + 1) * page, 2 * Hkv * D]
+    flat = torch.cat([cache, scratch], 0).permute(0, 3, 1, 2, 4).reshape(-1, 2 * hkv * dh)
+    rows = (pg * page + slot).reshape(-1)  # [B * T]
+    kv = torch.stack([k, v], 1).permute(0, 3, 1, 2, 4).reshape(-1, 2 * hkv * dh)  # [B * T, 2 * Hkv * D]
+    flat = flat.index_put((rows,), kv)
+    full = flat.reshape(-1, page, 2, hkv, dh).permute(0, 2, 3, 1, 4)
+    return full[:pages]
+
+
+def paged_attention(q: torch.Tensor, cache: torch.Tensor, page_table: torch.Tensor, positions: torch.Tensor,
+                    scale: float, window: int = 0) -> torch.Tensor:
+    """Attend q [B, H, T, D] over the pages of each sequence (gathered through page_table) up to its
+    own position; causal and optional sliding window; GQA by repeating KV heads; padding rows -> 0."""
+    B, H, T, D = q.shape
+    page = cache.shape[3]
+    hkv = cache.shape[2]
+    mp = page_table.shape[1]
+    g = cache[page_table.long()]  # [B, max_pages, 2, Hkv, page, D]
+    g = g.permute(0, 2, 3, 1, 4, 5).reshape(B, 2, hkv, mp * page, cache.shape[4])
+    keys, vals = g[:, 0], g[:, 1]
+    rep = H // hkv
+    if rep > 1:  # repeat_interleave(rep, dim=1), written as expand + reshape for symbolic sizes
+        s_len = keys.shape[2]
+        keys = keys[:, :, None].expand(B, hkv, rep, s_len, keys.shape[3]).reshape(B, H, s_len, keys.shape[3])
+        vals = vals[:, :, None].expand(B, hkv, rep, s_len, vals.shape[3]).reshape(B, H, s_len, vals.shape[3])
+    s = torch.matmul(q, keys.transpose(-1, -2)) * scale  # [B, H, T, S]
+    pos = positions.long()
+    j = torch.arange(mp * page)[None, None, :]
+    i = pos[:, :, None]
+    m = j <= i
+    if window:
+        m = m & (j > i - window)
+    s = s.masked_fill(~m[:, None], float("-inf"))
+    o = torch.matmul(torch.softmax(s, -1), vals)
+    return torch.where((pos >= 0)[:, None, :, None], o, torch.zeros_like(o))
+
+
+# -- the reconstructed program -------------------------------------------------------------------
+
+def _buffer_name(param: str) -> str:
+    return "p_" + re.sub(r"[^0-9A-Za-z_]", "_", param)
+
+
+class KilnProgram(torch.nn.Module):
+    """An optimized kiln graph as a functional PyTorch program.
+
+    `prefill(input_ids [1, T], positions [1, T], page_table [1, P], *kv_caches)` and
+    `decode(input_ids [B, 1], positions [B, 1], page_table [B, P], *kv_caches)` both return
+    `(logits, *new_kv_caches)`. Parameters are registered buffers named after the kiln parameters
+    (`param_names` maps buffer name -> kiln name)."""
+
+    def __init__(self, graph: Graph) -> None:
+        super().__init__()
+        for n in graph.nodes:
+            if n.op not in OPS and n.op not in ("input", "param"):
+                raise UnsupportedOpError(n.op, n.source, "the mlir target knows no such op")
+        if "kv_cache" not in graph.meta:
+            raise KilnError("the mlir target needs the kv-cache pass (prefill/decode entry points): "
+                            "run O0/O1 or add kv-cache to the pipeline")
+        self.graph = graph
+        self.param_names: dict[str, str] = {}
+        for name, t in graph.params.items():
+            b = _buffer_name(name)
+            self.param_names[b] = name
+            self.register_buffer(b, t.detach(), persistent=True)
+        self.input_names = [n.name for n in graph.inputs]
+        self.cache_names = [n for n in self.input_names if n.startswith("kv_cache_")]
+        self.entry_points: dict[str, dict[str, int]] = {k: v for k, v in graph.meta["entry_points"].items()
+                                                        if k in ENTRY_POINTS}
+
+    # the core: one op after another, with weights from `params` (kiln name -> tensor)
+    def run(self, inputs: dict[str, torch.Tensor], params: dict[str, torch.Tensor] | None = None,
+            full_logits: bool = False) -> tuple[torch.Tensor, ...]:
+        """Run the graph on named inputs; returns (outputs..., new caches...) in graph order."""
+        g = self.graph
+        if params is None:
+            params = {k: getattr(self, b) for b, k in self.param_names.items()}
+        env: dict[str, Any] = {}
+        for node in g.inputs:
+            t = inputs[node.name]
+            for d, size in zip(node.type.shape, t.shape):
+                if d.is_Symbol and d.name not in env:
+                    env[d.name] = size
+        ctx = _Ctx(env)
+        vals: dict[Node, torch.Tensor] = {}
+        caches = {name: inputs[name] for name in self.cache_names}
+        for node in g.nodes:
+            if node.op == "input":
+                vals[node] = inputs[node.name]
+            elif node.op == "param":
+                vals[node] = params[node.attrs["name"]]
+            else:
+                ctx.node = node
+                x = [vals[i] for i in node.inputs]
+                vals[node] = self._op(ctx, node, x, caches, full_logits)
+        outs = [vals[o] for o in g.outputs]
+        return tuple(outs) + tuple(caches[n] for n in self.cache_names)
+
+    def _op(self, ctx: _Ctx, node: Node, x: list[torch.Tensor], caches: dict[str, torch.Tensor],
+            full_logits: bool) -> torch.Tensor:
+        a = node.attrs
+        op = node.op
+        if op == "cached_attention":
+            q, k, v, cache, pt, pos = x
+            k, v = kv_fake_quant(k, a.get("kv_dtype")), kv_fake_quant(v, a.get("kv_dtype"))
+            cache_name = node.inputs[3].name
+            new = paged_append(caches[cache_name], k, v, pt, pos)
+            caches[cache_name] = new
+            return paged_attention(q, new, pt, pos, a["scale"], a.get("window", 0))
+        if op == "qweight":
+            return dequantize(x[0], x[1], x[2], a["group"])
+        if op == "slice":
+            t = x[0]
+            if full_logits and a.get("last_token"):
+                return t
+            d = norm_dim(a["dim"], t.dim())
+            size = t.shape[d]
+            start, end, step = ctx.eval(a["start"]), ctx.eval(a["end"]), a.get("step", 1)
+            if isinstance(start, int) and start < 0:
+                start = size + start
+            if isinstance(end, int):
+                end = size + end if end < 0 else (size if end >= 2 ** 62 else end)
+            out = t.narrow(d, start, end - start)
+            return out if step == 1 else out[(slice(None),) * d + (slice(None, None, step),)]
+        if op == "const":
+            return torch.full((), a["value"], dtype=torch_dtype(node.type.dtype))
+        if op == "aten":
+            return a["fn"](*_rebuild(a["args"], x, ctx), **_rebuild(a.get("kwargs", {}), x, ctx))
+        return OPS[op].ref(ctx, x, a)
+
+    def _call(self, entry: str, input_ids, positions, page_table, kv_caches) -> tuple[torch.Tensor, ...]:
+        if len(kv_caches) != len(self.cache_names):
+            raise KilnError(f"{entry} takes {len(self.cache_names)} KV caches, got {len(kv_caches)}")
+        ins = {"input_ids": input_ids, "positions": positions, "page_table": page_table,
+               **dict(zip(self.cache_names, kv_caches))}
+        return self.run(ins)
+
+    def prefill(self, input_ids: torch.Tensor, positions: torch.Tensor, page_table: torch.Tensor,
+                *kv_caches: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One sequence [1, T] -> (logits [1, 1, vocab], *new_kv_caches)."""
+        return self._call("prefill", input_ids, positions, page_table, kv_caches)
+
+    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, page_table: torch.Tensor,
+               *kv_caches: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One token per sequence [B, 1] -> (logits [B, 1, vocab], *new_kv_caches)."""
+        return self._call("decode", input_ids, positions, page_table, kv_caches)
+
+    forward = prefill
+
+    def empty_caches(self, pages: int) -> list[torch.Tensor]:
+        """Zero KV caches with `pages` pages, in argument order."""
+        out = []
+        for n in self.graph.inputs:
+            if n.name in self.cache_names:
+                shape = [pages if (d.is_Symbol and d.name == "pages") else int(d) for d in n.type.shape]
+                out.append(torch.zeros(shape, dtype=torch_dtype(n.type.dtype)))
+        return out
+
+    def weight_order(self) -> list[str]:
+        """kiln parameter names in the order the exported functions take them."""
+        return sorted(self.graph.params)
+
+
+def to_torch_module(graph: Graph) -> KilnProgram:
+    """The reconstructed PyTorch program of an optimized graph (after kv-cache): see `KilnProgram`."""
+    return KilnProgram(graph).eval()
+
+
+class _Entry(torch.nn.Module):
+    """One entry point with the weights as explicit (trailing) arguments, for torch.export."""
+
+    def __init__(self, program: KilnProgram, entry: str) -> None:
+        super().__init__()
+        object.__setattr__(self, "_program", program)  # not a submodule: its buffers must not be lifted
+        self.entry = entry
+        self.names = program.weight_order()
+
+    def forward(self, input_ids, positions, page_table, kv_caches, weights):
+        p = self._program
+        ins = {"input_ids": input_ids, "positions": positions, "page_table": page_table,
+               **dict(zip(p.cache_names, kv_caches))}
+        return p.run(ins, dict(zip(self.names, weights)))
+
+
+# -- export -----------------------------------------------------------------------------------
+
+def _example(program: KilnProgram, entry: str) -> tuple[tuple, dict]:
+    """Example arguments (sizes chosen to be distinct and > 1 so nothing specializes) and dynamic shapes."""
+    from torch.export import Dim
+    page = int(program.graph.meta["kv_cache"]["page_size"])
+    batch, tokens = (1, 5) if entry == "prefill" else (3, 1)
+    max_pages, pages = 3, 11
+    ids = torch.zeros(batch, tokens, dtype=torch.int64)
+    pos = (torch.arange(tokens, dtype=torch.int32) + (0 if entry == "prefill" else page + 1))[None].repeat(batch, 1)
+    pt = torch.arange(batch * max_pages, dtype=torch.int32).reshape(batch, max_pages) % pages
+    caches = tuple(program.empty_caches(pages))
+    weights = tuple(getattr(program, _buffer_name(n)) for n in program.weight_order())
+    P = Dim("pages", min=2)
+    MP = Dim("max_pages", min=2)
+    seq = {0: Dim("batch", min=2)} if entry == "decode" else {1: Dim("tokens", min=2)}
+    dyn = {"input_ids": dict(seq), "positions": dict(seq), "page_table": {**({0: seq[0]} if 0 in seq else {}), 1: MP},
+           "kv_caches": tuple({0: P} for _ in caches), "weights": tuple(None for _ in weights)}
+    return (ids, pos, pt, caches, weights), dyn
+
+
+def export_program(program: KilnProgram, entry: str) -> torch.export.ExportedProgram:
+    """torch.export of one entry point with symbolic batch/tokens, pages and max_pages."""
+    args, dyn = _example(program, entry)
+    with torch.no_grad():
+        return torch.export.export(_Entry(program, entry), args, dynamic_shapes=dyn, strict=False)
+
+
+def _lower(ep: torch.export.ExportedProgram, form: str, func_name: str):
+    from torch_mlir import fx
+    return fx.export_and_import(ep, output_type=form, func_name=func_name)
+
+
+def _check_forms(forms: Sequence[str]) -> list[str]:
+    forms = list(forms)
+    bad = [f for f in forms if f not in SUPPORTED_FORMS]
+    if bad or not forms:
+        raise KilnError(f"unknown MLIR form(s) {bad or forms}: choose from {', '.join(SUPPORTED_FORMS)}")
+    return forms
+
+
+def _signature(program: KilnProgram, entry: str, form_results: int) -> dict[str, Any]:
+    g = program.graph
+    bind = program.entry_points[entry]
+    args = []
+    for n in g.inputs:
+        shape = [str(int(bind[d.name])) if d.is_Symbol and d.name in bind else str(d) for d in n.type.shape]
+        args.append({"name": n.name, "kind": "kv_cache" if n.name in program.cache_names else "input",
+                     "shape": shape, "dtype": n.type.dtype})
+    for name in program.weight_order():
+        t = g.params[name]
+        args.append({"name": name, "kind": "weight", "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")})
+    res = [{"name": "logits", "shape": [str(int(bind[d.name])) if d.is_Symbol and d.name in bind else str(d)
+                                        for d in g.outputs[0].type.shape], "dtype": g.outputs[0].type.dtype}]
+    res += [{"name": "new_" + c, "kind": "kv_cache"} for c in program.cache_names]
+    return {"args": args, "results": res, "bind": bind,
+            "weights_from": f"{WEIGHTS_FILE}: argument i with kind=weight is the tensor named args[i].name"}
+
+
+def lowering_notes(graph: Graph) -> list[str]:
+    """What the mlir target lowers on its own (ops with no clean MLIR form)."""
+    notes = [NOTE_WEIGHTS]
+    ca = graph.find("cached_attention")
+    if ca:
+        windows = sorted({int(n.attrs.get("window", 0)) for n in ca} - {0})
+        notes.append(NOTE_CACHED_ATTENTION.format(window=f" + sliding window {windows}" if windows else ""))
+        if any(n.attrs.get("kv_dtype") for n in ca):
+            notes.append("quantized KV cache: stored as fp32 holding the dequantized 8-bit values (fake quant)")
+    if graph.find("qweight"):
+        schemes = sorted({n.attrs.get("scheme", f"int{n.attrs['bits']}") for n in graph.find("qweight")})
+        notes.append(NOTE_QWEIGHT + f" (schemes: {', '.join(schemes)})")
+    if graph.find("quant_act"):
+        notes.append("quant_act lowered to round/clamp fake quantization in fp32")
+    return notes
+
+
+def export_mlir(graph: Graph, out_dir: str, forms: Sequence[str] = ("linalg-on-tensors",),
+                entry_points: Sequence[str] = ENTRY_POINTS, probe_on_failure: bool = True) -> dict[str, Any]:
+    """Export the optimized `graph` to MLIR, one file per entry point and form.
+
+    Writes `<entry>.<form>.mlir` for each entry point and form, `weights.safetensors` (kiln parameter
+    names), and `entry_points.json`. Returns {"files": {"<entry>.<form>": path, "weights": path,
+    "entry_points": path}, "entry_points": {entry: {"args": [...], "results": [...], "bind": {...}}},
+    "forms": [...], "notes": [...]}. A form that cannot express an op raises `MlirFormError` naming the
+    kiln op and the form."""
+    from safetensors.torch import save_file
+    forms = _check_forms(forms)
+    program = to_torch_module(graph)
+    os.makedirs(out_dir, exist_ok=True)
+    files: dict[str, str] = {}
+    sigs: dict[str, Any] = {}
+    for entry in entry_points:
+        if entry not in program.entry_points:
+            raise KilnError(f"graph has no entry point '{entry}' (has {', '.join(program.entry_points)})")
+        ep = export_program(program, entry)
+        for form in forms:
+            try:
+                module = _lower(ep, form, entry)
+            except Exception as e:  # torch-mlir's failure names MLIR ops; find the kiln op it came from
+                culprit = probe_ops(program, form) if probe_on_failure else None
+                first = _first_diagnostic(str(e))
+                if culprit is not None:
+                    node, _ = culprit
+                    raise MlirFormError(node.op, form, node.name, node.source, first) from e
+                raise KilnError(f"torch-mlir failed to lower entry point '{entry}' to '{form}': {first}") from e
+            path = os.path.join(out_dir, f"{entry}.{form}.mlir")
+            text = module.operation.get_asm(large_elements_limit=16)
+            with open(path, "w") as f:
+                f.write(text)
+            files[f"{entry}.{form}"] = path
+        sigs[entry] = _signature(program, entry, len(program.cache_names) + 1)
+    wpath = os.path.join(out_dir, WEIGHTS_FILE)
+    save_file({n: graph.params[n].detach().contiguous() for n in program.weight_order()}, wpath)
+    files["weights"] = wpath
+    spath = os.path.join(out_dir, SIGNATURES_FILE)
+    notes = lowering_notes(graph)
+    with open(spath, "w") as f:
+        json.dump({"forms": forms, "entry_points": sigs, "notes": notes}, f, indent=1)
+    files["entry_points"] = spath
+    return {"files": files, "entry_points": sigs, "forms": forms, "notes": notes}
+
+
+def _first_diagnostic(msg: str) -> str:
+    for line in msg.splitlines():
+        if "error:" in line:
+            return line.strip()
+    lines = [l.strip() for l in msg.splitlines() if l.strip()]
+    return lines[0] if lines else msg
+
+
+# -- naming the kiln op a form cannot express ---------------------------------------------------------
+
+class _OneOp(torch.nn.Module):
+    def __init__(self, program: KilnProgram, node: Node, env: dict[str, Any]) -> None:
+        super().__init__()
+        object.__setattr__(self, "_program", program)
+        self.node, self.env = node, env
+
+    def forward(self, *x):
+        caches = {self.node.inputs[3].name: x[3]} if self.node.op == "cached_attention" else {}
+        return self._program._op(_Ctx(self.env), self.node, list(x), caches, False)
+
+
+def probe_ops(program: KilnProgram, form: str) -> tuple[Node, str] | None:
+    """Lower each distinct kiln op of the program on its own (values from an eager prefill) to `form`;
+    return the first (node, error) that fails, or None."""
+    g = program.graph
+    args, _ = _example(program, "prefill")
+    ids, pos, pt, caches, _w = args
+    env = {"batch": 1, "tokens": ids.shape[1], "pages": caches[0].shape[0] if caches else 1,
+           "max_pages": pt.shape[1]}
+    seen: set = set()
+    values: dict[Node, torch.Tensor] = {}
+    ins = {"input_ids": ids, "positions": pos, "page_table": pt, **dict(zip(program.cache_names, caches))}
+    params = {k: getattr(program, b) for b, k in program.param_names.items()}
+    ctx = _Ctx(env)
+    cache_vals = dict(zip(program.cache_names, caches))
+    with torch.no_grad():
+        for node in g.nodes:
+            if node.op == "input":
+                values[node] = ins[node.name]
+                continue
+            if node.op == "param":
+                values[node] = params[node.attrs["name"]]
+                continue
+            x = [values[i] for i in node.inputs]
+            key = (node.op, tuple(sorted((k, repr(v)) for k, v in node.attrs.items() if k not in ("layer",))),
+                   tuple(t.dtype for t in x))
+            if key not in seen:
+                seen.add(key)
+                try:
+                    ep = torch.export.export(_OneOp(program, node, env), tuple(x), strict=False)
+                    _lower(ep, form, "probe")
+                except Exception as e:  # noqa: BLE001 - any failure here names the op
+                    return node, _first_diagnostic(str(e))
+            ctx.node = node
+            values[node] = program._op(ctx, node, x, cache_vals, False)
+    return None
+
+
+# -- executing linalg-on-tensors: torch-mlir's reference backend (MLIR -> LLVM -> ExecutionEngine) --
+
+def _refbackend_pipeline() -> str:
+    # torch-mlir's RefBackend lowering (torch_mlir_e2e_test/linalg_on_tensors_backends/refbackend.py),
+    # whose refback-* passes ship in the torch-mlir wheel although the e2e test package does not.
+    passes = [
+        "func.func(linalg-generalize-named-ops)", "func.func(linalg-fuse-elementwise-ops)", "convert-shape-to-std",
+        "sparse-assembler{direct-out}", "sparsification-and-bufferization", "sparse-storage-specifier-to-llvm",
+        "func.func(expand-realloc)", "func.func(refback-generalize-tensor-pad)",
+        "func.func(refback-generalize-tensor-concat)", "func.func(tm-tensor-bufferize)",
+        "one-shot-bufferize{copy-before-write bufferize-function-boundaries "
+        "function-boundary-type-conversion=identity-layout-map}",
+        "refback-mlprogram-bufferize", "func.func(buffer-deallocation)", "inline",
+        "refback-munge-calling-conventions", "func.func(tm-tensor-to-loops)", "func.func(refback-munge-memref-copy)",
+        "func.func(convert-linalg-to-loops)", "func.func(lower-affine)", "convert-scf-to-cf",
+        "func.func(refback-expand-ops-for-llvm)", "func.func(arith-expand)", "func.func(convert-math-to-llvm)",
+        "convert-math-to-libm", "expand-strided-metadata", "finalize-memref-to-llvm", "lower-affine",
+        "convert-bufferization-to-memref", "finalize-memref-to-llvm", "func.func(convert-arith-to-llvm)",
+        "convert-vector-to-llvm", "convert-func-to-llvm", "convert-cf-to-llvm", "convert-complex-to-llvm",
+        "reconcile-unrealized-casts",
+    ]
+    return "builtin.module(" + ",".join(passes) + ")"
+
+
+_NP = {"mrf16": "float16", "mrf32": "float32", "mrf64": "float64", "mri1": "bool", "mri8": "int8",
+       "mri32": "int32", "mri64": "int64"}
+_RET = "refbackend_consume_func_return_"
+
+
+class RefBackend:
+    """Runs a `linalg-on-tensors` MLIR file (or text) on the CPU with torch-mlir's ExecutionEngine.
+
+    `RefBackend(text).call(entry, *numpy_arrays)` returns the results as numpy arrays."""
+
+    def __init__(self, mlir_text: str, opt_level: int = 2) -> None:
+        import ctypes
+
+        from torch_mlir import ir
+        from torch_mlir.compiler_utils import run_pipeline_with_repro_report
+        from torch_mlir.dialects import torch as torch_d
+        from torch_mlir.execution_engine import ExecutionEngine
+        from torch_mlir.runtime import UnrankedMemRefDescriptor, unranked_memref_to_numpy
+        import numpy as np
+        self._ctx = ir.Context()
+        torch_d.register_dialect(self._ctx)
+        with self._ctx:
+            module = ir.Module.parse(mlir_text)
+        run_pipeline_with_repro_report(module, _refbackend_pipeline(), "RefBackend lowering")
+        self._ee = ExecutionEngine(module, opt_level=opt_level)
+        self._result: Any = None
+        self._keep = []
+        with module.context:
+            names = [str(op.attributes["sym_name"]).strip('"') for op in module.body]
+        for fname in names:
+            if not fname.startswith(_RET):
+                continue
+            types = fname[len(_RET):].split("_")
+            cty = ctypes.CFUNCTYPE(None, *[ctypes.POINTER(UnrankedMemRefDescriptor) for _ in types])
+
+            def consume(*args, types=types):
+                self._result = tuple(np.array(unranked_memref_to_numpy(a, np.dtype(_NP[t]))) for a, t in zip(args, types))
+
+            cb = cty(consume)
+            self._keep.append(cb)
+            self._ee.register_runtime(fname, cb)
+
+    def call(self, name: str, *arrays) -> tuple:
+        import ctypes
+
+        import numpy as np
+        from torch_mlir.runtime import get_unranked_memref_descriptor
+        ffi = []
+        keep = []
+        for a in arrays:
+            a = np.ascontiguousarray(a.numpy() if isinstance(a, torch.Tensor) else a)
+            keep.append(a)
+            ffi.append(ctypes.pointer(ctypes.pointer(get_unranked_memref_descriptor(a))))
+        self._ee.invoke(name, *ffi)
+        out, self._result = self._result, None
+        if out is None:
+            raise KilnError(f"RefBackend: {name} produced no result")
+        return out
+
+
+__all__ = ["SUPPORTED_FORMS", "KilnProgram", "MlirFormError", "RefBackend", "dequantize", "export_mlir",
+           "export_program", "lowering_notes", "paged_append", "paged_attention", "probe_ops", "to_torch_module"]
