@@ -51,7 +51,7 @@ class Engine:
         _threads()
         self.path = path
         self.manifest = read_manifest(path)
-        check_target(self.manifest, "cpu")
+        check_target(self.manifest)
         if verify:
             verify_files(path, self.manifest)
         import tvm

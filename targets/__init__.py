@@ -1,7 +1,7 @@
 """kiln targets: each lowers optimized IR through TVM and carries its own kernels and cost model."""
 from __future__ import annotations
 
-TARGETS = ("cpu",)
+TARGETS = ("cpu", "pim")
 
 
 def get_target(name: str, **options):
@@ -9,5 +9,8 @@ def get_target(name: str, **options):
     if name == "cpu":
         from .cpu import CpuTarget
         return CpuTarget(**options)
+    if name == "pim":
+        from .pim import PimTarget
+        return PimTarget(**options)
     from kiln.errors import KilnError
     raise KilnError(f"unknown target '{name}'; available targets: {', '.join(TARGETS)}")

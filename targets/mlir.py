@@ -57,9 +57,9 @@ class MlirFormError(UnsupportedOpError):
     """An MLIR output form cannot express a kiln op (after kiln's own lowering to torch ops)."""
 
     def __init__(self, op: str, form: str, node: str | None = None, source: str | None = None,
-                 detail: str = "") -> None:
+                 detail: str = "", hint: str | None = None) -> None:
         self.form, self.node = form, node
-        hint = (f"torch-mlir cannot lower kiln op '{op}'{f' (%{node})' if node else ''} to the '{form}' form. "
+        hint = hint or (f"torch-mlir cannot lower kiln op '{op}'{f' (%{node})' if node else ''} to the '{form}' form. "
                 f"Use another form (supported: {', '.join(SUPPORTED_FORMS)}), e.g. linalg-on-tensors, or drop the "
                 f"pass that creates '{op}' from the pipeline")
         super().__init__(op, source, detail, hint)
@@ -326,35 +326,90 @@ class _Entry(torch.nn.Module):
 
 # -- export -----------------------------------------------------------------------------------
 
-def _example(program: KilnProgram, entry: str) -> tuple[tuple, dict]:
-    """Example arguments (sizes chosen to be distinct and > 1 so nothing specializes) and dynamic shapes."""
+def _example(program: KilnProgram, entry: str, static: dict[str, int] | None = None) -> tuple[tuple, dict | None]:
+    """Example arguments and dynamic shapes of one entry point. Dynamic: sizes chosen distinct and > 1 so
+    nothing specializes. `static` ({batch, tokens, max_pages, pages}) fixes every size instead."""
     from torch.export import Dim
     page = int(program.graph.meta["kv_cache"]["page_size"])
-    batch, tokens = (1, 5) if entry == "prefill" else (3, 1)
-    max_pages, pages = 3, 11
+    bind = program.entry_points[entry]
+    sizes = {"batch": 3, "tokens": 5, "max_pages": 3, "pages": 11, **(static or {}), **bind}
+    batch, tokens, max_pages, pages = sizes["batch"], sizes["tokens"], sizes["max_pages"], sizes["pages"]
     ids = torch.zeros(batch, tokens, dtype=torch.int64)
-    pos = (torch.arange(tokens, dtype=torch.int32) + (0 if entry == "prefill" else page + 1))[None].repeat(batch, 1)
+    start = 0 if tokens > 1 else page + 1
+    pos = (torch.arange(tokens, dtype=torch.int32) + start)[None].repeat(batch, 1) % (max_pages * page)
     pt = torch.arange(batch * max_pages, dtype=torch.int32).reshape(batch, max_pages) % pages
     caches = tuple(program.empty_caches(pages))
     weights = tuple(getattr(program, _buffer_name(n)) for n in program.weight_order())
-    P = Dim("pages", min=2)
-    MP = Dim("max_pages", min=2)
-    seq = {0: Dim("batch", min=2)} if entry == "decode" else {1: Dim("tokens", min=2)}
-    dyn = {"input_ids": dict(seq), "positions": dict(seq), "page_table": {**({0: seq[0]} if 0 in seq else {}), 1: MP},
+    if static is not None:
+        return (ids, pos, pt, caches, weights), None
+    P, MP = Dim("pages", min=2), Dim("max_pages", min=2)
+    seq = {0: Dim("batch", min=2)} if "batch" not in bind else {}
+    if "tokens" not in bind:
+        seq[1] = Dim("tokens", min=2)
+    pt_dyn = {**({0: seq[0]} if 0 in seq else {}), 1: MP}
+    dyn = {"input_ids": dict(seq), "positions": dict(seq), "page_table": pt_dyn,
            "kv_caches": tuple({0: P} for _ in caches), "weights": tuple(None for _ in weights)}
     return (ids, pos, pt, caches, weights), dyn
 
 
-def export_program(program: KilnProgram, entry: str) -> torch.export.ExportedProgram:
-    """torch.export of one entry point with symbolic batch/tokens, pages and max_pages."""
-    args, dyn = _example(program, entry)
+def export_program(program: KilnProgram, entry: str,
+                   static: dict[str, int] | None = None) -> torch.export.ExportedProgram:
+    """torch.export of one entry point: symbolic batch/tokens, pages and max_pages (or `static` sizes)."""
+    args, dyn = _example(program, entry, static)
     with torch.no_grad():
         return torch.export.export(_Entry(program, entry), args, dynamic_shapes=dyn, strict=False)
 
 
-def _lower(ep: torch.export.ExportedProgram, form: str, func_name: str):
+class _LoweringFailed(Exception):
+    def __init__(self, diagnostics: str, cause: Exception) -> None:
+        self.diagnostics = diagnostics
+        super().__init__(f"{cause}\n{diagnostics}")
+
+
+class _Diagnostics:
+    """Capture what MLIR prints on fd 2 (C++ diagnostics) while lowering; re-raise as `_LoweringFailed`."""
+
+    def __enter__(self) -> "_Diagnostics":
+        import sys
+        import tempfile
+        self.tmp = tempfile.TemporaryFile()
+        sys.stderr.flush()
+        self.saved = os.dup(2)
+        os.dup2(self.tmp.fileno(), 2)
+        return self
+
+    def __exit__(self, et, e, tb) -> None:
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        self.tmp.seek(0)
+        text = self.tmp.read().decode(errors="replace")
+        self.tmp.close()
+        if e is not None and not isinstance(e, _LoweringFailed) and isinstance(e, Exception):
+            raise _LoweringFailed(text, e) from e
+
+
+def _import_torch(ep: torch.export.ExportedProgram, func_name: str):
+    """FX import (with torch-mlir's decompositions) and the torch-backend pipeline: the `torch` form."""
     from torch_mlir import fx
-    return fx.export_and_import(ep, output_type=form, func_name=func_name)
+    with _Diagnostics():
+        return fx.export_and_import(ep, output_type="torch", func_name=func_name)
+
+
+def _to_form(torch_module, form: str):
+    """Lower a `torch`-form module to `form` (on a copy; the input stays usable for other forms)."""
+    from torch_mlir import ir
+    from torch_mlir.compiler_utils import OutputType, lower_mlir_module
+    if form == "torch":
+        return torch_module
+    with _Diagnostics():
+        with torch_module.context:
+            copy = ir.Module.parse(torch_module.operation.get_asm())
+        return lower_mlir_module(False, OutputType.get(form), copy)
+
+
+def _lower(ep: torch.export.ExportedProgram, form: str, func_name: str):
+    """torch-mlir FX import + lowering to `form`; failures raise `_LoweringFailed` with the diagnostics."""
+    return _to_form(_import_torch(ep, func_name), form)
 
 
 def _check_forms(forms: Sequence[str]) -> list[str]:
@@ -365,9 +420,9 @@ def _check_forms(forms: Sequence[str]) -> list[str]:
     return forms
 
 
-def _signature(program: KilnProgram, entry: str, form_results: int) -> dict[str, Any]:
+def _signature(program: KilnProgram, entry: str, static: dict[str, int] | None = None) -> dict[str, Any]:
     g = program.graph
-    bind = program.entry_points[entry]
+    bind = {**(static or {}), **program.entry_points[entry]}
     args = []
     for n in g.inputs:
         shape = [str(int(bind[d.name])) if d.is_Symbol and d.name in bind else str(d) for d in n.type.shape]
@@ -379,7 +434,7 @@ def _signature(program: KilnProgram, entry: str, form_results: int) -> dict[str,
     res = [{"name": "logits", "shape": [str(int(bind[d.name])) if d.is_Symbol and d.name in bind else str(d)
                                         for d in g.outputs[0].type.shape], "dtype": g.outputs[0].type.dtype}]
     res += [{"name": "new_" + c, "kind": "kv_cache"} for c in program.cache_names]
-    return {"args": args, "results": res, "bind": bind,
+    return {"args": args, "results": res, "bind": program.entry_points[entry],
             "weights_from": f"{WEIGHTS_FILE}: argument i with kind=weight is the tensor named args[i].name"}
 
 
@@ -401,14 +456,18 @@ def lowering_notes(graph: Graph) -> list[str]:
 
 
 def export_mlir(graph: Graph, out_dir: str, forms: Sequence[str] = ("linalg-on-tensors",),
-                entry_points: Sequence[str] = ENTRY_POINTS, probe_on_failure: bool = True) -> dict[str, Any]:
+                entry_points: Sequence[str] = ENTRY_POINTS, static_shapes: dict[str, int] | None = None,
+                probe_on_failure: bool = True) -> dict[str, Any]:
     """Export the optimized `graph` to MLIR, one file per entry point and form.
 
-    Writes `<entry>.<form>.mlir` for each entry point and form, `weights.safetensors` (kiln parameter
-    names), and `entry_points.json`. Returns {"files": {"<entry>.<form>": path, "weights": path,
-    "entry_points": path}, "entry_points": {entry: {"args": [...], "results": [...], "bind": {...}}},
-    "forms": [...], "notes": [...]}. A form that cannot express an op raises `MlirFormError` naming the
-    kiln op and the form."""
+    Writes `<entry>.<form>.mlir` for each entry point and form, `weights.safetensors` (tensors under their
+    kiln parameter names) and `entry_points.json`. Functions take `(input_ids, positions, page_table,
+    kv_cache_0..L-1, *weights)` and return `(logits, *new_kv_caches)`; sizes are symbolic unless
+    `static_shapes` ({"batch", "tokens", "max_pages", "pages"}) fixes them (the `tosa` form needs that).
+
+    Returns {"files": {"<entry>.<form>": path, "weights": path, "entry_points": path},
+    "entry_points": {entry: {"args": [...], "results": [...], "bind": {...}}}, "forms": [...],
+    "notes": [...]}. A form that cannot express a kiln op raises `MlirFormError` naming the op and form."""
     from safetensors.torch import save_file
     forms = _check_forms(forms)
     program = to_torch_module(graph)
@@ -418,38 +477,58 @@ def export_mlir(graph: Graph, out_dir: str, forms: Sequence[str] = ("linalg-on-t
     for entry in entry_points:
         if entry not in program.entry_points:
             raise KilnError(f"graph has no entry point '{entry}' (has {', '.join(program.entry_points)})")
-        ep = export_program(program, entry)
+        ep = export_program(program, entry, static_shapes)
+        torch_module = None
         for form in forms:
             try:
-                module = _lower(ep, form, entry)
-            except Exception as e:  # torch-mlir's failure names MLIR ops; find the kiln op it came from
-                culprit = probe_ops(program, form) if probe_on_failure else None
-                first = _first_diagnostic(str(e))
-                if culprit is not None:
-                    node, _ = culprit
-                    raise MlirFormError(node.op, form, node.name, node.source, first) from e
-                raise KilnError(f"torch-mlir failed to lower entry point '{entry}' to '{form}': {first}") from e
+                if torch_module is None:
+                    torch_module = _import_torch(ep, entry)
+                module = _to_form(torch_module, form)
+            except _LoweringFailed as e:
+                raise _explain(program, entry, form, e, static_shapes, probe_on_failure) from e
             path = os.path.join(out_dir, f"{entry}.{form}.mlir")
-            text = module.operation.get_asm(large_elements_limit=16)
             with open(path, "w") as f:
-                f.write(text)
+                f.write(module.operation.get_asm(large_elements_limit=16))
             files[f"{entry}.{form}"] = path
-        sigs[entry] = _signature(program, entry, len(program.cache_names) + 1)
+        sigs[entry] = _signature(program, entry, static_shapes)
     wpath = os.path.join(out_dir, WEIGHTS_FILE)
     save_file({n: graph.params[n].detach().contiguous() for n in program.weight_order()}, wpath)
     files["weights"] = wpath
-    spath = os.path.join(out_dir, SIGNATURES_FILE)
     notes = lowering_notes(graph)
+    if static_shapes:
+        notes.append(f"static shapes {dict(static_shapes)}: functions are specialized to these sizes")
+    spath = os.path.join(out_dir, SIGNATURES_FILE)
     with open(spath, "w") as f:
         json.dump({"forms": forms, "entry_points": sigs, "notes": notes}, f, indent=1)
     files["entry_points"] = spath
     return {"files": files, "entry_points": sigs, "forms": forms, "notes": notes}
 
 
+def _explain(program: KilnProgram, entry: str, form: str, e: "_LoweringFailed",
+             static: dict[str, int] | None, probe: bool) -> KilnError:
+    """Turn torch-mlir's failure (which names MLIR ops) into an error naming the kiln op and the form."""
+    first = _first_diagnostic(e.diagnostics) or _first_diagnostic(str(e))
+    culprit = probe_ops(program, form, dynamic=static is None) if probe else None
+    if culprit is not None:
+        node, detail = culprit
+        hint = None
+        if detail.endswith("(with symbolic sizes)"):
+            hint = (f"torch-mlir cannot lower kiln op '{node.op}' (%{node.name}) to the '{form}' form over symbolic "
+                    "sizes: pass static_shapes={'batch': B, 'tokens': T, 'max_pages': P, 'pages': N} to export "
+                    "fixed sizes, or use linalg-on-tensors / stablehlo, which keep sizes symbolic")
+        return MlirFormError(node.op, form, node.name, node.source, detail, hint)
+    if static is None and "size.int" in first:
+        return MlirFormError("symbolic dimensions", form, detail=first,
+                             hint=f"the '{form}' form cannot express symbolic sizes (batch/tokens/pages/max_pages): "
+                                  "pass static_shapes={'batch': B, 'tokens': T, 'max_pages': P, 'pages': N} "
+                                  "(--mlir-static on the CLI) to export fixed sizes")
+    return KilnError(f"torch-mlir failed to lower entry point '{entry}' to '{form}': {first}")
+
+
 def _first_diagnostic(msg: str) -> str:
     for line in msg.splitlines():
         if "error:" in line:
-            return line.strip()
+            return re.sub(r"^loc\([^)]*\):\s*", "", line.strip())[:400]
     lines = [l.strip() for l in msg.splitlines() if l.strip()]
     return lines[0] if lines else msg
 
@@ -463,14 +542,31 @@ class _OneOp(torch.nn.Module):
         self.node, self.env = node, env
 
     def forward(self, *x):
+        env = dict(self.env)
+        for n, t in zip(self.node.inputs, x):  # symbolic sizes come from the inputs, as in a full run
+            for d, size in zip(n.type.shape, t.shape):
+                if d.is_Symbol:
+                    env[d.name] = size
         caches = {self.node.inputs[3].name: x[3]} if self.node.op == "cached_attention" else {}
-        return self._program._op(_Ctx(self.env), self.node, list(x), caches, False)
+        return self._program._op(_Ctx(env), self.node, list(x), caches, False)
 
 
-def probe_ops(program: KilnProgram, form: str) -> tuple[Node, str] | None:
-    """Lower each distinct kiln op of the program on its own (values from an eager prefill) to `form`;
-    return the first (node, error) that fails, or None."""
+def _probe_dynamic_shapes(node: Node, bind: dict[str, int]) -> tuple:
+    from torch.export import Dim
+    dims: dict[str, Any] = {}
+    spec = []
+    for n in node.inputs:
+        spec.append({i: dims.setdefault(d.name, Dim(d.name, min=2)) for i, d in enumerate(n.type.shape)
+                     if d.is_Symbol and d.name not in bind} or None)
+    return tuple(spec)
+
+
+def probe_ops(program: KilnProgram, form: str, dynamic: bool = True) -> tuple[Node, str] | None:
+    """Lower each distinct kiln op of the program on its own to `form` (inputs: values of an eager
+    prefill; sizes symbolic when `dynamic`, as in the exported entry points). Returns the first
+    (node, first diagnostic) that fails, or None."""
     g = program.graph
+    bind = program.entry_points["prefill"]
     args, _ = _example(program, "prefill")
     ids, pos, pt, caches, _w = args
     env = {"batch": 1, "tokens": ids.shape[1], "pages": caches[0].shape[0] if caches else 1,
@@ -494,11 +590,19 @@ def probe_ops(program: KilnProgram, form: str) -> tuple[Node, str] | None:
                    tuple(t.dtype for t in x))
             if key not in seen:
                 seen.add(key)
+                mod = _OneOp(program, node, env)
+                ep = None
+                if dynamic:
+                    try:
+                        ep = torch.export.export(mod, tuple(x), dynamic_shapes=(_probe_dynamic_shapes(node, bind),),
+                                                 strict=False)
+                    except Exception:  # noqa: BLE001 - a size the op specializes: probe it statically
+                        ep = None
                 try:
-                    ep = torch.export.export(_OneOp(program, node, env), tuple(x), strict=False)
-                    _lower(ep, form, "probe")
+                    _lower(ep or torch.export.export(mod, tuple(x), strict=False), form, "probe")
                 except Exception as e:  # noqa: BLE001 - any failure here names the op
-                    return node, _first_diagnostic(str(e))
+                    detail = _first_diagnostic(getattr(e, "diagnostics", "") or str(e))
+                    return node, (detail + (" (with symbolic sizes)" if ep is not None else ""))
             ctx.node = node
             values[node] = program._op(ctx, node, x, cache_vals, False)
     return None
@@ -516,7 +620,10 @@ def _refbackend_pipeline() -> str:
         "func.func(refback-generalize-tensor-concat)", "func.func(tm-tensor-bufferize)",
         "one-shot-bufferize{copy-before-write bufferize-function-boundaries "
         "function-boundary-type-conversion=identity-layout-map}",
-        "refback-mlprogram-bufferize", "func.func(buffer-deallocation)", "inline",
+        "refback-mlprogram-bufferize",
+        # (upstream's func.func(buffer-deallocation) is gone from this MLIR: the ownership-based trio replaces it)
+        "ownership-based-buffer-deallocation", "buffer-deallocation-simplification",
+        "bufferization-lower-deallocations", "inline",
         "refback-munge-calling-conventions", "func.func(tm-tensor-to-loops)", "func.func(refback-munge-memref-copy)",
         "func.func(convert-linalg-to-loops)", "func.func(lower-affine)", "convert-scf-to-cf",
         "func.func(refback-expand-ops-for-llvm)", "func.func(arith-expand)", "func.func(convert-math-to-llvm)",
@@ -549,7 +656,12 @@ class RefBackend:
         import numpy as np
         self._ctx = ir.Context()
         torch_d.register_dialect(self._ctx)
+        from torch_mlir.passmanager import PassManager
         with self._ctx:
+            # the exported text may hold tm_tensor ops (scatter): running a pass that depends on the dialect
+            # loads it into the context so the parser knows it
+            PassManager.parse("builtin.module(func.func(tm-tensor-bufferize))").run(
+                ir.Module.parse("module {}").operation)
             module = ir.Module.parse(mlir_text)
         run_pipeline_with_repro_report(module, _refbackend_pipeline(), "RefBackend lowering")
         self._ee = ExecutionEngine(module, opt_level=opt_level)

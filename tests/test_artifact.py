@@ -27,7 +27,7 @@ def _edit_manifest(path, fn):
 def test_manifest_describes_the_build(artifacts):
     m = read_manifest(artifacts["llama"])
     assert m["schema_version"] == 1 and m["target"]["name"] == "cpu" and m["tvm_version"].startswith("0.27")
-    assert set(m["entry_points"]) == {"prefill", "decode"}
+    assert set(m["entry_points"]) == {"prefill", "decode", "verify"}
     assert [p["name"] for p in m["passes"]][:2] == ["canonicalize", "fuse-norms"]
     assert m["kv_cache"]["page_size"] == 16 and len(m["kv_cache"]["layers"]) == 2
     assert {"model.so", "weights.safetensors", "report.md", "ir.txt"} <= set(m["files"])
