@@ -41,10 +41,14 @@ def _fold_input_scale(g: Graph, x: Node, users: list[Node], s: torch.Tensor) -> 
 
 @register("quantize-weights", exact=False)
 def quantize_weights(graph: Graph, scheme: str = "int8", method: str = "rtn", lm_head: str = "same",
-                     calib_windows: int = 8) -> Graph:
-    """Matches: `linear` layers whose weight is a parameter (and the weights of `gated_mlp`, RTN only).
+                     embedding: str = "tied", calib_windows: int = 8) -> Graph:
+    """Matches: `linear` layers whose weight is a parameter (and the weights of `gated_mlp`, RTN only),
+    and embedding tables.
     Guarantees: each weight becomes `qweight(codes, scales, zeros)` (value (q - z) * s) under the
-    named scheme; `lm_head=none|same|<scheme>` sets the output layer apart; embeddings stay fp32.
+    named scheme; `lm_head=none|same|<scheme>` sets the output layer apart; `embedding=tied` (default)
+    makes a table tied to the output layer read the output layer's quantized weight (no second copy;
+    untied tables, and tables of an AWQ-rescaled output layer, stay fp32), `none` keeps tables fp32,
+    a scheme name quantizes them with RTN.
     method=rtn rounds to nearest; gptq and awq need calibration windows in graph.meta['calib_tokens']
     and run before fuse-mlp and kv-cache (they observe each linear's input). Lossy."""
     s = parse_scheme(scheme)
@@ -105,8 +109,28 @@ def quantize_weights(graph: Graph, scheme: str = "int8", method: str = "rtn", lm
                 done[name] = _qweight(g, name, w, s, *rtn(w, s), before=n)
             n.inputs[i] = done[name]
         count(f"mlp-{s.name}")
+    emb_scheme = None
+    for n in g.find("embedding"):
+        p = n.inputs[0]
+        if embedding == "none" or p.op != "param":
+            continue
+        name = p.attrs["name"]
+        if embedding == "tied":
+            if name in done:  # the output layer's codes, scales and zeros are the table
+                n.inputs = [done[name], n.inputs[1]]
+                emb_scheme = done[name].attrs["scheme"]
+                count("embedding-tied")
+            continue  # untied (or AWQ-rescaled output layer): the table stays fp32
+        sch = parse_scheme(embedding)
+        w = g.params[name].float()
+        key = name + "#embedding"
+        if key not in done:
+            done[key] = _qweight(g, name + ".emb", w, sch, *rtn(w, sch), before=n)
+        n.inputs = [done[key], n.inputs[1]]
+        emb_scheme = sch.name
+        count(f"embedding-{sch.name}")
     g.dce()
     g.toposort()
     g.meta["quant"] = {"weights": s.to_json(), "method": method, "lm_head": head.to_json() if head else None,
-                       "embedding": None}
+                       "embedding": emb_scheme}
     return g

@@ -81,8 +81,9 @@ def check_target(manifest: dict[str, Any], want: str | None = None) -> None:
             if missing:
                 raise ArtifactError(f"artifact was built for CPU '{t.get('mcpu')}' and needs {', '.join(missing)}, "
                                     "which this CPU lacks: rebuild it on this machine (kiln build ...)")
-    elif name not in ("cpu",):
-        raise ArtifactError(f"this runtime cannot run target '{name}' artifacts")
+    else:
+        raise ArtifactError(f"artifact was built for target '{name}', not 'cpu': this runtime runs cpu (and "
+                            "simulated pim) artifacts; rebuild with --target cpu")
 
 
 def verify_files(path: str, manifest: dict[str, Any]) -> None:

@@ -196,6 +196,8 @@ class Lowering:
                 self.weight_fields(n.inputs[3])
             elif n.op == "qweight":
                 continue  # read by its consumer's kernel, never materialized
+            elif n.op == "embedding" and n.inputs[0].op == "qweight":
+                self.weight_fields(n.inputs[0])  # rows dequantized out of the packed layout
             elif n.op == "embedding" and self._packed_too(n.inputs[0]):
                 continue  # a tied embedding reads its rows out of the LM head's packed layout
             else:
@@ -398,9 +400,40 @@ def _full(f, n, xs):
                                 n.type.dtype))
 
 
+def _qembedding(f, n, xs):
+    """Rows of a quantized table, dequantized out of the linear kernels' packed layout."""
+    from tvm import te
+
+    from . import cpu_qkernels as Q
+    w = n.inputs[0]
+    bits, group, sym = _qkey(w)
+    d = int(w.type.shape[1])
+    fields = [f.weight(x) for x in f.low.weight_fields(w)]
+    a, b = Q._deq_ab(bits)
+    symc = Q._sym_c(bits)
+    nb, hb = K.NB, K.NB // 2
+
+    def gather(idx, codes, scales, *zs):
+        def row(*i):
+            v, k = idx[i[:-1]], i[-1]
+            blk, lane = v // nb, v % nb
+            if bits == 8:
+                c = codes[blk, k, lane].astype("float32")
+            else:
+                byte = codes[blk, k, lane % hb].astype("int32")
+                c = tvm.tirx.if_then_else(lane < hb, byte & 15, byte >> 4).astype("float32")
+            fval = c if (a, b) == (1.0, 0.0) else (c / a + b)
+            sc = scales[blk, k // group, lane]
+            return (fval - symc) * sc if sym else fval * sc + zs[0][blk, k // group, lane]
+        return te.compute(tuple(idx.shape) + (d,), row, name="embedding_dequant")
+    return f.bb.emit_te(gather, xs[1], *fields)
+
+
 @_rule("embedding")
 def _embedding(f, n, xs):
     w, ids = n.inputs
+    if w.op == "qweight":
+        return _qembedding(f, n, xs)
     if f.low._packed_too(w):
         from tvm import te
         packed = f.weight(f.low.weight_fields(w)[0])  # [ceil(V/NB), D, NB]

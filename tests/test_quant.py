@@ -221,3 +221,27 @@ def test_int8_kv_cache_compiles_and_matches_its_ir(models, artifacts):
                              page_table=pt))[0][0, -1]
     eng.pool.release(pages)
     assert float((torch.from_numpy(got) - ref).abs().max() / ref.abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4_g16"])
+def test_tied_embedding_reads_the_quantized_output_layer(scheme):
+    """A table tied to the LM head shares its quantized codes: one copy in the artifact, and the
+    compiled gather dequantizes rows exactly as the IR does."""
+    import tempfile
+
+    from conftest import tiny_model
+    from kiln.trace import trace
+    m = tiny_model("llama", tie_word_embeddings=True)
+    g, recs = run_pipeline(trace(m, max_tokens=64), with_quantization(BASE, scheme))
+    assert recs[-1].rewrites["embedding-tied"] == 1
+    emb = g.find("embedding")[0]
+    assert emb.inputs[0].op == "qweight" and emb.inputs[0] is g.outputs[0].inputs[1]
+    art = kiln.compile(m, quant=scheme)
+    assert not any(w["transform"] == "raw" and w["shape"] == [97, 48] for w in art.manifest["weights"])
+    eng = kiln.load(art.save(tempfile.mkdtemp() + "/a"))
+    ids = torch.randint(0, 97, (1, 9))
+    pages = eng.pool.alloc(1)
+    got = eng.prefill(ids[0].tolist(), pages)
+    eng.pool.release(pages)
+    ref = interp.run(g, {"input_ids": ids})[0][0, -1]
+    assert float((torch.from_numpy(got) - ref).abs().max() / ref.abs().max()) < 1e-4
