@@ -60,15 +60,17 @@ def _grouped(w: torch.Tensor, g: int) -> torch.Tensor:
     return w.reshape(n, (k + pad) // g, g)
 
 
-def params_for(w: torch.Tensor, scheme: WeightQuant) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scales and zero points [N, G] from the weight's range in each group (round to nearest)."""
+def params_for(w: torch.Tensor, scheme: WeightQuant, clip: torch.Tensor | float = 1.0
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zero points [N, G] from the weight's range in each group (round to nearest),
+    optionally shrunk by a clip ratio (scalar or [N, G])."""
     wg = _grouped(w, scheme.group_for(w.shape[1]))
     if scheme.sym:
         half = 1 << (scheme.bits - 1)
-        s = wg.abs().amax(-1).clamp_min(1e-12) / (half - 1 if scheme.bits > 1 else 1)
+        s = (wg.abs().amax(-1) * clip).clamp_min(1e-12) / (half - 1 if scheme.bits > 1 else 1)
         z = torch.full_like(s, float(half))
     else:
-        lo, hi = wg.amin(-1).clamp_max(0), wg.amax(-1).clamp_min(0)
+        lo, hi = wg.amin(-1).clamp_max(0) * clip, wg.amax(-1).clamp_min(0) * clip
         s = ((hi - lo) / _qrange(scheme.bits)).clamp_min(1e-12)
         z = torch.round(-lo / s).clamp(0, _qrange(scheme.bits))
     return s, z
@@ -93,11 +95,13 @@ def rtn(w: torch.Tensor, scheme: WeightQuant) -> tuple[torch.Tensor, torch.Tenso
     return quantize_with(w, s, z, scheme).to(torch.uint8), s, z
 
 
-def gptq(w: torch.Tensor, H: torch.Tensor, scheme: WeightQuant, block: int = 128,
-         damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GPTQ (Frantar et al., 2023): quantize columns left to right and push each column's rounding
-    error onto the columns not yet quantized, weighted by the inverse Hessian H = X^T X of the layer's
-    calibration inputs. Group scales are fixed from the (error-updated) weights when a group starts."""
+def gptq(w: torch.Tensor, H: torch.Tensor, scheme: WeightQuant, block: int = 128, damp: float = 0.01,
+         act_order: bool = True, X: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ (Frantar et al., 2023): quantize columns one by one and push each column's rounding error
+    onto the columns not yet quantized, weighted by the inverse Hessian H = X^T X of the layer's
+    calibration inputs. With act_order, columns go in order of decreasing H diagonal (largest
+    activations first); group scales are then fixed up front ("static groups", clip-searched on X
+    when given) so groups stay contiguous in the original order, as the kernels need."""
     W = w.float().clone()
     n, k = W.shape
     g = scheme.group_for(k)
@@ -105,21 +109,20 @@ def gptq(w: torch.Tensor, H: torch.Tensor, scheme: WeightQuant, block: int = 128
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
+    S, Z = clip_search(W, X, scheme) if X is not None else params_for(W, scheme)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k)
+    W, H = W[:, perm], H[perm][:, perm]
+    gidx = perm // g
     H += damp * torch.mean(torch.diag(H)) * torch.eye(k, dtype=H.dtype)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
     Q = torch.zeros_like(W)
-    S = torch.zeros(n, -(-k // g))
-    Z = torch.zeros(n, -(-k // g))
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         W1, Q1, E1 = W[:, i1:i2].clone(), torch.zeros(n, i2 - i1), torch.zeros(n, i2 - i1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if col % g == 0:
-                s, z = params_for(torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :g], WeightQuant("", scheme.bits, g, scheme.sym))
-                S[:, col // g], Z[:, col // g] = s[:, 0], z[:, 0]
-            s, z = S[:, col // g], Z[:, col // g]
+            s, z = S[:, gidx[col]], Z[:, gidx[col]]
             w1 = W1[:, i]
             q = (torch.round(w1 / s) + z).clamp(0, _qrange(scheme.bits))
             Q1[:, i] = q
@@ -128,7 +131,29 @@ def gptq(w: torch.Tensor, H: torch.Tensor, scheme: WeightQuant, block: int = 128
             E1[:, i] = err
         Q[:, i1:i2] = Q1
         W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]
-    return Q.to(torch.uint8), S, Z
+    return Q[:, torch.argsort(perm)].to(torch.uint8), S, Z
+
+
+def clip_search(w: torch.Tensor, X: torch.Tensor | None, scheme: WeightQuant,
+                ratios: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """AWQ's weight clipping: for every (output channel, group), the range ratio whose quantized
+    weights give the smallest error on the calibration inputs X [S, K]. Returns scales and zeros."""
+    if X is None or X.shape[0] == 0:
+        return params_for(w, scheme)
+    g = scheme.group_for(w.shape[1])
+    wg = _grouped(w, g)  # [N, G, g]
+    xg = _grouped(X.float(), g)  # [S, G, g]
+    best_err = torch.full(wg.shape[:2], float("inf"))
+    best_s, best_z = params_for(w, scheme)
+    for r in ratios:
+        s, z = params_for(w, scheme, r)
+        dq = _grouped(dequantize(quantize_with(w, s, z, scheme), s, z, g), g)
+        err = torch.einsum("sGj,nGj->snG", xg, wg - dq).pow(2).sum(0)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+    return best_s, best_z
 
 
 def awq_scales(ws: list[torch.Tensor], x_absmean: torch.Tensor, X: torch.Tensor, scheme: WeightQuant,

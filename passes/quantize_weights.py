@@ -5,7 +5,7 @@ import torch
 
 from kiln.errors import PassError
 from kiln.ir import Graph, Node
-from kiln.quant import WeightQuant, awq_scales, gptq, parse_scheme, rtn
+from kiln.quant import WeightQuant, awq_scales, clip_search, gptq, parse_scheme, quantize_with, rtn
 
 from . import count, register
 
@@ -68,6 +68,8 @@ def quantize_weights(graph: Graph, scheme: str = "int8", method: str = "rtn", lm
     if method != "rtn":
         from kiln.calib import collect_input_stats
         stats = collect_input_stats(g, list({n.inputs[0] for n, _ in plan}), g.meta["calib_tokens"][:int(calib_windows)])
+    awq_inputs: dict[Node, Node] = {}  # linear -> the node its calibration statistics were taken at
+    awq_div: dict[Node, torch.Tensor] = {}  # linear -> the AWQ scale its input was divided by
     if method == "awq":
         groups: dict[Node, list[Node]] = {}
         for n, is_head in plan:
@@ -81,6 +83,7 @@ def quantize_weights(graph: Graph, scheme: str = "int8", method: str = "rtn", lm
                 p = u.inputs[1]
                 scaled = g.add_param(p.attrs["name"] + ".awq", (g.params[p.attrs["name"]] * sc[None, :]).contiguous())
                 u.inputs = [new_x, scaled] + u.inputs[2:]
+                awq_inputs[u], awq_div[u] = x, sc[None, :]
         g.toposort()
     done: dict[str, Node] = {}
     for n, is_head in plan:
@@ -92,7 +95,11 @@ def quantize_weights(graph: Graph, scheme: str = "int8", method: str = "rtn", lm
         if name not in done:
             w = g.params[name].float()
             if method == "gptq":
-                codes, sc, z = gptq(w, stats[n.inputs[0]].hessian, sch)
+                codes, sc, z = gptq(w, stats[n.inputs[0]].hessian, sch, X=stats[n.inputs[0]].sample)
+            elif method == "awq":  # scaled weights; inputs seen by the layer are the sample / s
+                st = stats[n.inputs[0]] if n.inputs[0] in stats else stats[awq_inputs[n]]
+                sc, z = clip_search(w, st.sample / awq_div.get(n, 1.0), sch)
+                codes = quantize_with(w, sc, z, sch).to(torch.uint8)
             else:
                 codes, sc, z = rtn(w, sch)
             done[name] = _qweight(g, name, w, sch, codes, sc, z, before=n)
