@@ -29,7 +29,8 @@ def compile(model: Any, target: str = "cpu", passes: str = "O1", *, tokenizer_di
             progress: Callable[[str], None] | None = None, verify_each: bool = True,
             quant: str | None = None, quant_method: str = "rtn", kv_quant: str | None = None,
             w8a8: bool = False, calib: str | None = None, eval_text: str | None = None,
-            calib_windows: int = 8, eval_tokens: int = 2048):
+            calib_windows: int = 8, eval_tokens: int = 2048, mlir_forms: list[str] | None = None,
+            mlir_static: dict[str, int] | None = None):
     """Compile a causal LM for `target` with the pass pipeline `passes`.
 
     `model` is a transformers causal LM (nn.Module), a built-in name (`smollm2-135m`), a GGUF file or a
@@ -61,7 +62,12 @@ def compile(model: Any, target: str = "cpu", passes: str = "O1", *, tokenizer_di
         timings["load"] = time.perf_counter() - t0
     if not isinstance(model, torch.nn.Module):
         raise KilnError(f"kiln.compile needs a torch.nn.Module or a model name/path, got {type(model).__name__}")
-    tgt = get_target(target)  # refuse an unknown target before the slow steps
+    if target == "mlir":  # exported by torch-mlir, not built by TVM
+        from kiln.targets.mlir import check_forms
+        mlir_forms = check_forms(mlir_forms or ["linalg-on-tensors"])
+        tgt = None
+    else:
+        tgt = get_target(target)  # refuse an unknown target before the slow steps
     from .passmgr import with_quantization
     from .qat import qat_scheme, strip_qat
     qs = qat_scheme(model)
@@ -91,6 +97,19 @@ def compile(model: Any, target: str = "cpu", passes: str = "O1", *, tokenizer_di
     if "kv_cache" not in graph.meta:
         raise KilnError(f"pipeline '{passes}' has no kv-cache pass: the runtime needs prefill/decode entry points "
                         "(add kv-cache after fuse-attention, or use O0/O1)")
+    if target == "mlir":
+        from kiln.targets.mlir import MlirArtifact
+        graph.meta.pop("calib_tokens", None)
+        graph.meta.pop("eval_tokens", None)
+        manifest = {"schema_version": _schema(), "kiln_version": KILN_VERSION, "tvm_version": None,
+                    "name": name or (cfg.model_type if cfg is not None else "model"), "source": str(source),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "model": graph.meta.get("model", {}), "num_params": graph.stats()["params"], "pipeline": passes,
+                    "passes": [r.to_json() for r in records], "kv_cache": _kv_summary(graph.meta["kv_cache"]),
+                    "max_context": ctx, "eos_token_ids": _eos_ids(cfg), "quantization": graph.meta.get("quant")}
+        timings["total"] = time.perf_counter() - t0
+        return MlirArtifact(graph, mlir_forms, manifest, static_shapes=mlir_static, tokenizer_dir=tokenizer_dir,
+                            timings={k: round(v, 3) for k, v in timings.items()})
     t = time.perf_counter()
     progress(f"lowering to TVM Relax and building for {target}")
     build = tgt.build(graph)
@@ -100,11 +119,7 @@ def compile(model: Any, target: str = "cpu", passes: str = "O1", *, tokenizer_di
     progress("packing weights")
     weights = {s.name: materialize(s, graph.params) for s in build.weight_specs}
     timings["pack_weights"] = time.perf_counter() - t
-    kv = graph.meta["kv_cache"]
-    import numpy as np
-    per_token = sum(int(np.prod([int(d) for d in t["shape"][1:]])) * np.dtype(t["dtype"]).itemsize // kv["page_size"]
-                    for t in kv["tensors"])
-    kv = dict(kv, bytes_per_token=per_token)
+    kv = _kv_summary(graph.meta["kv_cache"])
     import tvm
     graph.meta.pop("calib_tokens", None)
     graph.meta.pop("eval_tokens", None)
@@ -133,6 +148,14 @@ def compile(model: Any, target: str = "cpu", passes: str = "O1", *, tokenizer_di
     timings["total"] = time.perf_counter() - t0
     return Artifact(build, weights, manifest, str(graph), tokenizer_dir,
                     {k: round(v, 3) for k, v in timings.items()})
+
+
+def _kv_summary(kv: dict) -> dict:
+    """The cache layout plus what it costs per token (all layers, keys, values and scales)."""
+    import numpy as np
+    per_token = sum(int(np.prod([int(d) for d in t["shape"][1:]])) * np.dtype(t["dtype"]).itemsize // kv["page_size"]
+                    for t in kv["tensors"])
+    return dict(kv, bytes_per_token=per_token)
 
 
 def _tokenizer(folder: str | None):

@@ -24,6 +24,10 @@ def cmd_build(a: argparse.Namespace) -> int:
                  eval_text=a.eval)
     if a.quant_method != "rtn" or a.w8a8:
         quant["calib"] = a.calib or "lee"
+    if a.target == "mlir":
+        quant["mlir_forms"] = a.mlir_form or ["linalg-on-tensors"]
+        if a.mlir_static:
+            quant["mlir_static"] = {k: int(v) for k, v in (kv.split("=") for kv in a.mlir_static.split(","))}
     path, hit = cached_build(a.model, a.output, target=a.target, passes=a.passes, max_context=a.max_context,
                              progress=show, use_cache=not a.no_cache, dump_ir=a.dump_ir,
                              **{k: v for k, v in quant.items() if v})
@@ -82,6 +86,16 @@ def cmd_inspect(a: argparse.Namespace) -> int:
         print(json.dumps(m, indent=1))
         return 0
     print(render_report(m))
+    if m.get("target", {}).get("name") == "mlir":
+        print("## MLIR\n")
+        for key, f in m["target"]["mlir_files"].items():
+            print(f"- {key}: {f}")
+        for e, sig in m["entry_points"].items():
+            args = ", ".join(f"{x['name']}:{x['dtype']}[{','.join(map(str, x['shape']))}]"
+                             for x in sig["args"] if x["kind"] != "weight")
+            nw = sum(x["kind"] == "weight" for x in sig["args"])
+            print(f"- {e}({args}, +{nw} weights) -> logits, new kv caches")
+        print()
     print("## Files\n")
     for rel, meta in sorted(m.get("files", {}).items()):
         print(f"- {rel}: {meta['bytes'] / 1e6:.2f} MB, sha256 {meta['sha256'][:16]}...")
@@ -97,7 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("build", help="compile a model into an artifact directory")
     b.add_argument("model", help="built-in name (smollm2-135m), a .gguf file, or a transformers folder")
     b.add_argument("-o", "--output", required=True, help="artifact directory to write")
-    b.add_argument("--target", default="cpu", help="target (cpu)")
+    b.add_argument("--target", default="cpu", choices=["cpu", "pim", "mlir"],
+                   help="cpu (TVM LLVM), pim (simulated HBM-PIM; runs functionally on the CPU), mlir (torch-mlir)")
+    b.add_argument("--mlir-form", action="append", default=None,
+                   choices=["torch", "linalg-on-tensors", "tosa", "stablehlo"], help="MLIR output form (repeatable)")
+    b.add_argument("--mlir-static", default=None, help="fixed sizes, e.g. batch=1,tokens=128,max_pages=8,pages=64 "
+                   "(tosa needs them)")
     b.add_argument("--passes", default="O1", help="pipeline, e.g. O1 or 'canonicalize,fuse-norms,...'")
     b.add_argument("--max-context", type=int, default=None, help="longest sequence the artifact serves")
     b.add_argument("--dump-ir", default=None, help="write the IR after every pass into this folder")

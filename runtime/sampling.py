@@ -28,22 +28,32 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
-def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator) -> int:
-    """logits: [vocab] float32 -> token id."""
+def probs(logits: np.ndarray, p: SamplingParams) -> np.ndarray:
+    """The distribution `sample` draws from (float64 [vocab]); one-hot argmax for greedy."""
     if p.temperature == 0:
-        return int(np.argmax(logits))
+        out = np.zeros(logits.shape[-1])
+        out[int(np.argmax(logits))] = 1.0
+        return out
     z = logits.astype(np.float64) / p.temperature
     if p.top_k and p.top_k < z.shape[0]:
         kth = np.partition(z, -p.top_k)[-p.top_k]
         z = np.where(z < kth, -np.inf, z)
     z = z - z.max()
-    probs = np.exp(z)
-    probs /= probs.sum()
+    pr = np.exp(z)
+    pr /= pr.sum()
     if p.top_p < 1.0:
-        order = np.argsort(-probs)
-        cum = np.cumsum(probs[order])
+        order = np.argsort(-pr)
+        cum = np.cumsum(pr[order])
         keep = order[: int(np.searchsorted(cum, p.top_p) + 1)]
-        mask = np.zeros_like(probs)
-        mask[keep] = probs[keep]
-        probs = mask / mask.sum()
-    return int(rng.choice(probs.shape[0], p=probs))
+        mask = np.zeros_like(pr)
+        mask[keep] = pr[keep]
+        pr = mask / mask.sum()
+    return pr
+
+
+def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator) -> int:
+    """logits: [vocab] float32 -> token id."""
+    if p.temperature == 0:
+        return int(np.argmax(logits))
+    pr = probs(logits, p)
+    return int(rng.choice(pr.shape[0], p=pr))

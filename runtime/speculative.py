@@ -23,30 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from .kv_cache import PageManager
-from .sampling import SamplingParams, sample
-
-
-def probs(logits: np.ndarray, p: SamplingParams) -> np.ndarray:
-    """The distribution `sampling.sample` draws from (float64 [vocab]); one-hot argmax for greedy."""
-    if p.temperature == 0:
-        out = np.zeros(logits.shape[-1])
-        out[int(np.argmax(logits))] = 1.0
-        return out
-    z = logits.astype(np.float64) / p.temperature
-    if p.top_k and p.top_k < z.shape[0]:
-        kth = np.partition(z, -p.top_k)[-p.top_k]
-        z = np.where(z < kth, -np.inf, z)
-    z = z - z.max()
-    pr = np.exp(z)
-    pr /= pr.sum()
-    if p.top_p < 1.0:
-        order = np.argsort(-pr)
-        cum = np.cumsum(pr[order])
-        keep = order[: int(np.searchsorted(cum, p.top_p) + 1)]
-        mask = np.zeros_like(pr)
-        mask[keep] = pr[keep]
-        pr = mask / mask.sum()
-    return pr
+from .sampling import SamplingParams, probs, sample
 
 
 def accept(target_logits: np.ndarray, draft_tokens: Sequence[int], draft_probs: Sequence[np.ndarray] | None,

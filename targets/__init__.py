@@ -1,7 +1,7 @@
 """kiln targets: each lowers optimized IR through TVM and carries its own kernels and cost model."""
 from __future__ import annotations
 
-TARGETS = ("cpu", "pim")
+TARGETS = ("cpu", "pim", "mlir")
 
 
 def get_target(name: str, **options):

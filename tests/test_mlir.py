@@ -196,8 +196,26 @@ def test_smollm2_fp32_and_int8_linalg_match(tmp_path):
         path = res["files"]["prefill.linalg-on-tensors"]
         assert os.path.getsize(path) < os.path.getsize(res["files"]["weights"]) / 100
         caches = [c.numpy() for c in M.to_torch_module(g).empty_caches(4)]
-        out = M.RefBackend(open(path).read()).call("prefill", x.numpy(), pos.numpy(), pt.numpy(), *caches,
+        out = M.RefBackend(open(path).read(), opt_level=0).call("prefill", x.numpy(), pos.numpy(), pt.numpy(), *caches,
                                                    *_weights(res, "prefill"))
         ref = interp.run(g, {"input_ids": x, "positions": pos, "page_table": pt,
                              **{f"kv_cache_{i}": torch.from_numpy(c.copy()) for i, c in enumerate(caches)}})[0]
         assert rel_err(out[0], ref) < 1e-4, name
+
+
+def test_cli_build_and_inspect_mlir(tmp_path):
+    """`kiln build --target mlir --mlir-form linalg-on-tensors` from a transformers folder, then inspect."""
+    import subprocess
+    import sys
+
+    from conftest import tiny_model
+    src = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(src)
+    out = tmp_path / "art"
+    run = lambda *a: subprocess.run([sys.executable, "-m", "kiln.cli", *a], capture_output=True, text=True, timeout=600)  # noqa: E731
+    r = run("build", str(src), "-o", str(out), "--target", "mlir", "--mlir-form", "linalg-on-tensors", "--no-cache")
+    assert r.returncode == 0, r.stderr
+    assert (out / "prefill.linalg-on-tensors.mlir").exists() and (out / "decode.linalg-on-tensors.mlir").exists()
+    r = run("inspect", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "## MLIR" in r.stdout and "prefill(input_ids:" in r.stdout and "prefill.linalg-on-tensors.mlir" in r.stdout

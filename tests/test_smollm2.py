@@ -82,3 +82,16 @@ def test_cli_errors_are_clear(smol, tmp_path):
     r = _kiln("build", "no-such-model", "-o", str(tmp_path / "x"))
     assert r.returncode == 1 and "cannot find model 'no-such-model'" in r.stderr
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_int8_build_from_the_cli_is_smaller_and_still_answers(smol, tmp_path):
+    out = tmp_path / "int8"
+    r = _kiln("build", "smollm2-135m", "-o", str(out), "--quant", "int8")
+    assert r.returncode == 0, r.stderr
+    import json
+    m = json.loads((out / "manifest.json").read_text())
+    fp32 = json.loads(open(os.path.join(smol[0], "manifest.json")).read())
+    assert m["quantization"]["weights"]["name"] == "int8" and m["quantization"]["embedding"] == "int8"
+    assert m["weight_bytes"] < 0.3 * fp32["weight_bytes"]
+    r = _kiln("run", str(out), "--prompt", "What is the capital of France?", "--max-new-tokens", "24")
+    assert r.returncode == 0 and "Paris" in r.stdout, r.stdout + r.stderr
