@@ -22,6 +22,7 @@ CONFIGS = [
     ("int4 g128 GPTQ", "quantize-weights{scheme=int4_g128,method=gptq}"),
     ("int4 sym per-channel RTN", "quantize-weights{scheme=int4_sym}"),
     ("int3 g64 RTN", "quantize-weights{scheme=int3_g64}"),
+    ("int3 g64 AWQ", "quantize-weights{scheme=int3_g64,method=awq}"),
     ("int3 g64 GPTQ", "quantize-weights{scheme=int3_g64,method=gptq}"),
     ("W8A8 (SmoothQuant a=0.5)", "quantize-activations{alpha=0.5}"),
     ("KV int8", "quantize-kv{dtype=int8}"),
@@ -62,10 +63,14 @@ def main() -> int:
         print(f"  {name}: ppl {ppl:.2f} ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
     print(f"\nSmolLM2-135M-Instruct, eval: first {len(evalw) * a.window} tokens of lee_background.cor in "
           f"{a.window}-token windows; calibration: {len(calib)} x 256 tokens of lee.cor\n")
-    print("| configuration | perplexity | vs fp32 | mean KL to fp32 (nats/token) | weight bytes | pass seconds |")
-    print("|---|---|---|---|---|---|")
+    rtn = {n.split(" RTN")[0]: p for n, p, *_ in rows if n.endswith(" RTN")}
+    print("| configuration | perplexity | vs fp32 | gap to fp32 closed vs RTN | mean KL to fp32 (nats/token) "
+          "| weight bytes | pass seconds |")
+    print("|---|---|---|---|---|---|---|")
     for name, ppl, d, kl, wb, tq in rows:
-        print(f"| {name} | {ppl:.2f} | {d:+.1f}% | {kl:.4f} | {wb / 1e6:.1f} MB | {tq:.1f} |")
+        base = next((p for k, p in rtn.items() if name.startswith(k) and not name.endswith("RTN")), None)
+        closed = f"{100 * (1 - (ppl - ppl0) / (base - ppl0)):.0f}%" if base else "-"
+        print(f"| {name} | {ppl:.2f} | {d:+.1f}% | {closed} | {kl:.4f} | {wb / 1e6:.1f} MB | {tq:.1f} |")
     return 0
 
 
