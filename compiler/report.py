@@ -14,13 +14,23 @@ def render_report(m: dict[str, Any]) -> str:
     lines = [f"# kiln artifact: {m.get('name', '?')}", "",
              f"- model: {model.get('architectures', ['?'])[0] if model.get('architectures') else model.get('model_type', '?')}"
              f" from `{m.get('source', '?')}`, {m.get('num_params', 0) / 1e6:.1f}M parameters",
-             f"- target: {m['target'].get('name')} ({m['target'].get('mcpu', '')}), TVM {m.get('tvm_version')}, "
+             f"- target: {m['target'].get('name')} ({m['target'].get('mcpu') or m['target'].get('functional', {}).get('mcpu', '')}), "
+             f"TVM {m.get('tvm_version')}, "
              f"kiln {m.get('kiln_version')}, schema {m.get('schema_version')}",
              f"- pipeline: `{m.get('pipeline')}`",
              f"- entry points: {', '.join(m.get('entry_points', {}))}; max context {m.get('max_context')} tokens",
              f"- weights: {_mb(m.get('weight_bytes', 0))} in {len(m.get('weights', []))} fields",
              f"- KV cache: {m['kv_cache']['page_size']}-token pages, {len(m['kv_cache']['layers'])} layers, "
              f"{m['kv_cache'].get('bytes_per_token', 0)} bytes per token ({m['kv_cache'].get('dtype')})", ""]
+    sim = m["target"].get("simulated")
+    if sim:
+        d = m["target"].get("decode", {})
+        lines += [f"## Simulated decode step ({m['target'].get('hw_version')}, {m['target'].get('variant')} PIM, "
+                  f"batch {d.get('batch')}, context {d.get('context')})", "",
+                  "| system | step time | tokens/s | J/token |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['step_s'] * 1e3:.3f} ms | {v['tokens_per_s']:.0f} | {v['j_per_token']:.2e} |"
+                  for k, v in sim.items()]
+        lines.append("")
     lines += ["## Passes", "", "| # | pass | exact | rewrites | nodes | param bytes | FLOPs/token | seconds |",
               "|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(m.get("passes", []), 1):
