@@ -66,7 +66,7 @@ def load_gguf(path: str, progress=None) -> LoadedModel:
     """Load a GGUF checkpoint as an fp32 transformers model (cached as safetensors after the first load)."""
     _offline()
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     folder = _gguf_cache_folder(path)
     if not os.path.exists(os.path.join(folder, "config.json")):
         if progress:

@@ -81,9 +81,6 @@ def _linear_bias(g: Graph, n: Node) -> Node | None:
     return None
 
 
-_users_cache: dict = {}
-
-
 def _single_use(g: Graph, n: Node) -> bool:
     return sum(1 for m in g.nodes for i in m.inputs if i is n) + g.outputs.count(n) == 1
 

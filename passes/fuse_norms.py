@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from kiln.ir import Graph, Node
 
-from . import count, register
+from . import register
 from .canonicalize import apply_rules
 from .pattern import commutative, const_of, strip_casts
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from kiln.ir import Graph, Node
 from kiln.ops import same
 
-from . import count, register  # noqa: F401
+from . import register
 from .canonicalize import apply_rules
 from .pattern import commutative
 

@@ -1,9 +1,7 @@
 """Compiled CPU artifacts against transformers: prefill logits and greedy generation, four families."""
-import numpy as np
 import pytest
 import torch
 
-import kiln
 from kiln.runtime.sampling import SamplingParams
 
 from conftest import FAMILIES, hf_greedy, rel_err

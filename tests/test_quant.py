@@ -157,7 +157,6 @@ def test_qat_prepared_model_compiles_to_exactly_its_forward(models):
     loss.backward()
     assert m.model.layers[0].mlp.down_proj.parametrizations.weight.original.grad is not None
     m.eval()
-    from kiln.passmgr import with_quantization as wq  # noqa: F401
     from kiln.qat import strip_qat
     from kiln.trace import trace
     plain = strip_qat(m)
@@ -171,7 +170,6 @@ def test_qat_prepared_model_compiles_to_exactly_its_forward(models):
 def test_compiled_quantized_model_matches_its_ir(models, artifacts, scheme):
     """The CPU kernels dequantize inside the matmul and compute what the IR says (hidden 48 with
     group 32 leaves a ragged last group; the artifact's weights shrink)."""
-    import numpy as np
     art = kiln.compile(models["llama"], quant=scheme)
     step = [r for r in art.manifest["passes"] if r["name"] == "quantize-weights"][0]
     assert step["params"]["scheme"] == scheme and art.manifest["quantization"]["weights"]["name"] == scheme
