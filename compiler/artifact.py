@@ -7,7 +7,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from kiln.runtime.artifact import LIBRARY, MANIFEST, SCHEMA_VERSION, WEIGHTS, sha256_file
 
@@ -26,43 +26,53 @@ class Artifact:
 
     def save(self, path: str) -> str:
         """Write the artifact to `path` atomically: a crash leaves either the old directory or the new one."""
-        path = os.path.abspath(path)
-        parent = os.path.dirname(path)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".kiln-tmp-", dir=parent)
-        try:
+        def payload(tmp: str, manifest: dict[str, Any]) -> None:
             t0 = time.perf_counter()
             self.build.export(os.path.join(tmp, LIBRARY))
             from safetensors.numpy import save_file
             save_file(self.weights, os.path.join(tmp, WEIGHTS))
-            if self.tokenizer_dir:
-                dst = os.path.join(tmp, "tokenizer")
-                os.makedirs(dst)
-                for f in os.listdir(self.tokenizer_dir):
-                    if f.startswith(("tokenizer", "special_tokens", "chat_template", "generation_config")):
-                        shutil.copy(os.path.join(self.tokenizer_dir, f), dst)
-            with open(os.path.join(tmp, "ir.txt"), "w") as f:
-                f.write(self.ir_text + "\n")
-            manifest = dict(self.manifest)
             manifest["timings"] = dict(self.timings, save=round(time.perf_counter() - t0, 3))
-            with open(os.path.join(tmp, "report.md"), "w") as f:
-                f.write(render_report(manifest))
-            files = {}
-            for root, _, names in os.walk(tmp):
-                for n in sorted(names):
-                    p = os.path.join(root, n)
-                    rel = os.path.relpath(p, tmp)
-                    files[rel] = {"bytes": os.path.getsize(p), "sha256": sha256_file(p)}
-            manifest["files"] = files
-            with open(os.path.join(tmp, MANIFEST), "w") as f:
-                json.dump(manifest, f, indent=1, default=str)
-            os.chmod(tmp, 0o755)
-            _replace_dir(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        self.manifest = manifest
-        return path
+        self.manifest = write_artifact(path, dict(self.manifest), self.ir_text, self.tokenizer_dir, payload)
+        return os.path.abspath(path)
+
+
+def write_artifact(path: str, manifest: dict[str, Any], ir_text: str, tokenizer_dir: str | None,
+                   payload: Callable[[str, dict[str, Any]], None]) -> dict[str, Any]:
+    """The one way artifacts reach disk, for every target: `payload(tmp, manifest)` writes the
+    target's files (and may add manifest fields) into a temporary directory beside `path`; then the
+    tokenizer files, ir.txt, report.md and manifest.json (with every file's size and SHA-256) are
+    added and the directory is swapped into place. A failure removes the temporary directory and
+    leaves any previous artifact at `path` untouched. Returns the manifest as written."""
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".kiln-tmp-", dir=parent)
+    try:
+        payload(tmp, manifest)
+        if tokenizer_dir:
+            dst = os.path.join(tmp, "tokenizer")
+            os.makedirs(dst)
+            for f in os.listdir(tokenizer_dir):
+                if f.startswith(("tokenizer", "special_tokens", "chat_template", "generation_config")):
+                    shutil.copy(os.path.join(tokenizer_dir, f), dst)
+        with open(os.path.join(tmp, "ir.txt"), "w") as f:
+            f.write(ir_text + "\n")
+        with open(os.path.join(tmp, "report.md"), "w") as f:
+            f.write(render_report(manifest))
+        files = {}
+        for root, _, names in os.walk(tmp):
+            for n in sorted(names):
+                p = os.path.join(root, n)
+                files[os.path.relpath(p, tmp)] = {"bytes": os.path.getsize(p), "sha256": sha256_file(p)}
+        manifest["files"] = files
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=1, default=str)
+        os.chmod(tmp, 0o755)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
 
 
 def _replace_dir(src: str, dst: str) -> None:
@@ -98,4 +108,4 @@ def copy_artifact(src: str, dst: str) -> None:
         raise
 
 
-__all__ = ["Artifact", "SCHEMA_VERSION", "copy_artifact"]
+__all__ = ["Artifact", "SCHEMA_VERSION", "copy_artifact", "write_artifact"]

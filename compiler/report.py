@@ -44,6 +44,8 @@ def render_report(m: dict[str, Any]) -> str:
     if t:
         lines += ["", "## Build time (seconds)", "", "| phase | seconds |", "|---|---|"]
         lines += [f"| {k} | {v:.2f} |" for k, v in t.items()]
+    if m["target"].get("notes"):
+        lines += ["", "## Lowerings for this target", ""] + [f"- {n}" for n in m["target"]["notes"]]
     k = m.get("kernels", [])
     if k:
         lines += ["", f"## Kernels ({len(k)})", "", ", ".join(f"`{x}`" for x in k)]

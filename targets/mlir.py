@@ -469,28 +469,13 @@ class MlirArtifact:
         self.timings, self.tokenizer_dir = dict(timings or {}), tokenizer_dir
 
     def save(self, path: str) -> str:
-        import shutil
-        import tempfile
         import time
 
-        from kiln.report import render_report
-        from kiln.runtime.artifact import MANIFEST, sha256_file
-        path = os.path.abspath(path)
-        parent = os.path.dirname(path)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".kiln-tmp-", dir=parent)
-        try:
+        from kiln.artifact import write_artifact
+
+        def payload(tmp: str, m: dict) -> None:
             t0 = time.perf_counter()
             res = export_mlir(self.graph, tmp, self.forms, static_shapes=self.static_shapes)
-            if self.tokenizer_dir:
-                dst = os.path.join(tmp, "tokenizer")
-                os.makedirs(dst)
-                for f in os.listdir(self.tokenizer_dir):
-                    if f.startswith(("tokenizer", "special_tokens", "chat_template", "generation_config")):
-                        shutil.copy(os.path.join(self.tokenizer_dir, f), dst)
-            with open(os.path.join(tmp, "ir.txt"), "w") as f:
-                f.write(str(self.graph) + "\n")
-            m = dict(self.manifest)
             m["target"] = {"name": "mlir", "forms": res["forms"], "torch_mlir_version": torch_mlir_version(),
                            "static_shapes": self.static_shapes, "notes": res["notes"],
                            "mlir_files": {k: os.path.basename(v) for k, v in res["files"].items()}}
@@ -499,24 +484,9 @@ class MlirArtifact:
                             for n, t in ((n, self.graph.params[n]) for n in sorted(self.graph.params))]
             m["weight_bytes"] = os.path.getsize(res["files"]["weights"])
             m["timings"] = dict(self.timings, mlir_export=round(time.perf_counter() - t0, 3))
-            with open(os.path.join(tmp, "report.md"), "w") as f:
-                f.write(render_report(m) + "\n## MLIR\n\n" + "\n".join(f"- {n}" for n in res["notes"]) + "\n")
-            m["files"] = {os.path.relpath(os.path.join(r, n), tmp): {
-                "bytes": os.path.getsize(os.path.join(r, n)), "sha256": sha256_file(os.path.join(r, n))}
-                for r, _, names in os.walk(tmp) for n in sorted(names)}
-            with open(os.path.join(tmp, MANIFEST), "w") as f:
-                json.dump(m, f, indent=1, default=str)
-            if os.path.exists(path):
-                old = path + ".old"
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
+
+        self.manifest = write_artifact(path, dict(self.manifest), str(self.graph), self.tokenizer_dir, payload)
+        return os.path.abspath(path)
 
 
 __all__ = ["SUPPORTED_FORMS", "check_forms", "KilnProgram", "MlirArtifact", "MlirFormError", "RefBackend", "dequantize", "export_mlir",
