@@ -241,8 +241,11 @@ def cached_build(source: str, out: str, target: str = "cpu", passes: str = "O1",
     from .artifact import copy_artifact
     from .models import cache_dir
     progress = progress or _noop
-    key = build_key(source, target, passes, max_context, {k: v for k, v in kw.items() if k != "dump_ir"}) \
-        if use_cache and not kw.get("dump_ir") else None
+    import inspect
+    defaults = {k: p.default for k, p in inspect.signature(compile).parameters.items()}
+    # options left at their defaults do not change the build: the same build asked for two ways is one key
+    options = {k: v for k, v in kw.items() if k != "dump_ir" and defaults.get(k, inspect.Parameter.empty) != v}
+    key = build_key(source, target, passes, max_context, options) if use_cache and not kw.get("dump_ir") else None
     entry = os.path.join(cache_dir(), "builds", key) if key else None
     if entry and os.path.exists(os.path.join(entry, "manifest.json")):
         from kiln.runtime.artifact import ArtifactError, read_manifest, verify_files

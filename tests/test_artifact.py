@@ -104,3 +104,18 @@ def test_unknown_target_and_pipeline_without_kv_cache(models):
         kiln.compile(models["llama"], target="tpu")
     with pytest.raises(kiln.KilnError, match="has no kv-cache pass"):
         kiln.compile(models["llama"], passes="canonicalize")
+
+
+def test_build_cache_key_ignores_options_left_at_their_defaults(monkeypatch):
+    """`kiln build` passes every option explicitly; the Python API passes none. Same build, same key."""
+    from kiln import api
+    keys = []
+
+    def record(*a):
+        keys.append(a)
+        raise RuntimeError("stop before building")
+    monkeypatch.setattr(api, "build_key", record)
+    for kw in ({}, {"quant_method": "rtn", "dump_ir": None}, {"quant": "int8"}):
+        with pytest.raises(RuntimeError):
+            api.cached_build("smollm2-135m", "/nonexistent/out", **kw)
+    assert keys[0] == keys[1] and keys[0] != keys[2]
