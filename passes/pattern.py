@@ -4,10 +4,6 @@ from __future__ import annotations
 from kiln.ir import Node
 
 
-def is_op(n: Node, *ops: str) -> bool:
-    return n.op in ops
-
-
 def const_of(n: Node) -> float | None:
     """The value of a scalar constant node, or None."""
     return n.attrs["value"] if n.op == "const" else None

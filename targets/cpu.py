@@ -1,7 +1,6 @@
 """Target `cpu`: TVM LLVM codegen for the host CPU, with kiln's hand-scheduled kernels."""
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +60,3 @@ class CpuTarget:
         return BuildResult(ex, low.weight_specs, self.describe(), {"lower": t1 - t0, "tvm_build": t2 - t1},
                            sorted(gv.name_hint for gv in low.kernels.values()))
 
-
-def threads() -> int:
-    return int(os.environ.get("TVM_NUM_THREADS", "0")) or (os.cpu_count() or 1)
