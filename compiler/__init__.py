@@ -24,6 +24,8 @@ _LAZY = {
     "Engine": ("kiln.runtime.engine", "Engine"),
     "KilnError": ("kiln.errors", "KilnError"),
     "ArtifactError": ("kiln.runtime.artifact", "ArtifactError"),
+    "distill": ("kiln.distill", "distill"),
+    "DistillResult": ("kiln.distill", "DistillResult"),
 }
 
 

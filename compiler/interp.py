@@ -37,11 +37,12 @@ def bind_dims(graph: Graph, inputs: dict[str, torch.Tensor]) -> dict:
 
 
 def run(graph: Graph, inputs: dict[str, torch.Tensor], params: dict[str, torch.Tensor] | None = None,
-        return_env: bool = False, observe=None) -> list[torch.Tensor] | tuple[list[torch.Tensor], dict]:
+        return_env: bool = False, observe=None, grad: bool = False) -> list[torch.Tensor] | tuple[list[torch.Tensor], dict]:
     """Execute `graph` on named inputs; returns the outputs (in order).
 
     `observe(node, value)` sees every computed value (calibration); unless `return_env`, values are
-    freed after their last use so large models run in bounded memory."""
+    freed after their last use so large models run in bounded memory. `grad=True` records autograd
+    (parameters passed with `requires_grad` get gradients: distillation); the default runs without."""
     params = graph.params if params is None else params
     ctx = _Ctx(bind_dims(graph, inputs))
     values: dict[Node, torch.Tensor] = {}
@@ -52,7 +53,7 @@ def run(graph: Graph, inputs: dict[str, torch.Tensor], params: dict[str, torch.T
                 last_use[x] = i
         for o in graph.outputs:
             last_use[o] = len(graph.nodes)
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         for idx, node in enumerate(graph.nodes):
             if node.op == "input":
                 values[node] = inputs[node.name]
