@@ -389,27 +389,38 @@ def kv_fake_quant(x: torch.Tensor, dtype: str | None) -> torch.Tensor:
     raise ValueError(f"unknown KV cache dtype {dtype}")
 
 
+def alibi_bias(slopes, i: torch.Tensor, j: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """ALiBi (Press et al., 2022): score bias slope[h] * (j - i) for query position i and key position j.
+    Bloom adds slope * j; the two differ by a constant per query row, which softmax ignores.
+    Returns [H, len(i), len(j)]."""
+    s = torch.as_tensor(slopes, dtype=dtype)
+    return s[:, None, None] * (j[None, None, :] - i[None, :, None]).to(dtype)
+
+
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                         causal: bool = True, window: int = 0, mask: torch.Tensor | None = None,
-                        kv_dtype: str | None = None) -> torch.Tensor:
-    """q: [B, H, T, D], k/v: [B, Hkv, S, D] with H a multiple of Hkv (GQA)."""
+                        kv_dtype: str | None = None, alibi=None) -> torch.Tensor:
+    """q: [B, H, T, D], k/v: [B, Hkv, S, D] with H a multiple of Hkv (GQA); `alibi`: per-head slopes [H]."""
     k, v = kv_fake_quant(k, kv_dtype), kv_fake_quant(v, kv_dtype)
     rep = q.shape[1] // k.shape[1]
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    t, s = q.shape[-2], k.shape[-2]
+    i = torch.arange(t) + (s - t)
+    j = torch.arange(s)
     if mask is None and (causal or window):
-        t, s = q.shape[-2], k.shape[-2]
-        i = torch.arange(t)[:, None] + (s - t)
-        j = torch.arange(s)[None, :]
-        mask = j <= i
+        mask = j[None, :] <= i[:, None]
         if window:
-            mask = mask & (j > i - window)
+            mask = mask & (j[None, :] > i[:, None] - window)
+    if alibi is not None:
+        bias = alibi_bias(alibi, i, j, q.dtype)
+        mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-_op("attention", _attention_infer, "softmax(q k^T * scale + causal/window mask) v; GQA by head groups")(
+_op("attention", _attention_infer, "softmax(q k^T * scale + causal/window mask [+ ALiBi bias]) v; GQA by head groups")(
     lambda ctx, x, a: attention_reference(x[0], x[1], x[2], a["scale"], a.get("causal", True), a.get("window", 0),
-                                          kv_dtype=a.get("kv_dtype")))
+                                          kv_dtype=a.get("kv_dtype"), alibi=a.get("alibi")))
 
 
 def _sdpa_ref(ctx, x, a):
@@ -435,7 +446,7 @@ _op("gated_mlp", lambda i, a: TensorType(i[0].type.shape[:-1] + (i[3].type.shape
 
 
 def cached_attention_reference(q, k, v, cache, page_table, positions, scales=None, scale: float = 1.0,
-                               window: int = 0, kv_dtype: str | None = None):
+                               window: int = 0, kv_dtype: str | None = None, alibi=None):
     """Write k/v into the paged cache at `positions`, then attend each query over its cached prefix.
 
     q: [B, H, T, D]; k, v: [B, Hkv, T, D]; cache: [pages, 2, Hkv, page, D] (mutated in place);
@@ -460,7 +471,7 @@ def cached_attention_reference(q, k, v, cache, page_table, positions, scales=Non
                     scales[pg, 1, :, p % page] = sv[b, :, t]
         deq = cache.float() * scales[..., None]
         return cached_attention_reference(q, kq * sk[..., None], vq * sv[..., None], deq, page_table, positions,
-                                          None, scale, window)
+                                          None, scale, window, alibi=alibi)
     k, v = kv_fake_quant(k, kv_dtype), kv_fake_quant(v, kv_dtype)
     out = torch.zeros(B, H, T, v.shape[-1], dtype=q.dtype)
     pos = positions.long()
@@ -489,6 +500,8 @@ def cached_attention_reference(q, k, v, cache, page_table, positions, scales=Non
         m = j <= i
         if window:
             m = m & (j > i - window)
+        if alibi is not None:
+            s = s + alibi_bias(alibi, pos[b], idx, s.dtype)
         s = s.masked_fill(~m[None], float("-inf"))
         o = torch.einsum("htn,hnd->htd", torch.softmax(s, -1), vals)
         out[b] = torch.where((pos[b] >= 0)[None, :, None], o, torch.zeros_like(o))
@@ -498,7 +511,7 @@ def cached_attention_reference(q, k, v, cache, page_table, positions, scales=Non
 _op("cached_attention", lambda i, a: TensorType(i[0].type.shape, i[0].type.dtype),
     "attention over a paged KV cache: inputs q, k, v, cache, page_table, positions")(
     lambda ctx, x, a: cached_attention_reference(*x[:6], x[6] if len(x) > 6 else None, a["scale"],
-                                                 a.get("window", 0), a.get("kv_dtype")))
+                                                 a.get("window", 0), a.get("kv_dtype"), a.get("alibi")))
 
 
 def _qweight_ref(ctx, x, a):

@@ -76,7 +76,8 @@ def kv_cache(graph: Graph, page_size: int = 16, logits: str = "last") -> Graph:
         extra = [g.add_input(f"kv_cache_{i}_scale", TensorType(slots, "float32"))] if kv_dtype == "int8" else []
         ca = g.add("cached_attention", [q, k, v, cache, page_table, positions] + extra,
                    {"scale": att.attrs["scale"], "window": att.attrs.get("window", 0), "layer": i,
-                    **({"kv_dtype": att.attrs["kv_dtype"]} if att.attrs.get("kv_dtype") else {})},
+                    **({"kv_dtype": att.attrs["kv_dtype"]} if att.attrs.get("kv_dtype") else {}),
+                    **({"alibi": list(att.attrs["alibi"])} if att.attrs.get("alibi") is not None else {})},
                    name=f"cached_attention_{i}", before=att, source=att.source)
         g.replace_all_uses(att, ca)
         g.nodes.remove(att)

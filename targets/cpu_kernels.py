@@ -198,14 +198,17 @@ def kv_append_func(kv_heads: int, head_dim: int, page_size: int) -> tvm.tirx.Pri
 
 
 def paged_attention_func(num_heads: int, kv_heads: int, head_dim: int, page_size: int,
-                         scale: float, window: int = 0) -> tvm.tirx.PrimFunc:
-    """Causal paged attention with streaming (online) softmax, GQA and optional sliding window.
+                         scale: float, window: int = 0, alibi: bool = False) -> tvm.tirx.PrimFunc:
+    """Causal paged attention with streaming (online) softmax, GQA, optional sliding window and ALiBi.
 
     Signature: (q [b, t, num_heads, head_dim] f32, cache [num_pages, 2, kv_heads, page_size, head_dim] f32,
-    page_table [b, max_pages] i32, positions [b, t] i32, out [b, t, num_heads, head_dim] f32).
+    page_table [b, max_pages] i32, positions [b, t] i32, [slopes [num_heads] f32 if alibi],
+    out [b, t, num_heads, head_dim] f32).
     Query (bi, ti, h) at p = positions[bi, ti] attends to cached j in [lo, p],
-    lo = max(0, p - window + 1) if window > 0 else 0, kv head h // (num_heads // kv_heads).
-    p < 0 -> zeros.  Parallel over b*t*num_heads, one page (page_size keys) per softmax tile.
+    lo = max(0, p - window + 1) if window > 0 else 0, kv head h // (num_heads // kv_heads);
+    with alibi the score of key j gains slopes[h] * (j - p). p < 0 -> zeros.
+    Parallel over b*t*num_heads, one page (page_size keys) per softmax tile: the working set is
+    O(head_dim + page_size) per task whatever the sequence length (no tokens x tokens scores).
     """
     H, KVH, D, PS = num_heads, kv_heads, head_dim, page_size
     G = H // KVH
@@ -215,15 +218,8 @@ def paged_attention_func(num_heads: int, kv_heads: int, head_dim: int, page_size
     W = int(window)
     scale = float(scale)
 
-    @T.prim_func
-    def paged_attention(q_h: T.handle, c_h: T.handle, pt_h: T.handle, pos_h: T.handle, o_h: T.handle):
-        T.func_attr({"tir.noalias": True})
-        b, t, num_pages, max_pages = T.int64(), T.int64(), T.int64(), T.int64()
-        q = T.match_buffer(q_h, (b, t, H, D), "float32")  # q: [b, t, H, D]
-        cache = T.match_buffer(c_h, (num_pages, 2, KVH, PS, D), "float32")
-        page_table = T.match_buffer(pt_h, (b, max_pages), "int32")
-        positions = T.match_buffer(pos_h, (b, t), "int32")
-        out = T.match_buffer(o_h, (b, t, H, D), "float32")  # out: [b, t, H, D]
+    @T.macro
+    def body(q, cache, page_table, positions, slopes, out, b, t):
         for task in T.parallel(b * t * H):
             # interleave rows so static chunking pairs short (early) and long (late) queries
             row = T.Bind(task // H)
@@ -261,6 +257,8 @@ def paged_attention_func(num_heads: int, kv_heads: int, head_dim: int, page_size
                                     tmp[v] = tmp[v] + qs[d0 * VL + v] * cache[page, 0, kvh, jj, d0 * VL + v]
                             for v in range(VL):
                                 s[jj] = T.if_then_else(v == 0, tmp[0], s[jj] + tmp[v])
+                            if slopes is not None:
+                                s[jj] = s[jj] + slopes[h] * T.Cast("float32", pg * PS + jj - p)
                             st[2] = T.max(st[2], s[jj])
                     m_new = T.Bind(T.max(st[0], st[2]))
                     corr = T.Bind(T.exp(st[0] - m_new))
@@ -277,5 +275,31 @@ def paged_attention_func(num_heads: int, kv_heads: int, head_dim: int, page_size
                 inv = T.Bind(T.float32(1) / st[1])
                 for d in T.vectorized(D):
                     out[bi, ti, h, d] = acc[d] * inv
+
+    if alibi:
+        @T.prim_func
+        def paged_attention_alibi(q_h: T.handle, c_h: T.handle, pt_h: T.handle, pos_h: T.handle,
+                                  slopes: T.Buffer((H,), "float32"), o_h: T.handle):
+            T.func_attr({"tir.noalias": True})
+            b, t, num_pages, max_pages = T.int64(), T.int64(), T.int64(), T.int64()
+            q = T.match_buffer(q_h, (b, t, H, D), "float32")  # q: [b, t, H, D]
+            cache = T.match_buffer(c_h, (num_pages, 2, KVH, PS, D), "float32")
+            page_table = T.match_buffer(pt_h, (b, max_pages), "int32")
+            positions = T.match_buffer(pos_h, (b, t), "int32")
+            out = T.match_buffer(o_h, (b, t, H, D), "float32")  # out: [b, t, H, D]
+            body(q, cache, page_table, positions, slopes, out, b, t)
+
+        return paged_attention_alibi
+
+    @T.prim_func
+    def paged_attention(q_h: T.handle, c_h: T.handle, pt_h: T.handle, pos_h: T.handle, o_h: T.handle):
+        T.func_attr({"tir.noalias": True})
+        b, t, num_pages, max_pages = T.int64(), T.int64(), T.int64(), T.int64()
+        q = T.match_buffer(q_h, (b, t, H, D), "float32")  # q: [b, t, H, D]
+        cache = T.match_buffer(c_h, (num_pages, 2, KVH, PS, D), "float32")
+        page_table = T.match_buffer(pt_h, (b, max_pages), "int32")
+        positions = T.match_buffer(pos_h, (b, t), "int32")
+        out = T.match_buffer(o_h, (b, t, H, D), "float32")  # out: [b, t, H, D]
+        body(q, cache, page_table, positions, None, out, b, t)
 
     return paged_attention

@@ -58,8 +58,9 @@ def kv_append_int8_func(kv_heads: int, head_dim: int, page_size: int) -> tvm.tir
 
 
 def paged_attention_int8_func(num_heads: int, kv_heads: int, head_dim: int, page_size: int,
-                              scale: float, window: int = 0) -> tvm.tirx.PrimFunc:
-    """(q [b, t, H, D], cache int8, scales f32, page_table, positions, out [b, t, H, D])."""
+                              scale: float, window: int = 0, alibi: bool = False) -> tvm.tirx.PrimFunc:
+    """(q [b, t, H, D], cache int8, scales f32, page_table, positions, [slopes [H] if alibi],
+    out [b, t, H, D]); ALiBi as in `paged_attention_func`."""
     H, KVH, D, PS = num_heads, kv_heads, head_dim, page_size
     G = H // KVH
     VL = 16 if D % 16 == 0 else (8 if D % 8 == 0 else 1)
@@ -67,17 +68,8 @@ def paged_attention_int8_func(num_heads: int, kv_heads: int, head_dim: int, page
     W = int(window)
     scale = float(scale)
 
-    @T.prim_func
-    def paged_attention_int8(q_h: T.handle, c_h: T.handle, s_h: T.handle, pt_h: T.handle, pos_h: T.handle,
-                             o_h: T.handle):
-        T.func_attr({"tir.noalias": True})
-        b, t, num_pages, max_pages = T.int64(), T.int64(), T.int64(), T.int64()
-        q = T.match_buffer(q_h, (b, t, H, D), "float32")
-        cache = T.match_buffer(c_h, (num_pages, 2, KVH, PS, D), "int8")
-        scales = T.match_buffer(s_h, (num_pages, 2, KVH, PS), "float32")
-        page_table = T.match_buffer(pt_h, (b, max_pages), "int32")
-        positions = T.match_buffer(pos_h, (b, t), "int32")
-        out = T.match_buffer(o_h, (b, t, H, D), "float32")
+    @T.macro
+    def body(q, cache, scales, page_table, positions, slopes, out, b, t):
         for task in T.parallel(b * t * H):
             row = T.Bind(task // H)
             rr = T.Bind(T.if_then_else(row % 2 == 0, row // 2, b * t - 1 - row // 2))
@@ -116,6 +108,8 @@ def paged_attention_int8_func(num_heads: int, kv_heads: int, head_dim: int, page
                             for v in range(VL):
                                 s[jj] = T.if_then_else(v == 0, tmp[0], s[jj] + tmp[v])
                             s[jj] = s[jj] * scales[page, 0, kvh, jj]
+                            if slopes is not None:
+                                s[jj] = s[jj] + slopes[h] * T.Cast("float32", pg * PS + jj - p)
                             st[2] = T.max(st[2], s[jj])
                     m_new = T.Bind(T.max(st[0], st[2]))
                     corr = T.Bind(T.exp(st[0] - m_new))
@@ -133,5 +127,34 @@ def paged_attention_int8_func(num_heads: int, kv_heads: int, head_dim: int, page
                 inv = T.Bind(T.float32(1) / st[1])
                 for d in T.vectorized(D):
                     out[bi, ti, h, d] = acc[d] * inv
+
+    if alibi:
+        @T.prim_func
+        def paged_attention_int8_alibi(q_h: T.handle, c_h: T.handle, s_h: T.handle, pt_h: T.handle,
+                                       pos_h: T.handle, slopes: T.Buffer((H,), "float32"), o_h: T.handle):
+            T.func_attr({"tir.noalias": True})
+            b, t, num_pages, max_pages = T.int64(), T.int64(), T.int64(), T.int64()
+            q = T.match_buffer(q_h, (b, t, H, D), "float32")
+            cache = T.match_buffer(c_h, (num_pages, 2, KVH, PS, D), "int8")
+            scales = T.match_buffer(s_h, (num_pages, 2, KVH, PS), "float32")
+            page_table = T.match_buffer(pt_h, (b, max_pages), "int32")
+            positions = T.match_buffer(pos_h, (b, t), "int32")
+            out = T.match_buffer(o_h, (b, t, H, D), "float32")
+            body(q, cache, scales, page_table, positions, slopes, out, b, t)
+
+        return paged_attention_int8_alibi
+
+    @T.prim_func
+    def paged_attention_int8(q_h: T.handle, c_h: T.handle, s_h: T.handle, pt_h: T.handle, pos_h: T.handle,
+                             o_h: T.handle):
+        T.func_attr({"tir.noalias": True})
+        b, t, num_pages, max_pages = T.int64(), T.int64(), T.int64(), T.int64()
+        q = T.match_buffer(q_h, (b, t, H, D), "float32")
+        cache = T.match_buffer(c_h, (num_pages, 2, KVH, PS, D), "int8")
+        scales = T.match_buffer(s_h, (num_pages, 2, KVH, PS), "float32")
+        page_table = T.match_buffer(pt_h, (b, max_pages), "int32")
+        positions = T.match_buffer(pos_h, (b, t), "int32")
+        out = T.match_buffer(o_h, (b, t, H, D), "float32")
+        body(q, cache, scales, page_table, positions, None, out, b, t)
 
     return paged_attention_int8

@@ -527,6 +527,14 @@ def _rope(f, n, xs):
     return f.emit(relax.op.add(f.emit(relax.op.multiply(x, cos)), f.emit(relax.op.multiply(rot, sin))))
 
 
+def _alibi_slopes(n: Node) -> relax.Expr | None:
+    """ALiBi slopes [heads] of an attention node as a constant input of its kernel, or None."""
+    import numpy as np
+    if n.attrs.get("alibi") is None:
+        return None
+    return relax.const(np.asarray(n.attrs["alibi"], dtype="float32"), "float32")
+
+
 @_rule("cached_attention")
 def _cached_attention(f, n, xs):
     if len(xs) > 6:
@@ -546,10 +554,13 @@ def _cached_attention(f, n, xs):
     cache2 = f.emit(relax.op.call_tir_inplace(append, [cache, kt, vt, page_table, positions], [0],
                                               f.ttype(cn.type)))
     scale, window = float(n.attrs["scale"]), int(n.attrs.get("window", 0))
-    attn = f.low.kernel(("paged_attention", heads, kv_heads, head_dim, page, window, f"{scale:.6g}"),
-                        lambda: K.paged_attention_func(heads, kv_heads, head_dim, page, scale, window))
+    slopes = _alibi_slopes(n)
+    attn = f.low.kernel(("paged_attention", heads, kv_heads, head_dim, page, window, f"{scale:.6g}")
+                        + (("alibi",) if slopes is not None else ()),
+                        lambda: K.paged_attention_func(heads, kv_heads, head_dim, page, scale, window,
+                                                       alibi=slopes is not None))
     b, t = f.dims(qn.type.shape[:1])[0], f.dims(qn.type.shape[2:3])[0]
-    o = f.emit(relax.call_tir(attn, [qt, cache2, page_table, positions],
+    o = f.emit(relax.call_tir(attn, [qt, cache2, page_table, positions] + ([slopes] if slopes is not None else []),
                               relax.TensorType([b, t, heads, head_dim], "float32")))
     return f.emit(relax.op.permute_dims(o, perm))  # back to [B, H, T, D]
 
@@ -583,9 +594,13 @@ def _cached_attention_int8(f, n, xs):
     cache2 = f.emit(relax.TupleGetItem(both, 0))
     scales2 = f.emit(relax.TupleGetItem(both, 1))
     scale, window = float(n.attrs["scale"]), int(n.attrs.get("window", 0))
-    attn = f.low.kernel(("paged_attention_int8", heads, kv_heads, head_dim, page, window, f"{scale:.6g}"),
-                        lambda: cpu_kv8.paged_attention_int8_func(heads, kv_heads, head_dim, page, scale, window))
+    slopes = _alibi_slopes(n)
+    attn = f.low.kernel(("paged_attention_int8", heads, kv_heads, head_dim, page, window, f"{scale:.6g}")
+                        + (("alibi",) if slopes is not None else ()),
+                        lambda: cpu_kv8.paged_attention_int8_func(heads, kv_heads, head_dim, page, scale, window,
+                                                                  alibi=slopes is not None))
     b, t = f.dims(qn.type.shape[:1])[0], f.dims(qn.type.shape[2:3])[0]
-    o = f.emit(relax.call_tir(attn, [qt, cache2, scales2, page_table, positions],
+    o = f.emit(relax.call_tir(attn, [qt, cache2, scales2, page_table, positions]
+                              + ([slopes] if slopes is not None else []),
                               relax.TensorType([b, t, heads, head_dim], "float32")))
     return f.emit(relax.op.permute_dims(o, perm))
