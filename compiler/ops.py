@@ -514,6 +514,78 @@ _op("cached_attention", lambda i, a: TensorType(i[0].type.shape, i[0].type.dtype
                                                  a.get("window", 0), a.get("kv_dtype"), a.get("alibi")))
 
 
+def _mla_keys_values(c, k_rope, w_uk, w_uv):
+    """Keys and values from a latent: c [B, S, r], k_rope [B, Hkv, S, R], w_uk [Hkv, Dn, r],
+    w_uv [Hkv, Dv, r] -> k [B, Hkv, S, Dn + R] (latent part first), v [B, Hkv, S, Dv]."""
+    k_nope = torch.einsum("bsr,gdr->bgsd", c, w_uk.to(c.dtype))
+    v = torch.einsum("bsr,gdr->bgsd", c, w_uv.to(c.dtype))
+    return torch.cat([k_nope, k_rope.to(c.dtype)], -1), v
+
+
+def mla_attention_reference(q_nope, q_rope, c, k_rope, w_uk, w_uv, scale: float, window: int = 0,
+                            alibi=None) -> torch.Tensor:
+    """Multi-head latent attention (DeepSeek-AI, 2024) over a shared latent with a decoupled rotary key:
+    q_nope [B, H, T, Dn], q_rope [B, H, T, R], c [B, T, r], k_rope [B, Hkv, T, R]. Causal."""
+    k, v = _mla_keys_values(c, k_rope, w_uk, w_uv)
+    return attention_reference(torch.cat([q_nope, q_rope], -1), k, v, scale, True, window, alibi=alibi)
+
+
+def _mla_infer(inputs, attrs):
+    q = inputs[0].type
+    return TensorType(q.shape[:-1] + (inputs[5].type.shape[1],), q.dtype)
+
+
+_op("mla_attention", _mla_infer, "attention with keys/values expanded from a latent c by w_uk/w_uv; inputs q_nope, "
+    "q_rope, c, k_rope, w_uk, w_uv")(
+    lambda ctx, x, a: mla_attention_reference(*x[:6], a["scale"], a.get("window", 0), a.get("alibi")))
+
+
+def cached_mla_attention_reference(q_nope, q_rope, c, k_rope, w_uk, w_uv, cache, page_table, positions,
+                                   scale: float = 1.0, window: int = 0, alibi=None):
+    """Append each token's latent row [c | k_rope of every KV head] to the paged cache at `positions`
+    (cache: [pages, page, r + Hkv * R], mutated in place), then attend each query over its cached
+    prefix with keys/values expanded from the cached latents. Positions < 0 are padding (zeros)."""
+    page = cache.shape[1]
+    B, H, T, _ = q_nope.shape
+    r = c.shape[-1]
+    G, R = k_rope.shape[1], k_rope.shape[-1]
+    rows = torch.cat([c, k_rope.permute(0, 2, 1, 3).reshape(B, T, G * R)], -1)  # [B, T, r + Hkv*R]
+    pos = positions.long()
+    for b in range(B):
+        for t in range(T):
+            p = int(pos[b, t])
+            if p >= 0:
+                cache[int(page_table[b, p // page]), p % page] = rows[b, t].to(cache.dtype)
+    out = torch.zeros(B, H, T, w_uv.shape[1], dtype=q_nope.dtype)
+    for b in range(B):
+        valid = pos[b][pos[b] >= 0]
+        if valid.numel() == 0:
+            continue
+        n = int(valid.max()) + 1
+        idx = torch.arange(n)
+        lat = cache[page_table[b, idx // page].long(), idx % page].to(q_nope.dtype)  # [n, r + Hkv*R]
+        kr = lat[:, r:].reshape(n, G, R).permute(1, 0, 2)[None]
+        k, v = _mla_keys_values(lat[None, :, :r], kr, w_uk, w_uv)
+        k, v = k[0].repeat_interleave(H // G, 0), v[0].repeat_interleave(H // G, 0)
+        q = torch.cat([q_nope[b], q_rope[b]], -1)
+        s = torch.einsum("htd,hnd->htn", q, k) * scale
+        i, j = pos[b][:, None], idx[None, :]
+        m = j <= i
+        if window:
+            m = m & (j > i - window)
+        if alibi is not None:
+            s = s + alibi_bias(alibi, pos[b], idx, s.dtype)
+        s = s.masked_fill(~m[None], float("-inf"))
+        o = torch.einsum("htn,hnd->htd", torch.softmax(s, -1), v)
+        out[b] = torch.where((pos[b] >= 0)[None, :, None], o, torch.zeros_like(o))
+    return out
+
+
+_op("cached_mla_attention", _mla_infer, "mla_attention over a paged latent cache [pages, page, r + Hkv*R]: "
+    "inputs q_nope, q_rope, c, k_rope, w_uk, w_uv, cache, page_table, positions")(
+    lambda ctx, x, a: cached_mla_attention_reference(*x[:9], a["scale"], a.get("window", 0), a.get("alibi")))
+
+
 def _qweight_ref(ctx, x, a):
     from .quant import dequantize
     return dequantize(x[0], x[1], x[2], a["group"])

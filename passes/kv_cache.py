@@ -60,14 +60,19 @@ def kv_cache(graph: Graph, page_size: int = 16, logits: str = "last") -> Graph:
     if left:
         raise PassError(f"kv-cache: attention %{left[0].name} (from {left[0].source}) was not recognized as causal "
                         "attention; run fuse-attention first, or the model's mask depends on input values")
-    if not graph.find("attention"):
+    if not graph.find("attention") and not graph.find("mla_attention"):
         raise PassError("kv-cache: the graph has no attention op; run fuse-attention before kv-cache")
     g = graph.copy()
     positions = g.add_input("positions", TensorType((BATCH, TOKENS), "int32"))
     page_table = g.add_input("page_table", TensorType((BATCH, MAX_PAGES), "int32"))
     _replace_positions(g, positions)
     layers = []
-    for i, att in enumerate(g.find("attention")):
+    for i, att in enumerate([n for n in g.nodes if n.op in ("attention", "mla_attention")]):
+        if att.op == "mla_attention":  # a latent cache (convert-mla)
+            from .convert_mla import cache_mla
+            layers.append(cache_mla(g, att, i, page_size, page_table, positions, PAGES, f"kv_cache_{i}"))
+            count("cached-mla-attention")
+            continue
         q, k, v = att.inputs
         kv_heads, head_dim = k.type.shape[1], k.type.shape[3]
         kv_dtype = att.attrs.get("kv_dtype")
@@ -99,6 +104,7 @@ def kv_cache(graph: Graph, page_size: int = 16, logits: str = "last") -> Graph:
     g.toposort()
     g.reinfer()
     kv_dtypes = {a.attrs.get("kv_dtype") or "float32" for a in g.find("cached_attention")}
+    kv_dtypes |= {"float32"} if g.find("cached_mla_attention") else set()
     # the cache tensors in input order, `pages` left symbolic: what a runtime allocates
     tensors = [{"name": n.name, "shape": [str(d) for d in n.type.shape], "dtype": n.type.dtype}
                for n in g.inputs if n.name.startswith("kv_cache_")]

@@ -1,0 +1,97 @@
+"""convert-gqa: merge key/value heads into fewer groups (MHA -> GQA, GQA -> fewer groups, MQA with 1).
+
+Each new KV head is the mean of the projection weights (and biases) of the old heads it replaces, the
+initialization that Ainslie et al. (2023, "GQA: Training Generalized Multi-Query Transformer Models from
+Multi-Head Checkpoints") found best before uptraining. Rotary embeddings are linear and the same for
+every head, so mean-pooling the weights mean-pools the rotated keys too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kiln.errors import PassError
+from kiln.ir import Graph, Node, ttype
+
+from . import count, register
+
+
+@dataclass
+class KVProjection:
+    """Where one attention's keys or values come from: `linear(x, w[, b])` -> reshape -> permute (-> rope)."""
+    linear: Node
+    reshape: Node
+    permute: Node
+    rope: Node | None
+
+
+def kv_projection(att: Node, which: int, who: str) -> KVProjection:
+    """Trace attention input `which` (1 = keys, 2 = values) back to its projection, or explain why not."""
+    n = att.inputs[which]
+    rope = None
+    if n.op == "rope":
+        rope, n = n, n.inputs[0]
+    perm = n
+    resh = perm.inputs[0] if perm.op == "permute" else None
+    lin = resh.inputs[0] if resh is not None and resh.op == "reshape" else None
+    if lin is None or lin.op != "linear" or list(perm.attrs["perm"]) != [0, 2, 1, 3]:
+        raise PassError(f"{who}: the {'keys' if which == 1 else 'values'} of %{att.name} (from {att.source}) are "
+                        "not a per-head view of one linear projection (linear -> reshape -> permute); models "
+                        "with a fused QKV projection (GPT-2's c_attn) are not supported")
+    if lin.inputs[1].op != "param":
+        raise PassError(f"{who}: the projection %{lin.name} has a {lin.inputs[1].op} weight; run {who} before "
+                        "quantization passes")
+    return KVProjection(lin, resh, perm, rope)
+
+
+def replace_param(g: Graph, p: Node, tensor: torch.Tensor) -> None:
+    """Give parameter node `p` a new tensor (the graph's params are copy-on-write)."""
+    g.params[p.attrs["name"]] = tensor.contiguous()
+    p.type = ttype(tuple(tensor.shape), p.type.dtype)
+
+
+def check_full_sequence(graph: Graph, who: str) -> None:
+    if graph.find("cached_attention") or graph.find("cached_mla_attention"):
+        raise PassError(f"{who} rewrites the full-sequence attention: place it before kv-cache")
+    if not graph.find("attention"):
+        raise PassError(f"{who}: the graph has no attention op; run fuse-attention first")
+
+
+def _pool(t: torch.Tensor, heads: int, groups: int) -> torch.Tensor:
+    """[heads * D, ...] -> [groups * D, ...]: mean over each run of heads // groups consecutive heads."""
+    rest = t.shape[1:]
+    return t.reshape(groups, heads // groups, -1, *rest).mean(1).reshape(-1, *rest)
+
+
+@register("convert-gqa", exact=False)
+def convert_gqa(graph: Graph, kv_heads: int = 1) -> Graph:
+    """Matches: every `attention` whose keys and values are per-head views of linear projections
+    (run fuse-attention, before kv-cache and quantization). Guarantees: each layer has `kv_heads` KV
+    heads; new head g is the mean of old heads g*m .. g*m+m-1 (m = old kv heads / kv_heads), so query
+    head h keeps reading the merged group that contains its old head. Exact when kv_heads equals the
+    model's; lossy otherwise (recover with `kiln.distill`)."""
+    check_full_sequence(graph, "convert-gqa")
+    kv_heads = int(kv_heads)
+    g = graph.copy()
+    for att in g.find("attention"):
+        heads, old = int(att.inputs[0].type.shape[1]), int(att.inputs[1].type.shape[1])
+        if kv_heads < 1 or old % kv_heads:
+            ok = ", ".join(str(d) for d in range(1, old + 1) if old % d == 0)
+            raise PassError(f"convert-gqa: kv_heads={kv_heads} does not divide the {old} KV heads of %{att.name} "
+                            f"({heads} query heads); choose one of {ok}")
+        if kv_heads == old:
+            continue
+        for which in (1, 2):
+            proj = kv_projection(att, which, "convert-gqa")
+            w = proj.linear.inputs[1]
+            replace_param(g, w, _pool(g.params[w.attrs["name"]], old, kv_heads))
+            if len(proj.linear.inputs) > 2:
+                b = proj.linear.inputs[2]
+                replace_param(g, b, _pool(g.params[b.attrs["name"]], old, kv_heads))
+            shape = list(proj.reshape.attrs["shape"])
+            proj.reshape.attrs["shape"] = shape[:2] + [-1] + shape[3:]
+        count("kv-heads-merged", old - kv_heads)
+    g.reinfer()
+    g.meta["attention_variant"] = {"kind": "mqa" if kv_heads == 1 else "gqa", "kv_heads": kv_heads}
+    return g
