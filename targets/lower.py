@@ -87,6 +87,9 @@ def _pack(w, transform: str, key: tuple = ()):
             _QCACHE.clear()
             _QCACHE[key] = Q.pack_qweight(cat[0].astype(np.int32), cat[1], None if sym else cat[2], int(bits), group, sym)
         return _QCACHE[key][int(i)]
+    if transform.startswith("cuda_"):
+        from .cuda import pack_cuda
+        return pack_cuda(w, transform, key)
     if transform == "raw":
         return w[0]
     if transform == "linear":
@@ -109,7 +112,7 @@ class _FunctionLowering:
         self.bb = low.bb
         self.env: dict[str, Any] = {}
         self.values: dict[Node, relax.Expr] = {}
-        self.mode = "gemv" if bind.get("tokens") == 1 else "gemm"
+        self.mode = "gemv" if bind.get("tokens") == 1 and not bind.get("gemm") else "gemm"
 
     def dims(self, shape) -> list:
         return [_tir(d, self.env) for d in shape]
@@ -117,13 +120,18 @@ class _FunctionLowering:
     def ttype(self, t) -> relax.TensorType:
         return relax.TensorType(self.dims(t.shape), t.dtype)
 
+    def cache_type(self, c: Node) -> relax.TensorType:
+        """A KV-cache input's type: the target may store the cache narrower than the IR's float32."""
+        dt = self.low.cache_dtype if c.type.dtype == "float32" and self.low.cache_dtype else c.type.dtype
+        return relax.TensorType(self.dims(c.type.shape), dt)
+
     def build(self) -> None:
         g = self.low.graph
         for s in ("batch", "tokens", "pages", "max_pages"):
             self.env[s] = tirx.IntImm("int64", self.bind[s]) if s in self.bind else tirx.Var(s, "int64")
         ins = [relax.Var(n.name, self.ttype(n.type)) for n in g.inputs if not n.name.startswith("kv_cache_")]
         caches = [n for n in g.inputs if n.name.startswith("kv_cache_")]
-        cache_var = relax.Var("kv_caches", relax.TupleType([self.ttype(c.type) for c in caches]))
+        cache_var = relax.Var("kv_caches", relax.TupleType([self.cache_type(c) for c in caches]))
         wvar = relax.Var("weights", relax.TupleType([relax.TensorType(list(s.shape), s.dtype)
                                                       for s in self.low.weight_specs]))
         self.wvar = wvar
@@ -152,7 +160,7 @@ class _FunctionLowering:
         return self.values[key]
 
     def lower_node(self, n: Node) -> relax.Expr:
-        fn = LOWER.get(n.op)
+        fn = self.low.rules.get(n.op)
         if fn is None:
             raise UnsupportedOpError(n.op if n.op != "aten" else str(n.attrs["fn"]), n.source,
                                      hint=f"target '{self.low.target_name}' has no lowering for it; a pass should "
@@ -174,9 +182,15 @@ class _FunctionLowering:
 class Lowering:
     """Owns the IRModule under construction, the kernel cache and the weight layout."""
 
+    # Targets other than cpu subclass this: their own rules (overriding LOWER per op), weight
+    # layouts (_plan_weights / weight_fields) and KV-cache dtype.
+    extra_rules: dict[str, Callable] = {}
+    cache_dtype: str | None = None
+
     def __init__(self, graph: Graph, target_name: str = "cpu") -> None:
         self.graph = graph
         self.target_name = target_name
+        self.rules = {**LOWER, **self.extra_rules}
         self.bb = relax.BlockBuilder()
         self.kernels: dict[tuple, tvm.ir.GlobalVar] = {}
         self.weight_specs: list[WeightSpec] = []
@@ -604,3 +618,41 @@ def _cached_attention_int8(f, n, xs):
                               + ([slopes] if slopes is not None else []),
                               relax.TensorType([b, t, heads, head_dim], "float32")))
     return f.emit(relax.op.permute_dims(o, perm))
+
+
+@_rule("cached_mla_attention")
+def _cached_mla_attention(f, n, xs):
+    """Latent attention with absorbed up-projections (targets/cpu_mla.py): q_lat = q_nope W_uk per head,
+    attention over the cached latents, then out = o_lat W_uv^T."""
+    from . import cpu_mla
+    if n.attrs.get("alibi") is not None:
+        raise UnsupportedOpError("cached_mla_attention with ALiBi", n.source,
+                                 hint="convert-mla keeps RoPE; ALiBi models are not converted to MLA")
+    q_nope, q_rope, c, k_rope, w_uk, w_uv, cache, page_table, positions = xs
+    qn, rn, cn, kn, _, vn, cachen = n.inputs[:7]
+    heads, kvh = int(qn.type.shape[1]), int(kn.type.shape[1])
+    dn, rd, rank, dv = int(qn.type.shape[3]), int(rn.type.shape[3]), int(cn.type.shape[-1]), int(vn.type.shape[1])
+    page = int(cachen.type.shape[1])
+    b, t = f.dims(qn.type.shape[:1])[0], f.dims(qn.type.shape[2:3])[0]
+    rep = heads // kvh
+    perm = [0, 2, 1, 3]
+    if dn:
+        uk = f.emit(relax.op.repeat(w_uk, rep, axis=0)) if rep > 1 else w_uk  # [H, Dn, r]
+        q_lat = f.emit(relax.op.permute_dims(f.emit(relax.op.matmul(q_nope, uk)), perm))  # [B, T, H, r]
+    else:
+        q_lat = f.emit(relax.op.zeros([b, t, heads, rank], "float32"))
+    qr = f.emit(relax.op.permute_dims(q_rope, perm))  # [B, T, H, R]
+    kr = f.emit(relax.op.reshape(f.emit(relax.op.permute_dims(k_rope, perm)), [b, t, kvh * rd]))
+    rows = f.emit(relax.op.concat([c, kr], axis=2))  # [B, T, r + Hkv*R]
+    width = rank + kvh * rd
+    append = f.low.kernel(("mla_append", width, page), lambda: cpu_mla.mla_append_func(width, page))
+    cache2 = f.emit(relax.op.call_tir_inplace(append, [cache, rows, page_table, positions], [0],
+                                              f.ttype(cachen.type)))
+    scale, window = float(n.attrs["scale"]), int(n.attrs.get("window", 0))
+    attn = f.low.kernel(("paged_mla_attention", heads, kvh, rank, rd, page, window, f"{scale:.6g}"),
+                        lambda: cpu_mla.paged_mla_attention_func(heads, kvh, rank, rd, page, scale, window))
+    o_lat = f.emit(relax.call_tir(attn, [q_lat, qr, cache2, page_table, positions],
+                                  relax.TensorType([b, t, heads, rank], "float32")))
+    uv = f.emit(relax.op.repeat(w_uv, rep, axis=0)) if rep > 1 else w_uv  # [H, Dv, r]
+    return f.emit(relax.op.matmul(f.emit(relax.op.permute_dims(o_lat, perm)),
+                                  f.emit(relax.op.permute_dims(uv, [0, 2, 1]))))  # [B, H, T, Dv]
