@@ -84,7 +84,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(m, indent=1))
         return 0
-    print(render_report(m))
+    print(render_report(m, a.kv_budget))
     if m.get("target", {}).get("name") == "mlir":
         print("## MLIR\n")
         for key, f in m["target"]["mlir_files"].items():
@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("artifact")
     i.add_argument("--json", action="store_true", help="print the raw manifest")
     i.add_argument("--verify", action="store_true", help="also check every file's checksum")
+    i.add_argument("--kv-budget", type=float, default=1.0, help="KV-cache memory budget in GiB for the plan "
+                   "(max batch x context per attention variant and KV dtype)")
     i.set_defaults(fn=cmd_inspect)
     a = p.parse_args(argv)
     from kiln.errors import KilnError

@@ -8,7 +8,7 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
-def render_report(m: dict[str, Any]) -> str:
+def render_report(m: dict[str, Any], kv_budget_gib: float = 1.0) -> str:
     """Markdown report from a manifest (also what `kiln inspect` prints)."""
     model = m.get("model", {})
     lines = [f"# kiln artifact: {m.get('name', '?')}", "",
@@ -40,6 +40,9 @@ def render_report(m: dict[str, Any]) -> str:
                      f"{r['nodes_before']} -> {r['nodes_after']} | {_mb(r['param_bytes_before'])} -> "
                      f"{_mb(r['param_bytes_after'])} | {r['flops_per_token_before'] / 1e6:.1f}M -> "
                      f"{r['flops_per_token_after'] / 1e6:.1f}M | {r['seconds']:.2f} |")
+    if m.get("kv_cache", {}).get("layers"):
+        from .kvplan import render_plan
+        lines += ["", "## KV-cache plan", "", render_plan(m["kv_cache"], kv_budget_gib).rstrip()]
     t = m.get("timings", {})
     if t:
         lines += ["", "## Build time (seconds)", "", "| phase | seconds |", "|---|---|"]

@@ -107,3 +107,23 @@ def test_convert_gqa_compiled_equals_interpreter(llama) -> None:
     g, _ = kiln.run_pipeline(llama, "convert-gqa{kv_heads=1},kv-cache{page_size=8},canonicalize")
     assert g.meta["kv_cache"]["layers"][0]["kv_heads"] == 1
     assert compiled_vs_interpreter(g, IDS[0].tolist(), steps=2) < 1e-5
+
+
+def test_kv_planner_numbers_and_report() -> None:
+    from kiln.kvplan import bytes_per_token, plan
+    from kiln.report import render_report
+    smol = [{"kv_heads": 3, "head_dim": 64, "num_heads": 9, "window": 0}] * 30
+    assert bytes_per_token(smol, "fp32") == 30 * 2 * 3 * 64 * 4 == 46080  # what kv-cache lays out
+    assert bytes_per_token(smol, "int8") == 30 * (2 * 3 * 64 + 2 * 3 * 4)  # codes + fp32 scales (_kv_summary)
+    assert bytes_per_token(smol, "fp16", "mqa") == 30 * 2 * 64 * 2
+    assert bytes_per_token(smol, "fp32", "mha") == 3 * 46080
+    mla = [dict(smol[0], mla_rank=168, rope_dims=8)] * 30
+    assert bytes_per_token(mla, "fp32") == 46080 // 2
+    rows = {(r["variant"], r["dtype"]): r for r in plan(smol, 2 ** 30, 16, contexts=(2048,))}
+    assert set(v for v, _ in rows) == {"as built", "mha", "mqa"}
+    r = rows[("as built", "fp32")]
+    assert r["max_tokens"] == (2 ** 30 // (46080 * 16)) * 16 and r["batch_at"][2048] == r["max_tokens"] // 2048
+    with pytest.raises(ValueError, match="unknown KV dtype"):
+        bytes_per_token(smol, "int4")
+    m = {"target": {"name": "cpu"}, "kv_cache": {"page_size": 16, "layers": smol, "dtype": "float32"}}
+    assert "## KV-cache plan" in render_report(m) and "| mqa | int8 | 4080 |" in render_report(m)
