@@ -30,7 +30,9 @@ def compile(model: Any, target: str = "cpu", passes: str = "O1", *, tokenizer_di
             quant: str | None = None, quant_method: str = "rtn", kv_quant: str | None = None,
             w8a8: bool = False, calib: str | None = None, eval_text: str | None = None,
             calib_windows: int = 8, eval_tokens: int = 2048, mlir_forms: list[str] | None = None,
-            mlir_static: dict[str, int] | None = None):
+            mlir_static: dict[str, int] | None = None, pack_weights: bool = True,
+            target_options: dict[str, Any] | None = None, prune: str | None = None, sparsify: str | None = None,
+            sparsify_method: str = "wanda", distill_steps: int = 0):
     """Compile a causal LM for `target` with the pass pipeline `passes`.
 
     `model` is a transformers causal LM (nn.Module), a built-in name (`smollm2-135m`), a GGUF file or a
@@ -40,6 +42,14 @@ def compile(model: Any, target: str = "cpu", passes: str = "O1", *, tokenizer_di
     `w8a8=True` insert the matching passes into the pipeline. `calib` (text file, or "lee") feeds
     calibrating methods; `eval_text` makes every lossy pass record perplexity and KL on that text.
     A model prepared with `kiln.qat.prepare` compiles with exactly its training scheme.
+
+    `pack_weights=False` builds from shapes alone (a model on the `meta` device works): the artifact
+    lists its weight fields but holds none, and `Engine(path, weights=...)` supplies them.
+
+    Pruning: `prune="heads=0.2,ffn=0.2,layers=2"` (or pass names) and `sparsify="0.5"|"2:4"` (with
+    `sparsify_method` magnitude|wanda|sparsegpt) insert the passes before fuse-mlp; `distill_steps=N`
+    then runs `kiln.distill` (teacher: the model before pruning; text: the calibration text) as a
+    recovery step, recorded with the passes.
     """
     import torch
 
@@ -67,7 +77,7 @@ def compile(model: Any, target: str = "cpu", passes: str = "O1", *, tokenizer_di
         mlir_forms = check_forms(mlir_forms or ["linalg-on-tensors"])
         tgt = None
     else:
-        tgt = get_target(target)  # refuse an unknown target before the slow steps
+        tgt = get_target(target, **(target_options or {}))  # refuse bad targets before the slow steps
     from .passmgr import with_quantization
     from .qat import qat_scheme, strip_qat
     qs = qat_scheme(model)
@@ -75,6 +85,9 @@ def compile(model: Any, target: str = "cpu", passes: str = "O1", *, tokenizer_di
     if qs is not None:
         model = strip_qat(model)
         (quant, head), quant_method = qs, "rtn"
+    if prune or sparsify:
+        from .passmgr import with_pruning
+        passes = with_pruning(passes, prune, sparsify, sparsify_method)
     if quant or kv_quant or w8a8:
         passes = with_quantization(passes, quant, quant_method, kv_quant, w8a8, head)
     cfg = getattr(model, "config", None)
@@ -92,7 +105,10 @@ def compile(model: Any, target: str = "cpu", passes: str = "O1", *, tokenizer_di
             graph.meta["eval_tokens"] = windows(tok(read_text(eval_text))["input_ids"], 256, max(1, eval_tokens // 256))
     t = time.perf_counter()
     progress(f"running passes: {passes}")
-    graph, records = run_pipeline(graph, passes, verify_each=verify_each, dump_ir=dump_ir)
+    if distill_steps:
+        graph, records = _run_with_recovery(graph, passes, int(distill_steps), verify_each, dump_ir, progress)
+    else:
+        graph, records = run_pipeline(graph, passes, verify_each=verify_each, dump_ir=dump_ir)
     timings["passes"] = time.perf_counter() - t
     if "kv_cache" not in graph.meta:
         raise KilnError(f"pipeline '{passes}' has no kv-cache pass: the runtime needs prefill/decode entry points "
@@ -117,9 +133,15 @@ def compile(model: Any, target: str = "cpu", passes: str = "O1", *, tokenizer_di
     timings["tvm_build"] = build.timings["tvm_build"]
     t = time.perf_counter()
     progress("packing weights")
-    weights = {s.name: materialize(s, graph.params) for s in build.weight_specs}
+    weights = {s.name: materialize(s, graph.params) for s in build.weight_specs} if pack_weights else {}
+    storage = _compress_sparse(weights, build.weight_specs, graph.meta.get("sparsity"))
     timings["pack_weights"] = time.perf_counter() - t
-    kv = _kv_summary(graph.meta["kv_cache"])
+    kv_meta = graph.meta["kv_cache"]
+    if build.target.get("kv_cache_dtype"):  # the target stores the cache narrower than the IR says
+        kv_meta = dict(kv_meta, dtype=build.target["kv_cache_dtype"], tensors=[dict(t, dtype=build.target["kv_cache_dtype"]) if t["dtype"] == "float32"
+                                         else t for t in kv_meta["tensors"]])
+    kv = _kv_summary(kv_meta)
+    import numpy as np
     import tvm
     graph.meta.pop("calib_tokens", None)
     graph.meta.pop("eval_tokens", None)
@@ -139,8 +161,11 @@ def compile(model: Any, target: str = "cpu", passes: str = "O1", *, tokenizer_di
         "entry_points": _signatures(graph),
         "kv_cache": kv,
         "max_context": ctx,
-        "weights": [s.to_json() for s in build.weight_specs],
-        "weight_bytes": int(sum(a.nbytes for a in weights.values())),
+        "weights": [dict(s.to_json(), **({"storage": storage[s.name]} if s.name in storage else {}))
+                    for s in build.weight_specs],
+        "weight_bytes": int(sum(a.nbytes for a in weights.values())) if pack_weights else
+        int(sum(np.prod(s.shape) * np.dtype(s.dtype).itemsize for s in build.weight_specs)),
+        "weights_included": bool(pack_weights),
         "eos_token_ids": _eos_ids(cfg),
         "kernels": build.kernels,
         "quantization": graph.meta.get("quant"),
@@ -148,6 +173,55 @@ def compile(model: Any, target: str = "cpu", passes: str = "O1", *, tokenizer_di
     timings["total"] = time.perf_counter() - t0
     return Artifact(build, weights, manifest, str(graph), tokenizer_dir,
                     {k: round(v, 3) for k, v in timings.items()})
+
+
+def _run_with_recovery(graph, passes: str, steps: int, verify_each: bool, dump_ir, progress):
+    """Run the pipeline with a distillation step after its last pruning/sparsity pass: the teacher is the
+    graph just before the first one, the text the calibration windows."""
+    from .distill import distill
+    from .passmgr import PassManager, PassRecord, flops_per_token, format_pipeline, parse_pipeline
+    steps_ = parse_pipeline(passes)
+    idx = [i for i, (n, _) in enumerate(steps_) if n.startswith("prune-") or n == "sparsify"]
+    if not idx:
+        raise KilnError("distill_steps is a recovery step after pruning: pass prune=... or sparsify=... too")
+    if "calib_tokens" not in graph.meta:
+        raise KilnError("distill_steps trains on the calibration text: pass calib=... (for example calib='lee')")
+    pm = PassManager(verify_each, dump_ir)
+    teacher = pm.run(graph, format_pipeline(steps_[:idx[0]])) if idx[0] else graph
+    student = pm.run(teacher, format_pipeline(steps_[idx[0]:idx[-1] + 1]))
+    progress(f"distillation recovery: {steps} steps")
+    text = [t for w in graph.meta["calib_tokens"] for t in w]
+    r = distill(teacher, student, text, steps=steps, eval_tokens=graph.meta.get("eval_tokens"))
+    st = r.student.stats()
+    f = flops_per_token(r.student)
+    pm.records.append(PassRecord("distill", dict(r.config), False, {"steps": steps}, st["nodes"], st["nodes"],
+                                 st["param_bytes"], st["param_bytes"], f, f, r.seconds,
+                                 {"loss_before": round(r.loss_before, 6), "loss_after": round(r.loss_after, 6),
+                                  **({"perplexity_before": round(r.ppl_before, 4), "perplexity_after": round(r.ppl_after, 4),
+                                      "teacher_perplexity": round(r.teacher_ppl, 4)} if r.ppl_before else {})}))
+    rest = steps_[idx[-1] + 1:]
+    g = pm.run(r.student, format_pipeline(rest)) if rest else r.student
+    return g, pm.records
+
+
+def _compress_sparse(weights: dict, specs: list, sparsity: dict | None) -> dict:
+    """Store fields made only of sparsified parameters compactly (see kiln.runtime.sparse); the runtime
+    expands them at load. Returns {field: storage record}; `weights` is rewritten in place."""
+    params = (sparsity or {}).get("params", {})
+    out: dict = {}
+    if not params:
+        return out
+    from kiln.runtime.sparse import compress
+    for s in specs:
+        patterns = {params.get(src) for src in s.sources}
+        if len(patterns) != 1 or None in patterns:
+            continue
+        packed = compress(weights[s.name], patterns.pop())
+        if packed is not None:
+            arrays, out[s.name] = packed
+            del weights[s.name]
+            weights.update({s.name + k: v for k, v in arrays.items()})
+    return out
 
 
 def _kv_summary(kv: dict) -> dict:

@@ -64,6 +64,35 @@ def with_quantization(pipeline: str, quant: str | None = None, method: str = "rt
     return format_pipeline(steps[:at] + add + steps[at:])
 
 
+def with_pruning(pipeline: str, prune: str | None = None, sparsify: str | None = None,
+                 sparsify_method: str = "wanda") -> str:
+    """Insert pruning/sparsity passes before fuse-mlp (they read each MLP's structure and each linear's
+    input). `prune`: pass names ("prune-heads{ratio=0.2},prune-ffn{ratio=0.2}") or the short form
+    "heads=0.2,ffn=0.2,layers=2"; `sparsify`: a ratio ("0.5") or an N:M pattern ("2:4")."""
+    add: list[tuple[str, dict[str, Any]]] = []
+    if prune:
+        if "prune-" in prune:
+            add += parse_pipeline(prune)
+        else:
+            short = {"layers": ("prune-layers", "n"), "heads": ("prune-heads", "ratio"), "ffn": ("prune-ffn", "ratio")}
+            for item in prune.split(","):
+                k, _, v = item.partition("=")
+                if k.strip() not in short or not v:
+                    raise PassError(f"prune={prune!r}: expected items like heads=0.2, ffn=0.2, layers=2, or pass names "
+                                    "like prune-heads{ratio=0.2}")
+                name, key = short[k.strip()]
+                add.append((name, {key: _value(v.strip())}))
+            add.sort(key=lambda s: s[0] != "prune-layers")  # layers first: rank blocks of the unpruned model
+    if sparsify:
+        s = str(sparsify)
+        add.append(("sparsify", {"pattern": s, "method": sparsify_method} if ":" in s else
+                    {"ratio": _value(s), "method": sparsify_method}))
+    steps = parse_pipeline(pipeline)
+    names = [n for n, _ in steps]
+    at = names.index("fuse-mlp") if "fuse-mlp" in names else names.index("kv-cache") if "kv-cache" in names else len(steps)
+    return format_pipeline(steps[:at] + add + steps[at:])
+
+
 def parse_pipeline(spec: str) -> list[tuple[str, dict[str, Any]]]:
     """'canonicalize,kv-cache{page_size=16},O1' -> [(name, params), ...] with pipelines expanded."""
     out: list[tuple[str, dict[str, Any]]] = []
@@ -147,6 +176,7 @@ class PassManager:
             dt = time.perf_counter() - t0
             after_stats = out.stats()
             extra = self._evaluate(graph, out) if not info.exact else {}
+            extra.update(out.meta.pop("pass_extra", {}))  # what the pass itself reports (pruning shapes ...)
             self.records.append(PassRecord(name, params, info.exact, counts, before["nodes"], after_stats["nodes"],
                                            before["param_bytes"], after_stats["param_bytes"], f0,
                                            flops_per_token(out), round(dt, 4), extra))

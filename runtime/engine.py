@@ -47,7 +47,7 @@ class _Seq:
 class Engine:
     """Serve one artifact. `kv_cache_tokens` sizes the page pool (tokens over all sequences)."""
 
-    def __init__(self, path: str, kv_cache_tokens: int = 8192, verify: bool = True) -> None:
+    def __init__(self, path: str, kv_cache_tokens: int = 8192, verify: bool = True, weights: dict | None = None) -> None:
         _threads()
         self.path = path
         self.manifest = read_manifest(path)
@@ -57,21 +57,27 @@ class Engine:
         import tvm
         from tvm.runtime.vm import VirtualMachine
         self._tvm = tvm
-        self.device = tvm.cpu()
+        self.on_gpu = self.manifest.get("target", {}).get("name") == "cuda"
+        if self.on_gpu:
+            from .cuda import prepare
+            self.device = prepare(self.manifest)
+        else:
+            self.device = tvm.cpu()
         try:
             lib = tvm.runtime.load_module(os.path.join(path, LIBRARY))
         except Exception as e:
             raise ArtifactError(f"cannot load {LIBRARY} from {path}: {e}") from e
         self.vm = VirtualMachine(lib, self.device)
-        self.weights = self._load_weights()
+        self.weights = self._load_weights() if weights is None else self._bind_weights(weights)
         kv = self.manifest["kv_cache"]
         self.page_size = int(kv["page_size"])
         self.max_context = int(self.manifest["max_context"])
         self.pool = PagePool(-(-int(kv_cache_tokens) // self.page_size), self.page_size)
         # one tensor per cache input of the program, in its order (`pages` is ours to choose)
-        self.caches = tuple(tvm.runtime.tensor(np.zeros(
+        self.caches = tuple(self._zeros(
             tuple(self.pool.num_pages if d == "pages" else int(d) for d in t["shape"]), dtype=t["dtype"]), self.device)
             for t in kv["tensors"])
+        self.gemv_max_batch = int(self.manifest.get("target", {}).get("gemv_max_batch", 0))
         self.tokenizer = None
         tok_dir = os.path.join(path, "tokenizer")
         if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
@@ -79,7 +85,28 @@ class Engine:
             self.tokenizer = Tokenizer(tok_dir)
         self.eos_ids = tuple(self.manifest.get("eos_token_ids") or ())
 
+    def _zeros(self, shape: tuple, dtype: str):
+        return self._tvm.runtime.tensor(np.zeros(shape, dtype=dtype), self.device)
+
+    def _bind_weights(self, given: dict) -> tuple:
+        """Weights supplied by the caller (an artifact built with pack_weights=False): numpy arrays or
+        DLPack tensors (torch, on the engine's device), one per manifest field."""
+        out = []
+        for spec in self.manifest["weights"]:
+            a = given.get(spec["name"])
+            if a is None:
+                raise ArtifactError(f"no weight given for field '{spec['name']}' {spec['dtype']}{spec['shape']}")
+            if tuple(a.shape) != tuple(spec["shape"]) or str(a.dtype).replace("torch.", "") != spec["dtype"]:
+                raise ArtifactError(f"weight '{spec['name']}' is {a.dtype}{list(a.shape)}, the manifest says "
+                                    f"{spec['dtype']}{spec['shape']}")
+            out.append(self._tvm.runtime.tensor(a, self.device) if isinstance(a, np.ndarray)
+                       else self._tvm.runtime.from_dlpack(a))
+        return tuple(out)
+
     def _load_weights(self) -> tuple:
+        if not self.manifest.get("weights_included", True):
+            raise ArtifactError("this artifact was built without weights (pack_weights=False): pass them with "
+                                "Engine(path, weights={field: array})")
         from safetensors.numpy import load_file
         try:
             arrays = load_file(os.path.join(self.path, WEIGHTS))
@@ -88,6 +115,13 @@ class Engine:
         out = []
         for spec in self.manifest["weights"]:
             a = arrays.get(spec["name"])
+            if a is None and spec.get("storage"):  # stored sparse: expand to the dense field the kernels read
+                from .sparse import expand
+                try:
+                    a = expand(arrays, spec["name"], spec["storage"])
+                except (KeyError, ValueError) as e:
+                    raise ArtifactError(f"sparse weight '{spec['name']}' cannot be expanded ({e}); rebuild the "
+                                        "artifact") from e
             if a is None:
                 raise ArtifactError(f"{WEIGHTS} lacks weight '{spec['name']}'; rebuild the artifact")
             if tuple(a.shape) != tuple(spec["shape"]) or str(a.dtype) != spec["dtype"]:
@@ -113,7 +147,8 @@ class Engine:
         """One new token per sequence; returns logits [batch, vocab]."""
         x = np.asarray(tokens, dtype=np.int64)[:, None]
         pos = np.asarray(positions, dtype=np.int32)[:, None]
-        out = self.vm["decode"](self._t(x), self._t(pos), self._t(page_table(pages)), self.caches, self.weights)
+        fn = "decode_batched" if self.gemv_max_batch and len(tokens) > self.gemv_max_batch else "decode"
+        out = self.vm[fn](self._t(x), self._t(pos), self._t(page_table(pages)), self.caches, self.weights)
         return out.numpy()[:, -1]
 
     def verify(self, tokens: Sequence[Sequence[int]], positions: Sequence[Sequence[int]],
