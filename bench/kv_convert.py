@@ -3,7 +3,7 @@ after a short distillation recovery (`kiln.distill`, teacher = the original mode
 
     .venv/bin/python bench/kv_convert.py [--steps 24] [--eval-windows 4] [--configs ...]
 
-Distillation text: the Lee corpus `lee.cor`; perplexity: held-out windows of `lee_background.cor`
+Distillation and calibration text: the Lee corpus `lee.cor`; perplexity: held-out windows of `lee_background.cor`
 (256 tokens each), both through the reference interpreter (fp32). Bytes per token are those of the
 artifact's paged cache (fp32, all 30 layers), derived by the kv-cache pass.
 """
@@ -16,7 +16,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-CONFIGS = ["convert-gqa{kv_heads=1}", "convert-mla{rank=168,rope_dims=8}", "convert-mla{rank=104,rope_dims=8}"]
+CONFIGS = ["convert-gqa{kv_heads=1}", "convert-mla{rank=96,rope_dims=32}", "convert-mla{rank=160,rope_dims=32}"]
 FRONT = "canonicalize,fuse-norms,fuse-rope,fuse-attention,fuse-mlp"
 
 
@@ -29,9 +29,11 @@ def kv_bytes_per_token(g) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--eval-windows", type=int, default=4)
+    ap.add_argument("--eval-windows", type=int, default=2)
     ap.add_argument("--configs", nargs="*", default=CONFIGS)
     a = ap.parse_args()
     import torch
@@ -46,6 +48,8 @@ def main() -> None:
     evalw = windows(tok(read_text("lee_background"))["input_ids"], 256, a.eval_windows)
     train = tok(read_text("lee"))["input_ids"]
     g, _ = kiln.run_pipeline(kiln.trace(lm.model, max_tokens=2048), FRONT, verify_each=False)
+    # calibration windows of lee.cor: convert-mla's activation-aware SVD reads them
+    g.meta["calib_tokens"] = windows(train, 256, 4)
     ppl0, _, _ = perplexity_and_kl(g, evalw)
     b0 = kv_bytes_per_token(g)
     rows = [("original (GQA, 3 KV heads)", b0, ppl0, None, None)]
@@ -56,13 +60,13 @@ def main() -> None:
         b = kv_bytes_per_token(s)
         ppl, _, _ = perplexity_and_kl(s, evalw)
         print(f"{spec}: {b} B/token, ppl {ppl:.3f} (convert+eval {time.perf_counter() - t0:.0f}s)", flush=True)
-        res = kiln.distill(g, s, train, steps=a.steps, seq_len=128, batch=4, lr=a.lr, seed=0)
+        res = kiln.distill(g, s, train, steps=a.steps, seq_len=a.seq_len, batch=a.batch, lr=a.lr, seed=0)
         ppl2, _, _ = perplexity_and_kl(res.student, evalw)
         print(f"  after {a.steps} distillation steps ({res.seconds:.0f}s, loss {res.loss_before:.3f} -> "
               f"{res.loss_after:.3f}): ppl {ppl2:.3f}", flush=True)
         rows.append((spec, b, ppl, ppl2, res.seconds))
-    print(f"\nSmolLM2-135M, {len(evalw)} x 256 held-out lee_background tokens; recovery: {a.steps} steps x 4 x 128 "
-          f"tokens of lee.cor, AdamW lr {a.lr}\n")
+    print(f"\nSmolLM2-135M, {len(evalw)} x 256 held-out lee_background tokens; recovery: {a.steps} steps x "
+          f"{a.batch} x {a.seq_len} tokens of lee.cor, AdamW lr {a.lr}; MLA factorized on 4 x 256 lee.cor tokens\n")
     print("| attention | KV bytes/token (fp32) | vs original | ppl | ppl after recovery | Δppl after recovery | "
           "recovery time |")
     print("|---|---|---|---|---|---|---|")

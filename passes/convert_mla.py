@@ -8,7 +8,8 @@ are kept as a small decoupled rotary key and the rest lose their rotation ("part
 `rope_dims / 2` highest frequencies (the pairs (i, i + D/2) for i < rope_dims / 2, MHA2MLA's
 high-frequency choice). The non-rotary key dims and the values of all KV heads are stacked and
 factored by a truncated SVD, W ~ U_r S_r V_r^T: the down-projection sqrt(S_r) V_r^T makes the latent,
-U_r sqrt(S_r) split into the key and value up-projections.
+U_r sqrt(S_r) split into the key and value up-projections. With calibration text attached
+(`graph.meta["calib_tokens"]`, e.g. `kiln.compile(..., calib="lee")`) the SVD is activation-aware.
 """
 from __future__ import annotations
 
@@ -42,10 +43,22 @@ def _rows(heads: int, d: int, idx: list[int]) -> list[int]:
     return [h * d + i for h in range(heads) for i in idx]
 
 
-def mla_factor(wk_nope: torch.Tensor, wv: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Truncated SVD of the stacked projections [Wk_nope; Wv] ([rows, d]) -> (down [r, d], up_k, up_v)."""
+def mla_factor(wk_nope: torch.Tensor, wv: torch.Tensor, rank: int, xtx: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Truncated SVD of the stacked projections [Wk_nope; Wv] ([rows, d]) -> (down [r, d], up_k, up_v).
+
+    With the inputs' second moment `xtx` (X^T X [d, d]) the SVD is of W L, L the Cholesky factor of
+    X^T X, so truncation minimizes the error of the projected activations ||(W - W_r) X|| instead of
+    the weights' (activation-aware SVD, as in SVD-LLM, Wang et al., 2024); down then ends in L^-1."""
     m = torch.cat([wk_nope, wv], 0).double()
-    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    if xtx is not None:
+        c = xtx.double()
+        c = c + 1e-4 * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype)  # damping: keep it definite
+        L = torch.linalg.cholesky(c)
+        u, s, vh = torch.linalg.svd(m @ L, full_matrices=False)
+        vh = vh @ torch.linalg.inv(L)
+    else:
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
     root = s[:rank].sqrt()
     down = root[:, None] * vh[:rank]
     up = u[:, :rank] * root[None, :]
@@ -64,6 +77,12 @@ def convert_mla(graph: Graph, rank: int = 0, rope_dims: int = 8) -> Graph:
     check_full_sequence(graph, "convert-mla")
     g = graph.copy()
     rank, rope_dims = int(rank), int(rope_dims)
+    stats = {}
+    if g.meta.get("calib_tokens"):  # activation-aware factorization from the calibration text
+        from kiln.calib import collect_input_stats
+        xs = list(dict.fromkeys(kv_projection(a, 1, "convert-mla").linear.inputs[0] for a in g.find("attention")))
+        stats = {n: st.H for n, st in collect_input_stats(g, xs, g.meta["calib_tokens"], keep_rows=0).items()}
+        count("activation-aware", len(stats))
     for att in g.find("attention"):
         q, k, v = att.inputs
         if q.op != "rope" or k.op != "rope":
@@ -94,7 +113,7 @@ def convert_mla(graph: Graph, rank: int = 0, rope_dims: int = 8) -> Graph:
         wv = g.params[pv.linear.inputs[1].attrs["name"]]
         rope_idx = list(range(n)) + list(range(half, half + n))
         nope_idx = [i for i in range(d) if i not in rope_idx]
-        down, up_k, up_v = mla_factor(wk[_rows(kvh, d, nope_idx)], wv, rank)
+        down, up_k, up_v = mla_factor(wk[_rows(kvh, d, nope_idx)], wv, rank, stats.get(x))
         layer = len(g.find("mla_attention"))
         base = f"mla.{layer}"
         p_down = g.add_param(f"{base}.kv_down", down)

@@ -127,3 +127,18 @@ def test_kv_planner_numbers_and_report() -> None:
         bytes_per_token(smol, "int4")
     m = {"target": {"name": "cpu"}, "kv_cache": {"page_size": 16, "layers": smol, "dtype": "float32"}}
     assert "## KV-cache plan" in render_report(m) and "| mqa | int8 | 4080 |" in render_report(m)
+
+
+def test_convert_mla_activation_aware_with_calibration(llama) -> None:
+    # with calibration windows attached the SVD whitens by the inputs' X^T X: still exact at full
+    # rank, and closer than the plain weight SVD at a truncated rank (on the calibration text itself)
+    g = llama.copy()
+    g.meta["calib_tokens"] = [[(7 * i + 3) % 97 for i in range(40)], [(11 * i + 5) % 97 for i in range(40)]]
+    ids = torch.tensor(g.meta["calib_tokens"][:1])
+    ref = interp.run(llama, {"input_ids": ids})[0]
+    full, rec = kiln.run_pipeline(g, "convert-mla{rank=24,rope_dims=8}")
+    assert rec[-1].rewrites["activation-aware"] == 2
+    assert rel_err(interp.run(full, {"input_ids": ids})[0], ref) < 1e-4
+    aware, _ = kiln.run_pipeline(g, "convert-mla{rank=8,rope_dims=8}")
+    plain, _ = kiln.run_pipeline(llama, "convert-mla{rank=8,rope_dims=8}")
+    assert rel_err(interp.run(aware, {"input_ids": ids})[0], ref) < rel_err(interp.run(plain, {"input_ids": ids})[0], ref)
