@@ -32,7 +32,7 @@ def compile(model: Any, target: str = "cpu", passes: str = "O1", *, tokenizer_di
             calib_windows: int = 8, eval_tokens: int = 2048, mlir_forms: list[str] | None = None,
             mlir_static: dict[str, int] | None = None, pack_weights: bool = True,
             target_options: dict[str, Any] | None = None, prune: str | None = None, sparsify: str | None = None,
-            sparsify_method: str = "wanda", distill_steps: int = 0):
+            sparsify_method: str = "wanda", distill_steps: int = 0, attention: str | None = None):
     """Compile a causal LM for `target` with the pass pipeline `passes`.
 
     `model` is a transformers causal LM (nn.Module), a built-in name (`smollm2-135m`), a GGUF file or a
@@ -50,6 +50,9 @@ def compile(model: Any, target: str = "cpu", passes: str = "O1", *, tokenizer_di
     `sparsify_method` magnitude|wanda|sparsegpt) insert the passes before fuse-mlp; `distill_steps=N`
     then runs `kiln.distill` (teacher: the model before pruning; text: the calibration text) as a
     recovery step, recorded with the passes.
+
+    Attention: `attention="gqa:1"` (or "mqa", "gqa:N") merges KV heads, `attention="mla:96:32"` converts to
+    multi-head latent attention of rank 96 keeping 32 rotary dims per head (see passes/convert_*.py).
     """
     import torch
 
@@ -85,6 +88,9 @@ def compile(model: Any, target: str = "cpu", passes: str = "O1", *, tokenizer_di
     if qs is not None:
         model = strip_qat(model)
         (quant, head), quant_method = qs, "rtn"
+    if attention:  # convert-gqa / convert-mla after fuse-attention (activation-aware MLA when calib is given)
+        from .passmgr import with_attention
+        passes = with_attention(passes, attention)
     if prune or sparsify:
         from .passmgr import with_pruning
         passes = with_pruning(passes, prune, sparsify, sparsify_method)

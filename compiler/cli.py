@@ -23,6 +23,8 @@ def cmd_build(a: argparse.Namespace) -> int:
                  eval_text=a.eval)
     if a.quant_method != "rtn" or a.w8a8:
         quant["calib"] = a.calib or "lee"
+    if getattr(a, "attention", None):
+        quant["attention"] = a.attention
     if a.target == "mlir":
         quant["mlir_forms"] = a.mlir_form or ["linalg-on-tensors"]
         if a.mlir_static:
@@ -124,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--quant-method", default="rtn", choices=["rtn", "awq", "gptq"])
     b.add_argument("--kv-quant", default=None, choices=["int8", "fp8_e4m3"], help="store the KV cache in 8 bits")
     b.add_argument("--w8a8", action="store_true", help="int8 weights and dynamic int8 activations (SmoothQuant)")
+    b.add_argument("--attention", default=None, help="convert attention: gqa:N, mqa, mla:RANK[:ROPE_DIMS] "
+                   "(MLA is activation-aware with --calib)")
     b.add_argument("--calib", default=None, help="calibration text file (default for awq/gptq/w8a8: the Lee "
                    "corpus lee.cor)")
     b.add_argument("--eval", default=None, help="evaluation text file ('lee_background' for the built-in one): "

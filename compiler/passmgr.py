@@ -46,6 +46,27 @@ def format_pipeline(steps: list[tuple[str, dict[str, Any]]]) -> str:
     return ",".join(n + ("{" + ",".join(f"{k}={v}" for k, v in p.items()) + "}" if p else "") for n, p in steps)
 
 
+def with_attention(pipeline: str, spec: str) -> str:
+    """Insert an attention conversion right after fuse-attention: "gqa:N" / "mqa" -> convert-gqa{kv_heads=N},
+    "mla:R" or "mla:R:ROPE_DIMS" -> convert-mla{rank=R,rope_dims=ROPE_DIMS}."""
+    parts = spec.lower().split(":")
+    try:
+        if parts[0] in ("gqa", "mqa") and len(parts) <= 2:
+            step = ("convert-gqa", {"kv_heads": int(parts[1]) if len(parts) == 2 else 1})
+        elif parts[0] == "mla" and len(parts) in (2, 3):
+            step = ("convert-mla", {"rank": int(parts[1]), **({"rope_dims": int(parts[2])} if len(parts) == 3 else {})})
+        else:
+            raise ValueError
+    except ValueError:
+        raise PassError(f"attention={spec!r} is not a conversion; use gqa:N, mqa, mla:RANK or mla:RANK:ROPE_DIMS") from None
+    steps = parse_pipeline(pipeline)
+    names = [n for n, _ in steps]
+    if "fuse-attention" not in names:
+        raise PassError(f"attention={spec!r} needs fuse-attention in the pipeline '{pipeline}'")
+    at = names.index("fuse-attention") + 1
+    return format_pipeline(steps[:at] + [step] + steps[at:])
+
+
 def with_quantization(pipeline: str, quant: str | None = None, method: str = "rtn", kv: str | None = None,
                       activations: bool = False, lm_head: str = "same") -> str:
     """Insert quantization passes into a pipeline: weight/activation passes before fuse-mlp (they

@@ -142,3 +142,13 @@ def test_convert_mla_activation_aware_with_calibration(llama) -> None:
     aware, _ = kiln.run_pipeline(g, "convert-mla{rank=8,rope_dims=8}")
     plain, _ = kiln.run_pipeline(llama, "convert-mla{rank=8,rope_dims=8}")
     assert rel_err(interp.run(aware, {"input_ids": ids})[0], ref) < rel_err(interp.run(plain, {"input_ids": ids})[0], ref)
+
+
+def test_attention_option_inserts_the_conversion() -> None:
+    from kiln.passmgr import with_attention
+    assert with_attention("O1", "gqa:1").startswith("canonicalize,fuse-norms,fuse-rope,fuse-attention,"
+                                                     "convert-gqa{kv_heads=1},fuse-mlp")
+    assert "convert-mla{rank=96,rope_dims=32},fuse-mlp" in with_attention("O1", "mla:96:32")
+    assert "convert-gqa{kv_heads=1}" in with_attention("O1", "mqa")
+    with pytest.raises(PassError, match="use gqa:N, mqa, mla:RANK"):
+        with_attention("O1", "mla")
