@@ -30,7 +30,8 @@ class Artifact:
             t0 = time.perf_counter()
             self.build.export(os.path.join(tmp, LIBRARY))
             from safetensors.numpy import save_file
-            save_file(self.weights, os.path.join(tmp, WEIGHTS))
+            if self.manifest.get("weights_included", True):
+                save_file(self.weights, os.path.join(tmp, WEIGHTS))
             manifest["timings"] = dict(self.timings, save=round(time.perf_counter() - t0, 3))
         self.manifest = write_artifact(path, dict(self.manifest), self.ir_text, self.tokenizer_dir, payload)
         return os.path.abspath(path)

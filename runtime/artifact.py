@@ -74,6 +74,8 @@ def check_target(manifest: dict[str, Any], want: str | None = None) -> None:
         t, name = t.get("functional", {}), "cpu"
     if want is not None and name != want:
         raise ArtifactError(f"artifact was built for target '{name}', not '{want}': rebuild with --target {want}")
+    if name == "cuda":
+        return  # the GPU and its architecture are checked when the engine opens the device (runtime/cuda.py)
     if name == "cpu":
         flags = host_cpu_flags()
         if flags:
@@ -82,8 +84,8 @@ def check_target(manifest: dict[str, Any], want: str | None = None) -> None:
                 raise ArtifactError(f"artifact was built for CPU '{t.get('mcpu')}' and needs {', '.join(missing)}, "
                                     "which this CPU lacks: rebuild it on this machine (kiln build ...)")
     else:
-        raise ArtifactError(f"artifact was built for target '{name}', not 'cpu': this runtime runs cpu (and "
-                            "simulated pim) artifacts; rebuild with --target cpu")
+        raise ArtifactError(f"artifact was built for target '{name}', not 'cpu': this runtime runs cpu, cuda "
+                            "and simulated pim artifacts; rebuild with --target cpu")
 
 
 def verify_files(path: str, manifest: dict[str, Any]) -> None:

@@ -74,9 +74,8 @@ class Engine:
         self.max_context = int(self.manifest["max_context"])
         self.pool = PagePool(-(-int(kv_cache_tokens) // self.page_size), self.page_size)
         # one tensor per cache input of the program, in its order (`pages` is ours to choose)
-        self.caches = tuple(self._zeros(
-            tuple(self.pool.num_pages if d == "pages" else int(d) for d in t["shape"]), dtype=t["dtype"]), self.device)
-            for t in kv["tensors"])
+        self.caches = tuple(self._zeros(tuple(self.pool.num_pages if d == "pages" else int(d) for d in t["shape"]),
+                                        t["dtype"]) for t in kv["tensors"])
         self.gemv_max_batch = int(self.manifest.get("target", {}).get("gemv_max_batch", 0))
         self.tokenizer = None
         tok_dir = os.path.join(path, "tokenizer")

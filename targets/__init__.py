@@ -1,7 +1,7 @@
 """kiln targets: each lowers optimized IR through TVM and carries its own kernels and cost model."""
 from __future__ import annotations
 
-TARGETS = ("cpu", "pim", "mlir")
+TARGETS = ("cpu", "cuda", "pim", "mlir")
 
 
 def get_target(name: str, **options):
@@ -9,6 +9,9 @@ def get_target(name: str, **options):
     if name == "cpu":
         from .cpu import CpuTarget
         return CpuTarget(**options)
+    if name == "cuda":
+        from .cuda import CudaTarget
+        return CudaTarget(**options)
     if name == "pim":
         from .pim import PimTarget
         return PimTarget(**options)

@@ -1,0 +1,221 @@
+"""GPU decode benchmark: kiln's cuda target against transformers eager and torch.compile, one process.
+
+Build the artifacts on any host with TVM's compiler (no GPU, no weights: shapes only):
+
+    python bench/gpu_decode.py build OUT_DIR
+
+then on the GPU host (TVM's runtime only; weights are made there, seeded, in the real shapes):
+
+    python bench/gpu_decode.py run OUT_DIR [--models llama-3.2-1b,llama-3.1-8b] [--json results.json]
+
+Reports, for Llama-3.2-1B- and Llama-3.1-8B-shaped models with random weights: batch-1 decode
+tokens/s and its share of the bandwidth roofline (measured device copy bandwidth / bytes read per
+token), time to first token at 128 and 2048 prompt tokens against the dense fp16 compute roofline,
+and decode throughput at batch 8, 32 and 64.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+SHAPES = {
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5,
+                         tie_word_embeddings=True, max_position_embeddings=4096, head_dim=64),
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5,
+                         tie_word_embeddings=False, max_position_embeddings=4096, head_dim=128),
+}
+VARIANTS = {"fp16": {}, "int8": {"quant": "int8"}, "int4": {"quant": "int4_g128"}}
+MAX_CONTEXT = 4096
+PEAK_FP16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}  # dense tensor-core FLOP/s, vendor data sheets
+
+
+def _config(name: str):
+    from transformers import LlamaConfig
+    cfg = LlamaConfig(**SHAPES[name])
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+def build(out: str, models: list[str]) -> None:
+    from accelerate import init_empty_weights
+    from transformers import LlamaForCausalLM
+
+    import kiln
+    for name in models:
+        with init_empty_weights():
+            m = LlamaForCausalLM(_config(name)).eval()
+        for v, kw in VARIANTS.items():
+            path = os.path.join(out, f"{name}-{v}")
+            t = time.perf_counter()
+            kiln.compile(m, target="cuda", max_context=MAX_CONTEXT, pack_weights=False, **kw).save(path)
+            print(f"built {path} in {time.perf_counter() - t:.1f} s", flush=True)
+
+
+# -- on the GPU -------------------------------------------------------------------------------------
+
+def _sync():
+    import torch
+    torch.cuda.synchronize()
+
+
+def copy_bandwidth() -> float:
+    """Device copy bandwidth, bytes read + written per second (the roofline's denominator)."""
+    import torch
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    _sync()
+    t = time.perf_counter()
+    for _ in range(20):
+        b.copy_(a)
+    _sync()
+    return 2 * n * 20 / (time.perf_counter() - t)
+
+
+def hf_decode(model, ids, new: int) -> tuple[float, float]:
+    """(prefill seconds, decode tokens/s) for greedy generation of `new` tokens."""
+    import torch
+
+    def gen(n):
+        _sync()
+        t = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        _sync()
+        return time.perf_counter() - t
+    gen(2)
+    t1, tn = gen(1), gen(new)
+    return t1, (new - 1) / (tn - t1)
+
+
+def kiln_bench(path: str, weights: dict, prompt: list[int], new: int, batches: list[int], long_prompt: list[int]):
+    from kiln.runtime.engine import Engine
+    from kiln.runtime.sampling import SamplingParams
+    eng = Engine(path, kv_cache_tokens=max(batches + [1]) * (len(prompt) + new) + len(long_prompt) + 64,
+                 weights=weights, verify=False)
+    sp = SamplingParams(max_new_tokens=new, ignore_eos=True)
+    eng.generate([prompt], SamplingParams(max_new_tokens=4, ignore_eos=True))  # warm-up
+    res = {}
+    t = time.perf_counter()
+    out = eng.generate([prompt], sp)[0]
+    total = time.perf_counter() - t
+    res["decode_tok_s"] = (new - 1) / (total - out.prefill_seconds)
+    for n, ids in (("ttft_128", prompt), ("ttft_2048", long_prompt)):
+        pages = eng.pool.alloc(eng.pool.pages_for(len(ids)))
+        eng.prefill(ids, pages)  # warm-up at this length
+        t = time.perf_counter()
+        eng.prefill(ids, pages)
+        res[n] = time.perf_counter() - t
+        eng.pool.release(pages)
+    for b in batches:
+        t = time.perf_counter()
+        outs = eng.generate([prompt] * b, SamplingParams(max_new_tokens=64, ignore_eos=True))
+        total = time.perf_counter() - t
+        res[f"batch{b}_tok_s"] = b * 63 / (total - sum(o.prefill_seconds for o in outs))
+    del eng
+    return res
+
+
+def run(art: str, models: list[str], variants: list[str], baselines: list[str], new: int, batches: list[int]):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from kiln.runtime.cuda_weights import WeightMaker, tensors_of
+    gpu = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_FP16.items() if k in gpu), None)
+    bw = copy_bandwidth()
+    print(f"GPU: {gpu}; measured copy bandwidth {bw / 1e12:.2f} TB/s; dense fp16 peak "
+          f"{peak / 1e12 if peak else float('nan'):.0f} TFLOP/s (data sheet)", flush=True)
+    results = {"gpu": gpu, "copy_bandwidth": bw, "peak_fp16": peak, "models": {}}
+    g = torch.Generator().manual_seed(0)
+    for name in models:
+        cfg = _config(name)
+        torch.manual_seed(0)
+        torch.set_default_dtype(torch.float16)
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(cfg).eval()
+        torch.set_default_dtype(torch.float32)
+        prompt = torch.randint(0, cfg.vocab_size, (128,), generator=g).tolist()
+        long_prompt = torch.randint(0, cfg.vocab_size, (2048,), generator=g).tolist()
+        ids = torch.tensor([prompt], device="cuda")
+        n_embed = cfg.vocab_size * cfg.hidden_size
+        params = sum(p.numel() for p in model.parameters())
+        body = params - (0 if cfg.tie_word_embeddings else n_embed)  # an untied embedding table is not streamed
+        kv_tok = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
+        ctx = len(prompt) + new // 2
+        rows = {}
+        fp16_bytes = body * 2 + kv_tok * ctx
+
+        def row(label, tok_s, bytes_per_token, extra=None):
+            r = {"decode_tok_s": tok_s, "roofline_pct": 100 * tok_s * bytes_per_token / bw, **(extra or {})}
+            rows[label] = r
+            print(f"  {name} {label:>16}: {tok_s:8.1f} tok/s  {r['roofline_pct']:5.1f}% of roofline"
+                  + "".join(f"  {k}={v:.4g}" for k, v in (extra or {}).items()), flush=True)
+        if "eager" in baselines:
+            t1, tok_s = hf_decode(model, ids, new)
+            row("hf-eager-fp16", tok_s, fp16_bytes, {"prefill_128_s": t1})
+        for v in variants:
+            path = os.path.join(art, f"{name}-{v}")
+            man = json.load(open(os.path.join(path, "manifest.json")))
+            t = time.perf_counter()
+            weights = WeightMaker(tensors_of(model)).all(man)
+            _sync()
+            made = time.perf_counter() - t
+            # bytes streamed per token: every field but an untied embedding table (one row is read)
+            streamed = sum(_nbytes(weights[s["name"]]) for s in man["weights"]
+                           if cfg.tie_word_embeddings or not all(x.startswith("model.embed_tokens") for x in s["sources"]))
+            r = kiln_bench(path, weights, prompt, new, batches, long_prompt)
+            del weights
+            torch.cuda.empty_cache()
+            ttft_roof = {n: 2 * body * t / peak for n, t in (("ttft_128", 128), ("ttft_2048", 2048))} if peak else {}
+            row(f"kiln-{v}", r.pop("decode_tok_s"), streamed + kv_tok * ctx,
+                dict(r, weights_made_s=made, **{f"{k}_x_roofline": r[k] / ttft_roof[k] for k in ttft_roof}))
+        if "compile" in baselines:
+            model.generation_config.cache_implementation = "static"
+            model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+            t = time.perf_counter()
+            hf_decode(model, ids, 8)
+            compile_s = time.perf_counter() - t
+            t1, tok_s = hf_decode(model, ids, new)
+            row("torch.compile-fp16", tok_s, fp16_bytes, {"prefill_128_s": t1, "compile_s": compile_s})
+        results["models"][name] = rows
+        del model
+        torch.cuda.empty_cache()
+    return results
+
+
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size()
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=("build", "run"))
+    ap.add_argument("dir")
+    ap.add_argument("--models", default=",".join(SHAPES))
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--baselines", default="eager,compile")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--batches", default="8,32,64")
+    ap.add_argument("--json")
+    a = ap.parse_args(argv)
+    models = [m for m in a.models.split(",") if m]
+    if a.mode == "build":
+        build(a.dir, models)
+        return
+    res = run(a.dir, models, [v for v in a.variants.split(",") if v], [b for b in a.baselines.split(",") if b],
+              a.new_tokens, [int(b) for b in a.batches.split(",") if b])
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

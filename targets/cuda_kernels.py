@@ -1,0 +1,311 @@
+"""Hand-scheduled CUDA kernels (TVM TIR) for kiln's `cuda` target.
+
+Decode at small batch is bound by memory bandwidth, so the kernels that matter are the weight GEMVs:
+one warp per output row, each lane streaming 16 bytes of weights per load (8 fp16, 16 int8 or 32
+int4 codes), dequantization fused into the load, fp32 accumulation and a warp-shuffle reduction.
+Activations stay fp32 (they are tiny at decode); weights and the KV cache are fp16 or quantized.
+
+Layouts (built by :func:`pack_cuda_weight`, all row-major over the torch weight [N, K]):
+  f16            w[N, K] float16
+  int8 codes     q[N, Kp] uint8, value (q - z) * s per group; Kp = K padded to whole groups
+  int4 codes     q[N, Kp/8] int32, code of column 8i+j in bits 4j..4j+3 of word i
+  scales         s[N, G] float16;  asym: zs[N, G] float16 = -z * s  (value = q*s + zs)
+  symmetric      z = 2^(bits-1): value = (q - z) * s (no zs array)
+
+The paged decode attention kernel reads K/V pages through the page table: groups of 8 lanes own one
+cached token each (32 tokens in flight per block), online softmax per group, merged through shared
+memory at the end. Prefill attention on the GPU goes through tensor-core matmuls instead (see
+targets/cuda.py).
+"""
+from __future__ import annotations
+
+import numpy as np
+from tvm.script import tirx as T
+
+WARPS = 4  # rows (one per warp) per GEMV block
+MB = 8  # activation rows per GEMV launch (larger batches loop on the host; >8 use the GEMM path)
+_NEG = -1.0e30
+
+
+def _vec(bits: int) -> int:
+    """Weights per 16-byte load."""
+    return {16: 8, 8: 16, 4: 32}[bits]
+
+
+def gemv_func(k: int, n: int, bits: int = 16, group: int = 0, sym: bool = True, bias: bool = False):
+    """y[m, n] = x[m, k] @ W^T (+ bias) for small m; W fp16 (bits=16) or int8/int4 codes.
+
+    `k` is the padded reduction size the weight arrays have (a multiple of the group); x has the
+    same k (the lowering zero-pads it)."""
+    E = _vec(bits)
+    if k % E:
+        raise ValueError(f"GEMV reduction size {k} must be a multiple of {E} for {bits}-bit weights")
+    nvec = k // E
+    iters = (nvec + 31) // 32
+    U = min(iters, 4 if bits == 16 else 2)  # loads in flight per lane
+    outer = (iters + U - 1) // U
+    g = group or k
+    if bits != 16 and g % E:
+        raise ValueError(f"group {group} must be a multiple of {E} for {bits}-bit GEMV")
+    ng = (k + g - 1) // g
+    WE = E if bits != 4 else 4  # stored elements per 16-byte load
+    wdt = {16: "float16", 8: "uint8", 4: "int32"}[bits]
+    kw = k if bits != 4 else k // 8
+    zc = float(2 ** (bits - 1)) if bits != 16 else 0.0
+    has_zs = bits != 16 and not sym
+    nblk = (n + WARPS - 1) // WARPS
+    # arrays a variant does not read are passed as [1, 1] / [1] placeholders
+    s_shape = (n, ng) if bits != 16 else (1, 1)
+    zs_shape = (n, ng) if has_zs else (1, 1)
+    b_shape = (n,) if bias else (1,)
+
+    def code(wl, u, j):
+        if bits == 8:
+            return T.Cast("float32", wl[u, j])
+        return T.Cast("float32", T.bitwise_and(T.shift_right(wl[u, j // 8], (j % 8) * 4), 15))
+
+    @T.prim_func(private=True)
+    def gemv(var_x: T.handle, w: T.Buffer((n, kw), wdt), s: T.Buffer(s_shape, "float16"),
+             zs: T.Buffer(zs_shape, "float16"), b: T.Buffer(b_shape, "float32"), var_y: T.handle):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+        m = T.int64()
+        x = T.match_buffer(var_x, (m, k), "float32")
+        y = T.match_buffer(var_y, (m, n), "float32")
+        for mo in range((m + MB - 1) // MB):
+            for bx in T.thread_binding(nblk, thread="blockIdx.x"):
+                for ty in T.thread_binding(WARPS, thread="threadIdx.y"):
+                    for tx in T.thread_binding(32, thread="threadIdx.x"):
+                        acc = T.alloc_buffer((MB,), "float32", scope="local")
+                        wl = T.alloc_buffer((U, WE), wdt, scope="local")
+                        xl = T.alloc_buffer((E,), "float32", scope="local")
+                        part = T.alloc_buffer((2,), "float32", scope="local")
+                        red = T.alloc_buffer((1,), "float32", scope="local")
+                        row = T.Bind(bx * WARPS + ty)
+                        for i in T.unroll(MB):
+                            acc[i] = T.float32(0)
+                        if row < n:
+                            for io in range(outer):
+                                for u in T.unroll(U):
+                                    if (io * U + u) * 32 + tx < nvec:
+                                        for j in T.vectorized(WE):
+                                            wl[u, j] = w[row, ((io * U + u) * 32 + tx) * WE + j]
+                                for u in T.unroll(U):
+                                    if (io * U + u) * 32 + tx < nvec:
+                                        for i in T.unroll(MB):
+                                            if mo * MB + i < m:
+                                                for j0 in T.unroll(E // 4):
+                                                    for j in T.vectorized(4):
+                                                        xl[j0 * 4 + j] = x[mo * MB + i, ((io * U + u) * 32 + tx) * E + j0 * 4 + j]
+                                                if bits == 16:
+                                                    for j in T.unroll(E):
+                                                        acc[i] = acc[i] + T.Cast("float32", wl[u, j]) * xl[j]
+                                                else:
+                                                    part[0] = T.float32(0)
+                                                    part[1] = T.float32(0)
+                                                    for j in T.unroll(E):
+                                                        part[0] = part[0] + code(wl, u, j) * xl[j]
+                                                        part[1] = part[1] + xl[j]
+                                                    if has_zs:
+                                                        acc[i] = acc[i] + T.Cast("float32", s[row, ((io * U + u) * 32 + tx) * E // g]) * part[0] + T.Cast("float32", zs[row, ((io * U + u) * 32 + tx) * E // g]) * part[1]
+                                                    else:
+                                                        acc[i] = acc[i] + T.Cast("float32", s[row, ((io * U + u) * 32 + tx) * E // g]) * (part[0] - T.float32(zc) * part[1])
+                            for i in T.unroll(MB):
+                                if mo * MB + i < m:
+                                    red[0] = acc[i]
+                                    for sh in T.unroll(5):
+                                        red[0] = red[0] + T.tvm_warp_shuffle_down(
+                                            T.tvm_warp_activemask(), red[0], T.shift_right(16, sh), 32, 32)
+                                    if tx == 0:
+                                        y[mo * MB + i, row] = red[0] + (b[row] if bias else T.float32(0))
+    return gemv
+
+
+def gemv_args(bits: int, sym: bool, bias: bool) -> tuple[bool, bool, bool]:
+    """Which optional arrays (scales, zs, bias) a call passes (the kernel takes dummies for the rest)."""
+    return bits != 16, bits != 16 and not sym, bias
+
+
+def dequant_func(n: int, k: int, bits: int, group: int, sym: bool):
+    """Quantized codes -> fp16 W[n, k] (prefill: the GEMM then runs on tensor cores)."""
+    g = group or k
+    ng = (k + g - 1) // g
+    wdt = {8: "uint8", 4: "int32"}[bits]
+    kw = k if bits == 8 else k // 8
+    zc = float(2 ** (bits - 1))
+    threads = 256
+    zs_shape = (1, 1) if sym else (n, ng)
+
+    @T.prim_func(private=True)
+    def deq(w: T.Buffer((n, kw), wdt), s: T.Buffer((n, ng), "float16"), zs: T.Buffer(zs_shape, "float16"),
+            out: T.Buffer((n, k), "float16")):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+        for bx in T.thread_binding((n * k + threads - 1) // threads, thread="blockIdx.x"):
+            for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                idx = T.Bind(bx * threads + tx)
+                if idx < n * k:
+                    r = T.Bind(idx // k)
+                    c = T.Bind(idx % k)
+                    out[r, c] = T.Cast("float16", (
+                        (T.Cast("float32", w[r, c]) if bits == 8 else
+                         T.Cast("float32", T.bitwise_and(T.shift_right(w[r, c // 8], (c % 8) * 4), 15)))
+                        - (T.float32(zc) if sym else T.float32(0))) * T.Cast("float32", s[r, c // g])
+                        + (T.Cast("float32", zs[r, c // g]) if not sym else T.float32(0)))
+    return deq
+
+
+def kv_append_func(kv_heads: int, head_dim: int, page: int):
+    """Write k/v [B, T, Hkv, D] (fp32) into the fp16 paged cache at `positions` (< 0: padding)."""
+    threads = kv_heads * head_dim
+
+    @T.prim_func(private=True)
+    def append(var_cache: T.handle, var_k: T.handle, var_v: T.handle, var_pt: T.handle, var_pos: T.handle):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+        P, B, Tn, MP = T.int64(), T.int64(), T.int64(), T.int64()
+        cache = T.match_buffer(var_cache, (P, 2, kv_heads, page, head_dim), "float16")
+        k = T.match_buffer(var_k, (B, Tn, kv_heads, head_dim), "float32")
+        v = T.match_buffer(var_v, (B, Tn, kv_heads, head_dim), "float32")
+        pt = T.match_buffer(var_pt, (B, MP), "int32")
+        pos = T.match_buffer(var_pos, (B, Tn), "int32")
+        for bt in T.thread_binding(B * Tn, thread="blockIdx.x"):
+            for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                p = T.Bind(pos[bt // Tn, bt % Tn])
+                if p >= 0:
+                    pg = T.Bind(pt[bt // Tn, p // page])
+                    cache[pg, 0, tx // head_dim, p % page, tx % head_dim] = T.Cast(
+                        "float16", k[bt // Tn, bt % Tn, tx // head_dim, tx % head_dim])
+                    cache[pg, 1, tx // head_dim, p % page, tx % head_dim] = T.Cast(
+                        "float16", v[bt // Tn, bt % Tn, tx // head_dim, tx % head_dim])
+    return append
+
+
+def paged_decode_func(heads: int, kv_heads: int, head_dim: int, page: int, scale: float, window: int = 0):
+    """o[B, T, H, D] = softmax(q k^T * scale, causal/window by position) v over the fp16 paged cache."""
+    LPT = 8  # lanes per token
+    E = head_dim // LPT
+    if head_dim % LPT or E % 8:
+        raise ValueError(f"paged decode kernel needs head_dim a multiple of 64, got {head_dim}")
+    NT = 256
+    G = NT // LPT  # tokens in flight per block
+    rep = heads // kv_heads
+    sc = float(scale)
+
+    @T.prim_func(private=True)
+    def attn(var_q: T.handle, var_cache: T.handle, var_pt: T.handle, var_pos: T.handle, var_o: T.handle):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+        P, B, Tn, MP = T.int64(), T.int64(), T.int64(), T.int64()
+        q = T.match_buffer(var_q, (B, Tn, heads, head_dim), "float32")
+        cache = T.match_buffer(var_cache, (P, 2, kv_heads, page, head_dim), "float16")
+        pt = T.match_buffer(var_pt, (B, MP), "int32")
+        pos = T.match_buffer(var_pos, (B, Tn), "int32")
+        o = T.match_buffer(var_o, (B, Tn, heads, head_dim), "float32")
+        for blk in T.thread_binding(B * Tn * heads, thread="blockIdx.x"):
+            for tx in T.thread_binding(NT, thread="threadIdx.x"):
+                ql = T.alloc_buffer((E,), "float32", scope="local")
+                kl = T.alloc_buffer((E,), "float16", scope="local")
+                vl = T.alloc_buffer((E,), "float16", scope="local")
+                acc = T.alloc_buffer((E,), "float32", scope="local")
+                st = T.alloc_buffer((4,), "float32", scope="local")  # m, l, s, corr
+                sm_m = T.alloc_buffer((G,), "float32", scope="shared")
+                sm_l = T.alloc_buffer((G,), "float32", scope="shared")
+                sm_o = T.alloc_buffer((G, head_dim), "float32", scope="shared")
+                b = T.Bind(blk // (Tn * heads))
+                t = T.Bind(blk // heads % Tn)
+                h = T.Bind(blk % heads)
+                hk = T.Bind(h // rep)
+                grp = T.Bind(tx // LPT)
+                sub = T.Bind(tx % LPT)
+                p = T.Bind(pos[b, t])
+                lo = T.Bind(T.max(p - window + 1, 0) if window > 0 else T.int32(0))
+                for j0 in T.unroll(E // 4):
+                    for j in T.vectorized(4):
+                        ql[j0 * 4 + j] = q[b, t, h, sub * E + j0 * 4 + j] * T.float32(sc)
+                for j in T.unroll(E):
+                    acc[j] = T.float32(0)
+                st[0] = T.float32(_NEG)
+                st[1] = T.float32(0)
+                for it in range((p - lo + G) // G):
+                    tok = T.Bind(lo + it * G + grp)
+                    if tok <= p:
+                        pg = T.Bind(pt[b, tok // page])
+                        for j0 in T.unroll(E // 8):
+                            for j in T.vectorized(8):
+                                kl[j0 * 8 + j] = cache[pg, 0, hk, tok % page, sub * E + j0 * 8 + j]
+                        for j0 in T.unroll(E // 8):
+                            for j in T.vectorized(8):
+                                vl[j0 * 8 + j] = cache[pg, 1, hk, tok % page, sub * E + j0 * 8 + j]
+                        st[2] = T.float32(0)
+                        for j in T.unroll(E):
+                            st[2] = st[2] + ql[j] * T.Cast("float32", kl[j])
+                        for sh in T.unroll(3):
+                            st[2] = st[2] + T.tvm_warp_shuffle_xor(T.tvm_warp_activemask(), st[2],
+                                                                    T.shift_left(1, sh), 32, 32)
+                        st[3] = T.max(st[0], st[2])
+                        st[1] = st[1] * T.exp(st[0] - st[3]) + T.exp(st[2] - st[3])
+                        for j in T.unroll(E):
+                            acc[j] = acc[j] * T.exp(st[0] - st[3]) + T.exp(st[2] - st[3]) * T.Cast("float32", vl[j])
+                        st[0] = st[3]
+                if sub == 0:
+                    sm_m[grp] = st[0]
+                    sm_l[grp] = st[1]
+                for j in T.unroll(E):
+                    sm_o[grp, sub * E + j] = acc[j]
+                T.tvm_storage_sync("shared")
+                if tx < head_dim:
+                    st[0] = T.float32(_NEG)
+                    for gi in range(G):
+                        st[0] = T.max(st[0], sm_m[gi])
+                    st[1] = T.float32(0)
+                    st[2] = T.float32(0)
+                    for gi in range(G):
+                        st[3] = T.exp(sm_m[gi] - st[0])
+                        st[1] = st[1] + sm_l[gi] * st[3]
+                        st[2] = st[2] + sm_o[gi, tx] * st[3]
+                    o[b, t, h, tx] = T.if_then_else(p >= 0, st[2] / T.max(st[1], T.float32(1e-30)), T.float32(0))
+    return attn
+
+
+def gather_kv_func(kv_heads: int, head_dim: int, page: int):
+    """K, V [B, Hkv, MP*page, D] fp16 gathered from the paged cache (prefill attention input)."""
+    @T.prim_func(private=True)
+    def gather(var_cache: T.handle, var_pt: T.handle, var_k: T.handle, var_v: T.handle):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+        P, B, MP = T.int64(), T.int64(), T.int64()
+        cache = T.match_buffer(var_cache, (P, 2, kv_heads, page, head_dim), "float16")
+        pt = T.match_buffer(var_pt, (B, MP), "int32")
+        k = T.match_buffer(var_k, (B, kv_heads, MP * page, head_dim), "float16")
+        v = T.match_buffer(var_v, (B, kv_heads, MP * page, head_dim), "float16")
+        for blk in T.thread_binding(B * kv_heads * MP * page, thread="blockIdx.x"):
+            for tx in T.thread_binding(head_dim // 8, thread="threadIdx.x"):
+                b = T.Bind(blk // (kv_heads * MP * page))
+                hk = T.Bind(blk // (MP * page) % kv_heads)
+                s = T.Bind(blk % (MP * page))
+                pg = T.Bind(T.max(pt[b, s // page], 0))
+                for j in T.vectorized(8):
+                    k[b, hk, s, tx * 8 + j] = cache[pg, 0, hk, s % page, tx * 8 + j]
+                for j in T.vectorized(8):
+                    v[b, hk, s, tx * 8 + j] = cache[pg, 1, hk, s % page, tx * 8 + j]
+    return gather
+
+
+# -- weight packing (numpy on the build host, torch on the GPU host: same layout) -------------------
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 codes [N, Kp] -> the kernel's code array (int4: 8 codes per int32 word)."""
+    codes = np.ascontiguousarray(codes, dtype=np.uint8)
+    if bits == 8:
+        return codes
+    n, k = codes.shape
+    c = codes.reshape(n, k // 8, 8).astype(np.uint32)
+    words = np.zeros((n, k // 8), dtype=np.uint32)
+    for j in range(8):
+        words |= (c[..., j] & 15) << (4 * j)
+    return words.view(np.int32)
+
+
+def packed_shapes(n: int, k: int, bits: int, group: int, sym: bool) -> list[tuple[tuple[int, ...], str]]:
+    g = group or k
+    ng = (k + g - 1) // g
+    out = [((n, k if bits == 8 else k // 8), "uint8" if bits == 8 else "int32"), ((n, ng), "float16")]
+    if not sym:
+        out.append(((n, ng), "float16"))
+    return out

@@ -1,0 +1,189 @@
+"""Target `cuda`. Build-side tests run anywhere; tests marked `gpu` need an NVIDIA GPU and run against
+artifacts built beforehand (KILN_CUDA_ARTIFACTS, see tests/cuda_models.py) or built here when TVM's
+compiler is installed."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from cuda_models import MODELS, artifact_name, build, make_model
+
+
+def _has_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def _has_compiler() -> bool:
+    return importlib.util.find_spec("tvm") is not None and not os.environ.get("TVM_USE_RUNTIME_LIB")
+
+
+gpu = pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU")
+compiler = pytest.mark.skipif(not _has_compiler(), reason="needs TVM's compiler")
+
+
+@pytest.fixture(scope="session")
+def cuda_dir(tmp_path_factory):
+    d = os.environ.get("KILN_CUDA_ARTIFACTS")
+    if d:
+        return d
+    if not _has_compiler():
+        pytest.skip("no prebuilt cuda artifacts (KILN_CUDA_ARTIFACTS) and no TVM compiler to build them")
+    return str(tmp_path_factory.mktemp("cuda"))
+
+
+def _artifact(cuda_dir: str, model: str, variant: str) -> str:
+    path = os.path.join(cuda_dir, artifact_name(model, variant))
+    if not os.path.exists(os.path.join(path, "manifest.json")):
+        if not _has_compiler():
+            pytest.skip(f"artifact {path} was not built")
+        build(cuda_dir, models=(model,), variants=(variant,))
+    return path
+
+
+# -- build side (no GPU) -----------------------------------------------------------------------------
+
+@compiler
+def test_build_lists_kernels_and_layout(cuda_dir):
+    path = _artifact(cuda_dir, "tiny-llama", "int4")
+    man = json.load(open(os.path.join(path, "manifest.json")))
+    assert man["target"]["name"] == "cuda" and man["target"]["arch"] == "sm_90a"
+    assert man["target"]["compute_capability"] == "9.0"
+    assert man["weights_included"] is False and not os.path.exists(os.path.join(path, "weights.safetensors"))
+    assert all(t["dtype"] == "float16" for t in man["kv_cache"]["tensors"])
+    ks = man["kernels"]
+    assert any(k.startswith("cuda_gemv_") and "_4_128_" in k for k in ks)  # int4 GEMV for decode
+    assert any(k.startswith("cuda_dequant_") for k in ks)  # dequantize + GEMM for prefill
+    assert any(k.startswith("cuda_paged_decode_") for k in ks)
+    # the fields a quantized linear needs, in the documented shapes: codes [N, K/8] int32, scales/zs [N, K/128]
+    q = [w for w in man["weights"] if w["transform"].startswith("cuda_q4g128a")]
+    codes = [w for w in q if w["transform"].endswith(":0")]
+    assert codes and all(w["dtype"] == "int32" for w in codes)
+    assert all(w["shape"][1] * 8 % 128 == 0 for w in codes)
+
+
+@compiler
+def test_numpy_and_torch_packers_agree_and_dequantize_exactly():
+    from kiln.quant import dequantize, parse_scheme, rtn
+    from kiln.runtime.cuda_weights import pack_codes_torch
+    from kiln.targets.cuda import pack_cuda
+    torch.manual_seed(0)
+    w = torch.randn(24, 200)  # K=200: a ragged last group, padded
+    sch = parse_scheme("int4_g64")
+    q, s, z = rtn(w, sch)
+    arrays = [pack_cuda([q.numpy(), s.numpy(), z.numpy()], f"cuda_q4g64a:{i}") for i in range(3)]
+    kp = 256
+    qp = torch.cat([q, z[:, -1:].round().to(q.dtype).expand(-1, kp - 200)], 1)
+    assert np.array_equal(arrays[0], pack_codes_torch(qp, 4).numpy())
+    # unpack the kernel layout by hand and dequantize as the kernel does: q*s + zs
+    words = arrays[0].view(np.uint32)
+    codes = np.stack([(words >> (4 * j)) & 15 for j in range(8)], -1).reshape(24, kp)
+    sc = np.repeat(arrays[1].astype(np.float32), 64, 1)
+    zs = np.repeat(arrays[2].astype(np.float32), 64, 1)
+    got = (codes * sc + zs)[:, :200]
+    ref = dequantize(q, s, z, 64).numpy()
+    assert np.abs(got - ref).max() < 2e-2 * np.abs(ref).max()  # fp16 scales
+    assert np.abs(got[:, :200] - ref).mean() < 2e-3
+
+
+@compiler
+def test_unsupported_options_are_refused_with_the_fix():
+    import kiln
+    from kiln.errors import KilnError
+    m = make_model("tiny-llama", meta=True)
+    with pytest.raises(KilnError, match="kv-quant"):
+        kiln.compile(m, target="cuda", kv_quant="int8", pack_weights=False, max_context=64)
+    with pytest.raises(KilnError, match="sm_"):
+        kiln.compile(m, target="cuda", pack_weights=False, max_context=64, target_options={"arch": "sm_70"})
+
+
+@compiler
+def test_engine_refuses_cuda_artifact_without_gpu(cuda_dir):
+    if _has_gpu():
+        pytest.skip("this host has a GPU")
+    import kiln
+    from kiln.runtime.artifact import ArtifactError
+    path = _artifact(cuda_dir, "tiny-llama", "fp16")
+    with pytest.raises(ArtifactError, match="no CUDA GPU"):
+        kiln.load(path)
+
+
+# -- on the GPU --------------------------------------------------------------------------------------
+
+def _engine_and_reference(path: str, model: str):
+    """The kiln engine with weights made on the GPU, and an fp32 reference model computing with the same
+    (fp16-rounded or dequantized) weights."""
+    from kiln.runtime.cuda_weights import WeightMaker, tensors_of
+    from kiln.runtime.engine import Engine
+    ref = make_model(model, device="cuda").float()
+    maker = WeightMaker(tensors_of(ref))
+    man = json.load(open(os.path.join(path, "manifest.json")))
+    weights = maker.all(man)
+    eng = Engine(path, kv_cache_tokens=4096, weights=weights)
+    with torch.no_grad():  # the reference sees exactly the values the kernels compute with
+        for name, p in ref.named_parameters():
+            if name in maker.dequantized:
+                p.copy_(maker.dequantized[name])
+            elif p.dim() == 2:
+                p.copy_(p.half().float())
+    return eng, ref
+
+
+@gpu
+@pytest.mark.parametrize("model,variant", [(m, v) for m in MODELS for v in ("fp16", "int8", "int4")])
+def test_generation_matches_reference(cuda_dir, model, variant):
+    """Prefill (tensor-core path) and decode (GEMV + paged kernels) against the fp32 reference: logits
+    at fp16 tolerance, for ragged batches (batch 3 on the GEMV path, batch 12 on the batched path)."""
+    path = _artifact(cuda_dir, model, variant)
+    eng, ref = _engine_and_reference(path, model)
+    vocab = MODELS[model][0]["vocab_size"]
+    g = torch.Generator().manual_seed(7)
+    for batch in (3, 12):
+        prompts = [torch.randint(0, vocab, (int(n),), generator=g).tolist()
+                   for n in torch.randint(5, 60, (batch,), generator=g)]
+        steps = 40  # passes the sliding window (24) of tiny-window
+        seqs = [list(p) for p in prompts]
+        logits = []
+        pages = [eng.pool.alloc(eng.pool.pages_for(len(p) + steps)) for p in prompts]
+        try:
+            first = [eng.prefill(p, pg) for p, pg in zip(prompts, pages)]
+            logits.append(np.stack(first))
+            for s, lg in zip(seqs, first):
+                s.append(int(np.argmax(lg)))
+            for _ in range(steps - 1):
+                lg = eng.decode([s[-1] for s in seqs], [len(s) - 1 for s in seqs], pages)
+                logits.append(lg)
+                for s, row in zip(seqs, lg):
+                    s.append(int(np.argmax(row)))
+        finally:
+            for pg in pages:
+                eng.pool.release(pg)
+        got = np.stack(logits, 1)  # [batch, steps, vocab]
+        for i, s in enumerate(seqs):
+            with torch.no_grad():
+                r = ref(torch.tensor([s], device="cuda")).logits[0, len(prompts[i]) - 1:-1].float().cpu().numpy()
+            err = np.abs(got[i] - r).max() / np.abs(r).max()
+            assert err < 3e-2, f"{model}-{variant} batch {batch} sequence {i}: relative error {err:.3g}"
+            agree = (got[i].argmax(-1) == r.argmax(-1)).mean()
+            assert agree > 0.9, f"{model}-{variant}: greedy tokens agree on {agree:.0%} of steps"
+
+
+@gpu
+def test_wrong_architecture_is_refused(cuda_dir, tmp_path):
+    import shutil
+
+    from kiln.runtime.artifact import ArtifactError
+    from kiln.runtime.engine import Engine
+    src = _artifact(cuda_dir, "tiny-llama", "fp16")
+    dst = tmp_path / "other-arch"
+    shutil.copytree(src, dst)
+    man = json.load(open(dst / "manifest.json"))
+    man["target"]["arch"], man["target"]["compute_capability"] = "sm_80", "8.0"
+    json.dump(man, open(dst / "manifest.json", "w"))
+    with pytest.raises(ArtifactError, match="compute capability"):
+        Engine(str(dst), verify=False, weights={})
+
