@@ -25,13 +25,24 @@ def cmd_build(a: argparse.Namespace) -> int:
         quant["calib"] = a.calib or "lee"
     if getattr(a, "attention", None):
         quant["attention"] = a.attention
+    for k in ("prune", "sparsify", "distill_steps"):
+        if getattr(a, k, None):
+            quant[k] = getattr(a, k)
+    if a.sparsify:
+        quant["sparsify_method"] = a.sparsify_method
+    if a.distill_steps:
+        quant["calib"] = a.calib or "lee"
+    if a.target == "cuda":
+        quant["target_options"] = {"arch": a.cuda_arch, "gemm": a.cuda_gemm}
+    if a.no_weights:
+        quant["pack_weights"] = False
     if a.target == "mlir":
         quant["mlir_forms"] = a.mlir_form or ["linalg-on-tensors"]
         if a.mlir_static:
             quant["mlir_static"] = {k: int(v) for k, v in (kv.split("=") for kv in a.mlir_static.split(","))}
     path, hit = cached_build(a.model, a.output, target=a.target, passes=a.passes, max_context=a.max_context,
                              progress=show, use_cache=not a.no_cache, dump_ir=a.dump_ir,
-                             **{k: v for k, v in quant.items() if v})
+                             **{k: v for k, v in quant.items() if v or k == "pack_weights"})
     from kiln.runtime.artifact import read_manifest
     m = read_manifest(path)
     if hit:
@@ -112,8 +123,19 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("build", help="compile a model into an artifact directory")
     b.add_argument("model", help="built-in name (smollm2-135m), a .gguf file, or a transformers folder")
     b.add_argument("-o", "--output", required=True, help="artifact directory to write")
-    b.add_argument("--target", default="cpu", choices=["cpu", "pim", "mlir"],
-                   help="cpu (TVM LLVM), pim (simulated HBM-PIM; runs functionally on the CPU), mlir (torch-mlir)")
+    b.add_argument("--target", default="cpu", choices=["cpu", "cuda", "pim", "mlir"],
+                   help="cpu (TVM LLVM), cuda (NVIDIA GPU; built here, run with TVM's runtime), pim (simulated "
+                        "HBM-PIM; runs functionally on the CPU), mlir (torch-mlir)")
+    b.add_argument("--cuda-arch", default="sm_90a", help="GPU architecture for --target cuda (sm_80, sm_90a, ...)")
+    b.add_argument("--cuda-gemm", default="cublas", choices=["cublas", "tvm"],
+                   help="prefill GEMMs: cuBLAS tensor cores at run time, or TVM's own CUDA-core schedules")
+    b.add_argument("--no-weights", action="store_true", help="build from shapes alone; weights are supplied at "
+                   "load time (Engine(path, weights=...))")
+    b.add_argument("--prune", default=None, help="structured pruning, e.g. heads=0.2,ffn=0.2,layers=2")
+    b.add_argument("--sparsify", default=None, help="unstructured ratio (0.5) or pattern (2:4)")
+    b.add_argument("--sparsify-method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
+    b.add_argument("--distill-steps", type=int, default=0, help="distillation recovery steps after pruning "
+                   "(on the calibration text)")
     b.add_argument("--mlir-form", action="append", default=None,
                    choices=["torch", "linalg-on-tensors", "tosa", "stablehlo"], help="MLIR output form (repeatable)")
     b.add_argument("--mlir-static", default=None, help="fixed sizes, e.g. batch=1,tokens=128,max_pages=8,pages=64 "

@@ -82,4 +82,140 @@ def prepare(manifest: dict):
     def _compile(code, *_):
         return compile_source(str(code), arch)
     tvm_ffi.register_global_func("tvm_callback_cuda_compile", _compile, override=True)
+    _register_gemm(dev)
     return dev
+
+
+# -- tensor-core GEMMs through cuBLAS (the library's `kiln.cuda.gemm_*` calls) ----------------------
+
+def _find_lib(env: str, names: tuple[str, ...]) -> ctypes.CDLL | None:
+    import glob
+    cands = [os.environ.get(env)] if os.environ.get(env) else []
+    cands += list(names)
+    for d in ("/usr/local/cuda/lib64", "/usr/local/cuda/targets/x86_64-linux/lib"):
+        cands += sorted(glob.glob(os.path.join(d, names[0].split(".so")[0] + ".so*")))
+    for c in cands:
+        try:
+            return ctypes.CDLL(c, ctypes.RTLD_GLOBAL)
+        except OSError:
+            continue
+    return None
+
+
+class _Cublas:
+    OP_N, OP_T, R_16F, R_32F, COMPUTE_32F, ALGO_DEFAULT = 0, 1, 2, 0, 68, -1
+
+    def __init__(self, dev) -> None:
+        lib = _find_lib("KILN_CUBLAS", ("libcublas.so.13", "libcublas.so.12", "libcublas.so"))
+        if lib is None:
+            raise ArtifactError("this cuda artifact runs its GEMMs through cuBLAS, which was not found: install the "
+                                "CUDA toolkit's libcublas (or set KILN_CUBLAS to it), or rebuild with "
+                                "target_options={'gemm': 'tvm'}")
+        self.lib, self.dev = lib, dev
+        self.handle = ctypes.c_void_p()
+        if lib.cublasCreate_v2(ctypes.byref(self.handle)):
+            raise ArtifactError("cublasCreate failed: is the GPU usable?")
+        self.one, self.zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
+        p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_float)
+        lib.cublasGemmStridedBatchedEx.argtypes = [p, i, i, i, i, i, f, p, i, i, ctypes.c_longlong, p, i, i,
+                                                   ctypes.c_longlong, f, p, i, i, ctypes.c_longlong, i, i, i]
+        lib.cublasSetStream_v2.argtypes = [p, p]
+
+    def _gemm(self, a, b, c, nt: bool) -> None:
+        """Row-major c[batch, m, n] = a[batch, m, k] @ (b[batch, n, k]^T if nt else b[batch, k, n]).
+        b may have no batch dims (a weight shared by every row)."""
+        import tvm_ffi
+        self.lib.cublasSetStream_v2(self.handle, ctypes.c_void_p(tvm_ffi.get_raw_stream(self.dev)))
+        ash, bsh, csh = [int(x) for x in a.shape], [int(x) for x in b.shape], [int(x) for x in c.shape]
+        m, n = csh[-2], csh[-1]
+        k = ash[-1]
+        batch = 1
+        for d in csh[:-2]:
+            batch *= d
+        if len(bsh) == 2:  # weight: fold the batch into m
+            m, batch = m * batch, 1
+        sb = 0 if len(bsh) == 2 else bsh[-1] * bsh[-2]
+        # column-major view: c^T[n, m] = op(b) [n, k] @ a^T [k, m]
+        err = self.lib.cublasGemmStridedBatchedEx(
+            self.handle, self.OP_T if nt else self.OP_N, self.OP_N, n, m, k, ctypes.byref(self.one),
+            ctypes.c_void_p(b.data_ptr()), self.R_16F, k if nt else n, sb,
+            ctypes.c_void_p(a.data_ptr()), self.R_16F, k, m * k,
+            ctypes.byref(self.zero), ctypes.c_void_p(c.data_ptr()), self.R_32F, n, m * n,
+            batch, self.COMPUTE_32F, self.ALGO_DEFAULT)
+        if err:
+            raise RuntimeError(f"cublasGemmStridedBatchedEx failed with status {err} for {ash} x {bsh}")
+
+
+def _register_gemm(dev) -> None:
+    if "cublas" in _STATE:
+        return
+    import tvm_ffi
+    _STATE["cublas"] = None
+
+    def blas():
+        if _STATE["cublas"] is None:
+            _STATE["cublas"] = _Cublas(dev)
+        return _STATE["cublas"]
+    tvm_ffi.register_global_func("kiln.cuda.gemm_nt", lambda a, b, c: blas()._gemm(a, b, c, True), override=True)
+    tvm_ffi.register_global_func("kiln.cuda.gemm_nn", lambda a, b, c: blas()._gemm(a, b, c, False), override=True)
+
+
+# -- decode steps replayed as CUDA graphs ----------------------------------------------------------
+
+class _Cudart:
+    def __init__(self) -> None:
+        lib = _find_lib("KILN_CUDART", ("libcudart.so.13", "libcudart.so.12", "libcudart.so"))
+        if lib is None:
+            raise RuntimeError("libcudart not found")
+        self.lib = lib
+        p = ctypes.c_void_p
+        lib.cudaStreamBeginCapture.argtypes = [p, ctypes.c_int]
+        lib.cudaStreamEndCapture.argtypes = [p, ctypes.POINTER(p)]
+        lib.cudaGraphInstantiate.argtypes = [ctypes.POINTER(p), p, ctypes.c_ulonglong]
+        lib.cudaGraphLaunch.argtypes = [p, p]
+        lib.cudaStreamSynchronize.argtypes = [p]
+
+    def check(self, err: int, what: str) -> None:
+        if err:
+            raise RuntimeError(f"{what} failed with CUDA error {err}")
+
+
+class GraphRunner:
+    """Runs one entry point at fixed shapes as a captured CUDA graph: inputs are copied into tensors
+    the graph owns, the kernels replay with one launch, and the output tensor is the graph's.
+
+    Captured once per (entry point, batch); the caches and weights are the engine's own tensors, so
+    a replay updates the same paged cache a plain call would."""
+
+    def __init__(self, engine) -> None:
+        self.eng = engine
+        self.rt = _Cudart()
+        self.stream = engine.device.create_raw_stream()
+        self.graphs: dict = {}
+
+    def run(self, fn: str, arrays: list) -> "object":
+        import numpy as np
+        import tvm_ffi
+        key = (fn,) + tuple(a.shape for a in arrays)
+        g = self.graphs.get(key)
+        eng = self.eng
+        if g is None:
+            ins = [eng._t(np.ascontiguousarray(a)) for a in arrays]
+            with tvm_ffi.use_raw_stream(eng.device, self.stream):
+                for _ in range(2):  # warm the allocator so the captured run allocates nothing new
+                    eng.vm[fn](*ins, eng.caches, eng.weights)
+                self.rt.check(self.rt.lib.cudaStreamSynchronize(ctypes.c_void_p(self.stream)), "sync")
+                self.rt.check(self.rt.lib.cudaStreamBeginCapture(ctypes.c_void_p(self.stream), 2), "begin capture")
+                out = eng.vm[fn](*ins, eng.caches, eng.weights)
+                graph = ctypes.c_void_p()
+                self.rt.check(self.rt.lib.cudaStreamEndCapture(ctypes.c_void_p(self.stream), ctypes.byref(graph)),
+                              "end capture")
+            exe = ctypes.c_void_p()
+            self.rt.check(self.rt.lib.cudaGraphInstantiate(ctypes.byref(exe), graph, 0), "graph instantiate")
+            g = self.graphs[key] = (exe, ins, out)
+        exe, ins, out = g
+        for t, a in zip(ins, arrays):
+            t.copyfrom(np.ascontiguousarray(a))
+        self.rt.check(self.rt.lib.cudaGraphLaunch(exe, ctypes.c_void_p(self.stream)), "graph launch")
+        self.rt.check(self.rt.lib.cudaStreamSynchronize(ctypes.c_void_p(self.stream)), "sync")
+        return out

@@ -50,12 +50,17 @@ class WeightMaker:
             return self.tensors[name]
         key = (m["base"], m["scheme"])
         if key not in self._quant:
-            from kiln.quant import dequantize, parse_scheme, rtn
+            from kiln.quant import parse_scheme, rtn
             scheme = parse_scheme(m["scheme"])
             w = self.tensors[m["base"]].float()
             q, s, z = rtn(w, scheme)
             self._quant[key] = {"codes": q, "scales": s, "zeros": z}
-            self.dequantized[m["base"]] = dequantize(q, s, z, scheme.group_for(w.shape[1])).to(torch.float32)
+            # what the kernels compute with: fp16 scales and fp16 zs = -z * s (value = q * s + zs)
+            g = scheme.group_for(w.shape[1])
+            s16 = s.half().float()
+            zs16 = -z * s16 if scheme.sym else (-z * s).half().float()
+            self.dequantized[m["base"]] = (q.float() * s16.repeat_interleave(g, 1)[:, :q.shape[1]]
+                                           + zs16.repeat_interleave(g, 1)[:, :q.shape[1]])
         return self._quant[key][m["part"]]
 
     def field(self, spec: dict):

@@ -47,7 +47,8 @@ class _Seq:
 class Engine:
     """Serve one artifact. `kv_cache_tokens` sizes the page pool (tokens over all sequences)."""
 
-    def __init__(self, path: str, kv_cache_tokens: int = 8192, verify: bool = True, weights: dict | None = None) -> None:
+    def __init__(self, path: str, kv_cache_tokens: int = 8192, verify: bool = True, weights: dict | None = None,
+                 cuda_graphs: bool = True) -> None:
         _threads()
         self.path = path
         self.manifest = read_manifest(path)
@@ -77,6 +78,11 @@ class Engine:
         self.caches = tuple(self._zeros(tuple(self.pool.num_pages if d == "pages" else int(d) for d in t["shape"]),
                                         t["dtype"]) for t in kv["tensors"])
         self.gemv_max_batch = int(self.manifest.get("target", {}).get("gemv_max_batch", 0))
+        self._graphs = None
+        if self.on_gpu and cuda_graphs:  # decode steps replay as CUDA graphs (one launch per step)
+            from .cuda import GraphRunner
+            self._graphs = GraphRunner(self)
+            self._pt_width = -(-self.max_context // self.page_size)
         self.tokenizer = None
         tok_dir = os.path.join(path, "tokenizer")
         if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
@@ -147,6 +153,11 @@ class Engine:
         x = np.asarray(tokens, dtype=np.int64)[:, None]
         pos = np.asarray(positions, dtype=np.int32)[:, None]
         fn = "decode_batched" if self.gemv_max_batch and len(tokens) > self.gemv_max_batch else "decode"
+        if self._graphs is not None:
+            pt = np.zeros((len(pages), self._pt_width), dtype=np.int32)
+            for i, r in enumerate(pages):
+                pt[i, :len(r)] = r
+            return self._graphs.run(fn, [x, pos, pt]).numpy()[:, -1]
         out = self.vm[fn](self._t(x), self._t(pos), self._t(page_table(pages)), self.caches, self.weights)
         return out.numpy()[:, -1]
 

