@@ -95,40 +95,32 @@ def hf_decode(model, ids, new: int) -> tuple[float, float]:
     return t1, (new - 1) / (tn - t1)
 
 
-def compiled_decode(model, prompt: list[int], new: int) -> tuple[float, float]:
-    """The gpt-fast recipe through transformers: a static KV cache and the one-token forward compiled
-    with torch.compile(mode="reduce-overhead") (CUDA graphs). Returns (compile seconds, tokens/s)."""
-    import torch
-    from transformers import StaticCache
-    length = len(prompt) + new + 16
-    try:
-        cache = StaticCache(config=model.config, max_cache_len=length)
-    except TypeError:
-        cache = StaticCache(config=model.config, max_batch_size=1, max_cache_len=length, device="cuda",
-                            dtype=torch.float16)
-
-    def fwd(tok, pos):
-        return model(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True).logits
-    step = torch.compile(fwd, mode="reduce-overhead")
-    ids = torch.tensor([prompt], device="cuda")
-
-    def run(n):
-        with torch.no_grad():
-            logits = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(len(prompt), device="cuda"),
-                           use_cache=True).logits
-            tok = logits[:, -1:].argmax(-1)
-            _sync()
-            t = time.perf_counter()
-            for i in range(n):
-                torch.compiler.cudagraph_mark_step_begin()
-                out = step(tok, torch.tensor([len(prompt) + i], device="cuda"))
-                tok = out[:, -1:].argmax(-1).clone()
-            _sync()
-            return time.perf_counter() - t
+def compiled_generate(model, ids, new: int) -> tuple[float, float]:
+    """transformers' own torch.compile path: generate() with a static cache compiles the decoding
+    step (fullgraph, mode="reduce-overhead": CUDA graphs) — the gpt-fast recipe as transformers ships
+    it. Returns (seconds of the first, compiling call, decode tokens/s)."""
+    model.generation_config.cache_implementation = "static"
     t = time.perf_counter()
-    run(4)
+    hf_decode(model, ids, 8)
     compile_s = time.perf_counter() - t
-    return compile_s, new / run(new)
+    return compile_s, hf_decode(model, ids, new)[1]
+
+
+def profile_decode(path: str, weights: dict, prompt: list[int], top: int = 18) -> None:
+    """Per-kernel GPU time of kiln decode steps (graphs off, so each kernel is seen), via torch's profiler."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from kiln.runtime.engine import Engine
+    eng = Engine(path, kv_cache_tokens=1024, weights=weights, verify=False, cuda_graphs=False)
+    pages = eng.pool.alloc(eng.pool.pages_for(len(prompt) + 16))
+    eng.prefill(prompt, pages)
+    eng.decode([1], [len(prompt)], [pages])
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(4):
+            eng.decode([1], [len(prompt) + i], [pages])
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70), flush=True)
+    del eng
 
 
 def kiln_bench(path: str, weights: dict, prompt: list[int], new: int, batches: list[int], long_prompt: list[int]):
@@ -208,6 +200,8 @@ def run(art: str, models: list[str], variants: list[str], baselines: list[str], 
             # bytes streamed per token: every field but an untied embedding table (one row is read)
             streamed = sum(_nbytes(weights[s["name"]]) for s in man["weights"]
                            if cfg.tie_word_embeddings or not all(x.startswith("model.embed_tokens") for x in s["sources"]))
+            if os.environ.get("KILN_PROFILE"):
+                profile_decode(path, weights, prompt)
             r = kiln_bench(path, weights, prompt, new, batches, long_prompt)
             del weights
             torch.cuda.empty_cache()
@@ -216,7 +210,7 @@ def run(art: str, models: list[str], variants: list[str], baselines: list[str], 
                 dict(r, weights_made_s=made, **{f"{k}_x_roofline": r[k] / ttft_roof[k] for k in ttft_roof}))
         if "compile" in baselines:
             try:
-                compile_s, tok_s = compiled_decode(model, prompt, new)
+                compile_s, tok_s = compiled_generate(model, ids, new)
                 row("torch.compile-fp16", tok_s, fp16_bytes, {"compile_s": compile_s})
             except Exception as e:  # a baseline that fails is reported, not fatal
                 print(f"  {name} torch.compile baseline failed: {type(e).__name__}: {str(e)[:300]}", flush=True)

@@ -36,8 +36,9 @@ def tensors_of(model) -> dict[str, Any]:
 class WeightMaker:
     """Builds each manifest weight field from named torch tensors (fp16 or fp32, on one device)."""
 
-    def __init__(self, tensors: dict[str, Any]) -> None:
+    def __init__(self, tensors: dict[str, Any], keep_dequantized: bool = False) -> None:
         self.tensors = tensors
+        self.keep_dequantized = keep_dequantized
         self._quant: dict[tuple[str, str], tuple] = {}
         self.dequantized: dict[str, Any] = {}  # base weight -> the values the quantized kernels compute with
 
@@ -55,13 +56,17 @@ class WeightMaker:
             w = self.tensors[m["base"]].float()
             q, s, z = rtn(w, scheme)
             self._quant[key] = {"codes": q, "scales": s, "zeros": z}
-            # what the kernels compute with: fp16 scales and fp16 zs = -z * s (value = q * s + zs)
-            g = scheme.group_for(w.shape[1])
-            s16 = s.half().float()
-            zs16 = -z * s16 if scheme.sym else (-z * s).half().float()
-            self.dequantized[m["base"]] = (q.float() * s16.repeat_interleave(g, 1)[:, :q.shape[1]]
-                                           + zs16.repeat_interleave(g, 1)[:, :q.shape[1]])
+            if self.keep_dequantized:
+                self._keep(m["base"], scheme, q, s, z)
         return self._quant[key][m["part"]]
+
+    def _keep(self, base: str, scheme, q, s, z) -> None:
+        """Record the values the kernels compute with: fp16 scales and fp16 zs = -z * s (value = q*s + zs)."""
+        g = scheme.group_for(q.shape[1])
+        s16 = s.half().float()
+        zs16 = -z * s16 if scheme.sym else (-z * s).half().float()
+        k = q.shape[1]
+        self.dequantized[base] = q.float() * s16.repeat_interleave(g, 1)[:, :k] + zs16.repeat_interleave(g, 1)[:, :k]
 
     def field(self, spec: dict):
         import torch
@@ -89,4 +94,8 @@ class WeightMaker:
         return (-zeros * scales).to(torch.float16).contiguous()
 
     def all(self, manifest: dict) -> dict[str, Any]:
-        return {spec["name"]: self.field(spec) for spec in manifest["weights"]}
+        out = {}
+        for spec in manifest["weights"]:
+            out[spec["name"]] = self.field(spec)
+        self._quant.clear()  # codes/scales/zeros are packed now
+        return out

@@ -32,17 +32,27 @@ def _vec(bits: int) -> int:
     return {16: 8, 8: 16, 4: 32}[bits]
 
 
-def gemv_func(k: int, n: int, bits: int = 16, group: int = 0, sym: bool = True, bias: bool = False):
+def gemv_config(n: int, bits: int) -> tuple[int, int]:
+    """(rows per warp, 16-byte loads in flight per row and lane) for an output size n."""
+    rows = 2 if n >= 8192 else 1  # more rows per warp for large n; small n needs every warp it can get
+    return rows, (8 if bits == 16 else 4) // rows
+
+
+def gemv_func(k: int, n: int, bits: int = 16, group: int = 0, sym: bool = True, bias: bool = False,
+              rows: int | None = None, loads: int | None = None):
     """y[m, n] = x[m, k] @ W^T (+ bias) for small m; W fp16 (bits=16) or int8/int4 codes.
 
     `k` is the padded reduction size the weight arrays have (a multiple of the group); x has the
-    same k (the lowering zero-pads it)."""
+    same k (the lowering zero-pads it). Each warp owns `rows` output rows; each lane keeps
+    rows x `loads` 16-byte weight loads in flight, and reads each activation once for all its rows."""
     E = _vec(bits)
     if k % E:
         raise ValueError(f"GEMV reduction size {k} must be a multiple of {E} for {bits}-bit weights")
+    R0, U0 = gemv_config(n, bits)
+    R = rows or R0
     nvec = k // E
     iters = (nvec + 31) // 32
-    U = min(iters, 4 if bits == 16 else 2)  # loads in flight per lane
+    U = min(iters, loads or U0)
     outer = (iters + U - 1) // U
     g = group or k
     if bits != 16 and g % E:
@@ -53,16 +63,16 @@ def gemv_func(k: int, n: int, bits: int = 16, group: int = 0, sym: bool = True, 
     kw = k if bits != 4 else k // 8
     zc = float(2 ** (bits - 1)) if bits != 16 else 0.0
     has_zs = bits != 16 and not sym
-    nblk = (n + WARPS - 1) // WARPS
+    nblk = (n + WARPS * R - 1) // (WARPS * R)
     # arrays a variant does not read are passed as [1, 1] / [1] placeholders
     s_shape = (n, ng) if bits != 16 else (1, 1)
     zs_shape = (n, ng) if has_zs else (1, 1)
     b_shape = (n,) if bias else (1,)
 
-    def code(wl, u, j):
+    def code(wl, r, u, j):
         if bits == 8:
-            return T.Cast("float32", wl[u, j])
-        return T.Cast("float32", T.bitwise_and(T.shift_right(wl[u, j // 8], (j % 8) * 4), 15))
+            return T.Cast("float32", wl[r, u, j])
+        return T.Cast("float32", T.bitwise_and(T.shift_right(wl[r, u, j // 8], (j % 8) * 4), 15))
 
     @T.prim_func(private=True)
     def gemv(var_x: T.handle, w: T.Buffer((n, kw), wdt), s: T.Buffer(s_shape, "float16"),
@@ -75,48 +85,52 @@ def gemv_func(k: int, n: int, bits: int = 16, group: int = 0, sym: bool = True, 
             for bx in T.thread_binding(nblk, thread="blockIdx.x"):
                 for ty in T.thread_binding(WARPS, thread="threadIdx.y"):
                     for tx in T.thread_binding(32, thread="threadIdx.x"):
-                        acc = T.alloc_buffer((MB,), "float32", scope="local")
-                        wl = T.alloc_buffer((U, WE), wdt, scope="local")
+                        acc = T.alloc_buffer((R, MB), "float32", scope="local")
+                        wl = T.alloc_buffer((R, U, WE), wdt, scope="local")
                         xl = T.alloc_buffer((E,), "float32", scope="local")
                         part = T.alloc_buffer((2,), "float32", scope="local")
                         red = T.alloc_buffer((1,), "float32", scope="local")
-                        row = T.Bind(bx * WARPS + ty)
-                        for i in T.unroll(MB):
-                            acc[i] = T.float32(0)
-                        if row < n:
-                            for io in range(outer):
-                                for u in T.unroll(U):
-                                    if (io * U + u) * 32 + tx < nvec:
-                                        for j in T.vectorized(WE):
-                                            wl[u, j] = w[row, ((io * U + u) * 32 + tx) * WE + j]
-                                for u in T.unroll(U):
-                                    if (io * U + u) * 32 + tx < nvec:
-                                        for i in T.unroll(MB):
-                                            if mo * MB + i < m:
-                                                for j0 in T.unroll(E // 4):
-                                                    for j in T.vectorized(4):
-                                                        xl[j0 * 4 + j] = x[mo * MB + i, ((io * U + u) * 32 + tx) * E + j0 * 4 + j]
-                                                if bits == 16:
-                                                    for j in T.unroll(E):
-                                                        acc[i] = acc[i] + T.Cast("float32", wl[u, j]) * xl[j]
-                                                else:
-                                                    part[0] = T.float32(0)
-                                                    part[1] = T.float32(0)
-                                                    for j in T.unroll(E):
-                                                        part[0] = part[0] + code(wl, u, j) * xl[j]
-                                                        part[1] = part[1] + xl[j]
-                                                    if has_zs:
-                                                        acc[i] = acc[i] + T.Cast("float32", s[row, ((io * U + u) * 32 + tx) * E // g]) * part[0] + T.Cast("float32", zs[row, ((io * U + u) * 32 + tx) * E // g]) * part[1]
-                                                    else:
-                                                        acc[i] = acc[i] + T.Cast("float32", s[row, ((io * U + u) * 32 + tx) * E // g]) * (part[0] - T.float32(zc) * part[1])
+                        row0 = T.Bind((bx * WARPS + ty) * R)
+                        for r in T.unroll(R):
                             for i in T.unroll(MB):
-                                if mo * MB + i < m:
-                                    red[0] = acc[i]
+                                acc[r, i] = T.float32(0)
+                        for io in range(outer):
+                            for r in T.unroll(R):
+                                for u in T.unroll(U):
+                                    if (io * U + u) * 32 + tx < nvec and row0 + r < n:
+                                        for j in T.vectorized(WE):
+                                            wl[r, u, j] = w[row0 + r, ((io * U + u) * 32 + tx) * WE + j]
+                            for u in T.unroll(U):
+                                if (io * U + u) * 32 + tx < nvec:
+                                    for i in T.unroll(MB):
+                                        if mo * MB + i < m:
+                                            for j0 in T.unroll(E // 4):
+                                                for j in T.vectorized(4):
+                                                    xl[j0 * 4 + j] = x[mo * MB + i, ((io * U + u) * 32 + tx) * E + j0 * 4 + j]
+                                            for r in T.unroll(R):
+                                                if row0 + r < n:
+                                                    if bits == 16:
+                                                        for j in T.unroll(E):
+                                                            acc[r, i] = acc[r, i] + T.Cast("float32", wl[r, u, j]) * xl[j]
+                                                    else:
+                                                        part[0] = T.float32(0)
+                                                        part[1] = T.float32(0)
+                                                        for j in T.unroll(E):
+                                                            part[0] = part[0] + code(wl, r, u, j) * xl[j]
+                                                            part[1] = part[1] + xl[j]
+                                                        if has_zs:
+                                                            acc[r, i] = acc[r, i] + T.Cast("float32", s[row0 + r, ((io * U + u) * 32 + tx) * E // g]) * part[0] + T.Cast("float32", zs[row0 + r, ((io * U + u) * 32 + tx) * E // g]) * part[1]
+                                                        else:
+                                                            acc[r, i] = acc[r, i] + T.Cast("float32", s[row0 + r, ((io * U + u) * 32 + tx) * E // g]) * (part[0] - T.float32(zc) * part[1])
+                        for r in T.unroll(R):
+                            for i in T.unroll(MB):
+                                if mo * MB + i < m and row0 + r < n:
+                                    red[0] = acc[r, i]
                                     for sh in T.unroll(5):
                                         red[0] = red[0] + T.tvm_warp_shuffle_down(
                                             T.tvm_warp_activemask(), red[0], T.shift_right(16, sh), 32, 32)
                                     if tx == 0:
-                                        y[mo * MB + i, row] = red[0] + (b[row] if bias else T.float32(0))
+                                        y[mo * MB + i, row0 + r] = red[0] + (b[row0 + r] if bias else T.float32(0))
     return gemv
 
 

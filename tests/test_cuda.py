@@ -120,16 +120,19 @@ def _engine_and_reference(path: str, model: str):
     from kiln.runtime.cuda_weights import WeightMaker, tensors_of
     from kiln.runtime.engine import Engine
     ref = make_model(model, device="cuda").float()
-    maker = WeightMaker(tensors_of(ref))
+    if ref.lm_head.weight is ref.model.embed_tokens.weight:  # kiln may quantize the LM head and not the table
+        ref.lm_head.weight = torch.nn.Parameter(ref.lm_head.weight.detach().clone())
+    maker = WeightMaker(tensors_of(ref), keep_dequantized=True)
     man = json.load(open(os.path.join(path, "manifest.json")))
     weights = maker.all(man)
     eng = Engine(path, kv_cache_tokens=4096, weights=weights)
     with torch.no_grad():  # the reference sees exactly the values the kernels compute with
-        for name, p in ref.named_parameters():
-            if name in maker.dequantized:
-                p.copy_(maker.dequantized[name])
-            elif p.dim() == 2:
+        params = dict(ref.named_parameters())
+        for p in params.values():
+            if p.dim() == 2:
                 p.copy_(p.half().float())
+        for name, w in maker.dequantized.items():
+            params[name].copy_(w)
     return eng, ref
 
 
