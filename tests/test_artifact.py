@@ -54,8 +54,17 @@ def test_truncated_and_missing_files_are_refused(art):
 
 
 def test_wrong_target_is_refused(art):
-    _edit_manifest(art, lambda m: m["target"].update(name="cuda"))
-    with pytest.raises(ArtifactError, match="built for target 'cuda', not 'cpu'"):
+    _edit_manifest(art, lambda m: m["target"].update(name="tpu"))
+    with pytest.raises(ArtifactError, match="built for target 'tpu', not 'cpu'"):
+        kiln.load(str(art))
+
+
+def test_gpu_artifact_without_gpu_is_refused(art):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this host has a GPU")
+    _edit_manifest(art, lambda m: m["target"].update(name="cuda", arch="sm_90a", compute_capability="9.0"))
+    with pytest.raises(ArtifactError, match="no CUDA GPU is visible"):
         kiln.load(str(art))
 
 

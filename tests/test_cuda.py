@@ -22,7 +22,9 @@ def _has_compiler() -> bool:
     return importlib.util.find_spec("tvm") is not None and not os.environ.get("TVM_USE_RUNTIME_LIB")
 
 
-gpu = pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU")
+def gpu(test):
+    """Marked `gpu` (select with -m gpu) and skipped where no CUDA GPU is present."""
+    return pytest.mark.gpu(pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU")(test))
 compiler = pytest.mark.skipif(not _has_compiler(), reason="needs TVM's compiler")
 
 
