@@ -108,7 +108,6 @@ def compiled_generate(model, ids, new: int) -> tuple[float, float]:
 
 def profile_decode(path: str, weights: dict, prompt: list[int], top: int = 18) -> None:
     """Per-kernel GPU time of kiln decode steps (graphs off, so each kernel is seen), via torch's profiler."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     from kiln.runtime.engine import Engine

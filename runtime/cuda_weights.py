@@ -43,7 +43,6 @@ class WeightMaker:
         self.dequantized: dict[str, Any] = {}  # base weight -> the values the quantized kernels compute with
 
     def source(self, name: str):
-        import torch
         m = _DERIVED.match(name)
         if m is None:
             if name not in self.tensors:
@@ -80,7 +79,7 @@ class WeightMaker:
             raise ValueError(f"weight transform '{t}' is not a cuda layout")
         head, i = t[len("cuda_"):].split(":")
         bits, rest = head[1:].split("g")
-        bits, group, sym = int(bits), int(rest[:-1]), rest[-1] == "s"
+        bits, group = int(bits), int(rest[:-1])  # a symmetric scheme has no field 2
         n = len(srcs) // 3
         codes, scales, zeros = (torch.cat(srcs[j * n:(j + 1) * n], 0) for j in range(3))
         pad = -codes.shape[1] % group

@@ -21,7 +21,6 @@ import time
 from typing import Any
 
 import numpy as np
-import sympy
 import tvm
 from tvm import relax
 
@@ -30,7 +29,7 @@ from kiln.ir import Graph, Node
 
 from . import cuda_kernels as C
 from .cpu import BuildResult
-from .lower import LOWER, Lowering, _padded_k, _qkey, _tir
+from .lower import LOWER, Lowering, _padded_k, _qkey
 
 ARCHS = {"sm_80": "8.0", "sm_86": "8.6", "sm_89": "8.9", "sm_90": "9.0", "sm_90a": "9.0"}
 _CODEGEN_ARCH: dict[str, str] = {}  # see CudaTarget.tvm_target
@@ -134,11 +133,9 @@ def cuda_linear(f, x: relax.Expr, lead_shape, w: Node, fields: list[relax.Expr],
         bits, group, sym = q if q else (16, 0, True)
         gv = f.low.kernel(("cuda_gemv", kp, n_out, bits, group, "sym" if sym else "asym", bias is not None),
                           lambda: C.gemv_func(kp, n_out, bits, group, sym, bias is not None))
-        ng = -(-kp // (group or kp))
         s = fields[1] if q else _dummy(f, (1, 1), "float16")
         zs = fields[2] if q and not sym else _dummy(f, (1, 1), "float16")
         args = [x2, fields[0], s, zs, bias if bias is not None else _dummy(f, (1,), "float32")]
-        del ng
         y = f.emit(relax.call_tir(gv, args, relax.TensorType([m, n_out], "float32")))
     else:
         if q:
@@ -272,7 +269,6 @@ def _quant_act(f, n, xs):
 _CUDA_RULES = {"linear": _linear, "gated_mlp": _gated_mlp, "embedding": _embedding,
                "cached_attention": _cached_attention, "quant_act": _quant_act}
 assert all(k in LOWER for k in _CUDA_RULES)
-del sympy, _tir
 
 
 class CudaTarget:

@@ -134,11 +134,6 @@ def gemv_func(k: int, n: int, bits: int = 16, group: int = 0, sym: bool = True, 
     return gemv
 
 
-def gemv_args(bits: int, sym: bool, bias: bool) -> tuple[bool, bool, bool]:
-    """Which optional arrays (scales, zs, bias) a call passes (the kernel takes dummies for the rest)."""
-    return bits != 16, bits != 16 and not sym, bias
-
-
 def dequant_func(n: int, k: int, bits: int, group: int, sym: bool):
     """Quantized codes -> fp16 W[n, k] (prefill: the GEMM then runs on tensor cores)."""
     g = group or k
