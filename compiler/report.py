@@ -14,7 +14,7 @@ def render_report(m: dict[str, Any], kv_budget_gib: float = 1.0) -> str:
     lines = [f"# kiln artifact: {m.get('name', '?')}", "",
              f"- model: {model.get('architectures', ['?'])[0] if model.get('architectures') else model.get('model_type', '?')}"
              f" from `{m.get('source', '?')}`, {m.get('num_params', 0) / 1e6:.1f}M parameters",
-             f"- target: {m['target'].get('name')} ({m['target'].get('mcpu') or m['target'].get('functional', {}).get('mcpu', '')}), "
+             f"- target: {m['target'].get('name')} ({m['target'].get('mcpu') or m['target'].get('arch') or m['target'].get('functional', {}).get('mcpu', '')}), "
              f"TVM {m.get('tvm_version')}, "
              f"kiln {m.get('kiln_version')}, schema {m.get('schema_version')}",
              f"- pipeline: `{m.get('pipeline')}`",
