@@ -43,24 +43,9 @@ class CudaLowering(Lowering):
         self.extra_rules = dict(_CUDA_RULES)
         super().__init__(graph, "cuda")
 
-    def _plan_weights(self) -> None:
-        g = self.graph
-        for n in g.nodes:
-            if n.op == "linear":
-                self.weight_fields(n.inputs[1])
-                if len(n.inputs) > 2:
-                    self._add_spec(n.inputs[2], "raw")
-            elif n.op == "gated_mlp":
-                self.weight_fields(n.inputs[1], n.inputs[2])
-                self.weight_fields(n.inputs[3])
-            elif n.op == "qweight":
-                continue
-            elif n.op == "embedding":
-                self.weight_fields(n.inputs[0])  # fp16 rows, shared with a tied LM head
-            else:
-                for i in n.inputs:
-                    if i.op == "param":
-                        self._add_spec(i, "raw")
+    def _plan_embedding(self, n: Node) -> bool:
+        self.weight_fields(n.inputs[0])  # fp16 rows (or codes), shared with a tied LM head
+        return True
 
     def weight_fields(self, *ws: Node) -> list[str]:
         if all(w.op == "param" for w in ws):

@@ -210,14 +210,19 @@ class Lowering:
                 self.weight_fields(n.inputs[3])
             elif n.op == "qweight":
                 continue  # read by its consumer's kernel, never materialized
-            elif n.op == "embedding" and n.inputs[0].op == "qweight":
-                self.weight_fields(n.inputs[0])  # rows dequantized out of the packed layout
-            elif n.op == "embedding" and self._packed_too(n.inputs[0]):
-                continue  # a tied embedding reads its rows out of the LM head's packed layout
+            elif n.op == "embedding" and self._plan_embedding(n):
+                continue
             else:
                 for i in n.inputs:
                     if i.op == "param":
                         self._add_spec(i, "raw")
+
+    def _plan_embedding(self, n: Node) -> bool:
+        """Give an embedding's table its field, if it needs a layout of its own; False: plain params."""
+        if n.inputs[0].op == "qweight":
+            self.weight_fields(n.inputs[0])  # rows dequantized out of the packed layout
+            return True
+        return self._packed_too(n.inputs[0])  # a tied table reads its rows out of the LM head's layout
 
     def _packed_too(self, p: Node) -> bool:
         return p.op == "param" and any(u.op == "linear" and u.inputs[1] is p for u in self.graph.nodes)
