@@ -50,7 +50,7 @@ def one(variant: str, T: int) -> dict:
     else:
         import tvm
         from tvm import relax
-        from kiln.targets import cpu_kernels as ck
+        from kiln.targets.cpu import kernels as ck
         bb = relax.BlockBuilder()
         tgt = ck.cpu_target()
         if variant == "fused":

@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import tvm  # noqa: E402
 
-from targets import cpu_kernels as ck  # noqa: E402
+from kiln.targets.cpu import kernels as ck  # noqa: E402
 
 TGT = ck.cpu_target()
 

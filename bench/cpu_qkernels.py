@@ -20,8 +20,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np  # noqa: E402
 import tvm  # noqa: E402
 
-from targets import cpu_kernels as ck  # noqa: E402
-from targets import cpu_qkernels as cq  # noqa: E402
+from kiln.targets.cpu import kernels as ck  # noqa: E402
+from kiln.targets.cpu import qkernels as cq  # noqa: E402
 
 TGT = ck.cpu_target()
 VARIANTS = [("fp32", None), ("int8 pc sym", (8, 0, True)), ("int4 g128* sym", (4, 128, True)),

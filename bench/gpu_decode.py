@@ -155,7 +155,7 @@ def run(art: str, models: list[str], variants: list[str], baselines: list[str], 
     import torch
     from transformers import LlamaForCausalLM
 
-    from kiln.runtime.cuda_weights import WeightMaker, tensors_of
+    from kiln.targets.cuda.weights import WeightMaker, tensors_of
     gpu = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_FP16.items() if k in gpu), None)
     bw = copy_bandwidth()

@@ -17,10 +17,10 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from kiln.targets.pim import plot_breakdown, plot_placement, plot_speedup  # noqa: E402
-from kiln.targets.pim_cost import (GPT3_175B, LLAMA31_8B, SMOLLM2_135M, decode_works, generation,  # noqa: E402
+from kiln.targets.pim.target import plot_breakdown, plot_placement, plot_speedup  # noqa: E402
+from kiln.targets.pim.cost import (GPT3_175B, LLAMA31_8B, SMOLLM2_135M, decode_works, generation,  # noqa: E402
                                    simulate_graph, simulate_step)
-from kiln.targets.pim_hw import DEFAULT  # noqa: E402
+from kiln.targets.pim.hw import DEFAULT  # noqa: E402
 
 BATCHES = (1, 4, 16, 64)
 CONTEXTS = (1024, 2048, 4096, 8192)
@@ -32,7 +32,7 @@ def smollm2_graph():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import kiln
-    import kiln.passes.place_pim  # noqa: F401
+    import kiln.targets.pim.place_pim  # noqa: F401
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                       num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
@@ -44,7 +44,7 @@ def smollm2_graph():
 def step_fn(model):
     """(batch, context, policy) -> StepResult, from a graph or a shape spec."""
     if hasattr(model, "nodes"):
-        from kiln.passes.place_pim import place_pim
+        from kiln.targets.pim.place_pim import place_pim
 
         def f(b, c, policy):
             g = place_pim(model, batch=b, context=c, policy=policy) if policy == "auto" else model

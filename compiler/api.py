@@ -57,7 +57,7 @@ def compile(model: Any, target: str = "cpu", passes: str = "O1", *, tokenizer_di
     import torch
 
     from kiln.targets import get_target
-    from kiln.targets.lower import materialize
+    from kiln.targets.common.relax import materialize
 
     from .artifact import Artifact
     from .models import load_model
@@ -76,7 +76,7 @@ def compile(model: Any, target: str = "cpu", passes: str = "O1", *, tokenizer_di
     if not isinstance(model, torch.nn.Module):
         raise KilnError(f"kiln.compile needs a torch.nn.Module or a model name/path, got {type(model).__name__}")
     if target == "mlir":  # exported by torch-mlir, not built by TVM
-        from kiln.targets.mlir import check_forms
+        from kiln.targets.mlir.target import check_forms
         mlir_forms = check_forms(mlir_forms or ["linalg-on-tensors"])
         tgt = None
     else:
@@ -120,7 +120,7 @@ def compile(model: Any, target: str = "cpu", passes: str = "O1", *, tokenizer_di
         raise KilnError(f"pipeline '{passes}' has no kv-cache pass: the runtime needs prefill/decode entry points "
                         "(add kv-cache after fuse-attention, or use O0/O1)")
     if target == "mlir":
-        from kiln.targets.mlir import MlirArtifact
+        from kiln.targets.mlir.target import MlirArtifact
         graph.meta.pop("calib_tokens", None)
         graph.meta.pop("eval_tokens", None)
         manifest = {"schema_version": _schema(), "kiln_version": KILN_VERSION, "tvm_version": None,
@@ -311,7 +311,7 @@ def _tvm_version() -> str:
 
 
 def _host() -> str:
-    from kiln.targets.cpu import host_cpu
+    from kiln.targets.cpu.target import host_cpu
     return host_cpu()
 
 

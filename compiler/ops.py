@@ -6,8 +6,8 @@ reference interpreter calls `ref`). Core ops mirror tensor algebra; LLM-level op
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import sympy
 import torch
@@ -39,6 +39,9 @@ class OpDef:
     infer: Callable[[list[Node], dict], TensorType]
     ref: Callable[..., torch.Tensor]  # ref(ctx, inputs: list[Tensor], attrs) -> Tensor
     doc: str = ""
+    # What each back end does with the op, registered by the back end itself (see `register_rule`):
+    # "relax" (generic TVM lowering), "cpu", "cuda" (target lowerings), "mlir", "pim" (cost model), ...
+    rules: dict[str, Callable] = field(default_factory=dict, compare=False)
 
 
 OPS: dict[str, OpDef] = {}
@@ -49,6 +52,28 @@ def _op(name: str, infer, doc: str = ""):
         OPS[name] = OpDef(name, infer, ref, doc)
         return ref
     return deco
+
+
+def register_rule(backend: str, *ops: str) -> Callable[[Callable], Callable]:
+    """Register the decorated function as `backend`'s rule for each of `ops` (on the op's record)."""
+    def deco(fn: Callable) -> Callable:
+        for o in ops:
+            if o not in OPS:
+                raise KeyError(f"kiln has no op named '{o}' (registering a '{backend}' rule)")
+            OPS[o].rules[backend] = fn
+        return fn
+    return deco
+
+
+def find_rule(op: str, backends: Sequence[str]) -> Callable | None:
+    """The first rule registered for `op` by one of `backends` (most specific first), or None."""
+    rec = OPS.get(op)
+    if rec is None:
+        return None
+    for b in backends:
+        if b in rec.rules:
+            return rec.rules[b]
+    return None
 
 
 def infer_type(op: str, inputs: list[Node], attrs: dict) -> TensorType:

@@ -50,6 +50,6 @@ def run_counted(info: PassInfo, graph: Graph, params: dict[str, Any]) -> tuple[G
 
 
 # Import the pass modules so they register themselves.
-from . import canonicalize, fuse_norms, fuse_rope, fuse_attention, fuse_mlp, kv_cache, quantize_weights, quantize_kv, quantize_activations, place_pim  # noqa: E402,F401,E501
+from . import canonicalize, fuse_norms, fuse_rope, fuse_attention, fuse_mlp, kv_cache, quantize_weights, quantize_kv, quantize_activations  # noqa: E402,F401,E501
 from . import prune_heads, prune_ffn, prune_layers, sparsify  # noqa: E402,F401
 from . import convert_gqa, convert_mla  # noqa: E402,F401  (attention rewriting)

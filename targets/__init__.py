@@ -7,13 +7,13 @@ TARGETS = ("cpu", "cuda", "pim", "mlir")
 def get_target(name: str, **options):
     """Return the target object for `name` (only imports TVM's compiler when called)."""
     if name == "cpu":
-        from .cpu import CpuTarget
+        from .cpu.target import CpuTarget
         return CpuTarget(**options)
     if name == "cuda":
-        from .cuda import CudaTarget
+        from .cuda.target import CudaTarget
         return CudaTarget(**options)
     if name == "pim":
-        from .pim import PimTarget
+        from .pim.target import PimTarget
         return PimTarget(**options)
     from kiln.errors import KilnError
     raise KilnError(f"unknown target '{name}'; available targets: {', '.join(TARGETS)}")

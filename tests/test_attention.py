@@ -15,8 +15,8 @@ tvm = pytest.importorskip("tvm")
 from tvm import relax, tirx  # noqa: E402
 
 from kiln.ops import alibi_bias, attention_reference, cached_attention_reference  # noqa: E402
-from kiln.targets import cpu_kernels as ck  # noqa: E402
-from kiln.targets import cpu_kv8  # noqa: E402
+from kiln.targets.cpu import kernels as ck  # noqa: E402
+from kiln.targets.cpu import kv8 as cpu_kv8  # noqa: E402
 
 TGT = ck.cpu_target()
 
@@ -186,8 +186,8 @@ def compiled_vs_interpreter(graph, prompt: list[int], steps: int = 2, page_size_
     compiled logits) through both the compiled program and the reference interpreter on the same
     graph; returns the worst relative error of the logits."""
     import kiln.interp as interp
-    from kiln.targets.cpu import CpuTarget
-    from kiln.targets.lower import materialize
+    from kiln.targets.cpu.target import CpuTarget
+    from kiln.targets.common.relax import materialize
     build = CpuTarget().build(graph)
     vm = relax.VirtualMachine(build.executable, tvm.cpu())
     weights = tuple(tvm.runtime.tensor(materialize(s, graph.params)) for s in build.weight_specs)

@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 tvm = pytest.importorskip("tvm")
 from tvm import relax, tirx  # noqa: E402
 
-from targets import cpu_kernels as ck  # noqa: E402
+from kiln.targets.cpu import kernels as ck  # noqa: E402
 
 TGT = ck.cpu_target()
 

@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 tvm = pytest.importorskip("tvm")
 
-from targets import cpu_qkernels as cq  # noqa: E402
+from kiln.targets.cpu import qkernels as cq  # noqa: E402
 
 TGT = cq.cpu_target()
 

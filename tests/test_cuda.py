@@ -71,8 +71,8 @@ def test_build_lists_kernels_and_layout(cuda_dir):
 @compiler
 def test_numpy_and_torch_packers_agree_and_dequantize_exactly():
     from kiln.quant import dequantize, parse_scheme, rtn
-    from kiln.runtime.cuda_weights import pack_codes_torch
-    from kiln.targets.cuda import pack_cuda
+    from kiln.targets.cuda.weights import pack_codes_torch
+    from kiln.targets.cuda.target import pack_cuda
     torch.manual_seed(0)
     w = torch.randn(24, 200)  # K=200: a ragged last group, padded
     sch = parse_scheme("int4_g64")
@@ -119,7 +119,7 @@ def test_engine_refuses_cuda_artifact_without_gpu(cuda_dir):
 def _engine_and_reference(path: str, model: str):
     """The kiln engine with weights made on the GPU, and an fp32 reference model computing with the same
     (fp16-rounded or dequantized) weights."""
-    from kiln.runtime.cuda_weights import WeightMaker, tensors_of
+    from kiln.targets.cuda.weights import WeightMaker, tensors_of
     from kiln.runtime.engine import Engine
     ref = make_model(model, device="cuda").float()
     if ref.lm_head.weight is ref.model.embed_tokens.weight:  # kiln may quantize the LM head and not the table

@@ -15,7 +15,7 @@ from kiln.trace import trace  # noqa: E402
 from kiln import interp  # noqa: E402
 from kiln.errors import KilnError, UnsupportedOpError  # noqa: E402
 from kiln.passmgr import run_pipeline, with_quantization  # noqa: E402
-from kiln.targets import mlir as M  # noqa: E402
+from kiln.targets.mlir import target as M  # noqa: E402
 
 from conftest import rel_err, tiny_model  # noqa: E402
 

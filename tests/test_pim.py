@@ -7,10 +7,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-import kiln.passes.place_pim  # noqa: F401  (registers place-pim until passes/__init__ imports it)
-from kiln.targets.pim_cost import (GPT3_175B, attention_work, decide, ew_work, fc_work, generation,
+import kiln.targets.pim.place_pim  # noqa: F401  (registers place-pim until passes/__init__ imports it)
+from kiln.targets.pim.cost import (GPT3_175B, attention_work, decide, ew_work, fc_work, generation,
                                    simulate_graph)
-from kiln.targets.pim_hw import DEFAULT, PimConfigError, PimHardware
+from kiln.targets.pim.hw import DEFAULT, PimConfigError, PimHardware
 
 HW = DEFAULT
 BE = HW.break_even_reuse  # 10.40 for the default config
@@ -86,7 +86,7 @@ def _prefill(build, graph, ids):
     import tvm
     from tvm.runtime.vm import VirtualMachine
 
-    from kiln.targets.lower import materialize
+    from kiln.targets.common.relax import materialize
     dev = tvm.cpu()
     vm = VirtualMachine(build.executable, dev)
     weights = tuple(tvm.runtime.tensor(materialize(s, graph.params), dev) for s in build.weight_specs)
@@ -100,8 +100,8 @@ def _prefill(build, graph, ids):
 
 
 def test_pim_target_output_equals_cpu_target(llama_o1):
-    from kiln.targets.cpu import CpuTarget
-    from kiln.targets.pim import PimTarget
+    from kiln.targets.cpu.target import CpuTarget
+    from kiln.targets.pim.target import PimTarget
     tgt = PimTarget(batch=4, context=128)
     only_prefill = {"prefill": {"batch": 1}}  # one entry point keeps the two TVM builds fast
     pim = tgt.build(llama_o1, only_prefill)

@@ -56,7 +56,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from .pim_hw import DEFAULT, PimHardware
+from .hw import DEFAULT, PimHardware
 
 VIEW_OPS = {"reshape", "permute", "unsqueeze", "squeeze", "expand", "slice", "input", "param", "const"}
 

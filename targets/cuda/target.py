@@ -27,9 +27,9 @@ from tvm import relax
 from kiln.errors import UnsupportedOpError
 from kiln.ir import Graph, Node
 
-from . import cuda_kernels as C
-from .cpu import BuildResult
-from .lower import LOWER, Lowering, _padded_k, _qkey
+from . import kernels as C
+from kiln.targets.cpu.target import BuildResult
+from kiln.targets.common.relax import LOWER, Lowering, _padded_k, _qkey
 
 ARCHS = {"sm_80": "8.0", "sm_86": "8.6", "sm_89": "8.9", "sm_90": "9.0", "sm_90a": "9.0"}
 _CODEGEN_ARCH: dict[str, str] = {}  # see CudaTarget.tvm_target

@@ -16,7 +16,7 @@ from tvm import relax, tirx
 from kiln.errors import UnsupportedOpError
 from kiln.ir import Graph, Node
 
-from . import cpu_kernels as K
+from kiln.targets.cpu import kernels as K
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def _pack(w, transform: str, key: tuple = ()):
         group, sym = int(rest[:-1]), rest[-1] == "s"
         key = (key, head)
         if key not in _QCACHE:
-            from . import cpu_qkernels as Q
+            from kiln.targets.cpu import qkernels as Q
             n = len(w) // 3
             cat = [np.concatenate(w[j * n:(j + 1) * n], axis=0) for j in range(3)]
             codes = cat[0].astype(np.int32)
@@ -88,7 +88,7 @@ def _pack(w, transform: str, key: tuple = ()):
             _QCACHE[key] = Q.pack_qweight(cat[0].astype(np.int32), cat[1], None if sym else cat[2], int(bits), group, sym)
         return _QCACHE[key][int(i)]
     if transform.startswith("cuda_"):
-        from .cuda import pack_cuda
+        from kiln.targets.cuda.target import pack_cuda
         return pack_cuda(w, transform, key)
     if transform == "raw":
         return w[0]
@@ -233,7 +233,7 @@ class Lowering:
         if all(w.op == "param" for w in ws):
             return [self._add_spec(ws[0], "linear") if len(ws) == 1 else self.linear_cat(*ws)]
         if all(w.op == "qweight" for w in ws) and len({_qkey(w) for w in ws}) == 1:
-            from . import cpu_qkernels as Q
+            from kiln.targets.cpu import qkernels as Q
             a = ws[0].attrs
             if a["bits"] not in (4, 8):
                 raise UnsupportedOpError(f"qweight with {a['bits']}-bit codes", ws[0].source,
@@ -423,7 +423,7 @@ def _qembedding(f, n, xs):
     """Rows of a quantized table, dequantized out of the linear kernels' packed layout."""
     from tvm import te
 
-    from . import cpu_qkernels as Q
+    from kiln.targets.cpu import qkernels as Q
     w = n.inputs[0]
     bits, group, sym = _qkey(w)
     d = int(w.type.shape[1])
@@ -484,7 +484,7 @@ def linear_call(f: _FunctionLowering, x: relax.Expr, x_node_shape, specs: list[s
         gv = f.low.kernel(("linear", k, n_out, bias is not None, f.mode),
                           lambda: K.linear_func(k, n_out, bias is not None, f.mode))
     else:
-        from . import cpu_qkernels as Q
+        from kiln.targets.cpu import qkernels as Q
         bits, group, sym = q
         gv = f.low.kernel(("qlinear", k, n_out, bits, group, "sym" if sym else "asym", bias is not None, f.mode),
                           lambda: Q.qlinear_func(k, n_out, bits, group, sym, bias is not None, f.mode))
@@ -599,7 +599,7 @@ def _quant_act(f, n, xs):
 
 
 def _cached_attention_int8(f, n, xs):
-    from . import cpu_kv8
+    from kiln.targets.cpu import kv8 as cpu_kv8
     q, k, v, cache, page_table, positions, scales = xs
     qn, kn, _, cn = n.inputs[:4]
     heads, kv_heads, head_dim = int(qn.type.shape[1]), int(kn.type.shape[1]), int(kn.type.shape[3])
@@ -629,7 +629,7 @@ def _cached_attention_int8(f, n, xs):
 def _cached_mla_attention(f, n, xs):
     """Latent attention with absorbed up-projections (targets/cpu_mla.py): q_lat = q_nope W_uk per head,
     attention over the cached latents, then out = o_lat W_uv^T."""
-    from . import cpu_mla
+    from kiln.targets.cpu import mla as cpu_mla
     if n.attrs.get("alibi") is not None:
         raise UnsupportedOpError("cached_mla_attention with ALiBi", n.source,
                                  hint="convert-mla keeps RoPE; ALiBi models are not converted to MLA")

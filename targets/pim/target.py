@@ -5,7 +5,7 @@
   build computes exactly what a `cpu` build computes (placement is only an annotation);
 - simulation: `place-pim` annotates each op (unless the graph already carries placements), and
   `timeline()` gives the simulated decode step, GPU-only and GPU+PIM: time and energy per op, per layer
-  and per token (`kiln.targets.pim_cost`). The result is attached as `BuildResult.timeline` and summarized
+  and per token (`kiln.targets.pim.cost`). The result is attached as `BuildResult.timeline` and summarized
   in `BuildResult.target["simulated"]`.
 
 `write_report(...)` draws the plots (matplotlib, Agg backend, PNG).
@@ -17,8 +17,8 @@ from typing import Any
 
 from kiln.ir import Graph
 
-from .pim_cost import StepResult, simulate_graph
-from .pim_hw import DEFAULT, PimHardware
+from .cost import StepResult, simulate_graph
+from .hw import DEFAULT, PimHardware
 
 
 class PimTarget:
@@ -31,7 +31,7 @@ class PimTarget:
         self.policy = policy
 
     def describe(self) -> dict[str, Any]:
-        from .cpu import CpuTarget
+        from kiln.targets.cpu.target import CpuTarget
         return {"name": self.name, "simulated": True, "hw_version": self.hw.version, "variant": self.hw.variant,
                 "decode": {"batch": self.batch, "context": self.context, "spec": self.spec},
                 "functional": CpuTarget().describe()}
@@ -39,7 +39,7 @@ class PimTarget:
     def place(self, graph: Graph) -> Graph:
         if any("placement" in n.attrs for n in graph.nodes):
             return graph
-        from kiln.passes.place_pim import place_pim
+        from kiln.targets.pim.place_pim import place_pim
         return place_pim(graph, batch=self.batch, context=self.context, spec=self.spec, policy=self.policy,
                          hw=self.hw)
 
@@ -54,7 +54,7 @@ class PimTarget:
                 "pim": simulate_graph(graph, b, c, s, self.hw, "auto", use_annotations=same)}
 
     def build(self, graph: Graph, entry_points: dict[str, dict[str, int]] | None = None):
-        from .cpu import CpuTarget
+        from kiln.targets.cpu.target import CpuTarget
         g = self.place(graph)
         res = CpuTarget().build(g, entry_points)
         tl = self.timeline(g)

@@ -28,7 +28,7 @@ import numpy as np
 import tvm
 from tvm.script import tirx as T
 
-from .cpu_kernels import NB, _GEMM_MR, _GEMM_TG, _GEMV_MR, cpu_target  # noqa: F401  (re-export target)
+from .kernels import NB, _GEMM_MR, _GEMM_TG, _GEMV_MR, cpu_target  # noqa: F401  (re-export target)
 
 _GEMV_KU = 4  # independent k partial sums in the single-row decode path
 _HB = NB // 2  # 16 lanes = one zmm of fp32

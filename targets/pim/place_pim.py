@@ -3,7 +3,7 @@
 Matches: every op of a kv-cached graph (run after kv-cache). For the decode entry point at `batch` sequences,
 `context` cached tokens and `spec` speculative tokens per sequence (tokens = 1 + spec), each op gets
 `attrs["placement"] = "gpu" | "pim"` and `attrs["placement_reason"]` from the offload rule of
-`kiln.targets.pim_cost.decide`: PIM only when the op's operand lives in PIM memory (weights or KV cache,
+`kiln.targets.pim.cost.decide`: PIM only when the op's operand lives in PIM memory (weights or KV cache,
 never GPU-produced activations), its reuse (batch x tokens for FC layers, GQA group x tokens for attention)
 is below the break-even reuse, and its simulated PIM time is lower than its GPU time.
 `graph.meta["pim"]` records the parameters and the hardware config version.
@@ -14,7 +14,7 @@ from __future__ import annotations
 from kiln.errors import PassError
 from kiln.ir import Graph
 
-from . import count, register
+from kiln.passes import count, register
 
 
 @register("place-pim", exact=True)
@@ -22,8 +22,8 @@ def place_pim(graph: Graph, batch: int = 1, context: int = 2048, spec: int = 0, 
               hw=None) -> Graph:
     """Matches: every op (after kv-cache). Guarantees: each op has attrs placement (gpu|pim) and
     placement_reason for decode at (batch, context, spec). Exact: annotations only."""
-    from kiln.targets.pim_cost import decide, graph_works
-    from kiln.targets.pim_hw import DEFAULT, PimHardware
+    from .cost import decide, graph_works
+    from .hw import DEFAULT, PimHardware
 
     hw = hw or DEFAULT
     if not isinstance(hw, PimHardware):

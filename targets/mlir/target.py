@@ -32,8 +32,8 @@ import torch
 from kiln.errors import KilnError, UnsupportedOpError
 from kiln.ir import Graph, Node
 
-from .mlir_program import ENTRY_POINTS, KilnProgram, _buffer_name, _Ctx, _Entry, to_torch_module
-from .mlir_program import dequantize, paged_append, paged_attention  # noqa: F401  (part of this module's API)
+from .program import ENTRY_POINTS, KilnProgram, _buffer_name, _Ctx, _Entry, to_torch_module
+from .program import dequantize, paged_append, paged_attention  # noqa: F401  (part of this module's API)
 
 SUPPORTED_FORMS: tuple[str, ...] = ("torch", "linalg-on-tensors", "tosa", "stablehlo")
 WEIGHTS_FILE = "weights.safetensors"

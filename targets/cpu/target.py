@@ -9,7 +9,7 @@ import tvm
 
 from kiln.ir import Graph
 
-from .lower import Lowering, WeightSpec
+from kiln.targets.common.relax import Lowering, WeightSpec
 
 # The x86 features an artifact needs from the CPU that runs it, checked at load time.
 _X86_FEATURES = ("sse4.2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl")
