@@ -57,9 +57,8 @@ def compile(model: Any, target: str = "cpu", passes: str = "O1", *, tokenizer_di
     import torch
 
     from kiln.targets import get_target
-    from kiln.targets.common.relax import materialize
+    from kiln.targets.base import PackageInputs
 
-    from .artifact import Artifact
     from .models import load_model
     from .passmgr import run_pipeline
     from .trace import trace
@@ -75,12 +74,12 @@ def compile(model: Any, target: str = "cpu", passes: str = "O1", *, tokenizer_di
         timings["load"] = time.perf_counter() - t0
     if not isinstance(model, torch.nn.Module):
         raise KilnError(f"kiln.compile needs a torch.nn.Module or a model name/path, got {type(model).__name__}")
-    if target == "mlir":  # exported by torch-mlir, not built by TVM
-        from kiln.targets.mlir.target import check_forms
-        mlir_forms = check_forms(mlir_forms or ["linalg-on-tensors"])
-        tgt = None
-    else:
-        tgt = get_target(target, **(target_options or {}))  # refuse bad targets before the slow steps
+    options = dict(target_options or {})
+    if mlir_forms is not None:  # the mlir target's options, kept as keywords of compile
+        options["forms"] = mlir_forms
+    if mlir_static is not None:
+        options["static"] = mlir_static
+    tgt = get_target(target, **options)  # refuse bad targets and options before the slow steps
     from .passmgr import with_quantization
     from .qat import qat_scheme, strip_qat
     qs = qat_scheme(model)
@@ -119,66 +118,20 @@ def compile(model: Any, target: str = "cpu", passes: str = "O1", *, tokenizer_di
     if "kv_cache" not in graph.meta:
         raise KilnError(f"pipeline '{passes}' has no kv-cache pass: the runtime needs prefill/decode entry points "
                         "(add kv-cache after fuse-attention, or use O0/O1)")
-    if target == "mlir":
-        from kiln.targets.mlir.target import MlirArtifact
-        graph.meta.pop("calib_tokens", None)
-        graph.meta.pop("eval_tokens", None)
-        manifest = {"schema_version": _schema(), "kiln_version": KILN_VERSION, "tvm_version": None,
-                    "name": name or (cfg.model_type if cfg is not None else "model"), "source": str(source),
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "model": graph.meta.get("model", {}), "num_params": graph.stats()["params"], "pipeline": passes,
-                    "passes": [r.to_json() for r in records], "kv_cache": _kv_summary(graph.meta["kv_cache"]),
-                    "max_context": ctx, "eos_token_ids": _eos_ids(cfg), "quantization": graph.meta.get("quant")}
-        timings["total"] = time.perf_counter() - t0
-        return MlirArtifact(graph, mlir_forms, manifest, static_shapes=mlir_static, tokenizer_dir=tokenizer_dir,
-                            timings={k: round(v, 3) for k, v in timings.items()})
-    t = time.perf_counter()
-    progress(f"lowering to TVM Relax and building for {target}")
-    build = tgt.build(graph)
-    timings["lower"] = build.timings["lower"]
-    timings["tvm_build"] = build.timings["tvm_build"]
-    t = time.perf_counter()
-    progress("packing weights")
-    weights = {s.name: materialize(s, graph.params) for s in build.weight_specs} if pack_weights else {}
-    storage = _compress_sparse(weights, build.weight_specs, graph.meta.get("sparsity"))
-    timings["pack_weights"] = time.perf_counter() - t
-    kv_meta = graph.meta["kv_cache"]
-    if build.target.get("kv_cache_dtype"):  # the target stores the cache narrower than the IR says
-        kv_meta = dict(kv_meta, dtype=build.target["kv_cache_dtype"], tensors=[dict(t, dtype=build.target["kv_cache_dtype"]) if t["dtype"] == "float32"
-                                         else t for t in kv_meta["tensors"]])
-    kv = _kv_summary(kv_meta)
-    import numpy as np
-    import tvm
     graph.meta.pop("calib_tokens", None)
     graph.meta.pop("eval_tokens", None)
-    stats = graph.stats()
-    manifest = {
-        "schema_version": _schema(),
-        "kiln_version": KILN_VERSION,
-        "tvm_version": tvm.__version__,
-        "name": name or (cfg.model_type if cfg is not None else "model"),
-        "source": str(source),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": graph.meta.get("model", {}),
-        "num_params": stats["params"],
-        "target": build.target,
-        "pipeline": passes,
-        "passes": [r.to_json() for r in records],
-        "entry_points": _signatures(graph),
-        "kv_cache": kv,
-        "max_context": ctx,
-        "weights": [dict(s.to_json(), **({"storage": storage[s.name]} if s.name in storage else {}))
-                    for s in build.weight_specs],
-        "weight_bytes": int(sum(a.nbytes for a in weights.values())) if pack_weights else
-        int(sum(np.prod(s.shape) * np.dtype(s.dtype).itemsize for s in build.weight_specs)),
-        "weights_included": bool(pack_weights),
-        "eos_token_ids": _eos_ids(cfg),
-        "kernels": build.kernels,
-        "quantization": graph.meta.get("quant"),
-    }
-    timings["total"] = time.perf_counter() - t0
-    return Artifact(build, weights, manifest, str(graph), tokenizer_dir,
-                    {k: round(v, 3) for k, v in timings.items()})
+    from .artifact import kv_summary
+    manifest = {"schema_version": _schema(), "kiln_version": KILN_VERSION,
+                "name": name or (cfg.model_type if cfg is not None else "model"), "source": str(source),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "model": graph.meta.get("model", {}),
+                "num_params": graph.stats()["params"], "pipeline": passes, "passes": [r.to_json() for r in records],
+                "entry_points": _signatures(graph), "kv_cache": kv_summary(graph.meta["kv_cache"]),
+                "max_context": ctx, "eos_token_ids": _eos_ids(cfg), "quantization": graph.meta.get("quant")}
+    progress(f"lowering and building for {target}")
+    timings["total"] = time.perf_counter() - t0  # until packaging; the target adds its own phases
+    art = tgt.package(graph, PackageInputs(manifest, tokenizer_dir, timings, pack_weights))
+    art.timings["total"] = round(time.perf_counter() - t0, 3)
+    return art
 
 
 def _run_with_recovery(graph, passes: str, steps: int, verify_each: bool, dump_ir, progress):
@@ -210,34 +163,6 @@ def _run_with_recovery(graph, passes: str, steps: int, verify_each: bool, dump_i
     return g, pm.records
 
 
-def _compress_sparse(weights: dict, specs: list, sparsity: dict | None) -> dict:
-    """Store fields made only of sparsified parameters compactly (see kiln.runtime.sparse); the runtime
-    expands them at load. Returns {field: storage record}; `weights` is rewritten in place."""
-    params = (sparsity or {}).get("params", {})
-    out: dict = {}
-    if not params:
-        return out
-    from kiln.runtime.sparse import compress
-    for s in specs:
-        patterns = {params.get(src) for src in s.sources}
-        if len(patterns) != 1 or None in patterns:
-            continue
-        packed = compress(weights[s.name], patterns.pop())
-        if packed is not None:
-            arrays, out[s.name] = packed
-            del weights[s.name]
-            weights.update({s.name + k: v for k, v in arrays.items()})
-    return out
-
-
-def _kv_summary(kv: dict) -> dict:
-    """The cache layout plus what it costs per token (all layers, keys, values and scales)."""
-    import numpy as np
-    per_token = sum(int(np.prod([int(d) for d in t["shape"][1:]])) * np.dtype(t["dtype"]).itemsize // kv["page_size"]
-                    for t in kv["tensors"])
-    return dict(kv, bytes_per_token=per_token)
-
-
 def _tokenizer(folder: str | None):
     if not folder:
         raise KilnError("calibration/evaluation text needs a tokenizer: pass tokenizer_dir=... (a folder with "
@@ -263,7 +188,7 @@ def _signatures(graph) -> dict[str, Any]:
     sig = {"inputs": ins + [{"name": "kv_caches", "type": f"tuple of {len(graph.meta['kv_cache']['layers'])} layers"},
                             {"name": "weights", "type": "tuple (see weights)"}],
            "outputs": [{"name": o.name, "type": str(o.type)} for o in graph.outputs]}
-    return {name: dict(sig, bind=bind) for name, bind in graph.meta["entry_points"].items()}
+    return {name: dict(sig, **e.to_json()) for name, e in graph.meta["entry_points"].items()}
 
 
 def load(path: str, **engine_options: Any):
@@ -297,11 +222,13 @@ def _source_hash() -> str:
     import kiln.targets
     h = hashlib.sha256()
     for mod in (kiln, kiln.passes, kiln.targets):
-        d = os.path.dirname(mod.__file__)
-        for n in sorted(os.listdir(d)):
-            if n.endswith(".py"):
-                with open(os.path.join(d, n), "rb") as f:
-                    h.update(n.encode() + f.read())
+        top = os.path.dirname(mod.__file__)
+        for root, dirs, names in sorted(os.walk(top)):  # the packages hold subpackages (targets/cpu/ ...)
+            dirs.sort()
+            for n in sorted(names):
+                if n.endswith(".py"):
+                    with open(os.path.join(root, n), "rb") as f:
+                        h.update(os.path.relpath(os.path.join(root, n), top).encode() + f.read())
     return h.hexdigest()[:16]
 
 
@@ -311,8 +238,8 @@ def _tvm_version() -> str:
 
 
 def _host() -> str:
-    from kiln.targets.cpu.target import host_cpu
-    return host_cpu()
+    from tvm.target import codegen
+    return str(codegen.llvm_get_system_cpu())
 
 
 def cached_build(source: str, out: str, target: str = "cpu", passes: str = "O1", max_context: int | None = None,

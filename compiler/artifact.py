@@ -109,4 +109,16 @@ def copy_artifact(src: str, dst: str) -> None:
         raise
 
 
-__all__ = ["Artifact", "SCHEMA_VERSION", "copy_artifact", "write_artifact"]
+def kv_summary(kv: dict[str, Any], dtype: str | None = None) -> dict[str, Any]:
+    """The KV-cache layout for the manifest, with the target's storage dtype when it stores the cache
+    narrower than the IR's float32, and what it costs per token (all layers, keys, values and scales)."""
+    import numpy as np
+    if dtype:
+        kv = dict(kv, dtype=dtype, tensors=[dict(t, dtype=dtype) if t["dtype"] == "float32" else t
+                                            for t in kv["tensors"]])
+    per_token = sum(int(np.prod([int(d) for d in t["shape"][1:]])) * np.dtype(t["dtype"]).itemsize // kv["page_size"]
+                    for t in kv["tensors"])
+    return dict(kv, bytes_per_token=per_token)
+
+
+__all__ = ["Artifact", "SCHEMA_VERSION", "copy_artifact", "kv_summary", "write_artifact"]

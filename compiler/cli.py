@@ -6,6 +6,8 @@ import json
 import sys
 import time
 
+from kiln.targets.base import available_targets
+
 
 def _progress_printer():
     t0 = time.perf_counter()
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("build", help="compile a model into an artifact directory")
     b.add_argument("model", help="built-in name (smollm2-135m), a .gguf file, or a transformers folder")
     b.add_argument("-o", "--output", required=True, help="artifact directory to write")
-    b.add_argument("--target", default="cpu", choices=["cpu", "cuda", "pim", "mlir"],
+    b.add_argument("--target", default="cpu", choices=available_targets(),
                    help="cpu (TVM LLVM), cuda (NVIDIA GPU; built here, run with TVM's runtime), pim (simulated "
                         "HBM-PIM; runs functionally on the CPU), mlir (torch-mlir)")
     b.add_argument("--cuda-arch", default="sm_90a", help="GPU architecture for --target cuda (sm_80, sm_90a, ...)")

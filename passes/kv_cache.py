@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sympy
 
+from kiln.entry import default_entry_points
 from kiln.errors import PassError
 from kiln.ir import Graph, TensorType, sym
 
@@ -114,5 +115,5 @@ def kv_cache(graph: Graph, page_size: int = 16, logits: str = "last") -> Graph:
     g.meta["logits"] = logits
     # prefill: one sequence, any length; decode: one token per sequence; verify: any batch and length
     # with logits for every token (the `last_token` slice is skipped there), for speculative decoding.
-    g.meta["entry_points"] = {"prefill": {"batch": 1}, "decode": {"tokens": 1}, "verify": {"all_logits": 1}}
+    g.meta["entry_points"] = default_entry_points()
     return g

@@ -187,7 +187,7 @@ def compiled_vs_interpreter(graph, prompt: list[int], steps: int = 2, page_size_
     graph; returns the worst relative error of the logits."""
     import kiln.interp as interp
     from kiln.targets.cpu.target import CpuTarget
-    from kiln.targets.common.relax import materialize
+    from kiln.targets.common.layouts import materialize
     build = CpuTarget().build(graph)
     vm = relax.VirtualMachine(build.executable, tvm.cpu())
     weights = tuple(tvm.runtime.tensor(materialize(s, graph.params)) for s in build.weight_specs)

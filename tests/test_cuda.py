@@ -72,12 +72,13 @@ def test_build_lists_kernels_and_layout(cuda_dir):
 def test_numpy_and_torch_packers_agree_and_dequantize_exactly():
     from kiln.quant import dequantize, parse_scheme, rtn
     from kiln.targets.cuda.weights import pack_codes_torch
-    from kiln.targets.cuda.target import pack_cuda
+    from kiln.targets.cuda.layouts import Quant
     torch.manual_seed(0)
     w = torch.randn(24, 200)  # K=200: a ragged last group, padded
     sch = parse_scheme("int4_g64")
     q, s, z = rtn(w, sch)
-    arrays = [pack_cuda([q.numpy(), s.numpy(), z.numpy()], f"cuda_q4g64a:{i}") for i in range(3)]
+    arrays = Quant(bits=4, group=64, sym=False).pack([q.numpy(), s.numpy(), z.numpy()])
+    assert Quant(part=2, bits=4, group=64, sym=False).key() == "cuda_q4g64a:2"
     kp = 256
     qp = torch.cat([q, z[:, -1:].round().to(q.dtype).expand(-1, kp - 200)], 1)
     assert np.array_equal(arrays[0], pack_codes_torch(qp, 4).numpy())

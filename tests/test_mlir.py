@@ -15,7 +15,8 @@ from kiln.trace import trace  # noqa: E402
 from kiln import interp  # noqa: E402
 from kiln.errors import KilnError, UnsupportedOpError  # noqa: E402
 from kiln.passmgr import run_pipeline, with_quantization  # noqa: E402
-from kiln.targets.mlir import target as M  # noqa: E402
+from kiln.targets.mlir import export as M  # noqa: E402
+from kiln.targets.mlir.target import MlirArtifact  # noqa: E402
 
 from conftest import rel_err, tiny_model  # noqa: E402
 
@@ -103,7 +104,7 @@ def test_tosa_needs_static_shapes_and_names_the_op(graph, tmp_path):
     assert e.value.op in {n.op for n in graph.nodes}  # a kiln op, not an MLIR one
     # fixed sizes lower, here through the artifact writer kiln.compile(target="mlir") uses
     from kiln.runtime.artifact import read_manifest, verify_files
-    path = M.MlirArtifact(graph, ["tosa"], {"schema_version": 1, "name": "llama", "pipeline": "O1",
+    path = MlirArtifact(graph, ["tosa"], {"schema_version": 1, "name": "llama", "pipeline": "O1",
                                             "kv_cache": graph.meta["kv_cache"]}, static_shapes=STATIC).save(
         str(tmp_path / "art"))
     m = read_manifest(path)

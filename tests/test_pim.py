@@ -86,7 +86,7 @@ def _prefill(build, graph, ids):
     import tvm
     from tvm.runtime.vm import VirtualMachine
 
-    from kiln.targets.common.relax import materialize
+    from kiln.targets.common.layouts import materialize
     dev = tvm.cpu()
     vm = VirtualMachine(build.executable, dev)
     weights = tuple(tvm.runtime.tensor(materialize(s, graph.params), dev) for s in build.weight_specs)
@@ -100,10 +100,11 @@ def _prefill(build, graph, ids):
 
 
 def test_pim_target_output_equals_cpu_target(llama_o1):
+    from kiln.entry import EntryPoint
     from kiln.targets.cpu.target import CpuTarget
     from kiln.targets.pim.target import PimTarget
     tgt = PimTarget(batch=4, context=128)
-    only_prefill = {"prefill": {"batch": 1}}  # one entry point keeps the two TVM builds fast
+    only_prefill = {"prefill": EntryPoint("prefill", {"batch": 1})}  # one entry point keeps the two TVM builds fast
     pim = tgt.build(llama_o1, only_prefill)
     cpu = CpuTarget().build(llama_o1, only_prefill)
     ids = [5, 6, 7, 8, 9, 10, 11, 12, 13]

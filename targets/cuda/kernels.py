@@ -5,7 +5,7 @@ one warp per output row, each lane streaming 16 bytes of weights per load (8 fp1
 int4 codes), dequantization fused into the load, fp32 accumulation and a warp-shuffle reduction.
 Activations stay fp32 (they are tiny at decode); weights and the KV cache are fp16 or quantized.
 
-Layouts (built by :func:`pack_cuda_weight`, all row-major over the torch weight [N, K]):
+Layouts (targets/cuda/layouts.py, all row-major over the torch weight [N, K]):
   f16            w[N, K] float16
   int8 codes     q[N, Kp] uint8, value (q - z) * s per group; Kp = K padded to whole groups
   int4 codes     q[N, Kp/8] int32, code of column 8i+j in bits 4j..4j+3 of word i
@@ -15,7 +15,7 @@ Layouts (built by :func:`pack_cuda_weight`, all row-major over the torch weight 
 The paged decode attention kernel reads K/V pages through the page table: groups of 8 lanes own one
 cached token each (32 tokens in flight per block), online softmax per group, merged through shared
 memory at the end. Prefill attention on the GPU goes through tensor-core matmuls instead (see
-targets/cuda.py).
+targets/cuda/lowering.py).
 """
 from __future__ import annotations
 
@@ -294,27 +294,3 @@ def gather_kv_func(kv_heads: int, head_dim: int, page: int):
                 for j in T.vectorized(8):
                     v[b, hk, s, tx * 8 + j] = cache[pg, 1, hk, s % page, tx * 8 + j]
     return gather
-
-
-# -- weight packing (numpy on the build host, torch on the GPU host: same layout) -------------------
-
-def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
-    """uint8 codes [N, Kp] -> the kernel's code array (int4: 8 codes per int32 word)."""
-    codes = np.ascontiguousarray(codes, dtype=np.uint8)
-    if bits == 8:
-        return codes
-    n, k = codes.shape
-    c = codes.reshape(n, k // 8, 8).astype(np.uint32)
-    words = np.zeros((n, k // 8), dtype=np.uint32)
-    for j in range(8):
-        words |= (c[..., j] & 15) << (4 * j)
-    return words.view(np.int32)
-
-
-def packed_shapes(n: int, k: int, bits: int, group: int, sym: bool) -> list[tuple[tuple[int, ...], str]]:
-    g = group or k
-    ng = (k + g - 1) // g
-    out = [((n, k if bits == 8 else k // 8), "uint8" if bits == 8 else "int32"), ((n, ng), "float16")]
-    if not sym:
-        out.append(((n, ng), "float16"))
-    return out

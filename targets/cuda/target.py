@@ -1,266 +1,32 @@
 """Target `cuda`: NVIDIA GPUs (sm_80, sm_90a), built on any host, run with TVM's runtime only.
 
-What runs where:
-  decode (tokens = 1, batch <= 8)   kiln's GEMV kernels (fp16 / int8 / int4, dequantize fused into the
-                                    16-byte weight loads) and the paged decode attention kernel
-  prefill, verify, decode_batched   tensor-core GEMMs through cuBLAS, called by the runtime
-                                    (`kiln.cuda.gemm_nt` / `gemm_nn`; quantized weights are
-                                    dequantized to fp16 first), and attention as gathered K/V +
-                                    batched GEMMs with a position mask. TVM 0.27's own tensor-core
-                                    rule (DLight MatmulTensorization) crashes in tensorize, so
-                                    gemm="tvm" builds CUDA-core schedules instead.
-  everything else                   Relax ops scheduled by DLight (norms, rotary, residual adds)
-
 Activations stay fp32 (they are small at decode, and rotary angles need the precision); weights
-are fp16 or quantized; the KV cache is fp16. The library holds CUDA source: the runtime compiles it
-for the GPU on first load and caches the binary (runtime/cuda.py).
+are fp16 or quantized; the KV cache is fp16. What runs where is in lowering.py. The library holds CUDA
+source: the runtime compiles it for the GPU on first load and caches the binary (runtime/cuda.py).
 """
 from __future__ import annotations
 
-import time
 from typing import Any
 
-import numpy as np
 import tvm
-from tvm import relax
 
-from kiln.errors import UnsupportedOpError
-from kiln.ir import Graph, Node
+from kiln.entry import EntryPoint
+from kiln.errors import KilnError
+from kiln.ir import Graph
+from kiln.targets.common.tvm_target import TvmTarget
 
 from . import kernels as C
-from kiln.targets.cpu.target import BuildResult
-from kiln.targets.common.relax import LOWER, Lowering, _padded_k, _qkey
+from .lowering import CudaLowering
 
 ARCHS = {"sm_80": "8.0", "sm_86": "8.6", "sm_89": "8.9", "sm_90": "9.0", "sm_90a": "9.0"}
 _CODEGEN_ARCH: dict[str, str] = {}  # see CudaTarget.tvm_target
 
 
-class CudaLowering(Lowering):
-    cache_dtype = "float16"
-
-    def __init__(self, graph: Graph, gemm: str = "cublas") -> None:
-        self.gemm = gemm
-        self.extra_rules = dict(_CUDA_RULES)
-        super().__init__(graph, "cuda")
-
-    def _plan_embedding(self, n: Node) -> bool:
-        self.weight_fields(n.inputs[0])  # fp16 rows (or codes), shared with a tied LM head
-        return True
-
-    def weight_fields(self, *ws: Node) -> list[str]:
-        if all(w.op == "param" for w in ws):
-            rows = sum(int(w.type.shape[0]) for w in ws)
-            return [self._register(tuple(w.attrs["name"] for w in ws), "cuda_f16",
-                                   (rows, int(ws[0].type.shape[1])), "float16", packed=True)]
-        if all(w.op == "qweight" for w in ws) and len({_qkey(w) for w in ws}) == 1:
-            bits, group, sym = _qkey(ws[0])
-            if bits not in (4, 8):
-                raise UnsupportedOpError(f"qweight with {bits}-bit codes", ws[0].source,
-                                         hint="target 'cuda' has int8 and int4 kernels")
-            if group % C._vec(bits):
-                raise UnsupportedOpError(f"int{bits} weights in groups of {group}", ws[0].source,
-                                         hint=f"target 'cuda' needs groups that are multiples of {C._vec(bits)}")
-            rows = sum(int(w.type.shape[0]) for w in ws)
-            k = _padded_k(int(ws[0].type.shape[1]), group)
-            sources = tuple(w.inputs[j].attrs["name"] for j in range(3) for w in ws)
-            return [self._register(sources, f"cuda_q{bits}g{group}{'s' if sym else 'a'}:{i}", tuple(shape), dtype,
-                                   packed=True)
-                    for i, (shape, dtype) in enumerate(C.packed_shapes(rows, k, bits, group, sym))]
-        raise UnsupportedOpError("linear over a mix of quantized and fp16 or differently quantized weights",
-                                 ws[0].source)
-
-
-def pack_cuda(w: list[np.ndarray], transform: str, key: tuple = ()) -> np.ndarray:
-    """One `weights` field in the cuda layout (see cuda_kernels), from the parameters (numpy)."""
-    if transform == "cuda_f16":
-        return np.ascontiguousarray(np.concatenate(w, axis=0).astype(np.float16))
-    head, i = transform[len("cuda_"):].split(":")
-    bits, rest = head[1:].split("g")
-    bits, group, sym = int(bits), int(rest[:-1]), rest[-1] == "s"
-    n = len(w) // 3
-    codes, scales, zeros = (np.concatenate(w[j * n:(j + 1) * n], axis=0) for j in range(3))
-    pad = _padded_k(codes.shape[1], group) - codes.shape[1]
-    if pad:  # pad with the last group's zero point: the padding dequantizes to 0
-        codes = np.concatenate([codes, np.repeat(np.round(zeros[:, -1:]), pad, axis=1).astype(codes.dtype)], axis=1)
-    out = [C.pack_codes(codes, bits), scales.astype(np.float16)]
-    if not sym:
-        out.append((-zeros * scales).astype(np.float16))
-    return out[int(i)]
-
-
-# -- lowering rules ---------------------------------------------------------------------------------
-
-def _fields(f, w: Node, *more: Node) -> list[relax.Expr]:
-    return [f.weight(x) for x in f.low.weight_fields(w, *more)]
-
-
-def _dummy(f, shape, dtype):
-    key = ("dummy", tuple(shape), dtype)
-    if key not in f.values:
-        f.values[key] = relax.const(np.zeros(shape, dtype), dtype)
-    return f.values[key]
-
-
-def cuda_linear(f, x: relax.Expr, lead_shape, w: Node, fields: list[relax.Expr], n_out: int,
-                bias: relax.Expr | None) -> relax.Expr:
-    """x [..., k] fp32 -> [..., n_out] fp32 through the GEMV kernel (decode) or a tensor-core GEMM."""
-    q = _qkey(w) if w.op == "qweight" else None
-    k = int(w.type.shape[1])
-    lead = list(x.ty.shape.values)[:-1] if hasattr(x, "ty") and x.ty.shape is not None else f.dims(lead_shape)
-    m = lead[0]
-    for d in lead[1:]:
-        m = m * d
-    x2 = f.emit(relax.op.reshape(x, [m, k]))
-    kp = _padded_k(k, q[1]) if q else k
-    if kp != k:
-        x2 = f.emit(relax.op.nn.pad(x2, [0, 0, 0, kp - k]))
-    if f.mode == "gemv":
-        bits, group, sym = q if q else (16, 0, True)
-        gv = f.low.kernel(("cuda_gemv", kp, n_out, bits, group, "sym" if sym else "asym", bias is not None),
-                          lambda: C.gemv_func(kp, n_out, bits, group, sym, bias is not None))
-        s = fields[1] if q else _dummy(f, (1, 1), "float16")
-        zs = fields[2] if q and not sym else _dummy(f, (1, 1), "float16")
-        args = [x2, fields[0], s, zs, bias if bias is not None else _dummy(f, (1,), "float32")]
-        y = f.emit(relax.call_tir(gv, args, relax.TensorType([m, n_out], "float32")))
-    else:
-        if q:
-            bits, group, sym = q
-            dq = f.low.kernel(("cuda_dequant", n_out, kp, bits, group, "sym" if sym else "asym"),
-                              lambda: C.dequant_func(n_out, kp, bits, group, sym))
-            zs = fields[2] if not sym else _dummy(f, (1, 1), "float16")
-            w16 = f.emit(relax.call_tir(dq, [fields[0], fields[1], zs], relax.TensorType([n_out, kp], "float16")))
-        else:
-            w16 = fields[0]
-        x16 = f.emit(relax.op.astype(x2, "float16"))
-        y = _matmul_nt(f, x16, w16, [m, n_out])
-        if bias is not None:
-            y = f.emit(relax.op.add(y, bias))
-    return f.emit(relax.op.reshape(y, lead + [n_out]))
-
-
-def _matmul_nt(f, a: relax.Expr, b: relax.Expr, out_shape: list) -> relax.Expr:
-    """fp16 a[..., m, k] x b[..., n, k]^T -> fp32 [..., m, n] on tensor cores: cuBLAS through the
-    runtime's `kiln.cuda.gemm_nt` (default), or TVM's own schedule (gemm="tvm")."""
-    if f.low.gemm == "cublas":
-        return f.emit(relax.call_dps_packed("kiln.cuda.gemm_nt", [a, b], relax.TensorType(out_shape, "float32")))
-    perm = list(range(len(out_shape) - 2)) + [len(out_shape) - 1, len(out_shape) - 2]
-    return f.emit(relax.op.matmul(a, f.emit(relax.op.permute_dims(b, perm)), out_dtype="float32"))
-
-
-def _matmul_nn(f, a: relax.Expr, b: relax.Expr, out_shape: list) -> relax.Expr:
-    """fp16 a[..., m, k] x b[..., k, n] -> fp32 [..., m, n]."""
-    if f.low.gemm == "cublas":
-        return f.emit(relax.call_dps_packed("kiln.cuda.gemm_nn", [a, b], relax.TensorType(out_shape, "float32")))
-    return f.emit(relax.op.matmul(a, b, out_dtype="float32"))
-
-
-def _linear(f, n, xs):
-    w = n.inputs[1]
-    bias = f.weight(f.low.spec_name((n.inputs[2].attrs["name"],), "raw")) if len(n.inputs) > 2 else None
-    return cuda_linear(f, xs[0], n.inputs[0].type.shape[:-1], w, _fields(f, w), int(w.type.shape[0]), bias)
-
-
-def _gated_mlp(f, n, xs):
-    x, wg, wu, wd = n.inputs
-    ffn = int(wg.type.shape[0])
-    gu = cuda_linear(f, xs[0], x.type.shape[:-1], wg, _fields(f, wg, wu), 2 * ffn, None)
-    rank = x.type.rank
-    g = f.emit(relax.op.strided_slice(gu, [rank - 1], [0], [ffn], assume_inbound=True))
-    u = f.emit(relax.op.strided_slice(gu, [rank - 1], [ffn], [2 * ffn], assume_inbound=True))
-    act = {"silu": relax.op.nn.silu, "gelu": relax.op.nn.gelu, "gelu_tanh": relax.op.nn.gelu_tanh}[n.attrs["act"]]
-    h = f.emit(relax.op.multiply(f.emit(act(g)), u))
-    return cuda_linear(f, h, n.type.shape[:-1], wd, _fields(f, wd), int(wd.type.shape[0]), None)
-
-
-def _embedding(f, n, xs):
-    w, ids = n.inputs
-    fields = _fields(f, w)
-    if w.op != "qweight":
-        return f.emit(relax.op.astype(f.emit(relax.op.take(fields[0], xs[1], axis=0)), "float32"))
-    from tvm import te
-    bits, group, sym = _qkey(w)
-    d = int(w.type.shape[1])
-    zc = float(2 ** (bits - 1))
-
-    def gather(idx, codes, scales, *zs):
-        def row(*i):
-            v, c = idx[i[:-1]], i[-1]
-            code = (codes[v, c].astype("float32") if bits == 8 else
-                    ((codes[v, c // 8] >> ((c % 8) * 4).astype("int32")) & 15).astype("float32"))
-            s = scales[v, c // group].astype("float32")
-            return code * s + zs[0][v, c // group].astype("float32") if zs else (code - zc) * s
-        return te.compute(tuple(idx.shape) + (d,), row, name="embedding_dequant")
-    return f.bb.emit_te(gather, xs[1], *fields)
-
-
-def _cached_attention(f, n, xs):
-    if len(xs) > 6 or n.attrs.get("kv_dtype"):
-        raise UnsupportedOpError(f"cached_attention with a {n.attrs.get('kv_dtype') or 'quantized'} KV cache",
-                                 n.source, hint="target 'cuda' has an fp16 KV cache only; build without --kv-quant")
-    if n.attrs.get("alibi") is not None:
-        raise UnsupportedOpError("cached_attention with ALiBi", n.source,
-                                 hint="target 'cuda' has no ALiBi kernels yet; use --target cpu")
-    q, k, v, cache, page_table, positions = xs[:6]
-    qn, kn, _, cn = n.inputs[:4]
-    heads, kv_heads, head_dim = int(qn.type.shape[1]), int(kn.type.shape[1]), int(kn.type.shape[3])
-    page = int(cn.type.shape[3])
-    perm = [0, 2, 1, 3]
-    kt = f.emit(relax.op.permute_dims(k, perm))
-    vt = f.emit(relax.op.permute_dims(v, perm))
-    ctype = f.cache_type(cn)
-    append = f.low.kernel(("cuda_kv_append", kv_heads, head_dim, page), lambda: C.kv_append_func(kv_heads, head_dim, page))
-    cache2 = f.emit(relax.op.call_tir_inplace(append, [cache, kt, vt, page_table, positions], [0], ctype))
-    scale, window = float(n.attrs["scale"]), int(n.attrs.get("window", 0))
-    b, t = f.dims(qn.type.shape[:1])[0], f.dims(qn.type.shape[2:3])[0]
-    if f.mode == "gemv":
-        qt = f.emit(relax.op.permute_dims(q, perm))
-        attn = f.low.kernel(("cuda_paged_decode", heads, kv_heads, head_dim, page, window, f"{scale:.6g}"),
-                            lambda: C.paged_decode_func(heads, kv_heads, head_dim, page, scale, window))
-        o = f.emit(relax.call_tir(attn, [qt, cache2, page_table, positions],
-                                  relax.TensorType([b, t, heads, head_dim], "float32")))
-        return f.emit(relax.op.permute_dims(o, perm))
-    # prefill: gather the sequence's pages, then tensor-core matmuls with a position mask
-    gather = f.low.kernel(("cuda_gather_kv", kv_heads, head_dim, page), lambda: C.gather_kv_func(kv_heads, head_dim, page))
-    mp = f.env["max_pages"]
-    s_len = mp * page
-    kv = f.emit(relax.call_tir(gather, [cache2, page_table],
-                               [relax.TensorType([b, kv_heads, s_len, head_dim], "float16")] * 2))
-    kall, vall = f.emit(relax.TupleGetItem(kv, 0)), f.emit(relax.TupleGetItem(kv, 1))
-    rep = heads // kv_heads
-    qg = f.emit(relax.op.reshape(f.emit(relax.op.astype(q, "float16")), [b, kv_heads, rep * t, head_dim]))
-    scores = _matmul_nt(f, qg, kall, [b, kv_heads, rep * t, s_len])
-    from tvm import te
-
-    def mask(sc, pos):
-        def val(bi, hi, r, j):
-            p = pos[bi, r % pos.shape[1]]  # rows are (head in group, token): the token is r mod T
-            ok = j <= p.astype("int64")
-            if window:
-                ok = tvm.tirx.all(ok, j > p.astype("int64") - window)
-            return tvm.tirx.if_then_else(ok, sc[bi, hi, r, j] * tvm.tirx.const(scale, "float32"),
-                                         tvm.tirx.const(C._NEG, "float32"))
-        return te.compute(sc.shape, val, name="attention_mask")
-    masked = f.bb.emit_te(mask, scores, positions)
-    p16 = f.emit(relax.op.astype(f.emit(relax.op.nn.softmax(masked, axis=-1)), "float16"))
-    o = _matmul_nn(f, p16, vall, [b, kv_heads, rep * t, head_dim])  # [b, kv_heads, rep*t, D]
-    return f.emit(relax.op.reshape(o, [b, heads, t, head_dim]))
-
-
-def _quant_act(f, n, xs):
-    raise UnsupportedOpError("quant_act (W8A8 activation quantization)", n.source,
-                             hint="target 'cuda' has weight-only int8/int4 kernels; build without --w8a8")
-
-
-_CUDA_RULES = {"linear": _linear, "gated_mlp": _gated_mlp, "embedding": _embedding,
-               "cached_attention": _cached_attention, "quant_act": _quant_act}
-assert all(k in LOWER for k in _CUDA_RULES)
-
-
-class CudaTarget:
+class CudaTarget(TvmTarget):
     name = "cuda"
+    capabilities = frozenset({"fp16", "int8", "int4", "sliding-window", "gqa", "tensor-cores"})
 
     def __init__(self, arch: str = "sm_90a", gemm: str = "cublas") -> None:
-        from kiln.errors import KilnError
         if arch not in ARCHS:
             raise KilnError(f"unknown CUDA architecture '{arch}'; kiln builds for {', '.join(ARCHS)}")
         if gemm not in ("cublas", "tvm"):
@@ -279,17 +45,18 @@ class CudaTarget:
                 "gemv_max_batch": C.MB, "gemm": self.gemm,
                 "requires": ["libcublas"] if self.gemm == "cublas" else []}
 
-    def build(self, graph: Graph, entry_points: dict[str, dict[str, int]] | None = None) -> BuildResult:
-        entry_points = dict(entry_points or graph.meta.get("entry_points") or {"prefill": {"batch": 1},
-                                                                              "decode": {"tokens": 1}})
-        if "decode" in entry_points:  # batches too large for the GEMV kernel run the GEMM path
-            entry_points["decode_batched"] = {**entry_points["decode"], "gemm": 1}
-        t0 = time.perf_counter()
-        low = CudaLowering(graph, self.gemm)
-        mod = low.lower(entry_points)
-        t1 = time.perf_counter()
+    def entry_points(self, graph: Graph) -> dict[str, EntryPoint]:
+        eps = super().entry_points(graph)
+        if "decode" in eps:  # batches too large for the GEMV kernel run the GEMM path
+            eps["decode_batched"] = EntryPoint("decode_batched", dict(eps["decode"].dims), gemm=True)
+        return eps
+
+    def make_lowering(self, graph: Graph) -> CudaLowering:
+        return CudaLowering(graph, self.name, self.gemm)
+
+    def compile_module(self, mod: tvm.IRModule) -> Any:
         with tvm.transform.PassContext(opt_level=3):
-            ex = tvm.compile(mod, target=self.tvm_target())
-        t2 = time.perf_counter()
-        return BuildResult(ex, low.weight_specs, self.describe(), {"lower": t1 - t0, "tvm_build": t2 - t1},
-                           sorted(gv.name_hint for gv in low.kernels.values()))
+            return tvm.compile(mod, target=self.tvm_target())
+
+
+TARGET = CudaTarget

@@ -2,7 +2,7 @@
 
 This is how a large model is deployed without moving its checkpoint through the build host: the
 artifact carries the program and the list of weight fields; here each field is produced from the
-model's tensors in the layout the kernels read (see targets/cuda_kernels.py), on the GPU.
+model's tensors in the layout the kernels read (see targets/cuda/layouts.py), on the GPU.
 Needs torch (and kiln's quantizer for quantized fields).
 """
 from __future__ import annotations
@@ -10,20 +10,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from kiln.targets.common.layouts import parse_layout
+
+from .layouts import F16, Quant, pack_codes_torch  # noqa: F401  (pack_codes_torch: part of this module's API)
+
 _DERIVED = re.compile(r"^(?P<base>.+)\.(?P<scheme>int\d+[^.]*)\.(?P<part>codes|scales|zeros)$")
-
-
-def pack_codes_torch(codes, bits: int):
-    """uint8 codes [N, Kp] -> uint8 (int8) or int32 words holding 8 int4 codes (column 8i+j at bits 4j)."""
-    import torch
-    if bits == 8:
-        return codes.to(torch.uint8).contiguous()
-    n, k = codes.shape
-    c = codes.to(torch.int32).reshape(n, k // 8, 8)
-    words = torch.zeros(n, k // 8, dtype=torch.int32, device=codes.device)
-    for j in range(8):
-        words |= (c[..., j] & 15) << (4 * j)
-    return words.contiguous()
 
 
 def tensors_of(model) -> dict[str, Any]:
@@ -40,6 +31,7 @@ class WeightMaker:
         self.tensors = tensors
         self.keep_dequantized = keep_dequantized
         self._quant: dict[tuple[str, str], tuple] = {}
+        self._packed: dict[tuple, list] = {}
         self.dequantized: dict[str, Any] = {}  # base weight -> the values the quantized kernels compute with
 
     def source(self, name: str):
@@ -68,33 +60,23 @@ class WeightMaker:
         self.dequantized[base] = q.float() * s16.repeat_interleave(g, 1)[:, :k] + zs16.repeat_interleave(g, 1)[:, :k]
 
     def field(self, spec: dict):
+        """One manifest weight field, made on the tensors' device in the field's layout."""
         import torch
-        t = spec["transform"]
+        lay = parse_layout(spec["transform"])
         srcs = [self.source(s) for s in spec["sources"]]
-        if t == "raw":
+        if spec["transform"] == "raw":
             return srcs[0].to(getattr(torch, spec["dtype"])).contiguous()
-        if t == "cuda_f16":
-            return (srcs[0] if len(srcs) == 1 else torch.cat(srcs, 0)).to(torch.float16).contiguous()
-        if not t.startswith("cuda_q"):
-            raise ValueError(f"weight transform '{t}' is not a cuda layout")
-        head, i = t[len("cuda_"):].split(":")
-        bits, rest = head[1:].split("g")
-        bits, group = int(bits), int(rest[:-1])  # a symmetric scheme has no field 2
-        n = len(srcs) // 3
-        codes, scales, zeros = (torch.cat(srcs[j * n:(j + 1) * n], 0) for j in range(3))
-        pad = -codes.shape[1] % group
-        if pad:
-            codes = torch.cat([codes, zeros[:, -1:].round().to(codes.dtype).expand(-1, pad)], 1)
-        i = int(i)
-        if i == 0:
-            return pack_codes_torch(codes, bits)
-        if i == 1:
-            return scales.to(torch.float16).contiguous()
-        return (-zeros * scales).to(torch.float16).contiguous()
+        if not isinstance(lay, (F16, Quant)):
+            raise ValueError(f"weight transform '{spec['transform']}' is not a cuda layout")
+        fam = (tuple(spec["sources"]), lay.family())
+        if fam not in self._packed:  # the parts of one family are packed together, once
+            self._packed = {fam: lay.pack_torch(srcs)}
+        return self._packed[fam][lay.part]
 
     def all(self, manifest: dict) -> dict[str, Any]:
         out = {}
         for spec in manifest["weights"]:
             out[spec["name"]] = self.field(spec)
         self._quant.clear()  # codes/scales/zeros are packed now
+        self._packed.clear()
         return out

@@ -161,7 +161,7 @@ class KilnProgram(torch.nn.Module):
             self.register_buffer(b, t.detach(), persistent=True)
         self.input_names = [n.name for n in graph.inputs]
         self.cache_names = [n for n in self.input_names if n.startswith("kv_cache_")]
-        self.entry_points: dict[str, dict[str, int]] = {k: v for k, v in graph.meta["entry_points"].items()
+        self.entry_points: dict[str, dict[str, int]] = {k: v.dims for k, v in graph.meta["entry_points"].items()
                                                         if k in ENTRY_POINTS}
 
     # the core: one op after another, with weights from `params` (kiln name -> tensor)

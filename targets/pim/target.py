@@ -1,8 +1,8 @@
 """Target `pim`: an H100-class GPU with PIM-enabled HBM3 stacks, simulated.
 
 `PimTarget.build(graph)` does two things:
-- functional execution: the program is built by the CPU target (`CpuTarget().build(graph)`), so a `pim`
-  build computes exactly what a `cpu` build computes (placement is only an annotation);
+- functional execution: the program is built as the CPU target builds it (`PimTarget` is a `CpuTarget`),
+  so a `pim` build computes exactly what a `cpu` build computes (placement is only an annotation);
 - simulation: `place-pim` annotates each op (unless the graph already carries placements), and
   `timeline()` gives the simulated decode step, GPU-only and GPU+PIM: time and energy per op, per layer
   and per token (`kiln.targets.pim.cost`). The result is attached as `BuildResult.timeline` and summarized
@@ -15,31 +15,36 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from kiln.entry import EntryPoint
 from kiln.ir import Graph
+from kiln.targets.base import BuildResult
+from kiln.targets.cpu.target import CpuTarget
 
 from .cost import StepResult, simulate_graph
 from .hw import DEFAULT, PimHardware
 
 
-class PimTarget:
+class PimTarget(CpuTarget):
     name = "pim"
+    capabilities = CpuTarget.capabilities | {"simulated"}
+    pass_modules = ("kiln.targets.pim.place_pim",)
 
     def __init__(self, batch: int = 1, context: int = 2048, spec: int = 0, hw: PimHardware | None = None,
                  policy: str = "auto") -> None:
+        super().__init__()
         self.batch, self.context, self.spec = int(batch), int(context), int(spec)
         self.hw = hw or DEFAULT
         self.policy = policy
 
     def describe(self) -> dict[str, Any]:
-        from kiln.targets.cpu.target import CpuTarget
         return {"name": self.name, "simulated": True, "hw_version": self.hw.version, "variant": self.hw.variant,
                 "decode": {"batch": self.batch, "context": self.context, "spec": self.spec},
-                "functional": CpuTarget().describe()}
+                "functional": super().describe()}
 
     def place(self, graph: Graph) -> Graph:
         if any("placement" in n.attrs for n in graph.nodes):
             return graph
-        from kiln.targets.pim.place_pim import place_pim
+        from .place_pim import place_pim
         return place_pim(graph, batch=self.batch, context=self.context, spec=self.spec, policy=self.policy,
                          hw=self.hw)
 
@@ -53,16 +58,18 @@ class PimTarget:
         return {"gpu": simulate_graph(graph, b, c, s, self.hw, "gpu"),
                 "pim": simulate_graph(graph, b, c, s, self.hw, "auto", use_annotations=same)}
 
-    def build(self, graph: Graph, entry_points: dict[str, dict[str, int]] | None = None):
-        from kiln.targets.cpu.target import CpuTarget
+    def build(self, graph: Graph, entry_points: dict[str, EntryPoint] | None = None) -> BuildResult:
         g = self.place(graph)
-        res = CpuTarget().build(g, entry_points)
+        res = super().build(g, entry_points)
         tl = self.timeline(g)
         res.target = dict(self.describe(), simulated={
             k: {"step_s": v.time_s, "step_j": v.energy_j, "tokens_per_s": v.tokens_per_s,
                 "j_per_token": v.j_per_token} for k, v in tl.items()})
         res.timeline = tl
         return res
+
+
+TARGET = PimTarget
 
 
 # -- report ---------------------------------------------------------------------------------------------------------

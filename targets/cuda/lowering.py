@@ -1,0 +1,213 @@
+"""The cuda target's lowering: its weight plan and the rules that call its kernels.
+
+What runs where:
+  decode (tokens = 1, batch <= 8)   kiln's GEMV kernels (fp16 / int8 / int4, dequantize fused into the
+                                    16-byte weight loads) and the paged decode attention kernel
+  prefill, verify, decode_batched   tensor-core GEMMs through cuBLAS, called by the runtime
+                                    (`kiln.cuda.gemm_nt` / `gemm_nn`; quantized weights are
+                                    dequantized to fp16 first), and attention as gathered K/V +
+                                    batched GEMMs with a position mask. TVM 0.27's own tensor-core
+                                    rule (DLight MatmulTensorization) crashes in tensorize, so
+                                    gemm="tvm" builds CUDA-core schedules instead.
+  everything else                   the generic "relax" rules, scheduled by DLight (norms, rotary,
+                                    residual adds)
+"""
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax, te
+
+from kiln.errors import UnsupportedOpError
+from kiln.ir import Graph, Node
+from kiln.ops import register_rule
+from kiln.targets.common.layouts import padded_k
+from kiln.targets.common.relax import FunctionLowering, RelaxLowering, gated_mlp_with, qkey
+
+from . import kernels as C
+from .layouts import F16, Quant, packed_shapes
+
+
+class CudaLowering(RelaxLowering):
+    backends = ("cuda", "relax")
+    cache_dtype = "float16"
+
+    def __init__(self, graph: Graph, target_name: str = "cuda", gemm: str = "cublas") -> None:
+        self.gemm = gemm
+        super().__init__(graph, target_name)
+
+    def plan_embedding(self, n: Node) -> bool:
+        self.weight_fields(n.inputs[0])  # fp16 rows (or codes), shared with a tied LM head
+        return True
+
+    def weight_fields(self, *ws: Node) -> list[str]:
+        rows = sum(int(w.type.shape[0]) for w in ws)
+        if all(w.op == "param" for w in ws):
+            return [self.register(tuple(w.attrs["name"] for w in ws), F16(), (rows, int(ws[0].type.shape[1])),
+                                  "float16")]
+        if all(w.op == "qweight" for w in ws) and len({qkey(w) for w in ws}) == 1:
+            bits, group, sym = qkey(ws[0])
+            if bits not in (4, 8):
+                raise UnsupportedOpError(f"qweight with {bits}-bit codes", ws[0].source,
+                                         hint="target 'cuda' has int8 and int4 kernels")
+            if group % C._vec(bits):
+                raise UnsupportedOpError(f"int{bits} weights in groups of {group}", ws[0].source,
+                                         hint=f"target 'cuda' needs groups that are multiples of {C._vec(bits)}")
+            k = padded_k(int(ws[0].type.shape[1]), group)
+            sources = tuple(w.inputs[j].attrs["name"] for j in range(3) for w in ws)
+            return [self.register(sources, Quant(part=i, bits=bits, group=group, sym=sym), tuple(shape), dtype)
+                    for i, (shape, dtype) in enumerate(packed_shapes(rows, k, bits, group, sym))]
+        raise UnsupportedOpError("linear over a mix of quantized and fp16 or differently quantized weights",
+                                 ws[0].source)
+
+
+# -- rules ------------------------------------------------------------------------------------------
+
+def _dummy(f, shape, dtype):
+    key = ("dummy", tuple(shape), dtype)
+    if key not in f.values:
+        f.values[key] = relax.const(np.zeros(shape, dtype), dtype)
+    return f.values[key]
+
+
+def cuda_linear(f: FunctionLowering, x: relax.Expr, lead_shape, ws: tuple[Node, ...], n_out: int,
+                bias: relax.Expr | None = None) -> relax.Expr:
+    """x [..., k] fp32 -> [..., n_out] fp32 through the GEMV kernel (decode) or a tensor-core GEMM."""
+    w = ws[0]
+    fields = f.fields(*ws)
+    q = qkey(w) if w.op == "qweight" else None
+    k = int(w.type.shape[1])
+    lead, m = f.rows(x, lead_shape)
+    x2 = f.emit(relax.op.reshape(x, [m, k]))
+    kp = padded_k(k, q[1]) if q else k
+    if kp != k:
+        x2 = f.emit(relax.op.nn.pad(x2, [0, 0, 0, kp - k]))
+    if f.mode == "gemv":
+        bits, group, sym = q if q else (16, 0, True)
+        gv = f.low.kernel(("cuda_gemv", kp, n_out, bits, group, "sym" if sym else "asym", bias is not None),
+                          lambda: C.gemv_func(kp, n_out, bits, group, sym, bias is not None))
+        s = fields[1] if q else _dummy(f, (1, 1), "float16")
+        zs = fields[2] if q and not sym else _dummy(f, (1, 1), "float16")
+        args = [x2, fields[0], s, zs, bias if bias is not None else _dummy(f, (1,), "float32")]
+        y = f.emit(relax.call_tir(gv, args, relax.TensorType([m, n_out], "float32")))
+    else:
+        if q:
+            bits, group, sym = q
+            dq = f.low.kernel(("cuda_dequant", n_out, kp, bits, group, "sym" if sym else "asym"),
+                              lambda: C.dequant_func(n_out, kp, bits, group, sym))
+            zs = fields[2] if not sym else _dummy(f, (1, 1), "float16")
+            w16 = f.emit(relax.call_tir(dq, [fields[0], fields[1], zs], relax.TensorType([n_out, kp], "float16")))
+        else:
+            w16 = fields[0]
+        x16 = f.emit(relax.op.astype(x2, "float16"))
+        y = _matmul_nt(f, x16, w16, [m, n_out])
+        if bias is not None:
+            y = f.emit(relax.op.add(y, bias))
+    return f.emit(relax.op.reshape(y, lead + [n_out]))
+
+
+def _matmul_nt(f, a: relax.Expr, b: relax.Expr, out_shape: list) -> relax.Expr:
+    """fp16 a[..., m, k] x b[..., n, k]^T -> fp32 [..., m, n] on tensor cores: cuBLAS through the
+    runtime's `kiln.cuda.gemm_nt` (default), or TVM's own schedule (gemm="tvm")."""
+    if f.low.gemm == "cublas":
+        return f.emit(relax.call_dps_packed("kiln.cuda.gemm_nt", [a, b], relax.TensorType(out_shape, "float32")))
+    perm = list(range(len(out_shape) - 2)) + [len(out_shape) - 1, len(out_shape) - 2]
+    return f.emit(relax.op.matmul(a, f.emit(relax.op.permute_dims(b, perm)), out_dtype="float32"))
+
+
+def _matmul_nn(f, a: relax.Expr, b: relax.Expr, out_shape: list) -> relax.Expr:
+    """fp16 a[..., m, k] x b[..., k, n] -> fp32 [..., m, n]."""
+    if f.low.gemm == "cublas":
+        return f.emit(relax.call_dps_packed("kiln.cuda.gemm_nn", [a, b], relax.TensorType(out_shape, "float32")))
+    return f.emit(relax.op.matmul(a, b, out_dtype="float32"))
+
+
+@register_rule("cuda", "linear")
+def _linear(f, n, xs):
+    w = n.inputs[1]
+    return cuda_linear(f, xs[0], n.inputs[0].type.shape[:-1], (w,), int(w.type.shape[0]), f.bias(n))
+
+
+@register_rule("cuda", "gated_mlp")
+def _gated_mlp(f, n, xs):
+    return gated_mlp_with(f, n, xs, cuda_linear)
+
+
+@register_rule("cuda", "embedding")
+def _embedding(f, n, xs):
+    w, ids = n.inputs
+    fields = f.fields(w)
+    if w.op != "qweight":
+        return f.emit(relax.op.astype(f.emit(relax.op.take(fields[0], xs[1], axis=0)), "float32"))
+    bits, group, sym = qkey(w)
+    d = int(w.type.shape[1])
+    zc = float(2 ** (bits - 1))
+
+    def gather(idx, codes, scales, *zs):
+        def row(*i):
+            v, c = idx[i[:-1]], i[-1]
+            code = (codes[v, c].astype("float32") if bits == 8 else
+                    ((codes[v, c // 8] >> ((c % 8) * 4).astype("int32")) & 15).astype("float32"))
+            s = scales[v, c // group].astype("float32")
+            return code * s + zs[0][v, c // group].astype("float32") if zs else (code - zc) * s
+        return te.compute(tuple(idx.shape) + (d,), row, name="embedding_dequant")
+    return f.bb.emit_te(gather, xs[1], *fields)
+
+
+@register_rule("cuda", "cached_attention")
+def _cached_attention(f, n, xs):
+    if len(xs) > 6 or n.attrs.get("kv_dtype"):
+        raise UnsupportedOpError(f"cached_attention with a {n.attrs.get('kv_dtype') or 'quantized'} KV cache",
+                                 n.source, hint="target 'cuda' has an fp16 KV cache only; build without --kv-quant")
+    if n.attrs.get("alibi") is not None:
+        raise UnsupportedOpError("cached_attention with ALiBi", n.source,
+                                 hint="target 'cuda' has no ALiBi kernels yet; use --target cpu")
+    q, k, v, cache, page_table, positions = xs[:6]
+    qn, kn, _, cn = n.inputs[:4]
+    heads, kv_heads, head_dim = int(qn.type.shape[1]), int(kn.type.shape[1]), int(kn.type.shape[3])
+    page = int(cn.type.shape[3])
+    perm = [0, 2, 1, 3]
+    kt = f.emit(relax.op.permute_dims(k, perm))
+    vt = f.emit(relax.op.permute_dims(v, perm))
+    ctype = f.cache_type(cn)
+    append = f.low.kernel(("cuda_kv_append", kv_heads, head_dim, page), lambda: C.kv_append_func(kv_heads, head_dim, page))
+    cache2 = f.emit(relax.op.call_tir_inplace(append, [cache, kt, vt, page_table, positions], [0], ctype))
+    scale, window = float(n.attrs["scale"]), int(n.attrs.get("window", 0))
+    b, t = f.dims(qn.type.shape[:1])[0], f.dims(qn.type.shape[2:3])[0]
+    if f.mode == "gemv":
+        qt = f.emit(relax.op.permute_dims(q, perm))
+        attn = f.low.kernel(("cuda_paged_decode", heads, kv_heads, head_dim, page, window, f"{scale:.6g}"),
+                            lambda: C.paged_decode_func(heads, kv_heads, head_dim, page, scale, window))
+        o = f.emit(relax.call_tir(attn, [qt, cache2, page_table, positions],
+                                  relax.TensorType([b, t, heads, head_dim], "float32")))
+        return f.emit(relax.op.permute_dims(o, perm))
+    # prefill: gather the sequence's pages, then tensor-core matmuls with a position mask
+    gather = f.low.kernel(("cuda_gather_kv", kv_heads, head_dim, page), lambda: C.gather_kv_func(kv_heads, head_dim, page))
+    mp = f.env["max_pages"]
+    s_len = mp * page
+    kv = f.emit(relax.call_tir(gather, [cache2, page_table],
+                               [relax.TensorType([b, kv_heads, s_len, head_dim], "float16")] * 2))
+    kall, vall = f.emit(relax.TupleGetItem(kv, 0)), f.emit(relax.TupleGetItem(kv, 1))
+    rep = heads // kv_heads
+    qg = f.emit(relax.op.reshape(f.emit(relax.op.astype(q, "float16")), [b, kv_heads, rep * t, head_dim]))
+    scores = _matmul_nt(f, qg, kall, [b, kv_heads, rep * t, s_len])
+
+    def mask(sc, pos):
+        def val(bi, hi, r, j):
+            p = pos[bi, r % pos.shape[1]]  # rows are (head in group, token): the token is r mod T
+            ok = j <= p.astype("int64")
+            if window:
+                ok = tvm.tirx.all(ok, j > p.astype("int64") - window)
+            return tvm.tirx.if_then_else(ok, sc[bi, hi, r, j] * tvm.tirx.const(scale, "float32"),
+                                         tvm.tirx.const(C._NEG, "float32"))
+        return te.compute(sc.shape, val, name="attention_mask")
+    masked = f.bb.emit_te(mask, scores, positions)
+    p16 = f.emit(relax.op.astype(f.emit(relax.op.nn.softmax(masked, axis=-1)), "float16"))
+    o = _matmul_nn(f, p16, vall, [b, kv_heads, rep * t, head_dim])  # [b, kv_heads, rep*t, D]
+    return f.emit(relax.op.reshape(o, [b, heads, t, head_dim]))
+
+
+@register_rule("cuda", "quant_act")
+def _quant_act(f, n, xs):
+    raise UnsupportedOpError("quant_act (W8A8 activation quantization)", n.source,
+                             hint="target 'cuda' has weight-only int8/int4 kernels; build without --w8a8")
