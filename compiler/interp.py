@@ -1,11 +1,12 @@
 """Reference interpreter: runs any kiln graph op by op in torch eager. The oracle for pass tests."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import sympy
 import torch
 
+from .errors import KilnError
 from .ir import Graph, Node
 from .ops import OPS, evaluate
 
@@ -36,6 +37,53 @@ def bind_dims(graph: Graph, inputs: dict[str, torch.Tensor]) -> dict:
     return env
 
 
+Step = Callable[[Any, Node, list], Any]  # step(ctx, node, input values) -> value
+
+
+def reference_step(ctx: Any, node: Node, x: list) -> Any:
+    """An op's reference semantics (its record's `ref`)."""
+    return OPS[node.op].ref(ctx, x, node.attrs)
+
+
+def execute(graph: Graph, inputs: dict[str, Any], params: dict[str, Any], ctx: Any, step: Step = reference_step,
+            observe: Callable | None = None, free: bool = True, only: set[Node] | None = None) -> dict[Node, Any]:
+    """The one op-by-op loop: every node's value from its inputs' values through `step` (the reference
+    semantics, or a back end's overrides such as the MLIR program's functional paged cache). With
+    `free`, a value is dropped after its last use (outputs stay); `only` restricts to a set of nodes.
+    Errors name the node they happened at."""
+    values: dict[Node, Any] = {}
+    last_use: dict[Node, int] = {}
+    if free:
+        for i, n in enumerate(graph.nodes):
+            for x in n.inputs:
+                last_use[x] = i
+        for o in graph.outputs:
+            last_use[o] = len(graph.nodes)
+    for idx, node in enumerate(graph.nodes):
+        if only is not None and node not in only:
+            continue
+        if node.op == "input":
+            values[node] = inputs[node.name]
+        elif node.op == "param":
+            values[node] = params[node.attrs["name"]]
+        else:
+            ctx.node = node
+            try:
+                values[node] = step(ctx, node, [values[i] for i in node.inputs])
+            except Exception as e:  # name the node: a bare torch error says nothing of where
+                if isinstance(e, KilnError):
+                    raise
+                raise RuntimeError(f"interpreter failed at {node.name} = {node.op}"
+                                   f"({', '.join(i.name for i in node.inputs)}): {e}") from e
+            if observe is not None:
+                observe(node, values[node])
+        if free:
+            for x in node.inputs:
+                if last_use.get(x) == idx:
+                    values.pop(x, None)
+    return values
+
+
 def run(graph: Graph, inputs: dict[str, torch.Tensor], params: dict[str, torch.Tensor] | None = None,
         return_env: bool = False, observe=None, grad: bool = False) -> list[torch.Tensor] | tuple[list[torch.Tensor], dict]:
     """Execute `graph` on named inputs; returns the outputs (in order).
@@ -45,38 +93,13 @@ def run(graph: Graph, inputs: dict[str, torch.Tensor], params: dict[str, torch.T
     (parameters passed with `requires_grad` get gradients: distillation); the default runs without."""
     params = graph.params if params is None else params
     ctx = _Ctx(bind_dims(graph, inputs))
-    values: dict[Node, torch.Tensor] = {}
-    last_use: dict[Node, int] = {}
-    if not return_env:
-        for i, n in enumerate(graph.nodes):
-            for x in n.inputs:
-                last_use[x] = i
-        for o in graph.outputs:
-            last_use[o] = len(graph.nodes)
     with torch.set_grad_enabled(grad):
-        for idx, node in enumerate(graph.nodes):
-            if node.op == "input":
-                values[node] = inputs[node.name]
-            elif node.op == "param":
-                values[node] = params[node.attrs["name"]]
-            else:
-                ctx.node = node
-                try:
-                    values[node] = OPS[node.op].ref(ctx, [values[i] for i in node.inputs], node.attrs)
-                except Exception as e:  # name the node: a bare torch error says nothing of where
-                    raise RuntimeError(f"interpreter failed at {node.name} = {node.op}"
-                                       f"({', '.join(i.name for i in node.inputs)}): {e}") from e
-                if observe is not None:
-                    observe(node, values[node])
-            if not return_env:
-                for x in node.inputs:
-                    if last_use.get(x) == idx:
-                        values.pop(x, None)
+        values = execute(graph, inputs, params, ctx, observe=observe, free=not return_env)
     outs = [values[o] for o in graph.outputs]
     return (outs, values) if return_env else outs
 
 
-__all__ = ["run", "bind_dims", "sympy"]
+__all__ = ["run", "bind_dims", "execute", "reference_step", "sympy"]
 
 
 def evaluate_subgraph(graph: Graph, node: Node, dims: dict[str, int]) -> torch.Tensor:
@@ -86,14 +109,5 @@ def evaluate_subgraph(graph: Graph, node: Node, dims: dict[str, int]) -> torch.T
     if any(n.op == "input" for n in anc):
         raise ValueError(f"%{node.name} depends on graph inputs")
     ctx = _Ctx({sym(k): v for k, v in dims.items()})
-    values: dict[Node, torch.Tensor] = {}
     with torch.no_grad():
-        for n in graph.nodes:
-            if n not in anc:
-                continue
-            if n.op == "param":
-                values[n] = graph.params[n.attrs["name"]]
-            else:
-                ctx.node = n
-                values[n] = OPS[n.op].ref(ctx, [values[i] for i in n.inputs], n.attrs)
-    return values[node]
+        return execute(graph, {}, graph.params, ctx, free=False, only=anc)[node]

@@ -20,6 +20,7 @@ import sympy
 import tvm
 from tvm import relax, tirx
 
+from kiln.dims import DimError, eval_dim
 from kiln.entry import EntryPoint
 from kiln.errors import UnsupportedOpError
 from kiln.ir import Graph, Node
@@ -33,24 +34,10 @@ DIM_SYMBOLS = ("batch", "tokens", "pages", "max_pages")
 
 def tir_dim(e: sympy.Expr, env: dict[str, Any]):
     """sympy dim -> TIR expression, symbols looked up by name in env."""
-    if e.is_Integer:
-        return tirx.IntImm("int64", int(e))
-    if e.is_Symbol:
-        return env[e.name]
-    if isinstance(e, sympy.Add):
-        out = tir_dim(e.args[0], env)
-        for a in e.args[1:]:
-            out = out + tir_dim(a, env)
-        return out
-    if isinstance(e, sympy.Mul):
-        out = tir_dim(e.args[0], env)
-        for a in e.args[1:]:
-            out = out * tir_dim(a, env)
-        return out
-    if isinstance(e, sympy.floor) and isinstance(e.args[0], sympy.Mul):
-        num, den = e.args[0].as_numer_denom()
-        return tirx.floordiv(tir_dim(num, env), tir_dim(den, env))
-    raise NotImplementedError(f"dimension expression {e} has no TIR form")
+    try:
+        return eval_dim(e, env, const=lambda v: tirx.IntImm("int64", v), floordiv=tirx.floordiv)
+    except DimError as err:
+        raise NotImplementedError(f"dimension expression {e} has no TIR form ({err})") from None
 
 
 def qkey(w: Node) -> tuple[int, int, bool]:

@@ -13,7 +13,9 @@ from typing import Any
 import sympy
 import torch
 
+from kiln.dims import DimError, eval_dim
 from kiln.errors import KilnError, UnsupportedOpError
+from kiln.interp import execute, reference_step
 from kiln.ir import Graph, Node
 from kiln.ops import OPS, _rebuild, kv_fake_quant, norm_dim, torch_dtype
 
@@ -23,38 +25,10 @@ ENTRY_POINTS: tuple[str, ...] = ("prefill", "decode")
 
 def _dim_value(e: Any, env: dict[str, Any]) -> Any:
     """Evaluate a sympy dim with symbols bound to ints or torch SymInts (no specialization)."""
-    if isinstance(e, (list, tuple)):
-        return type(e)(_dim_value(x, env) for x in e)
-    if not isinstance(e, sympy.Basic):
-        return e
-    if e.is_Integer:
-        return int(e)
-    if e.is_Symbol:
-        return env[e.name]
-    if isinstance(e, sympy.Add):
-        out = _dim_value(e.args[0], env)
-        for a in e.args[1:]:
-            out = out + _dim_value(a, env)
-        return out
-    if isinstance(e, sympy.Mul):
-        num, den = e.as_numer_denom()
-        if den != 1:
-            return _dim_value(num, env) // _dim_value(den, env)
-        out = _dim_value(e.args[0], env)
-        for a in e.args[1:]:
-            out = out * _dim_value(a, env)
-        return out
-    if isinstance(e, (sympy.floor, sympy.ceiling)) and isinstance(e.args[0], sympy.Mul):
-        num, den = e.args[0].as_numer_denom()
-        n, d = _dim_value(num, env), _dim_value(den, env)
-        return n // d if isinstance(e, sympy.floor) else -((-n) // d)
-    if isinstance(e, sympy.Pow) and e.exp.is_Integer and int(e.exp) > 0:
-        b = _dim_value(e.base, env)
-        out = b
-        for _ in range(int(e.exp) - 1):
-            out = out * b
-        return out
-    raise KilnError(f"mlir target: dimension expression {e} has no form over symbolic sizes")
+    try:
+        return eval_dim(e, env)
+    except DimError as err:
+        raise KilnError(f"mlir target: {err}") from None
 
 
 class _Ctx:
@@ -177,18 +151,8 @@ class KilnProgram(torch.nn.Module):
             for d, size in zip(node.type.shape, t.shape):
                 if d.is_Symbol and d.name not in env:
                     env[d.name] = size
-        ctx = _Ctx(env)
-        vals: dict[Node, torch.Tensor] = {}
         caches = {name: inputs[name] for name in self.cache_names}
-        for node in g.nodes:
-            if node.op == "input":
-                vals[node] = inputs[node.name]
-            elif node.op == "param":
-                vals[node] = params[node.attrs["name"]]
-            else:
-                ctx.node = node
-                x = [vals[i] for i in node.inputs]
-                vals[node] = self._op(ctx, node, x, caches, full_logits)
+        vals = execute(g, inputs, params, _Ctx(env), step=lambda ctx, node, x: self._op(ctx, node, x, caches, full_logits))
         outs = [vals[o] for o in g.outputs]
         return tuple(outs) + tuple(caches[n] for n in self.cache_names)
 
@@ -222,7 +186,7 @@ class KilnProgram(torch.nn.Module):
             return torch.full((), a["value"], dtype=torch_dtype(node.type.dtype))
         if op == "aten":
             return a["fn"](*_rebuild(a["args"], x, ctx), **_rebuild(a.get("kwargs", {}), x, ctx))
-        return OPS[op].ref(ctx, x, a)
+        return reference_step(ctx, node, x)
 
     def _call(self, entry: str, input_ids, positions, page_table, kv_caches) -> tuple[torch.Tensor, ...]:
         if len(kv_caches) != len(self.cache_names):
