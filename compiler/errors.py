@@ -1,9 +1,13 @@
-"""Errors that speak to the user: what is wrong, where it came from, and what to do."""
+"""Errors that speak to the user: what is wrong, where it came from, and what to do.
+
+`KilnError` and `ArtifactError` are defined by the runtime (kiln.runtime.errors), which cannot import
+the compile side; they are re-exported here so compile-side code has one place to import errors from.
+"""
 from __future__ import annotations
 
+from kiln.runtime.errors import ArtifactError, KilnError
 
-class KilnError(Exception):
-    """Base class of kiln's user-facing errors."""
+__all__ = ["KilnError", "ArtifactError", "UnsupportedOpError", "PassError"]
 
 
 class UnsupportedOpError(KilnError):
@@ -17,7 +21,3 @@ class UnsupportedOpError(KilnError):
 
 class PassError(KilnError):
     pass
-
-
-class ArtifactError(KilnError):
-    """A corrupt, mismatched or incomplete artifact, refused with its reason."""

@@ -10,14 +10,12 @@ import json
 import os
 from typing import Any
 
+from .errors import ArtifactError  # defined with the error root; importable from here as before
+
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 LIBRARY = "model.so"
 WEIGHTS = "weights.safetensors"
-
-
-class ArtifactError(Exception):
-    """A corrupt, mismatched or incomplete artifact, refused with its reason."""
 
 
 def sha256_file(path: str, chunk: int = 1 << 22) -> str:

@@ -1,12 +1,13 @@
 """The engine: loads an artifact with TVM's runtime only, owns the paged KV cache, generates text.
 
-Static batching: each prompt is prefilled on its own (batch 1, any length), then all sequences
-decode together, one token per sequence per step; a sequence leaves the batch when it stops.
+`generate` serves a static batch through the serving scheduler's static policy (runtime/serving.py):
+each prompt is prefilled on its own (batch 1, any length), then all sequences decode together, one
+token per sequence per step; a sequence leaves the batch when it stops.
 """
 from __future__ import annotations
 
+import functools
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -14,7 +15,8 @@ import numpy as np
 
 from .artifact import LIBRARY, WEIGHTS, ArtifactError, check_target, read_manifest, verify_files
 from .kv_cache import PagePool, page_table
-from .sampling import SamplingParams, sample
+from .kv_layout import KVLayout
+from .sampling import SamplingParams
 
 
 def _threads() -> None:
@@ -30,18 +32,6 @@ class Completion:
     text: str = ""
     finish_reason: str = ""  # "stop" (stop/eos token) or "length"
     prefill_seconds: float = 0.0
-
-
-@dataclass
-class _Seq:
-    index: int
-    ids: list[int]  # prompt + generated
-    prompt_len: int
-    pages: list[int]
-    params: SamplingParams
-    rng: np.random.Generator
-    out: Completion
-    done: bool = False
 
 
 class Engine:
@@ -70,13 +60,12 @@ class Engine:
             raise ArtifactError(f"cannot load {LIBRARY} from {path}: {e}") from e
         self.vm = VirtualMachine(lib, self.device)
         self.weights = self._load_weights() if weights is None else self._bind_weights(weights)
-        kv = self.manifest["kv_cache"]
-        self.page_size = int(kv["page_size"])
+        self.kv_layout = KVLayout.from_manifest(self.manifest, self.device)
+        self.page_size = self.kv_layout.page_size
         self.max_context = int(self.manifest["max_context"])
         self.pool = PagePool(-(-int(kv_cache_tokens) // self.page_size), self.page_size)
         # one tensor per cache input of the program, in its order (`pages` is ours to choose)
-        self.caches = tuple(self._zeros(tuple(self.pool.num_pages if d == "pages" else int(d) for d in t["shape"]),
-                                        t["dtype"]) for t in kv["tensors"])
+        self.caches = self.kv_layout.allocate(self.pool.num_pages)
         self.gemv_max_batch = int(self.manifest.get("target", {}).get("gemv_max_batch", 0))
         self._graphs = None
         if self.on_gpu and cuda_graphs:  # decode steps replay as CUDA graphs (one launch per step)
@@ -89,9 +78,6 @@ class Engine:
             from .tokenizer import Tokenizer
             self.tokenizer = Tokenizer(tok_dir)
         self.eos_ids = tuple(self.manifest.get("eos_token_ids") or ())
-
-    def _zeros(self, shape: tuple, dtype: str):
-        return self._tvm.runtime.tensor(np.zeros(shape, dtype=dtype), self.device)
 
     def _bind_weights(self, given: dict) -> tuple:
         """Weights supplied by the caller (an artifact built with pack_weights=False): numpy arrays or
@@ -192,7 +178,8 @@ class Engine:
                  SamplingParams(), chat: bool = False,
                  stream: Callable[[int, int], None] | None = None) -> list[Completion]:
         """Generate for a static batch of prompts (text or token ids). `stream(i, token)` sees each
-        token as it is produced. Requests that cannot fit are refused before any work starts."""
+        token as it is produced. Requests that cannot fit are refused before any work starts, and
+        every page the batch needs is free at the start, so it runs without preemption."""
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
@@ -204,51 +191,8 @@ class Engine:
         if need > len(self.pool.free):
             raise ValueError(f"this batch needs {need} KV pages but {len(self.pool.free)} of {self.pool.num_pages} "
                              "are free: send fewer or shorter requests, or load with a larger kv_cache_tokens")
-        seqs = []
-        try:
-            for i, (ids, p) in enumerate(zip(encoded, plist)):
-                pages = self.pool.alloc(self.pool.pages_for(len(ids) + p.max_new_tokens))
-                seqs.append(_Seq(i, list(ids), len(ids), pages, p, np.random.default_rng(p.seed), Completion(list(ids))))
-            for s in seqs:
-                t0 = time.perf_counter()
-                logits = self.prefill(s.ids, s.pages)
-                s.out.prefill_seconds = time.perf_counter() - t0
-                self._accept(s, sample(logits, s.params, s.rng), stream)
-            while True:
-                live = [s for s in seqs if not s.done]
-                if not live:
-                    break
-                logits = self.decode([s.ids[-1] for s in live], [len(s.ids) - 1 for s in live], [s.pages for s in live])
-                for s, row in zip(live, logits):
-                    self._accept(s, sample(row, s.params, s.rng), stream)
-        finally:
-            for s in seqs:
-                self.pool.release(s.pages)
-        for s in seqs:
-            if self.tokenizer is not None:
-                s.out.text = self.tokenizer.decode(s.out.token_ids)
-        return [s.out for s in seqs]
-
-    def _accept(self, s: _Seq, tok: int, stream) -> None:
-        s.ids.append(tok)
-        s.out.token_ids.append(tok)
-        if stream is not None:
-            stream(s.index, tok)
-        stops = set(s.params.stop_token_ids) | (set() if s.params.ignore_eos else set(self.eos_ids))
-        if tok in stops:
-            s.done, s.out.finish_reason = True, "stop"
-        elif len(s.out.token_ids) >= s.params.max_new_tokens:
-            s.done, s.out.finish_reason = True, "length"
-
-    # -- paged-cache helpers (serving runtime) ----------------------------------------------------
-    def cache_views(self) -> list[np.ndarray]:
-        """Zero-copy numpy views of every layer's cache tensor (CPU, via DLPack)."""
-        views = getattr(self, "_cache_views", None)
-        if views is None:
-            views = self._cache_views = [np.from_dlpack(c) for c in self.caches]
-        return views
-
-    def copy_page(self, src: int, dst: int) -> None:
-        """Copy KV page `src` to page `dst` in every layer (copy-on-write of a shared page)."""
-        for v in self.cache_views():
-            v[dst] = v[src]
+        if not encoded:
+            return []
+        from .serving import run_static_batch  # the scheduler imports this module
+        callbacks = [None if stream is None else functools.partial(stream, i) for i in range(len(encoded))]
+        return run_static_batch(self, encoded, plist, callbacks)

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import KilnError
 
-class OutOfPages(RuntimeError):
-    pass
+
+class OutOfPages(KilnError, RuntimeError):
+    """No free KV page for an allocation (the scheduler preempts on it; a direct caller sees the counts)."""
 
 
 class PagePool:
@@ -55,7 +57,7 @@ class PageManager:
     whose tokens start with the same prefix takes a reference on it instead of recomputing it. A registered
     or shared page is immutable: `writable()` copies it to a fresh page first (copy-on-write). Registered
     pages nobody references stay cached and are evicted least-recently-used when the free list runs dry.
-    `copy_page(src, dst)` copies one page's slots in every layer (Engine.copy_page).
+    `copy_page(src, dst)` copies one page's slots in every layer (the engine's `KVLayout.copy_page`).
     """
 
     def __init__(self, pool: PagePool, copy_page=None, prefix_caching: bool = True) -> None:

@@ -8,8 +8,9 @@
     server.close()
 
 Policies:
-- `static`: fixed batches of up to max_batch in arrival order; every prompt of the batch is prefilled whole,
-  then the batch decodes to completion before the next batch starts.
+- `static`: fixed batches of up to max_batch in arrival order; every prompt of the batch is prefilled whole
+  (a one-token prompt too), then the batch decodes to completion before the next batch starts.
+  `Engine.generate` runs its batch through this policy (`run_static_batch`).
 - `dynamic`: like static, but a batch starts only when max_batch requests wait or the oldest has waited
   max_wait_s.
 - `continuous`: iteration-level. Between decode steps, finished requests leave and waiting ones join. Each
@@ -26,103 +27,25 @@ from __future__ import annotations
 
 import collections
 import itertools
-import queue
 import threading
 import time
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from .engine import Completion
 from .kv_cache import OutOfPages, PageManager
+from .requests import Request, RequestFailed, RequestHandle
 from .sampling import SamplingParams, sample
+
+__all__ = ["POLICIES", "RequestFailed", "RequestHandle", "Server", "run_static_batch"]
 
 POLICIES = ("static", "dynamic", "continuous")
 
 
-class RequestFailed(RuntimeError):
-    """A request failed (its stream callback raised, or the engine failed on its batch)."""
-
-
-class RequestHandle:
-    """Streams a request's tokens: iterate it, or pass `callback(token_id)` to submit. `result()` blocks."""
-
-    _END = object()
-
-    def __init__(self, server: "Server", rid: int, prompt_ids: list[int], callback) -> None:
-        self._server, self.id, self._callback = server, rid, callback
-        self._q: queue.Queue = queue.Queue()
-        self._done = threading.Event()
-        self.completion = Completion(list(prompt_ids))
-        self.error: BaseException | None = None
-        self.metrics: dict = {}
-
-    def __iter__(self) -> Iterator[int]:
-        while True:
-            t = self._q.get()
-            if t is self._END:
-                if self.error is not None:
-                    raise RequestFailed(f"request {self.id} failed: {self.error!r}") from self.error
-                return
-            yield t
-
-    def result(self, timeout: float | None = None) -> Completion:
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"request {self.id} not finished after {timeout} s")
-        if self.error is not None:
-            raise RequestFailed(f"request {self.id} failed: {self.error!r}") from self.error
-        return self.completion
-
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def cancel(self) -> None:
-        """Stop generating; result() then gives the tokens so far with finish_reason 'cancelled'."""
-        self._server._cancel(self.id)
-
-    # server side
-    def _push(self, tok: int) -> None:
-        self.completion.token_ids.append(tok)
-        self._q.put(tok)
-        if self._callback is not None:
-            self._callback(tok)
-
-    def _finish(self, reason: str, error: BaseException | None = None) -> None:
-        self.completion.finish_reason = reason
-        self.error = error
-        self._q.put(self._END)
-        self._done.set()
-
-
-class _Req:
-    __slots__ = ("id", "prompt_len", "ids", "params", "rng", "handle", "arrival", "pages", "computed",
-                 "registered", "matched", "dpages", "dcomputed", "first_at", "finished_at", "state",
-                 "preemptions", "stops")
-
-    def __init__(self, rid, ids, params, handle, stops) -> None:
-        self.id, self.ids, self.params, self.handle = rid, list(ids), params, handle
-        self.prompt_len = len(ids)
-        self.rng = np.random.default_rng(params.seed)
-        self.arrival = time.perf_counter()
-        self.pages: list[int] = []
-        self.dpages: list[int] = []
-        self.computed = self.registered = self.dcomputed = 0
-        self.matched = False
-        self.first_at = self.finished_at = None
-        self.state = "waiting"
-        self.preemptions = 0
-        self.stops = stops
-
-    @property
-    def pending(self) -> int:
-        return len(self.ids) - self.computed
-
-    @property
-    def generated(self) -> int:
-        return len(self.ids) - self.prompt_len
-
-
 class Server:
+    """Schedules requests over one Engine by a policy (see the module docstring), sharing its page pool."""
+
     def __init__(self, engine, policy: str = "continuous", max_batch: int = 16, prefill_chunk: int = 256,
                  max_wait_s: float = 0.01, draft=None, spec_k: int = 4, spec_k_max: int = 8,
                  prefix_caching: bool = True, background: bool = True, chat: bool = False) -> None:
@@ -132,7 +55,7 @@ class Server:
             raise ValueError("max_batch and prefill_chunk must be >= 1 and max_wait_s >= 0")
         self.engine, self.policy, self.max_batch = engine, policy, max_batch
         self.prefill_chunk, self.max_wait_s, self.chat = prefill_chunk, max_wait_s, chat
-        self.kv = PageManager(engine.pool, engine.copy_page, prefix_caching)
+        self.kv = PageManager(engine.pool, engine.kv_layout.copy_page, prefix_caching)
         self.spec = None
         if draft is not None:
             from .speculative import Speculator
@@ -141,10 +64,10 @@ class Server:
         self._lock = threading.Lock()       # incoming queue, cancellations
         self._step_lock = threading.RLock()  # scheduler state
         self._wake = threading.Condition(self._lock)
-        self._incoming: list[_Req] = []
+        self._incoming: list[Request] = []
         self._cancels: set[int] = set()
-        self.waiting: collections.deque[_Req] = collections.deque()
-        self.running: list[_Req] = []
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
         self._finished: list[dict] = []
         self.preemptions = self.steps = self.decode_steps = self.prefill_tokens = 0
         self.peak_batch = 0
@@ -176,7 +99,7 @@ class Server:
         stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(eng.eos_ids))
         rid = next(self._ids)
         h = RequestHandle(self, rid, ids, callback)
-        r = _Req(rid, ids, params, h, stops)
+        r = Request(rid, ids, params, h, stops)
         with self._lock:
             self._incoming.append(r)
             if self._t_first is None:
@@ -191,10 +114,20 @@ class Server:
             raise ValueError("give one SamplingParams, or one per prompt")
         handles = [self.submit(p, sp) for p, sp in zip(prompts, plist)]
         if self._thread is None:
-            while not all(h.done() for h in handles):
-                if not self.step():
-                    time.sleep(0.001)
+            self._run(handles)
         return [h.result() for h in handles]
+
+    def _run(self, handles: list[RequestHandle], fail_fast: bool = False) -> None:
+        """Step on the caller's thread until every handle is done. With `fail_fast`, the first failed
+        request's own exception is raised as soon as the step that failed it ends."""
+        while not all(h.done() for h in handles):
+            did = self.step()
+            if fail_fast:
+                failed = next((h for h in handles if h.error is not None), None)
+                if failed is not None:
+                    raise failed.error
+            if not did:
+                time.sleep(0.001)
 
     def close(self) -> None:
         """Stop the scheduler thread; unfinished requests are cancelled."""
@@ -297,10 +230,10 @@ class Server:
                 return False
             self.steps += 1
             self.peak_batch = max(self.peak_batch, len(self.running))
-            dec = [r for r in self.running if r.pending == 1]
+            dec = [r for r in self.running if r.pending == 1 and not self._prefills(r)]
             if dec:
                 self._decode(dec)
-            pre = [r for r in self.running if r.pending > 1]
+            pre = [r for r in self.running if self._prefills(r)]
             budget = self.prefill_chunk if self.policy == "continuous" else None
             for r in pre:
                 if r.state != "running":
@@ -313,6 +246,12 @@ class Server:
                         break
             self.running = [r for r in self.running if r.state == "running"]
             return True
+
+    def _prefills(self, r: Request) -> bool:
+        """Whether `r` has prompt tokens to prefill this step. A one-token prompt nothing was computed for
+        is prefilled under the batch policies, which prefill every prompt whole, and decoded with the
+        others under continuous batching."""
+        return r.pending > 1 or (r.pending == 1 and r.computed == 0 and self.policy != "continuous")
 
     def _admit_batch(self) -> None:
         if not self.waiting:
@@ -336,11 +275,11 @@ class Server:
                 break  # keep a page per running sequence so admission does not cause preemption at once
             self._start(self.waiting.popleft())
 
-    def _start(self, r: _Req) -> None:
+    def _start(self, r: Request) -> None:
         r.state = "running"
         self.running.append(r)
 
-    def _preempt(self, r: _Req) -> None:
+    def _preempt(self, r: Request) -> None:
         self.kv.release(r.pages)
         if self.spec is not None:
             self.spec.release(r)
@@ -350,7 +289,7 @@ class Server:
         self.running.remove(r)
         self.waiting.appendleft(r)
 
-    def _reserve(self, r: _Req, positions: int, draft_k: int = 0) -> bool:
+    def _reserve(self, r: Request, positions: int, draft_k: int = 0) -> bool:
         """Pages for positions 0..positions-1, the page written first made private (copy-on-write), and
         draft pages when speculating. Preempts the newest running request while pages are short; False
         when `r` itself had to go."""
@@ -368,7 +307,7 @@ class Server:
                 if victim is r:
                     return False
 
-    def _prefill(self, r: _Req, n: int) -> None:
+    def _prefill(self, r: Request, n: int) -> None:
         if not r.matched:
             r.matched = True
             if not r.pages:
@@ -376,12 +315,14 @@ class Server:
                 r.registered = len(r.pages)
                 r.computed = min(len(r.pages) * self.kv.page_size, len(r.ids) - 1)
                 n = min(n, r.pending)
-                if r.pending == 1:
+                if r.pending == 1 and r.computed:
                     return  # whole prompt cached: its last token goes through decode next step
         if not self._reserve(r, r.computed + n):
             return
         try:
+            t0 = time.perf_counter()
             logits = self.engine.prefill(r.ids[r.computed:r.computed + n], r.pages, start=r.computed)
+            r.handle.completion.prefill_seconds += time.perf_counter() - t0
         except Exception as e:
             self._finish(r, "error", e)
             return
@@ -391,7 +332,7 @@ class Server:
         if r.pending == 0:
             self._emit(r, sample(logits, r.params, r.rng))
 
-    def _decode(self, dec: list[_Req]) -> None:
+    def _decode(self, dec: list[Request]) -> None:
         k = 0
         if self.spec is not None:
             k = min(self.spec.step_k(dec), min(r.params.max_new_tokens - r.generated for r in dec))
@@ -423,7 +364,7 @@ class Server:
                 r.computed = len(r.ids) - 1  # KV of every accepted token is written; the newest has none yet
                 r.registered = self.kv.register(r.ids, r.pages, r.computed, r.registered)
 
-    def _emit(self, r: _Req, tok: int) -> None:
+    def _emit(self, r: Request, tok: int) -> None:
         """Append a sampled token. Position len(ids)-1 has no KV yet, so computed = len(ids)-1 after."""
         now = time.perf_counter()
         if r.first_at is None:
@@ -440,7 +381,7 @@ class Server:
         elif r.generated >= r.params.max_new_tokens:
             self._finish(r, "length")
 
-    def _finish(self, r: _Req, reason: str, error: BaseException | None = None) -> None:
+    def _finish(self, r: Request, reason: str, error: BaseException | None = None) -> None:
         if r.state == "done":
             return
         if r.state == "running":
@@ -465,3 +406,20 @@ class Server:
             except Exception:
                 pass
         h._finish(reason, error)
+
+
+def run_static_batch(engine, prompts: list[list[int]], params: list[SamplingParams],
+                     callbacks: list[Callable[[int], None] | None]) -> list[Completion]:
+    """Engine.generate's batch: checked requests run as one static batch, stepped on the caller's thread.
+
+    The caller has checked that every page the batch needs is free, so nothing is preempted. Prefix
+    caching is off: every prompt is computed whole, as a batch alone on the engine would compute it, and
+    no page is ever copied. A failed request (its callback raised, or the engine did) stops the batch
+    and its own exception propagates; every page goes back to the engine's pool either way."""
+    srv = Server(engine, policy="static", max_batch=len(prompts), prefix_caching=False, background=False)
+    try:
+        handles = [srv.submit(ids, p, callback=cb) for ids, p, cb in zip(prompts, params, callbacks)]
+        srv._run(handles, fail_fast=True)
+    finally:
+        srv.close()
+    return [h.completion for h in handles]

@@ -84,7 +84,7 @@ class Speculator:
             raise ValueError(f"the draft's vocabulary ({dv}) differs from the target's ({tv}): a draft must share "
                              "the target's tokenizer")
         self.target, self.draft = target, draft
-        self.draft_pages = PageManager(draft.pool, draft.copy_page, prefix_caching=False)
+        self.draft_pages = PageManager(draft.pool, draft.kv_layout.copy_page, prefix_caching=False)
         self.k = AdaptiveK(k, 1, k_max, adaptive)
         self.proposed = self.accepted = self.steps = 0
         self.max_context = min(target.max_context, draft.max_context)
