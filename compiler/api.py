@@ -80,21 +80,18 @@ def compile(model: Any, target: str = "cpu", passes: str = "O1", *, tokenizer_di
     if mlir_static is not None:
         options["static"] = mlir_static
     tgt = get_target(target, **options)  # refuse bad targets and options before the slow steps
-    from .passmgr import with_quantization
+    from .pass_options import build_pipeline
     from .qat import qat_scheme, strip_qat
     qs = qat_scheme(model)
     head = "same"
     if qs is not None:
         model = strip_qat(model)
         (quant, head), quant_method = qs, "rtn"
-    if attention:  # convert-gqa / convert-mla after fuse-attention (activation-aware MLA when calib is given)
-        from .passmgr import with_attention
-        passes = with_attention(passes, attention)
-    if prune or sparsify:
-        from .passmgr import with_pruning
-        passes = with_pruning(passes, prune, sparsify, sparsify_method)
-    if quant or kv_quant or w8a8:
-        passes = with_quantization(passes, quant, quant_method, kv_quant, w8a8, head)
+    # the options' passes go where their phases say (activation-aware MLA when calib is given); the
+    # pipeline is checked here, before the slow trace
+    passes = build_pipeline(passes, attention=attention, prune=prune, sparsify=sparsify,
+                            sparsify_method=sparsify_method, quant=quant, quant_method=quant_method,
+                            kv_quant=kv_quant, w8a8=w8a8, lm_head=head)
     cfg = getattr(model, "config", None)
     ctx = int(max_context or _max_context(cfg))
     t = time.perf_counter()
@@ -138,9 +135,10 @@ def _run_with_recovery(graph, passes: str, steps: int, verify_each: bool, dump_i
     """Run the pipeline with a distillation step after its last pruning/sparsity pass: the teacher is the
     graph just before the first one, the text the calibration windows."""
     from .distill import distill
-    from .passmgr import PassManager, PassRecord, flops_per_token, format_pipeline, parse_pipeline
+    from .passmgr import PassManager, PassRecord, flops_per_token
+    from .pipeline import format_pipeline, parse_pipeline, phase_of
     steps_ = parse_pipeline(passes)
-    idx = [i for i, (n, _) in enumerate(steps_) if n.startswith("prune-") or n == "sparsify"]
+    idx = [i for i, (n, _) in enumerate(steps_) if phase_of(n) == "prune"]
     if not idx:
         raise KilnError("distill_steps is a recovery step after pruning: pass prune=... or sparsify=... too")
     if "calib_tokens" not in graph.meta:

@@ -155,7 +155,7 @@ def _freeze(v):
         return ("id", id(v))
 
 
-@register("canonicalize")
+@register("canonicalize")  # no phase: cleans up after any pass
 def canonicalize(graph: Graph) -> Graph:
     """Matches: dead nodes, duplicate nodes, constant scalar arithmetic, no-op reshapes/permutes/
     casts/slices, x+0 / x*1, and matmuls against weight parameters.

@@ -64,7 +64,7 @@ def _pool(t: torch.Tensor, heads: int, groups: int) -> torch.Tensor:
     return t.reshape(groups, heads // groups, -1, *rest).mean(1).reshape(-1, *rest)
 
 
-@register("convert-gqa", exact=False)
+@register("convert-gqa", exact=False, phase="convert", requires=("fuse-attention",))
 def convert_gqa(graph: Graph, kv_heads: int = 1) -> Graph:
     """Matches: every `attention` whose keys and values are per-head views of linear projections
     (run fuse-attention, before kv-cache and quantization). Guarantees: each layer has `kv_heads` KV

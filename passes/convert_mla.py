@@ -65,7 +65,8 @@ def mla_factor(wk_nope: torch.Tensor, wv: torch.Tensor, rank: int, xtx: torch.Te
     return down.float(), up[: wk_nope.shape[0]].float(), up[wk_nope.shape[0]:].float()
 
 
-@register("convert-mla", exact=False)
+# needs fuse-rope too, but not declared: the pass itself explains that models without RoPE cannot convert
+@register("convert-mla", exact=False, phase="convert", requires=("fuse-attention",))
 def convert_mla(graph: Graph, rank: int = 0, rope_dims: int = 8) -> Graph:
     """Matches: every `attention` with rotary q/k (fuse-rope, fuse-attention) whose keys and values are
     per-head views of bias-free linear projections of the same input; run before kv-cache and before
@@ -141,20 +142,3 @@ def convert_mla(graph: Graph, rank: int = 0, rope_dims: int = 8) -> Graph:
     g.toposort()
     g.meta["attention_variant"] = {"kind": "mla", "rank": rank, "rope_dims": rope_dims}
     return g
-
-
-def cache_mla(g: Graph, mla: Node, layer: int, page_size: int, page_table: Node, positions: Node,
-              pages, name: str) -> dict:
-    """kv-cache's rule for `mla_attention`: a paged latent cache [pages, page_size, r + kv_heads * R]."""
-    import sympy
-    q_nope, q_rope, c, kr = mla.inputs[:4]
-    r, kvh, rd = int(c.type.shape[-1]), int(kr.type.shape[1]), int(kr.type.shape[3])
-    cache = g.add_input(name, TensorType((pages, sympy.Integer(page_size), sympy.Integer(r + kvh * rd)), "float32"))
-    ca = g.add("cached_mla_attention", mla.inputs + [cache, page_table, positions],
-               {k: v for k, v in mla.attrs.items()} | {"layer": layer}, name=f"cached_mla_attention_{layer}",
-               before=mla, source=mla.source)
-    g.replace_all_uses(mla, ca)
-    g.nodes.remove(mla)
-    return {"kv_heads": kvh, "head_dim": int(q_nope.type.shape[3]) + int(q_rope.type.shape[3]),
-            "num_heads": int(q_nope.type.shape[1]), "window": mla.attrs.get("window", 0), "mla_rank": r,
-            "rope_dims": rd, "layout": "[pages, page_size, rank + kv_heads * rope_dims]"}

@@ -51,7 +51,7 @@ def classify_mask(g: Graph, mask: Node, probe: tuple[int, ...]) -> tuple[bool, i
     return True, window
 
 
-@register("fuse-attention")
+@register("fuse-attention", phase="recognize")
 def fuse_attention(graph: Graph, probe: str = "9,17") -> Graph:
     """Matches: `sdpa(q, k, v, mask)` whose mask is built from shapes alone (no input values) and
     evaluates to a causal or sliding-window mask at the probe lengths and at the model's maximum

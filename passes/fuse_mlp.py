@@ -31,7 +31,7 @@ def _gated_mlp(g: Graph, n: Node) -> Node | None:
 RULES = [("gated-mlp", _gated_mlp)]
 
 
-@register("fuse-mlp")
+@register("fuse-mlp", phase="fuse")
 def fuse_mlp(graph: Graph) -> Graph:
     """Matches: `down(act(gate(x)) * up(x))` with act in {silu, gelu} and bias-free linears.
     Guarantees: each match is one `gated_mlp(x, w_gate, w_up, w_down, act)`. Exact."""

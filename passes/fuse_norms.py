@@ -36,7 +36,7 @@ def _rms_norm(g: Graph, n: Node) -> Node | None:
 RULES = [("rms-norm", _rms_norm)]  # w * x * rsqrt(mean(x^2) + eps) -> rms_norm(x, w)
 
 
-@register("fuse-norms")
+@register("fuse-norms", phase="recognize")
 def fuse_norms(graph: Graph) -> Graph:
     """Matches: RMSNorm written out as pow/mean/add/rsqrt/mul with a [dim] weight parameter
     (LayerNorm already arrives as one `layer_norm` op from the tracer).

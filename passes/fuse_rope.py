@@ -43,7 +43,7 @@ def _rope(g: Graph, n: Node) -> Node | None:
 RULES = [("rope", _rope)]
 
 
-@register("fuse-rope")
+@register("fuse-rope", phase="recognize")
 def fuse_rope(graph: Graph) -> Graph:
     """Matches: `x * cos + cat(-x[..., h:], x[..., :h]) * sin` (rotary embedding, rotate-half
     layout as in Llama/Qwen2/Mistral), cos/sin being any tensors that broadcast against x.

@@ -23,6 +23,7 @@ from kiln.errors import PassError
 from kiln.ir import Graph, TensorType, sym
 
 from . import count, register
+from .latent_cache import cache_mla
 
 BATCH, TOKENS, PAGES, MAX_PAGES = sym("batch"), sym("tokens"), sym("pages"), sym("max_pages")
 
@@ -46,7 +47,7 @@ def _replace_positions(g: Graph, positions) -> None:
     g.dce()
 
 
-@register("kv-cache")
+@register("kv-cache", phase="cache", requires=("fuse-attention",), invalidates=("fuse-attention",))
 def kv_cache(graph: Graph, page_size: int = 16, logits: str = "last") -> Graph:
     """Matches: every `attention` op (run fuse-attention first) and the position-id range.
     Guarantees: inputs become (input_ids, positions, page_table, kv_cache_0..L-1); each attention
@@ -70,7 +71,6 @@ def kv_cache(graph: Graph, page_size: int = 16, logits: str = "last") -> Graph:
     layers = []
     for i, att in enumerate([n for n in g.nodes if n.op in ("attention", "mla_attention")]):
         if att.op == "mla_attention":  # a latent cache (convert-mla)
-            from .convert_mla import cache_mla
             layers.append(cache_mla(g, att, i, page_size, page_table, positions, PAGES, f"kv_cache_{i}"))
             count("cached-mla-attention")
             continue

@@ -7,7 +7,7 @@ from kiln.prune import counts_to_remove, ffn_groups, gather_evidence, group_scor
 from . import count, register
 
 
-@register("prune-ffn", exact=False)
+@register("prune-ffn", exact=False, phase="prune")
 def prune_ffn(graph: Graph, ratio=0.2, criterion: str = "wanda", scope: str = "layer", multiple: int = 32,
               calib_windows: int = 4) -> Graph:
     """Matches: channel groups that live only between linear layers (the hidden units of an MLP, gated or

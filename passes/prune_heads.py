@@ -10,7 +10,7 @@ from kiln.prune import counts_to_remove, gather_evidence, group_scores, head_gro
 from . import count, register
 
 
-@register("prune-heads", exact=False)
+@register("prune-heads", exact=False, phase="prune", requires=("fuse-attention",))
 def prune_heads(graph: Graph, ratio=0.2, criterion: str = "wanda", unit: str = "auto", scope: str = "global",
                 calib_windows: int = 4) -> Graph:
     """Matches: every `attention` whose q/k/v come from separate linear layers through reshape/permute/rope

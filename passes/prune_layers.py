@@ -8,7 +8,7 @@ from kiln.prune import block_influence, layer_blocks, param_count
 from . import count, register
 
 
-@register("prune-layers", exact=False)
+@register("prune-layers", exact=False, phase="prune", requires=("fuse-attention",))
 def prune_layers(graph: Graph, n: int = 1, layers: str = "", calib_windows: int = 4) -> Graph:
     """Matches: the residual stream of a model with sequential attention + MLP layers (run after
     fuse-attention, before kv-cache). Guarantees: `n` layers are gone, those with the lowest block

@@ -11,7 +11,7 @@ from . import count, register
 from .quantize_weights import _fold_input_scale, _is_lm_head, _qweight
 
 
-@register("quantize-activations", exact=False)
+@register("quantize-activations", exact=False, phase="quantize")
 def quantize_activations(graph: Graph, alpha: float = 0.5, calib_windows: int = 8, lm_head: str = "none") -> Graph:
     """Matches: `linear` layers with parameter weights (run before fuse-mlp and kv-cache).
     Guarantees: SmoothQuant (Xiao et al., 2023) migrates activation outliers into the weights with

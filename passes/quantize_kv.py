@@ -7,7 +7,7 @@ from kiln.ir import Graph
 from . import count, register
 
 
-@register("quantize-kv", exact=False)
+@register("quantize-kv", exact=False, phase="quantize", requires=("fuse-attention",))
 def quantize_kv(graph: Graph, dtype: str = "int8") -> Graph:
     """Matches: every `attention` (run before kv-cache, which then lays out the 8-bit cache).
     Guarantees: the op carries kv_dtype, so keys and values are used as they come back from an 8-bit

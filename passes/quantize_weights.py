@@ -39,7 +39,7 @@ def _fold_input_scale(g: Graph, x: Node, users: list[Node], s: torch.Tensor) -> 
     return m
 
 
-@register("quantize-weights", exact=False)
+@register("quantize-weights", exact=False, phase="quantize")
 def quantize_weights(graph: Graph, scheme: str = "int8", method: str = "rtn", lm_head: str = "same",
                      embedding: str = "tied", calib_windows: int = 8) -> Graph:
     """Matches: `linear` layers whose weight is a parameter (and the weights of `gated_mlp`, RTN only),

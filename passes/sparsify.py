@@ -79,7 +79,7 @@ def _targets(g: Graph, lm_head: bool) -> list[Node]:
     return [n for n in g.nodes if n.op == "linear" and n.inputs[1].op == "param" and (lm_head or not _is_lm_head(g, n))]
 
 
-@register("sparsify", exact=False)
+@register("sparsify", exact=False, phase="prune")
 def sparsify(graph: Graph, ratio: float = 0.5, pattern: str = "unstructured", method: str = "wanda",
              lm_head: bool = False, calib_windows: int = 4) -> Graph:
     """Matches: linear layers with parameter weights (not the output layer unless lm_head=true); run before

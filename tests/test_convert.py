@@ -7,6 +7,8 @@ import torch
 import kiln
 import kiln.interp as interp
 from kiln.errors import PassError
+from kiln.passes import REGISTRY, run_counted
+from kiln.pipeline import parse_pipeline
 
 from test_attention import compiled_vs_interpreter, rel_err
 
@@ -62,7 +64,11 @@ def test_convert_refusals(llama, traced) -> None:
     for p in ("convert-gqa{kv_heads=1}", "convert-mla{rank=4,rope_dims=2}"):
         with pytest.raises(PassError, match="before kv-cache"):
             kiln.run_pipeline(cached, p)
+        with pytest.raises(PassError, match="before kv-cache"):  # the pass's own guard, without the pass manager
+            run_counted(REGISTRY[p.split("{")[0]], cached, parse_pipeline(p)[0][1])
     with pytest.raises(PassError, match="no attention op"):
+        run_counted(REGISTRY["convert-gqa"], traced["llama"], {"kv_heads": 1})
+    with pytest.raises(PassError, match="'convert-gqa' requires 'fuse-attention'.*add fuse-attention before convert-gqa"):
         kiln.run_pipeline(traced["llama"], "convert-gqa{kv_heads=1}")
     qwen, _ = kiln.run_pipeline(traced["qwen2"], FRONT)
     with pytest.raises(PassError, match="have biases"):
@@ -145,10 +151,10 @@ def test_convert_mla_activation_aware_with_calibration(llama) -> None:
 
 
 def test_attention_option_inserts_the_conversion() -> None:
-    from kiln.passmgr import with_attention
-    assert with_attention("O1", "gqa:1").startswith("canonicalize,fuse-norms,fuse-rope,fuse-attention,"
-                                                     "convert-gqa{kv_heads=1},fuse-mlp")
-    assert "convert-mla{rank=96,rope_dims=32},fuse-mlp" in with_attention("O1", "mla:96:32")
-    assert "convert-gqa{kv_heads=1}" in with_attention("O1", "mqa")
+    from kiln.pass_options import build_pipeline
+    assert build_pipeline("O1", attention="gqa:1").startswith("canonicalize,fuse-norms,fuse-rope,fuse-attention,"
+                                                              "convert-gqa{kv_heads=1},fuse-mlp")
+    assert "convert-mla{rank=96,rope_dims=32},fuse-mlp" in build_pipeline("O1", attention="mla:96:32")
+    assert "convert-gqa{kv_heads=1}" in build_pipeline("O1", attention="mqa")
     with pytest.raises(PassError, match="use gqa:N, mqa, mla:RANK"):
-        with_attention("O1", "mla")
+        build_pipeline("O1", attention="mla")

@@ -14,7 +14,8 @@ import kiln  # noqa: E402
 from kiln.trace import trace  # noqa: E402
 from kiln import interp  # noqa: E402
 from kiln.errors import KilnError, UnsupportedOpError  # noqa: E402
-from kiln.passmgr import run_pipeline, with_quantization  # noqa: E402
+from kiln.pass_options import build_pipeline  # noqa: E402
+from kiln.passmgr import run_pipeline  # noqa: E402
 from kiln.targets.mlir import export as M  # noqa: E402
 from kiln.targets.mlir.target import MlirArtifact  # noqa: E402
 
@@ -165,7 +166,7 @@ def test_executed_linalg_matches_cpu_target_prefill_and_decode(graph, exported, 
 
 
 def test_int8_graph_exports_with_dequantize_lowering(traced_llama, tmp_path):
-    g, _ = run_pipeline(traced_llama, with_quantization("O1", "int8"))
+    g, _ = run_pipeline(traced_llama, build_pipeline("O1", quant="int8"))
     assert g.find("qweight")
     res = M.export_mlir(g, str(tmp_path), ["linalg-on-tensors"], entry_points=["prefill"])
     assert any(n.startswith("qweight") and "dequantize" in n for n in res["notes"])
@@ -191,7 +192,7 @@ def test_smollm2_fp32_and_int8_linalg_match(tmp_path):
     n = len(ids)
     x, pos = torch.tensor([ids]), torch.arange(n, dtype=torch.int32)[None]
     pt = torch.tensor([[2]], dtype=torch.int32)
-    for name, pipe in (("fp32", "O1"), ("int8", with_quantization("O1", "int8"))):
+    for name, pipe in (("fp32", "O1"), ("int8", build_pipeline("O1", quant="int8"))):
         g, _ = run_pipeline(traced, pipe)
         res = M.export_mlir(g, str(tmp_path / name), ["linalg-on-tensors"], entry_points=["prefill"])
         path = res["files"]["prefill.linalg-on-tensors"]

@@ -8,7 +8,8 @@ from kiln import interp
 from kiln.errors import PassError
 from kiln.ir import Graph, ttype
 from kiln.passes import REGISTRY, run_counted
-from kiln.passmgr import PIPELINES, parse_pipeline, run_pipeline
+from kiln.passmgr import run_pipeline
+from kiln.pipeline import PIPELINES, parse_pipeline
 from kiln.verify import verify
 
 from conftest import FAMILIES, rel_err

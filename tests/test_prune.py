@@ -7,7 +7,8 @@ import torch
 import kiln
 from kiln import interp
 from kiln.errors import PassError
-from kiln.passmgr import run_pipeline, with_pruning
+from kiln.pass_options import build_pipeline
+from kiln.passmgr import run_pipeline
 from kiln.verify import verify
 
 from conftest import rel_err
@@ -129,7 +130,8 @@ def test_pruned_model_compiles_and_matches_interpreter(models, traced, tmp_path)
     art = kiln.compile(models["llama"], target="cpu", passes="O1", prune=prune, sparsify="2:4",
                        sparsify_method="magnitude")
     path = art.save(str(tmp_path / "pruned"))
-    ref_graph, _ = run_pipeline(traced["llama"], with_pruning(BASE, prune, "2:4", "magnitude"))
+    ref_graph, _ = run_pipeline(traced["llama"], build_pipeline(BASE, prune=prune, sparsify="2:4",
+                                                                sparsify_method="magnitude"))
     assert [int(a.inputs[0].type.shape[1]) for a in ref_graph.find("attention")] == [3, 6]
     assert any(w.get("storage") for w in art.manifest["weights"])  # stored compactly, expanded at load
     eng = kiln.load(path, kv_cache_tokens=256)

@@ -8,7 +8,8 @@ import kiln
 from kiln import interp
 from kiln.errors import KilnError, PassError
 from kiln.passes import REGISTRY, run_counted
-from kiln.passmgr import run_pipeline, with_quantization
+from kiln.pass_options import build_pipeline
+from kiln.passmgr import run_pipeline
 from kiln.quant import awq_scales, dequantize, gptq, parse_scheme, rtn
 from kiln.verify import verify
 
@@ -139,7 +140,7 @@ def test_w8a8(base):
 
 
 def test_pipeline_insertion():
-    p = with_quantization("O1", "int4_g128", "awq", "int8")
+    p = build_pipeline("O1", quant="int4_g128", quant_method="awq", kv_quant="int8")
     names = [x.split("{")[0] for x in p.split(",")]
     assert names.index("quantize-weights") < names.index("fuse-mlp") and names.index("quantize-kv") < names.index("kv-cache")
 
@@ -160,7 +161,7 @@ def test_qat_prepared_model_compiles_to_exactly_its_forward(models):
     from kiln.qat import strip_qat
     from kiln.trace import trace
     plain = strip_qat(m)
-    g, recs = run_pipeline(trace(plain, max_tokens=64), with_quantization(BASE, "int4_g32"))
+    g, recs = run_pipeline(trace(plain, max_tokens=64), build_pipeline(BASE, quant="int4_g32"))
     out = interp.run(g, {"input_ids": ids})[0]
     assert recs[-1].rewrites["linear-int4_g32"] == 15
     assert float((out - trained_fwd).abs().max() / trained_fwd.abs().max()) < 1e-5
@@ -177,7 +178,7 @@ def test_compiled_quantized_model_matches_its_ir(models, artifacts, scheme):
     fp32 = read_manifest(artifacts["llama"])["weight_bytes"]
     assert art.manifest["weight_bytes"] < (0.5 if scheme == "int8" else 0.4) * fp32
     from kiln.trace import trace
-    g, _ = run_pipeline(trace(models["llama"], max_tokens=256), with_quantization(BASE, scheme))
+    g, _ = run_pipeline(trace(models["llama"], max_tokens=256), build_pipeline(BASE, quant=scheme))
     import tempfile
     eng = kiln.load(art.save(tempfile.mkdtemp() + "/a"))
     for n in (1, 9):
@@ -204,7 +205,7 @@ def test_int8_kv_cache_compiles_and_matches_its_ir(models, artifacts):
     layers, kvh, d = 2, 3, 8
     assert fp32 == layers * 2 * kvh * d * 4 and kv["bytes_per_token"] == layers * 2 * kvh * (d + 4)
     eng = kiln.load(art.save(tempfile.mkdtemp() + "/a"))
-    g, _ = run_pipeline(trace(models["llama"], max_tokens=256), with_quantization("O1", kv="int8"))
+    g, _ = run_pipeline(trace(models["llama"], max_tokens=256), build_pipeline("O1", kv_quant="int8"))
     feeds = {t["name"]: torch.zeros(tuple(4 if d == "pages" else int(d) for d in t["shape"]),
                                     dtype=getattr(torch, t["dtype"])) for t in g.meta["kv_cache"]["tensors"]}
     ids = torch.randint(0, 97, (1, 21))
@@ -230,7 +231,7 @@ def test_tied_embedding_reads_the_quantized_output_layer(scheme):
     from conftest import tiny_model
     from kiln.trace import trace
     m = tiny_model("llama", tie_word_embeddings=True)
-    g, recs = run_pipeline(trace(m, max_tokens=64), with_quantization(BASE, scheme))
+    g, recs = run_pipeline(trace(m, max_tokens=64), build_pipeline(BASE, quant=scheme))
     assert recs[-1].rewrites["embedding-tied"] == 1
     emb = g.find("embedding")[0]
     assert emb.inputs[0].op == "qweight" and emb.inputs[0] is g.outputs[0].inputs[1]

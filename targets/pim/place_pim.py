@@ -17,7 +17,7 @@ from kiln.ir import Graph
 from kiln.passes import count, register
 
 
-@register("place-pim", exact=True)
+@register("place-pim", exact=True, phase="place", requires=("kv-cache",))
 def place_pim(graph: Graph, batch: int = 1, context: int = 2048, spec: int = 0, policy: str = "auto",
               hw=None) -> Graph:
     """Matches: every op (after kv-cache). Guarantees: each op has attrs placement (gpu|pim) and
