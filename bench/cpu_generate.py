@@ -80,6 +80,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--variants", default="fp32", help="comma-separated: fp32, int8, int4_g128, ... (weight schemes)")
+    ap.add_argument("--out", default="cpu_generate", help="results name: bench/results/NAME.json")
     a = ap.parse_args()
     torch.manual_seed(0)
     import kiln
@@ -124,6 +125,13 @@ def main() -> int:
     for name, h, ks in rows:
         cells = " | ".join(f"{k:.1f} | {k / h:.2f}x" for k in ks)
         print(f"| {name} | {h:.1f} | {cells} |")
+    from results_io import write_results
+    write_results(a.out, {"model": a.model, "torch_threads": torch.get_num_threads(),
+                          "tvm_threads": os.environ.get("TVM_NUM_THREADS"),
+                          "rows": [{"measure": name, "transformers_tok_s": round(h, 2),
+                                    **{f"kiln_{v}_tok_s": round(k, 2) for v, k in zip(engines, ks)},
+                                    **{f"kiln_{v}_ratio": round(k / h, 3) for v, k in zip(engines, ks)}}
+                                   for name, h, ks in rows]})
     return 0
 
 

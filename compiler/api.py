@@ -7,9 +7,8 @@ import os
 import time
 from typing import Any, Callable
 
+from . import __version__ as KILN_VERSION
 from .errors import KilnError
-
-KILN_VERSION = "0.1.0"
 
 
 def _noop(msg: str) -> None:
