@@ -22,9 +22,9 @@ FRONT = "canonicalize,fuse-norms,fuse-rope,fuse-attention,fuse-mlp"
 
 def kv_bytes_per_token(g) -> int:
     import kiln
-    from kiln.api import _kv_summary
+    from kiln.artifact import kv_summary
     cached, _ = kiln.run_pipeline(g, "kv-cache", verify_each=False)
-    return _kv_summary(cached.meta["kv_cache"])["bytes_per_token"]
+    return kv_summary(cached.meta["kv_cache"])["bytes_per_token"]
 
 
 def main() -> None:

@@ -97,8 +97,8 @@ def test_convert_mla_cache_layout_and_compiled_equals_interpreter(llama) -> None
     kv = g.meta["kv_cache"]
     # one row per token: 12 latent + 3 KV heads x 2 rotary dims, instead of 2 x 3 x 8
     assert kv["tensors"][0]["shape"] == ["pages", "4", "18"] and kv["layers"][0]["mla_rank"] == 12
-    from kiln.api import _kv_summary
-    assert _kv_summary(kv)["bytes_per_token"] == 2 * 18 * 4
+    from kiln.artifact import kv_summary
+    assert kv_summary(kv)["bytes_per_token"] == 2 * 18 * 4
     # the full-sequence and the cached program agree (interpreter), and so does the compiled one
     full, _ = kiln.run_pipeline(llama, "convert-mla{rank=12,rope_dims=2}")
     T = IDS.shape[1]
@@ -120,7 +120,7 @@ def test_kv_planner_numbers_and_report() -> None:
     from kiln.report import render_report
     smol = [{"kv_heads": 3, "head_dim": 64, "num_heads": 9, "window": 0}] * 30
     assert bytes_per_token(smol, "fp32") == 30 * 2 * 3 * 64 * 4 == 46080  # what kv-cache lays out
-    assert bytes_per_token(smol, "int8") == 30 * (2 * 3 * 64 + 2 * 3 * 4)  # codes + fp32 scales (_kv_summary)
+    assert bytes_per_token(smol, "int8") == 30 * (2 * 3 * 64 + 2 * 3 * 4)  # codes + fp32 scales (kv_summary)
     assert bytes_per_token(smol, "fp16", "mqa") == 30 * 2 * 64 * 2
     assert bytes_per_token(smol, "fp32", "mha") == 3 * 46080
     mla = [dict(smol[0], mla_rank=168, rope_dims=8)] * 30
