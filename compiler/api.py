@@ -219,13 +219,13 @@ def _source_hash() -> str:
     import kiln.targets
     h = hashlib.sha256()
     for mod in (kiln, kiln.passes, kiln.targets):
-        top = os.path.dirname(mod.__file__)
-        for root, dirs, names in sorted(os.walk(top)):  # the packages hold subpackages (targets/cpu/ ...)
-            dirs.sort()
-            for n in sorted(names):
+        root = os.path.dirname(mod.__file__)
+        for d, subdirs, files in os.walk(root):  # subpackages too (kiln/ops/, targets/cpu/, ...)
+            subdirs[:] = sorted(s for s in subdirs if s != "__pycache__")
+            for n in sorted(files):
                 if n.endswith(".py"):
-                    with open(os.path.join(root, n), "rb") as f:
-                        h.update(os.path.relpath(os.path.join(root, n), top).encode() + f.read())
+                    with open(os.path.join(d, n), "rb") as f:
+                        h.update(os.path.relpath(os.path.join(d, n), root).encode() + f.read())
     return h.hexdigest()[:16]
 
 

@@ -27,9 +27,9 @@ from . import interp
 from .errors import KilnError
 from .ir import Graph, Node
 
-# ops whose parameter inputs are trainable weights (by input position)
-_TRAINABLE_INPUTS = {"linear": (1, 2), "gated_mlp": (1, 2, 3), "embedding": (0,), "rms_norm": (1,),
-                     "layer_norm": (1, 2)}
+# ops whose parameter inputs are trainable weights (by input name)
+_TRAINABLE_INPUTS = {"linear": ("w", "bias"), "gated_mlp": ("w_gate", "w_up", "w_down"), "embedding": ("w",),
+                     "rms_norm": ("weight",), "layer_norm": ("weight", "bias")}
 
 
 @dataclass
@@ -61,9 +61,10 @@ def trainable_params(g: Graph) -> tuple[list[str], int]:
     for n in g.nodes:
         if n.op == "qweight":
             frozen.update(i.attrs["name"] for i in n.inputs if i.op == "param")
-        for i in _TRAINABLE_INPUTS.get(n.op, ()):
-            if i < len(n.inputs) and n.inputs[i].op == "param":
-                name = n.inputs[i].attrs["name"]
+        for k in _TRAINABLE_INPUTS.get(n.op, ()):
+            p = n.input(k)
+            if p is not None and p.op == "param":
+                name = p.attrs["name"]
                 if name not in names and g.params[name].is_floating_point():
                     names.append(name)
     return [n for n in names if n not in frozen], len(frozen)

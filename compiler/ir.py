@@ -62,7 +62,9 @@ _ids = itertools.count()
 
 @dataclass(eq=False)
 class Node:
-    """One operation. `inputs` are Nodes; `attrs` are plain values (ints, floats, sympy dims, lists)."""
+    """One operation. `inputs` are Nodes (named by the op's record: `input(name)`); `attrs` are plain
+    values (ints, floats, sympy dims, lists): the op's attributes, every default filled in by
+    `Graph.add`, plus any annotations passes attach (`kiln.ops.ANNOTATIONS`)."""
     op: str
     inputs: list["Node"]
     attrs: dict[str, Any]
@@ -73,6 +75,14 @@ class Node:
 
     def __repr__(self) -> str:
         return f"%{self.name}:{self.op}"
+
+    def input(self, name: str) -> "Node | None":
+        """The input named `name` in the op's record (`kiln.ops`), or None for an absent optional one."""
+        from .ops import OPS
+        if self.op not in OPS:
+            raise KeyError(f"%{self.name}: '{self.op}' nodes have no named inputs")
+        i = OPS[self.op].input_index(name)
+        return self.inputs[i] if i < len(self.inputs) else None
 
 
 class Graph:
@@ -100,10 +110,18 @@ class Graph:
     def add(self, op: str, inputs: list[Node], attrs: dict[str, Any] | None = None,
             type: TensorType | None = None, name: str = "", source: str | None = None,
             before: Node | None = None) -> Node:
-        """Create a node; infer its type unless given. Inserted at the end or before `before`."""
-        from .ops import infer_type
-        attrs = dict(attrs or {})
-        node = Node(op, list(inputs), attrs, type if type is not None else infer_type(op, inputs, attrs),
+        """Create a node; infer its type unless given. Inserted at the end or before `before`.
+
+        `attrs` are checked against the op's record: an unknown key or a missing required one is an
+        error naming the op and the key; attributes left out get their defaults."""
+        from .ops import OPS
+        if op not in OPS:
+            raise KeyError(f"kiln has no op named '{op}'")
+        rec = OPS[op]
+        where = f"%{name or op}" + (f" (from {source})" if source else "") + ": "
+        attrs = rec.complete(attrs or {}, where)
+        rec.check_inputs(len(inputs), where)
+        node = Node(op, list(inputs), attrs, type if type is not None else rec.infer(list(inputs), attrs),
                     self._unique(name or op), source)
         if before is None:
             self.nodes.append(node)

@@ -31,9 +31,10 @@ import torch
 from . import interp
 from .errors import PassError
 from .ir import Graph, Node, ttype
+from .ops import ops_of_kind
 
-_UNARY = {"silu", "gelu", "relu", "tanh", "sigmoid", "neg", "exp", "erf", "abs", "cast"}
-_BINARY = {"add", "sub", "mul", "div", "pow", "maximum", "minimum"}
+# ops through which a channel stays the same channel: value by value, operands broadcast
+_CHANNELWISE = ops_of_kind("unary", "elementwise")
 
 
 @dataclass
@@ -97,7 +98,7 @@ def ffn_groups(g: Graph) -> list[ChannelGroup]:
                     values.add(u)
                     reshapes.append(u)
                     stack.append(u)
-                elif (u.op in _UNARY or u.op in _BINARY) and u.type.rank >= 1 and u.type.shape[-1] == C:
+                elif u.op in _CHANNELWISE and u.type.rank >= 1 and u.type.shape[-1] == C:
                     values.add(u)
                     stack.append(u)
                     for o in u.inputs:  # the other operands carry the same channels (or broadcast)
@@ -124,8 +125,8 @@ def ffn_groups(g: Graph) -> list[ChannelGroup]:
         slices = []
         for p in sorted(producers, key=g.nodes.index):
             slices.append(Slice(p.inputs[1].attrs["name"], 0, 1, p))
-            if len(p.inputs) > 2:
-                slices.append(Slice(p.inputs[2].attrs["name"], 0))
+            if p.input("bias") is not None:
+                slices.append(Slice(p.input("bias").attrs["name"], 0))
         slices += [Slice(n, 0) for n in sorted(params)]
         slices += [Slice(c.inputs[1].attrs["name"], 1, 1, c) for c in consumers]
         groups.append(ChannelGroup(len(groups), int(C), slices, reshapes))
@@ -165,8 +166,8 @@ def head_groups(g: Graph) -> list[HeadGroup]:
                                 f"head_dim = {(H if which == 'q' else Hkv) * D}")
             dst = group.q if which == "q" else group.kv
             dst.append(Slice(lin.inputs[1].attrs["name"], 0, D, lin))
-            if len(lin.inputs) > 2:
-                dst.append(Slice(lin.inputs[2].attrs["name"], 0, D))
+            if lin.input("bias") is not None:
+                dst.append(Slice(lin.input("bias").attrs["name"], 0, D))
             for n in chain:
                 if n.op == "reshape":
                     group.reshapes.append((n, len(n.attrs["shape"]) - 2, which))

@@ -1,8 +1,9 @@
-"""Verifier: every node's inputs are defined before it, and its type is what its op infers."""
+"""Verifier: every node's inputs are defined before it, its inputs and attributes are what its op's
+record declares, and its type is what its op infers."""
 from __future__ import annotations
 
-from .ir import Graph
-from .ops import OPS, same
+from .ir import Graph, Node
+from .ops import OPS, AttrError, ShapeError, same
 
 
 class VerifyError(ValueError):
@@ -29,6 +30,7 @@ def verify(graph: Graph) -> None:
         elif n.op != "input":
             if n.op not in OPS:
                 raise VerifyError(f"%{n.name} uses unknown op '{n.op}'")
+            _check_record(n)
             try:
                 t = OPS[n.op].infer(n.inputs, n.attrs)
             except Exception as e:
@@ -43,3 +45,18 @@ def verify(graph: Graph) -> None:
     for i in graph.inputs:
         if i not in defined:
             raise VerifyError(f"input %{i.name} is missing from the node list")
+
+
+def _check_record(n: Node) -> None:
+    # a pass that edits attrs or inputs in place (or builds a Node by hand) can break the record's
+    # promises that every consumer relies on: known keys only, and every attribute present
+    rec = OPS[n.op]
+    try:
+        rec.check_inputs(len(n.inputs), f"%{n.name}: ")
+        full = rec.complete(n.attrs, f"%{n.name}: ")
+    except (AttrError, ShapeError) as e:
+        raise VerifyError(str(e)) from e
+    missing = [k for k in full if k not in n.attrs]
+    if missing:
+        raise VerifyError(f"%{n.name} = {n.op} lacks attribute(s) {', '.join(missing)}; create nodes with Graph.add, "
+                          "which fills in defaults")

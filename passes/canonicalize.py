@@ -27,7 +27,7 @@ def _noop_shape(g: Graph, n: Node) -> Node | None:
         return n.inputs[0]
     if n.op == "permute" and list(n.attrs["perm"]) == list(range(len(n.attrs["perm"]))):
         return n.inputs[0]
-    if n.op == "slice" and n.attrs.get("step", 1) == 1 and n.attrs["start"] == 0 and _same_type(n, n.inputs[0]):
+    if n.op == "slice" and n.attrs["step"] == 1 and n.attrs["start"] == 0 and _same_type(n, n.inputs[0]):
         return n.inputs[0]
     return None
 
@@ -75,7 +75,7 @@ def _linear_bias(g: Graph, n: Node) -> Node | None:
     # linear(x, W) + b with b a [out] parameter is linear(x, W, b)
     if n.op == "add" and len(n.inputs) == 2:
         for lin, b in (n.inputs, n.inputs[::-1]):
-            if (lin.op == "linear" and len(lin.inputs) == 2 and b.op == "param" and b.type.rank == 1
+            if (lin.op == "linear" and lin.input("bias") is None and b.op == "param" and b.type.rank == 1
                     and same(b.type.shape[0], lin.type.shape[-1]) and _single_use(g, lin)):
                 return g.add("linear", lin.inputs + [b], name=lin.name, before=n, source=lin.source)
     return None

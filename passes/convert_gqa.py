@@ -86,8 +86,8 @@ def convert_gqa(graph: Graph, kv_heads: int = 1) -> Graph:
             proj = kv_projection(att, which, "convert-gqa")
             w = proj.linear.inputs[1]
             replace_param(g, w, _pool(g.params[w.attrs["name"]], old, kv_heads))
-            if len(proj.linear.inputs) > 2:
-                b = proj.linear.inputs[2]
+            b = proj.linear.input("bias")
+            if b is not None:
                 replace_param(g, b, _pool(g.params[b.attrs["name"]], old, kv_heads))
             shape = list(proj.reshape.attrs["shape"])
             proj.reshape.attrs["shape"] = shape[:2] + [-1] + shape[3:]

@@ -90,13 +90,13 @@ def convert_mla(graph: Graph, rank: int = 0, rope_dims: int = 8) -> Graph:
             raise PassError(f"convert-mla: the queries/keys of %{att.name} (from {att.source}) are not rotary "
                             "embeddings recognized by fuse-rope; run fuse-rope first (models without RoPE "
                             "are not supported)")
-        if att.attrs.get("kv_dtype"):
+        if att.attrs["kv_dtype"]:
             raise PassError("convert-mla: place it before quantize-kv (the latent cache is fp32)")
         pk, pv = kv_projection(att, 1, "convert-mla"), kv_projection(att, 2, "convert-mla")
         x = pk.linear.inputs[0]
         if pv.linear.inputs[0] is not x:
             raise PassError(f"convert-mla: keys and values of %{att.name} project different inputs")
-        if len(pk.linear.inputs) > 2 or len(pv.linear.inputs) > 2:
+        if pk.linear.input("bias") is not None or pv.linear.input("bias") is not None:
             raise PassError(f"convert-mla: the key/value projections of %{att.name} have biases (Qwen2); "
                             "only bias-free projections can be factored into a latent")
         kvh, d = int(k.type.shape[1]), int(k.type.shape[3])
@@ -132,8 +132,8 @@ def convert_mla(graph: Graph, rank: int = 0, rope_dims: int = 8) -> Graph:
         kr = g.add("permute", [kr], {"perm": [0, 2, 1, 3]}, name="mla_k_rope_t", before=att)
         kr = g.add("rope", [kr, cos_r, sin_r], name="mla_k_rope_rot", before=att)
         mla = g.add("mla_attention", [q_nope, q_rope, c, kr, p_uk, p_uv],
-                    {"scale": att.attrs["scale"], "window": att.attrs.get("window", 0), "rank": rank,
-                     **({"alibi": att.attrs["alibi"]} if att.attrs.get("alibi") is not None else {})},
+                    {"scale": att.attrs["scale"], "window": att.attrs["window"], "rank": rank,
+                     "alibi": att.attrs["alibi"]},
                     name="mla_attention", before=att, source=att.source)
         g.replace_all_uses(att, mla)
         g.nodes.remove(att)

@@ -65,13 +65,13 @@ def fuse_attention(graph: Graph, probe: str = "9,17") -> Graph:
     for n in list(g.nodes):
         if n.op != "sdpa":
             continue
-        if len(n.inputs) == 4:
-            mask = n.inputs[3]
+        mask = n.input("mask")
+        if mask is not None:
             if mask not in verdicts:
                 verdicts[mask] = classify_mask(g, mask, lengths)
             verdict = verdicts[mask]
         else:
-            verdict = (True, 0) if n.attrs.get("causal") else None
+            verdict = (True, 0) if n.attrs["causal"] else None
         if verdict is None:
             continue
         q, k, v = n.inputs[:3]

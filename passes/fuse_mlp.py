@@ -12,17 +12,17 @@ _ACTS = {"silu": "silu", "gelu": "gelu"}
 
 def _gated_mlp(g: Graph, n: Node) -> Node | None:
     # down(act(gate(x)) * up(x)) -> gated_mlp(x, Wg, Wu, Wd), all three linear without bias
-    if n.op != "linear" or len(n.inputs) != 2:
+    if n.op != "linear" or n.input("bias") is not None:
         return None
     for a, u in commutative(n.inputs[0], "mul"):
-        if a.op not in _ACTS or (a.op == "gelu" and a.attrs.get("approximate", "none") not in ("none", "tanh")):
+        if a.op not in _ACTS or (a.op == "gelu" and a.attrs["approximate"] not in ("none", "tanh")):
             continue
         gate = a.inputs[0]
-        if gate.op != "linear" or u.op != "linear" or len(gate.inputs) != 2 or len(u.inputs) != 2:
+        if gate.op != "linear" or u.op != "linear" or gate.input("bias") is not None or u.input("bias") is not None:
             continue
         if gate.inputs[0] is not u.inputs[0]:
             continue
-        act = a.op if a.op == "silu" else ("gelu_tanh" if a.attrs.get("approximate") == "tanh" else "gelu")
+        act = a.op if a.op == "silu" else ("gelu_tanh" if a.attrs["approximate"] == "tanh" else "gelu")
         return g.add("gated_mlp", [gate.inputs[0], gate.inputs[1], u.inputs[1], n.inputs[1]], {"act": act},
                      name="mlp", before=n, source=n.source)
     return None

@@ -17,7 +17,7 @@ def _rms_norm(g: Graph, n: Node) -> Node | None:
             if r.op != "rsqrt":
                 continue
             for m, eps in commutative(r.inputs[0], "add"):
-                if m.op != "mean" or const_of(eps) is None or not m.attrs.get("keepdim"):
+                if m.op != "mean" or const_of(eps) is None or not m.attrs["keepdim"]:
                     continue
                 if [d % x.type.rank for d in m.attrs["dims"]] != [x.type.rank - 1]:
                     continue

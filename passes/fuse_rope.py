@@ -23,7 +23,7 @@ def _rotate_half_of(r: Node) -> Node | None:
     last = x.type.rank - 1
     half = x.type.shape[-1] / 2
     for s in (hi, lo):
-        if s.attrs["dim"] % x.type.rank != last or s.attrs.get("step", 1) != 1:
+        if s.attrs["dim"] % x.type.rank != last or s.attrs["step"] != 1:
             return None
     if not (same(lo.type.shape[-1], half) and same(hi.type.shape[-1], half) and lo.attrs["start"] == 0):
         return None

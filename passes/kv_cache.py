@@ -31,7 +31,7 @@ BATCH, TOKENS, PAGES, MAX_PAGES = sym("batch"), sym("tokens"), sym("pages"), sym
 def _replace_positions(g: Graph, positions) -> None:
     pos64 = None
     for a in g.find("arange"):
-        if not (a.attrs["start"] == 0 and sympy.sympify(a.attrs["end"]) == TOKENS and a.attrs.get("step", 1) == 1):
+        if not (a.attrs["start"] == 0 and sympy.sympify(a.attrs["end"]) == TOKENS and a.attrs["step"] == 1):
             raise PassError(f"kv-cache: %{a.name} = arange({a.attrs['start']}, {a.attrs['end']}) is not a position "
                             f"range over tokens (from {a.source}); kiln cannot tell what it means incrementally")
         users = [u for u in g.nodes if a in u.inputs]
@@ -76,19 +76,19 @@ def kv_cache(graph: Graph, page_size: int = 16, logits: str = "last") -> Graph:
             continue
         q, k, v = att.inputs
         kv_heads, head_dim = k.type.shape[1], k.type.shape[3]
-        kv_dtype = att.attrs.get("kv_dtype")
+        kv_dtype = att.attrs["kv_dtype"]
         slots = (PAGES, sympy.Integer(2), kv_heads, sympy.Integer(page_size))
         cache = g.add_input(f"kv_cache_{i}", TensorType(slots + (head_dim,), "int8" if kv_dtype == "int8" else k.type.dtype))
         extra = [g.add_input(f"kv_cache_{i}_scale", TensorType(slots, "float32"))] if kv_dtype == "int8" else []
+        alibi = att.attrs["alibi"]
         ca = g.add("cached_attention", [q, k, v, cache, page_table, positions] + extra,
-                   {"scale": att.attrs["scale"], "window": att.attrs.get("window", 0), "layer": i,
-                    **({"kv_dtype": att.attrs["kv_dtype"]} if att.attrs.get("kv_dtype") else {}),
-                    **({"alibi": list(att.attrs["alibi"])} if att.attrs.get("alibi") is not None else {})},
+                   {"scale": att.attrs["scale"], "window": att.attrs["window"], "layer": i,
+                    "kv_dtype": kv_dtype or None, "alibi": list(alibi) if alibi is not None else None},
                    name=f"cached_attention_{i}", before=att, source=att.source)
         g.replace_all_uses(att, ca)
         g.nodes.remove(att)
         layers.append({"kv_heads": int(kv_heads), "head_dim": int(head_dim), "num_heads": int(q.type.shape[1]),
-                       "window": att.attrs.get("window", 0)})
+                       "window": att.attrs["window"]})
         count("cached-attention")
     if logits == "last":
         outs = []
@@ -104,7 +104,7 @@ def kv_cache(graph: Graph, page_size: int = 16, logits: str = "last") -> Graph:
     g.dce()
     g.toposort()
     g.reinfer()
-    kv_dtypes = {a.attrs.get("kv_dtype") or "float32" for a in g.find("cached_attention")}
+    kv_dtypes = {a.attrs["kv_dtype"] or "float32" for a in g.find("cached_attention")}
     kv_dtypes |= {"float32"} if g.find("cached_mla_attention") else set()
     # the cache tensors in input order, `pages` left symbolic: what a runtime allocates
     tensors = [{"name": n.name, "shape": [str(d) for d in n.type.shape], "dtype": n.type.dtype}

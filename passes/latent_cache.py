@@ -22,5 +22,5 @@ def cache_mla(g: Graph, mla: Node, layer: int, page_size: int, page_table: Node,
     g.replace_all_uses(mla, ca)
     g.nodes.remove(mla)
     return {"kv_heads": kvh, "head_dim": int(q_nope.type.shape[3]) + int(q_rope.type.shape[3]),
-            "num_heads": int(q_nope.type.shape[1]), "window": mla.attrs.get("window", 0), "mla_rank": r,
+            "num_heads": int(q_nope.type.shape[1]), "window": mla.attrs["window"], "mla_rank": r,
             "rope_dims": rd, "layout": "[pages, page_size, rank + kv_heads * rope_dims]"}

@@ -53,3 +53,32 @@ def test_nx_view_and_interpreter():
     torch.testing.assert_close(out, torch.nn.functional.silu(x @ g.params["w"].T))
     with pytest.raises(ValueError, match="dim must be 5"):
         interp.run(g, {"x": torch.randn(7, 4)})
+
+
+def test_op_records_check_attrs_and_name_inputs():
+    from kiln.ops import AttrError, flops_of, ops_of_kind
+    g = small_graph()
+    x, y = g.inputs[0], g.find("linear")[0]
+    assert y.input("bias") is None and y.input("w").op == "param"
+    with pytest.raises(KeyError, match="no input named 'weight'"):
+        y.input("weight")
+    s = g.add("slice", [y], {"dim": 1, "start": 0, "end": 2})
+    assert s.attrs["step"] == 1  # the default, filled in
+    assert "slice(%y, dim=1, start=0, end=2)" in str(g)  # and not printed
+    with pytest.raises(AttrError, match="op 'slice' has no attribute 'stride'"):
+        g.add("slice", [y], {"dim": 1, "start": 0, "end": 2, "stride": 2})
+    with pytest.raises(AttrError, match="op 'attention' needs attribute 'scale'"):
+        g.add("attention", [x, x, x])
+    with pytest.raises(ValueError, match="linear takes 2 to 3 inputs"):
+        g.add("linear", [x])
+    g.add("exp", [y], {"placement": "gpu"})  # annotations are allowed on any op
+    assert {"reshape", "permute", "slice"} <= ops_of_kind("view") and "add" not in ops_of_kind("view")
+    assert flops_of(y) == 2 * 3 * 5 * y.type.shape[0]
+
+
+def test_verifier_catches_attrs_edited_in_place():
+    g = small_graph()
+    g.add("slice", [g.nodes[-1]], {"dim": 1, "start": 0, "end": 2})
+    g.nodes[-1].attrs.pop("step")
+    with pytest.raises(VerifyError, match="lacks attribute"):
+        verify(g)

@@ -188,12 +188,12 @@ def lowering_notes(graph: Graph) -> list[str]:
     notes = [NOTE_WEIGHTS]
     ca = graph.find("cached_attention")
     if ca:
-        windows = sorted({int(n.attrs.get("window", 0)) for n in ca} - {0})
+        windows = sorted({int(n.attrs["window"]) for n in ca} - {0})
         notes.append(NOTE_CACHED_ATTENTION.format(window=f" + sliding window {windows}" if windows else ""))
-        if any(n.attrs.get("kv_dtype") for n in ca):
+        if any(n.attrs["kv_dtype"] for n in ca):
             notes.append("quantized KV cache: stored as fp32 holding the dequantized 8-bit values (fake quant)")
     if graph.find("qweight"):
-        schemes = sorted({n.attrs.get("scheme", f"int{n.attrs['bits']}") for n in graph.find("qweight")})
+        schemes = sorted({n.attrs["scheme"] for n in graph.find("qweight")})
         notes.append(NOTE_QWEIGHT + f" (schemes: {', '.join(schemes)})")
     if graph.find("quant_act"):
         notes.append("quant_act lowered to round/clamp fake quantization in fp32")
@@ -292,7 +292,10 @@ class _OneOp(torch.nn.Module):
             for d, size in zip(n.type.shape, t.shape):
                 if d.is_Symbol:
                     env[d.name] = size
-        caches = {self.node.inputs[3].name: x[3]} if self.node.op == "cached_attention" else {}
+        caches = {}
+        if self.node.op == "cached_attention":  # the probe's own cache, passed in as an argument
+            cache = self.node.input("cache")
+            caches = {cache.name: x[self.node.inputs.index(cache)]}
         return self._program._op(_Ctx(env), self.node, list(x), caches, False)
 
 

@@ -161,12 +161,16 @@ class KilnProgram(torch.nn.Module):
         a = node.attrs
         op = node.op
         if op == "cached_attention":
+            if node.input("scales") is not None:
+                raise UnsupportedOpError("cached_attention with an int8 KV cache", node.source,
+                                         "the mlir target keeps an fp32 cache (quantize-kv dtype=fp8_e4m3 is "
+                                         "fake-quantized into it; int8 codes with scales are not)")
             q, k, v, cache, pt, pos = x
-            k, v = kv_fake_quant(k, a.get("kv_dtype")), kv_fake_quant(v, a.get("kv_dtype"))
-            cache_name = node.inputs[3].name
+            k, v = kv_fake_quant(k, a["kv_dtype"]), kv_fake_quant(v, a["kv_dtype"])
+            cache_name = node.input("cache").name
             new = paged_append(caches[cache_name], k, v, pt, pos)
             caches[cache_name] = new
-            return paged_attention(q, new, pt, pos, a["scale"], a.get("window", 0))
+            return paged_attention(q, new, pt, pos, a["scale"], a["window"])
         if op == "qweight":
             return dequantize(x[0], x[1], x[2], a["group"])
         if op == "slice":
@@ -175,7 +179,7 @@ class KilnProgram(torch.nn.Module):
                 return t
             d = norm_dim(a["dim"], t.dim())
             size = t.shape[d]
-            start, end, step = ctx.eval(a["start"]), ctx.eval(a["end"]), a.get("step", 1)
+            start, end, step = ctx.eval(a["start"]), ctx.eval(a["end"]), a["step"]
             if isinstance(start, int) and start < 0:
                 start = size + start
             if isinstance(end, int):
@@ -185,7 +189,7 @@ class KilnProgram(torch.nn.Module):
         if op == "const":
             return torch.full((), a["value"], dtype=torch_dtype(node.type.dtype))
         if op == "aten":
-            return a["fn"](*_rebuild(a["args"], x, ctx), **_rebuild(a.get("kwargs", {}), x, ctx))
+            return a["fn"](*_rebuild(a["args"], x, ctx), **_rebuild(a["kwargs"], x, ctx))
         return reference_step(ctx, node, x)
 
     def _call(self, entry: str, input_ids, positions, page_table, kv_caches) -> tuple[torch.Tensor, ...]:

@@ -56,9 +56,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from kiln.ops import ops_of_kind
+
 from .hw import DEFAULT, PimHardware
 
-VIEW_OPS = {"reshape", "permute", "unsqueeze", "squeeze", "expand", "slice", "input", "param", "const"}
+_VIEWS = ops_of_kind("view")  # layout only: no work
 
 
 @dataclass
@@ -429,7 +431,7 @@ def graph_works(graph, batch: int, context: int, spec: int = 0, hw: PimHardware 
             continue
         names = _param_names(node)
         m = next((_LAYER.search(nm) for nm in names if _LAYER.search(nm)), None)
-        if "layer" in node.attrs and node.op == "cached_attention":
+        if node.op == "cached_attention" and node.attrs["layer"] is not None:
             layer = int(node.attrs["layer"])
         elif m:
             layer = int(m.group(1))
@@ -438,7 +440,7 @@ def graph_works(graph, batch: int, context: int, spec: int = 0, hw: PimHardware 
         lay = None if node.op == "embedding" else layer
         block = "attn" if any("attn" in nm or "attention" in nm for nm in names) else \
             "mlp" if any("mlp" in nm or "ffn" in nm for nm in names) else ""
-        if node.op in VIEW_OPS:
+        if node.op in _VIEWS:
             out.append((node, Work(node.name, node.op, "view", lay)))
         elif node.op == "linear" and node.inputs[1].op in ("param", "qweight"):
             n_out, k = (int(d) for d in node.inputs[1].type.shape)
@@ -454,9 +456,9 @@ def graph_works(graph, batch: int, context: int, spec: int = 0, hw: PimHardware 
                                    groups=1, phases=[(2 * f * d * b, d * b, 2 * f * b), (f * d * b, f * b, d * b)],
                                    resident="weights")))
         elif node.op == "cached_attention":
-            q, cache = node.inputs[0].type, node.inputs[3].type
+            q, cache = node.input("q").type, node.input("cache").type
             heads, hd, kvh = int(q.shape[1]), int(q.shape[3]), int(cache.shape[2])
-            ctx = context if not node.attrs.get("window") else min(context, int(node.attrs["window"]))
+            ctx = context if not node.attrs["window"] else min(context, int(node.attrs["window"]))
             w = attention_work(node.name, lay, batch, T, ctx, heads, kvh, hd, b)
             out.append((node, w))
         elif node.op == "embedding":
