@@ -24,7 +24,7 @@ from kiln.dims import DimError, eval_dim
 from kiln.entry import EntryPoint
 from kiln.errors import UnsupportedOpError
 from kiln.ir import Graph, Node
-from kiln.ops import find_rule, register_rule
+from kiln.ops import OPS, find_rule, register_rule
 from kiln.targets.base import WeightSpec
 
 from .layouts import RAW, Layout, materialize, pack_fields  # noqa: F401  (materialize, pack_fields: re-exported)
@@ -107,7 +107,8 @@ class FunctionLowering:
 
     def bias(self, n: Node) -> relax.Expr | None:
         """A linear node's bias field, or None."""
-        return self.weight(self.low.spec_name((n.inputs[2].attrs["name"],), RAW)) if len(n.inputs) > 2 else None
+        b = n.input("bias")
+        return None if b is None else self.weight(self.low.spec_name((b.attrs["name"],), RAW))
 
     def lower_node(self, n: Node) -> relax.Expr:
         fn = find_rule(n.op, self.low.backends)
@@ -159,8 +160,8 @@ class RelaxLowering:
         for n in self.graph.nodes:
             if n.op == "linear":
                 self.weight_fields(n.inputs[1])
-                if len(n.inputs) > 2:
-                    self.add_raw(n.inputs[2])
+                if n.input("bias") is not None:
+                    self.add_raw(n.input("bias"))
             elif n.op == "gated_mlp":
                 self.weight_fields(n.inputs[1], n.inputs[2])
                 self.weight_fields(n.inputs[3])
@@ -243,7 +244,7 @@ def _unary(f, n, xs):
 
 @register_rule("relax", "gelu")
 def _gelu(f, n, xs):
-    return f.emit((relax.op.nn.gelu_tanh if n.attrs.get("approximate") == "tanh" else relax.op.nn.gelu)(xs[0]))
+    return f.emit((relax.op.nn.gelu_tanh if n.attrs["approximate"] == "tanh" else relax.op.nn.gelu)(xs[0]))
 
 
 @register_rule("relax", "cast")
@@ -260,7 +261,7 @@ def _where(f, n, xs):
 @register_rule("relax", "sum", "mean", "amax", "amin")
 def _reduce(f, n, xs):
     fn = {"sum": relax.op.sum, "mean": relax.op.mean, "amax": relax.op.max, "amin": relax.op.min}[n.op]
-    return f.emit(fn(xs[0], axis=list(n.attrs["dims"]), keepdims=bool(n.attrs.get("keepdim"))))
+    return f.emit(fn(xs[0], axis=list(n.attrs["dims"]), keepdims=bool(n.attrs["keepdim"])))
 
 
 @register_rule("relax", "softmax")
@@ -304,9 +305,9 @@ def _slice(f, n, xs):
     if n.attrs.get("last_token") and f.entry.all_logits:
         return xs[0]  # verify entry point: logits for every token
     d = n.attrs["dim"] % n.type.rank
-    start, end, _ = _slice_bounds(n.inputs[0].type.shape[d], n.attrs["start"], n.attrs["end"], n.attrs.get("step", 1))
+    start, end, _ = _slice_bounds(n.inputs[0].type.shape[d], n.attrs["start"], n.attrs["end"], n.attrs["step"])
     return f.emit(relax.op.strided_slice(xs[0], [d], [tir_dim(sympy.sympify(start), f.env)],
-                                         [tir_dim(sympy.sympify(end), f.env)], [n.attrs.get("step", 1)],
+                                         [tir_dim(sympy.sympify(end), f.env)], [n.attrs["step"]],
                                          assume_inbound=True))
 
 
@@ -319,7 +320,7 @@ def _cat(f, n, xs):
 def _arange(f, n, xs):
     a = n.attrs
     return f.emit(relax.op.arange(tir_dim(sympy.sympify(a["start"]), f.env), tir_dim(sympy.sympify(a["end"]), f.env),
-                                  a.get("step", 1), dtype=n.type.dtype))
+                                  a["step"], dtype=n.type.dtype))
 
 
 @register_rule("relax", "full")
@@ -338,10 +339,11 @@ def _rms_norm(f, n, xs):
 
 @register_rule("relax", "layer_norm")
 def _layer_norm(f, n, xs):
-    nd = n.attrs.get("ndim", 1)
+    nd = n.attrs["ndim"]
     shape = [int(d) for d in n.type.shape[-nd:]]
-    gamma = xs[1] if len(xs) > 1 else relax.const(np.ones(shape, "float32"))
-    beta = xs[2] if len(xs) > 2 else relax.const(np.zeros(shape, "float32"))
+    _, w, b = OPS["layer_norm"].padded(xs)
+    gamma = w if w is not None else relax.const(np.ones(shape, "float32"))
+    beta = b if b is not None else relax.const(np.zeros(shape, "float32"))
     return f.emit(relax.op.nn.layer_norm(xs[0], gamma, beta, axes=list(range(-nd, 0)), epsilon=n.attrs["eps"]))
 
 

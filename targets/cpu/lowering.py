@@ -138,16 +138,16 @@ def _embedding(f, n, xs):
 
 def _alibi_slopes(n: Node) -> relax.Expr | None:
     """ALiBi slopes [heads] of an attention node as a constant input of its kernel, or None."""
-    if n.attrs.get("alibi") is None:
+    if n.attrs["alibi"] is None:
         return None
     return relax.const(np.asarray(n.attrs["alibi"], dtype="float32"), "float32")
 
 
 @register_rule("cpu", "cached_attention")
 def _cached_attention(f, n, xs):
-    if len(xs) > 6:
+    if n.input("scales") is not None:
         return _cached_attention_int8(f, n, xs)
-    if n.attrs.get("kv_dtype"):
+    if n.attrs["kv_dtype"]:
         raise UnsupportedOpError(f"cached_attention with a {n.attrs['kv_dtype']} KV cache", n.source,
                                  hint=f"target '{f.low.target_name}' has fp32 and int8 KV-cache kernels")
     q, k, v, cache, page_table, positions = xs
@@ -161,7 +161,7 @@ def _cached_attention(f, n, xs):
     append = f.low.kernel(("kv_append", kv_heads, head_dim, page), lambda: K.kv_append_func(kv_heads, head_dim, page))
     cache2 = f.emit(relax.op.call_tir_inplace(append, [cache, kt, vt, page_table, positions], [0],
                                               f.ttype(cn.type)))
-    scale, window = float(n.attrs["scale"]), int(n.attrs.get("window", 0))
+    scale, window = float(n.attrs["scale"]), int(n.attrs["window"])
     slopes = _alibi_slopes(n)
     attn = f.low.kernel(("paged_attention", heads, kv_heads, head_dim, page, window, f"{scale:.6g}")
                         + (("alibi",) if slopes is not None else ()),
@@ -183,10 +183,10 @@ def _cached_attention_int8(f, n, xs):
     append = f.low.kernel(("kv_append_int8", kv_heads, head_dim, page),
                           lambda: cpu_kv8.kv_append_int8_func(kv_heads, head_dim, page))
     both = f.emit(relax.op.call_tir_inplace(append, [cache, scales, kt, vt, page_table, positions], [0, 1],
-                                            [f.ttype(cn.type), f.ttype(n.inputs[6].type)]))
+                                            [f.ttype(cn.type), f.ttype(n.input("scales").type)]))
     cache2 = f.emit(relax.TupleGetItem(both, 0))
     scales2 = f.emit(relax.TupleGetItem(both, 1))
-    scale, window = float(n.attrs["scale"]), int(n.attrs.get("window", 0))
+    scale, window = float(n.attrs["scale"]), int(n.attrs["window"])
     slopes = _alibi_slopes(n)
     attn = f.low.kernel(("paged_attention_int8", heads, kv_heads, head_dim, page, window, f"{scale:.6g}")
                         + (("alibi",) if slopes is not None else ()),
@@ -203,7 +203,7 @@ def _cached_attention_int8(f, n, xs):
 def _cached_mla_attention(f, n, xs):
     """Latent attention with absorbed up-projections (targets/cpu_mla.py): q_lat = q_nope W_uk per head,
     attention over the cached latents, then out = o_lat W_uv^T."""
-    if n.attrs.get("alibi") is not None:
+    if n.attrs["alibi"] is not None:
         raise UnsupportedOpError("cached_mla_attention with ALiBi", n.source,
                                  hint="convert-mla keeps RoPE; ALiBi models are not converted to MLA")
     q_nope, q_rope, c, k_rope, w_uk, w_uv, cache, page_table, positions = xs
@@ -226,7 +226,7 @@ def _cached_mla_attention(f, n, xs):
     append = f.low.kernel(("mla_append", width, page), lambda: cpu_mla.mla_append_func(width, page))
     cache2 = f.emit(relax.op.call_tir_inplace(append, [cache, rows, page_table, positions], [0],
                                               f.ttype(cachen.type)))
-    scale, window = float(n.attrs["scale"]), int(n.attrs.get("window", 0))
+    scale, window = float(n.attrs["scale"]), int(n.attrs["window"])
     attn = f.low.kernel(("paged_mla_attention", heads, kvh, rank, rd, page, window, f"{scale:.6g}"),
                         lambda: cpu_mla.paged_mla_attention_func(heads, kvh, rank, rd, page, scale, window))
     o_lat = f.emit(relax.call_tir(attn, [q_lat, qr, cache2, page_table, positions],

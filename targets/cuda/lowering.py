@@ -156,10 +156,10 @@ def _embedding(f, n, xs):
 
 @register_rule("cuda", "cached_attention")
 def _cached_attention(f, n, xs):
-    if len(xs) > 6 or n.attrs.get("kv_dtype"):
-        raise UnsupportedOpError(f"cached_attention with a {n.attrs.get('kv_dtype') or 'quantized'} KV cache",
+    if n.input("scales") is not None or n.attrs["kv_dtype"]:
+        raise UnsupportedOpError(f"cached_attention with a {n.attrs['kv_dtype'] or 'quantized'} KV cache",
                                  n.source, hint="target 'cuda' has an fp16 KV cache only; build without --kv-quant")
-    if n.attrs.get("alibi") is not None:
+    if n.attrs["alibi"] is not None:
         raise UnsupportedOpError("cached_attention with ALiBi", n.source,
                                  hint="target 'cuda' has no ALiBi kernels yet; use --target cpu")
     q, k, v, cache, page_table, positions = xs[:6]
@@ -172,7 +172,7 @@ def _cached_attention(f, n, xs):
     ctype = f.cache_type(cn)
     append = f.low.kernel(("cuda_kv_append", kv_heads, head_dim, page), lambda: C.kv_append_func(kv_heads, head_dim, page))
     cache2 = f.emit(relax.op.call_tir_inplace(append, [cache, kt, vt, page_table, positions], [0], ctype))
-    scale, window = float(n.attrs["scale"]), int(n.attrs.get("window", 0))
+    scale, window = float(n.attrs["scale"]), int(n.attrs["window"])
     b, t = f.dims(qn.type.shape[:1])[0], f.dims(qn.type.shape[2:3])[0]
     if f.mode == "gemv":
         qt = f.emit(relax.op.permute_dims(q, perm))
