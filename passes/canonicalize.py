@@ -7,7 +7,8 @@ import torch
 from kiln.ir import Graph, Node
 from kiln.ops import same
 
-from . import count, register
+from .registry import count, register
+from .pattern import apply_rules
 
 
 def _const_value(n: Node):
@@ -93,28 +94,6 @@ RULES = [
     ("matmul-weight", _matmul_weight),    # x @ W (param) -> linear(x, W.T)
     ("linear-bias", _linear_bias),        # linear(x, W) + b -> linear(x, W, b)
 ]
-
-
-def apply_rules(g: Graph, rules) -> int:
-    """Apply local rules to a fixed point; returns the number of rewrites."""
-    total = 0
-    changed = True
-    while changed:
-        changed = False
-        for n in list(g.nodes):
-            if n not in g.nodes or n.op in ("input", "param"):
-                continue
-            for name, rule in rules:
-                new = rule(g, n)
-                if new is not None and new is not n:
-                    g.replace_all_uses(n, new)
-                    g.nodes.remove(n)
-                    count(name)
-                    total += 1
-                    changed = True
-                    break
-        g.dce()
-    return total
 
 
 def cse(g: Graph) -> int:

@@ -18,8 +18,8 @@ import torch
 from kiln.errors import PassError
 from kiln.ir import Graph, Node, TensorType
 
-from . import count, register
-from .convert_gqa import check_full_sequence, kv_projection
+from .registry import count, register
+from .attention_parts import check_full_sequence, kv_projection
 
 
 def _slice(g: Graph, x: Node, start: int, end: int, before: Node) -> Node:

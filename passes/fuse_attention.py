@@ -7,7 +7,7 @@ from kiln.interp import evaluate_subgraph
 from kiln.ir import Graph, Node
 from kiln.ops import same
 
-from . import count, register
+from .registry import count, register
 
 
 def strip_repeat_kv(k: Node) -> tuple[Node, int]:

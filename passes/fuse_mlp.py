@@ -3,9 +3,8 @@ from __future__ import annotations
 
 from kiln.ir import Graph, Node
 
-from . import register
-from .canonicalize import apply_rules
-from .pattern import commutative
+from .registry import register
+from .pattern import apply_rules, commutative
 
 _ACTS = {"silu": "silu", "gelu": "gelu"}
 

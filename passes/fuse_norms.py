@@ -3,9 +3,8 @@ from __future__ import annotations
 
 from kiln.ir import Graph, Node
 
-from . import register
-from .canonicalize import apply_rules
-from .pattern import commutative, const_of, strip_casts
+from .registry import register
+from .pattern import apply_rules, commutative, const_of, strip_casts
 
 
 def _rms_norm(g: Graph, n: Node) -> Node | None:

@@ -4,9 +4,8 @@ from __future__ import annotations
 from kiln.ir import Graph, Node
 from kiln.ops import same
 
-from . import register
-from .canonicalize import apply_rules
-from .pattern import commutative
+from .registry import register
+from .pattern import apply_rules, commutative
 
 
 def _rotate_half_of(r: Node) -> Node | None:

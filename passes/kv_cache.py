@@ -22,7 +22,7 @@ from kiln.entry import default_entry_points
 from kiln.errors import PassError
 from kiln.ir import Graph, TensorType, sym
 
-from . import count, register
+from .registry import count, register
 from .latent_cache import cache_mla
 
 BATCH, TOKENS, PAGES, MAX_PAGES = sym("batch"), sym("tokens"), sym("pages"), sym("max_pages")

@@ -4,7 +4,7 @@ from __future__ import annotations
 from kiln.ir import Graph
 from kiln.prune import counts_to_remove, ffn_groups, gather_evidence, group_scores, keep_slices, param_count, parse_ratio
 
-from . import count, register
+from .registry import count, register
 
 
 @register("prune-ffn", exact=False, phase="prune")

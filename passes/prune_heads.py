@@ -7,7 +7,7 @@ from kiln.errors import PassError
 from kiln.ir import Graph
 from kiln.prune import counts_to_remove, gather_evidence, group_scores, head_groups, keep_slices, param_count, parse_ratio
 
-from . import count, register
+from .registry import count, register
 
 
 @register("prune-heads", exact=False, phase="prune", requires=("fuse-attention",))

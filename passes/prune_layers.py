@@ -5,7 +5,7 @@ from kiln.errors import PassError
 from kiln.ir import Graph
 from kiln.prune import block_influence, layer_blocks, param_count
 
-from . import count, register
+from .registry import count, register
 
 
 @register("prune-layers", exact=False, phase="prune", requires=("fuse-attention",))

@@ -7,8 +7,8 @@ from kiln.errors import PassError
 from kiln.ir import Graph, Node
 from kiln.quant import parse_scheme, rtn
 
-from . import count, register
-from .quantize_weights import _fold_input_scale, _is_lm_head, _qweight
+from .registry import count, register
+from .qweights import fold_input_scale, is_lm_head, make_qweight
 
 
 @register("quantize-activations", exact=False, phase="quantize")
@@ -26,7 +26,7 @@ def quantize_activations(graph: Graph, alpha: float = 0.5, calib_windows: int = 
     g = graph.copy()
     s8 = parse_scheme("int8")
     plan = [n for n in g.nodes if n.op == "linear" and n.inputs[1].op == "param"
-            and (lm_head == "int8" or not _is_lm_head(g, n))]
+            and (lm_head == "int8" or not is_lm_head(g, n))]
     stats = collect_input_stats(g, list({n.inputs[0] for n in plan}), g.meta["calib_tokens"][:int(calib_windows)])
     groups: dict[Node, list[Node]] = {}
     for n in plan:
@@ -34,12 +34,12 @@ def quantize_activations(graph: Graph, alpha: float = 0.5, calib_windows: int = 
     for x, users in groups.items():
         wmax = torch.stack([g.params[u.inputs[1].attrs["name"]].abs().amax(0) for u in users]).amax(0)
         s = (stats[x].absmax.clamp_min(1e-5) ** alpha / wmax.clamp_min(1e-5) ** (1 - alpha)).clamp_min(1e-5)
-        new_x = _fold_input_scale(g, x, users, s)
+        new_x = fold_input_scale(g, x, users, s)
         qa = g.add("quant_act", [new_x], name=x.name + "_q8", before=users[0])
         for u in users:
             name = u.inputs[1].attrs["name"]
             w = g.params[name] * s[None, :]
-            qw = _qweight(g, name + ".smooth", w, s8, *rtn(w, s8), before=u)
+            qw = make_qweight(g, name + ".smooth", w, s8, *rtn(w, s8), before=u)
             u.inputs = [qa, qw] + u.inputs[2:]
             count("w8a8-linear")
     g.dce()

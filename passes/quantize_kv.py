@@ -4,7 +4,7 @@ from __future__ import annotations
 from kiln.errors import PassError
 from kiln.ir import Graph
 
-from . import count, register
+from .registry import count, register
 
 
 @register("quantize-kv", exact=False, phase="quantize", requires=("fuse-attention",))

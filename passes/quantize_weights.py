@@ -7,36 +7,8 @@ from kiln.errors import PassError
 from kiln.ir import Graph, Node
 from kiln.quant import WeightQuant, awq_scales, clip_search, gptq, parse_scheme, quantize_with, rtn
 
-from . import count, register
-
-
-def _is_lm_head(g: Graph, n: Node) -> bool:
-    return n in g.outputs or any(o.op in ("slice", "reshape") and n in o.inputs for o in g.outputs)
-
-
-def _qweight(g: Graph, name: str, w: torch.Tensor, scheme: WeightQuant, codes, scales, zeros, before: Node) -> Node:
-    base = name + f".{scheme.name}"
-    q = g.add_param(base + ".codes", codes)
-    s = g.add_param(base + ".scales", scales.float().contiguous())
-    z = g.add_param(base + ".zeros", zeros.float().contiguous())
-    g.meta.setdefault("param_bits", {})[base + ".codes"] = scheme.bits
-    return g.add("qweight", [q, s, z], {"bits": scheme.bits, "group": scheme.group_for(w.shape[1]), "sym": scheme.sym,
-                                        "scheme": scheme.name}, name="qw", before=before)
-
-
-def _fold_input_scale(g: Graph, x: Node, users: list[Node], s: torch.Tensor) -> Node:
-    """Make `users` see x / s: fold into an RMSNorm weight when only they read it, else multiply."""
-    all_users = [u for u in g.nodes if x in u.inputs]
-    if x.op == "rms_norm" and x.inputs[1].op == "param" and set(all_users) <= set(users):
-        wname = x.inputs[1].attrs["name"]
-        p = g.add_param(wname + ".awq", (g.params[wname] / s).contiguous())
-        x.inputs = [x.inputs[0], p]
-        count("awq-fold-norm")
-        return x
-    p = g.add_param(f"{x.name}.awq_inv_scale", (1.0 / s).contiguous())
-    m = g.add("mul", [x, p], name=x.name + "_awq", before=users[0])
-    count("awq-scale-input")
-    return m
+from .registry import count, register
+from .qweights import fold_input_scale, is_lm_head, make_qweight
 
 
 @register("quantize-weights", exact=False, phase="quantize")
@@ -63,7 +35,7 @@ def quantize_weights(graph: Graph, scheme: str = "int8", method: str = "rtn", lm
         if "calib_tokens" not in g.meta:
             raise PassError(f"quantize-weights method={method} needs calibration text: pass calib=... to "
                             "kiln.compile (or --calib FILE to kiln build)")
-    plan = [(n, _is_lm_head(g, n)) for n in linears]
+    plan = [(n, is_lm_head(g, n)) for n in linears]
     stats = {}
     if method != "rtn":
         from kiln.calib import collect_input_stats
@@ -77,8 +49,8 @@ def quantize_weights(graph: Graph, scheme: str = "int8", method: str = "rtn", lm
                 groups.setdefault(n.inputs[0], []).append(n)
         for x, users in groups.items():
             ws = [g.params[u.inputs[1].attrs["name"]] for u in users]
-            sc = awq_scales(ws, stats[x].mean_abs, stats[x].sample, head if _is_lm_head(g, users[0]) else s)
-            new_x = _fold_input_scale(g, x, users, sc)
+            sc = awq_scales(ws, stats[x].mean_abs, stats[x].sample, head if is_lm_head(g, users[0]) else s)
+            new_x = fold_input_scale(g, x, users, sc)
             for u in users:
                 p = u.inputs[1]
                 scaled = g.add_param(p.attrs["name"] + ".awq", (g.params[p.attrs["name"]] * sc[None, :]).contiguous())
@@ -102,7 +74,7 @@ def quantize_weights(graph: Graph, scheme: str = "int8", method: str = "rtn", lm
                 codes = quantize_with(w, sc, z, sch).to(torch.uint8)
             else:
                 codes, sc, z = rtn(w, sch)
-            done[name] = _qweight(g, name, w, sch, codes, sc, z, before=n)
+            done[name] = make_qweight(g, name, w, sch, codes, sc, z, before=n)
         n.inputs = [n.inputs[0], done[name]] + n.inputs[2:]
         count(f"linear-{sch.name}")
     for n in g.find("gated_mlp"):
@@ -113,7 +85,7 @@ def quantize_weights(graph: Graph, scheme: str = "int8", method: str = "rtn", lm
             name = p.attrs["name"]
             if name not in done:
                 w = g.params[name].float()
-                done[name] = _qweight(g, name, w, s, *rtn(w, s), before=n)
+                done[name] = make_qweight(g, name, w, s, *rtn(w, s), before=n)
             n.inputs[i] = done[name]
         count(f"mlp-{s.name}")
     emb_scheme = None
@@ -132,7 +104,7 @@ def quantize_weights(graph: Graph, scheme: str = "int8", method: str = "rtn", lm
         w = g.params[name].float()
         key = name + "#embedding"
         if key not in done:
-            done[key] = _qweight(g, name + ".emb", w, sch, *rtn(w, sch), before=n)
+            done[key] = make_qweight(g, name + ".emb", w, sch, *rtn(w, sch), before=n)
         n.inputs = [done[key], n.inputs[1]]
         emb_scheme = sch.name
         count(f"embedding-{sch.name}")

@@ -6,7 +6,7 @@ import torch
 from kiln.errors import PassError
 from kiln.ir import Graph, Node
 
-from . import count, register
+from .registry import count, register
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
@@ -75,8 +75,8 @@ def sparsegpt(w: torch.Tensor, H: torch.Tensor, ratio: float, nm: tuple[int, int
 
 
 def _targets(g: Graph, lm_head: bool) -> list[Node]:
-    from .quantize_weights import _is_lm_head
-    return [n for n in g.nodes if n.op == "linear" and n.inputs[1].op == "param" and (lm_head or not _is_lm_head(g, n))]
+    from .qweights import is_lm_head
+    return [n for n in g.nodes if n.op == "linear" and n.inputs[1].op == "param" and (lm_head or not is_lm_head(g, n))]
 
 
 @register("sparsify", exact=False, phase="prune")

@@ -166,18 +166,24 @@ def cached_attention_reference(q, k, v, cache, page_table, positions, scales=Non
         keys = cache[pages, 0, :, idx % page].permute(1, 0, 2)  # [Hkv, n, D]
         vals = cache[pages, 1, :, idx % page].permute(1, 0, 2)
         keys, vals = keys.repeat_interleave(rep, 0), vals.repeat_interleave(rep, 0)
-        s = torch.einsum("htd,hnd->htn", q[b], keys) * scale
-        j = idx[None, :]
-        i = pos[b][:, None]
-        m = j <= i
-        if window:
-            m = m & (j > i - window)
-        if alibi is not None:
-            s = s + alibi_bias(alibi, pos[b], idx, s.dtype)
-        s = s.masked_fill(~m[None], float("-inf"))
-        o = torch.einsum("htn,hnd->htd", torch.softmax(s, -1), vals)
-        out[b] = torch.where((pos[b] >= 0)[None, :, None], o, torch.zeros_like(o))
+        out[b] = _attend_prefix(q[b], keys, vals, pos[b], scale, window, alibi)
     return out
+
+
+def _attend_prefix(q, keys, vals, pos, scale: float, window: int, alibi) -> torch.Tensor:
+    """One sequence's queries q [H, T, D] (at absolute positions `pos` [T], < 0 = padding) over its cached
+    prefix keys/vals [H, n, D]: causal (+ sliding window, + ALiBi); padding rows are zeros."""
+    idx = torch.arange(keys.shape[1])
+    s = torch.einsum("htd,hnd->htn", q, keys) * scale
+    i, j = pos[:, None], idx[None, :]
+    m = j <= i
+    if window:
+        m = m & (j > i - window)
+    if alibi is not None:
+        s = s + alibi_bias(alibi, pos, idx, s.dtype)
+    s = s.masked_fill(~m[None], float("-inf"))
+    o = torch.einsum("htn,hnd->htd", torch.softmax(s, -1), vals)
+    return torch.where((pos >= 0)[None, :, None], o, torch.zeros_like(o))
 
 
 define("cached_attention", "attention", ("q", "k", "v", "cache", "page_table", "positions", "scales?"),
@@ -240,17 +246,7 @@ def cached_mla_attention_reference(q_nope, q_rope, c, k_rope, w_uk, w_uv, cache,
         kr = lat[:, r:].reshape(n, G, R).permute(1, 0, 2)[None]
         k, v = _mla_keys_values(lat[None, :, :r], kr, w_uk, w_uv)
         k, v = k[0].repeat_interleave(H // G, 0), v[0].repeat_interleave(H // G, 0)
-        q = torch.cat([q_nope[b], q_rope[b]], -1)
-        s = torch.einsum("htd,hnd->htn", q, k) * scale
-        i, j = pos[b][:, None], idx[None, :]
-        m = j <= i
-        if window:
-            m = m & (j > i - window)
-        if alibi is not None:
-            s = s + alibi_bias(alibi, pos[b], idx, s.dtype)
-        s = s.masked_fill(~m[None], float("-inf"))
-        o = torch.einsum("htn,hnd->htd", torch.softmax(s, -1), v)
-        out[b] = torch.where((pos[b] >= 0)[None, :, None], o, torch.zeros_like(o))
+        out[b] = _attend_prefix(torch.cat([q_nope[b], q_rope[b]], -1), k, v, pos[b], scale, window, alibi)
     return out
 
 

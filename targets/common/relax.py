@@ -182,6 +182,12 @@ class RelaxLowering:
         """Fields for a linear kernel's weights (several are concatenated along the output dim)."""
         raise NotImplementedError
 
+    def linear(self, f: FunctionLowering, x: relax.Expr, lead_shape, ws: tuple[Node, ...], n_out: int,
+               bias: relax.Expr | None = None) -> relax.Expr:
+        """x [..., k] -> [..., n_out] through the target's linear kernel over weights `ws` (concatenated
+        along the output rows); the generic `linear` and `gated_mlp` rules call it."""
+        raise NotImplementedError
+
     def spec_name(self, sources: tuple[str, ...], layout: Layout) -> str:
         return "+".join(sources) + ("" if layout == RAW else f"@{layout.key()}")
 
@@ -376,15 +382,21 @@ def _embedding(f, n, xs):
     return f.emit(relax.op.take(xs[0], xs[1], axis=0))
 
 
-def gated_mlp_with(f: FunctionLowering, n: Node, xs: list, linear: Callable) -> relax.Expr:
-    """down(act(gate(x)) * up(x)) with gate and up as one kernel over concatenated weights; `linear(f, x,
-    lead_shape, weights, n_out)` is the target's linear kernel call."""
+@register_rule("relax", "linear")
+def _linear(f, n, xs):
+    w = n.inputs[1]
+    return f.low.linear(f, xs[0], n.inputs[0].type.shape[:-1], (w,), int(w.type.shape[0]), f.bias(n))
+
+
+@register_rule("relax", "gated_mlp")
+def _gated_mlp(f, n, xs):
+    """down(act(gate(x)) * up(x)) with gate and up as one linear kernel over concatenated weights."""
     x, wg, wu, wd = n.inputs
     ffn = int(wg.type.shape[0])
-    gu = linear(f, xs[0], x.type.shape[:-1], (wg, wu), 2 * ffn)
+    gu = f.low.linear(f, xs[0], x.type.shape[:-1], (wg, wu), 2 * ffn)
     rank = x.type.rank
     g = f.emit(relax.op.strided_slice(gu, [rank - 1], [0], [ffn], assume_inbound=True))
     u = f.emit(relax.op.strided_slice(gu, [rank - 1], [ffn], [2 * ffn], assume_inbound=True))
     act = {"silu": relax.op.nn.silu, "gelu": relax.op.nn.gelu, "gelu_tanh": relax.op.nn.gelu_tanh}[n.attrs["act"]]
     h = f.emit(relax.op.multiply(f.emit(act(g)), u))
-    return linear(f, h, n.type.shape[:-1], (wd,), int(wd.type.shape[0]))
+    return f.low.linear(f, h, n.type.shape[:-1], (wd,), int(wd.type.shape[0]))

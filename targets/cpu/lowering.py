@@ -16,7 +16,7 @@ from kiln.errors import UnsupportedOpError
 from kiln.ir import Node
 from kiln.ops import register_rule
 from kiln.targets.common.layouts import padded_k
-from kiln.targets.common.relax import FunctionLowering, RelaxLowering, gated_mlp_with, qkey
+from kiln.targets.common.relax import FunctionLowering, RelaxLowering, qkey
 
 from . import kernels as K
 from . import kv8 as cpu_kv8
@@ -37,6 +37,9 @@ class CpuLowering(RelaxLowering):
     def packed_too(self, p: Node) -> bool:
         """Is parameter `p` also a linear layer's weight (a table tied to the LM head)?"""
         return p.op == "param" and any(u.op == "linear" and u.inputs[1] is p for u in self.graph.nodes)
+
+    def linear(self, f, x, lead_shape, ws, n_out, bias=None):
+        return linear_call(f, x, lead_shape, ws, n_out, bias)
 
     def weight_fields(self, *ws: Node) -> list[str]:
         """fp32 weights packed in 32-lane blocks, or quantized codes/scales/zeros in the same blocks."""
@@ -80,17 +83,6 @@ def linear_call(f: FunctionLowering, x: relax.Expr, lead_shape, ws: tuple[Node, 
     args = [x2] + f.fields(*ws) + ([bias] if bias is not None else [])
     y = f.emit(relax.call_tir(gv, args, relax.TensorType([m, n_out], "float32")))
     return f.emit(relax.op.reshape(y, lead + [n_out]))
-
-
-@register_rule("cpu", "linear")
-def _linear(f, n, xs):
-    w = n.inputs[1]
-    return linear_call(f, xs[0], n.inputs[0].type.shape[:-1], (w,), int(w.type.shape[0]), f.bias(n))
-
-
-@register_rule("cpu", "gated_mlp")
-def _gated_mlp(f, n, xs):
-    return gated_mlp_with(f, n, xs, linear_call)
 
 
 def _qembedding(f, n, xs):
@@ -145,63 +137,44 @@ def _alibi_slopes(n: Node) -> relax.Expr | None:
 
 @register_rule("cpu", "cached_attention")
 def _cached_attention(f, n, xs):
-    if n.input("scales") is not None:
-        return _cached_attention_int8(f, n, xs)
-    if n.attrs["kv_dtype"]:
+    """Append K/V to the paged cache in place, then paged attention: fp32 cache (kernels.py), or int8 codes
+    with one scale per token and head (kv8.py), whose append updates both tensors."""
+    int8 = n.input("scales") is not None
+    if n.attrs["kv_dtype"] and not int8:
         raise UnsupportedOpError(f"cached_attention with a {n.attrs['kv_dtype']} KV cache", n.source,
                                  hint=f"target '{f.low.target_name}' has fp32 and int8 KV-cache kernels")
-    q, k, v, cache, page_table, positions = xs
+    q, k, v, cache, page_table, positions = xs[:6]
     qn, kn, _, cn = n.inputs[:4]
     heads, kv_heads, head_dim = int(qn.type.shape[1]), int(kn.type.shape[1]), int(kn.type.shape[3])
     page = int(cn.type.shape[3])
     perm = [0, 2, 1, 3]
-    qt = f.emit(relax.op.permute_dims(q, perm))  # q: [B, T, H, D]
-    kt = f.emit(relax.op.permute_dims(k, perm))  # k: [B, T, Hkv, D]
-    vt = f.emit(relax.op.permute_dims(v, perm))
-    append = f.low.kernel(("kv_append", kv_heads, head_dim, page), lambda: K.kv_append_func(kv_heads, head_dim, page))
-    cache2 = f.emit(relax.op.call_tir_inplace(append, [cache, kt, vt, page_table, positions], [0],
-                                              f.ttype(cn.type)))
+    qt, kt, vt = (f.emit(relax.op.permute_dims(x, perm)) for x in (q, k, v))  # [B, T, H(kv), D]
+    if int8:
+        append = f.low.kernel(("kv_append_int8", kv_heads, head_dim, page),
+                              lambda: cpu_kv8.kv_append_int8_func(kv_heads, head_dim, page))
+        both = f.emit(relax.op.call_tir_inplace(append, [cache, xs[6], kt, vt, page_table, positions], [0, 1],
+                                                [f.ttype(cn.type), f.ttype(n.input("scales").type)]))
+        stored = [f.emit(relax.TupleGetItem(both, 0)), f.emit(relax.TupleGetItem(both, 1))]  # cache, scales
+    else:
+        append = f.low.kernel(("kv_append", kv_heads, head_dim, page),
+                              lambda: K.kv_append_func(kv_heads, head_dim, page))
+        stored = [f.emit(relax.op.call_tir_inplace(append, [cache, kt, vt, page_table, positions], [0],
+                                                   f.ttype(cn.type)))]
     scale, window = float(n.attrs["scale"]), int(n.attrs["window"])
     slopes = _alibi_slopes(n)
-    attn = f.low.kernel(("paged_attention", heads, kv_heads, head_dim, page, window, f"{scale:.6g}")
-                        + (("alibi",) if slopes is not None else ()),
-                        lambda: K.paged_attention_func(heads, kv_heads, head_dim, page, scale, window,
-                                                       alibi=slopes is not None))
+    make = cpu_kv8.paged_attention_int8_func if int8 else K.paged_attention_func
+    attn = f.low.kernel(("paged_attention_int8" if int8 else "paged_attention", heads, kv_heads, head_dim, page,
+                         window, f"{scale:.6g}") + (("alibi",) if slopes is not None else ()),
+                        lambda: make(heads, kv_heads, head_dim, page, scale, window, alibi=slopes is not None))
     b, t = f.dims(qn.type.shape[:1])[0], f.dims(qn.type.shape[2:3])[0]
-    o = f.emit(relax.call_tir(attn, [qt, cache2, page_table, positions] + ([slopes] if slopes is not None else []),
+    o = f.emit(relax.call_tir(attn, [qt, *stored, page_table, positions] + ([slopes] if slopes is not None else []),
                               relax.TensorType([b, t, heads, head_dim], "float32")))
     return f.emit(relax.op.permute_dims(o, perm))  # back to [B, H, T, D]
 
 
-def _cached_attention_int8(f, n, xs):
-    q, k, v, cache, page_table, positions, scales = xs
-    qn, kn, _, cn = n.inputs[:4]
-    heads, kv_heads, head_dim = int(qn.type.shape[1]), int(kn.type.shape[1]), int(kn.type.shape[3])
-    page = int(cn.type.shape[3])
-    perm = [0, 2, 1, 3]
-    qt, kt, vt = (f.emit(relax.op.permute_dims(x, perm)) for x in (q, k, v))
-    append = f.low.kernel(("kv_append_int8", kv_heads, head_dim, page),
-                          lambda: cpu_kv8.kv_append_int8_func(kv_heads, head_dim, page))
-    both = f.emit(relax.op.call_tir_inplace(append, [cache, scales, kt, vt, page_table, positions], [0, 1],
-                                            [f.ttype(cn.type), f.ttype(n.input("scales").type)]))
-    cache2 = f.emit(relax.TupleGetItem(both, 0))
-    scales2 = f.emit(relax.TupleGetItem(both, 1))
-    scale, window = float(n.attrs["scale"]), int(n.attrs["window"])
-    slopes = _alibi_slopes(n)
-    attn = f.low.kernel(("paged_attention_int8", heads, kv_heads, head_dim, page, window, f"{scale:.6g}")
-                        + (("alibi",) if slopes is not None else ()),
-                        lambda: cpu_kv8.paged_attention_int8_func(heads, kv_heads, head_dim, page, scale, window,
-                                                                  alibi=slopes is not None))
-    b, t = f.dims(qn.type.shape[:1])[0], f.dims(qn.type.shape[2:3])[0]
-    o = f.emit(relax.call_tir(attn, [qt, cache2, scales2, page_table, positions]
-                              + ([slopes] if slopes is not None else []),
-                              relax.TensorType([b, t, heads, head_dim], "float32")))
-    return f.emit(relax.op.permute_dims(o, perm))
-
-
 @register_rule("cpu", "cached_mla_attention")
 def _cached_mla_attention(f, n, xs):
-    """Latent attention with absorbed up-projections (targets/cpu_mla.py): q_lat = q_nope W_uk per head,
+    """Latent attention with absorbed up-projections (targets/cpu/mla.py): q_lat = q_nope W_uk per head,
     attention over the cached latents, then out = o_lat W_uv^T."""
     if n.attrs["alibi"] is not None:
         raise UnsupportedOpError("cached_mla_attention with ALiBi", n.source,

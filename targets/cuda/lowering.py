@@ -22,7 +22,7 @@ from kiln.errors import UnsupportedOpError
 from kiln.ir import Graph, Node
 from kiln.ops import register_rule
 from kiln.targets.common.layouts import padded_k
-from kiln.targets.common.relax import FunctionLowering, RelaxLowering, gated_mlp_with, qkey
+from kiln.targets.common.relax import FunctionLowering, RelaxLowering, qkey
 
 from . import kernels as C
 from .layouts import F16, Quant, packed_shapes
@@ -39,6 +39,9 @@ class CudaLowering(RelaxLowering):
     def plan_embedding(self, n: Node) -> bool:
         self.weight_fields(n.inputs[0])  # fp16 rows (or codes), shared with a tied LM head
         return True
+
+    def linear(self, f, x, lead_shape, ws, n_out, bias=None):
+        return cuda_linear(f, x, lead_shape, ws, n_out, bias)
 
     def weight_fields(self, *ws: Node) -> list[str]:
         rows = sum(int(w.type.shape[0]) for w in ws)
@@ -120,17 +123,6 @@ def _matmul_nn(f, a: relax.Expr, b: relax.Expr, out_shape: list) -> relax.Expr:
     if f.low.gemm == "cublas":
         return f.emit(relax.call_dps_packed("kiln.cuda.gemm_nn", [a, b], relax.TensorType(out_shape, "float32")))
     return f.emit(relax.op.matmul(a, b, out_dtype="float32"))
-
-
-@register_rule("cuda", "linear")
-def _linear(f, n, xs):
-    w = n.inputs[1]
-    return cuda_linear(f, xs[0], n.inputs[0].type.shape[:-1], (w,), int(w.type.shape[0]), f.bias(n))
-
-
-@register_rule("cuda", "gated_mlp")
-def _gated_mlp(f, n, xs):
-    return gated_mlp_with(f, n, xs, cuda_linear)
 
 
 @register_rule("cuda", "embedding")

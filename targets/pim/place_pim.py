@@ -14,7 +14,7 @@ from __future__ import annotations
 from kiln.errors import PassError
 from kiln.ir import Graph
 
-from kiln.passes import count, register
+from kiln.passes.registry import count, register
 
 
 @register("place-pim", exact=True, phase="place", requires=("kv-cache",))
