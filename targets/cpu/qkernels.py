@@ -1,6 +1,6 @@
 """Weight-only quantized CPU kernels (TVM TIR, AVX-512 friendly) for kiln.
 
-Same conventions as :mod:`targets.cpu_kernels` (read its module docstring and pitfalls first): every
+Same conventions as :mod:`kernels` (read its module docstring and pitfalls first): every
 kernel is a hand-scheduled TVMScript ``PrimFunc`` with explicit ``T.parallel`` / ``T.vectorized`` /
 ``T.unroll`` loops, scalar lets via ``T.Bind``, and scratch buffers of scope "global" below 1 KiB so
 they stay stack allocas (registers).
@@ -19,7 +19,9 @@ made by :func:`pack_qweight` (layout in :func:`qweight_layout`) and never materi
   With one row, 4 independent k partial sums hide the FMA latency.
 * prefill ("gemm"): each parallel task (a 32-lane block x a group of row tiles) dequantizes its
   [k, 32] weight block once into a per-task fp32 workspace (L2-resident) and then runs the fp32
-  register-blocked loop of ``cpu_kernels.linear_func``: the dequant cost is shared by 64 rows.
+  register-blocked loop of ``linear_func``: the dequant cost is shared by 64 rows.
+
+Both modes use the tiling of gemm_template.py; this module supplies only how a block is dequantized.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ import numpy as np
 import tvm
 from tvm.script import tirx as T
 
-from .kernels import NB, _GEMM_MR, _GEMM_TG, _GEMV_MR, cpu_target  # noqa: F401  (re-export target)
+from .gemm_template import NB, linear_tiles, pack_blocks
+from .kernels import cpu_target  # noqa: F401  (re-exported: tests build with it)
+from .signature import drop_params
 
 _GEMV_KU = 4  # independent k partial sums in the single-row decode path
 _HB = NB // 2  # 16 lanes = one zmm of fp32
@@ -144,14 +148,6 @@ def packed_shapes(n: int, k: int, bits: int, group: int, sym: bool) -> list[tupl
     return out
 
 
-def _block(a: np.ndarray, nblk: int) -> np.ndarray:
-    """[N, C] -> [nblk, C, NB] zero padded (a[b, c, j] = A[b*NB + j, c])."""
-    n, c = a.shape
-    p = np.zeros((nblk * NB, c), a.dtype)
-    p[:n] = a
-    return np.ascontiguousarray(p.reshape(nblk, NB, c).transpose(0, 2, 1))
-
-
 def pack_qweight(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, bits: int, group: int,
                  sym: bool) -> list[np.ndarray]:
     """Pack (q, scales, zeros) from :func:`quantize_rtn` into the arrays :func:`qlinear_func` reads.
@@ -167,17 +163,17 @@ def pack_qweight(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, bi
         raise ValueError(f"codes out of range for {bits} bits")
     s = np.asarray(scales, np.float32).reshape(n, ng)
     if bits == 8:
-        codes = _block(qi.astype(np.uint8), nblk)
+        codes = pack_blocks(qi.astype(np.uint8), nblk)
     else:
-        c = _block(qi.astype(np.uint8), nblk)  # [nblk, K, 32]
+        c = pack_blocks(qi.astype(np.uint8), nblk)  # [nblk, K, 32]
         codes = np.ascontiguousarray(c[:, :, :_HB] | (c[:, :, _HB:] << 4)).astype(np.uint8)
     a, b = _deq_ab(bits)
-    out = [codes, _block(s * np.float32(a), nblk)]
+    out = [codes, pack_blocks(s * np.float32(a), nblk)]
     if not sym:
         if zeros is None:
             raise ValueError("asymmetric packing needs zeros")
         z = np.asarray(zeros, np.float32).reshape(n, ng)
-        out.append(_block((-(z + np.float32(a * b)) * s).astype(np.float32), nblk))
+        out.append(pack_blocks((-(z + np.float32(a * b)) * s).astype(np.float32), nblk))
     return out
 
 
@@ -215,15 +211,11 @@ def _codes(bits: int, wq, nb, kk, j, half: int):
     return T.reinterpret("float32", T.bitwise_or(m, 0x3F800000))
 
 
-def _qlinear_body(k: int, n: int, bits: int, group: int, sym: bool, mode: str):
-    """Macro computing out = x @ Wdq.T (+ bias) from packed (wq, sc, zs); bias/zs may be None."""
-    nblk = (n + NB - 1) // NB
-    nfull = n // NB
+def _qlinear_body(k: int, n: int, bits: int, group: int, sym: bool, has_bias: bool, mode: str):
+    """Macro computing out = x @ Wdq.T (+ bias) from packed w = (wq, sc, zs); zs is None for sym."""
     G = k // group
     GS = group
     asym = not sym
-    mr = _GEMV_MR if mode == "gemv" else _GEMM_MR
-    tg = _GEMM_TG
     symc = _sym_c(bits)
     ku1 = next(u for u in (_GEMV_KU, 2, 1) if GS % u == 0)  # k unroll of the single-row path
 
@@ -231,123 +223,70 @@ def _qlinear_body(k: int, n: int, bits: int, group: int, sym: bool, mode: str):
         return _codes(bits, wq, nb, kk, j, half)
 
     @T.macro
-    def store(a0, a1, bias, out, m, nb, i0, rows):
-        for r in T.unroll(rows):
-            if i0 + r < m:
-                if nb < nfull:
-                    for j in T.vectorized(16):
-                        if bias is not None:
-                            out[i0 + r, nb * NB + j] = a0[r, j] + bias[nb * NB + j]
-                            out[i0 + r, nb * NB + 16 + j] = a1[r, j] + bias[nb * NB + 16 + j]
-                        else:
-                            out[i0 + r, nb * NB + j] = a0[r, j]
-                            out[i0 + r, nb * NB + 16 + j] = a1[r, j]
-                else:
-                    for j in range(16):
-                        for h in range(2):
-                            if nb * NB + h * 16 + j < n:
-                                if bias is not None:
-                                    out[i0 + r, nb * NB + h * 16 + j] = T.if_then_else(
-                                        h == 0, a0[r, j], a1[r, j]) + bias[nb * NB + h * 16 + j]
-                                else:
-                                    out[i0 + r, nb * NB + h * 16 + j] = T.if_then_else(
-                                        h == 0, a0[r, j], a1[r, j])
+    def dequant_block(wq, sc, zs, wd, nb):
+        for g in range(G):
+            for kq in range(GS):
+                for j in T.vectorized(16):
+                    if asym:
+                        wd[0, g * GS + kq, j] = deq(wq, nb, g * GS + kq, j, 0) * sc[nb, g, j] + zs[nb, g, j]
+                        wd[0, g * GS + kq, 16 + j] = (deq(wq, nb, g * GS + kq, j, 1) * sc[nb, g, 16 + j]
+                                                      + zs[nb, g, 16 + j])
+                    else:  # sym: (f - symc) * s' == (q - 2^(bits-1)) * s exactly
+                        wd[0, g * GS + kq, j] = (deq(wq, nb, g * GS + kq, j, 0) - T.float32(symc)) * sc[nb, g, j]
+                        wd[0, g * GS + kq, 16 + j] = ((deq(wq, nb, g * GS + kq, j, 1) - T.float32(symc))
+                                                      * sc[nb, g, 16 + j])
 
     @T.macro
-    def gemv_tiles(x, wq, sc, zs, bias, out, m, rows, ku):
-        # One task per 32-lane block; all row tiles of it (rows clamped to m-1, duplicates never stored).
+    def stage(w, wd, nb):
+        dequant_block(w[0], w[1], w[2], wd, nb)
+
+    def k_loop(rows: int):
         # ku independent partial sums over k (k unrolled by ku): with one row, a single accumulator pair
         # is bound by the 4-cycle FMA latency, not by the code widening.
-        ntile = T.Bind((m + rows - 1) // rows)
-        for nb in T.parallel(nblk):
-            for tt in range(ntile):
-                i0 = T.Bind(tt * rows)
-                a0 = T.alloc_buffer((rows, 16), "float32", scope="global")  # totals, lanes 0..15
-                a1 = T.alloc_buffer((rows, 16), "float32", scope="global")  # lanes 16..31
-                p0 = T.alloc_buffer((ku * rows, 16), "float32", scope="global")  # group partials sum x*q
-                p1 = T.alloc_buffer((ku * rows, 16), "float32", scope="global")
-                xs = T.alloc_buffer((ku * rows,), "float32", scope="global")  # group sums of x (asym)
-                for r in T.unroll(rows):
+        ku = ku1 if rows == 1 else 1
+
+        @T.macro
+        def grouped(x, wq, sc, zs, a0, a1, m, i0, nb):
+            p0 = T.alloc_buffer((ku * rows, 16), "float32", scope="global")  # group partials sum x*q
+            p1 = T.alloc_buffer((ku * rows, 16), "float32", scope="global")
+            xs = T.alloc_buffer((ku * rows,), "float32", scope="global")  # group sums of x (asym)
+            for g in range(G):
+                for r in T.unroll(ku * rows):
+                    xs[r] = T.float32(0)
                     for j in T.vectorized(16):
-                        a0[r, j] = T.float32(0)
-                        a1[r, j] = T.float32(0)
-                for g in range(G):
-                    for r in T.unroll(ku * rows):
-                        xs[r] = T.float32(0)
-                        for j in T.vectorized(16):
-                            p0[r, j] = T.float32(0)
-                            p1[r, j] = T.float32(0)
-                    for kq in range(GS // ku):
-                        for u in T.unroll(ku):
-                            kk = T.Bind(g * GS + kq * ku + u)
-                            for r in T.unroll(rows):
-                                for j in T.vectorized(16):
-                                    p0[u * rows + r, j] = (p0[u * rows + r, j]
-                                                           + x[T.min(i0 + r, m - 1), kk] * deq(wq, nb, kk, j, 0))
-                                    p1[u * rows + r, j] = (p1[u * rows + r, j]
-                                                           + x[T.min(i0 + r, m - 1), kk] * deq(wq, nb, kk, j, 1))
-                                xs[u * rows + r] = xs[u * rows + r] + x[T.min(i0 + r, m - 1), kk]
+                        p0[r, j] = T.float32(0)
+                        p1[r, j] = T.float32(0)
+                for kq in range(GS // ku):
                     for u in T.unroll(ku):
+                        kk = T.Bind(g * GS + kq * ku + u)
                         for r in T.unroll(rows):
                             for j in T.vectorized(16):
-                                if asym:
-                                    a0[r, j] = (a0[r, j] + p0[u * rows + r, j] * sc[nb, g, j]
-                                                + xs[u * rows + r] * zs[nb, g, j])
-                                    a1[r, j] = (a1[r, j] + p1[u * rows + r, j] * sc[nb, g, 16 + j]
-                                                + xs[u * rows + r] * zs[nb, g, 16 + j])
-                                else:  # sym: zs' = -symc * s'
-                                    a0[r, j] = a0[r, j] + (p0[u * rows + r, j] - T.float32(symc)
-                                                           * xs[u * rows + r]) * sc[nb, g, j]
-                                    a1[r, j] = a1[r, j] + (p1[u * rows + r, j] - T.float32(symc)
-                                                           * xs[u * rows + r]) * sc[nb, g, 16 + j]
-                store(a0, a1, bias, out, m, nb, i0, rows)
-
-    @T.macro
-    def gemm_tiles(x, wq, sc, zs, bias, out, m, rows):
-        ntile = T.Bind((m + rows - 1) // rows)
-        ngrp = T.Bind((ntile + tg - 1) // tg)
-        for task in T.parallel(ngrp * nblk):
-            gi = T.Bind(task // nblk)
-            nb = T.Bind(task % nblk)
-            # per-task fp32 copy of this 32-lane weight block (>= 1 KiB: one workspace alloc per task)
-            wd = T.alloc_buffer((k, NB), "float32")
-            for g in range(G):
-                for kq in range(GS):
-                    for j in T.vectorized(16):
-                        if asym:
-                            wd[g * GS + kq, j] = deq(wq, nb, g * GS + kq, j, 0) * sc[nb, g, j] + zs[nb, g, j]
-                            wd[g * GS + kq, 16 + j] = (deq(wq, nb, g * GS + kq, j, 1) * sc[nb, g, 16 + j]
-                                                       + zs[nb, g, 16 + j])
-                        else:  # sym: (f - symc) * s' == (q - 2^(bits-1)) * s exactly
-                            wd[g * GS + kq, j] = (deq(wq, nb, g * GS + kq, j, 0) - T.float32(symc)) * sc[nb, g, j]
-                            wd[g * GS + kq, 16 + j] = ((deq(wq, nb, g * GS + kq, j, 1) - T.float32(symc))
-                                                       * sc[nb, g, 16 + j])
-            for tt in range(T.min(T.int64(tg), ntile - gi * tg)):
-                i0 = T.Bind((gi * tg + tt) * rows)
-                a0 = T.alloc_buffer((rows, 16), "float32", scope="global")
-                a1 = T.alloc_buffer((rows, 16), "float32", scope="global")
-                for r in T.unroll(rows):
-                    for j in T.vectorized(16):
-                        a0[r, j] = T.float32(0)
-                        a1[r, j] = T.float32(0)
-                for kk in range(k):
+                                p0[u * rows + r, j] = (p0[u * rows + r, j]
+                                                       + x[T.min(i0 + r, m - 1), kk] * deq(wq, nb, kk, j, 0))
+                                p1[u * rows + r, j] = (p1[u * rows + r, j]
+                                                       + x[T.min(i0 + r, m - 1), kk] * deq(wq, nb, kk, j, 1))
+                            xs[u * rows + r] = xs[u * rows + r] + x[T.min(i0 + r, m - 1), kk]
+                for u in T.unroll(ku):
                     for r in T.unroll(rows):
                         for j in T.vectorized(16):
-                            a0[r, j] = a0[r, j] + x[T.min(i0 + r, m - 1), kk] * wd[kk, j]
-                            a1[r, j] = a1[r, j] + x[T.min(i0 + r, m - 1), kk] * wd[kk, 16 + j]
-                store(a0, a1, bias, out, m, nb, i0, rows)
+                            if asym:
+                                a0[r, j] = (a0[r, j] + p0[u * rows + r, j] * sc[nb, g, j]
+                                            + xs[u * rows + r] * zs[nb, g, j])
+                                a1[r, j] = (a1[r, j] + p1[u * rows + r, j] * sc[nb, g, 16 + j]
+                                            + xs[u * rows + r] * zs[nb, g, 16 + j])
+                            else:  # sym: zs' = -symc * s'
+                                a0[r, j] = a0[r, j] + (p0[u * rows + r, j] - T.float32(symc)
+                                                       * xs[u * rows + r]) * sc[nb, g, j]
+                                a1[r, j] = a1[r, j] + (p1[u * rows + r, j] - T.float32(symc)
+                                                       * xs[u * rows + r]) * sc[nb, g, 16 + j]
 
-    @T.macro
-    def body(x, wq, sc, zs, bias, out, m):
-        if mode == "gemv":
-            if m == 1:
-                gemv_tiles(x, wq, sc, zs, bias, out, m, 1, ku1)
-            else:
-                gemv_tiles(x, wq, sc, zs, bias, out, m, mr, 1)
-        else:
-            gemm_tiles(x, wq, sc, zs, bias, out, m, mr)
+        @T.macro
+        def run(x, w, a0, a1, m, i0, nb):
+            grouped(x, w[0], w[1], w[2], a0, a1, m, i0, nb)
 
-    return body
+        return run
+
+    return linear_tiles(k, n, has_bias, mode, stage=stage, k_loop=k_loop)
 
 
 def qlinear_func(k: int, n: int, bits: int, group: int, sym: bool, has_bias: bool,
@@ -361,54 +300,17 @@ def qlinear_func(k: int, n: int, bits: int, group: int, sym: bool, has_bias: boo
     if mode not in ("gemv", "gemm"):
         raise ValueError(f"unknown qlinear mode {mode!r}")
     shapes = packed_shapes(n, k, bits, group, sym)
-    body = _qlinear_body(k, n, bits, group, sym, mode)
+    body = _qlinear_body(k, n, bits, group, sym, has_bias, mode)
     (cs, cd), (ss, sd) = shapes[0], shapes[1]
 
-    if sym and has_bias:
-
-        @T.prim_func
-        def qlinear_sym_bias(x_h: T.handle, wq: T.Buffer(cs, cd), sc: T.Buffer(ss, sd),
-                             bias: T.Buffer((n,), "float32"), o_h: T.handle):
-            T.func_attr({"tir.noalias": True})
-            m = T.int64()
-            x = T.match_buffer(x_h, (m, k), "float32")  # x: [m, k]
-            out = T.match_buffer(o_h, (m, n), "float32")  # out: [m, n]
-            body(x, wq, sc, None, bias, out, m)
-
-        return qlinear_sym_bias
-
-    if sym:
-
-        @T.prim_func
-        def qlinear_sym(x_h: T.handle, wq: T.Buffer(cs, cd), sc: T.Buffer(ss, sd), o_h: T.handle):
-            T.func_attr({"tir.noalias": True})
-            m = T.int64()
-            x = T.match_buffer(x_h, (m, k), "float32")
-            out = T.match_buffer(o_h, (m, n), "float32")
-            body(x, wq, sc, None, None, out, m)
-
-        return qlinear_sym
-
-    if has_bias:
-
-        @T.prim_func
-        def qlinear_asym_bias(x_h: T.handle, wq: T.Buffer(cs, cd), sc: T.Buffer(ss, sd),
-                              zs: T.Buffer(ss, sd), bias: T.Buffer((n,), "float32"), o_h: T.handle):
-            T.func_attr({"tir.noalias": True})
-            m = T.int64()
-            x = T.match_buffer(x_h, (m, k), "float32")
-            out = T.match_buffer(o_h, (m, n), "float32")
-            body(x, wq, sc, zs, bias, out, m)
-
-        return qlinear_asym_bias
-
     @T.prim_func
-    def qlinear_asym(x_h: T.handle, wq: T.Buffer(cs, cd), sc: T.Buffer(ss, sd), zs: T.Buffer(ss, sd),
-                     o_h: T.handle):
+    def qlinear(x_h: T.handle, wq: T.Buffer(cs, cd), sc: T.Buffer(ss, sd), zs: T.Buffer(ss, sd),
+                bias: T.Buffer((n,), "float32"), o_h: T.handle):
         T.func_attr({"tir.noalias": True})
         m = T.int64()
-        x = T.match_buffer(x_h, (m, k), "float32")
-        out = T.match_buffer(o_h, (m, n), "float32")
-        body(x, wq, sc, zs, None, out, m)
+        x = T.match_buffer(x_h, (m, k), "float32")  # x: [m, k]
+        out = T.match_buffer(o_h, (m, n), "float32")  # out: [m, n]
+        body(x, (wq, sc, zs), bias, out, m)
 
-    return qlinear_asym
+    drop = ([] if has_bias else ["bias"]) + (["zs"] if sym else [])
+    return drop_params(qlinear, drop, f"qlinear_{'sym' if sym else 'asym'}{'_bias' if has_bias else ''}")
