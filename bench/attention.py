@@ -13,6 +13,7 @@ Each measurement runs in its own process: time is one call (after building); pea
 of the process's peak resident set over the inputs (ru_maxrss), i.e. the working memory of the call.
 TVM's unfused build (default schedules, no tuning) is slow, so it runs up to --tvm-max tokens only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,23 +35,27 @@ def _rss_mb() -> float:
 
 def one(variant: str, T: int) -> dict:
     import numpy as np
+
     rng = np.random.default_rng(0)
     q = rng.standard_normal((1, T, H, D), dtype=np.float32)
     k = rng.standard_normal((1, T, KVH, D), dtype=np.float32)
     v = rng.standard_normal((1, T, KVH, D), dtype=np.float32)
     if variant == "torch":
         import torch
+
         qt, kt, vt = (torch.from_numpy(x).transpose(1, 2) for x in (q, k, v))
         mask = torch.full((T, T), float("-inf")).triu(1)
 
         def call():
             kk, vv = kt.repeat_interleave(H // KVH, 1), vt.repeat_interleave(H // KVH, 1)
-            s = torch.softmax(qt @ kk.transpose(-1, -2) * D ** -0.5 + mask, -1)
+            s = torch.softmax(qt @ kk.transpose(-1, -2) * D**-0.5 + mask, -1)
             return s @ vv
     else:
         import tvm
         from tvm import relax
+
         from kiln.targets.cpu import kernels as ck
+
         bb = relax.BlockBuilder()
         tgt = ck.cpu_target()
         if variant == "fused":
@@ -63,14 +68,21 @@ def one(variant: str, T: int) -> dict:
             pos = relax.Var("pos", relax.TensorType([1, T], "int32"))
             with bb.function("main", [qv, kv, vv, cv, pt, pos]):
                 app = bb.add_func(ck.kv_append_func(KVH, D, PS), "kv_append")
-                att = bb.add_func(ck.paged_attention_func(H, KVH, D, PS, D ** -0.5), "paged_attention")
+                att = bb.add_func(ck.paged_attention_func(H, KVH, D, PS, D**-0.5), "paged_attention")
                 with bb.dataflow():
                     c2 = bb.emit(relax.op.call_tir_inplace(app, [cv, kv, vv, pt, pos], [0], cv.ty))
-                    o = bb.emit_output(bb.emit(relax.call_tir(att, [qv, c2, pt, pos],
-                                                              relax.TensorType([1, T, H, D], "float32"))))
+                    o = bb.emit_output(
+                        bb.emit(relax.call_tir(att, [qv, c2, pt, pos], relax.TensorType([1, T, H, D], "float32")))
+                    )
                 bb.emit_func_output(o)
-            args = [q, k, v, np.zeros((pages, 2, KVH, PS, D), np.float32),
-                    np.arange(pages, dtype=np.int32)[None], np.arange(T, dtype=np.int32)[None]]
+            args = [
+                q,
+                k,
+                v,
+                np.zeros((pages, 2, KVH, PS, D), np.float32),
+                np.arange(pages, dtype=np.int32)[None],
+                np.arange(T, dtype=np.int32)[None],
+            ]
         else:
             qv = relax.Var("q", relax.TensorType([1, H, T, D], "float32"))
             kv = relax.Var("k", relax.TensorType([1, KVH, T, D], "float32"))
@@ -81,16 +93,21 @@ def one(variant: str, T: int) -> dict:
                     kk = bb.emit(relax.op.repeat(kv, H // KVH, axis=1))
                     vr = bb.emit(relax.op.repeat(vv, H // KVH, axis=1))
                     s = bb.emit(relax.op.matmul(qv, bb.emit(relax.op.permute_dims(kk, [0, 1, 3, 2]))))
-                    s = bb.emit(relax.op.add(bb.emit(relax.op.multiply(s, relax.const(np.float32(D ** -0.5)))), mv))
+                    s = bb.emit(relax.op.add(bb.emit(relax.op.multiply(s, relax.const(np.float32(D**-0.5)))), mv))
                     o = bb.emit_output(bb.emit(relax.op.matmul(bb.emit(relax.op.nn.softmax(s, -1)), vr)))
                 bb.emit_func_output(o)
-            args = [q.transpose(0, 2, 1, 3).copy(), k.transpose(0, 2, 1, 3).copy(), v.transpose(0, 2, 1, 3).copy(),
-                    np.triu(np.full((T, T), -np.inf, np.float32), 1)]
+            args = [
+                q.transpose(0, 2, 1, 3).copy(),
+                k.transpose(0, 2, 1, 3).copy(),
+                v.transpose(0, 2, 1, 3).copy(),
+                np.triu(np.full((T, T), -np.inf, np.float32), 1),
+            ]
         vm = relax.VirtualMachine(tvm.compile(bb.get(), target=tgt), tvm.cpu())
         targs = [tvm.runtime.tensor(a) for a in args]
 
         def call():
             return vm["main"](*targs)
+
     base = _rss_mb()
     t0 = time.perf_counter()
     call()
@@ -117,8 +134,10 @@ def main() -> None:
             print(res[variant, T], file=sys.stderr, flush=True)
     threads = os.environ.get("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
     print(f"\nprefill attention, 1 x T tokens, {H} heads / {KVH} KV heads, head_dim {D}, {threads} threads; one run\n")
-    print("| tokens | fused (kiln paged) | unfused (TVM) | unfused (torch) | unfused TVM / fused | torch / fused | "
-          "peak MB fused | peak MB unfused TVM | peak MB torch | scores [H,T,T] fp32 |")
+    print(
+        "| tokens | fused (kiln paged) | unfused (TVM) | unfused (torch) | unfused TVM / fused | torch / fused | "
+        "peak MB fused | peak MB unfused TVM | peak MB torch | scores [H,T,T] fp32 |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for T in a.lengths:
         f, t = res["fused", T], res["torch", T]
@@ -126,9 +145,11 @@ def main() -> None:
         ut = f"{u['seconds'] * 1e3:.1f} ms" if u else "-"
         ur = f"{u['seconds'] / f['seconds']:.2f}x" if u else "-"
         um = f"{u['peak_mb']:.1f}" if u else "-"
-        print(f"| {T} | {f['seconds'] * 1e3:.1f} ms | {ut} | {t['seconds'] * 1e3:.1f} ms | {ur} | "
-              f"{t['seconds'] / f['seconds']:.2f}x | {f['peak_mb']:.1f} | {um} | {t['peak_mb']:.1f} | "
-              f"{H * T * T * 4 / 2 ** 20:.0f} MB |")
+        print(
+            f"| {T} | {f['seconds'] * 1e3:.1f} ms | {ut} | {t['seconds'] * 1e3:.1f} ms | {ur} | "
+            f"{t['seconds'] / f['seconds']:.2f}x | {f['peak_mb']:.1f} | {um} | {t['peak_mb']:.1f} | "
+            f"{H * T * T * 4 / 2**20:.0f} MB |"
+        )
 
 
 if __name__ == "__main__":

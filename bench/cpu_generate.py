@@ -5,6 +5,7 @@
 Prints a table with ratios (kiln / transformers). Absolute times on a shared CPU vary run to run;
 the ratios from one run are what to quote.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -85,6 +86,7 @@ def main() -> int:
     torch.manual_seed(0)
     import kiln
     from kiln.models import load_model
+
     lm = load_model(a.model)
     model = lm.model
     variants = [v.strip() for v in a.variants.split(",")]
@@ -103,22 +105,24 @@ def main() -> int:
     _settle()
     hf = bench_hf_prefill(model, prefill_ids, a.reps)
     ks = []
-    for v, eng in engines.items():
+    for eng in engines.values():
         _settle()
         ks.append(a.prompt_tokens / bench_kiln_prefill(eng, prefill_ids, a.reps))
     rows.append((f"prefill {a.prompt_tokens} tokens (tok/s)", a.prompt_tokens / hf, ks))
     for batch in (1, 8):
         n = a.decode_prompt_tokens
-        prompts = [ids[i * n:(i + 1) * n] for i in range(batch)]
+        prompts = [ids[i * n : (i + 1) * n] for i in range(batch)]
         _settle()
         hf = bench_hf_decode(model, prompts, a.steps)
         ks = []
-        for v, eng in engines.items():
+        for eng in engines.values():
             _settle()
             ks.append(batch / bench_kiln_decode(eng, prompts, a.steps))
         rows.append((f"decode batch {batch} (tok/s)", batch / hf, ks))
-    print(f"\nmodel {a.model}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"TVM threads {os.environ.get('TVM_NUM_THREADS')}, {os.cpu_count()} CPUs\n")
+    print(
+        f"\nmodel {a.model}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"TVM threads {os.environ.get('TVM_NUM_THREADS')}, {os.cpu_count()} CPUs\n"
+    )
     head = " | ".join(f"kiln {v} | ratio" for v in engines)
     print(f"| measure | transformers eager (fp32) | {head} |")
     print("|---|---|" + "---|---|" * len(engines))
@@ -126,17 +130,30 @@ def main() -> int:
         cells = " | ".join(f"{k:.1f} | {k / h:.2f}x" for k in ks)
         print(f"| {name} | {h:.1f} | {cells} |")
     from results_io import write_results
-    write_results(a.out, {"model": a.model, "torch_threads": torch.get_num_threads(),
-                          "tvm_threads": os.environ.get("TVM_NUM_THREADS"),
-                          "rows": [{"measure": name, "transformers_tok_s": round(h, 2),
-                                    **{f"kiln_{v}_tok_s": round(k, 2) for v, k in zip(engines, ks)},
-                                    **{f"kiln_{v}_ratio": round(k / h, 3) for v, k in zip(engines, ks)}}
-                                   for name, h, ks in rows]})
+
+    write_results(
+        a.out,
+        {
+            "model": a.model,
+            "torch_threads": torch.get_num_threads(),
+            "tvm_threads": os.environ.get("TVM_NUM_THREADS"),
+            "rows": [
+                {
+                    "measure": name,
+                    "transformers_tok_s": round(h, 2),
+                    **{f"kiln_{v}_tok_s": round(k, 2) for v, k in zip(engines, ks)},
+                    **{f"kiln_{v}_ratio": round(k / h, 3) for v, k in zip(engines, ks)},
+                }
+                for name, h, ks in rows
+            ],
+        },
+    )
     return 0
 
 
 def _corpus() -> str:
     import importlib.util
+
     spec = importlib.util.find_spec("gensim")
     if spec is None:
         sys.exit("needs the Lee corpus: pip install --no-deps gensim==4.4.0")

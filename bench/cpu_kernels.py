@@ -12,11 +12,11 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import tvm  # noqa: E402
+import numpy as np
+import torch
+import tvm
 
-from kiln.targets.cpu import kernels as ck  # noqa: E402
+from kiln.targets.cpu import kernels as ck
 
 TGT = ck.cpu_target()
 
@@ -57,8 +57,10 @@ def bench_linear(mode: str, m: int, k: int, n: int, ref: str) -> None:
         tr = _timeit(lambda: torch.nn.functional.linear(xx, ww))
     gbs = W.nbytes / tk / 1e9
     gfl = 2.0 * m * k * n / tk / 1e9
-    print(f"linear-{mode:4s} m={m:<4d} k={k:<5d} n={n:<6d} kiln {tk*1e6:9.1f} us  {ref:5s} {tr*1e6:9.1f} us"
-          f"  {gbs:6.1f} GB/s {gfl:6.1f} GFLOP/s  ratio(ref/kiln) {tr/tk:5.2f}")
+    print(
+        f"linear-{mode:4s} m={m:<4d} k={k:<5d} n={n:<6d} kiln {tk * 1e6:9.1f} us  {ref:5s} {tr * 1e6:9.1f} us"
+        f"  {gbs:6.1f} GB/s {gfl:6.1f} GFLOP/s  ratio(ref/kiln) {tr / tk:5.2f}"
+    )
 
 
 def bench_attention(b: int, t: int, ctx: int, H: int = 9, KVH: int = 3, D: int = 64, ps: int = 16) -> None:
@@ -69,7 +71,7 @@ def bench_attention(b: int, t: int, ctx: int, H: int = 9, KVH: int = 3, D: int =
     pt = rng.permutation(num_pages).astype(np.int32).reshape(b, max_pages)
     pos = np.tile(np.arange(ctx - t, ctx, dtype=np.int32), (b, 1))
     q = rng.standard_normal((b, t, H, D), dtype=np.float32)
-    f = tvm.compile(tvm.IRModule({"main": ck.paged_attention_func(H, KVH, D, ps, D ** -0.5)}), target=TGT)["main"]
+    f = tvm.compile(tvm.IRModule({"main": ck.paged_attention_func(H, KVH, D, ps, D**-0.5)}), target=TGT)["main"]
     args = [tvm.runtime.tensor(a) for a in (q, cache, pt, pos, np.zeros_like(q))]
     _settle()
     tk = _timeit(lambda: f(*args))
@@ -83,8 +85,10 @@ def bench_attention(b: int, t: int, ctx: int, H: int = 9, KVH: int = 3, D: int =
     _settle()
     tr = _timeit(lambda: torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask))
     flops = 4.0 * b * H * D * (t * ctx - t * (t - 1) / 2)
-    print(f"attention b={b:<3d} t={t:<5d} ctx={ctx:<5d}       kiln {tk*1e6:9.1f} us  torch {tr*1e6:9.1f} us"
-          f"  {'':6s}      {flops/tk/1e9:6.1f} GFLOP/s  ratio(ref/kiln) {tr/tk:5.2f}")
+    print(
+        f"attention b={b:<3d} t={t:<5d} ctx={ctx:<5d}       kiln {tk * 1e6:9.1f} us  torch {tr * 1e6:9.1f} us"
+        f"  {'':6s}      {flops / tk / 1e9:6.1f} GFLOP/s  ratio(ref/kiln) {tr / tk:5.2f}"
+    )
 
 
 def main() -> None:

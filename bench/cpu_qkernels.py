@@ -17,15 +17,19 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import numpy as np  # noqa: E402
-import tvm  # noqa: E402
+import numpy as np
+import tvm
 
-from kiln.targets.cpu import kernels as ck  # noqa: E402
-from kiln.targets.cpu import qkernels as cq  # noqa: E402
+from kiln.targets.cpu import kernels as ck
+from kiln.targets.cpu import qkernels as cq
 
 TGT = ck.cpu_target()
-VARIANTS = [("fp32", None), ("int8 pc sym", (8, 0, True)), ("int4 g128* sym", (4, 128, True)),
-            ("int4 g32 asym", (4, 32, False))]
+VARIANTS = [
+    ("fp32", None),
+    ("int8 pc sym", (8, 0, True)),
+    ("int4 g128* sym", (4, 128, True)),
+    ("int4 g32 asym", (4, 32, False)),
+]
 SHAPES = [("gemv", 1, 576, 3072), ("gemv", 1, 1536, 576), ("gemv", 1, 576, 49152), ("gemm", 256, 576, 1536)]
 
 
@@ -53,8 +57,9 @@ def _prepare(mode: str, m: int, k: int, n: int, q):
         group = group or k
         if k % group:  # SmolLM2's k=576 is not a multiple of 128: fall back to the largest divisor tried
             group = next(g for g in (64, 32) if k % g == 0)
-        f = tvm.compile(tvm.IRModule({"main": cq.qlinear_func(k, n, bits, group, sym, False, mode)}),
-                        target=TGT)["main"]
+        f = tvm.compile(tvm.IRModule({"main": cq.qlinear_func(k, n, bits, group, sym, False, mode)}), target=TGT)[
+            "main"
+        ]
         qq, s, z = cq.quantize_rtn(w, bits, group, sym)
         arrs, ref_w = cq.pack_qweight(qq, s, z, bits, group, sym), cq.dequantize(qq, s, z, bits, group, sym)
     args = [tvm.runtime.tensor(a) for a in [x] + arrs + [np.zeros((m, n), np.float32)]]
@@ -76,8 +81,10 @@ def _prepare(mode: str, m: int, k: int, n: int, q):
 def main() -> None:
     rounds = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 3
     print(f"TVM threads={tvm.runtime.num_threads()} target={TGT}")
-    print(f"{'shape':30s} {'variant':14s} {'weight MB':>9s} | {'hot us':>8s} {'GB/s':>6s} {'speedup':>7s} |"
-          f" {'cold us':>8s} {'GB/s':>6s} {'speedup':>7s}")
+    print(
+        f"{'shape':30s} {'variant':14s} {'weight MB':>9s} | {'hot us':>8s} {'GB/s':>6s} {'speedup':>7s} |"
+        f" {'cold us':>8s} {'GB/s':>6s} {'speedup':>7s}"
+    )
     for mode, m, k, n in SHAPES:
         runs = [(name, *_prepare(mode, m, k, n, q)) for name, q in VARIANTS]
         best = [[float("inf")] * 2 for _ in runs]
@@ -90,9 +97,12 @@ def main() -> None:
             cols = []
             for c in range(2):
                 t = best[i][c]
-                cols.append(f"{t*1e6:8.1f} {nbytes/t/1e9:6.1f} {best[0][c]/t:6.2f}x" if t < float("inf")
-                            else f"{'-':>8s} {'-':>6s} {'-':>7s}")
-            print(f"{mode} m={m:<4d} k={k:<5d} n={n:<6d}   {name:14s} {nbytes/1e6:9.2f} | {cols[0]} | {cols[1]}")
+                cols.append(
+                    f"{t * 1e6:8.1f} {nbytes / t / 1e9:6.1f} {best[0][c] / t:6.2f}x"
+                    if t < float("inf")
+                    else f"{'-':>8s} {'-':>6s} {'-':>7s}"
+                )
+            print(f"{mode} m={m:<4d} k={k:<5d} n={n:<6d}   {name:14s} {nbytes / 1e6:9.2f} | {cols[0]} | {cols[1]}")
 
 
 if __name__ == "__main__":

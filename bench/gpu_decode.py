@@ -13,6 +13,7 @@ tokens/s and its share of the bandwidth roofline (measured device copy bandwidth
 token), time to first token at 128 and 2048 prompt tokens against the dense fp16 compute roofline,
 and decode throughput at batch 8, 32 and 64.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,12 +23,32 @@ import sys
 import time
 
 SHAPES = {
-    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5,
-                         tie_word_embeddings=True, max_position_embeddings=4096, head_dim=64),
-    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5,
-                         tie_word_embeddings=False, max_position_embeddings=4096, head_dim=128),
+    "llama-3.2-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        max_position_embeddings=4096,
+        head_dim=64,
+    ),
+    "llama-3.1-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        max_position_embeddings=4096,
+        head_dim=128,
+    ),
 }
 VARIANTS = {"fp16": {}, "int8": {"quant": "int8"}, "int4": {"quant": "int4_g128"}}
 MAX_CONTEXT = 4096
@@ -36,6 +57,7 @@ PEAK_FP16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}  # dense tensor
 
 def _config(name: str):
     from transformers import LlamaConfig
+
     cfg = LlamaConfig(**SHAPES[name])
     cfg._attn_implementation = "sdpa"
     return cfg
@@ -46,6 +68,7 @@ def build(out: str, models: list[str]) -> None:
     from transformers import LlamaForCausalLM
 
     import kiln
+
     for name in models:
         with init_empty_weights():
             m = LlamaForCausalLM(_config(name)).eval()
@@ -58,14 +81,17 @@ def build(out: str, models: list[str]) -> None:
 
 # -- on the GPU -------------------------------------------------------------------------------------
 
+
 def _sync():
     import torch
+
     torch.cuda.synchronize()
 
 
 def copy_bandwidth() -> float:
     """Device copy bandwidth, bytes read + written per second (the roofline's denominator)."""
     import torch
+
     n = 1 << 30
     a = torch.empty(n, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
@@ -90,6 +116,7 @@ def hf_decode(model, ids, new: int) -> tuple[float, float]:
             model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
         _sync()
         return time.perf_counter() - t
+
     gen(2)
     t1, tn = gen(1), gen(new)
     return t1, (new - 1) / (tn - t1)
@@ -111,6 +138,7 @@ def profile_decode(path: str, weights: dict, prompt: list[int], top: int = 18) -
     from torch.profiler import ProfilerActivity, profile
 
     from kiln.runtime.engine import Engine
+
     eng = Engine(path, kv_cache_tokens=1024, weights=weights, verify=False, cuda_graphs=False)
     pages = eng.pool.alloc(eng.pool.pages_for(len(prompt) + 16))
     eng.prefill(prompt, pages)
@@ -125,8 +153,13 @@ def profile_decode(path: str, weights: dict, prompt: list[int], top: int = 18) -
 def kiln_bench(path: str, weights: dict, prompt: list[int], new: int, batches: list[int], long_prompt: list[int]):
     from kiln.runtime.engine import Engine
     from kiln.runtime.sampling import SamplingParams
-    eng = Engine(path, kv_cache_tokens=max(batches + [1]) * (len(prompt) + new) + len(long_prompt) + 64,
-                 weights=weights, verify=False)
+
+    eng = Engine(
+        path,
+        kv_cache_tokens=max(batches + [1]) * (len(prompt) + new) + len(long_prompt) + 64,
+        weights=weights,
+        verify=False,
+    )
     sp = SamplingParams(max_new_tokens=new, ignore_eos=True)
     eng.generate([prompt], SamplingParams(max_new_tokens=4, ignore_eos=True))  # warm-up
     res = {}
@@ -150,17 +183,28 @@ def kiln_bench(path: str, weights: dict, prompt: list[int], new: int, batches: l
     return res
 
 
-def run(art: str, models: list[str], variants: list[str], baselines: list[str], new: int, batches: list[int],
-        json_path: str | None = None):
+def run(
+    art: str,
+    models: list[str],
+    variants: list[str],
+    baselines: list[str],
+    new: int,
+    batches: list[int],
+    json_path: str | None = None,
+):
     import torch
     from transformers import LlamaForCausalLM
 
     from kiln.targets.cuda.weights import WeightMaker, tensors_of
+
     gpu = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_FP16.items() if k in gpu), None)
     bw = copy_bandwidth()
-    print(f"GPU: {gpu}; measured copy bandwidth {bw / 1e12:.2f} TB/s; dense fp16 peak "
-          f"{peak / 1e12 if peak else float('nan'):.0f} TFLOP/s (data sheet)", flush=True)
+    print(
+        f"GPU: {gpu}; measured copy bandwidth {bw / 1e12:.2f} TB/s; dense fp16 peak "
+        f"{peak / 1e12 if peak else float('nan'):.0f} TFLOP/s (data sheet)",
+        flush=True,
+    )
     results = {"gpu": gpu, "copy_bandwidth": bw, "peak_fp16": peak, "models": {}}
     g = torch.Generator().manual_seed(0)
     for name in models:
@@ -184,8 +228,12 @@ def run(art: str, models: list[str], variants: list[str], baselines: list[str], 
         def row(label, tok_s, bytes_per_token, extra=None):
             r = {"decode_tok_s": tok_s, "roofline_pct": 100 * tok_s * bytes_per_token / bw, **(extra or {})}
             rows[label] = r
-            print(f"  {name} {label:>16}: {tok_s:8.1f} tok/s  {r['roofline_pct']:5.1f}% of roofline"
-                  + "".join(f"  {k}={v:.4g}" for k, v in (extra or {}).items()), flush=True)
+            print(
+                f"  {name} {label:>16}: {tok_s:8.1f} tok/s  {r['roofline_pct']:5.1f}% of roofline"
+                + "".join(f"  {k}={v:.4g}" for k, v in (extra or {}).items()),
+                flush=True,
+            )
+
         if "eager" in baselines:
             t1, tok_s = hf_decode(model, ids, new)
             row("hf-eager-fp16", tok_s, fp16_bytes, {"prefill_128_s": t1})
@@ -197,16 +245,23 @@ def run(art: str, models: list[str], variants: list[str], baselines: list[str], 
             _sync()
             made = time.perf_counter() - t
             # bytes streamed per token: every field but an untied embedding table (one row is read)
-            streamed = sum(_nbytes(weights[s["name"]]) for s in man["weights"]
-                           if cfg.tie_word_embeddings or not all(x.startswith("model.embed_tokens") for x in s["sources"]))
+            streamed = sum(
+                _nbytes(weights[s["name"]])
+                for s in man["weights"]
+                if cfg.tie_word_embeddings or not all(x.startswith("model.embed_tokens") for x in s["sources"])
+            )
             if os.environ.get("KILN_PROFILE"):
                 profile_decode(path, weights, prompt)
             r = kiln_bench(path, weights, prompt, new, batches, long_prompt)
             del weights
             torch.cuda.empty_cache()
             ttft_roof = {n: 2 * body * t / peak for n, t in (("ttft_128", 128), ("ttft_2048", 2048))} if peak else {}
-            row(f"kiln-{v}", r.pop("decode_tok_s"), streamed + kv_tok * ctx,
-                dict(r, weights_made_s=made, **{f"{k}_x_roofline": r[k] / ttft_roof[k] for k in ttft_roof}))
+            row(
+                f"kiln-{v}",
+                r.pop("decode_tok_s"),
+                streamed + kv_tok * ctx,
+                dict(r, weights_made_s=made, **{f"{k}_x_roofline": r[k] / ttft_roof[k] for k in ttft_roof}),
+            )
         if "compile" in baselines:
             try:
                 compile_s, tok_s = compiled_generate(model, ids, new)
@@ -241,8 +296,15 @@ def main(argv=None) -> None:
     if a.mode == "build":
         build(a.dir, models)
         return
-    run(a.dir, models, [v for v in a.variants.split(",") if v], [b for b in a.baselines.split(",") if b],
-        a.new_tokens, [int(b) for b in a.batches.split(",") if b], a.json)
+    run(
+        a.dir,
+        models,
+        [v for v in a.variants.split(",") if v],
+        [b for b in a.baselines.split(",") if b],
+        a.new_tokens,
+        [int(b) for b in a.batches.split(",") if b],
+        a.json,
+    )
 
 
 if __name__ == "__main__":

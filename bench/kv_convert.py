@@ -7,6 +7,7 @@ Distillation and calibration text: the Lee corpus `lee.cor`; perplexity: held-ou
 (256 tokens each), both through the reference interpreter (fp32). Bytes per token are those of the
 artifact's paged cache (fp32, all 30 layers), derived by the kv-cache pass.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,6 +24,7 @@ FRONT = "canonicalize,fuse-norms,fuse-rope,fuse-attention,fuse-mlp"
 def kv_bytes_per_token(g) -> int:
     import kiln
     from kiln.artifact import kv_summary
+
     cached, _ = kiln.run_pipeline(g, "kv-cache", verify_each=False)
     return kv_summary(cached.meta["kv_cache"])["bytes_per_token"]
 
@@ -42,6 +44,7 @@ def main() -> None:
     import kiln
     from kiln.calib import perplexity_and_kl, read_text, windows
     from kiln.models import load_model
+
     torch.manual_seed(0)
     lm = load_model("smollm2-135m")
     tok = AutoTokenizer.from_pretrained(lm.folder)
@@ -62,19 +65,28 @@ def main() -> None:
         print(f"{spec}: {b} B/token, ppl {ppl:.3f} (convert+eval {time.perf_counter() - t0:.0f}s)", flush=True)
         res = kiln.distill(g, s, train, steps=a.steps, seq_len=a.seq_len, batch=a.batch, lr=a.lr, seed=0)
         ppl2, _, _ = perplexity_and_kl(res.student, evalw)
-        print(f"  after {a.steps} distillation steps ({res.seconds:.0f}s, loss {res.loss_before:.3f} -> "
-              f"{res.loss_after:.3f}): ppl {ppl2:.3f}", flush=True)
+        print(
+            f"  after {a.steps} distillation steps ({res.seconds:.0f}s, loss {res.loss_before:.3f} -> "
+            f"{res.loss_after:.3f}): ppl {ppl2:.3f}",
+            flush=True,
+        )
         rows.append((spec, b, ppl, ppl2, res.seconds))
-    print(f"\nSmolLM2-135M, {len(evalw)} x 256 held-out lee_background tokens; recovery: {a.steps} steps x "
-          f"{a.batch} x {a.seq_len} tokens of lee.cor, AdamW lr {a.lr}; MLA factorized on 4 x 256 lee.cor tokens\n")
-    print("| attention | KV bytes/token (fp32) | vs original | ppl | ppl after recovery | Δppl after recovery | "
-          "recovery time |")
+    print(
+        f"\nSmolLM2-135M, {len(evalw)} x 256 held-out lee_background tokens; recovery: {a.steps} steps x "
+        f"{a.batch} x {a.seq_len} tokens of lee.cor, AdamW lr {a.lr}; MLA factorized on 4 x 256 lee.cor tokens\n"
+    )
+    print(
+        "| attention | KV bytes/token (fp32) | vs original | ppl | ppl after recovery | Δppl after recovery | "
+        "recovery time |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, b, ppl, ppl2, sec in rows:
         after = f"{ppl2:.2f}" if ppl2 is not None else "-"
         delta = f"{(ppl2 / ppl0 - 1) * 100:+.1f}%" if ppl2 is not None else "-"
-        print(f"| `{name}` | {b} | {b / b0:.2f}x | {ppl:.2f} ({(ppl / ppl0 - 1) * 100:+.1f}%) | {after} | {delta} | "
-              f"{f'{sec:.0f} s' if sec else '-'} |")
+        print(
+            f"| `{name}` | {b} | {b / b0:.2f}x | {ppl:.2f} ({(ppl / ppl0 - 1) * 100:+.1f}%) | {after} | {delta} | "
+            f"{f'{sec:.0f} s' if sec else '-'} |"
+        )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ tokens of `lee_background.cor` in 256-token windows, a disjoint text. Every conf
 passes the compiler runs on the full-sequence IR, evaluated with the reference interpreter; recovery is
 `kiln.distill` with the unpruned model as teacher, the same fixed budget for every row.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,12 +59,14 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     import torch
+
     torch.manual_seed(0)
     import kiln
     from kiln.calib import perplexity_and_kl, read_text, windows
     from kiln.models import load_model
     from kiln.passmgr import flops_per_token, run_pipeline
     from kiln.trace import trace
+
     lm = load_model("smollm2-135m")
     tok = lm.tokenizer
     train_ids = tok(read_text("lee"))["input_ids"]
@@ -73,8 +76,11 @@ def main() -> int:
     base.meta["calib_tokens"] = calib
     rows = []
     ppl0 = None
-    print(f"eval: {sum(map(len, evalw))} tokens of lee_background; calibration/distillation: lee.cor; recovery: "
-          f"{a.steps} steps x {a.batch} x {a.seq_len} tokens, lr {a.lr}, T {a.temperature}", flush=True)
+    print(
+        f"eval: {sum(map(len, evalw))} tokens of lee_background; calibration/distillation: lee.cor; recovery: "
+        f"{a.steps} steps x {a.batch} x {a.seq_len} tokens, lr {a.lr}, T {a.temperature}",
+        flush=True,
+    )
     for name, spec in CONFIGS:
         if a.only and name != "dense" and not any(s.strip().lower() in name.lower() for s in a.only.split(",")):
             continue
@@ -83,31 +89,70 @@ def main() -> int:
         tp = time.perf_counter() - t0
         ppl, _, _ = perplexity_and_kl(g, evalw)
         st = g.stats()
-        row = {"config": name, "passes": spec, "params": st["params"], "param_bytes": st["param_bytes"],
-               "stored_bytes": stored_bytes(g), "flops_per_token": flops_per_token(g), "ppl": ppl,
-               "prune_seconds": round(tp, 1), "shapes": g.meta.get("prune")}
+        row = {
+            "config": name,
+            "passes": spec,
+            "params": st["params"],
+            "param_bytes": st["param_bytes"],
+            "stored_bytes": stored_bytes(g),
+            "flops_per_token": flops_per_token(g),
+            "ppl": ppl,
+            "prune_seconds": round(tp, 1),
+            "shapes": g.meta.get("prune"),
+        }
         if ppl0 is None:
             ppl0 = ppl
         elif not a.no_recovery:
-            r = kiln.distill(base, g, train_ids, steps=a.steps, seq_len=a.seq_len, batch=a.batch, lr=a.lr,
-                             temperature=a.temperature, seed=0)
-            row.update(ppl_recovered=perplexity_and_kl(r.student, evalw)[0], distill_seconds=r.seconds,
-                       distill_loss=[r.loss_before, r.loss_after])
+            r = kiln.distill(
+                base,
+                g,
+                train_ids,
+                steps=a.steps,
+                seq_len=a.seq_len,
+                batch=a.batch,
+                lr=a.lr,
+                temperature=a.temperature,
+                seed=0,
+            )
+            row.update(
+                ppl_recovered=perplexity_and_kl(r.student, evalw)[0],
+                distill_seconds=r.seconds,
+                distill_loss=[r.loss_before, r.loss_after],
+            )
         rows.append(row)
-        rec = f" -> {row['ppl_recovered']:.2f} after recovery ({row['distill_seconds']:.0f} s)" if "ppl_recovered" in row else ""
-        print(f"{name:32s} params {st['params'] / 1e6:7.2f} M  stored {row['stored_bytes'] / 1e6:7.1f} MB  "
-              f"GFLOP/token {row['flops_per_token'] / 1e9:.3f}  ppl {ppl:8.2f}{rec}", flush=True)
+        rec = (
+            f" -> {row['ppl_recovered']:.2f} after recovery ({row['distill_seconds']:.0f} s)"
+            if "ppl_recovered" in row
+            else ""
+        )
+        print(
+            f"{name:32s} params {st['params'] / 1e6:7.2f} M  stored {row['stored_bytes'] / 1e6:7.1f} MB  "
+            f"GFLOP/token {row['flops_per_token'] / 1e9:.3f}  ppl {ppl:8.2f}{rec}",
+            flush=True,
+        )
     print()
-    print("| configuration | params | weight bytes (stored) | FLOPs/token | perplexity | vs dense | after recovery | vs dense | increase recovered |")
+    print(
+        "| configuration | params | weight bytes (stored) | FLOPs/token | perplexity | vs dense | after recovery"
+        " | vs dense | increase recovered |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         d = (r["ppl"] / ppl0 - 1) * 100
         rec = r.get("ppl_recovered")
-        cells = [r["config"], f"{r['params'] / 1e6:.1f} M", f"{r['stored_bytes'] / 1e6:.1f} MB",
-                 f"{r['flops_per_token'] / 1e6:.1f} M", f"{r['ppl']:.2f}", f"{d:+.1f}%" if r is not rows[0] else ""]
+        cells = [
+            r["config"],
+            f"{r['params'] / 1e6:.1f} M",
+            f"{r['stored_bytes'] / 1e6:.1f} MB",
+            f"{r['flops_per_token'] / 1e6:.1f} M",
+            f"{r['ppl']:.2f}",
+            f"{d:+.1f}%" if r is not rows[0] else "",
+        ]
         if rec is not None:
-            cells += [f"{rec:.2f}", f"{(rec / ppl0 - 1) * 100:+.1f}%",
-                      f"{(r['ppl'] - rec) / max(r['ppl'] - ppl0, 1e-9) * 100:.0f}%"]
+            cells += [
+                f"{rec:.2f}",
+                f"{(rec / ppl0 - 1) * 100:+.1f}%",
+                f"{(r['ppl'] - rec) / max(r['ppl'] - ppl0, 1e-9) * 100:.0f}%",
+            ]
         else:
             cells += ["", "", ""]
         print("| " + " | ".join(cells) + " |")

@@ -6,6 +6,7 @@
 No recovery is run (it changes weights, not shapes or speed). Ratios are against the dense build of
 the same run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,8 +15,8 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cpu_generate import _corpus, _settle, bench_kiln_decode  # noqa: E402
-from quant_speed import dir_bytes  # noqa: E402
+from cpu_generate import _corpus, _settle, bench_kiln_decode
+from quant_speed import dir_bytes
 
 
 def main() -> int:
@@ -26,6 +27,7 @@ def main() -> int:
     a = ap.parse_args()
     import kiln
     from kiln.models import load_model
+
     tok = load_model("smollm2-135m").tokenizer
     with open(_corpus(), encoding="latin-1") as f:
         ids = tok(f.read())["input_ids"]
@@ -37,8 +39,9 @@ def main() -> int:
         _settle()
         dec1 = 1 / bench_kiln_decode(eng, [ids[: a.prompt_tokens]], a.steps)
         _settle()
-        dec8 = 8 / bench_kiln_decode(eng, [ids[i * a.prompt_tokens:(i + 1) * a.prompt_tokens] for i in range(8)],
-                                     a.steps // 2)
+        dec8 = 8 / bench_kiln_decode(
+            eng, [ids[i * a.prompt_tokens : (i + 1) * a.prompt_tokens] for i in range(8)], a.steps // 2
+        )
         rows.append((r, dir_bytes(path), eng.manifest["num_params"], dec1, dec8))
         del eng
     base = rows[0]
@@ -46,8 +49,10 @@ def main() -> int:
     print("| pruned | params | artifact | vs dense | decode b=1 tok/s | vs dense | decode b=8 tok/s | vs dense |")
     print("|---|---|---|---|---|---|---|---|")
     for r, size, n, d1, d8 in rows:
-        print(f"| {r:.0%} | {n / 1e6:.1f} M | {size / 1e6:.0f} MB | {size / base[1]:.2f}x | {d1:.1f} | "
-              f"{d1 / base[3]:.2f}x | {d8:.1f} | {d8 / base[4]:.2f}x |")
+        print(
+            f"| {r:.0%} | {n / 1e6:.1f} M | {size / 1e6:.0f} MB | {size / base[1]:.2f}x | {d1:.1f} | "
+            f"{d1 / base[3]:.2f}x | {d8:.1f} | {d8 / base[4]:.2f}x |"
+        )
     return 0
 
 

@@ -7,6 +7,7 @@ Calibration: `lee.cor` (8 windows of 256 tokens). Evaluation: the first --eval-t
 IR passes the compiler runs, evaluated with the reference interpreter (the compiled CPU kernels
 compute the same values; tests check that).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,6 +42,7 @@ def main() -> int:
     from kiln.models import load_model
     from kiln.passmgr import run_pipeline
     from kiln.trace import trace
+
     lm = load_model("smollm2-135m")
     tok = lm.tokenizer
     calib = windows(tok(read_text("lee"))["input_ids"], 256, a.calib_windows)
@@ -61,11 +63,15 @@ def main() -> int:
         wbytes = g.stats()["param_bytes"]
         rows.append((name, ppl, 100 * (ppl / ppl0 - 1), kl or 0.0, wbytes, tq))
         print(f"  {name}: ppl {ppl:.2f} ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
-    print(f"\nSmolLM2-135M-Instruct, eval: first {len(evalw) * a.window} tokens of lee_background.cor in "
-          f"{a.window}-token windows; calibration: {len(calib)} x 256 tokens of lee.cor\n")
+    print(
+        f"\nSmolLM2-135M-Instruct, eval: first {len(evalw) * a.window} tokens of lee_background.cor in "
+        f"{a.window}-token windows; calibration: {len(calib)} x 256 tokens of lee.cor\n"
+    )
     rtn = {n.split(" RTN")[0]: p for n, p, *_ in rows if n.endswith(" RTN")}
-    print("| configuration | perplexity | vs fp32 | gap to fp32 closed vs RTN | mean KL to fp32 (nats/token) "
-          "| weight bytes | pass seconds |")
+    print(
+        "| configuration | perplexity | vs fp32 | gap to fp32 closed vs RTN | mean KL to fp32 (nats/token) "
+        "| weight bytes | pass seconds |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, ppl, d, kl, wb, tq in rows:
         base = next((p for k, p in rtn.items() if name.startswith(k) and not name.endswith("RTN")), None)

@@ -1,4 +1,5 @@
 """Where the benchmarks write their figures: bench/results/NAME.json, with the machine, date and commit."""
+
 from __future__ import annotations
 
 import datetime
@@ -28,6 +29,7 @@ def machine() -> str:
     out = f"{cpu}, {len(os.sched_getaffinity(0))} cores{mem}"
     try:
         import torch
+
         if torch.cuda.is_available():
             out += f"; {torch.cuda.get_device_name(0)}"
     except ImportError:
@@ -39,8 +41,9 @@ def commit() -> str:
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=here, text=True).strip()
-        dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                                        text=True).strip()
+        dirty = subprocess.check_output(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, text=True
+        ).strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

@@ -8,6 +8,7 @@ lengths (ignore_eos, so every policy generates the same tokens). Each policy get
 same Engine and replays the same arrivals. Prints throughput, TTFT and time per output token (mean and
 p99), peak KV pages, and the ratios continuous / static. Times on a shared CPU vary run to run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,6 +23,7 @@ import numpy as np
 
 def corpus_ids(tokenizer) -> list[int]:
     import importlib.util
+
     spec = importlib.util.find_spec("gensim")
     if spec is None:
         sys.exit("needs the Lee corpus: pip install --no-deps gensim==4.4.0")
@@ -37,14 +39,14 @@ def workload(ids: list[int], n: int, seed: int, prompt_range, out_range, rate: f
     starts = rng.integers(0, len(ids) - prompt_range[1], size=n)
     arrivals = np.cumsum(rng.exponential(1.0 / rate, size=n)) if rate > 0 else np.zeros(n)
     arrivals -= arrivals[0]
-    return [(float(a), ids[s:s + p], int(o)) for a, s, p, o in zip(arrivals, starts, plens, olens)]
+    return [(float(a), ids[s : s + p], int(o)) for a, s, p, o in zip(arrivals, starts, plens, olens)]
 
 
 def run_policy(engine, policy: str, reqs, a) -> dict:
     from kiln.runtime.sampling import SamplingParams
     from kiln.runtime.serving import Server
-    srv = Server(engine, policy=policy, max_batch=a.max_batch, prefill_chunk=a.prefill_chunk,
-                 max_wait_s=a.max_wait)
+
+    srv = Server(engine, policy=policy, max_batch=a.max_batch, prefill_chunk=a.prefill_chunk, max_wait_s=a.max_wait)
     handles = []
 
     def client():
@@ -54,6 +56,7 @@ def run_policy(engine, policy: str, reqs, a) -> dict:
             if delay > 0:
                 time.sleep(delay)
             handles.append(srv.submit(prompt, SamplingParams(max_new_tokens=n, ignore_eos=True)))
+
     th = threading.Thread(target=client)
     th.start()
     th.join()
@@ -81,16 +84,20 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     import kiln
+
     art = a.artifact
     if art is None:
         art, _ = kiln.cached_build(a.model, os.path.join(tempfile.mkdtemp(), "art"))
     eng = kiln.load(art, kv_cache_tokens=a.kv_cache_tokens)
     reqs = workload(corpus_ids(eng.tokenizer), a.requests, a.seed, a.prompt_tokens, a.output_tokens, a.rate)
-    print(f"{a.requests} requests, arrivals {a.rate}/s over {reqs[-1][0]:.1f} s, prompts "
-          f"{a.prompt_tokens[0]}-{a.prompt_tokens[1]} tokens (total {sum(len(r[1]) for r in reqs)}), outputs "
-          f"{a.output_tokens[0]}-{a.output_tokens[1]} (total {sum(r[2] for r in reqs)}); max_batch {a.max_batch}, "
-          f"prefill_chunk {a.prefill_chunk}, max_wait {a.max_wait} s, page size {eng.page_size}, "
-          f"TVM threads {os.environ.get('TVM_NUM_THREADS')}", flush=True)
+    print(
+        f"{a.requests} requests, arrivals {a.rate}/s over {reqs[-1][0]:.1f} s, prompts "
+        f"{a.prompt_tokens[0]}-{a.prompt_tokens[1]} tokens (total {sum(len(r[1]) for r in reqs)}), outputs "
+        f"{a.output_tokens[0]}-{a.output_tokens[1]} (total {sum(r[2] for r in reqs)}); max_batch {a.max_batch}, "
+        f"prefill_chunk {a.prefill_chunk}, max_wait {a.max_wait} s, page size {eng.page_size}, "
+        f"TVM threads {os.environ.get('TVM_NUM_THREADS')}",
+        flush=True,
+    )
     eng.generate([reqs[0][1]], kiln.SamplingParams(max_new_tokens=2))  # warm up
     res = {}
     for pol in a.policies.split(","):
@@ -100,18 +107,24 @@ def main() -> int:
     names = list(res)
     same = all(res[n]["outputs"] == res[names[0]]["outputs"] for n in names)
     print(f"\ngreedy outputs identical across policies: {same}\n")
-    print("| policy | output tok/s | TTFT mean (s) | TTFT p99 (s) | TPOT mean (ms) | TPOT p99 (ms) | peak KV pages "
-          "| preemptions | prefix-hit tokens | wall (s) |")
+    print(
+        "| policy | output tok/s | TTFT mean (s) | TTFT p99 (s) | TPOT mean (ms) | TPOT p99 (ms) | peak KV pages "
+        "| preemptions | prefix-hit tokens | wall (s) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for n, m in res.items():
-        print(f"| {n} | {m['tokens_per_s']:.1f} | {m['ttft_mean_s']:.2f} | {m['ttft_p99_s']:.2f} | "
-              f"{1e3 * m['tpot_mean_s']:.1f} | {1e3 * m['tpot_p99_s']:.1f} | {m['pages_peak_used']} / "
-              f"{m['pages_total']} | {m['preemptions']} | {m['prefix_hit_tokens']} | {m['wall_s']:.1f} |")
+        print(
+            f"| {n} | {m['tokens_per_s']:.1f} | {m['ttft_mean_s']:.2f} | {m['ttft_p99_s']:.2f} | "
+            f"{1e3 * m['tpot_mean_s']:.1f} | {1e3 * m['tpot_p99_s']:.1f} | {m['pages_peak_used']} / "
+            f"{m['pages_total']} | {m['preemptions']} | {m['prefix_hit_tokens']} | {m['wall_s']:.1f} |"
+        )
     if "static" in res and "continuous" in res:
         s, c = res["static"], res["continuous"]
-        print(f"\ncontinuous / static: throughput {c['tokens_per_s'] / s['tokens_per_s']:.2f}x, "
-              f"p99 TTFT {c['ttft_p99_s'] / s['ttft_p99_s']:.2f}x, mean TTFT {c['ttft_mean_s'] / s['ttft_mean_s']:.2f}x, "
-              f"p99 TPOT {c['tpot_p99_s'] / s['tpot_p99_s']:.2f}x")
+        print(
+            f"\ncontinuous / static: throughput {c['tokens_per_s'] / s['tokens_per_s']:.2f}x, "
+            f"p99 TTFT {c['ttft_p99_s'] / s['ttft_p99_s']:.2f}x, mean TTFT {c['ttft_mean_s'] / s['ttft_mean_s']:.2f}x, "
+            f"p99 TPOT {c['tpot_p99_s'] / s['tpot_p99_s']:.2f}x"
+        )
     return 0
 
 

@@ -7,6 +7,7 @@ and LM head), compiled by kiln. Greedy sampling; the speculative output is check
 target's. Also runs the target drafting for itself (acceptance 1.0: the cost of the mechanism alone).
 Prompts are slices of the Lee corpus. Times on a shared CPU vary run to run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,6 +22,7 @@ import numpy as np
 def build_draft(model: str, layers: int, out: str) -> str:
     import kiln
     from kiln.models import load_model
+
     lm = load_model(model)
     m = lm.model
     m.model.layers = m.model.layers[:layers]
@@ -34,6 +36,7 @@ def target_artifact(model: str, out: str) -> str:
     import json
 
     import kiln
+
     path, _ = kiln.cached_build(model, out)
     if "verify" not in json.load(open(os.path.join(path, "manifest.json")))["entry_points"]:
         path, _ = kiln.cached_build(model, out + "-v", use_cache=False)  # stale cache entry without verify
@@ -52,10 +55,12 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     a = ap.parse_args()
     sys.path.insert(0, os.path.dirname(__file__))
+    from serving import corpus_ids
+
     import kiln
     from kiln.runtime.sampling import SamplingParams
     from kiln.runtime.speculative import SpeculativeDecoder
-    from serving import corpus_ids
+
     tmp = tempfile.mkdtemp()
     art = a.artifact or target_artifact(a.model, os.path.join(tmp, "target"))
     dart = a.draft_artifact
@@ -67,7 +72,7 @@ def main() -> int:
     draft = kiln.load(dart, kv_cache_tokens=4096)
     ids = corpus_ids(target.tokenizer)
     rng = np.random.default_rng(0)
-    prompts = [ids[s:s + a.prompt_tokens] for s in rng.integers(0, len(ids) - a.prompt_tokens, a.prompts)]
+    prompts = [ids[s : s + a.prompt_tokens] for s in rng.integers(0, len(ids) - a.prompt_tokens, a.prompts)]
     sp = SamplingParams(max_new_tokens=a.new_tokens, ignore_eos=True)
     target.generate([prompts[0]], SamplingParams(max_new_tokens=4))  # warm up
 
@@ -91,13 +96,17 @@ def main() -> int:
         st = sd.stats()
         rows.append((name, tps, st["acceptance_rate"], st["spec_k"], outs == ref))
     dtps, _ = timed(lambda p: draft.generate([p], sp)[0])
-    print(f"\n{a.model}, {a.prompts} prompts of {a.prompt_tokens} tokens, {a.new_tokens} new tokens each, greedy, "
-          f"k starts at {a.k} (adaptive, 1..8); TVM threads {os.environ.get('TVM_NUM_THREADS')}\n")
+    print(
+        f"\n{a.model}, {a.prompts} prompts of {a.prompt_tokens} tokens, {a.new_tokens} new tokens each, greedy, "
+        f"k starts at {a.k} (adaptive, 1..8); TVM threads {os.environ.get('TVM_NUM_THREADS')}\n"
+    )
     print("| decoding | decode tok/s | vs target alone | acceptance rate | final k | output identical |")
     print("|---|---|---|---|---|---|")
     for name, tps, acc, k, same in rows:
-        print(f"| {name} | {tps:.1f} | {tps / base:.2f}x | {'-' if acc is None else f'{acc:.2f}'} | "
-              f"{'-' if k is None else k} | {same} |")
+        print(
+            f"| {name} | {tps:.1f} | {tps / base:.2f}x | {'-' if acc is None else f'{acc:.2f}'} | "
+            f"{'-' if k is None else k} | {same} |"
+        )
     print(f"| (draft alone, for reference) | {dtps:.1f} | {dtps / base:.2f}x | - | - | - |")
     return 0
 

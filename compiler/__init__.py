@@ -9,6 +9,7 @@
 The compiler (`compile`) needs torch and TVM's compiler; `load` and `kiln.runtime` need only TVM's
 runtime, numpy and safetensors, so attributes are imported lazily.
 """
+
 from __future__ import annotations
 
 __version__ = "0.1.0"
@@ -32,6 +33,7 @@ _LAZY = {
 def __getattr__(name: str):
     if name in _LAZY:
         import importlib
+
         mod, attr = _LAZY[name]
         return getattr(importlib.import_module(mod), attr)
     raise AttributeError(f"module 'kiln' has no attribute '{name}'")

@@ -1,11 +1,13 @@
 """Public API: `kiln.compile(model, target, passes) -> Artifact` and `kiln.load(path) -> Engine`."""
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import __version__ as KILN_VERSION
 from .errors import KilnError
@@ -23,15 +25,35 @@ def _max_context(cfg: Any, cap: int = 8192) -> int:
     return 2048
 
 
-def compile(model: Any, target: str = "cpu", passes: str = "O1", *, tokenizer_dir: str | None = None,
-            name: str | None = None, dump_ir: str | None = None, max_context: int | None = None,
-            progress: Callable[[str], None] | None = None, verify_each: bool = True,
-            quant: str | None = None, quant_method: str = "rtn", kv_quant: str | None = None,
-            w8a8: bool = False, calib: str | None = None, eval_text: str | None = None,
-            calib_windows: int = 8, eval_tokens: int = 2048, mlir_forms: list[str] | None = None,
-            mlir_static: dict[str, int] | None = None, pack_weights: bool = True,
-            target_options: dict[str, Any] | None = None, prune: str | None = None, sparsify: str | None = None,
-            sparsify_method: str = "wanda", distill_steps: int = 0, attention: str | None = None):
+def compile(
+    model: Any,
+    target: str = "cpu",
+    passes: str = "O1",
+    *,
+    tokenizer_dir: str | None = None,
+    name: str | None = None,
+    dump_ir: str | None = None,
+    max_context: int | None = None,
+    progress: Callable[[str], None] | None = None,
+    verify_each: bool = True,
+    quant: str | None = None,
+    quant_method: str = "rtn",
+    kv_quant: str | None = None,
+    w8a8: bool = False,
+    calib: str | None = None,
+    eval_text: str | None = None,
+    calib_windows: int = 8,
+    eval_tokens: int = 2048,
+    mlir_forms: list[str] | None = None,
+    mlir_static: dict[str, int] | None = None,
+    pack_weights: bool = True,
+    target_options: dict[str, Any] | None = None,
+    prune: str | None = None,
+    sparsify: str | None = None,
+    sparsify_method: str = "wanda",
+    distill_steps: int = 0,
+    attention: str | None = None,
+):
     """Compile a causal LM for `target` with the pass pipeline `passes`.
 
     `model` is a transformers causal LM (nn.Module), a built-in name (`smollm2-135m`), a GGUF file or a
@@ -81,6 +103,7 @@ def compile(model: Any, target: str = "cpu", passes: str = "O1", *, tokenizer_di
     tgt = get_target(target, **options)  # refuse bad targets and options before the slow steps
     from .pass_options import build_pipeline
     from .qat import qat_scheme, strip_qat
+
     qs = qat_scheme(model)
     head = "same"
     if qs is not None:
@@ -88,9 +111,18 @@ def compile(model: Any, target: str = "cpu", passes: str = "O1", *, tokenizer_di
         (quant, head), quant_method = qs, "rtn"
     # the options' passes go where their phases say (activation-aware MLA when calib is given); the
     # pipeline is checked here, before the slow trace
-    passes = build_pipeline(passes, attention=attention, prune=prune, sparsify=sparsify,
-                            sparsify_method=sparsify_method, quant=quant, quant_method=quant_method,
-                            kv_quant=kv_quant, w8a8=w8a8, lm_head=head)
+    passes = build_pipeline(
+        passes,
+        attention=attention,
+        prune=prune,
+        sparsify=sparsify,
+        sparsify_method=sparsify_method,
+        quant=quant,
+        quant_method=quant_method,
+        kv_quant=kv_quant,
+        w8a8=w8a8,
+        lm_head=head,
+    )
     cfg = getattr(model, "config", None)
     ctx = int(max_context or _max_context(cfg))
     t = time.perf_counter()
@@ -99,6 +131,7 @@ def compile(model: Any, target: str = "cpu", passes: str = "O1", *, tokenizer_di
     timings["trace"] = time.perf_counter() - t
     if calib or eval_text:
         from .calib import read_text, windows
+
         tok = _tokenizer(tokenizer_dir)
         if calib:
             graph.meta["calib_tokens"] = windows(tok(read_text(calib))["input_ids"], 256, calib_windows)
@@ -112,17 +145,30 @@ def compile(model: Any, target: str = "cpu", passes: str = "O1", *, tokenizer_di
         graph, records = run_pipeline(graph, passes, verify_each=verify_each, dump_ir=dump_ir)
     timings["passes"] = time.perf_counter() - t
     if "kv_cache" not in graph.meta:
-        raise KilnError(f"pipeline '{passes}' has no kv-cache pass: the runtime needs prefill/decode entry points "
-                        "(add kv-cache after fuse-attention, or use O0/O1)")
+        raise KilnError(
+            f"pipeline '{passes}' has no kv-cache pass: the runtime needs prefill/decode entry points "
+            "(add kv-cache after fuse-attention, or use O0/O1)"
+        )
     graph.meta.pop("calib_tokens", None)
     graph.meta.pop("eval_tokens", None)
     from .artifact import kv_summary
-    manifest = {"schema_version": _schema(), "kiln_version": KILN_VERSION,
-                "name": name or (cfg.model_type if cfg is not None else "model"), "source": str(source),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "model": graph.meta.get("model", {}),
-                "num_params": graph.stats()["params"], "pipeline": passes, "passes": [r.to_json() for r in records],
-                "entry_points": _signatures(graph), "kv_cache": kv_summary(graph.meta["kv_cache"]),
-                "max_context": ctx, "eos_token_ids": _eos_ids(cfg), "quantization": graph.meta.get("quant")}
+
+    manifest = {
+        "schema_version": _schema(),
+        "kiln_version": KILN_VERSION,
+        "name": name or (cfg.model_type if cfg is not None else "model"),
+        "source": str(source),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": graph.meta.get("model", {}),
+        "num_params": graph.stats()["params"],
+        "pipeline": passes,
+        "passes": [r.to_json() for r in records],
+        "entry_points": _signatures(graph),
+        "kv_cache": kv_summary(graph.meta["kv_cache"]),
+        "max_context": ctx,
+        "eos_token_ids": _eos_ids(cfg),
+        "quantization": graph.meta.get("quant"),
+    }
     progress(f"lowering and building for {target}")
     timings["total"] = time.perf_counter() - t0  # until packaging; the target adds its own phases
     art = tgt.package(graph, PackageInputs(manifest, tokenizer_dir, timings, pack_weights))
@@ -136,6 +182,7 @@ def _run_with_recovery(graph, passes: str, steps: int, verify_each: bool, dump_i
     from .distill import distill
     from .passmgr import PassManager, PassRecord, flops_per_token
     from .pipeline import format_pipeline, parse_pipeline, phase_of
+
     steps_ = parse_pipeline(passes)
     idx = [i for i, (n, _) in enumerate(steps_) if phase_of(n) == "prune"]
     if not idx:
@@ -143,33 +190,60 @@ def _run_with_recovery(graph, passes: str, steps: int, verify_each: bool, dump_i
     if "calib_tokens" not in graph.meta:
         raise KilnError("distill_steps trains on the calibration text: pass calib=... (for example calib='lee')")
     pm = PassManager(verify_each, dump_ir)
-    teacher = pm.run(graph, format_pipeline(steps_[:idx[0]])) if idx[0] else graph
-    student = pm.run(teacher, format_pipeline(steps_[idx[0]:idx[-1] + 1]))
+    teacher = pm.run(graph, format_pipeline(steps_[: idx[0]])) if idx[0] else graph
+    student = pm.run(teacher, format_pipeline(steps_[idx[0] : idx[-1] + 1]))
     progress(f"distillation recovery: {steps} steps")
     text = [t for w in graph.meta["calib_tokens"] for t in w]
     r = distill(teacher, student, text, steps=steps, eval_tokens=graph.meta.get("eval_tokens"))
     st = r.student.stats()
     f = flops_per_token(r.student)
-    pm.records.append(PassRecord("distill", dict(r.config), False, {"steps": steps}, st["nodes"], st["nodes"],
-                                 st["param_bytes"], st["param_bytes"], f, f, r.seconds,
-                                 {"loss_before": round(r.loss_before, 6), "loss_after": round(r.loss_after, 6),
-                                  **({"perplexity_before": round(r.ppl_before, 4), "perplexity_after": round(r.ppl_after, 4),
-                                      "teacher_perplexity": round(r.teacher_ppl, 4)} if r.ppl_before else {})}))
-    rest = steps_[idx[-1] + 1:]
+    pm.records.append(
+        PassRecord(
+            "distill",
+            dict(r.config),
+            False,
+            {"steps": steps},
+            st["nodes"],
+            st["nodes"],
+            st["param_bytes"],
+            st["param_bytes"],
+            f,
+            f,
+            r.seconds,
+            {
+                "loss_before": round(r.loss_before, 6),
+                "loss_after": round(r.loss_after, 6),
+                **(
+                    {
+                        "perplexity_before": round(r.ppl_before, 4),
+                        "perplexity_after": round(r.ppl_after, 4),
+                        "teacher_perplexity": round(r.teacher_ppl, 4),
+                    }
+                    if r.ppl_before
+                    else {}
+                ),
+            },
+        )
+    )
+    rest = steps_[idx[-1] + 1 :]
     g = pm.run(r.student, format_pipeline(rest)) if rest else r.student
     return g, pm.records
 
 
 def _tokenizer(folder: str | None):
     if not folder:
-        raise KilnError("calibration/evaluation text needs a tokenizer: pass tokenizer_dir=... (a folder with "
-                        "the model's tokenizer files)")
+        raise KilnError(
+            "calibration/evaluation text needs a tokenizer: pass tokenizer_dir=... (a folder with "
+            "the model's tokenizer files)"
+        )
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(folder)
 
 
 def _schema() -> int:
     from kiln.runtime.artifact import SCHEMA_VERSION
+
     return SCHEMA_VERSION
 
 
@@ -182,34 +256,61 @@ def _eos_ids(cfg: Any) -> list[int]:
 
 def _signatures(graph) -> dict[str, Any]:
     ins = [{"name": n.name, "type": str(n.type)} for n in graph.inputs if not n.name.startswith("kv_cache_")]
-    sig = {"inputs": ins + [{"name": "kv_caches", "type": f"tuple of {len(graph.meta['kv_cache']['layers'])} layers"},
-                            {"name": "weights", "type": "tuple (see weights)"}],
-           "outputs": [{"name": o.name, "type": str(o.type)} for o in graph.outputs]}
+    sig = {
+        "inputs": ins
+        + [
+            {"name": "kv_caches", "type": f"tuple of {len(graph.meta['kv_cache']['layers'])} layers"},
+            {"name": "weights", "type": "tuple (see weights)"},
+        ],
+        "outputs": [{"name": o.name, "type": str(o.type)} for o in graph.outputs],
+    }
     return {name: dict(sig, **e.to_json()) for name, e in graph.meta["entry_points"].items()}
 
 
 def load(path: str, **engine_options: Any):
     """Load an artifact directory into an `Engine` (needs only TVM's runtime, numpy and safetensors)."""
     from kiln.runtime.engine import Engine
+
     return Engine(path, **engine_options)
 
 
 # -- build cache -----------------------------------------------------------------------------------
 
-def build_key(source: str, target: str, passes: str, max_context: int | None, options: dict | None = None) -> str | None:
+
+def build_key(
+    source: str, target: str, passes: str, max_context: int | None, options: dict | None = None
+) -> str | None:
     """A cache key for a model named by path: the file's identity plus every build option."""
     from .models import BUILTIN, builtin_gguf
+
     path = builtin_gguf(source) if source in BUILTIN else source
     if not os.path.exists(path):
         return None
     st = []
-    for root, _, names in os.walk(path) if os.path.isdir(path) else [(os.path.dirname(path), [], [os.path.basename(path)])]:
+    for root, _, names in (
+        os.walk(path) if os.path.isdir(path) else [(os.path.dirname(path), [], [os.path.basename(path)])]
+    ):
         for n in sorted(names):
             s = os.stat(os.path.join(root, n))
             st.append((n, s.st_size, int(s.st_mtime)))
     import torch
-    payload = json.dumps([os.path.abspath(path), st, target, passes, max_context, KILN_VERSION, torch.__version__,
-                          _tvm_version(), _host(), _source_hash(), sorted((options or {}).items())], default=str)
+
+    payload = json.dumps(
+        [
+            os.path.abspath(path),
+            st,
+            target,
+            passes,
+            max_context,
+            KILN_VERSION,
+            torch.__version__,
+            _tvm_version(),
+            _host(),
+            _source_hash(),
+            sorted((options or {}).items()),
+        ],
+        default=str,
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
@@ -217,6 +318,7 @@ def _source_hash() -> str:
     """kiln's own code is part of a build's identity: a changed pass or kernel must not hit the cache."""
     import kiln.passes
     import kiln.targets
+
     h = hashlib.sha256()
     for mod in (kiln, kiln.passes, kiln.targets):
         root = os.path.dirname(mod.__file__)
@@ -231,21 +333,33 @@ def _source_hash() -> str:
 
 def _tvm_version() -> str:
     import tvm
+
     return tvm.__version__
 
 
 def _host() -> str:
     from tvm.target import codegen
+
     return str(codegen.llvm_get_system_cpu())
 
 
-def cached_build(source: str, out: str, target: str = "cpu", passes: str = "O1", max_context: int | None = None,
-                 progress: Callable[[str], None] | None = None, use_cache: bool = True, **kw) -> tuple[str, bool]:
+def cached_build(
+    source: str,
+    out: str,
+    target: str = "cpu",
+    passes: str = "O1",
+    max_context: int | None = None,
+    progress: Callable[[str], None] | None = None,
+    use_cache: bool = True,
+    **kw,
+) -> tuple[str, bool]:
     """Build `source` into `out`, reusing an identical earlier build. Returns (path, from_cache)."""
     from .artifact import copy_artifact
     from .models import cache_dir
+
     progress = progress or _noop
     import inspect
+
     defaults = {k: p.default for k, p in inspect.signature(compile).parameters.items()}
     # options left at their defaults do not change the build: the same build asked for two ways is one key
     options = {k: v for k, v in kw.items() if k != "dump_ir" and defaults.get(k, inspect.Parameter.empty) != v}
@@ -253,6 +367,7 @@ def cached_build(source: str, out: str, target: str = "cpu", passes: str = "O1",
     entry = os.path.join(cache_dir(), "builds", key) if key else None
     if entry and os.path.exists(os.path.join(entry, "manifest.json")):
         from kiln.runtime.artifact import ArtifactError, read_manifest, verify_files
+
         try:
             verify_files(entry, read_manifest(entry))
             progress(f"identical build found in the build cache ({key})")

@@ -1,4 +1,5 @@
 """Packaging: an `Artifact` in memory, written atomically as a self-describing directory."""
+
 from __future__ import annotations
 
 import json
@@ -6,8 +7,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from kiln.runtime.artifact import LIBRARY, MANIFEST, SCHEMA_VERSION, WEIGHTS, sha256_file
 
@@ -17,6 +19,7 @@ from .report import render_report
 @dataclass
 class Artifact:
     """A compiled model: the library, packed weights, tokenizer files and the manifest to describe them."""
+
     build: Any  # targets.cpu.BuildResult
     weights: dict[str, Any]  # field name -> numpy array, in the layout the library expects
     manifest: dict[str, Any]
@@ -26,19 +29,27 @@ class Artifact:
 
     def save(self, path: str) -> str:
         """Write the artifact to `path` atomically: a crash leaves either the old directory or the new one."""
+
         def payload(tmp: str, manifest: dict[str, Any]) -> None:
             t0 = time.perf_counter()
             self.build.export(os.path.join(tmp, LIBRARY))
             from safetensors.numpy import save_file
+
             if self.manifest.get("weights_included", True):
                 save_file(self.weights, os.path.join(tmp, WEIGHTS))
             manifest["timings"] = dict(self.timings, save=round(time.perf_counter() - t0, 3))
+
         self.manifest = write_artifact(path, dict(self.manifest), self.ir_text, self.tokenizer_dir, payload)
         return os.path.abspath(path)
 
 
-def write_artifact(path: str, manifest: dict[str, Any], ir_text: str, tokenizer_dir: str | None,
-                   payload: Callable[[str, dict[str, Any]], None]) -> dict[str, Any]:
+def write_artifact(
+    path: str,
+    manifest: dict[str, Any],
+    ir_text: str,
+    tokenizer_dir: str | None,
+    payload: Callable[[str, dict[str, Any]], None],
+) -> dict[str, Any]:
     """The one way artifacts reach disk, for every target: `payload(tmp, manifest)` writes the
     target's files (and may add manifest fields) into a temporary directory beside `path`; then the
     tokenizer files, ir.txt, report.md and manifest.json (with every file's size and SHA-256) are
@@ -113,11 +124,15 @@ def kv_summary(kv: dict[str, Any], dtype: str | None = None) -> dict[str, Any]:
     """The KV-cache layout for the manifest, with the target's storage dtype when it stores the cache
     narrower than the IR's float32, and what it costs per token (all layers, keys, values and scales)."""
     import numpy as np
+
     if dtype:
-        kv = dict(kv, dtype=dtype, tensors=[dict(t, dtype=dtype) if t["dtype"] == "float32" else t
-                                            for t in kv["tensors"]])
-    per_token = sum(int(np.prod([int(d) for d in t["shape"][1:]])) * np.dtype(t["dtype"]).itemsize // kv["page_size"]
-                    for t in kv["tensors"])
+        kv = dict(
+            kv, dtype=dtype, tensors=[dict(t, dtype=dtype) if t["dtype"] == "float32" else t for t in kv["tensors"]]
+        )
+    per_token = sum(
+        int(np.prod([int(d) for d in t["shape"][1:]])) * np.dtype(t["dtype"]).itemsize // kv["page_size"]
+        for t in kv["tensors"]
+    )
     return dict(kv, bytes_per_token=per_token)
 
 

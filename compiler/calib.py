@@ -4,6 +4,7 @@ Both run the reference interpreter on the full-sequence program (before `kv-cach
 Calibration and evaluation text are kept apart: by default calibration reads the Lee corpus's
 `lee.cor` and evaluation a fixed prefix of `lee_background.cor` (see `default_texts`).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -42,7 +43,7 @@ def read_text(spec: str) -> str:
 
 def windows(ids: list[int], length: int, count: int) -> list[list[int]]:
     """Non-overlapping windows of `length` tokens from the start of `ids`."""
-    out = [ids[i:i + length] for i in range(0, len(ids) - length + 1, length)][:count]
+    out = [ids[i : i + length] for i in range(0, len(ids) - length + 1, length)][:count]
     if not out:
         raise KilnError(f"need at least {length} tokens of text, got {len(ids)}")
     return out
@@ -61,6 +62,7 @@ def forward(g: Graph, window: list[int], observe=None) -> torch.Tensor:
 @dataclass
 class InputStats:
     """Statistics of one node's values (a linear layer's input): X^T X, mean |x|, sampled rows."""
+
     k: int
     H: torch.Tensor = None
     absmean: torch.Tensor = None
@@ -96,7 +98,9 @@ class InputStats:
         return torch.cat(self.rows) if self.rows else torch.zeros(0, self.k)
 
 
-def collect_input_stats(g: Graph, nodes: list[Node], tokens: list[list[int]], keep_rows: int = 256) -> dict[Node, InputStats]:
+def collect_input_stats(
+    g: Graph, nodes: list[Node], tokens: list[list[int]], keep_rows: int = 256
+) -> dict[Node, InputStats]:
     """Run calibration windows and gather statistics of the given nodes' values."""
     _check_full_sequence(g, "calibration")
     want = set(nodes)
@@ -105,13 +109,15 @@ def collect_input_stats(g: Graph, nodes: list[Node], tokens: list[list[int]], ke
     def observe(node, value):
         if node in want:
             stats[node].add(value, keep_rows)
+
     for w in tokens:
         forward(g, w, observe)
     return stats
 
 
-def perplexity_and_kl(g: Graph, tokens: list[list[int]], ref_logprobs: list[torch.Tensor] | None = None
-                      ) -> tuple[float, float | None, list[torch.Tensor]]:
+def perplexity_and_kl(
+    g: Graph, tokens: list[list[int]], ref_logprobs: list[torch.Tensor] | None = None
+) -> tuple[float, float | None, list[torch.Tensor]]:
     """Perplexity of next-token prediction over the windows, mean KL(ref || g) per token when reference
     log-probabilities are given, and this graph's log-probabilities (to serve as a later reference)."""
     _check_full_sequence(g, "evaluation")

@@ -1,4 +1,5 @@
 """Command line: `kiln build`, `kiln run`, `kiln inspect`."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,15 +15,18 @@ def _progress_printer():
 
     def show(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
     return show
 
 
 def cmd_build(a: argparse.Namespace) -> int:
     from kiln.api import cached_build
+
     show = _progress_printer()
     t0 = time.perf_counter()
-    quant = dict(quant=a.quant, quant_method=a.quant_method, kv_quant=a.kv_quant, w8a8=a.w8a8, calib=a.calib,
-                 eval_text=a.eval)
+    quant = dict(
+        quant=a.quant, quant_method=a.quant_method, kv_quant=a.kv_quant, w8a8=a.w8a8, calib=a.calib, eval_text=a.eval
+    )
     if a.quant_method != "rtn" or a.w8a8:
         quant["calib"] = a.calib or "lee"
     if getattr(a, "attention", None):
@@ -42,10 +46,19 @@ def cmd_build(a: argparse.Namespace) -> int:
         quant["mlir_forms"] = a.mlir_form or ["linalg-on-tensors"]
         if a.mlir_static:
             quant["mlir_static"] = {k: int(v) for k, v in (kv.split("=") for kv in a.mlir_static.split(","))}
-    path, hit = cached_build(a.model, a.output, target=a.target, passes=a.passes, max_context=a.max_context,
-                             progress=show, use_cache=not a.no_cache, dump_ir=a.dump_ir,
-                             **{k: v for k, v in quant.items() if v or k == "pack_weights"})
+    path, hit = cached_build(
+        a.model,
+        a.output,
+        target=a.target,
+        passes=a.passes,
+        max_context=a.max_context,
+        progress=show,
+        use_cache=not a.no_cache,
+        dump_ir=a.dump_ir,
+        **{k: v for k, v in quant.items() if v or k == "pack_weights"},
+    )
     from kiln.runtime.artifact import read_manifest
+
     m = read_manifest(path)
     if hit:
         show(f"served from the build cache in {time.perf_counter() - t0:.1f}s")
@@ -58,10 +71,12 @@ def cmd_build(a: argparse.Namespace) -> int:
 def cmd_run(a: argparse.Namespace) -> int:
     import kiln
     from kiln.runtime.sampling import SamplingParams
+
     eng = kiln.load(a.artifact, kv_cache_tokens=a.kv_cache_tokens)
     chat = not a.raw and eng.tokenizer is not None and eng.tokenizer.chat_template is not None
-    params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
-                            top_p=a.top_p, seed=a.seed)
+    params = SamplingParams(
+        max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed
+    )
     prompts = a.prompt or []
     if not prompts:
         print("give at least one --prompt", file=sys.stderr)
@@ -76,15 +91,19 @@ def cmd_run(a: argparse.Namespace) -> int:
             ids.append(tok)
             text = eng.tokenizer.decode(ids)
             if text.startswith(shown):
-                sys.stdout.write(text[len(shown):])
+                sys.stdout.write(text[len(shown) :])
                 sys.stdout.flush()
                 shown = text
+
         t0 = time.perf_counter()
         out = eng.generate(prompts, params, chat=chat, stream=stream)[0]
         dt = time.perf_counter() - t0
         print()
-        print(f"[{len(out.token_ids)} tokens in {dt:.2f}s, prefill {out.prefill_seconds * 1000:.0f} ms, "
-              f"{len(out.token_ids) / dt:.1f} tok/s]", file=sys.stderr)
+        print(
+            f"[{len(out.token_ids)} tokens in {dt:.2f}s, prefill {out.prefill_seconds * 1000:.0f} ms, "
+            f"{len(out.token_ids) / dt:.1f} tok/s]",
+            file=sys.stderr,
+        )
         return 0
     outs = eng.generate(prompts, params, chat=chat)
     for p, o in zip(prompts, outs):
@@ -95,6 +114,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 def cmd_inspect(a: argparse.Namespace) -> int:
     from kiln.report import render_report
     from kiln.runtime.artifact import read_manifest, verify_files
+
     m = read_manifest(a.artifact)
     if a.json:
         print(json.dumps(m, indent=1))
@@ -105,8 +125,11 @@ def cmd_inspect(a: argparse.Namespace) -> int:
         for key, f in m["target"]["mlir_files"].items():
             print(f"- {key}: {f}")
         for e, sig in m["entry_points"].items():
-            args = ", ".join(f"{x['name']}:{x['dtype']}[{','.join(map(str, x['shape']))}]"
-                             for x in sig["args"] if x["kind"] != "weight")
+            args = ", ".join(
+                f"{x['name']}:{x['dtype']}[{','.join(map(str, x['shape']))}]"
+                for x in sig["args"]
+                if x["kind"] != "weight"
+            )
             nw = sum(x["kind"] == "weight" for x in sig["args"])
             print(f"- {e}({args}, +{nw} weights) -> logits, new kv caches")
         print()
@@ -125,23 +148,46 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("build", help="compile a model into an artifact directory")
     b.add_argument("model", help="built-in name (smollm2-135m), a .gguf file, or a transformers folder")
     b.add_argument("-o", "--output", required=True, help="artifact directory to write")
-    b.add_argument("--target", default="cpu", choices=available_targets(),
-                   help="cpu (TVM LLVM), cuda (NVIDIA GPU; built here, run with TVM's runtime), pim (simulated "
-                        "HBM-PIM; runs functionally on the CPU), mlir (torch-mlir)")
+    b.add_argument(
+        "--target",
+        default="cpu",
+        choices=available_targets(),
+        help="cpu (TVM LLVM), cuda (NVIDIA GPU; built here, run with TVM's runtime), pim (simulated "
+        "HBM-PIM; runs functionally on the CPU), mlir (torch-mlir)",
+    )
     b.add_argument("--cuda-arch", default="sm_90a", help="GPU architecture for --target cuda (sm_80, sm_90a, ...)")
-    b.add_argument("--cuda-gemm", default="cublas", choices=["cublas", "tvm"],
-                   help="prefill GEMMs: cuBLAS tensor cores at run time, or TVM's own CUDA-core schedules")
-    b.add_argument("--no-weights", action="store_true", help="build from shapes alone; weights are supplied at "
-                   "load time (Engine(path, weights=...))")
+    b.add_argument(
+        "--cuda-gemm",
+        default="cublas",
+        choices=["cublas", "tvm"],
+        help="prefill GEMMs: cuBLAS tensor cores at run time, or TVM's own CUDA-core schedules",
+    )
+    b.add_argument(
+        "--no-weights",
+        action="store_true",
+        help="build from shapes alone; weights are supplied at load time (Engine(path, weights=...))",
+    )
     b.add_argument("--prune", default=None, help="structured pruning, e.g. heads=0.2,ffn=0.2,layers=2")
     b.add_argument("--sparsify", default=None, help="unstructured ratio (0.5) or pattern (2:4)")
     b.add_argument("--sparsify-method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
-    b.add_argument("--distill-steps", type=int, default=0, help="distillation recovery steps after pruning "
-                   "(on the calibration text)")
-    b.add_argument("--mlir-form", action="append", default=None,
-                   choices=["torch", "linalg-on-tensors", "tosa", "stablehlo"], help="MLIR output form (repeatable)")
-    b.add_argument("--mlir-static", default=None, help="fixed sizes, e.g. batch=1,tokens=128,max_pages=8,pages=64 "
-                   "(tosa needs them)")
+    b.add_argument(
+        "--distill-steps",
+        type=int,
+        default=0,
+        help="distillation recovery steps after pruning (on the calibration text)",
+    )
+    b.add_argument(
+        "--mlir-form",
+        action="append",
+        default=None,
+        choices=["torch", "linalg-on-tensors", "tosa", "stablehlo"],
+        help="MLIR output form (repeatable)",
+    )
+    b.add_argument(
+        "--mlir-static",
+        default=None,
+        help="fixed sizes, e.g. batch=1,tokens=128,max_pages=8,pages=64 (tosa needs them)",
+    )
     b.add_argument("--passes", default="O1", help="pipeline, e.g. O1 or 'canonicalize,fuse-norms,...'")
     b.add_argument("--max-context", type=int, default=None, help="longest sequence the artifact serves")
     b.add_argument("--dump-ir", default=None, help="write the IR after every pass into this folder")
@@ -150,12 +196,20 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--quant-method", default="rtn", choices=["rtn", "awq", "gptq"])
     b.add_argument("--kv-quant", default=None, choices=["int8", "fp8_e4m3"], help="store the KV cache in 8 bits")
     b.add_argument("--w8a8", action="store_true", help="int8 weights and dynamic int8 activations (SmoothQuant)")
-    b.add_argument("--attention", default=None, help="convert attention: gqa:N, mqa, mla:RANK[:ROPE_DIMS] "
-                   "(MLA is activation-aware with --calib)")
-    b.add_argument("--calib", default=None, help="calibration text file (default for awq/gptq/w8a8: the Lee "
-                   "corpus lee.cor)")
-    b.add_argument("--eval", default=None, help="evaluation text file ('lee_background' for the built-in one): "
-                   "lossy passes record perplexity and KL on it")
+    b.add_argument(
+        "--attention",
+        default=None,
+        help="convert attention: gqa:N, mqa, mla:RANK[:ROPE_DIMS] (MLA is activation-aware with --calib)",
+    )
+    b.add_argument(
+        "--calib", default=None, help="calibration text file (default for awq/gptq/w8a8: the Lee corpus lee.cor)"
+    )
+    b.add_argument(
+        "--eval",
+        default=None,
+        help="evaluation text file ('lee_background' for the built-in one): "
+        "lossy passes record perplexity and KL on it",
+    )
     b.set_defaults(fn=cmd_build)
     r = sub.add_parser("run", help="generate text with an artifact")
     r.add_argument("artifact")
@@ -172,12 +226,17 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("artifact")
     i.add_argument("--json", action="store_true", help="print the raw manifest")
     i.add_argument("--verify", action="store_true", help="also check every file's checksum")
-    i.add_argument("--kv-budget", type=float, default=1.0, help="KV-cache memory budget in GiB for the plan "
-                   "(max batch x context per attention variant and KV dtype)")
+    i.add_argument(
+        "--kv-budget",
+        type=float,
+        default=1.0,
+        help="KV-cache memory budget in GiB for the plan (max batch x context per attention variant and KV dtype)",
+    )
     i.set_defaults(fn=cmd_inspect)
     a = p.parse_args(argv)
     from kiln.errors import KilnError
     from kiln.runtime.artifact import ArtifactError
+
     try:
         return a.fn(a)
     except (KilnError, ArtifactError, ValueError) as e:

@@ -5,10 +5,12 @@ means walking it with some arithmetic: Python ints, torch SymInts while exportin
 or TIR expressions while lowering. `eval_dim` is that walk, written once; a back end supplies how a
 constant is made and how floor division is done.
 """
+
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import sympy
 
@@ -17,10 +19,15 @@ class DimError(ValueError):
     """A dimension expression that cannot be evaluated (an unbound symbol, an unsupported form)."""
 
 
-def eval_dim(e: Any, env: Mapping[str, Any], const: Callable[[int], Any] = int,
-             floordiv: Callable[[Any, Any], Any] = operator.floordiv) -> Any:
+def eval_dim(
+    e: Any,
+    env: Mapping[str, Any],
+    const: Callable[[int], Any] = int,
+    floordiv: Callable[[Any, Any], Any] = operator.floordiv,
+) -> Any:
     """Evaluate dim `e` (or a nested list/tuple of dims; other values pass through) with symbols bound by
     name in `env`."""
+
     def ev(x: Any) -> Any:
         if isinstance(x, (list, tuple)):
             return type(x)(ev(y) for y in x)
@@ -56,4 +63,5 @@ def eval_dim(e: Any, env: Mapping[str, Any], const: Callable[[int], Any] = int,
                 out = out * b
             return out
         raise DimError(f"dimension expression {x} has no form over symbolic sizes")
+
     return ev(e)

@@ -12,6 +12,7 @@ and norms. Quantized weights (`qweight` codes, scales and zero points) and buffe
 frequencies stay frozen. A parameter recorded as sparse in `graph.meta["sparsity"]` keeps its zeros:
 its gradient and its value are masked after every step, so a 2:4 or unstructured pattern survives.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,13 +29,19 @@ from .errors import KilnError
 from .ir import Graph, Node
 
 # ops whose parameter inputs are trainable weights (by input name)
-_TRAINABLE_INPUTS = {"linear": ("w", "bias"), "gated_mlp": ("w_gate", "w_up", "w_down"), "embedding": ("w",),
-                     "rms_norm": ("weight",), "layer_norm": ("weight", "bias")}
+_TRAINABLE_INPUTS = {
+    "linear": ("w", "bias"),
+    "gated_mlp": ("w_gate", "w_up", "w_down"),
+    "embedding": ("w",),
+    "rms_norm": ("weight",),
+    "layer_norm": ("weight", "bias"),
+}
 
 
 @dataclass
 class DistillResult:
     """The trained student and what training did. `student` is a new graph; the one passed in is untouched."""
+
     student: Graph
     steps: int
     loss_before: float  # distillation loss on a fixed probe batch, before and after training
@@ -79,13 +86,20 @@ def _token_ids(text: Any, g: Graph) -> torch.Tensor:
     if isinstance(text, str):
         folder = g.meta.get("tokenizer_dir")
         if not folder:
-            raise KilnError("kiln.distill got text but the student graph names no tokenizer: pass token ids "
-                            "(tokenizer(text)['input_ids']), or set student.meta['tokenizer_dir'] to the model's folder")
+            raise KilnError(
+                "kiln.distill got text but the student graph names no tokenizer: pass token ids "
+                "(tokenizer(text)['input_ids']), or set student.meta['tokenizer_dir'] to the model's folder"
+            )
         from transformers import AutoTokenizer
 
         from .calib import read_text
-        return torch.tensor(AutoTokenizer.from_pretrained(folder)(read_text(text) if text in (
-            "lee", "lee.cor", "lee_background", "lee_background.cor") else text)["input_ids"], dtype=torch.long)
+
+        return torch.tensor(
+            AutoTokenizer.from_pretrained(folder)(
+                read_text(text) if text in ("lee", "lee.cor", "lee_background", "lee_background.cor") else text
+            )["input_ids"],
+            dtype=torch.long,
+        )
     raise KilnError(f"kiln.distill: text must be a str, a list of token ids or a tensor, got {type(text).__name__}")
 
 
@@ -93,8 +107,10 @@ def _check_graph(g: Any, who: str) -> None:
     if not isinstance(g, Graph):
         raise KilnError(f"kiln.distill: the {who} must be a kiln Graph (kiln.trace(model)), got {type(g).__name__}")
     if g.find("cached_attention") or any(n.name == "positions" for n in g.inputs):
-        raise KilnError(f"kiln.distill: the {who} is the KV-cached program; distill the full-sequence graph "
-                        "(before the kv-cache pass)")
+        raise KilnError(
+            f"kiln.distill: the {who} is the KV-cached program; distill the full-sequence graph "
+            "(before the kv-cache pass)"
+        )
 
 
 def _hidden_node(g: Graph) -> Node | None:
@@ -103,8 +119,9 @@ def _hidden_node(g: Graph) -> Node | None:
     return o.inputs[0] if o.op == "linear" else None
 
 
-def _forward(model: Any, ids: torch.Tensor, params: dict | None = None, grad: bool = False,
-             hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _forward(
+    model: Any, ids: torch.Tensor, params: dict | None = None, grad: bool = False, hidden: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logits [B, T, V] (and the final hidden state when asked) of a Graph or an nn.Module."""
     if isinstance(model, Graph):
         want = _hidden_node(model) if hidden else None
@@ -113,8 +130,10 @@ def _forward(model: Any, ids: torch.Tensor, params: dict | None = None, grad: bo
         def observe(node, value):
             if node is want:
                 seen["h"] = value
-        out = interp.run(model, {"input_ids": ids}, params=params, grad=grad,
-                         observe=observe if want is not None else None)[0]
+
+        out = interp.run(
+            model, {"input_ids": ids}, params=params, grad=grad, observe=observe if want is not None else None
+        )[0]
         return out, seen.get("h")
     with torch.set_grad_enabled(grad):
         r = model(input_ids=ids, output_hidden_states=hidden) if hidden else model(input_ids=ids)
@@ -128,7 +147,7 @@ def _loss(t_logits, s_logits, t_hidden, s_hidden, temperature: float, hidden_wei
     s = torch.log_softmax(s_logits.float() / T, -1)
     kl = (t.exp() * (t - s)).sum(-1).mean() * T * T
     if hidden_weight and t_hidden is not None and s_hidden is not None:
-        kl = kl + hidden_weight * ((s_hidden - t_hidden) ** 2).mean() / (t_hidden ** 2).mean().clamp_min(1e-8)
+        kl = kl + hidden_weight * ((s_hidden - t_hidden) ** 2).mean() / (t_hidden**2).mean().clamp_min(1e-8)
     return kl
 
 
@@ -147,14 +166,27 @@ def _eval_windows(eval_tokens: Any, seq_len: int) -> list[list[int]] | None:
         return None
     if isinstance(eval_tokens, (list, tuple)) and eval_tokens and isinstance(eval_tokens[0], (list, tuple)):
         return [list(map(int, w)) for w in eval_tokens]
-    flat = [int(t) for t in (eval_tokens.reshape(-1).tolist() if isinstance(eval_tokens, torch.Tensor) else eval_tokens)]
+    flat = [
+        int(t) for t in (eval_tokens.reshape(-1).tolist() if isinstance(eval_tokens, torch.Tensor) else eval_tokens)
+    ]
     length = min(256, len(flat))
-    return [flat[i:i + length] for i in range(0, len(flat) - length + 1, length)]
+    return [flat[i : i + length] for i in range(0, len(flat) - length + 1, length)]
 
 
-def distill(teacher: Any, student: Graph, text: Any, steps: int = 50, *, seq_len: int = 128, batch: int = 4,
-            lr: float = 1e-4, temperature: float = 2.0, hidden_weight: float = 0.0, seed: int = 0,
-            eval_tokens: Any = None) -> DistillResult:
+def distill(
+    teacher: Any,
+    student: Graph,
+    text: Any,
+    steps: int = 50,
+    *,
+    seq_len: int = 128,
+    batch: int = 4,
+    lr: float = 1e-4,
+    temperature: float = 2.0,
+    hidden_weight: float = 0.0,
+    seed: int = 0,
+    eval_tokens: Any = None,
+) -> DistillResult:
     """Train `student` on `teacher`'s soft labels for `steps` AdamW steps of `batch` windows of `seq_len`
     tokens drawn (seeded) from `text`.
 
@@ -171,19 +203,25 @@ def distill(teacher: Any, student: Graph, text: Any, steps: int = 50, *, seq_len
     elif not isinstance(teacher, torch.nn.Module):
         raise KilnError(f"kiln.distill: the teacher must be a kiln Graph or an nn.Module, got {type(teacher).__name__}")
     if int(steps) < 0 or int(seq_len) < 2 or int(batch) < 1:
-        raise KilnError(f"kiln.distill: need steps >= 0, seq_len >= 2 and batch >= 1 (got steps={steps}, "
-                        f"seq_len={seq_len}, batch={batch})")
+        raise KilnError(
+            f"kiln.distill: need steps >= 0, seq_len >= 2 and batch >= 1 (got steps={steps}, "
+            f"seq_len={seq_len}, batch={batch})"
+        )
     if temperature <= 0:
         raise KilnError(f"kiln.distill: temperature must be positive, got {temperature}")
     t0 = time.perf_counter()
     ids = _token_ids(text, student)
     if ids.numel() < seq_len + 1:
-        raise KilnError(f"kiln.distill: the text has {ids.numel()} tokens, fewer than seq_len={seq_len}; give more "
-                        "text or a shorter seq_len")
+        raise KilnError(
+            f"kiln.distill: the text has {ids.numel()} tokens, fewer than seq_len={seq_len}; give more "
+            "text or a shorter seq_len"
+        )
     names, frozen = trainable_params(student)
     if not names:
-        raise KilnError("kiln.distill: the student has no float weights to train (all quantized?); distill before "
-                        "quantize-weights, then quantize the trained student")
+        raise KilnError(
+            "kiln.distill: the student has no float weights to train (all quantized?); distill before "
+            "quantize-weights, then quantize the trained student"
+        )
     g = student.copy()
     params = dict(g.params)
     masks = {}
@@ -199,7 +237,7 @@ def distill(teacher: Any, student: Graph, text: Any, steps: int = 50, *, seq_len
 
     def sample() -> torch.Tensor:
         starts = torch.randint(0, ids.numel() - seq_len + 1, (batch,), generator=gen)
-        return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+        return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
 
     def teacher_out(x):
         with torch.no_grad():
@@ -213,6 +251,7 @@ def distill(teacher: Any, student: Graph, text: Any, steps: int = 50, *, seq_len
         with torch.no_grad():
             sl, sh = _forward(g, probe, params=params, hidden=hidden)
             return float(_loss(*probe_t[:1], sl, probe_t[1], sh, temperature, hidden_weight))
+
     windows = _eval_windows(eval_tokens, seq_len)
     ppl_before = _perplexity(g, windows) if windows else None
     teacher_ppl = _perplexity(teacher, windows) if windows else None
@@ -236,12 +275,32 @@ def distill(teacher: Any, student: Graph, text: Any, steps: int = 50, *, seq_len
         g.params[name] = params[name].detach().to(student.params[name].dtype).contiguous()
     loss_after = probe_loss() if steps else loss_before
     ppl_after = _perplexity(g, windows) if windows else None
-    cfg = {"steps": int(steps), "seq_len": int(seq_len), "batch": int(batch), "lr": lr, "temperature": temperature,
-           "hidden_weight": hidden_weight, "seed": int(seed)}
-    g.meta.setdefault("distill", []).append(dict(cfg, loss_before=round(loss_before, 6), loss_after=round(loss_after, 6)))
-    return DistillResult(g, int(steps), loss_before, loss_after, ppl_before, ppl_after, teacher_ppl,
-                         round(time.perf_counter() - t0, 3), history, sum(int(params[n].numel()) for n in names),
-                         frozen, cfg)
+    cfg = {
+        "steps": int(steps),
+        "seq_len": int(seq_len),
+        "batch": int(batch),
+        "lr": lr,
+        "temperature": temperature,
+        "hidden_weight": hidden_weight,
+        "seed": int(seed),
+    }
+    g.meta.setdefault("distill", []).append(
+        dict(cfg, loss_before=round(loss_before, 6), loss_after=round(loss_after, 6))
+    )
+    return DistillResult(
+        g,
+        int(steps),
+        loss_before,
+        loss_after,
+        ppl_before,
+        ppl_after,
+        teacher_ppl,
+        round(time.perf_counter() - t0, 3),
+        history,
+        sum(int(params[n].numel()) for n in names),
+        frozen,
+        cfg,
+    )
 
 
 # `kiln.distill` names both this module and the function: importing the module makes the package

@@ -4,6 +4,7 @@ The kv-cache pass declares them (`prefill`: batch 1, any length; `decode`: one t
 `verify`: several tokens per sequence with logits for all of them). A target may add its own (cuda's
 `decode_batched`). Flags say how a function differs beyond its dims, so they never ride in the dims.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -28,5 +29,8 @@ class EntryPoint:
 
 def default_entry_points() -> dict[str, EntryPoint]:
     """What kv-cache derives: prefill, decode and verify."""
-    return {"prefill": EntryPoint("prefill", {"batch": 1}), "decode": EntryPoint("decode", {"tokens": 1}),
-            "verify": EntryPoint("verify", {}, all_logits=True)}
+    return {
+        "prefill": EntryPoint("prefill", {"batch": 1}),
+        "decode": EntryPoint("decode", {"tokens": 1}),
+        "verify": EntryPoint("verify", {}, all_logits=True),
+    }

@@ -3,6 +3,7 @@
 `KilnError` and `ArtifactError` are defined by the runtime (kiln.runtime.errors), which cannot import
 the compile side; they are re-exported here so compile-side code has one place to import errors from.
 """
+
 from __future__ import annotations
 
 from kiln.runtime.errors import ArtifactError, KilnError
@@ -14,8 +15,10 @@ class UnsupportedOpError(KilnError):
     def __init__(self, op: str, source: str | None, detail: str = "", hint: str | None = None) -> None:
         self.op, self.source = op, source
         where = f" at {source}" if source else " (no model source line recorded)"
-        hint = hint or ("kiln's tracer has no conversion for it: add one to the table in compiler/trace.py, "
-                        "or change the model to use a supported op")
+        hint = hint or (
+            "kiln's tracer has no conversion for it: add one to the table in compiler/trace.py, "
+            "or change the model to use a supported op"
+        )
         super().__init__(f"unsupported op {op}{where}{': ' + detail if detail else ''}. {hint}")
 
 

@@ -1,7 +1,9 @@
 """Reference interpreter: runs any kiln graph op by op in torch eager. The oracle for pass tests."""
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import sympy
 import torch
@@ -45,8 +47,16 @@ def reference_step(ctx: Any, node: Node, x: list) -> Any:
     return OPS[node.op].ref(ctx, x, node.attrs)
 
 
-def execute(graph: Graph, inputs: dict[str, Any], params: dict[str, Any], ctx: Any, step: Step = reference_step,
-            observe: Callable | None = None, free: bool = True, only: set[Node] | None = None) -> dict[Node, Any]:
+def execute(
+    graph: Graph,
+    inputs: dict[str, Any],
+    params: dict[str, Any],
+    ctx: Any,
+    step: Step = reference_step,
+    observe: Callable | None = None,
+    free: bool = True,
+    only: set[Node] | None = None,
+) -> dict[Node, Any]:
     """The one op-by-op loop: every node's value from its inputs' values through `step` (the reference
     semantics, or a back end's overrides such as the MLIR program's functional paged cache). With
     `free`, a value is dropped after its last use (outputs stay); `only` restricts to a set of nodes.
@@ -73,8 +83,9 @@ def execute(graph: Graph, inputs: dict[str, Any], params: dict[str, Any], ctx: A
             except Exception as e:  # name the node: a bare torch error says nothing of where
                 if isinstance(e, KilnError):
                     raise
-                raise RuntimeError(f"interpreter failed at {node.name} = {node.op}"
-                                   f"({', '.join(i.name for i in node.inputs)}): {e}") from e
+                raise RuntimeError(
+                    f"interpreter failed at {node.name} = {node.op}({', '.join(i.name for i in node.inputs)}): {e}"
+                ) from e
             if observe is not None:
                 observe(node, values[node])
         if free:
@@ -84,8 +95,14 @@ def execute(graph: Graph, inputs: dict[str, Any], params: dict[str, Any], ctx: A
     return values
 
 
-def run(graph: Graph, inputs: dict[str, torch.Tensor], params: dict[str, torch.Tensor] | None = None,
-        return_env: bool = False, observe=None, grad: bool = False) -> list[torch.Tensor] | tuple[list[torch.Tensor], dict]:
+def run(
+    graph: Graph,
+    inputs: dict[str, torch.Tensor],
+    params: dict[str, torch.Tensor] | None = None,
+    return_env: bool = False,
+    observe=None,
+    grad: bool = False,
+) -> list[torch.Tensor] | tuple[list[torch.Tensor], dict]:
     """Execute `graph` on named inputs; returns the outputs (in order).
 
     `observe(node, value)` sees every computed value (calibration); unless `return_env`, values are
@@ -105,6 +122,7 @@ __all__ = ["run", "bind_dims", "execute", "reference_step", "sympy"]
 def evaluate_subgraph(graph: Graph, node: Node, dims: dict[str, int]) -> torch.Tensor:
     """Evaluate one node whose ancestors read no graph inputs, with symbolic dims bound by name."""
     from .ir import sym
+
     anc = graph.ancestors(node) | {node}
     if any(n.op == "input" for n in anc):
         raise ValueError(f"%{node.name} depends on graph inputs")

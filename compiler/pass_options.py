@@ -1,6 +1,7 @@
 """kiln.compile's short options that add passes to a pipeline: `attention=`, `prune=`, `sparsify=`,
 `quant=` / `kv_quant=` / `w8a8=`. Each parser turns its option into pass steps; where they go in the
 pipeline is decided by the phases the passes declare (see kiln.pipeline.insert_passes)."""
+
 from __future__ import annotations
 
 from .errors import PassError
@@ -8,7 +9,7 @@ from .pipeline import Step, check_pipeline, insert_passes, parse_pipeline, parse
 
 
 def attention_steps(spec: str) -> list[Step]:
-    """"gqa:N" / "mqa" -> convert-gqa{kv_heads=N}; "mla:R" or "mla:R:ROPE_DIMS" -> convert-mla{rank=R,...}."""
+    """ "gqa:N" / "mqa" -> convert-gqa{kv_heads=N}; "mla:R" or "mla:R:ROPE_DIMS" -> convert-mla{rank=R,...}."""
     parts = spec.lower().split(":")
     try:
         if parts[0] in ("gqa", "mqa") and len(parts) <= 2:
@@ -34,37 +35,58 @@ def pruning_steps(prune: str | None = None, sparsify: str | None = None, method:
             for item in prune.split(","):
                 k, _, v = item.partition("=")
                 if k.strip() not in short or not v:
-                    raise PassError(f"prune={prune!r}: expected items like heads=0.2, ffn=0.2, layers=2, or pass names "
-                                    "like prune-heads{ratio=0.2}")
+                    raise PassError(
+                        f"prune={prune!r}: expected items like heads=0.2, ffn=0.2, layers=2, or pass names "
+                        "like prune-heads{ratio=0.2}"
+                    )
                 name, key = short[k.strip()]
                 add.append((name, {key: parse_value(v.strip())}))
             add.sort(key=lambda s: s[0] != "prune-layers")
     if sparsify:
         s = str(sparsify)
-        add.append(("sparsify", {"pattern": s, "method": method} if ":" in s else
-                    {"ratio": parse_value(s), "method": method}))
+        add.append(
+            ("sparsify", {"pattern": s, "method": method} if ":" in s else {"ratio": parse_value(s), "method": method})
+        )
     return add
 
 
-def quantization_steps(quant: str | None = None, method: str = "rtn", kv: str | None = None,
-                       activations: bool = False, lm_head: str = "same") -> list[Step]:
+def quantization_steps(
+    quant: str | None = None,
+    method: str = "rtn",
+    kv: str | None = None,
+    activations: bool = False,
+    lm_head: str = "same",
+) -> list[Step]:
     """W8A8 (`activations`, which then quantizes the weights too) or weights under scheme `quant`
     (`method` rtn|awq|gptq, `lm_head` none|same|<scheme>); then the KV cache as `kv`."""
     add: list[Step] = []
     if activations:
         add.append(("quantize-activations", {}))
     elif quant:
-        add.append(("quantize-weights", {"scheme": quant, "method": method,
-                                         **({"lm_head": lm_head} if lm_head != "same" else {})}))
+        add.append(
+            (
+                "quantize-weights",
+                {"scheme": quant, "method": method, **({"lm_head": lm_head} if lm_head != "same" else {})},
+            )
+        )
     if kv:
         add.append(("quantize-kv", {"dtype": kv}))
     return add
 
 
-def build_pipeline(passes: str, *, attention: str | None = None, prune: str | None = None,
-                   sparsify: str | None = None, sparsify_method: str = "wanda", quant: str | None = None,
-                   quant_method: str = "rtn", kv_quant: str | None = None, w8a8: bool = False,
-                   lm_head: str = "same") -> str:
+def build_pipeline(
+    passes: str,
+    *,
+    attention: str | None = None,
+    prune: str | None = None,
+    sparsify: str | None = None,
+    sparsify_method: str = "wanda",
+    quant: str | None = None,
+    quant_method: str = "rtn",
+    kv_quant: str | None = None,
+    w8a8: bool = False,
+    lm_head: str = "same",
+) -> str:
     """`passes` with the passes the options ask for, checked for a freshly traced graph so that a bad
     pipeline is refused before the model is traced. Without options `passes` comes back as written
     (O1 stays O1 in the manifest)."""

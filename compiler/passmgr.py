@@ -1,5 +1,6 @@
 """Pass manager: runs a checked pipeline (see kiln.pipeline) with verification, rewrite counters,
 per-pass records and IR dumps."""
+
 from __future__ import annotations
 
 import os
@@ -60,6 +61,7 @@ class PassManager:
     def run(self, graph: Graph, pipeline: str) -> Graph:
         """Check the whole pipeline against the graph's pass history, then run it pass by pass."""
         from kiln.passes import REGISTRY, run_counted
+
         steps = parse_pipeline(pipeline)
         history = list(graph.meta.get(HISTORY, []))
         check_pipeline(steps, history)
@@ -86,9 +88,22 @@ class PassManager:
             after_stats = out.stats()
             extra = self._evaluate(graph, out) if not info.exact else {}
             extra.update(out.meta.pop("pass_extra", {}))  # what the pass itself reports (pruning shapes ...)
-            self.records.append(PassRecord(name, params, info.exact, counts, before["nodes"], after_stats["nodes"],
-                                           before["param_bytes"], after_stats["param_bytes"], f0,
-                                           flops_per_token(out), round(dt, 4), extra))
+            self.records.append(
+                PassRecord(
+                    name,
+                    params,
+                    info.exact,
+                    counts,
+                    before["nodes"],
+                    after_stats["nodes"],
+                    before["param_bytes"],
+                    after_stats["param_bytes"],
+                    f0,
+                    flops_per_token(out),
+                    round(dt, 4),
+                    extra,
+                )
+            )
             done.append(name)
             history.append(name)
             out.meta[HISTORY] = list(history)
@@ -104,19 +119,25 @@ class PassManager:
         if not tokens or after.find("cached_attention"):
             return {}
         from .calib import perplexity_and_kl
+
         if self._ref is None:
             self._ppl0, _, self._ref = perplexity_and_kl(before, tokens)
         ppl, kl, _ = perplexity_and_kl(after, tokens, self._ref)
-        return {"eval_tokens": sum(len(w) for w in tokens), "perplexity_before": round(self._ppl0, 4),
-                "perplexity_after": round(ppl, 4), "kl_to_reference": round(kl, 6)}
+        return {
+            "eval_tokens": sum(len(w) for w in tokens),
+            "perplexity_before": round(self._ppl0, 4),
+            "perplexity_after": round(ppl, 4),
+            "kl_to_reference": round(kl, 6),
+        }
 
     def _dump(self, i: int, name: str, g: Graph) -> None:
         with open(os.path.join(self.dump_ir, f"{i:02d}-{name}.txt"), "w") as f:
             f.write(str(g) + "\n")
 
 
-def run_pipeline(graph: Graph, pipeline: str, verify_each: bool = True,
-                 dump_ir: str | None = None) -> tuple[Graph, list[PassRecord]]:
+def run_pipeline(
+    graph: Graph, pipeline: str, verify_each: bool = True, dump_ir: str | None = None
+) -> tuple[Graph, list[PassRecord]]:
     pm = PassManager(verify_each, dump_ir)
     g = pm.run(graph, pipeline)
     return g, pm.records

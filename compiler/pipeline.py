@@ -4,10 +4,12 @@ checking a pipeline against what its passes declare (parameters, required passes
 Where a pass goes and what it needs is declared where the pass is registered (`kiln.passes.register`);
 nothing here knows pass names, so a new pass needs no edit in this file.
 """
+
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from .errors import PassError
 
@@ -65,6 +67,7 @@ def parse_value(v: str) -> Any:
 def _registry() -> dict:
     # imported when first needed: kiln.passes imports every pass (and torch) as it registers them
     from kiln.passes import REGISTRY
+
     return REGISTRY
 
 
@@ -80,14 +83,17 @@ def insert_passes(pipeline: str | Sequence[Step], steps: Iterable[Step]) -> str:
     one phase keep the order given. Passes without a phase (canonicalize) run wherever they are written
     and are not placed."""
     from kiln.passes import PHASES
+
     rank = {p: i for i, p in enumerate(PHASES)}
     out = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline)
     for name, params in steps:
         _check_known(name)
         phase = phase_of(name)
         if phase is None:
-            raise PassError(f"pass '{name}' has no phase, so it has no place of its own: write it into the "
-                            f"pipeline where it should run")
+            raise PassError(
+                f"pass '{name}' has no phase, so it has no place of its own: write it into the "
+                f"pipeline where it should run"
+            )
         later = [i for i, (n, _) in enumerate(out) if (p := phase_of(n)) is not None and rank[p] > rank[phase]]
         out.insert(later[0] if later else len(out), (name, params))
     return format_pipeline(out)
@@ -110,13 +116,17 @@ def check_pipeline(steps: Sequence[Step], history: Sequence[str] = ()) -> None:
         if i >= len(history):
             for req in info.requires:
                 if req not in replaced:
-                    done = [n for n, _ in steps[:i - len(history)]]
+                    done = [n for n, _ in steps[: i - len(history)]]
                     ran = f" (before it: {', '.join(done)})" if done else ""
-                    raise PassError(f"pass '{name}' requires '{req}', which has not run on this graph{ran}: add "
-                                    f"{req} before {name} in the pipeline")
+                    raise PassError(
+                        f"pass '{name}' requires '{req}', which has not run on this graph{ran}: add "
+                        f"{req} before {name} in the pipeline"
+                    )
                 if replaced[req] is not None:
-                    raise PassError(f"pass '{name}' requires '{req}', but '{replaced[req]}' has since replaced "
-                                    f"what {req} made: place {name} before {replaced[req]}")
+                    raise PassError(
+                        f"pass '{name}' requires '{req}', but '{replaced[req]}' has since replaced "
+                        f"what {req} made: place {name} before {replaced[req]}"
+                    )
         replaced[name] = None
         for gone in info.invalidates:
             if gone in replaced:
@@ -138,5 +148,6 @@ def check_params(name: str, params: dict[str, Any]) -> None:
 def _check_known(name: str) -> None:
     registry = _registry()
     if name not in registry:
-        raise PassError(f"unknown pass '{name}'; known passes: {', '.join(sorted(registry))}; "
-                        f"pipelines: {', '.join(PIPELINES)}")
+        raise PassError(
+            f"unknown pass '{name}'; known passes: {', '.join(sorted(registry))}; pipelines: {', '.join(PIPELINES)}"
+        )

@@ -1,4 +1,5 @@
 """Readable, diffable text form of a kiln graph."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -29,10 +30,14 @@ def _is_default(v: Any, d: Any) -> bool:
 
 def print_node(n: Node) -> str:
     from .ops import OPS
+
     # attributes at their default are left out: Graph.add fills them in, the text need not repeat them
     defaults = OPS[n.op].defaults() if n.op in OPS else {}
-    attrs = {k: v for k, v in n.attrs.items() if k not in ("out_type", "args", "kwargs")
-             and not (k in defaults and _is_default(v, defaults[k]))}
+    attrs = {
+        k: v
+        for k, v in n.attrs.items()
+        if k not in ("out_type", "args", "kwargs") and not (k in defaults and _is_default(v, defaults[k]))
+    }
     a = ", ".join(f"{k}={_attr(v)}" for k, v in attrs.items())
     args = ", ".join(f"%{i.name}" for i in n.inputs)
     inner = ", ".join(x for x in (args, a) if x)

@@ -22,6 +22,7 @@ Importance of a slice, summed over the weights of a group:
   Ma et al., 2023).
 Layers rank by block influence, 1 - cos(input, output) of the block (ShortGPT, Men et al., 2024).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ _CHANNELWISE = ops_of_kind("unary", "elementwise")
 @dataclass
 class Slice:
     """Slices of `param` along `axis`: channel c owns indices [c*width, (c+1)*width)."""
+
     param: str
     axis: int
     width: int = 1
@@ -49,6 +51,7 @@ class Slice:
 @dataclass
 class ChannelGroup:
     """FFN channels: every slice shrinks together."""
+
     layer: int
     size: int
     slices: list[Slice]
@@ -58,6 +61,7 @@ class ChannelGroup:
 @dataclass
 class HeadGroup:
     """One attention op's heads: query slices (per query head) and KV slices (per KV head)."""
+
     layer: int
     attention: Node
     heads: int
@@ -69,6 +73,7 @@ class HeadGroup:
 
 
 # -- dependency analysis ---------------------------------------------------------------------------
+
 
 def _linear_w(n: Node) -> bool:
     return n.op == "linear" and n.inputs[1].op == "param"
@@ -143,8 +148,10 @@ def _chain_back(x: Node, users: dict, stop: Node) -> tuple[Node, list[Node]]:
             chain.append(x)
             stop, x = x, x.inputs[0]
         else:
-            raise PassError(f"head pruning: cannot follow %{x.name} = {x.op} back to a q/k/v projection "
-                            f"(from {x.source}); kiln prunes heads of separate q/k/v linear layers")
+            raise PassError(
+                f"head pruning: cannot follow %{x.name} = {x.op} back to a q/k/v projection "
+                f"(from {x.source}); kiln prunes heads of separate q/k/v linear layers"
+            )
     return x, chain
 
 
@@ -162,8 +169,10 @@ def head_groups(g: Graph) -> list[HeadGroup]:
         for which, x in (("q", q), ("kv", k), ("kv", v)):
             lin, chain = _chain_back(x, users, a)
             if int(lin.type.shape[-1]) != (H if which == "q" else Hkv) * D:
-                raise PassError(f"head pruning: projection %{lin.name} has {lin.type.shape[-1]} outputs, not heads x "
-                                f"head_dim = {(H if which == 'q' else Hkv) * D}")
+                raise PassError(
+                    f"head pruning: projection %{lin.name} has {lin.type.shape[-1]} outputs, not heads x "
+                    f"head_dim = {(H if which == 'q' else Hkv) * D}"
+                )
             dst = group.q if which == "q" else group.kv
             dst.append(Slice(lin.inputs[1].attrs["name"], 0, D, lin))
             if lin.input("bias") is not None:
@@ -176,8 +185,10 @@ def head_groups(g: Graph) -> list[HeadGroup]:
         while o is None:
             us = users.get(x, [])
             if len(us) != 1:
-                raise PassError(f"head pruning: the attention output %{x.name} has {len(us)} users; expected one path "
-                                "to the output projection")
+                raise PassError(
+                    f"head pruning: the attention output %{x.name} has {len(us)} users; expected one path "
+                    "to the output projection"
+                )
             u = us[0]
             if _linear_w(u) and u.inputs[0] is x:
                 o = u
@@ -224,15 +235,19 @@ def layer_blocks(g: Graph) -> list[Block]:
     while i + 1 < len(stream):
         delta = g.ancestors(stream[i + 1]) - g.ancestors(stream[i]) - {stream[i]}
         if not (delta & atts):
-            raise PassError(f"layer pruning: residual add %{stream[i + 1].name} does not follow an attention sublayer; "
-                            "kiln removes layers of sequential attention + MLP blocks")
+            raise PassError(
+                f"layer pruning: residual add %{stream[i + 1].name} does not follow an attention sublayer; "
+                "kiln removes layers of sequential attention + MLP blocks"
+            )
         if i + 2 >= len(stream):
             raise PassError("layer pruning: the last attention sublayer has no MLP sublayer after it")
         blocks.append(Block(len(blocks), stream[i], stream[i + 2]))
         i += 2
     if len(blocks) != len(atts):
-        raise PassError(f"layer pruning: found {len(blocks)} residual blocks for {len(atts)} attention ops; the model "
-                        "does not have the sequential residual structure kiln can remove layers from")
+        raise PassError(
+            f"layer pruning: found {len(blocks)} residual blocks for {len(atts)} attention ops; the model "
+            "does not have the sequential residual structure kiln can remove layers from"
+        )
     return blocks
 
 
@@ -244,6 +259,7 @@ CRITERIA = ("magnitude", "wanda", "taylor")
 @dataclass
 class Evidence:
     """What the criteria read: input norms of linear layers, gradients of parameters."""
+
     norms: dict[Node, torch.Tensor] = field(default_factory=dict)
     grads: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -256,9 +272,11 @@ def gather_evidence(g: Graph, criterion: str, readers: list[Node], windows: int 
         return ev
     tokens = g.meta.get("calib_tokens")
     if not tokens:
-        raise PassError(f"criterion={criterion} reads calibration text: pass calib=... to kiln.compile (--calib on the "
-                        "command line), or use criterion=magnitude")
-    tokens = tokens[:int(windows)]
+        raise PassError(
+            f"criterion={criterion} reads calibration text: pass calib=... to kiln.compile (--calib on the "
+            "command line), or use criterion=magnitude"
+        )
+    tokens = tokens[: int(windows)]
     if criterion == "wanda":
         want = {r.inputs[0]: r for r in readers}
         sq: dict[Node, torch.Tensor] = {}
@@ -267,6 +285,7 @@ def gather_evidence(g: Graph, criterion: str, readers: list[Node], windows: int 
             if node in want:
                 s = value.detach().reshape(-1, value.shape[-1]).float().pow(2).sum(0)
                 sq[node] = sq[node] + s if node in sq else s
+
         for w in tokens:
             interp.run(g, {"input_ids": torch.tensor([w])}, observe=observe)
         ev.norms = {r: sq[r.inputs[0]].sqrt() for r in readers}
@@ -303,6 +322,7 @@ def group_scores(g: Graph, slices: list[Slice], ev: Evidence, criterion: str) ->
 
 # -- rewriting -------------------------------------------------------------------------------------
 
+
 def keep_slices(g: Graph, s: Slice, keep: list[int]) -> None:
     """Keep only channels `keep` of slice `s` (copy-on-write; the param node's type follows)."""
     t = g.params[s.param]
@@ -317,17 +337,20 @@ def block_influence(g: Graph, blocks: list[Block], windows: int = 4) -> list[flo
     """1 - mean cosine similarity between each block's input and output hidden states."""
     tokens = g.meta.get("calib_tokens")
     if not tokens:
-        raise PassError("prune-layers reads calibration text to measure block influence: pass calib=... to "
-                        "kiln.compile (--calib on the command line)")
+        raise PassError(
+            "prune-layers reads calibration text to measure block influence: pass calib=... to "
+            "kiln.compile (--calib on the command line)"
+        )
     want = {b.input for b in blocks} | {b.output for b in blocks}
     sims = [0.0] * len(blocks)
     count = 0
-    for w in tokens[:int(windows)]:
+    for w in tokens[: int(windows)]:
         seen: dict[Node, torch.Tensor] = {}
 
         def observe(node, value):
             if node in want:
                 seen[node] = value.detach().reshape(-1, value.shape[-1]).float()
+
         interp.run(g, {"input_ids": torch.tensor([w])}, observe=observe)
         for i, b in enumerate(blocks):
             sims[i] += float(torch.nn.functional.cosine_similarity(seen[b.input], seen[b.output], dim=-1).sum())
@@ -341,20 +364,27 @@ def parse_ratio(ratio, layers: int, who: str) -> list[float] | float:
     try:
         vals = [float(x) for x in items]
     except ValueError:
-        raise PassError(f"{who}: ratio must be a number in [0, 1) or one per layer like 0.1/0.3, got {ratio!r}") from None
+        raise PassError(
+            f"{who}: ratio must be a number in [0, 1) or one per layer like 0.1/0.3, got {ratio!r}"
+        ) from None
     for v in vals:
         if not 0.0 <= v < 1.0:
-            raise PassError(f"{who}: ratio {v} is outside [0, 1); 0 keeps everything, and a ratio of 1 would remove "
-                            "every unit (to drop whole layers use prune-layers)")
+            raise PassError(
+                f"{who}: ratio {v} is outside [0, 1); 0 keeps everything, and a ratio of 1 would remove "
+                "every unit (to drop whole layers use prune-layers)"
+            )
     if len(vals) == 1 and not isinstance(ratio, str) or len(vals) == 1 and "/" not in str(ratio):
         return vals[0]
     if len(vals) != layers:
-        raise PassError(f"{who}: {len(vals)} per-layer ratios for {layers} layers; give one per layer or a single ratio")
+        raise PassError(
+            f"{who}: {len(vals)} per-layer ratios for {layers} layers; give one per layer or a single ratio"
+        )
     return vals
 
 
-def counts_to_remove(unit_scores: list[torch.Tensor], ratio, unit_cost: list[int], total: list[int],
-                     scope: str, who: str) -> list[int]:
+def counts_to_remove(
+    unit_scores: list[torch.Tensor], ratio, unit_cost: list[int], total: list[int], scope: str, who: str
+) -> list[int]:
     """How many units (lowest scores first) each layer loses. `unit_scores[l]` is ascending over the
     removable units of layer l; `unit_cost[l]` is the channels or heads one unit holds."""
     L = len(unit_scores)

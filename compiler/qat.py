@@ -1,10 +1,11 @@
 """Quantization-aware training: fake-quantize a PyTorch model's linear weights for fine-tuning.
 
-    model = kiln.qat.prepare(model, "int4_g128")   # linear weights pass through fake quantization
-    ... fine-tune model as usual (straight-through gradients) ...
-    art = kiln.compile(model)                       # compiles with exactly the same scheme (RTN codes
-                                                    # of the trained weights: the forward you trained)
+model = kiln.qat.prepare(model, "int4_g128")   # linear weights pass through fake quantization
+... fine-tune model as usual (straight-through gradients) ...
+art = kiln.compile(model)                       # compiles with exactly the same scheme (RTN codes
+                                                # of the trained weights: the forward you trained)
 """
+
 from __future__ import annotations
 
 import copy
@@ -27,8 +28,9 @@ class FakeQuant(torch.nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             s, z = params_for(w.detach().float(), self.scheme)
-            wq = dequantize(quantize_with(w.detach().float(), s, z, self.scheme), s, z,
-                            self.scheme.group_for(w.shape[1])).to(w.dtype)
+            wq = dequantize(
+                quantize_with(w.detach().float(), s, z, self.scheme), s, z, self.scheme.group_for(w.shape[1])
+            ).to(w.dtype)
         return w + (wq - w).detach()
 
 

@@ -4,6 +4,7 @@ A weight [N, K] becomes integer codes q [N, K], scales s [N, K/group] and (asymm
 z [N, K/group], with dequantized value (q - z) * s. Symmetric schemes fix z = 2^(bits-1), so codes
 are always unsigned and in [0, 2^bits - 1]. group = 0 means one group per output channel.
 """
+
 from __future__ import annotations
 
 import re
@@ -17,6 +18,7 @@ from .errors import KilnError
 @dataclass(frozen=True)
 class WeightQuant:
     """Weight-only integer quantization scheme, recorded in the manifest by name and version."""
+
     name: str
     bits: int
     group: int  # 0 = per output channel
@@ -39,8 +41,10 @@ def parse_scheme(name: str) -> WeightQuant:
     most int4 checkpoints); `_sym` / `_asym` override."""
     m = re.fullmatch(r"int([2-8])(?:_g(\d+))?(_sym|_asym)?", name.strip())
     if not m:
-        raise KilnError(f"unknown quantization scheme '{name}': use int8, int4_g128, int4_g32_sym, int4_sym, "
-                        "int3_g64 ... (int<bits>[_g<group>][_sym|_asym])")
+        raise KilnError(
+            f"unknown quantization scheme '{name}': use int8, int4_g128, int4_g32_sym, int4_sym, "
+            "int3_g64 ... (int<bits>[_g<group>][_sym|_asym])"
+        )
     bits, group = int(m.group(1)), int(m.group(2) or 0)
     sym = (m.group(3) == "_sym") if m.group(3) else group == 0
     return WeightQuant(name.strip(), bits, group, sym)
@@ -60,8 +64,9 @@ def _grouped(w: torch.Tensor, g: int) -> torch.Tensor:
     return w.reshape(n, (k + pad) // g, g)
 
 
-def params_for(w: torch.Tensor, scheme: WeightQuant, clip: torch.Tensor | float = 1.0
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def params_for(
+    w: torch.Tensor, scheme: WeightQuant, clip: torch.Tensor | float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Scales and zero points [N, G] from the weight's range in each group (round to nearest),
     optionally shrunk by a clip ratio (scalar or [N, G])."""
     wg = _grouped(w, scheme.group_for(w.shape[1]))
@@ -95,8 +100,15 @@ def rtn(w: torch.Tensor, scheme: WeightQuant) -> tuple[torch.Tensor, torch.Tenso
     return quantize_with(w, s, z, scheme).to(torch.uint8), s, z
 
 
-def gptq(w: torch.Tensor, H: torch.Tensor, scheme: WeightQuant, block: int = 128, damp: float = 0.01,
-         act_order: bool = True, X: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def gptq(
+    w: torch.Tensor,
+    H: torch.Tensor,
+    scheme: WeightQuant,
+    block: int = 128,
+    damp: float = 0.01,
+    act_order: bool = True,
+    X: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ (Frantar et al., 2023): quantize columns one by one and push each column's rounding error
     onto the columns not yet quantized, weighted by the inverse Hessian H = X^T X of the layer's
     calibration inputs. With act_order, columns go in order of decreasing H diagonal (largest
@@ -134,9 +146,12 @@ def gptq(w: torch.Tensor, H: torch.Tensor, scheme: WeightQuant, block: int = 128
     return Q[:, torch.argsort(perm)].to(torch.uint8), S, Z
 
 
-def clip_search(w: torch.Tensor, X: torch.Tensor | None, scheme: WeightQuant,
-                ratios: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def clip_search(
+    w: torch.Tensor,
+    X: torch.Tensor | None,
+    scheme: WeightQuant,
+    ratios: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5),
+) -> tuple[torch.Tensor, torch.Tensor]:
     """AWQ's weight clipping: for every (output channel, group), the range ratio whose quantized
     weights give the smallest error on the calibration inputs X [S, K]. Returns scales and zeros."""
     if X is None or X.shape[0] == 0:
@@ -156,8 +171,9 @@ def clip_search(w: torch.Tensor, X: torch.Tensor | None, scheme: WeightQuant,
     return best_s, best_z
 
 
-def awq_scales(ws: list[torch.Tensor], x_absmean: torch.Tensor, X: torch.Tensor, scheme: WeightQuant,
-               grid: int = 20) -> torch.Tensor:
+def awq_scales(
+    ws: list[torch.Tensor], x_absmean: torch.Tensor, X: torch.Tensor, scheme: WeightQuant, grid: int = 20
+) -> torch.Tensor:
     """AWQ (Lin et al., 2024): per-input-channel scales s = mean|x|^alpha, alpha searched on a grid to
     minimize the output error of the RTN-quantized (W * s) applied to (x / s). Returns s [K]."""
     ref = [X @ w.T for w in ws]

@@ -1,4 +1,5 @@
 """The build report: what every pass did, what the build cost, what the artifact holds."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -11,37 +12,56 @@ def _mb(n: int) -> str:
 def render_report(m: dict[str, Any], kv_budget_gib: float = 1.0) -> str:
     """Markdown report from a manifest (also what `kiln inspect` prints)."""
     model = m.get("model", {})
-    lines = [f"# kiln artifact: {m.get('name', '?')}", "",
-             f"- model: {model.get('architectures', ['?'])[0] if model.get('architectures') else model.get('model_type', '?')}"
-             f" from `{m.get('source', '?')}`, {m.get('num_params', 0) / 1e6:.1f}M parameters",
-             f"- target: {m['target'].get('name')} ({m['target'].get('mcpu') or m['target'].get('arch') or m['target'].get('functional', {}).get('mcpu', '')}), "
-             f"TVM {m.get('tvm_version')}, "
-             f"kiln {m.get('kiln_version')}, schema {m.get('schema_version')}",
-             f"- pipeline: `{m.get('pipeline')}`",
-             f"- entry points: {', '.join(m.get('entry_points', {}))}; max context {m.get('max_context')} tokens",
-             f"- weights: {_mb(m.get('weight_bytes', 0))} in {len(m.get('weights', []))} fields",
-             f"- KV cache: {m['kv_cache']['page_size']}-token pages, {len(m['kv_cache']['layers'])} layers, "
-             f"{m['kv_cache'].get('bytes_per_token', 0)} bytes per token ({m['kv_cache'].get('dtype')})", ""]
+    arch = model.get("architectures", ["?"])[0] if model.get("architectures") else model.get("model_type", "?")
+    tgt = m["target"]
+    where = tgt.get("mcpu") or tgt.get("arch") or tgt.get("functional", {}).get("mcpu", "")
+    lines = [
+        f"# kiln artifact: {m.get('name', '?')}",
+        "",
+        f"- model: {arch} from `{m.get('source', '?')}`, {m.get('num_params', 0) / 1e6:.1f}M parameters",
+        f"- target: {tgt.get('name')} ({where}), "
+        f"TVM {m.get('tvm_version')}, "
+        f"kiln {m.get('kiln_version')}, schema {m.get('schema_version')}",
+        f"- pipeline: `{m.get('pipeline')}`",
+        f"- entry points: {', '.join(m.get('entry_points', {}))}; max context {m.get('max_context')} tokens",
+        f"- weights: {_mb(m.get('weight_bytes', 0))} in {len(m.get('weights', []))} fields",
+        f"- KV cache: {m['kv_cache']['page_size']}-token pages, {len(m['kv_cache']['layers'])} layers, "
+        f"{m['kv_cache'].get('bytes_per_token', 0)} bytes per token ({m['kv_cache'].get('dtype')})",
+        "",
+    ]
     sim = m["target"].get("simulated")
     if sim:
         d = m["target"].get("decode", {})
-        lines += [f"## Simulated decode step ({m['target'].get('hw_version')}, {m['target'].get('variant')} PIM, "
-                  f"batch {d.get('batch')}, context {d.get('context')})", "",
-                  "| system | step time | tokens/s | J/token |", "|---|---|---|---|"]
-        lines += [f"| {k} | {v['step_s'] * 1e3:.3f} ms | {v['tokens_per_s']:.0f} | {v['j_per_token']:.2e} |"
-                  for k, v in sim.items()]
+        lines += [
+            f"## Simulated decode step ({m['target'].get('hw_version')}, {m['target'].get('variant')} PIM, "
+            f"batch {d.get('batch')}, context {d.get('context')})",
+            "",
+            "| system | step time | tokens/s | J/token |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {k} | {v['step_s'] * 1e3:.3f} ms | {v['tokens_per_s']:.0f} | {v['j_per_token']:.2e} |"
+            for k, v in sim.items()
+        ]
         lines.append("")
-    lines += ["## Passes", "", "| # | pass | exact | rewrites | nodes | param bytes | FLOPs/token | seconds |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "## Passes",
+        "",
+        "| # | pass | exact | rewrites | nodes | param bytes | FLOPs/token | seconds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for i, r in enumerate(m.get("passes", []), 1):
         rw = ", ".join(f"{k} {v}" for k, v in r["rewrites"].items()) or "-"
         params = "{" + ",".join(f"{k}={v}" for k, v in r["params"].items()) + "}" if r["params"] else ""
-        lines.append(f"| {i} | {r['name']}{params} | {'yes' if r['exact'] else 'lossy'} | {rw} | "
-                     f"{r['nodes_before']} -> {r['nodes_after']} | {_mb(r['param_bytes_before'])} -> "
-                     f"{_mb(r['param_bytes_after'])} | {r['flops_per_token_before'] / 1e6:.1f}M -> "
-                     f"{r['flops_per_token_after'] / 1e6:.1f}M | {r['seconds']:.2f} |")
+        lines.append(
+            f"| {i} | {r['name']}{params} | {'yes' if r['exact'] else 'lossy'} | {rw} | "
+            f"{r['nodes_before']} -> {r['nodes_after']} | {_mb(r['param_bytes_before'])} -> "
+            f"{_mb(r['param_bytes_after'])} | {r['flops_per_token_before'] / 1e6:.1f}M -> "
+            f"{r['flops_per_token_after'] / 1e6:.1f}M | {r['seconds']:.2f} |"
+        )
     if m.get("kv_cache", {}).get("layers"):
         from .kvplan import render_plan
+
         lines += ["", "## KV-cache plan", "", render_plan(m["kv_cache"], kv_budget_gib).rstrip()]
     t = m.get("timings", {})
     if t:

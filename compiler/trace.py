@@ -4,11 +4,13 @@ The model is exported once with symbolic `batch` and `tokens` dimensions; each a
 kiln op through one table (`_CONVERT`). Nothing here knows about any architecture: recognizer passes
 find norms, rotary embeddings, attention and MLPs afterwards.
 """
+
 from __future__ import annotations
 
 import operator
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import sympy
 import torch
@@ -35,10 +37,12 @@ class _LogitsOnly(torch.nn.Module):
 def export(model: torch.nn.Module, max_tokens: int = 4096):
     """torch.export with symbolic batch and tokens; returns the ExportedProgram (core aten, no decomps)."""
     from torch.export import Dim
+
     model = model.eval()
     ids = torch.randint(0, 8, (2, 8))
     shapes = ({0: Dim("batch", min=1, max=1024), 1: Dim("tokens", min=1, max=max_tokens)},)
     import warnings
+
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations, not the user's
         ep = torch.export.export(_LogitsOnly(model), (ids,), dynamic_shapes=shapes, strict=False)
@@ -107,8 +111,10 @@ class _Converter:
 
     def out_type(self) -> TensorType:
         val = self.node.meta["val"]
-        return TensorType(tuple(self.expr(d) if isinstance(d, torch.SymInt) else sympy.Integer(d) for d in val.shape),
-                          torch_dtype_name(val.dtype))
+        return TensorType(
+            tuple(self.expr(d) if isinstance(d, torch.SymInt) else sympy.Integer(d) for d in val.shape),
+            torch_dtype_name(val.dtype),
+        )
 
     def add(self, op: str, inputs: list[Node], attrs: dict | None = None, **kw) -> Node:
         return self.g.add(op, inputs, attrs, name=self.node.name, source=source_line(self.node), **kw)
@@ -161,10 +167,15 @@ class _Converter:
             if isinstance(a, torch.device):
                 return a
             return a
+
         args = spec(list(n.args))
         kwargs = {k: spec(v) for k, v in n.kwargs.items()}
-        return self.add("aten", inputs, {"fn": n.target, "args": args, "kwargs": kwargs,
-                                         "out_type": self.out_type()}, type=self.out_type())
+        return self.add(
+            "aten",
+            inputs,
+            {"fn": n.target, "args": args, "kwargs": kwargs, "out_type": self.out_type()},
+            type=self.out_type(),
+        )
 
 
 aten = torch.ops.aten
@@ -176,6 +187,7 @@ def _conv(*targets):
         for t in targets:
             _CONVERT[t] = fn
         return fn
+
     return deco
 
 
@@ -188,28 +200,63 @@ def _binary(op):
         if alpha != 1:
             b = c.g.add("mul", [b, c.tensor(alpha, like=b)], name="alpha")
         return c.add(op, [a, b])
+
     return fn
 
 
-for _t, _op in [(aten.add.Tensor, "add"), (aten.add.Scalar, "add"), (aten.sub.Tensor, "sub"),
-                (aten.sub.Scalar, "sub"), (aten.mul.Tensor, "mul"), (aten.mul.Scalar, "mul"),
-                (aten.div.Tensor, "div"), (aten.div.Scalar, "div"), (aten.pow.Tensor_Scalar, "pow"),
-                (aten.pow.Tensor_Tensor, "pow"), (aten.maximum.default, "maximum"),
-                (aten.minimum.default, "minimum"), (aten.eq.Tensor, "eq"), (aten.eq.Scalar, "eq"),
-                (aten.ne.Tensor, "ne"), (aten.ne.Scalar, "ne"), (aten.lt.Tensor, "lt"), (aten.lt.Scalar, "lt"),
-                (aten.le.Tensor, "le"), (aten.le.Scalar, "le"), (aten.gt.Tensor, "gt"), (aten.gt.Scalar, "gt"),
-                (aten.ge.Tensor, "ge"), (aten.ge.Scalar, "ge"), (aten.__and__.Tensor, "and"),
-                (aten.bitwise_and.Tensor, "and"), (aten.logical_and.default, "and"),
-                (aten.__or__.Tensor, "or"), (aten.bitwise_or.Tensor, "or"), (aten.logical_or.default, "or")]:
+for _t, _op in [
+    (aten.add.Tensor, "add"),
+    (aten.add.Scalar, "add"),
+    (aten.sub.Tensor, "sub"),
+    (aten.sub.Scalar, "sub"),
+    (aten.mul.Tensor, "mul"),
+    (aten.mul.Scalar, "mul"),
+    (aten.div.Tensor, "div"),
+    (aten.div.Scalar, "div"),
+    (aten.pow.Tensor_Scalar, "pow"),
+    (aten.pow.Tensor_Tensor, "pow"),
+    (aten.maximum.default, "maximum"),
+    (aten.minimum.default, "minimum"),
+    (aten.eq.Tensor, "eq"),
+    (aten.eq.Scalar, "eq"),
+    (aten.ne.Tensor, "ne"),
+    (aten.ne.Scalar, "ne"),
+    (aten.lt.Tensor, "lt"),
+    (aten.lt.Scalar, "lt"),
+    (aten.le.Tensor, "le"),
+    (aten.le.Scalar, "le"),
+    (aten.gt.Tensor, "gt"),
+    (aten.gt.Scalar, "gt"),
+    (aten.ge.Tensor, "ge"),
+    (aten.ge.Scalar, "ge"),
+    (aten.__and__.Tensor, "and"),
+    (aten.bitwise_and.Tensor, "and"),
+    (aten.logical_and.default, "and"),
+    (aten.__or__.Tensor, "or"),
+    (aten.bitwise_or.Tensor, "or"),
+    (aten.logical_or.default, "or"),
+]:
     _CONVERT[_t] = _binary(_op)
 
 _CONVERT[aten.rsub.Scalar] = lambda c, x, y, alpha=1: _binary("sub")(c, y, x)
 
-for _t, _op in [(aten.neg.default, "neg"), (aten.exp.default, "exp"), (aten.log.default, "log"),
-                (aten.sqrt.default, "sqrt"), (aten.rsqrt.default, "rsqrt"), (aten.tanh.default, "tanh"),
-                (aten.sigmoid.default, "sigmoid"), (aten.silu.default, "silu"), (aten.relu.default, "relu"),
-                (aten.cos.default, "cos"), (aten.sin.default, "sin"), (aten.abs.default, "abs"),
-                (aten.erf.default, "erf"), (aten.logical_not.default, "not"), (aten.bitwise_not.default, "not")]:
+for _t, _op in [
+    (aten.neg.default, "neg"),
+    (aten.exp.default, "exp"),
+    (aten.log.default, "log"),
+    (aten.sqrt.default, "sqrt"),
+    (aten.rsqrt.default, "rsqrt"),
+    (aten.tanh.default, "tanh"),
+    (aten.sigmoid.default, "sigmoid"),
+    (aten.silu.default, "silu"),
+    (aten.relu.default, "relu"),
+    (aten.cos.default, "cos"),
+    (aten.sin.default, "sin"),
+    (aten.abs.default, "abs"),
+    (aten.erf.default, "erf"),
+    (aten.logical_not.default, "not"),
+    (aten.bitwise_not.default, "not"),
+]:
     _CONVERT[_t] = (lambda op: lambda c, x: c.add(op, [c.tensor(x)]))(_op)
 
 
@@ -249,7 +296,9 @@ def _dims(v):
 def _reduce(c, x, dims=None, keepdim=False, dtype=None):
     op = {aten.mean.dim: "mean", aten.sum.dim_IntList: "sum", aten.amax.default: "amax"}[c.node.target]
     t = c.tensor(x)
-    return c.add(op, [t], {"dims": _dims(dims) if dims is not None else list(range(t.type.rank)), "keepdim": bool(keepdim)})
+    return c.add(
+        op, [t], {"dims": _dims(dims) if dims is not None else list(range(t.type.rank)), "keepdim": bool(keepdim)}
+    )
 
 
 @_conv(aten._softmax.default, aten.softmax.int)
@@ -310,15 +359,28 @@ def _expand(c, x, shape, implicit=False):
 
 @_conv(aten.slice.Tensor)
 def _slice(c, x, dim=0, start=None, end=None, step=1):
-    return c.add("slice", [c.tensor(x)], {"dim": dim, "start": c.dimval(start) if start is not None else 0,
-                                          "end": c.dimval(end) if end is not None else 2 ** 63 - 1, "step": step})
+    return c.add(
+        "slice",
+        [c.tensor(x)],
+        {
+            "dim": dim,
+            "start": c.dimval(start) if start is not None else 0,
+            "end": c.dimval(end) if end is not None else 2**63 - 1,
+            "step": step,
+        },
+    )
 
 
 @_conv(aten.select.int)
 def _select(c, x, dim, index):
     t = c.tensor(x)
-    s = c.g.add("slice", [t], {"dim": dim, "start": index, "end": index + 1 if index != -1 else 2 ** 63 - 1},
-                name=c.node.name + "_slice", source=source_line(c.node))
+    s = c.g.add(
+        "slice",
+        [t],
+        {"dim": dim, "start": index, "end": index + 1 if index != -1 else 2**63 - 1},
+        name=c.node.name + "_slice",
+        source=source_line(c.node),
+    )
     return c.add("squeeze", [s], {"dim": dim % t.type.rank})
 
 
@@ -336,8 +398,15 @@ def _split(c, x, sizes, dim=0):
         sizes = [sizes] * int(sympy.ceiling(total / sizes))
     outs, start = [], 0
     for i, s in enumerate(sizes):
-        outs.append(c.g.add("slice", [t], {"dim": d, "start": start, "end": start + s},
-                            name=f"{c.node.name}_{i}", source=source_line(c.node)))
+        outs.append(
+            c.g.add(
+                "slice",
+                [t],
+                {"dim": d, "start": start, "end": start + s},
+                name=f"{c.node.name}_{i}",
+                source=source_line(c.node),
+            )
+        )
         start += s
     return tuple(outs)
 
@@ -349,8 +418,14 @@ def _identity(c, x, *a, **kw):
     return c.tensor(x)
 
 
-for _t in (aten.clone.default, aten.alias.default, aten.contiguous.default, aten.lift_fresh_copy.default,
-           aten.detach.default, aten.dropout.default):
+for _t in (
+    aten.clone.default,
+    aten.alias.default,
+    aten.contiguous.default,
+    aten.lift_fresh_copy.default,
+    aten.detach.default,
+    aten.dropout.default,
+):
     _CONVERT[_t] = _identity
 
 
@@ -366,7 +441,11 @@ def _skip(c, *a, **kw):
     return None
 
 
-for _t in (aten._assert_tensor_metadata.default, aten._assert_scalar.default, aten.sym_constrain_range_for_size.default):
+for _t in (
+    aten._assert_tensor_metadata.default,
+    aten._assert_scalar.default,
+    aten.sym_constrain_range_for_size.default,
+):
     _CONVERT[_t] = _skip
 
 
@@ -376,25 +455,35 @@ def _sym_size(c, x, d):
 
 
 for _t in (operator.mul, operator.add, operator.sub, operator.floordiv):
-    _CONVERT[_t] = lambda c, *a: c.expr(c.node.meta["val"].node.expr) if isinstance(c.node.meta["val"], torch.SymInt) \
-        else c.node.meta["val"]
+    _CONVERT[_t] = lambda c, *a: (
+        c.expr(c.node.meta["val"].node.expr) if isinstance(c.node.meta["val"], torch.SymInt) else c.node.meta["val"]
+    )
 
 
 @_conv(aten.arange.default, aten.arange.start, aten.arange.start_step)
 def _arange(c, *args, dtype=None, **kw):
     vals = [c.dimval(a) for a in args]
     start, end, step = (0, vals[0], 1) if len(vals) == 1 else (vals[0], vals[1], vals[2] if len(vals) > 2 else 1)
-    return c.add("arange", [], {"start": start, "end": end, "step": step,
-                                "dtype": torch_dtype_name(dtype) if dtype else c.out_type().dtype})
+    return c.add(
+        "arange",
+        [],
+        {"start": start, "end": end, "step": step, "dtype": torch_dtype_name(dtype) if dtype else c.out_type().dtype},
+    )
 
 
-@_conv(aten.full.default, aten.new_ones.default, aten.new_zeros.default, aten.new_full.default,
-       aten.ones.default, aten.zeros.default, aten.scalar_tensor.default)
+@_conv(
+    aten.full.default,
+    aten.new_ones.default,
+    aten.new_zeros.default,
+    aten.new_full.default,
+    aten.ones.default,
+    aten.zeros.default,
+    aten.scalar_tensor.default,
+)
 def _full(c, *args, **kw):
     t = c.out_type()
     tgt = c.node.target
-    value = {aten.new_ones.default: 1, aten.ones.default: 1, aten.new_zeros.default: 0,
-             aten.zeros.default: 0}.get(tgt)
+    value = {aten.new_ones.default: 1, aten.ones.default: 1, aten.new_zeros.default: 0, aten.zeros.default: 0}.get(tgt)
     if value is None:
         value = args[-1] if tgt in (aten.full.default, aten.new_full.default) else args[0]
     return c.add("full", [], {"shape": list(t.shape), "value": value, "dtype": t.dtype})
@@ -451,8 +540,7 @@ def _config_summary(cfg) -> dict:
     d = cfg.to_dict() if hasattr(cfg, "to_dict") else {}
     keep = {}
     for k, v in d.items():
-        if isinstance(v, (int, float, str, bool)) or v is None or (
-                isinstance(v, (list, dict)) and len(str(v)) < 2000):
+        if isinstance(v, (int, float, str, bool)) or v is None or (isinstance(v, (list, dict)) and len(str(v)) < 2000):
             keep[k] = v
     keep.pop("quantization_config", None)
     return keep

@@ -1,5 +1,6 @@
 """Verifier: every node's inputs are defined before it, its inputs and attributes are what its op's
 record declares, and its type is what its op infers."""
+
 from __future__ import annotations
 
 from .ir import Graph, Node
@@ -26,7 +27,9 @@ def verify(graph: Graph) -> None:
             if p is None:
                 raise VerifyError(f"%{n.name} reads parameter '{n.attrs['name']}' that the graph does not hold")
             if tuple(p.shape) != tuple(int(d) for d in n.type.shape):
-                raise VerifyError(f"parameter '{n.attrs['name']}' has shape {tuple(p.shape)} but %{n.name} says {n.type}")
+                raise VerifyError(
+                    f"parameter '{n.attrs['name']}' has shape {tuple(p.shape)} but %{n.name} says {n.type}"
+                )
         elif n.op != "input":
             if n.op not in OPS:
                 raise VerifyError(f"%{n.name} uses unknown op '{n.op}'")
@@ -35,8 +38,11 @@ def verify(graph: Graph) -> None:
                 t = OPS[n.op].infer(n.inputs, n.attrs)
             except Exception as e:
                 raise VerifyError(f"%{n.name} = {n.op}: {e}") from e
-            if t.dtype != n.type.dtype or len(t.shape) != len(n.type.shape) or not all(
-                    same(a, b) for a, b in zip(t.shape, n.type.shape)):
+            if (
+                t.dtype != n.type.dtype
+                or len(t.shape) != len(n.type.shape)
+                or not all(same(a, b) for a, b in zip(t.shape, n.type.shape))
+            ):
                 raise VerifyError(f"%{n.name} = {n.op} is typed {n.type} but its inputs give {t}")
         defined.add(n)
     for o in graph.outputs:
@@ -58,5 +64,7 @@ def _check_record(n: Node) -> None:
         raise VerifyError(str(e)) from e
     missing = [k for k in full if k not in n.attrs]
     if missing:
-        raise VerifyError(f"%{n.name} = {n.op} lacks attribute(s) {', '.join(missing)}; create nodes with Graph.add, "
-                          "which fills in defaults")
+        raise VerifyError(
+            f"%{n.name} = {n.op} lacks attribute(s) {', '.join(missing)}; create nodes with Graph.add, "
+            "which fills in defaults"
+        )

@@ -8,11 +8,25 @@ pass added to a pipeline goes, see PHASES), the passes whose result it needs (`r
 passes whose result it replaces (`invalidates`: a pass that requires one of those must run before it).
 The pass manager checks a pipeline against these declarations before running it.
 """
+
 from __future__ import annotations
 
-from .registry import PHASES, PassInfo, REGISTRY, count, register, run_counted  # noqa: F401  (the package's API)
-
-# Import the pass modules so they register themselves.
-from . import canonicalize, fuse_norms, fuse_rope, fuse_attention, fuse_mlp, kv_cache, quantize_weights, quantize_kv, quantize_activations  # noqa: E402,F401,E501
-from . import prune_heads, prune_ffn, prune_layers, sparsify  # noqa: E402,F401
-from . import convert_gqa, convert_mla  # noqa: E402,F401  (attention rewriting)
+# The pass modules register themselves when imported.
+from . import (  # noqa: F401
+    canonicalize,
+    convert_gqa,
+    convert_mla,
+    fuse_attention,
+    fuse_mlp,
+    fuse_norms,
+    fuse_rope,
+    kv_cache,
+    prune_ffn,
+    prune_heads,
+    prune_layers,
+    quantize_activations,
+    quantize_kv,
+    quantize_weights,
+    sparsify,
+)
+from .registry import PHASES, REGISTRY, PassInfo, count, register, run_counted  # noqa: F401  (the package's API)

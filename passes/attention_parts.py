@@ -1,5 +1,6 @@
 """What the attention rewrites share: where an attention's keys and values come from, and the checks
 and parameter edits convert-gqa and convert-mla both make."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from kiln.ir import Graph, Node, ttype
 @dataclass
 class KVProjection:
     """Where one attention's keys or values come from: `linear(x, w[, b])` -> reshape -> permute (-> rope)."""
+
     linear: Node
     reshape: Node
     permute: Node
@@ -29,12 +31,15 @@ def kv_projection(att: Node, which: int, who: str) -> KVProjection:
     resh = perm.inputs[0] if perm.op == "permute" else None
     lin = resh.inputs[0] if resh is not None and resh.op == "reshape" else None
     if lin is None or lin.op != "linear" or list(perm.attrs["perm"]) != [0, 2, 1, 3]:
-        raise PassError(f"{who}: the {'keys' if which == 1 else 'values'} of %{att.name} (from {att.source}) are "
-                        "not a per-head view of one linear projection (linear -> reshape -> permute); models "
-                        "with a fused QKV projection (GPT-2's c_attn) are not supported")
+        raise PassError(
+            f"{who}: the {'keys' if which == 1 else 'values'} of %{att.name} (from {att.source}) are "
+            "not a per-head view of one linear projection (linear -> reshape -> permute); models "
+            "with a fused QKV projection (GPT-2's c_attn) are not supported"
+        )
     if lin.inputs[1].op != "param":
-        raise PassError(f"{who}: the projection %{lin.name} has a {lin.inputs[1].op} weight; run {who} before "
-                        "quantization passes")
+        raise PassError(
+            f"{who}: the projection %{lin.name} has a {lin.inputs[1].op} weight; run {who} before quantization passes"
+        )
     return KVProjection(lin, resh, perm, rope)
 
 

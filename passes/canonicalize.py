@@ -1,4 +1,5 @@
 """canonicalize: DCE, CSE, constant folding, no-op removal, and linear-layer normal form."""
+
 from __future__ import annotations
 
 import sympy
@@ -7,8 +8,8 @@ import torch
 from kiln.ir import Graph, Node
 from kiln.ops import same
 
-from .registry import count, register
 from .pattern import apply_rules
+from .registry import count, register
 
 
 def _const_value(n: Node):
@@ -16,11 +17,15 @@ def _const_value(n: Node):
 
 
 def _same_type(a: Node, b: Node) -> bool:
-    return a.type.dtype == b.type.dtype and a.type.rank == b.type.rank and all(
-        same(x, y) for x, y in zip(a.type.shape, b.type.shape))
+    return (
+        a.type.dtype == b.type.dtype
+        and a.type.rank == b.type.rank
+        and all(same(x, y) for x, y in zip(a.type.shape, b.type.shape))
+    )
 
 
 # -- local rules: (name, rewrite) where rewrite(graph, node) returns a replacement node or None ----
+
 
 def _noop_shape(g: Graph, n: Node) -> Node | None:
     # reshape/expand/permute/cast/slice that leaves its input unchanged is the input itself
@@ -36,8 +41,9 @@ def _noop_shape(g: Graph, n: Node) -> Node | None:
 def _reshape_chain(g: Graph, n: Node) -> Node | None:
     # reshape(reshape(x)) == reshape(x) with the outer target shape
     if n.op == "reshape" and n.inputs[0].op in ("reshape", "unsqueeze", "squeeze"):
-        return g.add("reshape", [n.inputs[0].inputs[0]], {"shape": list(n.type.shape)}, name=n.name, before=n,
-                     source=n.source)
+        return g.add(
+            "reshape", [n.inputs[0].inputs[0]], {"shape": list(n.type.shape)}, name=n.name, before=n, source=n.source
+        )
     return None
 
 
@@ -57,6 +63,7 @@ def _fold_scalar(g: Graph, n: Node) -> Node | None:
     # an elementwise op over scalar constants is a constant
     if n.inputs and all(i.op == "const" for i in n.inputs) and n.type.rank == 0 and n.op not in ("aten",):
         from kiln.ops import OPS
+
         v = OPS[n.op].ref(None, [torch.tensor(i.attrs["value"]) for i in n.inputs], n.attrs)
         return g.add("const", [], {"value": v.item(), "dtype": n.type.dtype}, type=n.type, name="c", before=n)
     return None
@@ -76,8 +83,14 @@ def _linear_bias(g: Graph, n: Node) -> Node | None:
     # linear(x, W) + b with b a [out] parameter is linear(x, W, b)
     if n.op == "add" and len(n.inputs) == 2:
         for lin, b in (n.inputs, n.inputs[::-1]):
-            if (lin.op == "linear" and lin.input("bias") is None and b.op == "param" and b.type.rank == 1
-                    and same(b.type.shape[0], lin.type.shape[-1]) and _single_use(g, lin)):
+            if (
+                lin.op == "linear"
+                and lin.input("bias") is None
+                and b.op == "param"
+                and b.type.rank == 1
+                and same(b.type.shape[0], lin.type.shape[-1])
+                and _single_use(g, lin)
+            ):
                 return g.add("linear", lin.inputs + [b], name=lin.name, before=n, source=lin.source)
     return None
 
@@ -87,12 +100,12 @@ def _single_use(g: Graph, n: Node) -> bool:
 
 
 RULES = [
-    ("noop-shape", _noop_shape),          # x.reshape(x.shape) -> x, identity permute/cast/expand/slice
-    ("reshape-chain", _reshape_chain),    # reshape(reshape(x)) -> reshape(x)
+    ("noop-shape", _noop_shape),  # x.reshape(x.shape) -> x, identity permute/cast/expand/slice
+    ("reshape-chain", _reshape_chain),  # reshape(reshape(x)) -> reshape(x)
     ("identity-arith", _identity_arith),  # x + 0, x * 1 -> x
-    ("fold-scalar", _fold_scalar),        # op(const, const) -> const
-    ("matmul-weight", _matmul_weight),    # x @ W (param) -> linear(x, W.T)
-    ("linear-bias", _linear_bias),        # linear(x, W) + b -> linear(x, W, b)
+    ("fold-scalar", _fold_scalar),  # op(const, const) -> const
+    ("matmul-weight", _matmul_weight),  # x @ W (param) -> linear(x, W.T)
+    ("linear-bias", _linear_bias),  # linear(x, W) + b -> linear(x, W, b)
 ]
 
 

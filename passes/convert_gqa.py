@@ -5,15 +5,16 @@ initialization that Ainslie et al. (2023, "GQA: Training Generalized Multi-Query
 Multi-Head Checkpoints") found best before uptraining. Rotary embeddings are linear and the same for
 every head, so mean-pooling the weights mean-pools the rotated keys too.
 """
+
 from __future__ import annotations
 
 import torch
 
 from kiln.errors import PassError
-from kiln.ir import Graph, Node, ttype
+from kiln.ir import Graph
 
-from .registry import count, register
 from .attention_parts import check_full_sequence, kv_projection, replace_param
+from .registry import count, register
 
 
 def _pool(t: torch.Tensor, heads: int, groups: int) -> torch.Tensor:
@@ -36,8 +37,10 @@ def convert_gqa(graph: Graph, kv_heads: int = 1) -> Graph:
         heads, old = int(att.inputs[0].type.shape[1]), int(att.inputs[1].type.shape[1])
         if kv_heads < 1 or old % kv_heads:
             ok = ", ".join(str(d) for d in range(1, old + 1) if old % d == 0)
-            raise PassError(f"convert-gqa: kv_heads={kv_heads} does not divide the {old} KV heads of %{att.name} "
-                            f"({heads} query heads); choose one of {ok}")
+            raise PassError(
+                f"convert-gqa: kv_heads={kv_heads} does not divide the {old} KV heads of %{att.name} "
+                f"({heads} query heads); choose one of {ok}"
+            )
         if kv_heads == old:
             continue
         for which in (1, 2):

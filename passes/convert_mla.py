@@ -11,15 +11,16 @@ factored by a truncated SVD, W ~ U_r S_r V_r^T: the down-projection sqrt(S_r) V_
 U_r sqrt(S_r) split into the key and value up-projections. With calibration text attached
 (`graph.meta["calib_tokens"]`, e.g. `kiln.compile(..., calib="lee")`) the SVD is activation-aware.
 """
+
 from __future__ import annotations
 
 import torch
 
 from kiln.errors import PassError
-from kiln.ir import Graph, Node, TensorType
+from kiln.ir import Graph, Node
 
-from .registry import count, register
 from .attention_parts import check_full_sequence, kv_projection
+from .registry import count, register
 
 
 def _slice(g: Graph, x: Node, start: int, end: int, before: Node) -> Node:
@@ -28,23 +29,34 @@ def _slice(g: Graph, x: Node, start: int, end: int, before: Node) -> Node:
 
 def _rope_part(g: Graph, x: Node, n: int, half: int, before: Node) -> Node:
     """The rotary pairs i < n of a [.., D] tensor in rotate_half layout: x[..., :n] ++ x[..., half:half+n]."""
-    return g.add("cat", [_slice(g, x, 0, n, before), _slice(g, x, half, half + n, before)], {"dim": -1},
-                 name="mla_rope_part", before=before)
+    return g.add(
+        "cat",
+        [_slice(g, x, 0, n, before), _slice(g, x, half, half + n, before)],
+        {"dim": -1},
+        name="mla_rope_part",
+        before=before,
+    )
 
 
 def _nope_part(g: Graph, x: Node, n: int, half: int, before: Node) -> Node:
     if n == half:
         return _slice(g, x, 0, 0, before)  # every dim stays rotary: an empty non-rotary part
-    return g.add("cat", [_slice(g, x, n, half, before), _slice(g, x, half + n, 2 * half, before)], {"dim": -1},
-                 name="mla_nope_part", before=before)
+    return g.add(
+        "cat",
+        [_slice(g, x, n, half, before), _slice(g, x, half + n, 2 * half, before)],
+        {"dim": -1},
+        name="mla_nope_part",
+        before=before,
+    )
 
 
 def _rows(heads: int, d: int, idx: list[int]) -> list[int]:
     return [h * d + i for h in range(heads) for i in idx]
 
 
-def mla_factor(wk_nope: torch.Tensor, wv: torch.Tensor, rank: int, xtx: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def mla_factor(
+    wk_nope: torch.Tensor, wv: torch.Tensor, rank: int, xtx: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Truncated SVD of the stacked projections [Wk_nope; Wv] ([rows, d]) -> (down [r, d], up_k, up_v).
 
     With the inputs' second moment `xtx` (X^T X [d, d]) the SVD is of W L, L the Cholesky factor of
@@ -62,7 +74,7 @@ def mla_factor(wk_nope: torch.Tensor, wv: torch.Tensor, rank: int, xtx: torch.Te
     root = s[:rank].sqrt()
     down = root[:, None] * vh[:rank]
     up = u[:, :rank] * root[None, :]
-    return down.float(), up[: wk_nope.shape[0]].float(), up[wk_nope.shape[0]:].float()
+    return down.float(), up[: wk_nope.shape[0]].float(), up[wk_nope.shape[0] :].float()
 
 
 # needs fuse-rope too, but not declared: the pass itself explains that models without RoPE cannot convert
@@ -81,15 +93,18 @@ def convert_mla(graph: Graph, rank: int = 0, rope_dims: int = 8) -> Graph:
     stats = {}
     if g.meta.get("calib_tokens"):  # activation-aware factorization from the calibration text
         from kiln.calib import collect_input_stats
+
         xs = list(dict.fromkeys(kv_projection(a, 1, "convert-mla").linear.inputs[0] for a in g.find("attention")))
         stats = {n: st.H for n, st in collect_input_stats(g, xs, g.meta["calib_tokens"], keep_rows=0).items()}
         count("activation-aware", len(stats))
     for att in g.find("attention"):
         q, k, v = att.inputs
         if q.op != "rope" or k.op != "rope":
-            raise PassError(f"convert-mla: the queries/keys of %{att.name} (from {att.source}) are not rotary "
-                            "embeddings recognized by fuse-rope; run fuse-rope first (models without RoPE "
-                            "are not supported)")
+            raise PassError(
+                f"convert-mla: the queries/keys of %{att.name} (from {att.source}) are not rotary "
+                "embeddings recognized by fuse-rope; run fuse-rope first (models without RoPE "
+                "are not supported)"
+            )
         if att.attrs["kv_dtype"]:
             raise PassError("convert-mla: place it before quantize-kv (the latent cache is fp32)")
         pk, pv = kv_projection(att, 1, "convert-mla"), kv_projection(att, 2, "convert-mla")
@@ -97,8 +112,10 @@ def convert_mla(graph: Graph, rank: int = 0, rope_dims: int = 8) -> Graph:
         if pv.linear.inputs[0] is not x:
             raise PassError(f"convert-mla: keys and values of %{att.name} project different inputs")
         if pk.linear.input("bias") is not None or pv.linear.input("bias") is not None:
-            raise PassError(f"convert-mla: the key/value projections of %{att.name} have biases (Qwen2); "
-                            "only bias-free projections can be factored into a latent")
+            raise PassError(
+                f"convert-mla: the key/value projections of %{att.name} have biases (Qwen2); "
+                "only bias-free projections can be factored into a latent"
+            )
         kvh, d = int(k.type.shape[1]), int(k.type.shape[3])
         dv, width = int(v.type.shape[3]), int(x.type.shape[-1])
         half = d // 2
@@ -108,8 +125,10 @@ def convert_mla(graph: Graph, rank: int = 0, rope_dims: int = 8) -> Graph:
         dn = d - rope_dims
         full = min(kvh * (dn + dv), width)
         if rank < 1 or rank > full:
-            raise PassError(f"convert-mla: rank={rank} is impossible for %{att.name}: the stacked key/value "
-                            f"projections [{kvh * (dn + dv)}, {width}] have rank at most {full}; choose 1..{full}")
+            raise PassError(
+                f"convert-mla: rank={rank} is impossible for %{att.name}: the stacked key/value "
+                f"projections [{kvh * (dn + dv)}, {width}] have rank at most {full}; choose 1..{full}"
+            )
         wk = g.params[pk.linear.inputs[1].attrs["name"]]
         wv = g.params[pv.linear.inputs[1].attrs["name"]]
         rope_idx = list(range(n)) + list(range(half, half + n))
@@ -131,10 +150,14 @@ def convert_mla(graph: Graph, rank: int = 0, rope_dims: int = 8) -> Graph:
         kr = g.add("reshape", [kr], {"shape": shape[:2] + [kvh, rope_dims]}, name="mla_k_rope_heads", before=att)
         kr = g.add("permute", [kr], {"perm": [0, 2, 1, 3]}, name="mla_k_rope_t", before=att)
         kr = g.add("rope", [kr, cos_r, sin_r], name="mla_k_rope_rot", before=att)
-        mla = g.add("mla_attention", [q_nope, q_rope, c, kr, p_uk, p_uv],
-                    {"scale": att.attrs["scale"], "window": att.attrs["window"], "rank": rank,
-                     "alibi": att.attrs["alibi"]},
-                    name="mla_attention", before=att, source=att.source)
+        mla = g.add(
+            "mla_attention",
+            [q_nope, q_rope, c, kr, p_uk, p_uv],
+            {"scale": att.attrs["scale"], "window": att.attrs["window"], "rank": rank, "alibi": att.attrs["alibi"]},
+            name="mla_attention",
+            before=att,
+            source=att.source,
+        )
         g.replace_all_uses(att, mla)
         g.nodes.remove(att)
         count("mla", 1)

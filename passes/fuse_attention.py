@@ -1,4 +1,5 @@
 """fuse-attention: recognize attention with its mask construction as one `attention` op."""
+
 from __future__ import annotations
 
 import torch
@@ -17,8 +18,12 @@ def strip_repeat_kv(k: Node) -> tuple[Node, int]:
         x = u.inputs[0]
         if u.attrs["dim"] == 2 and x.type.rank == 4 and e.type.rank == 5:
             rep = e.type.shape[2]
-            if rep.is_Integer and same(k.type.shape[1], x.type.shape[1] * rep) and same(
-                    k.type.shape[2], x.type.shape[2]) and same(k.type.shape[3], x.type.shape[3]):
+            if (
+                rep.is_Integer
+                and same(k.type.shape[1], x.type.shape[1] * rep)
+                and same(k.type.shape[2], x.type.shape[2])
+                and same(k.type.shape[3], x.type.shape[3])
+            ):
                 return x, int(rep)
     return k, 1
 
@@ -79,8 +84,14 @@ def fuse_attention(graph: Graph, probe: str = "9,17") -> Graph:
         v, rv = strip_repeat_kv(v)
         if rk != rv:
             continue
-        att = g.add("attention", [q, k, v], {"scale": n.attrs["scale"], "causal": True, "window": verdict[1]},
-                    name="attention", before=n, source=n.source)
+        att = g.add(
+            "attention",
+            [q, k, v],
+            {"scale": n.attrs["scale"], "causal": True, "window": verdict[1]},
+            name="attention",
+            before=n,
+            source=n.source,
+        )
         g.replace_all_uses(n, att)
         g.nodes.remove(n)
         count("attention")

@@ -1,10 +1,11 @@
 """fuse-mlp: recognize gated MLPs (SwiGLU, GeGLU) as one `gated_mlp` op."""
+
 from __future__ import annotations
 
 from kiln.ir import Graph, Node
 
-from .registry import register
 from .pattern import apply_rules, commutative
+from .registry import register
 
 _ACTS = {"silu": "silu", "gelu": "gelu"}
 
@@ -22,8 +23,14 @@ def _gated_mlp(g: Graph, n: Node) -> Node | None:
         if gate.inputs[0] is not u.inputs[0]:
             continue
         act = a.op if a.op == "silu" else ("gelu_tanh" if a.attrs["approximate"] == "tanh" else "gelu")
-        return g.add("gated_mlp", [gate.inputs[0], gate.inputs[1], u.inputs[1], n.inputs[1]], {"act": act},
-                     name="mlp", before=n, source=n.source)
+        return g.add(
+            "gated_mlp",
+            [gate.inputs[0], gate.inputs[1], u.inputs[1], n.inputs[1]],
+            {"act": act},
+            name="mlp",
+            before=n,
+            source=n.source,
+        )
     return None
 
 

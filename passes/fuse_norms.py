@@ -1,10 +1,11 @@
 """fuse-norms: recognize RMSNorm in the traced arithmetic and make it one `rms_norm` op."""
+
 from __future__ import annotations
 
 from kiln.ir import Graph, Node
 
-from .registry import register
 from .pattern import apply_rules, commutative, const_of, strip_casts
+from .registry import register
 
 
 def _rms_norm(g: Graph, n: Node) -> Node | None:
@@ -22,13 +23,15 @@ def _rms_norm(g: Graph, n: Node) -> Node | None:
                     continue
                 p = m.inputs[0]
                 squares = (p.op == "pow" and const_of(p.inputs[1]) == 2) or (
-                    p.op == "mul" and p.inputs[0] is p.inputs[1])
+                    p.op == "mul" and p.inputs[0] is p.inputs[1]
+                )
                 if not squares or p.inputs[0] is not x:
                     continue
                 if x.type.dtype != n.type.dtype or x.type.shape != n.type.shape:
                     continue
-                return g.add("rms_norm", [x, w], {"eps": float(const_of(eps))}, name="rms_norm",
-                             before=n, source=n.source)
+                return g.add(
+                    "rms_norm", [x, w], {"eps": float(const_of(eps))}, name="rms_norm", before=n, source=n.source
+                )
     return None
 
 

@@ -1,11 +1,12 @@
 """fuse-rope: recognize rotary position embedding (the rotate-half form) as one `rope` op."""
+
 from __future__ import annotations
 
 from kiln.ir import Graph, Node
 from kiln.ops import same
 
-from .registry import register
 from .pattern import apply_rules, commutative
+from .registry import register
 
 
 def _rotate_half_of(r: Node) -> Node | None:

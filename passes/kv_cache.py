@@ -14,6 +14,7 @@ The entry points are the same graph at different symbolic shapes: prefill binds 
 binds `tokens=1`, verify binds neither and keeps every token's logits (the slice marked `last_token`
 is the one thing an entry point may drop).
 """
+
 from __future__ import annotations
 
 import sympy
@@ -22,8 +23,8 @@ from kiln.entry import default_entry_points
 from kiln.errors import PassError
 from kiln.ir import Graph, TensorType, sym
 
-from .registry import count, register
 from .latent_cache import cache_mla
+from .registry import count, register
 
 BATCH, TOKENS, PAGES, MAX_PAGES = sym("batch"), sym("tokens"), sym("pages"), sym("max_pages")
 
@@ -32,8 +33,10 @@ def _replace_positions(g: Graph, positions) -> None:
     pos64 = None
     for a in g.find("arange"):
         if not (a.attrs["start"] == 0 and sympy.sympify(a.attrs["end"]) == TOKENS and a.attrs["step"] == 1):
-            raise PassError(f"kv-cache: %{a.name} = arange({a.attrs['start']}, {a.attrs['end']}) is not a position "
-                            f"range over tokens (from {a.source}); kiln cannot tell what it means incrementally")
+            raise PassError(
+                f"kv-cache: %{a.name} = arange({a.attrs['start']}, {a.attrs['end']}) is not a position "
+                f"range over tokens (from {a.source}); kiln cannot tell what it means incrementally"
+            )
         users = [u for u in g.nodes if a in u.inputs]
         for u in users:
             if u.op == "unsqueeze" and u.attrs["dim"] == 0:
@@ -42,8 +45,10 @@ def _replace_positions(g: Graph, positions) -> None:
                 g.replace_all_uses(u, pos64)
                 count("positions")
             else:
-                raise PassError(f"kv-cache: the position range %{a.name} is used by %{u.name} = {u.op} "
-                                f"(from {u.source}) as a [tokens] vector; kiln needs [batch, tokens] position ids")
+                raise PassError(
+                    f"kv-cache: the position range %{a.name} is used by %{u.name} = {u.op} "
+                    f"(from {u.source}) as a [tokens] vector; kiln needs [batch, tokens] position ids"
+                )
     g.dce()
 
 
@@ -60,8 +65,10 @@ def kv_cache(graph: Graph, page_size: int = 16, logits: str = "last") -> Graph:
     page_size = int(page_size)
     left = graph.find("sdpa")
     if left:
-        raise PassError(f"kv-cache: attention %{left[0].name} (from {left[0].source}) was not recognized as causal "
-                        "attention; run fuse-attention first, or the model's mask depends on input values")
+        raise PassError(
+            f"kv-cache: attention %{left[0].name} (from {left[0].source}) was not recognized as causal "
+            "attention; run fuse-attention first, or the model's mask depends on input values"
+        )
     if not graph.find("attention") and not graph.find("mla_attention"):
         raise PassError("kv-cache: the graph has no attention op; run fuse-attention before kv-cache")
     g = graph.copy()
@@ -78,17 +85,35 @@ def kv_cache(graph: Graph, page_size: int = 16, logits: str = "last") -> Graph:
         kv_heads, head_dim = k.type.shape[1], k.type.shape[3]
         kv_dtype = att.attrs["kv_dtype"]
         slots = (PAGES, sympy.Integer(2), kv_heads, sympy.Integer(page_size))
-        cache = g.add_input(f"kv_cache_{i}", TensorType(slots + (head_dim,), "int8" if kv_dtype == "int8" else k.type.dtype))
+        cache = g.add_input(
+            f"kv_cache_{i}", TensorType(slots + (head_dim,), "int8" if kv_dtype == "int8" else k.type.dtype)
+        )
         extra = [g.add_input(f"kv_cache_{i}_scale", TensorType(slots, "float32"))] if kv_dtype == "int8" else []
         alibi = att.attrs["alibi"]
-        ca = g.add("cached_attention", [q, k, v, cache, page_table, positions] + extra,
-                   {"scale": att.attrs["scale"], "window": att.attrs["window"], "layer": i,
-                    "kv_dtype": kv_dtype or None, "alibi": list(alibi) if alibi is not None else None},
-                   name=f"cached_attention_{i}", before=att, source=att.source)
+        ca = g.add(
+            "cached_attention",
+            [q, k, v, cache, page_table, positions] + extra,
+            {
+                "scale": att.attrs["scale"],
+                "window": att.attrs["window"],
+                "layer": i,
+                "kv_dtype": kv_dtype or None,
+                "alibi": list(alibi) if alibi is not None else None,
+            },
+            name=f"cached_attention_{i}",
+            before=att,
+            source=att.source,
+        )
         g.replace_all_uses(att, ca)
         g.nodes.remove(att)
-        layers.append({"kv_heads": int(kv_heads), "head_dim": int(head_dim), "num_heads": int(q.type.shape[1]),
-                       "window": att.attrs["window"]})
+        layers.append(
+            {
+                "kv_heads": int(kv_heads),
+                "head_dim": int(head_dim),
+                "num_heads": int(q.type.shape[1]),
+                "window": att.attrs["window"],
+            }
+        )
         count("cached-attention")
     if logits == "last":
         outs = []
@@ -96,8 +121,13 @@ def kv_cache(graph: Graph, page_size: int = 16, logits: str = "last") -> Graph:
             if o.op != "linear":
                 raise PassError(f"kv-cache: logits=last needs the output to be a linear layer, got {o.op}")
             x = o.inputs[0]
-            last = g.add("slice", [x], {"dim": 1, "start": TOKENS - 1, "end": TOKENS, "step": 1, "last_token": True},
-                         name="last_token", before=o)
+            last = g.add(
+                "slice",
+                [x],
+                {"dim": 1, "start": TOKENS - 1, "end": TOKENS, "step": 1, "last_token": True},
+                name="last_token",
+                before=o,
+            )
             outs.append(g.add("linear", [last] + o.inputs[1:], name=o.name + "_last", before=o, source=o.source))
             count("last-token-logits")
         g.outputs = outs
@@ -107,11 +137,18 @@ def kv_cache(graph: Graph, page_size: int = 16, logits: str = "last") -> Graph:
     kv_dtypes = {a.attrs["kv_dtype"] or "float32" for a in g.find("cached_attention")}
     kv_dtypes |= {"float32"} if g.find("cached_mla_attention") else set()
     # the cache tensors in input order, `pages` left symbolic: what a runtime allocates
-    tensors = [{"name": n.name, "shape": [str(d) for d in n.type.shape], "dtype": n.type.dtype}
-               for n in g.inputs if n.name.startswith("kv_cache_")]
-    g.meta["kv_cache"] = {"page_size": page_size, "dtype": kv_dtypes.pop() if len(kv_dtypes) == 1 else "mixed",
-                          "layers": layers, "tensors": tensors,
-                          "layout": "[pages, 2, kv_heads, page_size, head_dim]"}
+    tensors = [
+        {"name": n.name, "shape": [str(d) for d in n.type.shape], "dtype": n.type.dtype}
+        for n in g.inputs
+        if n.name.startswith("kv_cache_")
+    ]
+    g.meta["kv_cache"] = {
+        "page_size": page_size,
+        "dtype": kv_dtypes.pop() if len(kv_dtypes) == 1 else "mixed",
+        "layers": layers,
+        "tensors": tensors,
+        "layout": "[pages, 2, kv_heads, page_size, head_dim]",
+    }
     g.meta["logits"] = logits
     # prefill: one sequence, any length; decode: one token per sequence; verify: any batch and length
     # with logits for every token (the `last_token` slice is skipped there), for speculative decoding.

@@ -1,4 +1,5 @@
 """Small helpers for matching node shapes in rewrite rules."""
+
 from __future__ import annotations
 
 from kiln.ir import Graph, Node

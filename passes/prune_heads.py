@@ -1,18 +1,26 @@
 """prune-heads: remove attention heads, whole KV groups or query heads within every group (GQA-consistent)."""
-from __future__ import annotations
 
-import torch
+from __future__ import annotations
 
 from kiln.errors import PassError
 from kiln.ir import Graph
-from kiln.prune import counts_to_remove, gather_evidence, group_scores, head_groups, keep_slices, param_count, parse_ratio
+from kiln.prune import (
+    counts_to_remove,
+    gather_evidence,
+    group_scores,
+    head_groups,
+    keep_slices,
+    param_count,
+    parse_ratio,
+)
 
 from .registry import count, register
 
 
 @register("prune-heads", exact=False, phase="prune", requires=("fuse-attention",))
-def prune_heads(graph: Graph, ratio=0.2, criterion: str = "wanda", unit: str = "auto", scope: str = "global",
-                calib_windows: int = 4) -> Graph:
+def prune_heads(
+    graph: Graph, ratio=0.2, criterion: str = "wanda", unit: str = "auto", scope: str = "global", calib_windows: int = 4
+) -> Graph:
     """Matches: every `attention` whose q/k/v come from separate linear layers through reshape/permute/rope
     and whose output reaches one output projection (run after fuse-attention, before fuse-mlp and kv-cache).
     Guarantees: about `ratio` of all query heads are gone, least important first (criterion magnitude,
@@ -31,8 +39,9 @@ def prune_heads(graph: Graph, ratio=0.2, criterion: str = "wanda", unit: str = "
     if (r if isinstance(r, float) else max(r)) == 0.0:
         return g
     p0 = param_count(g)
-    ev = gather_evidence(g, criterion, [s.reader for hg in groups for s in hg.q + hg.kv if s.reader is not None],
-                         calib_windows)
+    ev = gather_evidence(
+        g, criterion, [s.reader for hg in groups for s in hg.q + hg.kv if s.reader is not None], calib_windows
+    )
     plans, scores, costs, totals = [], [], [], []
     for hg in groups:
         rep = hg.heads // hg.kv_heads
@@ -40,16 +49,18 @@ def prune_heads(graph: Graph, ratio=0.2, criterion: str = "wanda", unit: str = "
         mode = ("query" if rep > 1 else "group") if unit == "auto" else unit
         if mode == "query":
             if rep == 1:
-                raise PassError(f"prune-heads: layer {hg.layer} has one query head per KV head; unit=query would "
-                                "empty a group, use unit=group")
+                raise PassError(
+                    f"prune-heads: layer {hg.layer} has one query head per KV head; unit=query would "
+                    "empty a group, use unit=group"
+                )
             order = qs.argsort(dim=1)  # ascending within each group
-            units = qs.gather(1, order).sum(0)[:rep - 1]  # unit m: the m-th weakest head of every group
+            units = qs.gather(1, order).sum(0)[: rep - 1]  # unit m: the m-th weakest head of every group
             plans.append((mode, order))
             costs.append(hg.kv_heads)
         else:
             kvs = group_scores(g, hg.kv, ev, criterion)
             units, order = (qs.sum(1) + kvs).sort()
-            units = units[:hg.kv_heads - 1]
+            units = units[: hg.kv_heads - 1]
             plans.append((mode, order))
             costs.append(rep)
         scores.append(units)
@@ -86,6 +97,13 @@ def prune_heads(graph: Graph, ratio=0.2, criterion: str = "wanda", unit: str = "
     prune = g.meta.setdefault("prune", {})
     prune["heads"] = [h for h, _ in shapes]
     prune["kv_heads"] = [k for _, k in shapes]
-    g.meta["pass_extra"] = {"criterion": criterion, "unit": unit, "scope": scope, "heads": prune["heads"],
-                            "kv_heads": prune["kv_heads"], "params_before": p0, "params_after": param_count(g)}
+    g.meta["pass_extra"] = {
+        "criterion": criterion,
+        "unit": unit,
+        "scope": scope,
+        "heads": prune["heads"],
+        "kv_heads": prune["kv_heads"],
+        "params_before": p0,
+        "params_after": param_count(g),
+    }
     return g

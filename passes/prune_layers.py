@@ -1,4 +1,5 @@
 """prune-layers: remove whole transformer layers, the least influential first."""
+
 from __future__ import annotations
 
 from kiln.errors import PassError
@@ -22,15 +23,19 @@ def prune_layers(graph: Graph, n: int = 1, layers: str = "", calib_windows: int 
         try:
             chosen = sorted({int(x) for x in str(layers).split("/")})
         except ValueError:
-            raise PassError(f"prune-layers: layers must be indices separated by '/', like 3/7, got {layers!r}") from None
+            raise PassError(
+                f"prune-layers: layers must be indices separated by '/', like 3/7, got {layers!r}"
+            ) from None
         bad = [i for i in chosen if not 0 <= i < L]
         if bad:
             raise PassError(f"prune-layers: layer {bad[0]} does not exist; the model has layers 0..{L - 1}")
         n = len(chosen)
     n = int(n)
     if n < 0 or n >= L:
-        raise PassError(f"prune-layers: n={n} would {'remove every one' if n >= L else 'be negative'} of the model's "
-                        f"{L} layers; use 0 <= n <= {L - 1}")
+        raise PassError(
+            f"prune-layers: n={n} would {'remove every one' if n >= L else 'be negative'} of the model's "
+            f"{L} layers; use 0 <= n <= {L - 1}"
+        )
     if n == 0:
         return g
     p0 = param_count(g)
@@ -48,6 +53,11 @@ def prune_layers(graph: Graph, n: int = 1, layers: str = "", calib_windows: int 
         if key in prune and len(prune[key]) == L:
             prune[key] = [prune[key][i] for i in kept]
     prune["layers_removed"] = prune.get("layers_removed", []) + [f"{i}" for i in chosen]
-    g.meta["pass_extra"] = {"removed": chosen, "block_influence": [round(b, 5) for b in bi] if bi else None,
-                            "layers_after": L - n, "params_before": p0, "params_after": param_count(g)}
+    g.meta["pass_extra"] = {
+        "removed": chosen,
+        "block_influence": [round(b, 5) for b in bi] if bi else None,
+        "layers_after": L - n,
+        "params_before": p0,
+        "params_after": param_count(g),
+    }
     return g

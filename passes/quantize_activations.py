@@ -1,4 +1,5 @@
 """quantize-activations: W8A8 — dynamic per-token int8 activations with int8 weights, SmoothQuant-style."""
+
 from __future__ import annotations
 
 import torch
@@ -7,8 +8,8 @@ from kiln.errors import PassError
 from kiln.ir import Graph, Node
 from kiln.quant import parse_scheme, rtn
 
-from .registry import count, register
 from .qweights import fold_input_scale, is_lm_head, make_qweight
+from .registry import count, register
 
 
 @register("quantize-activations", exact=False, phase="quantize")
@@ -23,11 +24,15 @@ def quantize_activations(graph: Graph, alpha: float = 0.5, calib_windows: int = 
     if graph.find("gated_mlp"):
         raise PassError("quantize-activations observes each linear's input: run it before fuse-mlp")
     from kiln.calib import collect_input_stats
+
     g = graph.copy()
     s8 = parse_scheme("int8")
-    plan = [n for n in g.nodes if n.op == "linear" and n.inputs[1].op == "param"
-            and (lm_head == "int8" or not is_lm_head(g, n))]
-    stats = collect_input_stats(g, list({n.inputs[0] for n in plan}), g.meta["calib_tokens"][:int(calib_windows)])
+    plan = [
+        n
+        for n in g.nodes
+        if n.op == "linear" and n.inputs[1].op == "param" and (lm_head == "int8" or not is_lm_head(g, n))
+    ]
+    stats = collect_input_stats(g, list({n.inputs[0] for n in plan}), g.meta["calib_tokens"][: int(calib_windows)])
     groups: dict[Node, list[Node]] = {}
     for n in plan:
         groups.setdefault(n.inputs[0], []).append(n)
@@ -44,6 +49,9 @@ def quantize_activations(graph: Graph, alpha: float = 0.5, calib_windows: int = 
             count("w8a8-linear")
     g.dce()
     g.toposort()
-    g.meta["quant"] = {"activations": {"scheme": "int8_per_token_dynamic", "smooth_alpha": alpha},
-                       "weights": s8.to_json(), "method": "smoothquant+rtn"}
+    g.meta["quant"] = {
+        "activations": {"scheme": "int8_per_token_dynamic", "smooth_alpha": alpha},
+        "weights": s8.to_json(),
+        "method": "smoothquant+rtn",
+    }
     return g

@@ -1,4 +1,5 @@
 """quantize-kv: store the paged KV cache in 8 bits (int8 or fp8 e4m3), one scale per token and head."""
+
 from __future__ import annotations
 
 from kiln.errors import PassError

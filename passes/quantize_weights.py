@@ -1,19 +1,26 @@
 """quantize-weights: weight-only integer quantization of linear layers (RTN, GPTQ, AWQ)."""
+
 from __future__ import annotations
 
 import torch
 
 from kiln.errors import PassError
 from kiln.ir import Graph, Node
-from kiln.quant import WeightQuant, awq_scales, clip_search, gptq, parse_scheme, quantize_with, rtn
+from kiln.quant import awq_scales, clip_search, gptq, parse_scheme, quantize_with, rtn
 
-from .registry import count, register
 from .qweights import fold_input_scale, is_lm_head, make_qweight
+from .registry import count, register
 
 
 @register("quantize-weights", exact=False, phase="quantize")
-def quantize_weights(graph: Graph, scheme: str = "int8", method: str = "rtn", lm_head: str = "same",
-                     embedding: str = "tied", calib_windows: int = 8) -> Graph:
+def quantize_weights(
+    graph: Graph,
+    scheme: str = "int8",
+    method: str = "rtn",
+    lm_head: str = "same",
+    embedding: str = "tied",
+    calib_windows: int = 8,
+) -> Graph:
     """Matches: `linear` layers whose weight is a parameter (and the weights of `gated_mlp`, RTN only),
     and embedding tables.
     Guarantees: each weight becomes `qweight(codes, scales, zeros)` (value (q - z) * s) under the
@@ -33,13 +40,18 @@ def quantize_weights(graph: Graph, scheme: str = "int8", method: str = "rtn", lm
         if g.find("gated_mlp"):
             raise PassError(f"quantize-weights method={method} observes each linear's input: run it before fuse-mlp")
         if "calib_tokens" not in g.meta:
-            raise PassError(f"quantize-weights method={method} needs calibration text: pass calib=... to "
-                            "kiln.compile (or --calib FILE to kiln build)")
+            raise PassError(
+                f"quantize-weights method={method} needs calibration text: pass calib=... to "
+                "kiln.compile (or --calib FILE to kiln build)"
+            )
     plan = [(n, is_lm_head(g, n)) for n in linears]
     stats = {}
     if method != "rtn":
         from kiln.calib import collect_input_stats
-        stats = collect_input_stats(g, list({n.inputs[0] for n, _ in plan}), g.meta["calib_tokens"][:int(calib_windows)])
+
+        stats = collect_input_stats(
+            g, list({n.inputs[0] for n, _ in plan}), g.meta["calib_tokens"][: int(calib_windows)]
+        )
     awq_inputs: dict[Node, Node] = {}  # linear -> the node its calibration statistics were taken at
     awq_div: dict[Node, torch.Tensor] = {}  # linear -> the AWQ scale its input was divided by
     if method == "awq":
@@ -110,6 +122,10 @@ def quantize_weights(graph: Graph, scheme: str = "int8", method: str = "rtn", lm
         count(f"embedding-{sch.name}")
     g.dce()
     g.toposort()
-    g.meta["quant"] = {"weights": s.to_json(), "method": method, "lm_head": head.to_json() if head else None,
-                       "embedding": emb_scheme}
+    g.meta["quant"] = {
+        "weights": s.to_json(),
+        "method": method,
+        "lm_head": head.to_json() if head else None,
+        "embedding": emb_scheme,
+    }
     return g

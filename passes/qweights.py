@@ -1,4 +1,5 @@
 """What the quantization passes share: the LM-head test, making a `qweight` node, folding an input scale."""
+
 from __future__ import annotations
 
 import torch
@@ -14,16 +15,20 @@ def is_lm_head(g: Graph, n: Node) -> bool:
     return n in g.outputs or any(o.op in ("slice", "reshape") and n in o.inputs for o in g.outputs)
 
 
-def make_qweight(g: Graph, name: str, w: torch.Tensor, scheme: WeightQuant, codes, scales, zeros,
-                 before: Node) -> Node:
+def make_qweight(g: Graph, name: str, w: torch.Tensor, scheme: WeightQuant, codes, scales, zeros, before: Node) -> Node:
     """A `qweight` node over new code/scale/zero parameters for weight `name` quantized by `scheme`."""
     base = name + f".{scheme.name}"
     q = g.add_param(base + ".codes", codes)
     s = g.add_param(base + ".scales", scales.float().contiguous())
     z = g.add_param(base + ".zeros", zeros.float().contiguous())
     g.meta.setdefault("param_bits", {})[base + ".codes"] = scheme.bits
-    return g.add("qweight", [q, s, z], {"bits": scheme.bits, "group": scheme.group_for(w.shape[1]), "sym": scheme.sym,
-                                        "scheme": scheme.name}, name="qw", before=before)
+    return g.add(
+        "qweight",
+        [q, s, z],
+        {"bits": scheme.bits, "group": scheme.group_for(w.shape[1]), "sym": scheme.sym, "scheme": scheme.name},
+        name="qw",
+        before=before,
+    )
 
 
 def fold_input_scale(g: Graph, x: Node, users: list[Node], s: torch.Tensor) -> Node:

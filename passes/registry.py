@@ -1,12 +1,14 @@
 """The pass registry: `register` (with each pass's pipeline declaration), `count` (rewrite counters) and
 `run_counted`. Passes import it from here, not from the package, so that no pass module depends on
 another through the package's imports."""
+
 from __future__ import annotations
 
 import contextvars
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from kiln.ir import Graph
 
@@ -15,12 +17,12 @@ from kiln.ir import Graph
 # are written into a pipeline by hand.
 PHASES: tuple[str, ...] = (
     "recognize",  # traced subgraphs become the LLM ops later passes look for (norms, rope, attention)
-    "convert",    # the attention's form changes (GQA, MLA): later passes see the converted heads
-    "prune",      # layers, heads, FFN channels and weights go, in the order written
-    "quantize",   # precision drops (weights or activations, then the KV cache) on the pruned model
-    "fuse",       # linears merge (gated MLP): earlier phases observe each linear's input, so this waits
-    "cache",      # the incremental program with its paged KV cache is derived
-    "place",      # target annotations on the incremental program
+    "convert",  # the attention's form changes (GQA, MLA): later passes see the converted heads
+    "prune",  # layers, heads, FFN channels and weights go, in the order written
+    "quantize",  # precision drops (weights or activations, then the KV cache) on the pruned model
+    "fuse",  # linears merge (gated MLP): earlier phases observe each linear's input, so this waits
+    "cache",  # the incremental program with its paged KV cache is derived
+    "place",  # target annotations on the incremental program
 )
 
 
@@ -37,8 +39,11 @@ class PassInfo:
     def parameters(self) -> tuple[dict[str, bool], bool]:
         """({parameter: required}, accepts any keyword): what a pipeline may pass, from the signature."""
         params = list(inspect.signature(self.fn).parameters.values())[1:]  # the first is the graph
-        named = {p.name: p.default is inspect.Parameter.empty for p in params
-                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        named = {
+            p.name: p.default is inspect.Parameter.empty
+            for p in params
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        }
         return named, any(p.kind is p.VAR_KEYWORD for p in params)
 
 
@@ -46,16 +51,23 @@ REGISTRY: dict[str, PassInfo] = {}
 _counter: contextvars.ContextVar[dict[str, int] | None] = contextvars.ContextVar("kiln_rewrites", default=None)
 
 
-def register(name: str, exact: bool = True, phase: str | None = None, requires: tuple[str, ...] = (),
-             invalidates: tuple[str, ...] = ()) -> Callable[[Callable[..., Graph]], Callable[..., Graph]]:
+def register(
+    name: str,
+    exact: bool = True,
+    phase: str | None = None,
+    requires: tuple[str, ...] = (),
+    invalidates: tuple[str, ...] = (),
+) -> Callable[[Callable[..., Graph]], Callable[..., Graph]]:
     """Register `fn(graph, **params) -> graph` as pass `name`, with its place in a pipeline (see PHASES)."""
     if phase is not None and phase not in PHASES:
         raise ValueError(f"pass '{name}': phase {phase!r} is not one of {', '.join(PHASES)}")
 
     def deco(fn: Callable[..., Graph]) -> Callable[..., Graph]:
-        REGISTRY[name] = PassInfo(name, fn, exact, (fn.__doc__ or "").strip(), phase, tuple(requires),
-                                  tuple(invalidates))
+        REGISTRY[name] = PassInfo(
+            name, fn, exact, (fn.__doc__ or "").strip(), phase, tuple(requires), tuple(invalidates)
+        )
         return fn
+
     return deco
 
 
@@ -75,5 +87,3 @@ def run_counted(info: PassInfo, graph: Graph, params: dict[str, Any]) -> tuple[G
     finally:
         _counter.reset(token)
     return out, counts
-
-

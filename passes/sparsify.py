@@ -1,4 +1,5 @@
 """sparsify: unstructured or N:M weight sparsity of linear layers (magnitude, Wanda, SparseGPT)."""
+
 from __future__ import annotations
 
 import torch
@@ -41,8 +42,9 @@ def _mask(score: torch.Tensor, ratio: float, nm: tuple[int, int] | None, per_row
     return score <= thresh if k else torch.zeros_like(score, dtype=torch.bool)
 
 
-def sparsegpt(w: torch.Tensor, H: torch.Tensor, ratio: float, nm: tuple[int, int] | None, block: int = 128,
-              damp: float = 0.01) -> torch.Tensor:
+def sparsegpt(
+    w: torch.Tensor, H: torch.Tensor, ratio: float, nm: tuple[int, int] | None, block: int = 128, damp: float = 0.01
+) -> torch.Tensor:
     """SparseGPT (Frantar & Alistarh, 2023): choose the mask by w² / [H⁻¹]ᵢᵢ block by block and update the
     remaining weights of each row to compensate the removed ones (an OBS step through the Cholesky factor
     of the inverse Hessian of the layer's squared error, H = XᵀX)."""
@@ -59,10 +61,12 @@ def sparsegpt(w: torch.Tensor, H: torch.Tensor, ratio: float, nm: tuple[int, int
         W1, Hi = W[:, a:b].clone(), Hinv[a:b, a:b]
         Q1, E1 = torch.zeros_like(W1), torch.zeros_like(W1)
         d = torch.diag(Hi)
-        mask = _mask(W1 ** 2 / d[None, :] ** 2, ratio, None, False) if nm is None else torch.zeros_like(W1, dtype=torch.bool)
+        mask = (
+            _mask(W1**2 / d[None, :] ** 2, ratio, None, False) if nm is None else torch.zeros_like(W1, dtype=torch.bool)
+        )
         for i in range(b - a):
             if nm is not None and i % nm[1] == 0:
-                mask[:, i:i + nm[1]] = _mask(W1[:, i:i + nm[1]] ** 2 / d[None, i:i + nm[1]] ** 2, ratio, nm, True)
+                mask[:, i : i + nm[1]] = _mask(W1[:, i : i + nm[1]] ** 2 / d[None, i : i + nm[1]] ** 2, ratio, nm, True)
             col = W1[:, i]
             q = torch.where(mask[:, i], torch.zeros_like(col), col)
             Q1[:, i] = q
@@ -76,12 +80,19 @@ def sparsegpt(w: torch.Tensor, H: torch.Tensor, ratio: float, nm: tuple[int, int
 
 def _targets(g: Graph, lm_head: bool) -> list[Node]:
     from .qweights import is_lm_head
+
     return [n for n in g.nodes if n.op == "linear" and n.inputs[1].op == "param" and (lm_head or not is_lm_head(g, n))]
 
 
 @register("sparsify", exact=False, phase="prune")
-def sparsify(graph: Graph, ratio: float = 0.5, pattern: str = "unstructured", method: str = "wanda",
-             lm_head: bool = False, calib_windows: int = 4) -> Graph:
+def sparsify(
+    graph: Graph,
+    ratio: float = 0.5,
+    pattern: str = "unstructured",
+    method: str = "wanda",
+    lm_head: bool = False,
+    calib_windows: int = 4,
+) -> Graph:
     """Matches: linear layers with parameter weights (not the output layer unless lm_head=true); run before
     fuse-mlp (wanda and sparsegpt observe each linear's input) and before quantization.
     Guarantees: pattern=unstructured zeroes `ratio` of each layer's weights; pattern=N:M (2:4) leaves at
@@ -105,16 +116,22 @@ def sparsify(graph: Graph, ratio: float = 0.5, pattern: str = "unstructured", me
     if nm is not None:
         bad = [n for n in lins if int(n.inputs[1].type.shape[1]) % nm[1]]
         if bad:
-            raise PassError(f"sparsify: {pattern} needs input sizes divisible by {nm[1]}; %{bad[0].name} has "
-                            f"{bad[0].inputs[1].type.shape[1]}")
+            raise PassError(
+                f"sparsify: {pattern} needs input sizes divisible by {nm[1]}; %{bad[0].name} has "
+                f"{bad[0].inputs[1].type.shape[1]}"
+            )
     stats = {}
     if method != "magnitude":
         if "calib_tokens" not in g.meta:
-            raise PassError(f"sparsify method={method} reads calibration text: pass calib=... to kiln.compile "
-                            "(--calib on the command line), or use method=magnitude")
+            raise PassError(
+                f"sparsify method={method} reads calibration text: pass calib=... to kiln.compile "
+                "(--calib on the command line), or use method=magnitude"
+            )
         from kiln.calib import collect_input_stats
-        stats = collect_input_stats(g, list({n.inputs[0] for n in lins}), g.meta["calib_tokens"][:int(calib_windows)],
-                                    keep_rows=0)
+
+        stats = collect_input_stats(
+            g, list({n.inputs[0] for n in lins}), g.meta["calib_tokens"][: int(calib_windows)], keep_rows=0
+        )
     record = g.meta.setdefault("sparsity", {"params": {}})
     done: set[str] = set()
     zeros = total = 0
@@ -127,7 +144,9 @@ def sparsify(graph: Graph, ratio: float = 0.5, pattern: str = "unstructured", me
         if method == "sparsegpt":
             new = sparsegpt(w, stats[n.inputs[0]].H.float(), float(ratio), nm)
         else:
-            score = w.abs() if method == "magnitude" else w.abs() * stats[n.inputs[0]].H.diagonal().float().sqrt()[None, :]
+            score = (
+                w.abs() if method == "magnitude" else w.abs() * stats[n.inputs[0]].H.diagonal().float().sqrt()[None, :]
+            )
             new = w.masked_fill(_mask(score, float(ratio), nm, method == "wanda"), 0.0)
         g.params[name] = new.to(g.params[name].dtype).contiguous()
         record["params"][name] = pattern if nm else "unstructured"
@@ -135,7 +154,12 @@ def sparsify(graph: Graph, ratio: float = 0.5, pattern: str = "unstructured", me
         total += new.numel()
         count(f"sparse-{pattern}")
     record.update(pattern=str(pattern), method=method, ratio=float(ratio) if nm is None else 1 - nm[0] / nm[1])
-    g.meta["pass_extra"] = {"pattern": str(pattern), "method": method, "density": round(1 - zeros / max(total, 1), 4),
-                            "sparse_params": len(done), "note": "dense tensors in the IR; the CPU artifact stores them "
-                            "compactly and expands them at load: smaller on disk, same memory and speed"}
+    g.meta["pass_extra"] = {
+        "pattern": str(pattern),
+        "method": method,
+        "density": round(1 - zeros / max(total, 1), 4),
+        "sparse_params": len(done),
+        "note": "dense tensors in the IR; the CPU artifact stores them "
+        "compactly and expands them at load: smaller on disk, same memory and speed",
+    }
     return g

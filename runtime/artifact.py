@@ -3,6 +3,7 @@
 Readers check, in order: the manifest parses, its schema version is one this kiln reads, the target
 is one this runtime serves and the host can run, and every file's checksum matches.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -44,8 +45,10 @@ def read_manifest(path: str) -> dict[str, Any]:
     if not isinstance(v, int):
         raise ArtifactError(f"{mf} has no integer schema_version; the artifact is corrupt: rebuild it")
     if v > SCHEMA_VERSION:
-        raise ArtifactError(f"artifact schema version {v} is newer than this kiln reads (<= {SCHEMA_VERSION}); "
-                            "upgrade kiln or rebuild the artifact with this version")
+        raise ArtifactError(
+            f"artifact schema version {v} is newer than this kiln reads (<= {SCHEMA_VERSION}); "
+            "upgrade kiln or rebuild the artifact with this version"
+        )
     if v < 1:
         raise ArtifactError(f"artifact schema version {v} is invalid")
     return m
@@ -79,11 +82,15 @@ def check_target(manifest: dict[str, Any], want: str | None = None) -> None:
         if flags:
             missing = [f for f in t.get("requires", []) if _FLAG_NAMES.get(f, f) not in flags]
             if missing:
-                raise ArtifactError(f"artifact was built for CPU '{t.get('mcpu')}' and needs {', '.join(missing)}, "
-                                    "which this CPU lacks: rebuild it on this machine (kiln build ...)")
+                raise ArtifactError(
+                    f"artifact was built for CPU '{t.get('mcpu')}' and needs {', '.join(missing)}, "
+                    "which this CPU lacks: rebuild it on this machine (kiln build ...)"
+                )
     else:
-        raise ArtifactError(f"artifact was built for target '{name}', not 'cpu': this runtime runs cpu, cuda "
-                            "and simulated pim artifacts; rebuild with --target cpu")
+        raise ArtifactError(
+            f"artifact was built for target '{name}', not 'cpu': this runtime runs cpu, cuda "
+            "and simulated pim artifacts; rebuild with --target cpu"
+        )
 
 
 def verify_files(path: str, manifest: dict[str, Any]) -> None:
@@ -95,7 +102,11 @@ def verify_files(path: str, manifest: dict[str, Any]) -> None:
         if not os.path.exists(p):
             raise ArtifactError(f"{rel} is missing from {path}: the artifact is incomplete; rebuild it")
         if os.path.getsize(p) != meta["bytes"]:
-            raise ArtifactError(f"{rel} has {os.path.getsize(p)} bytes, the manifest says {meta['bytes']}: "
-                                "the file is truncated or replaced; rebuild the artifact")
+            raise ArtifactError(
+                f"{rel} has {os.path.getsize(p)} bytes, the manifest says {meta['bytes']}: "
+                "the file is truncated or replaced; rebuild the artifact"
+            )
         if sha256_file(p) != meta["sha256"]:
-            raise ArtifactError(f"checksum mismatch for {rel}: the file is corrupt or was modified; rebuild the artifact")
+            raise ArtifactError(
+                f"checksum mismatch for {rel}: the file is corrupt or was modified; rebuild the artifact"
+            )

@@ -5,6 +5,7 @@ the global function `tvm_callback_cuda_compile` for the binary; kiln answers fro
 the source and the architecture, and on a miss compiles once with `nvcc --fatbin` for the
 artifact's architecture. The GPU must match the architecture the artifact was built for.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -42,9 +43,11 @@ def compile_source(code: str, arch: str) -> bytes:
             return f.read()
     nvcc = shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if os.path.exists(p)), None)
     if nvcc is None:
-        raise ArtifactError(f"this cuda artifact's kernels are not compiled for {arch} yet and no nvcc was found: "
-                            "install the CUDA toolkit (nvcc) once, or copy a filled cache into "
-                            f"{cache_dir()} (KILN_CUDA_CACHE)")
+        raise ArtifactError(
+            f"this cuda artifact's kernels are not compiled for {arch} yet and no nvcc was found: "
+            "install the CUDA toolkit (nvcc) once, or copy a filled cache into "
+            f"{cache_dir()} (KILN_CUDA_CACHE)"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         src, out = os.path.join(tmp, "k.cu"), os.path.join(tmp, "k.fatbin")
         with open(src, "w") as f:
@@ -66,21 +69,27 @@ def prepare(manifest: dict):
     """Check the GPU against the artifact and install the compile callback; returns the TVM device."""
     import tvm
     import tvm_ffi
+
     _load_cuda_runtime(tvm)
     t = manifest.get("target", {})
     arch, want = t.get("arch", "?"), t.get("compute_capability")
     dev = tvm.cuda(0)
     if not dev.exist:
-        raise ArtifactError(f"artifact was built for target 'cuda' ({arch}) but no CUDA GPU is visible here: "
-                            "run it on a machine with an NVIDIA GPU, or rebuild with --target cpu")
+        raise ArtifactError(
+            f"artifact was built for target 'cuda' ({arch}) but no CUDA GPU is visible here: "
+            "run it on a machine with an NVIDIA GPU, or rebuild with --target cpu"
+        )
     have = str(dev.compute_version)
     if want and have != want:
-        raise ArtifactError(f"artifact was built for {arch} (compute capability {want}) but this GPU "
-                            f"({dev.device_name}) is compute capability {have}: rebuild with "
-                            f"--cuda-arch sm_{have.replace('.', '')}")
+        raise ArtifactError(
+            f"artifact was built for {arch} (compute capability {want}) but this GPU "
+            f"({dev.device_name}) is compute capability {have}: rebuild with "
+            f"--cuda-arch sm_{have.replace('.', '')}"
+        )
 
     def _compile(code, *_):
         return compile_source(str(code), arch)
+
     tvm_ffi.register_global_func("tvm_callback_cuda_compile", _compile, override=True)
     _register_gemm(dev)
     return dev
@@ -88,8 +97,10 @@ def prepare(manifest: dict):
 
 # -- tensor-core GEMMs through cuBLAS (the library's `kiln.cuda.gemm_*` calls) ----------------------
 
+
 def _find_lib(env: str, names: tuple[str, ...]) -> ctypes.CDLL | None:
     import glob
+
     cands = [os.environ.get(env)] if os.environ.get(env) else []
     cands += list(names)
     for d in ("/usr/local/cuda/lib64", "/usr/local/cuda/targets/x86_64-linux/lib"):
@@ -108,23 +119,49 @@ class _Cublas:
     def __init__(self, dev) -> None:
         lib = _find_lib("KILN_CUBLAS", ("libcublas.so.13", "libcublas.so.12", "libcublas.so"))
         if lib is None:
-            raise ArtifactError("this cuda artifact runs its GEMMs through cuBLAS, which was not found: install the "
-                                "CUDA toolkit's libcublas (or set KILN_CUBLAS to it), or rebuild with "
-                                "target_options={'gemm': 'tvm'}")
+            raise ArtifactError(
+                "this cuda artifact runs its GEMMs through cuBLAS, which was not found: install the "
+                "CUDA toolkit's libcublas (or set KILN_CUBLAS to it), or rebuild with "
+                "target_options={'gemm': 'tvm'}"
+            )
         self.lib, self.dev = lib, dev
         self.handle = ctypes.c_void_p()
         if lib.cublasCreate_v2(ctypes.byref(self.handle)):
             raise ArtifactError("cublasCreate failed: is the GPU usable?")
         self.one, self.zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
         p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_float)
-        lib.cublasGemmStridedBatchedEx.argtypes = [p, i, i, i, i, i, f, p, i, i, ctypes.c_longlong, p, i, i,
-                                                   ctypes.c_longlong, f, p, i, i, ctypes.c_longlong, i, i, i]
+        lib.cublasGemmStridedBatchedEx.argtypes = [
+            p,
+            i,
+            i,
+            i,
+            i,
+            i,
+            f,
+            p,
+            i,
+            i,
+            ctypes.c_longlong,
+            p,
+            i,
+            i,
+            ctypes.c_longlong,
+            f,
+            p,
+            i,
+            i,
+            ctypes.c_longlong,
+            i,
+            i,
+            i,
+        ]
         lib.cublasSetStream_v2.argtypes = [p, p]
 
     def _gemm(self, a, b, c, nt: bool) -> None:
         """Row-major c[batch, m, n] = a[batch, m, k] @ (b[batch, n, k]^T if nt else b[batch, k, n]).
         b may have no batch dims (a weight shared by every row)."""
         import tvm_ffi
+
         self.lib.cublasSetStream_v2(self.handle, ctypes.c_void_p(tvm_ffi.get_raw_stream(self.dev)))
         ash, bsh, csh = [int(x) for x in a.shape], [int(x) for x in b.shape], [int(x) for x in c.shape]
         m, n = csh[-2], csh[-1]
@@ -137,11 +174,30 @@ class _Cublas:
         sb = 0 if len(bsh) == 2 else bsh[-1] * bsh[-2]
         # column-major view: c^T[n, m] = op(b) [n, k] @ a^T [k, m]
         err = self.lib.cublasGemmStridedBatchedEx(
-            self.handle, self.OP_T if nt else self.OP_N, self.OP_N, n, m, k, ctypes.byref(self.one),
-            ctypes.c_void_p(b.data_ptr()), self.R_16F, k if nt else n, sb,
-            ctypes.c_void_p(a.data_ptr()), self.R_16F, k, m * k,
-            ctypes.byref(self.zero), ctypes.c_void_p(c.data_ptr()), self.R_32F, n, m * n,
-            batch, self.COMPUTE_32F, self.ALGO_DEFAULT)
+            self.handle,
+            self.OP_T if nt else self.OP_N,
+            self.OP_N,
+            n,
+            m,
+            k,
+            ctypes.byref(self.one),
+            ctypes.c_void_p(b.data_ptr()),
+            self.R_16F,
+            k if nt else n,
+            sb,
+            ctypes.c_void_p(a.data_ptr()),
+            self.R_16F,
+            k,
+            m * k,
+            ctypes.byref(self.zero),
+            ctypes.c_void_p(c.data_ptr()),
+            self.R_32F,
+            n,
+            m * n,
+            batch,
+            self.COMPUTE_32F,
+            self.ALGO_DEFAULT,
+        )
         if err:
             raise RuntimeError(f"cublasGemmStridedBatchedEx failed with status {err} for {ash} x {bsh}")
 
@@ -150,17 +206,20 @@ def _register_gemm(dev) -> None:
     if "cublas" in _STATE:
         return
     import tvm_ffi
+
     _STATE["cublas"] = None
 
     def blas():
         if _STATE["cublas"] is None:
             _STATE["cublas"] = _Cublas(dev)
         return _STATE["cublas"]
+
     tvm_ffi.register_global_func("kiln.cuda.gemm_nt", lambda a, b, c: blas()._gemm(a, b, c, True), override=True)
     tvm_ffi.register_global_func("kiln.cuda.gemm_nn", lambda a, b, c: blas()._gemm(a, b, c, False), override=True)
 
 
 # -- decode steps replayed as CUDA graphs ----------------------------------------------------------
+
 
 class _Cudart:
     def __init__(self) -> None:
@@ -193,9 +252,10 @@ class GraphRunner:
         self.stream = engine.device.create_raw_stream()
         self.graphs: dict = {}
 
-    def run(self, fn: str, arrays: list) -> "object":
+    def run(self, fn: str, arrays: list) -> object:
         import numpy as np
         import tvm_ffi
+
         key = (fn,) + tuple(a.shape for a in arrays)
         g = self.graphs.get(key)
         eng = self.eng
@@ -208,8 +268,9 @@ class GraphRunner:
                 self.rt.check(self.rt.lib.cudaStreamBeginCapture(ctypes.c_void_p(self.stream), 2), "begin capture")
                 out = eng.vm[fn](*ins, eng.caches, eng.weights)
                 graph = ctypes.c_void_p()
-                self.rt.check(self.rt.lib.cudaStreamEndCapture(ctypes.c_void_p(self.stream), ctypes.byref(graph)),
-                              "end capture")
+                self.rt.check(
+                    self.rt.lib.cudaStreamEndCapture(ctypes.c_void_p(self.stream), ctypes.byref(graph)), "end capture"
+                )
             exe = ctypes.c_void_p()
             self.rt.check(self.rt.lib.cudaGraphInstantiate(ctypes.byref(exe), graph, 0), "graph instantiate")
             g = self.graphs[key] = (exe, ins, out)

@@ -4,12 +4,13 @@
 each prompt is prefilled on its own (batch 1, any length), then all sequences decode together, one
 token per sequence per step; a sequence leaves the batch when it stops.
 """
+
 from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -37,8 +38,14 @@ class Completion:
 class Engine:
     """Serve one artifact. `kv_cache_tokens` sizes the page pool (tokens over all sequences)."""
 
-    def __init__(self, path: str, kv_cache_tokens: int = 8192, verify: bool = True, weights: dict | None = None,
-                 cuda_graphs: bool = True) -> None:
+    def __init__(
+        self,
+        path: str,
+        kv_cache_tokens: int = 8192,
+        verify: bool = True,
+        weights: dict | None = None,
+        cuda_graphs: bool = True,
+    ) -> None:
         _threads()
         self.path = path
         self.manifest = read_manifest(path)
@@ -47,10 +54,12 @@ class Engine:
             verify_files(path, self.manifest)
         import tvm
         from tvm.runtime.vm import VirtualMachine
+
         self._tvm = tvm
         self.on_gpu = self.manifest.get("target", {}).get("name") == "cuda"
         if self.on_gpu:
             from .cuda import prepare
+
             self.device = prepare(self.manifest)
         else:
             self.device = tvm.cpu()
@@ -70,12 +79,14 @@ class Engine:
         self._graphs = None
         if self.on_gpu and cuda_graphs:  # decode steps replay as CUDA graphs (one launch per step)
             from .cuda import GraphRunner
+
             self._graphs = GraphRunner(self)
             self._pt_width = -(-self.max_context // self.page_size)
         self.tokenizer = None
         tok_dir = os.path.join(path, "tokenizer")
         if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
             from .tokenizer import Tokenizer
+
             self.tokenizer = Tokenizer(tok_dir)
         self.eos_ids = tuple(self.manifest.get("eos_token_ids") or ())
 
@@ -88,17 +99,25 @@ class Engine:
             if a is None:
                 raise ArtifactError(f"no weight given for field '{spec['name']}' {spec['dtype']}{spec['shape']}")
             if tuple(a.shape) != tuple(spec["shape"]) or str(a.dtype).replace("torch.", "") != spec["dtype"]:
-                raise ArtifactError(f"weight '{spec['name']}' is {a.dtype}{list(a.shape)}, the manifest says "
-                                    f"{spec['dtype']}{spec['shape']}")
-            out.append(self._tvm.runtime.tensor(a, self.device) if isinstance(a, np.ndarray)
-                       else self._tvm.runtime.from_dlpack(a))
+                raise ArtifactError(
+                    f"weight '{spec['name']}' is {a.dtype}{list(a.shape)}, the manifest says "
+                    f"{spec['dtype']}{spec['shape']}"
+                )
+            out.append(
+                self._tvm.runtime.tensor(a, self.device)
+                if isinstance(a, np.ndarray)
+                else self._tvm.runtime.from_dlpack(a)
+            )
         return tuple(out)
 
     def _load_weights(self) -> tuple:
         if not self.manifest.get("weights_included", True):
-            raise ArtifactError("this artifact was built without weights (pack_weights=False): pass them with "
-                                "Engine(path, weights={field: array})")
+            raise ArtifactError(
+                "this artifact was built without weights (pack_weights=False): pass them with "
+                "Engine(path, weights={field: array})"
+            )
         from safetensors.numpy import load_file
+
         try:
             arrays = load_file(os.path.join(self.path, WEIGHTS))
         except Exception as e:
@@ -108,16 +127,20 @@ class Engine:
             a = arrays.get(spec["name"])
             if a is None and spec.get("storage"):  # stored sparse: expand to the dense field the kernels read
                 from .sparse import expand
+
                 try:
                     a = expand(arrays, spec["name"], spec["storage"])
                 except (KeyError, ValueError) as e:
-                    raise ArtifactError(f"sparse weight '{spec['name']}' cannot be expanded ({e}); rebuild the "
-                                        "artifact") from e
+                    raise ArtifactError(
+                        f"sparse weight '{spec['name']}' cannot be expanded ({e}); rebuild the artifact"
+                    ) from e
             if a is None:
                 raise ArtifactError(f"{WEIGHTS} lacks weight '{spec['name']}'; rebuild the artifact")
             if tuple(a.shape) != tuple(spec["shape"]) or str(a.dtype) != spec["dtype"]:
-                raise ArtifactError(f"weight '{spec['name']}' is {a.dtype}{list(a.shape)}, the manifest says "
-                                    f"{spec['dtype']}{spec['shape']}; rebuild the artifact")
+                raise ArtifactError(
+                    f"weight '{spec['name']}' is {a.dtype}{list(a.shape)}, the manifest says "
+                    f"{spec['dtype']}{spec['shape']}; rebuild the artifact"
+                )
             out.append(self._tvm.runtime.tensor(a, self.device))
         return tuple(out)
 
@@ -142,13 +165,14 @@ class Engine:
         if self._graphs is not None:
             pt = np.zeros((len(pages), self._pt_width), dtype=np.int32)
             for i, r in enumerate(pages):
-                pt[i, :len(r)] = r
+                pt[i, : len(r)] = r
             return self._graphs.run(fn, [x, pos, pt]).numpy()[:, -1]
         out = self.vm[fn](self._t(x), self._t(pos), self._t(page_table(pages)), self.caches, self.weights)
         return out.numpy()[:, -1]
 
-    def verify(self, tokens: Sequence[Sequence[int]], positions: Sequence[Sequence[int]],
-               pages: list[list[int]]) -> np.ndarray:
+    def verify(
+        self, tokens: Sequence[Sequence[int]], positions: Sequence[Sequence[int]], pages: list[list[int]]
+    ) -> np.ndarray:
         """Several new tokens per sequence (equal counts), filling the cache; returns logits for every
         token [batch, tokens, vocab] (speculative decoding checks draft tokens with this)."""
         x = np.asarray(tokens, dtype=np.int64)
@@ -170,13 +194,19 @@ class Engine:
             raise ValueError(f"prompt {i} is empty: give at least one token")
         need = len(ids) + p.max_new_tokens
         if need > self.max_context:
-            raise ValueError(f"prompt {i} has {len(ids)} tokens; with max_new_tokens={p.max_new_tokens} it needs "
-                             f"{need} positions but the artifact supports {self.max_context}: shorten the prompt or "
-                             "lower max_new_tokens")
+            raise ValueError(
+                f"prompt {i} has {len(ids)} tokens; with max_new_tokens={p.max_new_tokens} it needs "
+                f"{need} positions but the artifact supports {self.max_context}: shorten the prompt or "
+                "lower max_new_tokens"
+            )
 
-    def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams] =
-                 SamplingParams(), chat: bool = False,
-                 stream: Callable[[int, int], None] | None = None) -> list[Completion]:
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+        chat: bool = False,
+        stream: Callable[[int, int], None] | None = None,
+    ) -> list[Completion]:
         """Generate for a static batch of prompts (text or token ids). `stream(i, token)` sees each
         token as it is produced. Requests that cannot fit are refused before any work starts, and
         every page the batch needs is free at the start, so it runs without preemption."""
@@ -189,10 +219,13 @@ class Engine:
             self._check(ids, p, i)
         need = sum(self.pool.pages_for(len(ids) + p.max_new_tokens) for ids, p in zip(encoded, plist))
         if need > len(self.pool.free):
-            raise ValueError(f"this batch needs {need} KV pages but {len(self.pool.free)} of {self.pool.num_pages} "
-                             "are free: send fewer or shorter requests, or load with a larger kv_cache_tokens")
+            raise ValueError(
+                f"this batch needs {need} KV pages but {len(self.pool.free)} of {self.pool.num_pages} "
+                "are free: send fewer or shorter requests, or load with a larger kv_cache_tokens"
+            )
         if not encoded:
             return []
         from .serving import run_static_batch  # the scheduler imports this module
+
         callbacks = [None if stream is None else functools.partial(stream, i) for i in range(len(encoded))]
         return run_static_batch(self, encoded, plist, callbacks)

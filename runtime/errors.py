@@ -4,6 +4,7 @@ It lives in the runtime because the runtime must import nothing from the compile
 compiler may import the runtime: `kiln.errors` re-exports these and adds the compile-time kinds. Catching
 `KilnError` catches every refusal kiln explains, whichever side raised it.
 """
+
 from __future__ import annotations
 
 

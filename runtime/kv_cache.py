@@ -4,6 +4,7 @@ Every layer's cache is one tensor `[pages, 2, kv_heads, page_size, head_dim]`; a
 of page indices, and the page table row for it lists them in order (position p lives in page
 `pages[p // page_size]`, slot `p % page_size`).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -62,13 +63,14 @@ class PageManager:
 
     def __init__(self, pool: PagePool, copy_page=None, prefix_caching: bool = True) -> None:
         import collections
+
         self.pool, self.page_size = pool, pool.page_size
         self.copy_page = copy_page
         self.prefix_caching = prefix_caching
         self.ref = [0] * pool.num_pages
         self.by_hash: dict[bytes, int] = {}
         self.hash_of: dict[int, bytes] = {}
-        self.evictable: "collections.OrderedDict[int, None]" = collections.OrderedDict()  # cached, ref 0, LRU first
+        self.evictable: collections.OrderedDict[int, None] = collections.OrderedDict()  # cached, ref 0, LRU first
         self.hit_tokens = self.query_tokens = self.evictions = self.cow_copies = 0
         self.peak_used = 0
 
@@ -87,11 +89,18 @@ class PageManager:
         return self.pool.num_pages - self.available
 
     def stats(self) -> dict:
-        return {"pages_total": self.num_pages, "pages_used": self.used, "pages_free": len(self.pool.free),
-                "pages_cached": len(self.by_hash), "pages_cached_idle": len(self.evictable),
-                "pages_peak_used": self.peak_used, "prefix_hit_tokens": self.hit_tokens,
-                "prefix_query_tokens": self.query_tokens, "prefix_evictions": self.evictions,
-                "cow_copies": self.cow_copies}
+        return {
+            "pages_total": self.num_pages,
+            "pages_used": self.used,
+            "pages_free": len(self.pool.free),
+            "pages_cached": len(self.by_hash),
+            "pages_cached_idle": len(self.evictable),
+            "pages_peak_used": self.peak_used,
+            "prefix_hit_tokens": self.hit_tokens,
+            "prefix_query_tokens": self.query_tokens,
+            "prefix_evictions": self.evictions,
+            "cow_copies": self.cow_copies,
+        }
 
     # -- allocation -------------------------------------------------------------------------------
     def alloc(self, n: int) -> list[int]:
@@ -155,9 +164,10 @@ class PageManager:
     # -- prefix cache -----------------------------------------------------------------------------
     def _chain(self, tokens, n_pages: int, start_hash: bytes = b"") -> list[bytes]:
         import hashlib
+
         out, h, ps = [], start_hash, self.page_size
         for i in range(n_pages):
-            blk = np.asarray(tokens[i * ps:(i + 1) * ps], dtype=np.int64).tobytes()
+            blk = np.asarray(tokens[i * ps : (i + 1) * ps], dtype=np.int64).tobytes()
             h = hashlib.blake2b(h + blk, digest_size=16).digest()
             out.append(h)
         return out

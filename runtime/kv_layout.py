@@ -10,10 +10,12 @@ program, in input order, with the page count left symbolic for the runtime to ch
 (copy-on-write of a shared prefix page). The copies go through DLPack views of the TVM tensors: numpy
 on the CPU; on a CUDA device numpy cannot address the memory, so torch views do the copy there.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -26,6 +28,7 @@ _CPU, _CUDA = 1, 2  # DLPack device types
 @dataclass(frozen=True)
 class CacheTensor:
     """One cache input of the program: its shape with `PAGES` where the page count goes, and its dtype."""
+
     name: str
     shape: tuple[int | str, ...]
     dtype: str
@@ -49,22 +52,30 @@ class KVLayout:
         self._copy: Callable[[int, int], None] | None = None
 
     @classmethod
-    def from_manifest(cls, manifest: dict[str, Any], device: Any) -> "KVLayout":
+    def from_manifest(cls, manifest: dict[str, Any], device: Any) -> KVLayout:
         """Read `manifest["kv_cache"]`; an artifact without one (or with a malformed one) is refused."""
         kv = manifest.get("kv_cache")
         if not isinstance(kv, dict) or "tensors" not in kv or "page_size" not in kv:
-            raise ArtifactError("the manifest describes no paged KV cache (kv_cache.tensors, kv_cache.page_size): "
-                                "build the artifact with the kv-cache pass in its pipeline")
+            raise ArtifactError(
+                "the manifest describes no paged KV cache (kv_cache.tensors, kv_cache.page_size): "
+                "build the artifact with the kv-cache pass in its pipeline"
+            )
         try:
-            tensors = tuple(CacheTensor(str(t.get("name", f"cache_{i}")),
-                                        tuple(PAGES if d == PAGES else int(d) for d in t["shape"]), str(t["dtype"]))
-                            for i, t in enumerate(kv["tensors"]))
+            tensors = tuple(
+                CacheTensor(
+                    str(t.get("name", f"cache_{i}")),
+                    tuple(PAGES if d == PAGES else int(d) for d in t["shape"]),
+                    str(t["dtype"]),
+                )
+                for i, t in enumerate(kv["tensors"])
+            )
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactError(f"the manifest's kv_cache.tensors is malformed ({e!r}); rebuild the artifact") from e
         for t in tensors:
             if PAGES not in t.shape:
-                raise ArtifactError(f"KV cache tensor '{t.name}' {list(t.shape)} has no '{PAGES}' dimension; "
-                                    "rebuild the artifact")
+                raise ArtifactError(
+                    f"KV cache tensor '{t.name}' {list(t.shape)} has no '{PAGES}' dimension; rebuild the artifact"
+                )
         return cls(tensors, int(kv["page_size"]), device)
 
     def shapes(self, pages: int) -> list[tuple[int, ...]]:
@@ -74,9 +85,11 @@ class KVLayout:
         """Zeroed cache tensors for `pages` pages on the device, in the program's input order. The layout
         keeps them: `copy_page` works on these."""
         import tvm
+
         self.num_pages = pages
-        self.caches = tuple(tvm.runtime.tensor(np.zeros(t.bind(pages), dtype=t.dtype), self.device)
-                            for t in self.tensors)
+        self.caches = tuple(
+            tvm.runtime.tensor(np.zeros(t.bind(pages), dtype=t.dtype), self.device) for t in self.tensors
+        )
         self._copy = None
         return self.caches
 
@@ -98,14 +111,17 @@ class KVLayout:
             def copy_cpu(src: int, dst: int) -> None:
                 for v, ax in zip(views, axes):
                     v[(slice(None),) * ax + (dst,)] = v[(slice(None),) * ax + (src,)]
+
             return copy_cpu
         if kind == _CUDA:
             try:
                 import torch
             except ImportError as e:
-                raise KilnError(f"copying KV pages on {self.device} needs torch (numpy cannot address GPU memory; "
-                                "the copy goes through torch's DLPack views): install torch, or serve without "
-                                "prefix caching (Server(..., prefix_caching=False)), which copies no page") from e
+                raise KilnError(
+                    f"copying KV pages on {self.device} needs torch (numpy cannot address GPU memory; "
+                    "the copy goes through torch's DLPack views): install torch, or serve without "
+                    "prefix caching (Server(..., prefix_caching=False)), which copies no page"
+                ) from e
             tviews = [torch.from_dlpack(c) for c in self.caches]
             stream = torch.cuda.current_stream(tviews[0].device)
 
@@ -113,5 +129,6 @@ class KVLayout:
                 for v, ax in zip(tviews, axes):
                     v.select(ax, dst).copy_(v.select(ax, src))
                 stream.synchronize()  # the next program call may run on TVM's own stream
+
             return copy_cuda
         raise KilnError(f"copying KV pages on {self.device} is not supported: kiln copies pages on cpu and cuda")

@@ -4,12 +4,14 @@
 holds the `Completion`. `Request` is the scheduler's record: tokens so far, KV pages, how much of the
 sequence has KV written (`computed`), the request's own sampling rng, and timing for metrics.
 """
+
 from __future__ import annotations
 
 import queue
 import threading
 import time
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -29,7 +31,7 @@ class RequestHandle:
 
     _END = object()
 
-    def __init__(self, server: "Server", rid: int, prompt_ids: list[int], callback) -> None:
+    def __init__(self, server: Server, rid: int, prompt_ids: list[int], callback) -> None:
         self._server, self.id, self._callback = server, rid, callback
         self._q: queue.Queue = queue.Queue()
         self._done = threading.Event()
@@ -75,9 +77,26 @@ class RequestHandle:
 
 
 class Request:
-    __slots__ = ("id", "prompt_len", "ids", "params", "rng", "handle", "arrival", "pages", "computed",
-                 "registered", "matched", "dpages", "dcomputed", "first_at", "finished_at", "state",
-                 "preemptions", "stops")
+    __slots__ = (
+        "id",
+        "prompt_len",
+        "ids",
+        "params",
+        "rng",
+        "handle",
+        "arrival",
+        "pages",
+        "computed",
+        "registered",
+        "matched",
+        "dpages",
+        "dcomputed",
+        "first_at",
+        "finished_at",
+        "state",
+        "preemptions",
+        "stops",
+    )
 
     def __init__(self, rid, ids, params, handle, stops) -> None:
         self.id, self.ids, self.params, self.handle = rid, list(ids), params, handle

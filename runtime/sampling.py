@@ -1,4 +1,5 @@
 """Token sampling: greedy, temperature, top-k, top-p, seeded per request."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -9,6 +10,7 @@ import numpy as np
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick the next token. temperature=0 is greedy; top_k=0 and top_p=1 disable those filters."""
+
     max_new_tokens: int = 32
     temperature: float = 0.0
     top_k: int = 0

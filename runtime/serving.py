@@ -23,13 +23,14 @@ recomputed later (prompt + tokens so far; its full pages usually come back from 
 With `background=True` (default) a thread runs the scheduler; with `background=False` call `step()` (or
 `generate`, which steps until its requests are done). Every public method is safe from several threads.
 """
+
 from __future__ import annotations
 
 import collections
 import itertools
 import threading
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -46,9 +47,20 @@ POLICIES = ("static", "dynamic", "continuous")
 class Server:
     """Schedules requests over one Engine by a policy (see the module docstring), sharing its page pool."""
 
-    def __init__(self, engine, policy: str = "continuous", max_batch: int = 16, prefill_chunk: int = 256,
-                 max_wait_s: float = 0.01, draft=None, spec_k: int = 4, spec_k_max: int = 8,
-                 prefix_caching: bool = True, background: bool = True, chat: bool = False) -> None:
+    def __init__(
+        self,
+        engine,
+        policy: str = "continuous",
+        max_batch: int = 16,
+        prefill_chunk: int = 256,
+        max_wait_s: float = 0.01,
+        draft=None,
+        spec_k: int = 4,
+        spec_k_max: int = 8,
+        prefix_caching: bool = True,
+        background: bool = True,
+        chat: bool = False,
+    ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown policy '{policy}': choose one of {', '.join(POLICIES)}")
         if max_batch < 1 or prefill_chunk < 1 or max_wait_s < 0:
@@ -59,9 +71,10 @@ class Server:
         self.spec = None
         if draft is not None:
             from .speculative import Speculator
+
             self.spec = Speculator(engine, draft, spec_k, spec_k_max)
         self._ids = itertools.count()
-        self._lock = threading.Lock()       # incoming queue, cancellations
+        self._lock = threading.Lock()  # incoming queue, cancellations
         self._step_lock = threading.RLock()  # scheduler state
         self._wake = threading.Condition(self._lock)
         self._incoming: list[Request] = []
@@ -79,8 +92,13 @@ class Server:
             self._thread.start()
 
     # -- public API -------------------------------------------------------------------------------
-    def submit(self, prompt: str | Sequence[int], params: SamplingParams = SamplingParams(),
-               callback: Callable[[int], None] | None = None, chat: bool | None = None) -> RequestHandle:
+    def submit(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams = SamplingParams(),
+        callback: Callable[[int], None] | None = None,
+        chat: bool | None = None,
+    ) -> RequestHandle:
         """Queue a request; refuses (ValueError) one that can never run. Returns its handle."""
         if self._closed:
             raise RuntimeError("the server is closed")
@@ -91,11 +109,13 @@ class Server:
         ids = eng.encode(prompt, self.chat if chat is None else chat)
         eng._check(ids, params, 0)
         need = len(ids) + params.max_new_tokens
-        for e, what in ((eng, "engine"), ) + (((self.spec.draft, "draft engine"),) if self.spec else ()):
+        for e, what in ((eng, "engine"),) + (((self.spec.draft, "draft engine"),) if self.spec else ()):
             if e.pool.pages_for(need) > e.pool.num_pages:
-                raise ValueError(f"this request needs {e.pool.pages_for(need)} KV pages ({need} positions) but the "
-                                 f"{what}'s whole pool has {e.pool.num_pages}: shorten it or load with a larger "
-                                 "kv_cache_tokens")
+                raise ValueError(
+                    f"this request needs {e.pool.pages_for(need)} KV pages ({need} positions) but the "
+                    f"{what}'s whole pool has {e.pool.num_pages}: shorten it or load with a larger "
+                    "kv_cache_tokens"
+                )
         stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(eng.eos_ids))
         rid = next(self._ids)
         h = RequestHandle(self, rid, ids, callback)
@@ -107,8 +127,11 @@ class Server:
             self._wake.notify()
         return h
 
-    def generate(self, prompts: Sequence[str | Sequence[int]],
-                 params: SamplingParams | Sequence[SamplingParams] = SamplingParams()) -> list[Completion]:
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+    ) -> list[Completion]:
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
@@ -159,16 +182,28 @@ class Server:
 
             def pct(a, q):
                 return float(np.percentile(a, q)) if a.size else None
-            m = {"policy": self.policy, "requests_finished": len(ok),
-                 "requests_failed": sum(f["finish_reason"] == "error" for f in fin),
-                 "requests_cancelled": sum(f["finish_reason"] == "cancelled" for f in fin),
-                 "requests_waiting": len(self.waiting) + len(self._incoming), "requests_running": len(self.running),
-                 "output_tokens": out_tok, "prefill_tokens_computed": self.prefill_tokens, "wall_s": wall,
-                 "tokens_per_s": out_tok / wall if wall > 0 else None,
-                 "ttft_mean_s": float(ttft.mean()) if ttft.size else None, "ttft_p50_s": pct(ttft, 50),
-                 "ttft_p99_s": pct(ttft, 99), "tpot_mean_s": float(tpot.mean()) if tpot.size else None,
-                 "tpot_p99_s": pct(tpot, 99), "preemptions": self.preemptions, "steps": self.steps,
-                 "decode_steps": self.decode_steps, "peak_batch": self.peak_batch}
+
+            m = {
+                "policy": self.policy,
+                "requests_finished": len(ok),
+                "requests_failed": sum(f["finish_reason"] == "error" for f in fin),
+                "requests_cancelled": sum(f["finish_reason"] == "cancelled" for f in fin),
+                "requests_waiting": len(self.waiting) + len(self._incoming),
+                "requests_running": len(self.running),
+                "output_tokens": out_tok,
+                "prefill_tokens_computed": self.prefill_tokens,
+                "wall_s": wall,
+                "tokens_per_s": out_tok / wall if wall > 0 else None,
+                "ttft_mean_s": float(ttft.mean()) if ttft.size else None,
+                "ttft_p50_s": pct(ttft, 50),
+                "ttft_p99_s": pct(ttft, 99),
+                "tpot_mean_s": float(tpot.mean()) if tpot.size else None,
+                "tpot_p99_s": pct(tpot, 99),
+                "preemptions": self.preemptions,
+                "steps": self.steps,
+                "decode_steps": self.decode_steps,
+                "peak_batch": self.peak_batch,
+            }
             m.update(self.kv.stats())
             q = self.kv.query_tokens
             m["prefix_hit_rate"] = self.kv.hit_tokens / q if q else 0.0
@@ -256,8 +291,11 @@ class Server:
     def _admit_batch(self) -> None:
         if not self.waiting:
             return
-        if self.policy == "dynamic" and len(self.waiting) < self.max_batch and \
-                time.perf_counter() - self.waiting[0].arrival < self.max_wait_s:
+        if (
+            self.policy == "dynamic"
+            and len(self.waiting) < self.max_batch
+            and time.perf_counter() - self.waiting[0].arrival < self.max_wait_s
+        ):
             return
         avail = self.kv.available
         while self.waiting and len(self.running) < self.max_batch:
@@ -321,7 +359,7 @@ class Server:
             return
         try:
             t0 = time.perf_counter()
-            logits = self.engine.prefill(r.ids[r.computed:r.computed + n], r.pages, start=r.computed)
+            logits = self.engine.prefill(r.ids[r.computed : r.computed + n], r.pages, start=r.computed)
             r.handle.completion.prefill_seconds += time.perf_counter() - t0
         except Exception as e:
             self._finish(r, "error", e)
@@ -347,8 +385,9 @@ class Server:
             if k >= 1:
                 news = self.spec.step(dec, k)
             else:
-                logits = self.engine.decode([r.ids[-1] for r in dec], [len(r.ids) - 1 for r in dec],
-                                            [r.pages for r in dec])
+                logits = self.engine.decode(
+                    [r.ids[-1] for r in dec], [len(r.ids) - 1 for r in dec], [r.pages for r in dec]
+                )
                 news = [[sample(row, r.params, r.rng)] for r, row in zip(dec, logits)]
         except Exception as e:
             for r in dec:
@@ -393,11 +432,18 @@ class Server:
         r.finished_at = now = time.perf_counter()
         self._t_last = now
         n = r.generated
-        self._finished.append({
-            "id": r.id, "prompt_tokens": r.prompt_len, "output_tokens": n, "finish_reason": reason,
-            "ttft_s": r.first_at - r.arrival if r.first_at is not None else None,
-            "tpot_s": (now - r.first_at) / (n - 1) if r.first_at is not None and n > 1 else None,
-            "latency_s": now - r.arrival, "preemptions": r.preemptions})
+        self._finished.append(
+            {
+                "id": r.id,
+                "prompt_tokens": r.prompt_len,
+                "output_tokens": n,
+                "finish_reason": reason,
+                "ttft_s": r.first_at - r.arrival if r.first_at is not None else None,
+                "tpot_s": (now - r.first_at) / (n - 1) if r.first_at is not None and n > 1 else None,
+                "latency_s": now - r.arrival,
+                "preemptions": r.preemptions,
+            }
+        )
         h = r.handle
         h.metrics = self._finished[-1]
         if self.engine.tokenizer is not None:
@@ -408,8 +454,9 @@ class Server:
         h._finish(reason, error)
 
 
-def run_static_batch(engine, prompts: list[list[int]], params: list[SamplingParams],
-                     callbacks: list[Callable[[int], None] | None]) -> list[Completion]:
+def run_static_batch(
+    engine, prompts: list[list[int]], params: list[SamplingParams], callbacks: list[Callable[[int], None] | None]
+) -> list[Completion]:
     """Engine.generate's batch: checked requests run as one static batch, stepped on the caller's thread.
 
     The caller has checked that every page the batch needs is free, so nothing is preempted. Prefix

@@ -8,6 +8,7 @@ Two formats, both over a weight field exactly as the kernels read it (any layout
 Expanded weights are dense again: sparsity saves disk and download, not memory or time, on targets
 whose kernels are dense.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -30,14 +31,18 @@ def compress(a: np.ndarray, pattern: str) -> tuple[dict[str, np.ndarray], dict[s
                 code = (order[:, :, 0] | (order[:, :, 1] << 2)).astype(np.uint8) if n == 2 else None
                 if code is not None:
                     packed = code[..., 0::2] | (code[..., 1::2] << 4)  # two lanes per byte
-                    return ({".values": np.ascontiguousarray(vals), ".index": np.ascontiguousarray(packed)},
-                            {"format": "nm", "n": n, "m": m, "shape": list(a.shape), "dtype": str(a.dtype)})
+                    return (
+                        {".values": np.ascontiguousarray(vals), ".index": np.ascontiguousarray(packed)},
+                        {"format": "nm", "n": n, "m": m, "shape": list(a.shape), "dtype": str(a.dtype)},
+                    )
     nz = a != 0
     vals = a[nz]
     if vals.nbytes + nz.size / 8 >= a.nbytes:
         return None
-    return ({".values": np.ascontiguousarray(vals), ".mask": np.packbits(nz.reshape(-1))},
-            {"format": "bitmask", "shape": list(a.shape), "dtype": str(a.dtype)})
+    return (
+        {".values": np.ascontiguousarray(vals), ".mask": np.packbits(nz.reshape(-1))},
+        {"format": "bitmask", "shape": list(a.shape), "dtype": str(a.dtype)},
+    )
 
 
 def expand(arrays: dict[str, np.ndarray], name: str, storage: dict[str, Any]) -> np.ndarray:

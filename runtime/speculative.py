@@ -14,11 +14,12 @@ the rows of a step (verify needs equal lengths) and adapts to the acceptance rat
     out = spec.generate(prompt_ids, SamplingParams(max_new_tokens=64))
     spec.stats()  # proposed, accepted, acceptance_rate, k
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
@@ -26,8 +27,13 @@ from .kv_cache import PageManager
 from .sampling import SamplingParams, probs, sample
 
 
-def accept(target_logits: np.ndarray, draft_tokens: Sequence[int], draft_probs: Sequence[np.ndarray] | None,
-           params: SamplingParams, rng: np.random.Generator) -> list[int]:
+def accept(
+    target_logits: np.ndarray,
+    draft_tokens: Sequence[int],
+    draft_probs: Sequence[np.ndarray] | None,
+    params: SamplingParams,
+    rng: np.random.Generator,
+) -> list[int]:
     """target_logits [k+1, vocab] for positions of (last token, d1..dk). Returns the accepted draft
     tokens followed by one token from the target (correction or bonus): 1..k+1 tokens."""
     k = len(draft_tokens)
@@ -81,8 +87,10 @@ class Speculator:
     def __init__(self, target, draft, k: int = 4, k_max: int = 8, adaptive: bool = True) -> None:
         tv, dv = _vocab(target), _vocab(draft)
         if tv is not None and dv is not None and tv != dv:
-            raise ValueError(f"the draft's vocabulary ({dv}) differs from the target's ({tv}): a draft must share "
-                             "the target's tokenizer")
+            raise ValueError(
+                f"the draft's vocabulary ({dv}) differs from the target's ({tv}): a draft must share "
+                "the target's tokenizer"
+            )
         self.target, self.draft = target, draft
         self.draft_pages = PageManager(draft.pool, draft.kv_layout.copy_page, prefix_caching=False)
         self.k = AdaptiveK(k, 1, k_max, adaptive)
@@ -90,8 +98,13 @@ class Speculator:
         self.max_context = min(target.max_context, draft.max_context)
 
     def stats(self) -> dict:
-        return {"spec_steps": self.steps, "spec_proposed": self.proposed, "spec_accepted": self.accepted,
-                "acceptance_rate": self.accepted / self.proposed if self.proposed else None, "spec_k": self.k.k}
+        return {
+            "spec_steps": self.steps,
+            "spec_proposed": self.proposed,
+            "spec_accepted": self.accepted,
+            "acceptance_rate": self.accepted / self.proposed if self.proposed else None,
+            "spec_k": self.k.k,
+        }
 
     def step_k(self, seqs) -> int:
         """k for the next step: the adaptive k, clamped so every position fits the context."""
@@ -131,30 +144,38 @@ class Speculator:
             groups.setdefault(len(s.ids) - s.dcomputed, []).append(i)
         for n, rows in groups.items():
             if n == 1:
-                lg = self.draft.decode([seqs[i].ids[-1] for i in rows], [len(seqs[i].ids) - 1 for i in rows],
-                                       [seqs[i].dpages for i in rows])
+                lg = self.draft.decode(
+                    [seqs[i].ids[-1] for i in rows],
+                    [len(seqs[i].ids) - 1 for i in rows],
+                    [seqs[i].dpages for i in rows],
+                )
                 for i, row in zip(rows, lg):
                     take(i, row)
             elif n <= 8:
-                lg = self.draft.verify([seqs[i].ids[-n:] for i in rows],
-                                       [list(range(len(seqs[i].ids) - n, len(seqs[i].ids))) for i in rows],
-                                       [seqs[i].dpages for i in rows])
+                lg = self.draft.verify(
+                    [seqs[i].ids[-n:] for i in rows],
+                    [list(range(len(seqs[i].ids) - n, len(seqs[i].ids))) for i in rows],
+                    [seqs[i].dpages for i in rows],
+                )
                 for i, row in zip(rows, lg):
                     take(i, row[-1])
             else:
                 for i in rows:
                     s = seqs[i]
-                    take(i, self.draft.prefill(s.ids[s.dcomputed:], s.dpages, start=s.dcomputed))
+                    take(i, self.draft.prefill(s.ids[s.dcomputed :], s.dpages, start=s.dcomputed))
         # 2. k-1 more greedy/sampled draft steps, batched
         for j in range(1, k):
-            lg = self.draft.decode([dtoks[i][-1] for i in range(B)], [len(s.ids) - 1 + j for s in seqs],
-                                   [s.dpages for s in seqs])
+            lg = self.draft.decode(
+                [dtoks[i][-1] for i in range(B)], [len(s.ids) - 1 + j for s in seqs], [s.dpages for s in seqs]
+            )
             for i in range(B):
                 take(i, lg[i])
         # 3. target verifies (last token, d1..dk) in one call
-        lg = self.target.verify([[s.ids[-1]] + dtoks[i] for i, s in enumerate(seqs)],
-                                [list(range(len(s.ids) - 1, len(s.ids) + k)) for s in seqs],
-                                [s.pages for s in seqs])
+        lg = self.target.verify(
+            [[s.ids[-1]] + dtoks[i] for i, s in enumerate(seqs)],
+            [list(range(len(s.ids) - 1, len(s.ids) + k)) for s in seqs],
+            [s.pages for s in seqs],
+        )
         outs, acc = [], []
         for i, s in enumerate(seqs):
             new = accept(lg[i], dtoks[i], dprobs[i], s.params, s.rng)
@@ -200,6 +221,7 @@ class SpeculativeDecoder:
 
     def generate(self, prompt, params: SamplingParams = SamplingParams()):
         from .engine import Completion
+
         eng = self.target
         ids = eng.encode(prompt)
         params.validate()
@@ -226,7 +248,7 @@ class SpeculativeDecoder:
         finally:
             eng.pool.release(pages)
             self.spec.release(s)
-        out.token_ids = s.ids[len(ids):]
+        out.token_ids = s.ids[len(ids) :]
         out.finish_reason = "stop" if out.token_ids[-1] in stops else "length"
         if eng.tokenizer is not None:
             out.text = eng.tokenizer.decode(out.token_ids)

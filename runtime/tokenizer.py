@@ -1,4 +1,5 @@
 """Tokenizer for artifacts: the `tokenizers` library plus the model's chat template (jinja2)."""
+
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ import os
 class Tokenizer:
     def __init__(self, folder: str) -> None:
         from tokenizers import Tokenizer as _T
+
         self.tok = _T.from_file(os.path.join(folder, "tokenizer.json"))
         cfg_path = os.path.join(folder, "tokenizer_config.json")
         self.config = json.load(open(cfg_path)) if os.path.exists(cfg_path) else {}
@@ -33,8 +35,12 @@ class Tokenizer:
         if not self.chat_template:
             return user_message
         import jinja2
+
         env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_message}]
         return env.from_string(self.chat_template).render(
-            messages=msgs, add_generation_prompt=True, bos_token=self.config.get("bos_token", ""),
-            eos_token=self.config.get("eos_token", ""))
+            messages=msgs,
+            add_generation_prompt=True,
+            bos_token=self.config.get("bos_token", ""),
+            eos_token=self.config.get("eos_token", ""),
+        )

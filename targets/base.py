@@ -12,6 +12,7 @@ A target
   (`kiln.ops.register_rule`);
 - packages the result (`package`): an object with `save(dir)`.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 class WeightSpec:
     """One field of an entry point's `weights` tuple: made from graph parameters (`sources`) by its
     layout. `transform` is the layout's key (see targets/common/layouts.py), as the manifest records it."""
+
     name: str
     sources: tuple[str, ...]
     transform: str
@@ -42,6 +44,7 @@ class WeightSpec:
 @dataclass
 class BuildResult:
     """What a target hands to the packager: the compiled library and how to bind weights."""
+
     executable: Any
     weight_specs: list[WeightSpec]
     target: dict[str, Any]
@@ -57,6 +60,7 @@ class BuildResult:
 class PackageInputs:
     """Everything `Target.package` needs besides the graph: the manifest fields common to every target
     (name, source, model, pipeline, pass records, KV cache, context, eos ids ...), and the options."""
+
     manifest: dict[str, Any]
     tokenizer_dir: str | None
     timings: dict[str, float]
@@ -81,11 +85,13 @@ class Target:
     def passes(self) -> list[str]:
         """Register and name the passes this target contributes."""
         from kiln.passes import REGISTRY
+
         before = set(REGISTRY)
         for m in self.pass_modules:
             importlib.import_module(m)
         return sorted(n for n in REGISTRY if n not in before) or sorted(
-            n for n, p in REGISTRY.items() if p.fn.__module__ in self.pass_modules)
+            n for n, p in REGISTRY.items() if p.fn.__module__ in self.pass_modules
+        )
 
     def build(self, graph: Graph) -> Any:
         raise NotImplementedError
@@ -111,8 +117,11 @@ def get_target(name: str, **options: Any) -> Target:
         tgt = cls(**options)
     except TypeError as e:
         import inspect
+
         accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-        raise KilnError(f"target '{name}' does not take the options {sorted(options)} ({e}); it accepts: "
-                        f"{', '.join(accepted) or 'no options'}") from None
+        raise KilnError(
+            f"target '{name}' does not take the options {sorted(options)} ({e}); it accepts: "
+            f"{', '.join(accepted) or 'no options'}"
+        ) from None
     tgt.passes()
     return tgt

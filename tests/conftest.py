@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random-weight models of four families, traced and compiled once per session."""
+
 from __future__ import annotations
 
 import os
@@ -14,11 +15,28 @@ FAMILIES = ("llama", "qwen2", "mistral", "gpt2")
 
 def tiny_model(family: str, **overrides) -> torch.nn.Module:
     """A 2-layer model with random weights; awkward sizes on purpose (heads 6/3 GQA, dims not powers of 2)."""
-    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                              MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
     torch.manual_seed({"llama": 0, "qwen2": 1, "mistral": 2, "gpt2": 3}[family])
-    common = dict(vocab_size=97, hidden_size=48, intermediate_size=72, num_hidden_layers=2, num_attention_heads=6,
-                  num_key_value_heads=3, max_position_embeddings=256, rms_norm_eps=1e-5)
+    common = dict(
+        vocab_size=97,
+        hidden_size=48,
+        intermediate_size=72,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+    )
     if family == "llama":
         m = LlamaForCausalLM(LlamaConfig(**{**common, **overrides}))
     elif family == "qwen2":
@@ -43,6 +61,7 @@ def models():
 @pytest.fixture(scope="session")
 def traced(models):
     from kiln.trace import trace
+
     return {f: trace(m, max_tokens=256) for f, m in models.items()}
 
 
@@ -50,6 +69,7 @@ def traced(models):
 def artifacts(models, tmp_path_factory):
     """Each family compiled with O1 for the CPU, saved once."""
     import kiln
+
     root = tmp_path_factory.mktemp("artifacts")
     out = {}
     for f, m in models.items():
@@ -60,6 +80,7 @@ def artifacts(models, tmp_path_factory):
 @pytest.fixture(scope="session")
 def engines(artifacts):
     import kiln
+
     return {f: kiln.load(p, kv_cache_tokens=2048) for f, p in artifacts.items()}
 
 
@@ -80,7 +101,7 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
             ids = list(prompt)
             for _ in range(n):
                 ids.append(int(model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].argmax()))
-            return ids[len(prompt):]
+            return ids[len(prompt) :]
         out = model(input_ids=torch.tensor([prompt]), use_cache=True)
         for i in range(n):
             toks.append(int(out.logits[0, -1].argmax()))

@@ -1,4 +1,5 @@
 """Artifacts: self-describing, verified on load, refused with a reason when wrong, written atomically."""
+
 import json
 import os
 import shutil
@@ -61,6 +62,7 @@ def test_wrong_target_is_refused(art):
 
 def test_gpu_artifact_without_gpu_is_refused(art):
     import torch
+
     if torch.cuda.is_available():
         pytest.skip("this host has a GPU")
     _edit_manifest(art, lambda m: m["target"].update(name="cuda", arch="sm_90a", compute_capability="9.0"))
@@ -97,6 +99,7 @@ def test_save_is_atomic(models, tmp_path, monkeypatch):
 
     def boom(*a, **k):
         raise OSError("disk full")
+
     monkeypatch.setattr(safetensors.numpy, "save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         art.save(str(out))
@@ -118,11 +121,13 @@ def test_unknown_target_and_pipeline_without_kv_cache(models):
 def test_build_cache_key_ignores_options_left_at_their_defaults(monkeypatch):
     """`kiln build` passes every option explicitly; the Python API passes none. Same build, same key."""
     from kiln import api
+
     keys = []
 
     def record(*a):
         keys.append(a)
         raise RuntimeError("stop before building")
+
     monkeypatch.setattr(api, "build_key", record)
     for kw in ({}, {"quant_method": "rtn", "dump_ir": None}, {"quant": "int8"}):
         with pytest.raises(RuntimeError):

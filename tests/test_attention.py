@@ -5,6 +5,7 @@ oracle is the IR's own reference (`cached_attention_reference`, run in float64),
 prompt lengths 1, 7, 129 and 1000, pages of 8 and 16, ragged batches (right padding), GQA ratios 1, 3
 and 8, sliding windows, ALiBi, and the int8 KV cache.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,11 +13,11 @@ import pytest
 import torch
 
 tvm = pytest.importorskip("tvm")
-from tvm import relax, tirx  # noqa: E402
+from tvm import relax, tirx
 
-from kiln.ops import alibi_bias, attention_reference, cached_attention_reference  # noqa: E402
-from kiln.targets.cpu import kernels as ck  # noqa: E402
-from kiln.targets.cpu import kv8 as cpu_kv8  # noqa: E402
+from kiln.ops import alibi_bias, attention_reference, cached_attention_reference
+from kiln.targets.cpu import kernels as ck
+from kiln.targets.cpu import kv8 as cpu_kv8
 
 TGT = ck.cpu_target()
 
@@ -51,16 +52,15 @@ def _step_vm(H: int, KVH: int, D: int, PS: int, window: int, slopes: list[float]
     with bb.function("step", [q, k, v, cache] + ([sc] if int8 else []) + [pt, pos]):
         if int8:
             app = bb.add_func(cpu_kv8.kv_append_int8_func(KVH, D, PS), "kv_append_int8")
-            att = bb.add_func(cpu_kv8.paged_attention_int8_func(H, KVH, D, PS, D ** -0.5, window,
-                                                                alibi=slopes is not None), "attn")
+            att = bb.add_func(
+                cpu_kv8.paged_attention_int8_func(H, KVH, D, PS, D**-0.5, window, alibi=slopes is not None), "attn"
+            )
         else:
             app = bb.add_func(ck.kv_append_func(KVH, D, PS), "kv_append")
-            att = bb.add_func(ck.paged_attention_func(H, KVH, D, PS, D ** -0.5, window, alibi=slopes is not None),
-                              "attn")
+            att = bb.add_func(ck.paged_attention_func(H, KVH, D, PS, D**-0.5, window, alibi=slopes is not None), "attn")
         with bb.dataflow():
             if int8:
-                both = bb.emit(relax.op.call_tir_inplace(app, [cache, sc, k, v, pt, pos], [0, 1],
-                                                         [cache.ty, sc.ty]))
+                both = bb.emit(relax.op.call_tir_inplace(app, [cache, sc, k, v, pt, pos], [0, 1], [cache.ty, sc.ty]))
                 ins = [q, bb.emit(relax.TupleGetItem(both, 0)), bb.emit(relax.TupleGetItem(both, 1)), pt, pos]
             else:
                 c2 = bb.emit(relax.op.call_tir_inplace(app, [cache, k, v, pt, pos], [0], cache.ty))
@@ -105,9 +105,16 @@ def test_paged_attention_matches_reference(case: str) -> None:
     def step(q, k, v, pos):
         args = [q, k, v, cache] + ([scales] if int8 else []) + [tvm.runtime.tensor(page_table), pos]
         out = vm["step"](*[tvm.runtime.tensor(a) if isinstance(a, np.ndarray) else a for a in args]).numpy()
-        ref = cached_attention_reference(*(torch.from_numpy(x).to(rdt).permute(0, 2, 1, 3) for x in (q, k, v)),
-                                         rcache, pt_t, torch.from_numpy(pos), rscales, D ** -0.5, window,
-                                         alibi=slopes)
+        ref = cached_attention_reference(
+            *(torch.from_numpy(x).to(rdt).permute(0, 2, 1, 3) for x in (q, k, v)),
+            rcache,
+            pt_t,
+            torch.from_numpy(pos),
+            rscales,
+            D**-0.5,
+            window,
+            alibi=slopes,
+        )
         return out, ref.permute(0, 2, 1, 3).numpy()
 
     # prefill of a ragged batch: shorter sequences are right-padded with position -1
@@ -138,7 +145,7 @@ def _allocations(stmt) -> list[list]:
         child = getattr(stmt, field, None)
         if child is None:
             continue
-        for c in (child if type(child).__name__ in ("Array", "list", "tuple") else [child]):
+        for c in child if type(child).__name__ in ("Array", "list", "tuple") else [child]:
             out += _allocations(c)
     return out
 
@@ -147,8 +154,10 @@ def _allocations(stmt) -> list[list]:
 def test_prefill_working_memory_does_not_grow_with_tokens(alibi: bool) -> None:
     # The same kernel serves prefill (t = prompt length) and decode. Every buffer it allocates has a
     # constant size (head_dim, page size, vector lanes): nothing of size tokens or tokens^2.
-    for func in (ck.paged_attention_func(9, 3, 64, 16, 0.125, 0, alibi=alibi),
-                 cpu_kv8.paged_attention_int8_func(9, 3, 64, 16, 0.125, 0, alibi=alibi)):
+    for func in (
+        ck.paged_attention_func(9, 3, 64, 16, 0.125, 0, alibi=alibi),
+        cpu_kv8.paged_attention_int8_func(9, 3, 64, 16, 0.125, 0, alibi=alibi),
+    ):
         allocs = _allocations(func.body)
         assert allocs, "expected the kernel's scratch buffers"
         for shape in allocs:
@@ -162,8 +171,11 @@ def test_alibi_reference_ops_agree() -> None:
     torch.manual_seed(0)
     B, H, KVH, T, D = 2, 6, 2, 19, 8
     slopes = bloom_slopes(H)
-    q, k, v = torch.randn(B, H, T, D, dtype=torch.float64), torch.randn(B, KVH, T, D, dtype=torch.float64), \
-        torch.randn(B, KVH, T, D, dtype=torch.float64)
+    q, k, v = (
+        torch.randn(B, H, T, D, dtype=torch.float64),
+        torch.randn(B, KVH, T, D, dtype=torch.float64),
+        torch.randn(B, KVH, T, D, dtype=torch.float64),
+    )
     full = attention_reference(q, k, v, 0.3, alibi=slopes)
     kk, vv = k.repeat_interleave(3, 1), v.repeat_interleave(3, 1)
     i = torch.arange(T)
@@ -181,19 +193,21 @@ def test_alibi_reference_ops_agree() -> None:
 
 # -- compiled programs against the interpreter --------------------------------------------------------
 
+
 def compiled_vs_interpreter(graph, prompt: list[int], steps: int = 2, page_size_pages: int = 8) -> float:
     """Build a kv-cached graph for the CPU, prefill `prompt` then decode `steps` tokens (greedy from the
     compiled logits) through both the compiled program and the reference interpreter on the same
     graph; returns the worst relative error of the logits."""
     import kiln.interp as interp
-    from kiln.targets.cpu.target import CpuTarget
     from kiln.targets.common.layouts import materialize
+    from kiln.targets.cpu.target import CpuTarget
+
     build = CpuTarget().build(graph)
     vm = relax.VirtualMachine(build.executable, tvm.cpu())
     weights = tuple(tvm.runtime.tensor(materialize(s, graph.params)) for s in build.weight_specs)
     kv = graph.meta["kv_cache"]
     ps = kv["page_size"]
-    shape = lambda t: tuple(page_size_pages if d == "pages" else int(d) for d in t["shape"])  # noqa: E731
+    shape = lambda t: tuple(page_size_pages if d == "pages" else int(d) for d in t["shape"])
     caches = tuple(tvm.runtime.tensor(np.zeros(shape(t), t["dtype"])) for t in kv["tensors"])
     rcaches = {t["name"]: torch.zeros(shape(t), dtype=getattr(torch, t["dtype"])) for t in kv["tensors"]}
     pages = np.arange(page_size_pages, dtype=np.int32)[None, : -(-(len(prompt) + steps) // ps)]
@@ -203,10 +217,16 @@ def compiled_vs_interpreter(graph, prompt: list[int], steps: int = 2, page_size_
         x = np.asarray([chunk], np.int64)
         pos = np.arange(start, start + len(chunk), dtype=np.int32)[None]
         fn = "prefill" if s == 0 else "decode"
-        out = vm[fn](tvm.runtime.tensor(x), tvm.runtime.tensor(pos), tvm.runtime.tensor(pages), caches,
-                     weights).numpy()
-        ref = interp.run(graph, {"input_ids": torch.from_numpy(x), "positions": torch.from_numpy(pos),
-                                 "page_table": torch.from_numpy(pages), **rcaches})[0].numpy()
+        out = vm[fn](tvm.runtime.tensor(x), tvm.runtime.tensor(pos), tvm.runtime.tensor(pages), caches, weights).numpy()
+        ref = interp.run(
+            graph,
+            {
+                "input_ids": torch.from_numpy(x),
+                "positions": torch.from_numpy(pos),
+                "page_table": torch.from_numpy(pages),
+                **rcaches,
+            },
+        )[0].numpy()
         worst = max(worst, rel_err(out[0, -1], ref[0, -1]))
         start = len(ids)
         ids.append(int(out[0, -1].argmax()))
@@ -218,6 +238,7 @@ def test_alibi_compiles_end_to_end(traced) -> None:
     # bias is built from the attention-mask input), so ALiBi slopes are set on the recognized attention
     # ops of the tiny Llama: the cached op, its lowering and the kernel must carry them through.
     import kiln
+
     g, _ = kiln.run_pipeline(traced["llama"], "canonicalize,fuse-norms,fuse-rope,fuse-attention,fuse-mlp")
     heads = int(g.find("attention")[0].type.shape[1])
     plain, _ = kiln.run_pipeline(g, "kv-cache{page_size=8}")
@@ -228,8 +249,11 @@ def test_alibi_compiles_end_to_end(traced) -> None:
     assert compiled_vs_interpreter(g, [5, 9, 3, 77, 12, 40, 41, 2, 8, 1, 90], steps=2) < 1e-4
     # and ALiBi changes the logits relative to the same graph without it
     import kiln.interp as interp
-    inputs = lambda: {"input_ids": torch.tensor([[5, 9, 3, 77, 12, 40, 41, 2, 8, 1, 90]]),  # noqa: E731
-                      "positions": torch.arange(11, dtype=torch.int32)[None],
-                      "page_table": torch.tensor([[0, 1]], dtype=torch.int32),
-                      **{t["name"]: torch.zeros(4, *[int(d) for d in t["shape"][1:]]) for t in g.meta["kv_cache"]["tensors"]}}
+
+    inputs = lambda: {
+        "input_ids": torch.tensor([[5, 9, 3, 77, 12, 40, 41, 2, 8, 1, 90]]),
+        "positions": torch.arange(11, dtype=torch.int32)[None],
+        "page_table": torch.tensor([[0, 1]], dtype=torch.int32),
+        **{t["name"]: torch.zeros(4, *[int(d) for d in t["shape"][1:]]) for t in g.meta["kv_cache"]["tensors"]},
+    }
     assert (interp.run(g, inputs())[0] - interp.run(plain, inputs())[0]).abs().max() > 1e-3

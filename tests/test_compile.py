@@ -1,10 +1,10 @@
 """Compiled CPU artifacts against transformers: prefill logits and greedy generation, four families."""
+
 import pytest
 import torch
+from conftest import FAMILIES, hf_greedy, rel_err
 
 from kiln.runtime.sampling import SamplingParams
-
-from conftest import FAMILIES, hf_greedy, rel_err
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [1, 2, 3], list(range(20, 45)), [42]]
 
@@ -34,8 +34,11 @@ def test_greedy_batch_generation_equals_transformers(family, engines, models):
 
 def test_streaming_sees_every_token_in_order(engines):
     seen: dict[int, list[int]] = {}
-    outs = engines["llama"].generate(PROMPTS[:2], SamplingParams(max_new_tokens=5, ignore_eos=True),
-                                     stream=lambda i, t: seen.setdefault(i, []).append(t))
+    outs = engines["llama"].generate(
+        PROMPTS[:2],
+        SamplingParams(max_new_tokens=5, ignore_eos=True),
+        stream=lambda i, t: seen.setdefault(i, []).append(t),
+    )
     assert seen == {0: outs[0].token_ids, 1: outs[1].token_ids}
 
 
@@ -44,7 +47,7 @@ def test_stop_tokens_and_seeded_sampling(engines):
     greedy = eng.generate([PROMPTS[0]], SamplingParams(max_new_tokens=8, ignore_eos=True))[0].token_ids
     stop = greedy[3]
     out = eng.generate([PROMPTS[0]], SamplingParams(max_new_tokens=8, stop_token_ids=(stop,), ignore_eos=True))[0]
-    assert out.token_ids == greedy[:greedy.index(stop) + 1] and out.finish_reason == "stop"
+    assert out.token_ids == greedy[: greedy.index(stop) + 1] and out.finish_reason == "stop"
     p = SamplingParams(max_new_tokens=12, temperature=1.0, top_k=20, top_p=0.9, seed=7, ignore_eos=True)
     a = eng.generate([PROMPTS[0]], p)[0].token_ids
     b = eng.generate([PROMPTS[0]], p)[0].token_ids

@@ -1,16 +1,16 @@
 """convert-gqa and convert-mla: structure, exactness at the identity settings, refusals, compiled == interpreter."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from test_attention import compiled_vs_interpreter, rel_err
 
 import kiln
 import kiln.interp as interp
 from kiln.errors import PassError
 from kiln.passes import REGISTRY, run_counted
 from kiln.pipeline import parse_pipeline
-
-from test_attention import compiled_vs_interpreter, rel_err
 
 FRONT = "canonicalize,fuse-norms,fuse-rope,fuse-attention,fuse-mlp"
 IDS = torch.tensor([[1, 5, 9, 3, 22, 7, 8, 60, 2, 13, 33]])
@@ -43,7 +43,9 @@ def test_convert_gqa_structure_and_numbers(llama) -> None:
 def test_convert_gqa_pooled_heads_equal_pooled_keys(traced) -> None:
     # MHA (6 KV heads) -> GQA with 2 groups: keys of the converted model are the means of the old ones
     from conftest import tiny_model
+
     from kiln.trace import trace
+
     g, _ = kiln.run_pipeline(trace(tiny_model("llama", num_key_value_heads=6), max_tokens=64), FRONT)
     g2, _ = kiln.run_pipeline(g, "convert-gqa{kv_heads=2}")
     _, env = interp.run(g, {"input_ids": IDS}, return_env=True)
@@ -68,7 +70,9 @@ def test_convert_refusals(llama, traced) -> None:
             run_counted(REGISTRY[p.split("{")[0]], cached, parse_pipeline(p)[0][1])
     with pytest.raises(PassError, match="no attention op"):
         run_counted(REGISTRY["convert-gqa"], traced["llama"], {"kv_heads": 1})
-    with pytest.raises(PassError, match="'convert-gqa' requires 'fuse-attention'.*add fuse-attention before convert-gqa"):
+    with pytest.raises(
+        PassError, match="'convert-gqa' requires 'fuse-attention'.*add fuse-attention before convert-gqa"
+    ):
         kiln.run_pipeline(traced["llama"], "convert-gqa{kv_heads=1}")
     qwen, _ = kiln.run_pipeline(traced["qwen2"], FRONT)
     with pytest.raises(PassError, match="have biases"):
@@ -98,13 +102,20 @@ def test_convert_mla_cache_layout_and_compiled_equals_interpreter(llama) -> None
     # one row per token: 12 latent + 3 KV heads x 2 rotary dims, instead of 2 x 3 x 8
     assert kv["tensors"][0]["shape"] == ["pages", "4", "18"] and kv["layers"][0]["mla_rank"] == 12
     from kiln.artifact import kv_summary
+
     assert kv_summary(kv)["bytes_per_token"] == 2 * 18 * 4
     # the full-sequence and the cached program agree (interpreter), and so does the compiled one
     full, _ = kiln.run_pipeline(llama, "convert-mla{rank=12,rope_dims=2}")
     T = IDS.shape[1]
-    cached = interp.run(g, {"input_ids": IDS, "positions": torch.arange(T, dtype=torch.int32)[None],
-                            "page_table": torch.tensor([[3, 0, 1]], dtype=torch.int32),
-                            **{t["name"]: torch.zeros(4, 4, 18) for t in kv["tensors"]}})[0]
+    cached = interp.run(
+        g,
+        {
+            "input_ids": IDS,
+            "positions": torch.arange(T, dtype=torch.int32)[None],
+            "page_table": torch.tensor([[3, 0, 1]], dtype=torch.int32),
+            **{t["name"]: torch.zeros(4, 4, 18) for t in kv["tensors"]},
+        },
+    )[0]
     assert rel_err(cached[0, -1], logits(full)[0, -1]) < 1e-5
     assert compiled_vs_interpreter(g, IDS[0].tolist(), steps=3) < 1e-5
 
@@ -118,6 +129,7 @@ def test_convert_gqa_compiled_equals_interpreter(llama) -> None:
 def test_kv_planner_numbers_and_report() -> None:
     from kiln.kvplan import bytes_per_token, plan
     from kiln.report import render_report
+
     smol = [{"kv_heads": 3, "head_dim": 64, "num_heads": 9, "window": 0}] * 30
     assert bytes_per_token(smol, "fp32") == 30 * 2 * 3 * 64 * 4 == 46080  # what kv-cache lays out
     assert bytes_per_token(smol, "int8") == 30 * (2 * 3 * 64 + 2 * 3 * 4)  # codes + fp32 scales (kv_summary)
@@ -125,10 +137,10 @@ def test_kv_planner_numbers_and_report() -> None:
     assert bytes_per_token(smol, "fp32", "mha") == 3 * 46080
     mla = [dict(smol[0], mla_rank=168, rope_dims=8)] * 30
     assert bytes_per_token(mla, "fp32") == 46080 // 2
-    rows = {(r["variant"], r["dtype"]): r for r in plan(smol, 2 ** 30, 16, contexts=(2048,))}
+    rows = {(r["variant"], r["dtype"]): r for r in plan(smol, 2**30, 16, contexts=(2048,))}
     assert set(v for v, _ in rows) == {"as built", "mha", "mqa"}
     r = rows[("as built", "fp32")]
-    assert r["max_tokens"] == (2 ** 30 // (46080 * 16)) * 16 and r["batch_at"][2048] == r["max_tokens"] // 2048
+    assert r["max_tokens"] == (2**30 // (46080 * 16)) * 16 and r["batch_at"][2048] == r["max_tokens"] // 2048
     with pytest.raises(ValueError, match="unknown KV dtype"):
         bytes_per_token(smol, "int4")
     m = {"target": {"name": "cpu"}, "kv_cache": {"page_size": 16, "layers": smol, "dtype": "float32"}}
@@ -147,13 +159,17 @@ def test_convert_mla_activation_aware_with_calibration(llama) -> None:
     assert rel_err(interp.run(full, {"input_ids": ids})[0], ref) < 1e-4
     aware, _ = kiln.run_pipeline(g, "convert-mla{rank=8,rope_dims=8}")
     plain, _ = kiln.run_pipeline(llama, "convert-mla{rank=8,rope_dims=8}")
-    assert rel_err(interp.run(aware, {"input_ids": ids})[0], ref) < rel_err(interp.run(plain, {"input_ids": ids})[0], ref)
+    assert rel_err(interp.run(aware, {"input_ids": ids})[0], ref) < rel_err(
+        interp.run(plain, {"input_ids": ids})[0], ref
+    )
 
 
 def test_attention_option_inserts_the_conversion() -> None:
     from kiln.pass_options import build_pipeline
-    assert build_pipeline("O1", attention="gqa:1").startswith("canonicalize,fuse-norms,fuse-rope,fuse-attention,"
-                                                              "convert-gqa{kv_heads=1},fuse-mlp")
+
+    assert build_pipeline("O1", attention="gqa:1").startswith(
+        "canonicalize,fuse-norms,fuse-rope,fuse-attention,convert-gqa{kv_heads=1},fuse-mlp"
+    )
     assert "convert-mla{rank=96,rope_dims=32},fuse-mlp" in build_pipeline("O1", attention="mla:96:32")
     assert "convert-gqa{kv_heads=1}" in build_pipeline("O1", attention="mqa")
     with pytest.raises(PassError, match="use gqa:N, mqa, mla:RANK"):

@@ -11,9 +11,9 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 tvm = pytest.importorskip("tvm")
-from tvm import relax, tirx  # noqa: E402
+from tvm import relax, tirx
 
-from kiln.targets.cpu import kernels as ck  # noqa: E402
+from kiln.targets.cpu import kernels as ck
 
 TGT = ck.cpu_target()
 
@@ -65,12 +65,10 @@ def _step_module(H: int, KVH: int, D: int, PS: int, window: int):
     bb = relax.BlockBuilder()
     with bb.function("step", [q, k, v, cache, pt, pos]):
         gv_app = bb.add_func(ck.kv_append_func(KVH, D, PS), "kv_append")
-        gv_att = bb.add_func(ck.paged_attention_func(H, KVH, D, PS, D ** -0.5, window), "paged_attention")
+        gv_att = bb.add_func(ck.paged_attention_func(H, KVH, D, PS, D**-0.5, window), "paged_attention")
         with bb.dataflow():
-            c2 = bb.emit(relax.op.call_tir_inplace(gv_app, [cache, k, v, pt, pos], inplace_indices=0,
-                                                   out_ty=cache.ty))
-            o = bb.emit(relax.call_tir(gv_att, [q, c2, pt, pos],
-                                       out_ty=relax.TensorType([b, t, H, D], "float32")))
+            c2 = bb.emit(relax.op.call_tir_inplace(gv_app, [cache, k, v, pt, pos], inplace_indices=0, out_ty=cache.ty))
+            o = bb.emit(relax.call_tir(gv_att, [q, c2, pt, pos], out_ty=relax.TensorType([b, t, H, D], "float32")))
             out = bb.emit_output(o)
         bb.emit_func_output(out)
     ex = tvm.compile(bb.get(), target=TGT)
@@ -84,9 +82,9 @@ def _ref_attention(q, k, v, p, window):
     lo = max(0, p - window + 1) if window > 0 else 0
     out = np.zeros((H, D), np.float64)
     for h in range(H):
-        kk = k[lo:p + 1, h // G].astype(np.float64)
-        vv = v[lo:p + 1, h // G].astype(np.float64)
-        s = kk @ q[h].astype(np.float64) * D ** -0.5
+        kk = k[lo : p + 1, h // G].astype(np.float64)
+        vv = v[lo : p + 1, h // G].astype(np.float64)
+        s = kk @ q[h].astype(np.float64) * D**-0.5
         e = np.exp(s - s.max())
         out[h] = (e / e.sum()) @ vv
     return out
@@ -123,8 +121,7 @@ def test_paged_kv_attention(PS: int, H: int, KVH: int, window: int, prefill: int
     out = vm["step"](*[tvm.runtime.tensor(a) for a in (q, k, v)], cache, pt, tvm.runtime.tensor(pos)).numpy()
     for i, n in enumerate(lens):
         for p in range(n):
-            np.testing.assert_allclose(out[i, p], _ref_attention(Q[i][p], K[i], V[i], p, window),
-                                       rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(out[i, p], _ref_attention(Q[i][p], K[i], V[i], p, window), rtol=1e-4, atol=1e-4)
         assert np.all(out[i, n:] == 0), "padding queries must produce zeros"
 
     # cache was mutated in place: keys of the prefill are in the pages

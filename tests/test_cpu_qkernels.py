@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 tvm = pytest.importorskip("tvm")
 
-from kiln.targets.cpu import qkernels as cq  # noqa: E402
+from kiln.targets.cpu import qkernels as cq
 
 TGT = cq.cpu_target()
 
@@ -30,7 +30,7 @@ def test_quantize_rtn_roundtrip(bits: int, sym: bool, group: int) -> None:
     w = (rng.standard_normal((n, k)) * rng.uniform(0.01, 2.0, (n, 1))).astype(np.float32)
     q, s, z = cq.quantize_rtn(w, bits, group, sym)
     assert q.shape == (n, k) and q.dtype == np.int32
-    assert q.min() >= 0 and q.max() <= 2 ** bits - 1
+    assert q.min() >= 0 and q.max() <= 2**bits - 1
     assert s.shape == (n, k // group) and s.dtype == np.float32 and np.all(s > 0)
     if sym:
         assert z is None
@@ -76,14 +76,24 @@ def test_bad_group_raises() -> None:
 # --------------------------------------------------------------------------- qlinear kernels
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernel(k: int, n: int, bits: int, group: int, sym: bool, has_bias: bool, mode: str):
     func = cq.qlinear_func(k, n, bits, group, sym, has_bias, mode)
     return tvm.compile(tvm.IRModule({"main": func}), target=TGT)["main"]
 
 
-_QCFG = [(4, 32, True), (4, 32, False), (4, 128, True), (4, 128, False), (4, 0, True), (4, 0, False),
-         (8, 32, True), (8, 128, False), (8, 0, True), (8, 0, False)]  # group 0 = per-channel
+_QCFG = [
+    (4, 32, True),
+    (4, 32, False),
+    (4, 128, True),
+    (4, 128, False),
+    (4, 0, True),
+    (4, 0, False),
+    (8, 32, True),
+    (8, 128, False),
+    (8, 0, True),
+    (8, 0, False),
+]  # group 0 = per-channel
 
 
 @pytest.mark.parametrize("mode", ["gemv", "gemm"])

@@ -1,6 +1,7 @@
 """Target `cuda`. Build-side tests run anywhere; tests marked `gpu` need an NVIDIA GPU and run against
 artifacts built beforehand (KILN_CUDA_ARTIFACTS, see tests/cuda_models.py) or built here when TVM's
 compiler is installed."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -10,7 +11,6 @@ import os
 import numpy as np
 import pytest
 import torch
-
 from cuda_models import MODELS, artifact_name, build, make_model
 
 
@@ -25,6 +25,8 @@ def _has_compiler() -> bool:
 def gpu(test):
     """Marked `gpu` (select with -m gpu) and skipped where no CUDA GPU is present."""
     return pytest.mark.gpu(pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU")(test))
+
+
 compiler = pytest.mark.skipif(not _has_compiler(), reason="needs TVM's compiler")
 
 
@@ -49,6 +51,7 @@ def _artifact(cuda_dir: str, model: str, variant: str) -> str:
 
 # -- build side (no GPU) -----------------------------------------------------------------------------
 
+
 @compiler
 def test_build_lists_kernels_and_layout(cuda_dir):
     path = _artifact(cuda_dir, "tiny-llama", "int4")
@@ -71,8 +74,9 @@ def test_build_lists_kernels_and_layout(cuda_dir):
 @compiler
 def test_numpy_and_torch_packers_agree_and_dequantize_exactly():
     from kiln.quant import dequantize, parse_scheme, rtn
-    from kiln.targets.cuda.weights import pack_codes_torch
     from kiln.targets.cuda.layouts import Quant
+    from kiln.targets.cuda.weights import pack_codes_torch
+
     torch.manual_seed(0)
     w = torch.randn(24, 200)  # K=200: a ragged last group, padded
     sch = parse_scheme("int4_g64")
@@ -97,6 +101,7 @@ def test_numpy_and_torch_packers_agree_and_dequantize_exactly():
 def test_unsupported_options_are_refused_with_the_fix():
     import kiln
     from kiln.errors import KilnError
+
     m = make_model("tiny-llama", meta=True)
     with pytest.raises(KilnError, match="kv-quant"):
         kiln.compile(m, target="cuda", kv_quant="int8", pack_weights=False, max_context=64)
@@ -110,6 +115,7 @@ def test_engine_refuses_cuda_artifact_without_gpu(cuda_dir):
         pytest.skip("this host has a GPU")
     import kiln
     from kiln.runtime.artifact import ArtifactError
+
     path = _artifact(cuda_dir, "tiny-llama", "fp16")
     with pytest.raises(ArtifactError, match="no CUDA GPU"):
         kiln.load(path)
@@ -117,11 +123,13 @@ def test_engine_refuses_cuda_artifact_without_gpu(cuda_dir):
 
 # -- on the GPU --------------------------------------------------------------------------------------
 
+
 def _engine_and_reference(path: str, model: str):
     """The kiln engine with weights made on the GPU, and an fp32 reference model computing with the same
     (fp16-rounded or dequantized) weights."""
-    from kiln.targets.cuda.weights import WeightMaker, tensors_of
     from kiln.runtime.engine import Engine
+    from kiln.targets.cuda.weights import WeightMaker, tensors_of
+
     ref = make_model(model, device="cuda").float()
     if ref.lm_head.weight is ref.model.embed_tokens.weight:  # kiln may quantize the LM head and not the table
         ref.lm_head.weight = torch.nn.Parameter(ref.lm_head.weight.detach().clone())
@@ -149,8 +157,10 @@ def test_generation_matches_reference(cuda_dir, model, variant):
     vocab = MODELS[model][0]["vocab_size"]
     g = torch.Generator().manual_seed(7)
     for batch in (3, 12):
-        prompts = [torch.randint(0, vocab, (int(n),), generator=g).tolist()
-                   for n in torch.randint(5, 60, (batch,), generator=g)]
+        prompts = [
+            torch.randint(0, vocab, (int(n),), generator=g).tolist()
+            for n in torch.randint(5, 60, (batch,), generator=g)
+        ]
         steps = 40  # passes the sliding window (24) of tiny-window
         seqs = [list(p) for p in prompts]
         logits = []
@@ -171,7 +181,7 @@ def test_generation_matches_reference(cuda_dir, model, variant):
         got = np.stack(logits, 1)  # [batch, steps, vocab]
         for i, s in enumerate(seqs):
             with torch.no_grad():
-                r = ref(torch.tensor([s], device="cuda")).logits[0, len(prompts[i]) - 1:-1].float().cpu().numpy()
+                r = ref(torch.tensor([s], device="cuda")).logits[0, len(prompts[i]) - 1 : -1].float().cpu().numpy()
             err = np.abs(got[i] - r).max() / np.abs(r).max()
             assert err < 3e-2, f"{model}-{variant} batch {batch} sequence {i}: relative error {err:.3g}"
             agree = (got[i].argmax(-1) == r.argmax(-1)).mean()
@@ -184,6 +194,7 @@ def test_wrong_architecture_is_refused(cuda_dir, tmp_path):
 
     from kiln.runtime.artifact import ArtifactError
     from kiln.runtime.engine import Engine
+
     src = _artifact(cuda_dir, "tiny-llama", "fp16")
     dst = tmp_path / "other-arch"
     shutil.copytree(src, dst)
@@ -192,4 +203,3 @@ def test_wrong_architecture_is_refused(cuda_dir, tmp_path):
     json.dump(man, open(dst / "manifest.json", "w"))
     with pytest.raises(ArtifactError, match="compute capability"):
         Engine(str(dst), verify=False, weights={})
-

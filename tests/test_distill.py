@@ -1,5 +1,6 @@
 """kiln.distill on tiny models: the loss falls, a damaged student moves toward its teacher, frozen and
 refused cases."""
+
 import pytest
 import torch
 
@@ -47,8 +48,9 @@ def test_distill_reduces_loss_and_moves_student_to_teacher(teacher):
     assert abs(r.ppl_after - r.teacher_ppl) < 0.5 * abs(r.ppl_before - r.teacher_ppl)
     # a new graph: the student passed in is unchanged
     assert all(torch.equal(before[k], student.params[k]) for k in before)
-    assert not torch.equal(r.student.params["model.layers.0.mlp.up_proj.weight"],
-                           student.params["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(
+        r.student.params["model.layers.0.mlp.up_proj.weight"], student.params["model.layers.0.mlp.up_proj.weight"]
+    )
     # rotary frequencies are buffers, not weights: never trained
     assert torch.equal(r.student.params["model.rotary_emb.inv_freq"], teacher.params["model.rotary_emb.inv_freq"])
     assert r.student.meta["distill"][-1]["steps"] == 25
@@ -56,8 +58,17 @@ def test_distill_reduces_loss_and_moves_student_to_teacher(teacher):
 
 def test_distill_from_module_teacher_with_hidden_matching(models, teacher):
     student = _damaged(teacher)
-    r = kiln.distill(models["llama"], student, torch.tensor(_text()), steps=10, seq_len=16, batch=2, lr=3e-3,
-                     hidden_weight=1.0, seed=3)
+    r = kiln.distill(
+        models["llama"],
+        student,
+        torch.tensor(_text()),
+        steps=10,
+        seq_len=16,
+        batch=2,
+        lr=3e-3,
+        hidden_weight=1.0,
+        seed=3,
+    )
     assert r.loss_after < r.loss_before
 
 
@@ -70,6 +81,7 @@ def test_distill_is_seeded(teacher):
 
 def test_distill_keeps_quantized_weights_frozen(teacher):
     from kiln.passes import REGISTRY, run_counted
+
     q, _ = run_counted(REGISTRY["quantize-weights"], teacher, {"scheme": "int8"})
     r = kiln.distill(teacher, q, _text(), steps=2, seq_len=16, batch=2, lr=1e-3)
     assert r.frozen_quantized > 0

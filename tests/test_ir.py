@@ -1,4 +1,5 @@
 """IR: printer, verifier, networkx view, reference interpreter."""
+
 import pytest
 import torch
 
@@ -57,6 +58,7 @@ def test_nx_view_and_interpreter():
 
 def test_op_records_check_attrs_and_name_inputs():
     from kiln.ops import AttrError, flops_of, ops_of_kind
+
     g = small_graph()
     x, y = g.inputs[0], g.find("linear")[0]
     assert y.input("bias") is None and y.input("w").op == "param"

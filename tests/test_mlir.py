@@ -1,5 +1,6 @@
 """The `mlir` target: optimized IR -> functional PyTorch program -> torch-mlir, executed with the
 reference backend (linalg-on-tensors -> LLVM) and checked against the CPU target and the interpreter."""
+
 import json
 import os
 import re
@@ -10,16 +11,16 @@ import torch
 
 pytest.importorskip("torch_mlir")
 
-import kiln  # noqa: E402
-from kiln.trace import trace  # noqa: E402
-from kiln import interp  # noqa: E402
-from kiln.errors import KilnError, UnsupportedOpError  # noqa: E402
-from kiln.pass_options import build_pipeline  # noqa: E402
-from kiln.passmgr import run_pipeline  # noqa: E402
-from kiln.targets.mlir import export as M  # noqa: E402
-from kiln.targets.mlir.target import MlirArtifact  # noqa: E402
+from conftest import rel_err, tiny_model
 
-from conftest import rel_err, tiny_model  # noqa: E402
+import kiln
+from kiln import interp
+from kiln.errors import KilnError, UnsupportedOpError
+from kiln.pass_options import build_pipeline
+from kiln.passmgr import run_pipeline
+from kiln.targets.mlir import export as M
+from kiln.targets.mlir.target import MlirArtifact
+from kiln.trace import trace
 
 PAGES = 8  # KV pages of 16 tokens in every cache below
 STATIC = {"batch": 2, "tokens": 8, "max_pages": 4, "pages": PAGES}
@@ -61,6 +62,7 @@ def backends(exported):
 
 def _weights(res, entry):
     from safetensors.numpy import load_file
+
     w = load_file(res["files"]["weights"])
     return [w[a["name"]] for a in res["entry_points"][entry]["args"] if a["kind"] == "weight"]
 
@@ -77,7 +79,7 @@ def test_export_every_form_keeps_weights_as_arguments(graph, exported):
     for entry in ("prefill", "decode"):
         args = res["entry_points"][entry]["args"]
         assert [a["name"] for a in args[:3]] == ["input_ids", "positions", "page_table"]
-        assert [a["kind"] for a in args[3:3 + n_layers]] == ["kv_cache"] * n_layers
+        assert [a["kind"] for a in args[3 : 3 + n_layers]] == ["kv_cache"] * n_layers
         assert sorted(a["name"] for a in args if a["kind"] == "weight") == sorted(graph.params)
         for form in ("torch", "linalg-on-tensors", "stablehlo"):
             path = res["files"][f"{entry}.{form}"]
@@ -88,7 +90,9 @@ def test_export_every_form_keeps_weights_as_arguments(graph, exported):
             sig = re.search(rf"func.func @{entry}\((.*?)\)\s*->", text, re.S).group(1)
             assert sig.count("%arg") == len(args)  # every weight is a function argument
         # symbolic sizes survive: batch for decode, tokens for prefill, pages and max_pages for both
-        sig = re.search(rf"func.func @{entry}\((.*?)\)", open(res["files"][f"{entry}.linalg-on-tensors"]).read()).group(1)
+        sig = re.search(rf"func.func @{entry}\((.*?)\)", open(res["files"][f"{entry}.linalg-on-tensors"]).read()).group(
+            1
+        )
         assert ("tensor<1x?xi64>" if entry == "prefill" else "tensor<?x1xi64>") in sig
         assert "tensor<?x2x3x16x8xf32>" in sig
     assert json.load(open(res["files"]["entry_points"]))["entry_points"]["decode"]["bind"] == {"tokens": 1}
@@ -105,9 +109,13 @@ def test_tosa_needs_static_shapes_and_names_the_op(graph, tmp_path):
     assert e.value.op in {n.op for n in graph.nodes}  # a kiln op, not an MLIR one
     # fixed sizes lower, here through the artifact writer kiln.compile(target="mlir") uses
     from kiln.runtime.artifact import read_manifest, verify_files
-    path = MlirArtifact(graph, ["tosa"], {"schema_version": 1, "name": "llama", "pipeline": "O1",
-                                            "kv_cache": graph.meta["kv_cache"]}, static_shapes=STATIC).save(
-        str(tmp_path / "art"))
+
+    path = MlirArtifact(
+        graph,
+        ["tosa"],
+        {"schema_version": 1, "name": "llama", "pipeline": "O1", "kv_cache": graph.meta["kv_cache"]},
+        static_shapes=STATIC,
+    ).save(str(tmp_path / "art"))
     m = read_manifest(path)
     verify_files(path, m)
     assert m["target"]["name"] == "mlir" and m["target"]["forms"] == ["tosa"]
@@ -131,8 +139,15 @@ def test_reconstructed_program_matches_interpreter(graph):
     caches = prog.empty_caches(PAGES)
     ref_caches = [c.clone() for c in caches]
     out = prog.prefill(ids, pos, pt, *caches)
-    ref = interp.run(graph, {"input_ids": ids, "positions": pos, "page_table": pt,
-                             **{f"kv_cache_{i}": c for i, c in enumerate(ref_caches)}})
+    ref = interp.run(
+        graph,
+        {
+            "input_ids": ids,
+            "positions": pos,
+            "page_table": pt,
+            **{f"kv_cache_{i}": c for i, c in enumerate(ref_caches)},
+        },
+    )
     assert rel_err(out[0], ref[0]) < 1e-5
     for new, r, old in zip(out[1:], ref_caches, caches):
         assert torch.equal(old, torch.zeros_like(old))  # functional: inputs untouched
@@ -148,8 +163,14 @@ def test_executed_linalg_matches_cpu_target_prefill_and_decode(graph, exported, 
     last = []
     for ids, pg in zip(prompts, pages):
         n = len(ids)
-        out = backends["prefill"].call("prefill", np.array([ids], np.int64), np.arange(n, dtype=np.int32)[None],
-                                       np.array([pg], np.int32), *caches, *wp)
+        out = backends["prefill"].call(
+            "prefill",
+            np.array([ids], np.int64),
+            np.arange(n, dtype=np.int32)[None],
+            np.array([pg], np.int32),
+            *caches,
+            *wp,
+        )
         caches = list(out[1:])
         want = cpu.prefill(ids, pg)
         assert rel_err(out[0][0, -1], want) < 1e-4
@@ -157,8 +178,9 @@ def test_executed_linalg_matches_cpu_target_prefill_and_decode(graph, exported, 
     pos = [len(p) for p in prompts]
     for _ in range(3):  # decode a batch of two sequences of different lengths
         pt = np.array([pg + [0] * (2 - len(pg)) for pg in pages], np.int32)
-        out = backends["decode"].call("decode", np.array(last, np.int64)[:, None], np.array(pos, np.int32)[:, None],
-                                      pt, *caches, *wd)
+        out = backends["decode"].call(
+            "decode", np.array(last, np.int64)[:, None], np.array(pos, np.int32)[:, None], pt, *caches, *wd
+        )
         caches = list(out[1:])
         want = cpu.decode(last, pos, pages)
         assert rel_err(out[0][:, -1], want) < 1e-4
@@ -177,15 +199,25 @@ def test_int8_graph_exports_with_dequantize_lowering(traced_llama, tmp_path):
     ids = torch.randint(0, 97, (1, 9))
     pos, pt = torch.arange(9, dtype=torch.int32)[None], torch.tensor([[4]], dtype=torch.int32)
     caches = _caches(g)
-    out = M.RefBackend(text, opt_level=0).call("prefill", ids.numpy(), pos.numpy(), pt.numpy(), *caches, *_weights(res, "prefill"))
-    ref = interp.run(g, {"input_ids": ids, "positions": pos, "page_table": pt,
-                         **{f"kv_cache_{i}": torch.from_numpy(c.copy()) for i, c in enumerate(caches)}})
+    out = M.RefBackend(text, opt_level=0).call(
+        "prefill", ids.numpy(), pos.numpy(), pt.numpy(), *caches, *_weights(res, "prefill")
+    )
+    ref = interp.run(
+        g,
+        {
+            "input_ids": ids,
+            "positions": pos,
+            "page_table": pt,
+            **{f"kv_cache_{i}": torch.from_numpy(c.copy()) for i, c in enumerate(caches)},
+        },
+    )
     assert rel_err(out[0], ref[0]) < 1e-4
 
 
 @pytest.mark.slow
 def test_smollm2_fp32_and_int8_linalg_match(tmp_path):
     from kiln.models import load_model
+
     lm = load_model("smollm2-135m")
     traced = trace(lm.model)
     ids = lm.tokenizer("The quick brown fox jumps over the lazy dog.")["input_ids"]
@@ -198,10 +230,18 @@ def test_smollm2_fp32_and_int8_linalg_match(tmp_path):
         path = res["files"]["prefill.linalg-on-tensors"]
         assert os.path.getsize(path) < os.path.getsize(res["files"]["weights"]) / 100
         caches = [c.numpy() for c in M.to_torch_module(g).empty_caches(4)]
-        out = M.RefBackend(open(path).read(), opt_level=0).call("prefill", x.numpy(), pos.numpy(), pt.numpy(), *caches,
-                                                   *_weights(res, "prefill"))
-        ref = interp.run(g, {"input_ids": x, "positions": pos, "page_table": pt,
-                             **{f"kv_cache_{i}": torch.from_numpy(c.copy()) for i, c in enumerate(caches)}})[0]
+        out = M.RefBackend(open(path).read(), opt_level=0).call(
+            "prefill", x.numpy(), pos.numpy(), pt.numpy(), *caches, *_weights(res, "prefill")
+        )
+        ref = interp.run(
+            g,
+            {
+                "input_ids": x,
+                "positions": pos,
+                "page_table": pt,
+                **{f"kv_cache_{i}": torch.from_numpy(c.copy()) for i, c in enumerate(caches)},
+            },
+        )[0]
         assert rel_err(out[0], ref) < 1e-4, name
 
 
@@ -211,10 +251,11 @@ def test_cli_build_and_inspect_mlir(tmp_path):
     import sys
 
     from conftest import tiny_model
+
     src = tmp_path / "tiny"
     tiny_model("llama").save_pretrained(src)
     out = tmp_path / "art"
-    run = lambda *a: subprocess.run([sys.executable, "-m", "kiln.cli", *a], capture_output=True, text=True, timeout=600)  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", "kiln.cli", *a], capture_output=True, text=True, timeout=600)
     r = run("build", str(src), "-o", str(out), "--target", "mlir", "--mlir-form", "linalg-on-tensors", "--no-cache")
     assert r.returncode == 0, r.stderr
     assert (out / "prefill.linalg-on-tensors.mlir").exists() and (out / "decode.linalg-on-tensors.mlir").exists()

@@ -1,8 +1,10 @@
 """Each pass three ways: structure (it fired), negative (it must not fire), numbers (interpreter)."""
+
 import os
 
 import pytest
 import torch
+from conftest import FAMILIES, rel_err
 
 from kiln import interp
 from kiln.errors import PassError
@@ -11,8 +13,6 @@ from kiln.passes import REGISTRY, run_counted
 from kiln.passmgr import run_pipeline
 from kiln.pipeline import PIPELINES, parse_pipeline
 from kiln.verify import verify
-
-from conftest import FAMILIES, rel_err
 
 
 def run_pass(name, g, **params):
@@ -109,6 +109,7 @@ class _Bidirectional(torch.nn.Module):
 
 def test_fuse_attention_does_not_fire_on_noncausal_and_kv_cache_explains():
     from kiln.trace import trace
+
     g = trace(_Bidirectional(), max_tokens=64)
     g2, counts = run_pass("fuse-attention", g)
     assert counts == {} and g2.find("sdpa")
@@ -142,7 +143,9 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(family, traced, models
     out = interp.run(inc, dict(feed, input_ids=ids[:, :6], positions=torch.arange(6, dtype=torch.int32)[None]))[0]
     assert out.shape[1] == 1 and rel_err(out[0, -1], ref[0, 5]) < 1e-5
     for t in range(6, T):
-        out = interp.run(inc, dict(feed, input_ids=ids[:, t:t + 1], positions=torch.tensor([[t]], dtype=torch.int32)))[0]
+        out = interp.run(
+            inc, dict(feed, input_ids=ids[:, t : t + 1], positions=torch.tensor([[t]], dtype=torch.int32))
+        )[0]
         assert rel_err(out[0, -1], ref[0, t]) < 1e-5
 
 
@@ -153,7 +156,9 @@ def test_kv_cache_requires_attention(traced):
 
 def test_pipeline_parsing_and_errors():
     assert parse_pipeline("canonicalize,kv-cache{page_size=8,logits=all}") == [
-        ("canonicalize", {}), ("kv-cache", {"page_size": 8, "logits": "all"})]
+        ("canonicalize", {}),
+        ("kv-cache", {"page_size": 8, "logits": "all"}),
+    ]
     assert [n for n, _ in parse_pipeline("O1")] == [n for n, _ in parse_pipeline(PIPELINES["O1"])]
     with pytest.raises(PassError, match="unknown pass 'fuse-everything'"):
         run_pipeline(Graph(), "canonicalize,fuse-everything")

@@ -1,5 +1,6 @@
 """The simulated `pim` target: offload rule at its boundaries, functional equality with `cpu`, config
 validation, and the AttAcc validation table."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -8,8 +9,7 @@ import numpy as np
 import pytest
 
 import kiln.targets.pim.place_pim  # noqa: F401  (registers place-pim until passes/__init__ imports it)
-from kiln.targets.pim.cost import (GPT3_175B, attention_work, decide, ew_work, fc_work, generation,
-                                   simulate_graph)
+from kiln.targets.pim.cost import GPT3_175B, attention_work, decide, ew_work, fc_work, generation, simulate_graph
 from kiln.targets.pim.hw import DEFAULT, PimConfigError, PimHardware
 
 HW = DEFAULT
@@ -18,10 +18,12 @@ BE = HW.break_even_reuse  # 10.40 for the default config
 
 # -- offload rule -----------------------------------------------------------------------------------------------
 
+
 def _attn(heads: int, kv_heads: int = 1, tokens: int = 1):
     # 160 KV groups (one per pseudo-channel), 8k context: large enough that PIM wins below break-even
-    return attention_work("a", 0, batch=160, tokens=tokens, context=8192, heads=heads, kv_heads=kv_heads,
-                          head_dim=128, b=2)
+    return attention_work(
+        "a", 0, batch=160, tokens=tokens, context=8192, heads=heads, kv_heads=kv_heads, head_dim=128, b=2
+    )
 
 
 def test_break_even_is_between_10_and_11():
@@ -61,16 +63,19 @@ def test_operand_not_in_pim_memory_stays_on_gpu():
 
 # -- the pass and the target on a traced model ------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def llama_o1(models):
     # the `traced` fixture's tiny Llama, traced alone (tracing all four families would take most of the budget)
     from kiln.passmgr import run_pipeline
     from kiln.trace import trace
+
     return run_pipeline(trace(models["llama"], max_tokens=256), "O1")[0]
 
 
 def test_place_pim_annotates_every_op(llama_o1):
     from kiln.passmgr import run_pipeline
+
     for batch, rule in ((1, "< break-even"), (64, ">= break-even")):
         g, _ = run_pipeline(llama_o1, f"place-pim{{batch={batch},context=4096}}")
         ops = [n for n in g.nodes if n.op not in ("input", "param", "const")]
@@ -87,12 +92,15 @@ def _prefill(build, graph, ids):
     from tvm.runtime.vm import VirtualMachine
 
     from kiln.targets.common.layouts import materialize
+
     dev = tvm.cpu()
     vm = VirtualMachine(build.executable, dev)
     weights = tuple(tvm.runtime.tensor(materialize(s, graph.params), dev) for s in build.weight_specs)
     kv = graph.meta["kv_cache"]
-    caches = tuple(tvm.runtime.tensor(np.zeros((4, 2, l["kv_heads"], kv["page_size"], l["head_dim"]), "float32"), dev)
-                   for l in kv["layers"])
+    caches = tuple(
+        tvm.runtime.tensor(np.zeros((4, 2, l["kv_heads"], kv["page_size"], l["head_dim"]), "float32"), dev)
+        for l in kv["layers"]
+    )
     n = len(ids)
     pages = -(-n // kv["page_size"])
     args = [np.asarray([ids], np.int64), np.arange(n, dtype=np.int32)[None], np.arange(pages, dtype=np.int32)[None]]
@@ -103,6 +111,7 @@ def test_pim_target_output_equals_cpu_target(llama_o1):
     from kiln.entry import EntryPoint
     from kiln.targets.cpu.target import CpuTarget
     from kiln.targets.pim.target import PimTarget
+
     tgt = PimTarget(batch=4, context=128)
     only_prefill = {"prefill": EntryPoint("prefill", {"batch": 1})}  # one entry point keeps the two TVM builds fast
     pim = tgt.build(llama_o1, only_prefill)
@@ -117,8 +126,19 @@ def test_pim_target_output_equals_cpu_target(llama_o1):
 
 # -- hardware config validation -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("field,value", [("stacks", 0), ("stack_bw", -1.0), ("nccd_ab", 0), ("e_mac_pj", -0.1),
-                                         ("gpu_mem_util", 1.5), ("variant", "rank"), ("power_limit", "yes")])
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("stacks", 0),
+        ("stack_bw", -1.0),
+        ("nccd_ab", 0),
+        ("e_mac_pj", -0.1),
+        ("gpu_mem_util", 1.5),
+        ("variant", "rank"),
+        ("power_limit", "yes"),
+    ],
+)
 def test_invalid_config_is_refused_naming_the_field(field, value):
     with pytest.raises(PimConfigError) as e:
         PimHardware(**{field: value})

@@ -1,8 +1,10 @@
 """Pruning and sparsity passes on tiny models: structure, numbers (compiled CPU vs interpreter on the
 pruned weights), identity at 0%, refused requests, compact sparse storage."""
+
 import numpy as np
 import pytest
 import torch
+from conftest import rel_err
 
 import kiln
 from kiln import interp
@@ -10,8 +12,6 @@ from kiln.errors import PassError
 from kiln.pass_options import build_pipeline
 from kiln.passmgr import run_pipeline
 from kiln.verify import verify
-
-from conftest import rel_err
 
 BASE = "canonicalize,fuse-norms,fuse-rope,fuse-attention"
 
@@ -31,11 +31,14 @@ def logits(g, ids):
     return interp.run(g, {"input_ids": ids})[0]
 
 
-@pytest.mark.parametrize("spec,heads,kv", [
-    ("prune-heads{ratio=0.5,unit=query,criterion=magnitude}", [3, 3], [3, 3]),  # one query head of each group
-    ("prune-heads{ratio=0.5,unit=group,scope=layer,criterion=wanda}", [2, 2], [1, 1]),  # whole KV groups
-    ("prune-heads{ratio=0.5/0.0,unit=query,criterion=taylor}", [3, 6], [3, 3]),  # per-layer ratios
-])
+@pytest.mark.parametrize(
+    "spec,heads,kv",
+    [
+        ("prune-heads{ratio=0.5,unit=query,criterion=magnitude}", [3, 3], [3, 3]),  # one query head of each group
+        ("prune-heads{ratio=0.5,unit=group,scope=layer,criterion=wanda}", [2, 2], [1, 1]),  # whole KV groups
+        ("prune-heads{ratio=0.5/0.0,unit=query,criterion=taylor}", [3, 6], [3, 3]),  # per-layer ratios
+    ],
+)
 def test_prune_heads_keeps_gqa_consistent(base, spec, heads, kv):
     g, recs = run_pipeline(base["llama"], spec)
     verify(g)
@@ -109,6 +112,7 @@ def test_sparsify_patterns(base, method, pattern):
 
 def test_sparse_storage_round_trip():
     from kiln.runtime.sparse import compress, expand
+
     rng = np.random.default_rng(0)
     a = rng.standard_normal((3, 20, 32)).astype(np.float32)
     grp = a.reshape(3, 5, 4, 32)
@@ -127,11 +131,13 @@ def test_pruned_model_compiles_and_matches_interpreter(models, traced, tmp_path)
     """Non-uniform heads, FFN sizes and a removed layer, 2:4 weights: the CPU artifact (paged KV cache)
     gives the interpreter's logits on the pruned graph."""
     prune = "prune-heads{ratio=0.5/0.0,criterion=magnitude},prune-ffn{ratio=0.3/0.6,criterion=magnitude,multiple=4}"
-    art = kiln.compile(models["llama"], target="cpu", passes="O1", prune=prune, sparsify="2:4",
-                       sparsify_method="magnitude")
+    art = kiln.compile(
+        models["llama"], target="cpu", passes="O1", prune=prune, sparsify="2:4", sparsify_method="magnitude"
+    )
     path = art.save(str(tmp_path / "pruned"))
-    ref_graph, _ = run_pipeline(traced["llama"], build_pipeline(BASE, prune=prune, sparsify="2:4",
-                                                                sparsify_method="magnitude"))
+    ref_graph, _ = run_pipeline(
+        traced["llama"], build_pipeline(BASE, prune=prune, sparsify="2:4", sparsify_method="magnitude")
+    )
     assert [int(a.inputs[0].type.shape[1]) for a in ref_graph.find("attention")] == [3, 6]
     assert any(w.get("storage") for w in art.manifest["weights"])  # stored compactly, expanded at load
     eng = kiln.load(path, kv_cache_tokens=256)
@@ -148,9 +154,11 @@ def test_pruned_model_compiles_and_matches_interpreter(models, traced, tmp_path)
 
 def test_distill_brings_pruned_student_closer(base):
     from kiln.passmgr import run_pipeline as rp
+
     teacher = base["llama"]
-    student, _ = rp(teacher, "prune-heads{ratio=0.5,criterion=magnitude},"
-                             "prune-ffn{ratio=0.6,criterion=magnitude,multiple=4}")
+    student, _ = rp(
+        teacher, "prune-heads{ratio=0.5,criterion=magnitude},prune-ffn{ratio=0.6,criterion=magnitude,multiple=4}"
+    )
     gen = torch.Generator().manual_seed(5)
     text = torch.randint(0, 97, (23,), generator=gen).repeat(30)
     ev = [text[:60].tolist(), text[60:120].tolist()]

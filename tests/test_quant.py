@@ -1,4 +1,5 @@
 """Quantization: schemes, the math (RTN/GPTQ/AWQ), the passes (structure, negative, numbers), QAT."""
+
 import math
 
 import pytest
@@ -7,8 +8,8 @@ import torch
 import kiln
 from kiln import interp
 from kiln.errors import KilnError, PassError
-from kiln.passes import REGISTRY, run_counted
 from kiln.pass_options import build_pipeline
+from kiln.passes import REGISTRY, run_counted
 from kiln.passmgr import run_pipeline
 from kiln.quant import awq_scales, dequantize, gptq, parse_scheme, rtn
 from kiln.verify import verify
@@ -17,7 +18,7 @@ BASE = "canonicalize,fuse-norms,fuse-rope,fuse-attention"
 
 
 def sqnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
-    return 10 * math.log10(float((ref ** 2).sum() / ((ref - x) ** 2).sum()))
+    return 10 * math.log10(float((ref**2).sum() / ((ref - x) ** 2).sum()))
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def test_rtn_error_is_half_a_step_including_ragged_groups(name):
     s = parse_scheme(name)
     w = torch.randn(24, 576)  # 576 = 4.5 x 128: the last group of g128 is short
     q, sc, z = rtn(w, s)
-    assert q.dtype == torch.uint8 and int(q.max()) <= 2 ** s.bits - 1
+    assert q.dtype == torch.uint8 and int(q.max()) <= 2**s.bits - 1
     assert sc.shape == (24, -(-576 // (s.group or 576)))
     g = s.group or 576
     err = (dequantize(q, sc, z, s.group) - w).abs()
@@ -142,12 +143,16 @@ def test_w8a8(base):
 def test_pipeline_insertion():
     p = build_pipeline("O1", quant="int4_g128", quant_method="awq", kv_quant="int8")
     names = [x.split("{")[0] for x in p.split(",")]
-    assert names.index("quantize-weights") < names.index("fuse-mlp") and names.index("quantize-kv") < names.index("kv-cache")
+    assert names.index("quantize-weights") < names.index("fuse-mlp") and names.index("quantize-kv") < names.index(
+        "kv-cache"
+    )
 
 
 def test_qat_prepared_model_compiles_to_exactly_its_forward(models):
-    from kiln.qat import prepare
     from conftest import tiny_model
+
+    from kiln.qat import prepare
+
     m = prepare(tiny_model("llama"), "int4_g32")
     ids = torch.randint(0, 97, (1, 12))
     with torch.no_grad():
@@ -160,6 +165,7 @@ def test_qat_prepared_model_compiles_to_exactly_its_forward(models):
     m.eval()
     from kiln.qat import strip_qat
     from kiln.trace import trace
+
     plain = strip_qat(m)
     g, recs = run_pipeline(trace(plain, max_tokens=64), build_pipeline(BASE, quant="int4_g32"))
     out = interp.run(g, {"input_ids": ids})[0]
@@ -175,11 +181,14 @@ def test_compiled_quantized_model_matches_its_ir(models, artifacts, scheme):
     step = [r for r in art.manifest["passes"] if r["name"] == "quantize-weights"][0]
     assert step["params"]["scheme"] == scheme and art.manifest["quantization"]["weights"]["name"] == scheme
     from kiln.runtime.artifact import read_manifest
+
     fp32 = read_manifest(artifacts["llama"])["weight_bytes"]
     assert art.manifest["weight_bytes"] < (0.5 if scheme == "int8" else 0.4) * fp32
     from kiln.trace import trace
+
     g, _ = run_pipeline(trace(models["llama"], max_tokens=256), build_pipeline(BASE, quant=scheme))
     import tempfile
+
     eng = kiln.load(art.save(tempfile.mkdtemp() + "/a"))
     for n in (1, 9):
         ids = torch.randint(0, 97, (1, n))
@@ -198,6 +207,7 @@ def test_int8_kv_cache_compiles_and_matches_its_ir(models, artifacts):
 
     from kiln.runtime.artifact import read_manifest
     from kiln.trace import trace
+
     art = kiln.compile(models["llama"], kv_quant="int8")
     kv = art.manifest["kv_cache"]
     assert kv["dtype"] == "int8" and [t["dtype"] for t in kv["tensors"][:2]] == ["int8", "float32"]
@@ -206,18 +216,24 @@ def test_int8_kv_cache_compiles_and_matches_its_ir(models, artifacts):
     assert fp32 == layers * 2 * kvh * d * 4 and kv["bytes_per_token"] == layers * 2 * kvh * (d + 4)
     eng = kiln.load(art.save(tempfile.mkdtemp() + "/a"))
     g, _ = run_pipeline(trace(models["llama"], max_tokens=256), build_pipeline("O1", kv_quant="int8"))
-    feeds = {t["name"]: torch.zeros(tuple(4 if d == "pages" else int(d) for d in t["shape"]),
-                                    dtype=getattr(torch, t["dtype"])) for t in g.meta["kv_cache"]["tensors"]}
+    feeds = {
+        t["name"]: torch.zeros(
+            tuple(4 if d == "pages" else int(d) for d in t["shape"]), dtype=getattr(torch, t["dtype"])
+        )
+        for t in g.meta["kv_cache"]["tensors"]
+    }
     ids = torch.randint(0, 97, (1, 21))
     pages = eng.pool.alloc(2)
     pt = torch.tensor([pages], dtype=torch.int32)
     got = eng.prefill(ids[0, :20].tolist(), pages)
-    ref = interp.run(g, dict(feeds, input_ids=ids[:, :20], positions=torch.arange(20, dtype=torch.int32)[None],
-                             page_table=pt))[0][0, -1]
+    ref = interp.run(
+        g, dict(feeds, input_ids=ids[:, :20], positions=torch.arange(20, dtype=torch.int32)[None], page_table=pt)
+    )[0][0, -1]
     assert float((torch.from_numpy(got) - ref).abs().max() / ref.abs().max()) < 1e-4
     got = eng.decode([int(ids[0, 20])], [20], [pages])[0]
-    ref = interp.run(g, dict(feeds, input_ids=ids[:, 20:], positions=torch.tensor([[20]], dtype=torch.int32),
-                             page_table=pt))[0][0, -1]
+    ref = interp.run(
+        g, dict(feeds, input_ids=ids[:, 20:], positions=torch.tensor([[20]], dtype=torch.int32), page_table=pt)
+    )[0][0, -1]
     eng.pool.release(pages)
     assert float((torch.from_numpy(got) - ref).abs().max() / ref.abs().max()) < 1e-4
 
@@ -229,7 +245,9 @@ def test_tied_embedding_reads_the_quantized_output_layer(scheme):
     import tempfile
 
     from conftest import tiny_model
+
     from kiln.trace import trace
+
     m = tiny_model("llama", tie_word_embeddings=True)
     g, recs = run_pipeline(trace(m, max_tokens=64), build_pipeline(BASE, quant=scheme))
     assert recs[-1].rewrites["embedding-tied"] == 1

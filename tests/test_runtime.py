@@ -1,4 +1,5 @@
 """Runtime pieces that need no model: sampling and the page pool."""
+
 import numpy as np
 import pytest
 
@@ -18,6 +19,7 @@ def test_greedy_and_filters():
     assert nucleus == {1}
     nucleus = {sample(logits, SamplingParams(temperature=1.0, top_p=0.5), rng) for _ in range(300)}
     assert nucleus == {1, 3}
+
 
 def test_temperature_sampling_follows_softmax():
     logits = np.array([1.0, 0.0, -1.0, 0.5], dtype=np.float32)

@@ -1,6 +1,7 @@
 """Serving runtime: scheduling policies, prefix caching, preemption, speculative decoding, request handling.
 
 Every output check compares against running the request alone with `Engine.generate([prompt])`."""
+
 import threading
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import kiln
 from kiln.runtime.sampling import SamplingParams
 from kiln.runtime.serving import POLICIES, RequestFailed, Server
-from kiln.runtime.speculative import SpeculativeDecoder, Speculator, _S, probs
+from kiln.runtime.speculative import _S, SpeculativeDecoder, Speculator, probs
 
 
 def _alone(eng, prompts, params):
@@ -114,8 +115,10 @@ def test_speculative_sampling_keeps_the_target_distribution(engines):
     prompt = [5, 17, 33, 2, 91, 40, 8]
     L, B, R, k = len(prompt), 100, 40, 3
     spec = Speculator(target, draft, k=k, adaptive=False)
-    seqs = [_S(list(prompt), target.pool.alloc(1), sp, np.random.default_rng(1000 + i), draft.pool.alloc(1), 0)
-            for i in range(B)]
+    seqs = [
+        _S(list(prompt), target.pool.alloc(1), sp, np.random.default_rng(1000 + i), draft.pool.alloc(1), 0)
+        for i in range(B)
+    ]
     try:
         for s in seqs:
             target.prefill(prompt[:-1], s.pages)
@@ -186,10 +189,13 @@ def test_cancel_failing_callback_and_concurrent_submits(engines):
         assert c.finish_reason == "cancelled" and c.token_ids[:2] == first and len(c.token_ids) < 200
 
         # a stream callback that raises fails only its own request
-        def bad(tok, seen=[]):
+        seen: list[int] = []
+
+        def bad(tok):
             seen.append(tok)
             if len(seen) == 3:
                 raise KeyError("client went away")
+
         hb = srv.submit([7, 8, 9], SamplingParams(max_new_tokens=20, ignore_eos=True), callback=bad)
         ok = srv.submit(prompts[0], params[0], callback=lambda t: None)
         with pytest.raises(RequestFailed, match="client went away"):
@@ -204,6 +210,7 @@ def test_cancel_failing_callback_and_concurrent_submits(engines):
                 hh = srv.submit(prompts[i], params[i])
                 streamed[i] = list(hh)
                 results[i] = hh.result(timeout=60).token_ids
+
         threads = [threading.Thread(target=worker, args=(range(j, 12, 4),)) for j in range(4)]
         for t in threads:
             t.start()

@@ -1,11 +1,11 @@
 """The real model: SmolLM2-135M-Instruct (GGUF weights), built once, checked against transformers."""
+
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
-
 from conftest import hf_greedy
 
 pytestmark = pytest.mark.slow
@@ -15,6 +15,7 @@ pytestmark = pytest.mark.slow
 def smol(tmp_path_factory):
     from kiln.api import cached_build
     from kiln.models import load_model
+
     out = str(tmp_path_factory.mktemp("smol") / "smollm2")
     path, _ = cached_build("smollm2-135m", out)
     return path, load_model("smollm2-135m")
@@ -23,11 +24,15 @@ def smol(tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine(smol):
     import kiln
+
     return kiln.load(smol[0], kv_cache_tokens=4096)
 
 
-CHATS = ["What is the capital of France?", "Write a haiku about compilers.",
-         "List three uses of a paperclip, then explain which one is the most creative and why."]
+CHATS = [
+    "What is the capital of France?",
+    "Write a haiku about compilers.",
+    "List three uses of a paperclip, then explain which one is the most creative and why.",
+]
 
 
 def test_prefill_logits_match_transformers(engine, smol):
@@ -47,9 +52,12 @@ def test_prefill_logits_match_transformers(engine, smol):
 
 def test_batched_greedy_generation_equals_transformers(engine, smol):
     from kiln.runtime.sampling import SamplingParams
+
     lm = smol[1]
-    prompts = [lm.tokenizer.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True,
-                                                tokenize=False) for c in CHATS]
+    prompts = [
+        lm.tokenizer.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True, tokenize=False)
+        for c in CHATS
+    ]
     outs = engine.generate(prompts, SamplingParams(max_new_tokens=32, ignore_eos=True))
     lengths = set()
     for p, o in zip(prompts, outs):
@@ -89,6 +97,7 @@ def test_int8_build_from_the_cli_is_smaller_and_still_answers(smol, tmp_path):
     r = _kiln("build", "smollm2-135m", "-o", str(out), "--quant", "int8")
     assert r.returncode == 0, r.stderr
     import json
+
     m = json.loads((out / "manifest.json").read_text())
     fp32 = json.loads(open(os.path.join(smol[0], "manifest.json")).read())
     assert m["quantization"]["weights"]["name"] == "int8" and m["quantization"]["embedding"] == "int8"

@@ -1,13 +1,13 @@
 """Tracing: four model families, one table of aten conversions, no per-architecture code."""
+
 import pytest
 import torch
+from conftest import FAMILIES, rel_err
 
 from kiln import interp
 from kiln.errors import UnsupportedOpError
 from kiln.trace import trace
 from kiln.verify import verify
-
-from conftest import FAMILIES, rel_err
 
 
 @pytest.mark.parametrize("family", FAMILIES)

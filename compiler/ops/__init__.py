@@ -6,17 +6,52 @@ in quant.py) are created by recognizer and compression passes. base.py holds the
 the annotation keys any node may carry, and the dimension helpers. Importing this package declares
 every op.
 """
+
 from __future__ import annotations
 
 from . import core, nn, quant, shape  # noqa: F401  (declare the ops)
 from .attention import (  # noqa: F401
-    AttentionAttrs, CachedAttentionAttrs, CachedMlaAttentionAttrs, MlaAttentionAttrs, SdpaAttrs, alibi_bias,
-    attention_reference, cached_attention_reference, cached_mla_attention_reference, kv_fake_quant,
-    mla_attention_reference)
+    AttentionAttrs,
+    CachedAttentionAttrs,
+    CachedMlaAttentionAttrs,
+    MlaAttentionAttrs,
+    SdpaAttrs,
+    alibi_bias,
+    attention_reference,
+    cached_attention_reference,
+    cached_mla_attention_reference,
+    kv_fake_quant,
+    mla_attention_reference,
+)
 from .base import (  # noqa: F401
-    ANNOTATIONS, DTYPE_BYTES, KINDS, OPS, AttrError, Input, NoAttrs, OpDef, ShapeError, broadcast_shapes, bytes_of,
-    define, evaluate, find_rule, flops_of, infer_type, io_bytes, norm_dim, numel, ops_of_kind, promote, read_bytes,
-    register_rule, same, tensor_bytes, torch_dtype, torch_dtype_name)
+    ANNOTATIONS,
+    DTYPE_BYTES,
+    KINDS,
+    OPS,
+    AttrError,
+    Input,
+    NoAttrs,
+    OpDef,
+    ShapeError,
+    broadcast_shapes,
+    bytes_of,
+    define,
+    evaluate,
+    find_rule,
+    flops_of,
+    infer_type,
+    io_bytes,
+    norm_dim,
+    numel,
+    ops_of_kind,
+    promote,
+    read_bytes,
+    register_rule,
+    same,
+    tensor_bytes,
+    torch_dtype,
+    torch_dtype_name,
+)
 from .core import AtenAttrs, AxisAttrs, CastAttrs, ConstAttrs, GeluAttrs, ReduceAttrs, _rebuild  # noqa: F401
 from .nn import GatedMlpAttrs, LayerNormAttrs, RmsNormAttrs, rotate_half  # noqa: F401
 from .quant import QWeightAttrs  # noqa: F401

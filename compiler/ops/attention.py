@@ -1,6 +1,7 @@
 """Attention ops and their reference implementations: `attention` (recognized by fuse-attention),
 `sdpa` (torch's scaled_dot_product_attention as traced), `cached_attention` over a paged KV cache
 (kv-cache), and multi-head latent attention (`mla_attention`, `cached_mla_attention`; convert-mla)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -78,9 +79,17 @@ def alibi_bias(slopes, i: torch.Tensor, j: torch.Tensor, dtype: torch.dtype = to
     return s[:, None, None] * (j[None, None, :] - i[None, :, None]).to(dtype)
 
 
-def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                        causal: bool = True, window: int = 0, mask: torch.Tensor | None = None,
-                        kv_dtype: str | None = None, alibi=None) -> torch.Tensor:
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    causal: bool = True,
+    window: int = 0,
+    mask: torch.Tensor | None = None,
+    kv_dtype: str | None = None,
+    alibi=None,
+) -> torch.Tensor:
     """q: [B, H, T, D], k/v: [B, Hkv, S, D] with H a multiple of Hkv (GQA); `alibi`: per-head slopes [H]."""
     k, v = kv_fake_quant(k, kv_dtype), kv_fake_quant(v, kv_dtype)
     rep = q.shape[1] // k.shape[1]
@@ -99,10 +108,17 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-define("attention", "attention", ("q", "k", "v"), AttentionAttrs, _attention_infer,
-       lambda ctx, x, a: attention_reference(x[0], x[1], x[2], a["scale"], a["causal"], a["window"],
-                                             kv_dtype=a["kv_dtype"], alibi=a["alibi"]),
-       "softmax(q k^T * scale + causal/window mask [+ ALiBi bias]) v; GQA by head groups")
+define(
+    "attention",
+    "attention",
+    ("q", "k", "v"),
+    AttentionAttrs,
+    _attention_infer,
+    lambda ctx, x, a: attention_reference(
+        x[0], x[1], x[2], a["scale"], a["causal"], a["window"], kv_dtype=a["kv_dtype"], alibi=a["alibi"]
+    ),
+    "softmax(q k^T * scale + causal/window mask [+ ALiBi bias]) v; GQA by head groups",
+)
 
 
 def _sdpa_ref(ctx, x, a):
@@ -113,12 +129,30 @@ def _sdpa_ref(ctx, x, a):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=a["causal"], scale=a["scale"])
 
 
-define("sdpa", "attention", ("q", "k", "v", "mask?"), SdpaAttrs, _attention_infer, _sdpa_ref,
-       "torch's scaled_dot_product_attention with an explicit mask")
+define(
+    "sdpa",
+    "attention",
+    ("q", "k", "v", "mask?"),
+    SdpaAttrs,
+    _attention_infer,
+    _sdpa_ref,
+    "torch's scaled_dot_product_attention with an explicit mask",
+)
 
 
-def cached_attention_reference(q, k, v, cache, page_table, positions, scales=None, scale: float = 1.0,
-                               window: int = 0, kv_dtype: str | None = None, alibi=None):
+def cached_attention_reference(
+    q,
+    k,
+    v,
+    cache,
+    page_table,
+    positions,
+    scales=None,
+    scale: float = 1.0,
+    window: int = 0,
+    kv_dtype: str | None = None,
+    alibi=None,
+):
     """Write k/v into the paged cache at `positions`, then attend each query over its cached prefix.
 
     q: [B, H, T, D]; k, v: [B, Hkv, T, D]; cache: [pages, 2, Hkv, page, D] (mutated in place);
@@ -128,7 +162,7 @@ def cached_attention_reference(q, k, v, cache, page_table, positions, scales=Non
     page = cache.shape[3]
     B, H, T, D = q.shape
     if scales is not None:  # int8 codes + scales: store quantized, read back dequantized
-        amax = lambda x: x.abs().amax(-1).clamp_min(1e-8) / 127.0  # noqa: E731
+        amax = lambda x: x.abs().amax(-1).clamp_min(1e-8) / 127.0
         sk, sv = amax(k), amax(v)
         kq = torch.round(k / sk[..., None]).clamp(-127, 127)
         vq = torch.round(v / sv[..., None]).clamp(-127, 127)
@@ -142,8 +176,9 @@ def cached_attention_reference(q, k, v, cache, page_table, positions, scales=Non
                     scales[pg, 0, :, p % page] = sk[b, :, t]
                     scales[pg, 1, :, p % page] = sv[b, :, t]
         deq = cache.float() * scales[..., None]
-        return cached_attention_reference(q, kq * sk[..., None], vq * sv[..., None], deq, page_table, positions,
-                                          None, scale, window, alibi=alibi)
+        return cached_attention_reference(
+            q, kq * sk[..., None], vq * sv[..., None], deq, page_table, positions, None, scale, window, alibi=alibi
+        )
     k, v = kv_fake_quant(k, kv_dtype), kv_fake_quant(v, kv_dtype)
     out = torch.zeros(B, H, T, v.shape[-1], dtype=q.dtype)
     pos = positions.long()
@@ -186,11 +221,16 @@ def _attend_prefix(q, keys, vals, pos, scale: float, window: int, alibi) -> torc
     return torch.where((pos >= 0)[None, :, None], o, torch.zeros_like(o))
 
 
-define("cached_attention", "attention", ("q", "k", "v", "cache", "page_table", "positions", "scales?"),
-       CachedAttentionAttrs, lambda i, a: TensorType(i[0].type.shape, i[0].type.dtype),
-       lambda ctx, x, a: cached_attention_reference(*x, a["scale"], a["window"], a["kv_dtype"], a["alibi"]),
-       "attention over a paged KV cache [pages, 2, kv_heads, page, head_dim]; an int8 cache comes with "
-       "scales [pages, 2, kv_heads, page]")
+define(
+    "cached_attention",
+    "attention",
+    ("q", "k", "v", "cache", "page_table", "positions", "scales?"),
+    CachedAttentionAttrs,
+    lambda i, a: TensorType(i[0].type.shape, i[0].type.dtype),
+    lambda ctx, x, a: cached_attention_reference(*x, a["scale"], a["window"], a["kv_dtype"], a["alibi"]),
+    "attention over a paged KV cache [pages, 2, kv_heads, page, head_dim]; an int8 cache comes with "
+    "scales [pages, 2, kv_heads, page]",
+)
 
 
 def _mla_keys_values(c, k_rope, w_uk, w_uv):
@@ -201,8 +241,9 @@ def _mla_keys_values(c, k_rope, w_uk, w_uv):
     return torch.cat([k_nope, k_rope.to(c.dtype)], -1), v
 
 
-def mla_attention_reference(q_nope, q_rope, c, k_rope, w_uk, w_uv, scale: float, window: int = 0,
-                            alibi=None) -> torch.Tensor:
+def mla_attention_reference(
+    q_nope, q_rope, c, k_rope, w_uk, w_uv, scale: float, window: int = 0, alibi=None
+) -> torch.Tensor:
     """Multi-head latent attention (DeepSeek-AI, 2024) over a shared latent with a decoupled rotary key:
     q_nope [B, H, T, Dn], q_rope [B, H, T, R], c [B, T, r], k_rope [B, Hkv, T, R]. Causal."""
     k, v = _mla_keys_values(c, k_rope, w_uk, w_uv)
@@ -214,13 +255,20 @@ def _mla_infer(inputs, attrs):
     return TensorType(q.shape[:-1] + (inputs[5].type.shape[1],), q.dtype)
 
 
-define("mla_attention", "attention", ("q_nope", "q_rope", "c", "k_rope", "w_uk", "w_uv"), MlaAttentionAttrs,
-       _mla_infer, lambda ctx, x, a: mla_attention_reference(*x, a["scale"], a["window"], a["alibi"]),
-       "attention with keys/values expanded from a latent c by w_uk/w_uv")
+define(
+    "mla_attention",
+    "attention",
+    ("q_nope", "q_rope", "c", "k_rope", "w_uk", "w_uv"),
+    MlaAttentionAttrs,
+    _mla_infer,
+    lambda ctx, x, a: mla_attention_reference(*x, a["scale"], a["window"], a["alibi"]),
+    "attention with keys/values expanded from a latent c by w_uk/w_uv",
+)
 
 
-def cached_mla_attention_reference(q_nope, q_rope, c, k_rope, w_uk, w_uv, cache, page_table, positions,
-                                   scale: float = 1.0, window: int = 0, alibi=None):
+def cached_mla_attention_reference(
+    q_nope, q_rope, c, k_rope, w_uk, w_uv, cache, page_table, positions, scale: float = 1.0, window: int = 0, alibi=None
+):
     """Append each token's latent row [c | k_rope of every KV head] to the paged cache at `positions`
     (cache: [pages, page, r + Hkv * R], mutated in place), then attend each query over its cached
     prefix with keys/values expanded from the cached latents. Positions < 0 are padding (zeros)."""
@@ -250,8 +298,12 @@ def cached_mla_attention_reference(q_nope, q_rope, c, k_rope, w_uk, w_uv, cache,
     return out
 
 
-define("cached_mla_attention", "attention",
-       ("q_nope", "q_rope", "c", "k_rope", "w_uk", "w_uv", "cache", "page_table", "positions"),
-       CachedMlaAttentionAttrs, _mla_infer,
-       lambda ctx, x, a: cached_mla_attention_reference(*x, a["scale"], a["window"], a["alibi"]),
-       "mla_attention over a paged latent cache [pages, page, r + Hkv*R]")
+define(
+    "cached_mla_attention",
+    "attention",
+    ("q_nope", "q_rope", "c", "k_rope", "w_uk", "w_uv", "cache", "page_table", "positions"),
+    CachedMlaAttentionAttrs,
+    _mla_infer,
+    lambda ctx, x, a: cached_mla_attention_reference(*x, a["scale"], a["window"], a["alibi"]),
+    "mla_attention over a paged latent cache [pages, page, r + Hkv*R]",
+)

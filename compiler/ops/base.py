@@ -7,11 +7,13 @@ the rules back ends register for it (`register_rule`). The topic files (core, sh
 quant) declare the ops with `define`; `Graph.add` checks a node's attributes against the record and
 fills in the defaults, so every consumer reads `n.attrs["window"]` directly.
 """
+
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import sympy
 import torch
@@ -42,7 +44,7 @@ ANNOTATIONS: dict[str, str] = {
     "placement": "gpu | pim: where the pim target runs the op (place-pim)",
     "placement_reason": "why place-pim chose that placement",
     "last_token": "on the slice kv-cache puts before the LM head: the verify entry point skips it "
-                  "to return every token's logits",
+    "to return every token's logits",
 }
 
 
@@ -57,6 +59,7 @@ class AttrError(KilnError, ValueError):
 @dataclass(frozen=True)
 class Input:
     """One named input of an op. Optional inputs come last; absent ones are simply not in `inputs`."""
+
     name: str
     optional: bool = False
     variadic: bool = False  # any number of inputs (cat, aten); only as the op's one input
@@ -69,12 +72,29 @@ class NoAttrs:
 
 # -- dtypes ------------------------------------------------------------------------------------
 
-_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
-           torch.float64: "float64", torch.int64: "int64", torch.int32: "int32", torch.int8: "int8",
-           torch.uint8: "uint8", torch.bool: "bool"}
+_DTYPES = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float64: "float64",
+    torch.int64: "int64",
+    torch.int32: "int32",
+    torch.int8: "int8",
+    torch.uint8: "uint8",
+    torch.bool: "bool",
+}
 _TORCH = {v: k for k, v in _DTYPES.items()}
-DTYPE_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int64": 8, "int32": 4,
-                               "int8": 1, "uint8": 1, "bool": 1}
+DTYPE_BYTES: dict[str, int] = {
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "float64": 8,
+    "int64": 8,
+    "int32": 4,
+    "int8": 1,
+    "uint8": 1,
+    "bool": 1,
+}
 
 
 def torch_dtype_name(dt: torch.dtype) -> str:
@@ -86,6 +106,7 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 # -- dimension helpers -------------------------------------------------------------------------
+
 
 def same(a: sympy.Expr, b: sympy.Expr) -> bool:
     """Two dims are equal (symbolically, when they are expressions)."""
@@ -147,6 +168,7 @@ def evaluate(expr: Any, env: dict) -> Any:
 
 # -- costs -------------------------------------------------------------------------------------
 
+
 def tensor_bytes(t: TensorType) -> sympy.Expr:
     return numel(t.shape) * DTYPE_BYTES.get(t.dtype, 4)
 
@@ -175,6 +197,7 @@ def no_flops(node: Node) -> sympy.Expr:
 
 # -- the record --------------------------------------------------------------------------------
 
+
 def _unset(ctx: Any, x: list, a: dict) -> torch.Tensor:
     raise NotImplementedError("this op has no reference implementation")
 
@@ -182,6 +205,7 @@ def _unset(ctx: Any, x: list, a: dict) -> torch.Tensor:
 @dataclass(frozen=True)
 class OpDef:
     """One op: named inputs, typed attributes, kind, type rule, reference, cost, back-end rules."""
+
     name: str
     kind: str
     inputs: tuple[Input, ...]
@@ -200,8 +224,10 @@ class OpDef:
         for i, inp in enumerate(self.inputs):
             if inp.name == name and not inp.variadic:
                 return i
-        raise KeyError(f"op '{self.name}' has no input named '{name}' "
-                       f"(its inputs: {', '.join(i.name for i in self.inputs) or 'none'})")
+        raise KeyError(
+            f"op '{self.name}' has no input named '{name}' "
+            f"(its inputs: {', '.join(i.name for i in self.inputs) or 'none'})"
+        )
 
     def arity(self) -> tuple[int, int | None]:
         """(fewest, most) inputs a node of this op takes; most is None for a variadic op."""
@@ -213,8 +239,10 @@ class OpDef:
         lo, hi = self.arity()
         if count < lo or (hi is not None and count > hi):
             want = f"{lo}" if lo == hi else f"{lo} to {hi}"
-            raise ShapeError(f"{where}{self.name} takes {want} inputs "
-                             f"({', '.join(i.name + ('?' if i.optional else '') for i in self.inputs)}), got {count}")
+            raise ShapeError(
+                f"{where}{self.name} takes {want} inputs "
+                f"({', '.join(i.name + ('?' if i.optional else '') for i in self.inputs)}), got {count}"
+            )
 
     def padded(self, values: Sequence) -> list:
         """`values` (one per present input) with None for each absent optional input."""
@@ -241,8 +269,10 @@ class OpDef:
         names = [f.name for f in dataclasses.fields(self.attrs)]
         for k in attrs:
             if k not in names and k not in ANNOTATIONS:
-                raise AttrError(f"{where}op '{self.name}' has no attribute '{k}' (it takes "
-                                f"{', '.join(names) or 'none'}; any op may carry {', '.join(ANNOTATIONS)})")
+                raise AttrError(
+                    f"{where}op '{self.name}' has no attribute '{k}' (it takes "
+                    f"{', '.join(names) or 'none'}; any op may carry {', '.join(ANNOTATIONS)})"
+                )
         out = dict(attrs)
         defaults = self.defaults()
         for k in names:
@@ -271,9 +301,17 @@ def _parse_input(spec: str) -> Input:
     return Input(spec)
 
 
-def define(name: str, kind: str, inputs: Sequence[str], attrs: type, infer: Callable, ref: Callable = _unset,
-           doc: str = "", flops: Callable[[Node], sympy.Expr] = no_flops,
-           bytes: Callable[[Node], sympy.Expr] = io_bytes) -> OpDef:
+def define(
+    name: str,
+    kind: str,
+    inputs: Sequence[str],
+    attrs: type,
+    infer: Callable,
+    ref: Callable = _unset,
+    doc: str = "",
+    flops: Callable[[Node], sympy.Expr] = no_flops,
+    bytes: Callable[[Node], sympy.Expr] = io_bytes,
+) -> OpDef:
     """Declare op `name`. `inputs` are names, "x?" optional (only after the required ones), "*xs" variadic."""
     if name in OPS:
         raise ValueError(f"op '{name}' is declared twice")
@@ -294,12 +332,14 @@ def define(name: str, kind: str, inputs: Sequence[str], attrs: type, infer: Call
 def _padding(rec: OpDef, infer: Callable) -> Callable:
     def padded_infer(inputs: list, attrs: dict) -> TensorType:
         return infer(rec.padded(inputs), attrs)
+
     return padded_infer
 
 
 def _padding_ref(rec: OpDef, ref: Callable) -> Callable:
     def padded_ref(ctx: Any, x: list, a: dict) -> torch.Tensor:
         return ref(ctx, rec.padded(x), a)
+
     return padded_ref
 
 
@@ -313,12 +353,14 @@ def ops_of_kind(*kinds: str) -> frozenset[str]:
 
 def register_rule(backend: str, *ops: str) -> Callable[[Callable], Callable]:
     """Register the decorated function as `backend`'s rule for each of `ops` (on the op's record)."""
+
     def deco(fn: Callable) -> Callable:
         for o in ops:
             if o not in OPS:
                 raise KeyError(f"kiln has no op named '{o}' (registering a '{backend}' rule)")
             OPS[o].rules[backend] = fn
         return fn
+
     return deco
 
 

@@ -1,5 +1,6 @@
 """Quantized values: `qweight` (a weight as integer codes, scales and zero points) and `quant_act`
 (activations after a dynamic per-token int8 round trip)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,14 +21,21 @@ class QWeightAttrs:
 
 def _qweight_ref(ctx, x, a):
     from ..quant import dequantize
+
     return dequantize(x[0], x[1], x[2], a["group"])
 
 
-define("qweight", "quant", ("codes", "scales", "zeros"), QWeightAttrs,
-       lambda i, a: TensorType(i[0].type.shape, "float32"), _qweight_ref,
-       "a quantized weight: codes [N, K], scales and zero points [N, K/group]; value (q - z) * s. "
-       "Targets fuse it into its consumer (no fp32 copy of the weight is materialized)",
-       bytes=no_bytes)  # the consumer counts the packed codes it reads (base.read_bytes)
+define(
+    "qweight",
+    "quant",
+    ("codes", "scales", "zeros"),
+    QWeightAttrs,
+    lambda i, a: TensorType(i[0].type.shape, "float32"),
+    _qweight_ref,
+    "a quantized weight: codes [N, K], scales and zero points [N, K/group]; value (q - z) * s. "
+    "Targets fuse it into its consumer (no fp32 copy of the weight is materialized)",
+    bytes=no_bytes,
+)  # the consumer counts the packed codes it reads (base.read_bytes)
 
 
 def _fake_quant_act_ref(ctx, x, a):
@@ -37,5 +45,12 @@ def _fake_quant_act_ref(ctx, x, a):
     return torch.round(t / s).clamp(-127, 127) * s
 
 
-define("quant_act", "quant", ("x",), NoAttrs, lambda i, a: i[0].type, _fake_quant_act_ref,
-       "dynamic per-token int8 quantization of activations (value after dequantization)")
+define(
+    "quant_act",
+    "quant",
+    ("x",),
+    NoAttrs,
+    lambda i, a: i[0].type,
+    _fake_quant_act_ref,
+    "dynamic per-token int8 quantization of activations (value after dequantization)",
+)

@@ -1,5 +1,6 @@
 """Shape ops: views (reshape, permute, unsqueeze, squeeze, expand, slice), cat, and the
 tensor makers whose size is a dimension (arange, full)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -110,7 +111,7 @@ def _slice_bounds(size, start, end, step):
         start = size + start
     if end.is_Integer and end < 0:
         end = size + end
-    if end.is_Integer and int(end) >= 2 ** 62:
+    if end.is_Integer and int(end) >= 2**62:
         end = size
     elif end.is_Integer and size.is_Integer and end > size:
         end = size
@@ -149,7 +150,21 @@ def _arange_infer(inputs, attrs):
     return TensorType((sympy.simplify(sympy.ceiling((end - start) / step)),), attrs["dtype"])
 
 
-define("arange", "data", (), ArangeAttrs, _arange_infer, lambda ctx, x, a: torch.arange(
-    ctx.eval(dim(a["start"])), ctx.eval(dim(a["end"])), a["step"], dtype=torch_dtype(a["dtype"])))
-define("full", "data", (), FullAttrs, lambda i, a: TensorType(tuple(dim(d) for d in a["shape"]), a["dtype"]),
-       lambda ctx, x, a: torch.full(ctx.eval(a["shape"]), a["value"], dtype=torch_dtype(a["dtype"])))
+define(
+    "arange",
+    "data",
+    (),
+    ArangeAttrs,
+    _arange_infer,
+    lambda ctx, x, a: torch.arange(
+        ctx.eval(dim(a["start"])), ctx.eval(dim(a["end"])), a["step"], dtype=torch_dtype(a["dtype"])
+    ),
+)
+define(
+    "full",
+    "data",
+    (),
+    FullAttrs,
+    lambda i, a: TensorType(tuple(dim(d) for d in a["shape"]), a["dtype"]),
+    lambda ctx, x, a: torch.full(ctx.eval(a["shape"]), a["value"], dtype=torch_dtype(a["dtype"])),
+)

@@ -9,10 +9,12 @@ parts 0, 1, 2 of one family, packed together once (`pack_fields`).
 Only this module turns a manifest key back into a layout (`parse_layout`), through the parsers the
 targets register, so the key format is written once per layout type.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,12 +25,13 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Layout:
     """Base class: a field made from its sources as they are (`Raw`)."""
+
     part: int = 0  # which array of a multi-part family this field is
 
     def key(self) -> str:
         raise NotImplementedError
 
-    def family(self) -> "Layout":
+    def family(self) -> Layout:
         """The layout with the part number cleared: fields of one family are packed together."""
         return replace(self, part=0)
 
@@ -40,6 +43,7 @@ class Layout:
 @dataclass(frozen=True)
 class Raw(Layout):
     """The parameter itself (biases, norm weights, rotary tables ...)."""
+
     def key(self) -> str:
         return "raw"
 
@@ -63,13 +67,15 @@ def parse_layout(key: str) -> Layout:
         lay = p(key)
         if lay is not None:
             return lay
-    raise ValueError(f"weight layout '{key}' is unknown to this kiln: the artifact comes from another version; "
-                     "rebuild it")
+    raise ValueError(
+        f"weight layout '{key}' is unknown to this kiln: the artifact comes from another version; rebuild it"
+    )
 
 
 @dataclass(frozen=True)
 class QuantKey:
     """The parameters a quantized layout key carries: "<prefix>q<bits>g<group><s|a>:<part>"."""
+
     bits: int
     group: int
     sym: bool
@@ -79,10 +85,10 @@ class QuantKey:
         return f"{prefix}q{self.bits}g{self.group}{'s' if self.sym else 'a'}:{self.part}"
 
     @staticmethod
-    def parse(key: str, prefix: str = "") -> "QuantKey | None":
+    def parse(key: str, prefix: str = "") -> QuantKey | None:
         if not key.startswith(prefix + "q") or ":" not in key:
             return None
-        head, part = key[len(prefix):].split(":")
+        head, part = key[len(prefix) :].split(":")
         bits, rest = head[1:].split("g")
         return QuantKey(int(bits), int(rest[:-1]), rest[-1] == "s", int(part))
 
@@ -103,6 +109,7 @@ def pad_codes(codes: Any, zeros: Any, group: int) -> Any:
     if isinstance(codes, np.ndarray):
         return np.concatenate([codes, np.repeat(fill, pad, axis=1).astype(codes.dtype)], axis=1)
     import torch
+
     return torch.cat([codes, fill.to(codes.dtype).expand(-1, pad)], 1)
 
 
@@ -111,10 +118,11 @@ def split_sources(arrays: list[Any]) -> tuple[Any, Any, Any]:
     along the output rows): the three concatenated (numpy or torch)."""
     n = len(arrays) // 3
     if isinstance(arrays[0], np.ndarray):
-        cat = [np.concatenate(arrays[j * n:(j + 1) * n], axis=0) for j in range(3)]
+        cat = [np.concatenate(arrays[j * n : (j + 1) * n], axis=0) for j in range(3)]
     else:
         import torch
-        cat = [torch.cat(arrays[j * n:(j + 1) * n], 0) for j in range(3)]
+
+        cat = [torch.cat(arrays[j * n : (j + 1) * n], 0) for j in range(3)]
     return cat[0], cat[1], cat[2]
 
 

@@ -11,9 +11,11 @@ Weights are not baked into the module: every entry point takes one tuple `weight
 listed by `WeightSpec`s (a parameter, possibly packed or concatenated for a kernel), bound at load
 time. Each KV-cache layer is a separate tensor in the tuple `kv_caches`, updated in place.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import sympy
@@ -27,7 +29,7 @@ from kiln.ir import Graph, Node
 from kiln.ops import OPS, find_rule, register_rule
 from kiln.targets.base import WeightSpec
 
-from .layouts import RAW, Layout, materialize, pack_fields  # noqa: F401  (materialize, pack_fields: re-exported)
+from .layouts import RAW, Layout
 
 DIM_SYMBOLS = ("batch", "tokens", "pages", "max_pages")
 
@@ -48,7 +50,7 @@ def qkey(w: Node) -> tuple[int, int, bool]:
 class FunctionLowering:
     """Lowers one graph into one Relax function for one entry point."""
 
-    def __init__(self, low: "RelaxLowering", entry: EntryPoint) -> None:
+    def __init__(self, low: RelaxLowering, entry: EntryPoint) -> None:
         self.low, self.entry, self.fname, self.bind = low, entry, entry.name, entry.dims
         self.bb = low.bb
         self.env: dict[str, Any] = {}
@@ -74,8 +76,9 @@ class FunctionLowering:
         ins = [relax.Var(n.name, self.ttype(n.type)) for n in g.inputs if not n.name.startswith("kv_cache_")]
         caches = [n for n in g.inputs if n.name.startswith("kv_cache_")]
         cache_var = relax.Var("kv_caches", relax.TupleType([self.cache_type(c) for c in caches]))
-        wvar = relax.Var("weights", relax.TupleType([relax.TensorType(list(s.shape), s.dtype)
-                                                      for s in self.low.weight_specs]))
+        wvar = relax.Var(
+            "weights", relax.TupleType([relax.TensorType(list(s.shape), s.dtype) for s in self.low.weight_specs])
+        )
         self.wvar = wvar
         bb = self.bb
         with bb.function(self.fname, ins + [cache_var, wvar]):
@@ -113,9 +116,12 @@ class FunctionLowering:
     def lower_node(self, n: Node) -> relax.Expr:
         fn = find_rule(n.op, self.low.backends)
         if fn is None:
-            raise UnsupportedOpError(n.op if n.op != "aten" else str(n.attrs["fn"]), n.source,
-                                     hint=f"target '{self.low.target_name}' has no lowering for it; a pass should "
-                                          "have replaced it (for attention: is its mask causal?)")
+            raise UnsupportedOpError(
+                n.op if n.op != "aten" else str(n.attrs["fn"]),
+                n.source,
+                hint=f"target '{self.low.target_name}' has no lowering for it; a pass should "
+                "have replaced it (for attention: is its mask causal?)",
+            )
         return fn(self, n, [self.value(i) for i in n.inputs])
 
     def value(self, i: Node) -> relax.Expr | None:
@@ -182,8 +188,15 @@ class RelaxLowering:
         """Fields for a linear kernel's weights (several are concatenated along the output dim)."""
         raise NotImplementedError
 
-    def linear(self, f: FunctionLowering, x: relax.Expr, lead_shape, ws: tuple[Node, ...], n_out: int,
-               bias: relax.Expr | None = None) -> relax.Expr:
+    def linear(
+        self,
+        f: FunctionLowering,
+        x: relax.Expr,
+        lead_shape,
+        ws: tuple[Node, ...],
+        n_out: int,
+        bias: relax.Expr | None = None,
+    ) -> relax.Expr:
         """x [..., k] -> [..., n_out] through the target's linear kernel over weights `ws` (concatenated
         along the output rows); the generic `linear` and `gated_mlp` rules call it."""
         raise NotImplementedError
@@ -199,8 +212,9 @@ class RelaxLowering:
         name = self.spec_name(sources, layout)
         if name not in self.weight_index:
             self.weight_index[name] = len(self.weight_specs)
-            self.weight_specs.append(WeightSpec(name, tuple(sources), layout.key(), tuple(int(s) for s in shape),
-                                                dtype))
+            self.weight_specs.append(
+                WeightSpec(name, tuple(sources), layout.key(), tuple(int(s) for s in shape), dtype)
+            )
         return name
 
     def kernel(self, key: tuple, make: Callable[[], tirx.PrimFunc]) -> tvm.ir.GlobalVar:
@@ -218,19 +232,45 @@ class RelaxLowering:
 
 # -- generic rules (any TVM target) ------------------------------------------------------------------
 
+
 @register_rule("relax", "const")
 def _const(f, n, xs):
     return relax.const(np.array(n.attrs["value"], dtype=n.type.dtype), n.type.dtype)
 
 
-_BIN = {"add": relax.op.add, "sub": relax.op.subtract, "mul": relax.op.multiply, "div": relax.op.divide,
-        "pow": relax.op.power, "maximum": relax.op.maximum, "minimum": relax.op.minimum, "eq": relax.op.equal,
-        "ne": relax.op.not_equal, "lt": relax.op.less, "le": relax.op.less_equal, "gt": relax.op.greater,
-        "ge": relax.op.greater_equal, "and": relax.op.logical_and, "or": relax.op.logical_or}
-_UN = {"neg": relax.op.negative, "exp": relax.op.exp, "log": relax.op.log, "sqrt": relax.op.sqrt,
-       "rsqrt": relax.op.rsqrt, "tanh": relax.op.tanh, "sigmoid": relax.op.sigmoid, "silu": relax.op.nn.silu,
-       "relu": relax.op.nn.relu, "cos": relax.op.cos, "sin": relax.op.sin, "abs": relax.op.abs,
-       "not": relax.op.logical_not, "erf": relax.op.erf}
+_BIN = {
+    "add": relax.op.add,
+    "sub": relax.op.subtract,
+    "mul": relax.op.multiply,
+    "div": relax.op.divide,
+    "pow": relax.op.power,
+    "maximum": relax.op.maximum,
+    "minimum": relax.op.minimum,
+    "eq": relax.op.equal,
+    "ne": relax.op.not_equal,
+    "lt": relax.op.less,
+    "le": relax.op.less_equal,
+    "gt": relax.op.greater,
+    "ge": relax.op.greater_equal,
+    "and": relax.op.logical_and,
+    "or": relax.op.logical_or,
+}
+_UN = {
+    "neg": relax.op.negative,
+    "exp": relax.op.exp,
+    "log": relax.op.log,
+    "sqrt": relax.op.sqrt,
+    "rsqrt": relax.op.rsqrt,
+    "tanh": relax.op.tanh,
+    "sigmoid": relax.op.sigmoid,
+    "silu": relax.op.nn.silu,
+    "relu": relax.op.nn.relu,
+    "cos": relax.op.cos,
+    "sin": relax.op.sin,
+    "abs": relax.op.abs,
+    "not": relax.op.logical_not,
+    "erf": relax.op.erf,
+}
 
 
 def _operand(f, node: Node, x, dtype: str):
@@ -260,8 +300,11 @@ def _cast(f, n, xs):
 
 @register_rule("relax", "where")
 def _where(f, n, xs):
-    return f.emit(relax.op.where(xs[0], _operand(f, n.inputs[1], xs[1], n.type.dtype),
-                                 _operand(f, n.inputs[2], xs[2], n.type.dtype)))
+    return f.emit(
+        relax.op.where(
+            xs[0], _operand(f, n.inputs[1], xs[1], n.type.dtype), _operand(f, n.inputs[2], xs[2], n.type.dtype)
+        )
+    )
 
 
 @register_rule("relax", "sum", "mean", "amax", "amin")
@@ -308,13 +351,21 @@ def _expand(f, n, xs):
 @register_rule("relax", "slice")
 def _slice(f, n, xs):
     from kiln.ops import _slice_bounds
+
     if n.attrs.get("last_token") and f.entry.all_logits:
         return xs[0]  # verify entry point: logits for every token
     d = n.attrs["dim"] % n.type.rank
     start, end, _ = _slice_bounds(n.inputs[0].type.shape[d], n.attrs["start"], n.attrs["end"], n.attrs["step"])
-    return f.emit(relax.op.strided_slice(xs[0], [d], [tir_dim(sympy.sympify(start), f.env)],
-                                         [tir_dim(sympy.sympify(end), f.env)], [n.attrs["step"]],
-                                         assume_inbound=True))
+    return f.emit(
+        relax.op.strided_slice(
+            xs[0],
+            [d],
+            [tir_dim(sympy.sympify(start), f.env)],
+            [tir_dim(sympy.sympify(end), f.env)],
+            [n.attrs["step"]],
+            assume_inbound=True,
+        )
+    )
 
 
 @register_rule("relax", "cat")
@@ -325,14 +376,21 @@ def _cat(f, n, xs):
 @register_rule("relax", "arange")
 def _arange(f, n, xs):
     a = n.attrs
-    return f.emit(relax.op.arange(tir_dim(sympy.sympify(a["start"]), f.env), tir_dim(sympy.sympify(a["end"]), f.env),
-                                  a["step"], dtype=n.type.dtype))
+    return f.emit(
+        relax.op.arange(
+            tir_dim(sympy.sympify(a["start"]), f.env),
+            tir_dim(sympy.sympify(a["end"]), f.env),
+            a["step"],
+            dtype=n.type.dtype,
+        )
+    )
 
 
 @register_rule("relax", "full")
 def _full(f, n, xs):
-    return f.emit(relax.op.full(f.dims(n.type.shape), relax.const(np.array(n.attrs["value"], n.type.dtype)),
-                                n.type.dtype))
+    return f.emit(
+        relax.op.full(f.dims(n.type.shape), relax.const(np.array(n.attrs["value"], n.type.dtype)), n.type.dtype)
+    )
 
 
 @register_rule("relax", "rms_norm")
@@ -371,8 +429,9 @@ def _quant_act(f, n, xs):
     # that would also make it faster is not written yet.
     x = xs[0]
     amax = f.emit(relax.op.max(f.emit(relax.op.abs(x)), axis=[-1], keepdims=True))
-    s = f.emit(relax.op.divide(f.emit(relax.op.maximum(amax, relax.const(np.float32(1e-8)))),
-                               relax.const(np.float32(127.0))))
+    s = f.emit(
+        relax.op.divide(f.emit(relax.op.maximum(amax, relax.const(np.float32(1e-8)))), relax.const(np.float32(127.0)))
+    )
     q = f.emit(relax.op.clip(f.emit(relax.op.round(f.emit(relax.op.divide(x, s)))), -127, 127))
     return f.emit(relax.op.multiply(q, s))
 

@@ -1,5 +1,6 @@
 """`TvmTarget`: what the targets built with TVM share — lowering, `tvm.compile`, weight packing and the
 manifest fields of a TVM artifact (library, weight fields, kernels, KV-cache storage)."""
+
 from __future__ import annotations
 
 import time
@@ -42,11 +43,17 @@ class TvmTarget(Target):
         t1 = time.perf_counter()
         ex = self.compile_module(mod)
         t2 = time.perf_counter()
-        return BuildResult(ex, low.weight_specs, self.describe(), {"lower": t1 - t0, "tvm_build": t2 - t1},
-                           sorted(gv.name_hint for gv in low.kernels.values()))
+        return BuildResult(
+            ex,
+            low.weight_specs,
+            self.describe(),
+            {"lower": t1 - t0, "tvm_build": t2 - t1},
+            sorted(gv.name_hint for gv in low.kernels.values()),
+        )
 
     def package(self, graph: Graph, inputs: PackageInputs) -> Any:
         from kiln.artifact import Artifact, kv_summary
+
         timings = dict(inputs.timings)
         build = self.build(graph)
         timings["lower"] = build.timings["lower"]
@@ -59,14 +66,19 @@ class TvmTarget(Target):
         m["tvm_version"] = tvm.__version__
         m["target"] = build.target
         m["kv_cache"] = kv_summary(m["kv_cache"], build.target.get("kv_cache_dtype"))
-        m["weights"] = [dict(s.to_json(), **({"storage": storage[s.name]} if s.name in storage else {}))
-                        for s in build.weight_specs]
-        m["weight_bytes"] = (int(sum(a.nbytes for a in weights.values())) if inputs.pack_weights else
-                             int(sum(np.prod(s.shape) * np.dtype(s.dtype).itemsize for s in build.weight_specs)))
+        m["weights"] = [
+            dict(s.to_json(), **({"storage": storage[s.name]} if s.name in storage else {})) for s in build.weight_specs
+        ]
+        m["weight_bytes"] = (
+            int(sum(a.nbytes for a in weights.values()))
+            if inputs.pack_weights
+            else int(sum(np.prod(s.shape) * np.dtype(s.dtype).itemsize for s in build.weight_specs))
+        )
         m["weights_included"] = bool(inputs.pack_weights)
         m["kernels"] = build.kernels
-        return Artifact(build, weights, m, str(graph), inputs.tokenizer_dir,
-                        {k: round(v, 3) for k, v in timings.items()})
+        return Artifact(
+            build, weights, m, str(graph), inputs.tokenizer_dir, {k: round(v, 3) for k, v in timings.items()}
+        )
 
 
 def compress_sparse(weights: dict[str, np.ndarray], specs: list, sparsity: dict | None) -> dict[str, Any]:
@@ -77,6 +89,7 @@ def compress_sparse(weights: dict[str, np.ndarray], specs: list, sparsity: dict 
     if not params:
         return out
     from kiln.runtime.sparse import compress
+
     for s in specs:
         patterns = {params.get(src) for src in s.sources}
         if len(patterns) != 1 or None in patterns:

@@ -10,10 +10,12 @@ set is O(width + page_size) per task whatever the sequence length (no tokens x t
 Scratch buffers are scope "global" and < 1 KiB so they stay stack allocas (registers), and scalars
 are bound with ``T.Bind`` (a plain ``x = expr`` in TVMScript becomes a heap workspace).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from tvm.script import tirx as T
 
@@ -27,6 +29,7 @@ class CacheReader:
     ``q`` and ``kv`` are whatever the kernel passes to the body (a buffer or a tuple of buffers): the
     loop hands them to these macros untouched.
     """
+
     width: int  # values per head in the output (head_dim; the latent rank for MLA)
     score: Any  # macro (q, kv, qs, tmp, s, bi, ti, h, kvh, page, jj): s[jj] = score of key jj of page
     accumulate: Any  # macro (kv, acc, e, kvh, page, jj): acc += e * value row jj of page
@@ -35,8 +38,9 @@ class CacheReader:
     lanes: int = 1  # size of tmp: partial sums of a vectorized dot product
 
 
-def paged_attention_body(num_heads: int, kv_heads: int, page_size: int, window: int, alibi: bool,
-                         reader: CacheReader) -> Any:
+def paged_attention_body(
+    num_heads: int, kv_heads: int, page_size: int, window: int, alibi: bool, reader: CacheReader
+) -> Any:
     """Macro ``body(q, kv, page_table, positions, slopes, out, b, t)``: causal paged attention.
 
     Query (bi, ti, h) at p = positions[bi, ti] attends to cached positions j in [lo, p],
@@ -113,8 +117,9 @@ def paged_attention_body(num_heads: int, kv_heads: int, page_size: int, window: 
     return body
 
 
-def head_major_reader(head_dim: int, scale: float, load: Callable[..., Any],
-                      token_scale: Callable[..., Any] | None = None) -> CacheReader:
+def head_major_reader(
+    head_dim: int, scale: float, load: Callable[..., Any], token_scale: Callable[..., Any] | None = None
+) -> CacheReader:
     """Reader of a cache [pages, 2 (k, v), kv_heads, page_size, head_dim], in fp32 or in codes.
 
     ``load(kv, which, page, kvh, jj, d)`` is the stored element as f32 (which: 0 keys, 1 values);
@@ -153,8 +158,7 @@ def head_major_reader(head_dim: int, scale: float, load: Callable[..., Any],
         for d in T.vectorized(D):
             acc[d] = acc[d] + ev * load(kv, 1, page, kvh, jj, d)
 
-    return CacheReader(width=D, score=score, accumulate=accumulate, load_query=load_query,
-                       query_width=D, lanes=VL)
+    return CacheReader(width=D, score=score, accumulate=accumulate, load_query=load_query, query_width=D, lanes=VL)
 
 
 def paged_append_body(page_size: int, write: Any) -> Any:

@@ -15,9 +15,11 @@ between the kernels is only how a weight block is read, so that is what :func:`l
 Scratch buffers are scope "global" and < 1 KiB so that LowerTVMBuiltin keeps them as stack allocas,
 which LLVM then promotes to registers; anything else becomes a heap workspace call.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from tvm.script import tirx as T
@@ -37,8 +39,9 @@ def pack_blocks(a: np.ndarray, nblk: int) -> np.ndarray:
     return np.ascontiguousarray(p.reshape(nblk, NB, c).transpose(0, 2, 1))
 
 
-def linear_tiles(k: int, n: int, has_bias: bool, mode: str, stage: Any = None,
-                 k_loop: Callable[[int], Any] | None = None) -> Any:
+def linear_tiles(
+    k: int, n: int, has_bias: bool, mode: str, stage: Any = None, k_loop: Callable[[int], Any] | None = None
+) -> Any:
     """Macro ``body(x, w, bias, out, m)``: out = x @ W.T (+ bias) over packed weights ``w``.
 
     ``w`` is passed through untouched to ``stage`` / ``k_loop`` (a quantized kernel passes a tuple of
@@ -80,11 +83,11 @@ def linear_tiles(k: int, n: int, has_bias: bool, mode: str, stage: Any = None,
                         for h in range(2):
                             if nb * NB + h * 16 + j < n:
                                 if has_bias:
-                                    out[i0 + r, nb * NB + h * 16 + j] = T.if_then_else(
-                                        h == 0, a0[r, j], a1[r, j]) + bias[nb * NB + h * 16 + j]
+                                    out[i0 + r, nb * NB + h * 16 + j] = (
+                                        T.if_then_else(h == 0, a0[r, j], a1[r, j]) + bias[nb * NB + h * 16 + j]
+                                    )
                                 else:
-                                    out[i0 + r, nb * NB + h * 16 + j] = T.if_then_else(
-                                        h == 0, a0[r, j], a1[r, j])
+                                    out[i0 + r, nb * NB + h * 16 + j] = T.if_then_else(h == 0, a0[r, j], a1[r, j])
 
     def row_tiles(rows: int, tg: int) -> Any:
         custom = k_loop(rows) if k_loop is not None and mode == "gemv" else None

@@ -65,8 +65,7 @@ def linear_func(k: int, n: int, has_bias: bool, mode: str) -> tvm.tirx.PrimFunc:
     nblk = (n + NB - 1) // NB
 
     @T.prim_func
-    def linear(x_h: T.handle, w: T.Buffer((nblk, k, NB), "float32"), bias: T.Buffer((n,), "float32"),
-               o_h: T.handle):
+    def linear(x_h: T.handle, w: T.Buffer((nblk, k, NB), "float32"), bias: T.Buffer((n,), "float32"), o_h: T.handle):
         T.func_attr({"tir.noalias": True})
         m = T.int64()
         x = T.match_buffer(x_h, (m, k), "float32")  # x: [m, k]
@@ -116,8 +115,9 @@ def kv_append_func(kv_heads: int, head_dim: int, page_size: int) -> tvm.tirx.Pri
     return kv_append
 
 
-def paged_attention_func(num_heads: int, kv_heads: int, head_dim: int, page_size: int,
-                         scale: float, window: int = 0, alibi: bool = False) -> tvm.tirx.PrimFunc:
+def paged_attention_func(
+    num_heads: int, kv_heads: int, head_dim: int, page_size: int, scale: float, window: int = 0, alibi: bool = False
+) -> tvm.tirx.PrimFunc:
     """Causal paged attention with streaming (online) softmax, GQA, optional sliding window and ALiBi.
 
     Signature: (q [b, t, num_heads, head_dim] f32, cache [num_pages, 2, kv_heads, page_size, head_dim] f32,
@@ -132,8 +132,9 @@ def paged_attention_func(num_heads: int, kv_heads: int, head_dim: int, page_size
     body = paged_attention_body(H, KVH, PS, window, alibi, head_major_reader(D, scale, _load_fp32))
 
     @T.prim_func
-    def paged_attention(q_h: T.handle, c_h: T.handle, pt_h: T.handle, pos_h: T.handle,
-                        slopes: T.Buffer((H,), "float32"), o_h: T.handle):
+    def paged_attention(
+        q_h: T.handle, c_h: T.handle, pt_h: T.handle, pos_h: T.handle, slopes: T.Buffer((H,), "float32"), o_h: T.handle
+    ):
         T.func_attr({"tir.noalias": True})
         b, t, num_pages, max_pages = T.int64(), T.int64(), T.int64(), T.int64()
         q = T.match_buffer(q_h, (b, t, H, D), "float32")  # q: [b, t, H, D]

@@ -7,6 +7,7 @@ rounding as the IR's reference (`kv_fake_quant`). The attention kernel is the on
 attention_template.py reading codes as f32, with each key's scale folded into its score and each
 value's scale into its softmax weight.
 """
+
 from __future__ import annotations
 
 import tvm
@@ -45,16 +46,17 @@ def kv_append_int8_func(kv_heads: int, head_dim: int, page_size: int) -> tvm.tir
             scales[page, 0, h, slot] = sk
             scales[page, 1, h, slot] = sv
             for d in T.vectorized(D):
-                cache[page, 0, h, slot, d] = T.Cast("int8", T.max(T.min(
-                    T.nearbyint(k[bi, ti, h, d] / sk), T.float32(127)), T.float32(-127)))
-                cache[page, 1, h, slot, d] = T.Cast("int8", T.max(T.min(
-                    T.nearbyint(v[bi, ti, h, d] / sv), T.float32(127)), T.float32(-127)))
+                cache[page, 0, h, slot, d] = T.Cast(
+                    "int8", T.max(T.min(T.nearbyint(k[bi, ti, h, d] / sk), T.float32(127)), T.float32(-127))
+                )
+                cache[page, 1, h, slot, d] = T.Cast(
+                    "int8", T.max(T.min(T.nearbyint(v[bi, ti, h, d] / sv), T.float32(127)), T.float32(-127))
+                )
 
     body = paged_append_body(PS, write)
 
     @T.prim_func
-    def kv_append_int8(c_h: T.handle, s_h: T.handle, k_h: T.handle, v_h: T.handle, pt_h: T.handle,
-                       pos_h: T.handle):
+    def kv_append_int8(c_h: T.handle, s_h: T.handle, k_h: T.handle, v_h: T.handle, pt_h: T.handle, pos_h: T.handle):
         T.func_attr({"tir.noalias": True})
         b, t, num_pages, max_pages = T.int64(), T.int64(), T.int64(), T.int64()
         cache = T.match_buffer(c_h, (num_pages, 2, KVH, PS, D), "int8")
@@ -68,8 +70,9 @@ def kv_append_int8_func(kv_heads: int, head_dim: int, page_size: int) -> tvm.tir
     return kv_append_int8
 
 
-def paged_attention_int8_func(num_heads: int, kv_heads: int, head_dim: int, page_size: int,
-                              scale: float, window: int = 0, alibi: bool = False) -> tvm.tirx.PrimFunc:
+def paged_attention_int8_func(
+    num_heads: int, kv_heads: int, head_dim: int, page_size: int, scale: float, window: int = 0, alibi: bool = False
+) -> tvm.tirx.PrimFunc:
     """(q [b, t, H, D], cache int8, scales f32, page_table, positions, [slopes [H] if alibi],
     out [b, t, H, D]); semantics as `paged_attention_func` in kernels.py."""
     H, KVH, D, PS = num_heads, kv_heads, head_dim, page_size
@@ -77,8 +80,15 @@ def paged_attention_int8_func(num_heads: int, kv_heads: int, head_dim: int, page
     body = paged_attention_body(H, KVH, PS, window, alibi, reader)
 
     @T.prim_func
-    def paged_attention_int8(q_h: T.handle, c_h: T.handle, s_h: T.handle, pt_h: T.handle, pos_h: T.handle,
-                             slopes: T.Buffer((H,), "float32"), o_h: T.handle):
+    def paged_attention_int8(
+        q_h: T.handle,
+        c_h: T.handle,
+        s_h: T.handle,
+        pt_h: T.handle,
+        pos_h: T.handle,
+        slopes: T.Buffer((H,), "float32"),
+        o_h: T.handle,
+    ):
         T.func_attr({"tir.noalias": True})
         b, t, num_pages, max_pages = T.int64(), T.int64(), T.int64(), T.int64()
         q = T.match_buffer(q_h, (b, t, H, D), "float32")

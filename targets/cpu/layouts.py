@@ -5,6 +5,7 @@
 - `BlockedQuant`: int8/int4 codes in the same blocks (two int4 lanes per byte), with pre-multiplied
   scales (and zero points) per group; a ragged last group is padded with zero-valued codes.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ class Blocked(Layout):
 
     def pack(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         from .kernels import pack_linear_weight
+
         return [pack_linear_weight(np.concatenate(arrays, axis=0) if self.concat else arrays[0])]
 
 
@@ -43,10 +45,12 @@ class BlockedQuant(Layout):
     def shapes(self, rows: int, k: int) -> list[tuple[tuple[int, ...], str]]:
         """Shape and dtype of every part, for a weight [rows, k] (k padded to whole groups)."""
         from .qkernels import packed_shapes
+
         return packed_shapes(rows, padded_k(k, self.group), self.bits, self.group, self.sym)
 
     def pack(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         from .qkernels import pack_qweight
+
         codes, scales, zeros = split_sources(arrays)
         codes = pad_codes(codes.astype(np.int32), zeros, self.group)
         return pack_qweight(codes, scales, None if self.sym else zeros, self.bits, self.group, self.sym)

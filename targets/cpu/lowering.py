@@ -6,6 +6,7 @@ same packed layouts when a table is tied to the LM head or quantized; attention 
 kernels (fp32 cache: kernels.py, int8 cache: kv8.py, latent cache: mla.py). Everything else takes the
 generic "relax" rules (targets/common/relax.py).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -51,19 +52,26 @@ class CpuLowering(RelaxLowering):
         if all(w.op == "qweight" for w in ws) and len({qkey(w) for w in ws}) == 1:
             bits, group, sym = qkey(ws[0])
             if bits not in (4, 8):
-                raise UnsupportedOpError(f"qweight with {bits}-bit codes", ws[0].source,
-                                         hint=f"target '{self.target_name}' has int8 and int4 kernels; "
-                                              f"{bits}-bit schemes are for accuracy studies (interpreter) only")
+                raise UnsupportedOpError(
+                    f"qweight with {bits}-bit codes",
+                    ws[0].source,
+                    hint=f"target '{self.target_name}' has int8 and int4 kernels; "
+                    f"{bits}-bit schemes are for accuracy studies (interpreter) only",
+                )
             sources = tuple(w.inputs[j].attrs["name"] for j in range(3) for w in ws)
             fam = BlockedQuant(bits=bits, group=group, sym=sym)
-            return [self.register(sources, BlockedQuant(part=i, bits=bits, group=group, sym=sym), shape, dtype)
-                    for i, (shape, dtype) in enumerate(fam.shapes(rows, k))]
-        raise UnsupportedOpError("linear over a mix of quantized and fp32 or differently quantized weights",
-                                 ws[0].source)
+            return [
+                self.register(sources, BlockedQuant(part=i, bits=bits, group=group, sym=sym), shape, dtype)
+                for i, (shape, dtype) in enumerate(fam.shapes(rows, k))
+            ]
+        raise UnsupportedOpError(
+            "linear over a mix of quantized and fp32 or differently quantized weights", ws[0].source
+        )
 
 
-def linear_call(f: FunctionLowering, x: relax.Expr, lead_shape, ws: tuple[Node, ...], n_out: int,
-                bias: relax.Expr | None = None) -> relax.Expr:
+def linear_call(
+    f: FunctionLowering, x: relax.Expr, lead_shape, ws: tuple[Node, ...], n_out: int, bias: relax.Expr | None = None
+) -> relax.Expr:
     """x [..., k] -> [..., n_out] through the packed-weight kernel (rows flattened to m)."""
     w = ws[0]
     q = qkey(w) if w.op == "qweight" else None
@@ -74,12 +82,15 @@ def linear_call(f: FunctionLowering, x: relax.Expr, lead_shape, ws: tuple[Node, 
         x2 = f.emit(relax.op.nn.pad(x2, [0, 0, 0, padded_k(k, q[1]) - k]))
         k = padded_k(k, q[1])
     if q is None:
-        gv = f.low.kernel(("linear", k, n_out, bias is not None, f.mode),
-                          lambda: K.linear_func(k, n_out, bias is not None, f.mode))
+        gv = f.low.kernel(
+            ("linear", k, n_out, bias is not None, f.mode), lambda: K.linear_func(k, n_out, bias is not None, f.mode)
+        )
     else:
         bits, group, sym = q
-        gv = f.low.kernel(("qlinear", k, n_out, bits, group, "sym" if sym else "asym", bias is not None, f.mode),
-                          lambda: Q.qlinear_func(k, n_out, bits, group, sym, bias is not None, f.mode))
+        gv = f.low.kernel(
+            ("qlinear", k, n_out, bits, group, "sym" if sym else "asym", bias is not None, f.mode),
+            lambda: Q.qlinear_func(k, n_out, bits, group, sym, bias is not None, f.mode),
+        )
     args = [x2] + f.fields(*ws) + ([bias] if bias is not None else [])
     y = f.emit(relax.call_tir(gv, args, relax.TensorType([m, n_out], "float32")))
     return f.emit(relax.op.reshape(y, lead + [n_out]))
@@ -107,7 +118,9 @@ def _qembedding(f, n, xs):
             fval = c if (a, b) == (1.0, 0.0) else (c / a + b)
             sc = scales[blk, k // group, lane]
             return (fval - symc) * sc if sym else fval * sc + zs[0][blk, k // group, lane]
+
         return te.compute(tuple(idx.shape) + (d,), row, name="embedding_dequant")
+
     return f.bb.emit_te(gather, xs[1], *fields)
 
 
@@ -122,8 +135,12 @@ def _embedding(f, n, xs):
 
         def gather(wp, idx):
             # rows of W[V, D] out of the packed [V/NB, D, NB] layout
-            return te.compute(tuple(idx.shape) + (wp.shape[1],),
-                              lambda *i: wp[idx[i[:-1]] // nb, i[-1], idx[i[:-1]] % nb], name="embedding_packed")
+            return te.compute(
+                tuple(idx.shape) + (wp.shape[1],),
+                lambda *i: wp[idx[i[:-1]] // nb, i[-1], idx[i[:-1]] % nb],
+                name="embedding_packed",
+            )
+
         return f.bb.emit_te(gather, packed, xs[1])
     return f.emit(relax.op.take(xs[0], xs[1], axis=0))
 
@@ -141,8 +158,11 @@ def _cached_attention(f, n, xs):
     with one scale per token and head (kv8.py), whose append updates both tensors."""
     int8 = n.input("scales") is not None
     if n.attrs["kv_dtype"] and not int8:
-        raise UnsupportedOpError(f"cached_attention with a {n.attrs['kv_dtype']} KV cache", n.source,
-                                 hint=f"target '{f.low.target_name}' has fp32 and int8 KV-cache kernels")
+        raise UnsupportedOpError(
+            f"cached_attention with a {n.attrs['kv_dtype']} KV cache",
+            n.source,
+            hint=f"target '{f.low.target_name}' has fp32 and int8 KV-cache kernels",
+        )
     q, k, v, cache, page_table, positions = xs[:6]
     qn, kn, _, cn = n.inputs[:4]
     heads, kv_heads, head_dim = int(qn.type.shape[1]), int(kn.type.shape[1]), int(kn.type.shape[3])
@@ -150,25 +170,41 @@ def _cached_attention(f, n, xs):
     perm = [0, 2, 1, 3]
     qt, kt, vt = (f.emit(relax.op.permute_dims(x, perm)) for x in (q, k, v))  # [B, T, H(kv), D]
     if int8:
-        append = f.low.kernel(("kv_append_int8", kv_heads, head_dim, page),
-                              lambda: cpu_kv8.kv_append_int8_func(kv_heads, head_dim, page))
-        both = f.emit(relax.op.call_tir_inplace(append, [cache, xs[6], kt, vt, page_table, positions], [0, 1],
-                                                [f.ttype(cn.type), f.ttype(n.input("scales").type)]))
+        append = f.low.kernel(
+            ("kv_append_int8", kv_heads, head_dim, page), lambda: cpu_kv8.kv_append_int8_func(kv_heads, head_dim, page)
+        )
+        both = f.emit(
+            relax.op.call_tir_inplace(
+                append,
+                [cache, xs[6], kt, vt, page_table, positions],
+                [0, 1],
+                [f.ttype(cn.type), f.ttype(n.input("scales").type)],
+            )
+        )
         stored = [f.emit(relax.TupleGetItem(both, 0)), f.emit(relax.TupleGetItem(both, 1))]  # cache, scales
     else:
-        append = f.low.kernel(("kv_append", kv_heads, head_dim, page),
-                              lambda: K.kv_append_func(kv_heads, head_dim, page))
-        stored = [f.emit(relax.op.call_tir_inplace(append, [cache, kt, vt, page_table, positions], [0],
-                                                   f.ttype(cn.type)))]
+        append = f.low.kernel(
+            ("kv_append", kv_heads, head_dim, page), lambda: K.kv_append_func(kv_heads, head_dim, page)
+        )
+        stored = [
+            f.emit(relax.op.call_tir_inplace(append, [cache, kt, vt, page_table, positions], [0], f.ttype(cn.type)))
+        ]
     scale, window = float(n.attrs["scale"]), int(n.attrs["window"])
     slopes = _alibi_slopes(n)
     make = cpu_kv8.paged_attention_int8_func if int8 else K.paged_attention_func
-    attn = f.low.kernel(("paged_attention_int8" if int8 else "paged_attention", heads, kv_heads, head_dim, page,
-                         window, f"{scale:.6g}") + (("alibi",) if slopes is not None else ()),
-                        lambda: make(heads, kv_heads, head_dim, page, scale, window, alibi=slopes is not None))
+    attn = f.low.kernel(
+        ("paged_attention_int8" if int8 else "paged_attention", heads, kv_heads, head_dim, page, window, f"{scale:.6g}")
+        + (("alibi",) if slopes is not None else ()),
+        lambda: make(heads, kv_heads, head_dim, page, scale, window, alibi=slopes is not None),
+    )
     b, t = f.dims(qn.type.shape[:1])[0], f.dims(qn.type.shape[2:3])[0]
-    o = f.emit(relax.call_tir(attn, [qt, *stored, page_table, positions] + ([slopes] if slopes is not None else []),
-                              relax.TensorType([b, t, heads, head_dim], "float32")))
+    o = f.emit(
+        relax.call_tir(
+            attn,
+            [qt, *stored, page_table, positions] + ([slopes] if slopes is not None else []),
+            relax.TensorType([b, t, heads, head_dim], "float32"),
+        )
+    )
     return f.emit(relax.op.permute_dims(o, perm))  # back to [B, H, T, D]
 
 
@@ -177,12 +213,15 @@ def _cached_mla_attention(f, n, xs):
     """Latent attention with absorbed up-projections (targets/cpu/mla.py): q_lat = q_nope W_uk per head,
     attention over the cached latents, then out = o_lat W_uv^T."""
     if n.attrs["alibi"] is not None:
-        raise UnsupportedOpError("cached_mla_attention with ALiBi", n.source,
-                                 hint="convert-mla keeps RoPE; ALiBi models are not converted to MLA")
+        raise UnsupportedOpError(
+            "cached_mla_attention with ALiBi",
+            n.source,
+            hint="convert-mla keeps RoPE; ALiBi models are not converted to MLA",
+        )
     q_nope, q_rope, c, k_rope, w_uk, w_uv, cache, page_table, positions = xs
-    qn, rn, cn, kn, _, vn, cachen = n.inputs[:7]
+    qn, rn, cn, kn, _, _, cachen = n.inputs[:7]
     heads, kvh = int(qn.type.shape[1]), int(kn.type.shape[1])
-    dn, rd, rank, dv = int(qn.type.shape[3]), int(rn.type.shape[3]), int(cn.type.shape[-1]), int(vn.type.shape[1])
+    dn, rd, rank = int(qn.type.shape[3]), int(rn.type.shape[3]), int(cn.type.shape[-1])
     page = int(cachen.type.shape[1])
     b, t = f.dims(qn.type.shape[:1])[0], f.dims(qn.type.shape[2:3])[0]
     rep = heads // kvh
@@ -197,13 +236,18 @@ def _cached_mla_attention(f, n, xs):
     rows = f.emit(relax.op.concat([c, kr], axis=2))  # [B, T, r + Hkv*R]
     width = rank + kvh * rd
     append = f.low.kernel(("mla_append", width, page), lambda: cpu_mla.mla_append_func(width, page))
-    cache2 = f.emit(relax.op.call_tir_inplace(append, [cache, rows, page_table, positions], [0],
-                                              f.ttype(cachen.type)))
+    cache2 = f.emit(relax.op.call_tir_inplace(append, [cache, rows, page_table, positions], [0], f.ttype(cachen.type)))
     scale, window = float(n.attrs["scale"]), int(n.attrs["window"])
-    attn = f.low.kernel(("paged_mla_attention", heads, kvh, rank, rd, page, window, f"{scale:.6g}"),
-                        lambda: cpu_mla.paged_mla_attention_func(heads, kvh, rank, rd, page, scale, window))
-    o_lat = f.emit(relax.call_tir(attn, [q_lat, qr, cache2, page_table, positions],
-                                  relax.TensorType([b, t, heads, rank], "float32")))
+    attn = f.low.kernel(
+        ("paged_mla_attention", heads, kvh, rank, rd, page, window, f"{scale:.6g}"),
+        lambda: cpu_mla.paged_mla_attention_func(heads, kvh, rank, rd, page, scale, window),
+    )
+    o_lat = f.emit(
+        relax.call_tir(
+            attn, [q_lat, qr, cache2, page_table, positions], relax.TensorType([b, t, heads, rank], "float32")
+        )
+    )
     uv = f.emit(relax.op.repeat(w_uv, rep, axis=0)) if rep > 1 else w_uv  # [H, Dv, r]
-    return f.emit(relax.op.matmul(f.emit(relax.op.permute_dims(o_lat, perm)),
-                                  f.emit(relax.op.permute_dims(uv, [0, 2, 1]))))  # [B, H, T, Dv]
+    return f.emit(
+        relax.op.matmul(f.emit(relax.op.permute_dims(o_lat, perm)), f.emit(relax.op.permute_dims(uv, [0, 2, 1])))
+    )  # [B, H, T, Dv]

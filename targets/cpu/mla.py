@@ -6,6 +6,7 @@ score(j) = scale * (q_lat . c_j + q_rope . k_rope_j[g]) and o_lat = sum_j softma
 serves prefill; the absorption costs r instead of head_dim per score there, which a prefill that
 expands keys and values would avoid. The loop is attention_template.py's, with a reader of latent rows.
 """
+
 from __future__ import annotations
 
 import tvm
@@ -62,8 +63,9 @@ def _latent_reader(rank: int, rope_dims: int, scale: float) -> CacheReader:
     return CacheReader(width=RK, score=score, accumulate=accumulate)
 
 
-def paged_mla_attention_func(num_heads: int, kv_heads: int, rank: int, rope_dims: int, page_size: int,
-                             scale: float, window: int = 0) -> tvm.tirx.PrimFunc:
+def paged_mla_attention_func(
+    num_heads: int, kv_heads: int, rank: int, rope_dims: int, page_size: int, scale: float, window: int = 0
+) -> tvm.tirx.PrimFunc:
     """(q_lat [b, t, H, r], q_rope [b, t, H, R], cache [pages, page, r + Hkv*R], page_table [b, P] i32,
     positions [b, t] i32, out [b, t, H, r]): causal (optionally windowed) attention in latent space;
     head h reads the rotary key of KV head h // (H / Hkv). p < 0 -> zeros."""
@@ -72,8 +74,9 @@ def paged_mla_attention_func(num_heads: int, kv_heads: int, rank: int, rope_dims
     body = paged_attention_body(H, KVH, PS, window, False, _latent_reader(RK, RD, scale))
 
     @T.prim_func
-    def paged_mla_attention(ql_h: T.handle, qr_h: T.handle, c_h: T.handle, pt_h: T.handle, pos_h: T.handle,
-                            o_h: T.handle):
+    def paged_mla_attention(
+        ql_h: T.handle, qr_h: T.handle, c_h: T.handle, pt_h: T.handle, pos_h: T.handle, o_h: T.handle
+    ):
         T.func_attr({"tir.noalias": True})
         b, t, num_pages, max_pages = T.int64(), T.int64(), T.int64(), T.int64()
         q_lat = T.match_buffer(ql_h, (b, t, H, RK), "float32")  # q_lat: [b, t, H, r]

@@ -53,8 +53,7 @@ def _check(shape: tuple[int, int], bits: int, group: int, kernel: bool = False) 
     return k // group
 
 
-def quantize_rtn(w: np.ndarray, bits: int, group: int, sym: bool
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def quantize_rtn(w: np.ndarray, bits: int, group: int, sym: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Round-to-nearest quantization of a torch-layout weight w [N, K].
 
     Returns ``(q, scales, zeros)``: q [N, K] int32 codes in [0, 2^bits - 1]; scales [N, K//group] f32;
@@ -81,7 +80,7 @@ def quantize_rtn(w: np.ndarray, bits: int, group: int, sym: bool
         s = np.where(s > 0, s, np.float32(1)).astype(np.float32)
         q = np.clip(np.round(wg / s[:, :, None]), -(qmax + 1), qmax) + (qmax + 1)
         return q.reshape(n, k).astype(np.int32), s, None
-    qmax = 2 ** bits - 1
+    qmax = 2**bits - 1
     lo, hi = wg.min(axis=2), wg.max(axis=2)
     s = ((hi - lo) / np.float32(qmax)).astype(np.float32)
     degenerate = np.abs(lo) / np.float32(qmax)
@@ -91,8 +90,9 @@ def quantize_rtn(w: np.ndarray, bits: int, group: int, sym: bool
     return q.reshape(n, k).astype(np.int32), s, z
 
 
-def dequantize(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, bits: int, group: int,
-               sym: bool) -> np.ndarray:
+def dequantize(
+    q: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, bits: int, group: int, sym: bool
+) -> np.ndarray:
     """Reference dequantization: Wdq[n, k] = (q[n, k] - z[n, k // group]) * s[n, k // group], float32 [N, K].
 
     For sym the zero point is 2^(bits-1) and ``zeros`` is ignored (may be None).
@@ -125,8 +125,10 @@ def qweight_layout(bits: int, group: int, sym: bool) -> str:
     else:
         codes = f"codes[{nb}, K, {_HB}] uint8, codes[b, k, j] = q[b*{NB}+j, k] | q[b*{NB}+{_HB}+j, k] << 4"
     g = f"K/{group}"
-    out = (f"q{bits}g{group}{'s' if sym else 'a'}: {codes}; scales[{nb}, {g}, {NB}] f32 = {a:g}*s[b*{NB}+j, g]"
-           f" (kernel code value f = {b:g} + q/{a:g})")
+    out = (
+        f"q{bits}g{group}{'s' if sym else 'a'}: {codes}; scales[{nb}, {g}, {NB}] f32 = {a:g}*s[b*{NB}+j, g]"
+        f" (kernel code value f = {b:g} + q/{a:g})"
+    )
     if not sym:
         out += f"; zs[{nb}, {g}, {NB}] f32 = -(z + {a * b:g})*s, Wdq = f*scales + zs"
     else:
@@ -148,8 +150,9 @@ def packed_shapes(n: int, k: int, bits: int, group: int, sym: bool) -> list[tupl
     return out
 
 
-def pack_qweight(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, bits: int, group: int,
-                 sym: bool) -> list[np.ndarray]:
+def pack_qweight(
+    q: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, bits: int, group: int, sym: bool
+) -> list[np.ndarray]:
     """Pack (q, scales, zeros) from :func:`quantize_rtn` into the arrays :func:`qlinear_func` reads.
 
     Returns [codes, scales] (sym) or [codes, scales, zs] (asym), see :func:`qweight_layout`.
@@ -159,7 +162,7 @@ def pack_qweight(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, bi
     n, k = q.shape
     nblk = (n + NB - 1) // NB
     qi = q.astype(np.int32)
-    if qi.min(initial=0) < 0 or qi.max(initial=0) > 2 ** bits - 1:
+    if qi.min(initial=0) < 0 or qi.max(initial=0) > 2**bits - 1:
         raise ValueError(f"codes out of range for {bits} bits")
     s = np.asarray(scales, np.float32).reshape(n, ng)
     if bits == 8:
@@ -188,7 +191,7 @@ _DEQ = {8: "cvt", 4: "magic"}  # measured: cvt is faster for 8-bit, magic ties/w
 
 
 def _deq_ab(bits: int) -> tuple[float, float]:
-    return (1.0, 0.0) if _DEQ[bits] == "cvt" else (float(2 ** bits), 1.0)
+    return (1.0, 0.0) if _DEQ[bits] == "cvt" else (float(2**bits), 1.0)
 
 
 def _sym_c(bits: int) -> float:
@@ -229,12 +232,14 @@ def _qlinear_body(k: int, n: int, bits: int, group: int, sym: bool, has_bias: bo
                 for j in T.vectorized(16):
                     if asym:
                         wd[0, g * GS + kq, j] = deq(wq, nb, g * GS + kq, j, 0) * sc[nb, g, j] + zs[nb, g, j]
-                        wd[0, g * GS + kq, 16 + j] = (deq(wq, nb, g * GS + kq, j, 1) * sc[nb, g, 16 + j]
-                                                      + zs[nb, g, 16 + j])
+                        wd[0, g * GS + kq, 16 + j] = (
+                            deq(wq, nb, g * GS + kq, j, 1) * sc[nb, g, 16 + j] + zs[nb, g, 16 + j]
+                        )
                     else:  # sym: (f - symc) * s' == (q - 2^(bits-1)) * s exactly
                         wd[0, g * GS + kq, j] = (deq(wq, nb, g * GS + kq, j, 0) - T.float32(symc)) * sc[nb, g, j]
-                        wd[0, g * GS + kq, 16 + j] = ((deq(wq, nb, g * GS + kq, j, 1) - T.float32(symc))
-                                                      * sc[nb, g, 16 + j])
+                        wd[0, g * GS + kq, 16 + j] = (deq(wq, nb, g * GS + kq, j, 1) - T.float32(symc)) * sc[
+                            nb, g, 16 + j
+                        ]
 
     @T.macro
     def stage(w, wd, nb):
@@ -261,24 +266,33 @@ def _qlinear_body(k: int, n: int, bits: int, group: int, sym: bool, has_bias: bo
                         kk = T.Bind(g * GS + kq * ku + u)
                         for r in T.unroll(rows):
                             for j in T.vectorized(16):
-                                p0[u * rows + r, j] = (p0[u * rows + r, j]
-                                                       + x[T.min(i0 + r, m - 1), kk] * deq(wq, nb, kk, j, 0))
-                                p1[u * rows + r, j] = (p1[u * rows + r, j]
-                                                       + x[T.min(i0 + r, m - 1), kk] * deq(wq, nb, kk, j, 1))
+                                p0[u * rows + r, j] = p0[u * rows + r, j] + x[T.min(i0 + r, m - 1), kk] * deq(
+                                    wq, nb, kk, j, 0
+                                )
+                                p1[u * rows + r, j] = p1[u * rows + r, j] + x[T.min(i0 + r, m - 1), kk] * deq(
+                                    wq, nb, kk, j, 1
+                                )
                             xs[u * rows + r] = xs[u * rows + r] + x[T.min(i0 + r, m - 1), kk]
                 for u in T.unroll(ku):
                     for r in T.unroll(rows):
                         for j in T.vectorized(16):
                             if asym:
-                                a0[r, j] = (a0[r, j] + p0[u * rows + r, j] * sc[nb, g, j]
-                                            + xs[u * rows + r] * zs[nb, g, j])
-                                a1[r, j] = (a1[r, j] + p1[u * rows + r, j] * sc[nb, g, 16 + j]
-                                            + xs[u * rows + r] * zs[nb, g, 16 + j])
+                                a0[r, j] = (
+                                    a0[r, j] + p0[u * rows + r, j] * sc[nb, g, j] + xs[u * rows + r] * zs[nb, g, j]
+                                )
+                                a1[r, j] = (
+                                    a1[r, j]
+                                    + p1[u * rows + r, j] * sc[nb, g, 16 + j]
+                                    + xs[u * rows + r] * zs[nb, g, 16 + j]
+                                )
                             else:  # sym: zs' = -symc * s'
-                                a0[r, j] = a0[r, j] + (p0[u * rows + r, j] - T.float32(symc)
-                                                       * xs[u * rows + r]) * sc[nb, g, j]
-                                a1[r, j] = a1[r, j] + (p1[u * rows + r, j] - T.float32(symc)
-                                                       * xs[u * rows + r]) * sc[nb, g, 16 + j]
+                                a0[r, j] = (
+                                    a0[r, j] + (p0[u * rows + r, j] - T.float32(symc) * xs[u * rows + r]) * sc[nb, g, j]
+                                )
+                                a1[r, j] = (
+                                    a1[r, j]
+                                    + (p1[u * rows + r, j] - T.float32(symc) * xs[u * rows + r]) * sc[nb, g, 16 + j]
+                                )
 
         @T.macro
         def run(x, w, a0, a1, m, i0, nb):
@@ -289,8 +303,7 @@ def _qlinear_body(k: int, n: int, bits: int, group: int, sym: bool, has_bias: bo
     return linear_tiles(k, n, has_bias, mode, stage=stage, k_loop=k_loop)
 
 
-def qlinear_func(k: int, n: int, bits: int, group: int, sym: bool, has_bias: bool,
-                 mode: str) -> tvm.tirx.PrimFunc:
+def qlinear_func(k: int, n: int, bits: int, group: int, sym: bool, has_bias: bool, mode: str) -> tvm.tirx.PrimFunc:
     """out[m, n] = x[m, k] @ Wdq.T (+ bias[n]) with Wdq dequantized on the fly from packed codes.
 
     Signature: (x [m, k] f32, *pack_qweight(...) arrays (see packed_shapes), [bias [n] f32], out [m, n] f32),
@@ -304,8 +317,14 @@ def qlinear_func(k: int, n: int, bits: int, group: int, sym: bool, has_bias: boo
     (cs, cd), (ss, sd) = shapes[0], shapes[1]
 
     @T.prim_func
-    def qlinear(x_h: T.handle, wq: T.Buffer(cs, cd), sc: T.Buffer(ss, sd), zs: T.Buffer(ss, sd),
-                bias: T.Buffer((n,), "float32"), o_h: T.handle):
+    def qlinear(
+        x_h: T.handle,
+        wq: T.Buffer(cs, cd),
+        sc: T.Buffer(ss, sd),
+        zs: T.Buffer(ss, sd),
+        bias: T.Buffer((n,), "float32"),
+        o_h: T.handle,
+    ):
         T.func_attr({"tir.noalias": True})
         m = T.int64()
         x = T.match_buffer(x_h, (m, k), "float32")  # x: [m, k]

@@ -4,6 +4,7 @@ TVMScript has no optional parameters, so a kernel with a bias or ALiBi slopes wo
 written once per combination of arguments. Instead the kernel is parsed with all of them, its body
 reading an optional one only when the variant has it, and :func:`drop_params` removes the others.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable

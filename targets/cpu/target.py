@@ -1,4 +1,5 @@
 """Target `cpu`: TVM LLVM codegen for the host CPU, with kiln's hand-scheduled kernels."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -16,13 +17,15 @@ _X86_FEATURES = ("sse4.2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512d
 
 def host_cpu() -> str:
     from tvm.target import codegen
+
     return str(codegen.llvm_get_system_cpu())
 
 
 class CpuTarget(TvmTarget):
     name = "cpu"
-    capabilities = frozenset({"fp32", "int8", "int4", "kv-int8", "w8a8", "alibi", "mla", "sliding-window", "gqa",
-                              "sparse-storage"})
+    capabilities = frozenset(
+        {"fp32", "int8", "int4", "kv-int8", "w8a8", "alibi", "mla", "sliding-window", "gqa", "sparse-storage"}
+    )
     lowering = CpuLowering
 
     def __init__(self, mcpu: str | None = None) -> None:
@@ -33,9 +36,15 @@ class CpuTarget(TvmTarget):
 
     def describe(self) -> dict[str, Any]:
         from tvm.target import codegen
+
         feats = {str(f) for f in codegen.llvm_get_cpu_features(self.tvm_target())}
-        return {"name": self.name, "kind": "llvm", "mtriple": "x86_64-unknown-linux-gnu", "mcpu": self.mcpu,
-                "requires": sorted(f for f in _X86_FEATURES if f in feats)}
+        return {
+            "name": self.name,
+            "kind": "llvm",
+            "mtriple": "x86_64-unknown-linux-gnu",
+            "mcpu": self.mcpu,
+            "requires": sorted(f for f in _X86_FEATURES if f in feats),
+        }
 
 
 TARGET = CpuTarget

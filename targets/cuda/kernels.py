@@ -17,9 +17,9 @@ cached token each (32 tokens in flight per block), online softmax per group, mer
 memory at the end. Prefill attention on the GPU goes through tensor-core matmuls instead (see
 targets/cuda/lowering.py).
 """
+
 from __future__ import annotations
 
-import numpy as np
 from tvm.script import tirx as T
 
 WARPS = 4  # rows (one per warp) per GEMV block
@@ -38,8 +38,16 @@ def gemv_config(n: int, bits: int) -> tuple[int, int]:
     return rows, (8 if bits == 16 else 4) // rows
 
 
-def gemv_func(k: int, n: int, bits: int = 16, group: int = 0, sym: bool = True, bias: bool = False,
-              rows: int | None = None, loads: int | None = None):
+def gemv_func(
+    k: int,
+    n: int,
+    bits: int = 16,
+    group: int = 0,
+    sym: bool = True,
+    bias: bool = False,
+    rows: int | None = None,
+    loads: int | None = None,
+):
     """y[m, n] = x[m, k] @ W^T (+ bias) for small m; W fp16 (bits=16) or int8/int4 codes.
 
     `k` is the padded reduction size the weight arrays have (a multiple of the group); x has the
@@ -75,8 +83,14 @@ def gemv_func(k: int, n: int, bits: int = 16, group: int = 0, sym: bool = True, 
         return T.Cast("float32", T.bitwise_and(T.shift_right(wl[r, u, j // 8], (j % 8) * 4), 15))
 
     @T.prim_func(private=True)
-    def gemv(var_x: T.handle, w: T.Buffer((n, kw), wdt), s: T.Buffer(s_shape, "float16"),
-             zs: T.Buffer(zs_shape, "float16"), b: T.Buffer(b_shape, "float32"), var_y: T.handle):
+    def gemv(
+        var_x: T.handle,
+        w: T.Buffer((n, kw), wdt),
+        s: T.Buffer(s_shape, "float16"),
+        zs: T.Buffer(zs_shape, "float16"),
+        b: T.Buffer(b_shape, "float32"),
+        var_y: T.handle,
+    ):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
         m = T.int64()
         x = T.match_buffer(var_x, (m, k), "float32")
@@ -106,12 +120,16 @@ def gemv_func(k: int, n: int, bits: int = 16, group: int = 0, sym: bool = True, 
                                         if mo * MB + i < m:
                                             for j0 in T.unroll(E // 4):
                                                 for j in T.vectorized(4):
-                                                    xl[j0 * 4 + j] = x[mo * MB + i, ((io * U + u) * 32 + tx) * E + j0 * 4 + j]
+                                                    xl[j0 * 4 + j] = x[
+                                                        mo * MB + i, ((io * U + u) * 32 + tx) * E + j0 * 4 + j
+                                                    ]
                                             for r in T.unroll(R):
                                                 if row0 + r < n:
                                                     if bits == 16:
                                                         for j in T.unroll(E):
-                                                            acc[r, i] = acc[r, i] + T.Cast("float32", wl[r, u, j]) * xl[j]
+                                                            acc[r, i] = (
+                                                                acc[r, i] + T.Cast("float32", wl[r, u, j]) * xl[j]
+                                                            )
                                                     else:
                                                         part[0] = T.float32(0)
                                                         part[1] = T.float32(0)
@@ -119,18 +137,35 @@ def gemv_func(k: int, n: int, bits: int = 16, group: int = 0, sym: bool = True, 
                                                             part[0] = part[0] + code(wl, r, u, j) * xl[j]
                                                             part[1] = part[1] + xl[j]
                                                         if has_zs:
-                                                            acc[r, i] = acc[r, i] + T.Cast("float32", s[row0 + r, ((io * U + u) * 32 + tx) * E // g]) * part[0] + T.Cast("float32", zs[row0 + r, ((io * U + u) * 32 + tx) * E // g]) * part[1]
+                                                            acc[r, i] = (
+                                                                acc[r, i]
+                                                                + T.Cast(
+                                                                    "float32",
+                                                                    s[row0 + r, ((io * U + u) * 32 + tx) * E // g],
+                                                                )
+                                                                * part[0]
+                                                                + T.Cast(
+                                                                    "float32",
+                                                                    zs[row0 + r, ((io * U + u) * 32 + tx) * E // g],
+                                                                )
+                                                                * part[1]
+                                                            )
                                                         else:
-                                                            acc[r, i] = acc[r, i] + T.Cast("float32", s[row0 + r, ((io * U + u) * 32 + tx) * E // g]) * (part[0] - T.float32(zc) * part[1])
+                                                            acc[r, i] = acc[r, i] + T.Cast(
+                                                                "float32",
+                                                                s[row0 + r, ((io * U + u) * 32 + tx) * E // g],
+                                                            ) * (part[0] - T.float32(zc) * part[1])
                         for r in T.unroll(R):
                             for i in T.unroll(MB):
                                 if mo * MB + i < m and row0 + r < n:
                                     red[0] = acc[r, i]
                                     for sh in T.unroll(5):
                                         red[0] = red[0] + T.tvm_warp_shuffle_down(
-                                            T.tvm_warp_activemask(), red[0], T.shift_right(16, sh), 32, 32)
+                                            T.tvm_warp_activemask(), red[0], T.shift_right(16, sh), 32, 32
+                                        )
                                     if tx == 0:
                                         y[mo * MB + i, row0 + r] = red[0] + (b[row0 + r] if bias else T.float32(0))
+
     return gemv
 
 
@@ -145,8 +180,12 @@ def dequant_func(n: int, k: int, bits: int, group: int, sym: bool):
     zs_shape = (1, 1) if sym else (n, ng)
 
     @T.prim_func(private=True)
-    def deq(w: T.Buffer((n, kw), wdt), s: T.Buffer((n, ng), "float16"), zs: T.Buffer(zs_shape, "float16"),
-            out: T.Buffer((n, k), "float16")):
+    def deq(
+        w: T.Buffer((n, kw), wdt),
+        s: T.Buffer((n, ng), "float16"),
+        zs: T.Buffer(zs_shape, "float16"),
+        out: T.Buffer((n, k), "float16"),
+    ):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
         for bx in T.thread_binding((n * k + threads - 1) // threads, thread="blockIdx.x"):
             for tx in T.thread_binding(threads, thread="threadIdx.x"):
@@ -154,11 +193,20 @@ def dequant_func(n: int, k: int, bits: int, group: int, sym: bool):
                 if idx < n * k:
                     r = T.Bind(idx // k)
                     c = T.Bind(idx % k)
-                    out[r, c] = T.Cast("float16", (
-                        (T.Cast("float32", w[r, c]) if bits == 8 else
-                         T.Cast("float32", T.bitwise_and(T.shift_right(w[r, c // 8], (c % 8) * 4), 15)))
-                        - (T.float32(zc) if sym else T.float32(0))) * T.Cast("float32", s[r, c // g])
-                        + (T.Cast("float32", zs[r, c // g]) if not sym else T.float32(0)))
+                    out[r, c] = T.Cast(
+                        "float16",
+                        (
+                            (
+                                T.Cast("float32", w[r, c])
+                                if bits == 8
+                                else T.Cast("float32", T.bitwise_and(T.shift_right(w[r, c // 8], (c % 8) * 4), 15))
+                            )
+                            - (T.float32(zc) if sym else T.float32(0))
+                        )
+                        * T.Cast("float32", s[r, c // g])
+                        + (T.Cast("float32", zs[r, c // g]) if not sym else T.float32(0)),
+                    )
+
     return deq
 
 
@@ -181,9 +229,12 @@ def kv_append_func(kv_heads: int, head_dim: int, page: int):
                 if p >= 0:
                     pg = T.Bind(pt[bt // Tn, p // page])
                     cache[pg, 0, tx // head_dim, p % page, tx % head_dim] = T.Cast(
-                        "float16", k[bt // Tn, bt % Tn, tx // head_dim, tx % head_dim])
+                        "float16", k[bt // Tn, bt % Tn, tx // head_dim, tx % head_dim]
+                    )
                     cache[pg, 1, tx // head_dim, p % page, tx % head_dim] = T.Cast(
-                        "float16", v[bt // Tn, bt % Tn, tx // head_dim, tx % head_dim])
+                        "float16", v[bt // Tn, bt % Tn, tx // head_dim, tx % head_dim]
+                    )
+
     return append
 
 
@@ -246,8 +297,9 @@ def paged_decode_func(heads: int, kv_heads: int, head_dim: int, page: int, scale
                         for j in T.unroll(E):
                             st[2] = st[2] + ql[j] * T.Cast("float32", kl[j])
                         for sh in T.unroll(3):
-                            st[2] = st[2] + T.tvm_warp_shuffle_xor(T.tvm_warp_activemask(), st[2],
-                                                                    T.shift_left(1, sh), 32, 32)
+                            st[2] = st[2] + T.tvm_warp_shuffle_xor(
+                                T.tvm_warp_activemask(), st[2], T.shift_left(1, sh), 32, 32
+                            )
                         st[3] = T.max(st[0], st[2])
                         st[1] = st[1] * T.exp(st[0] - st[3]) + T.exp(st[2] - st[3])
                         for j in T.unroll(E):
@@ -270,11 +322,13 @@ def paged_decode_func(heads: int, kv_heads: int, head_dim: int, page: int, scale
                         st[1] = st[1] + sm_l[gi] * st[3]
                         st[2] = st[2] + sm_o[gi, tx] * st[3]
                     o[b, t, h, tx] = T.if_then_else(p >= 0, st[2] / T.max(st[1], T.float32(1e-30)), T.float32(0))
+
     return attn
 
 
 def gather_kv_func(kv_heads: int, head_dim: int, page: int):
     """K, V [B, Hkv, MP*page, D] fp16 gathered from the paged cache (prefill attention input)."""
+
     @T.prim_func(private=True)
     def gather(var_cache: T.handle, var_pt: T.handle, var_k: T.handle, var_v: T.handle):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
@@ -293,4 +347,5 @@ def gather_kv_func(kv_heads: int, head_dim: int, page: int):
                     k[b, hk, s, tx * 8 + j] = cache[pg, 0, hk, s % page, tx * 8 + j]
                 for j in T.vectorized(8):
                     v[b, hk, s, tx * 8 + j] = cache[pg, 1, hk, s % page, tx * 8 + j]
+
     return gather

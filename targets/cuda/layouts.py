@@ -6,6 +6,7 @@ host or with torch on the GPU host (targets/cuda/weights.py): one layout, two ar
   fp16 scales [N, Kp/group] and, asymmetric, fp16 zs = -zero * scale (value = code * s + zs).
 This module needs no TVM: the GPU host imports it with TVM's runtime only.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
 def pack_codes_torch(codes: Any, bits: int) -> Any:
     """`pack_codes` for a torch tensor on any device (the same words)."""
     import torch
+
     if bits == 8:
         return codes.to(torch.uint8).contiguous()
     n, k = codes.shape
@@ -64,6 +66,7 @@ class F16(Layout):
 
     def pack_torch(self, tensors: list[Any]) -> list[Any]:
         import torch
+
         return [(tensors[0] if len(tensors) == 1 else torch.cat(tensors, 0)).to(torch.float16).contiguous()]
 
 
@@ -86,6 +89,7 @@ class Quant(Layout):
 
     def pack_torch(self, tensors: list[Any]) -> list[Any]:
         import torch
+
         codes, scales, zeros = split_sources(tensors)
         codes = pad_codes(codes, zeros, self.group)
         out = [pack_codes_torch(codes, self.bits), scales.to(torch.float16).contiguous()]

@@ -12,6 +12,7 @@ What runs where:
   everything else                   the generic "relax" rules, scheduled by DLight (norms, rotary,
                                     residual adds)
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -46,25 +47,34 @@ class CudaLowering(RelaxLowering):
     def weight_fields(self, *ws: Node) -> list[str]:
         rows = sum(int(w.type.shape[0]) for w in ws)
         if all(w.op == "param" for w in ws):
-            return [self.register(tuple(w.attrs["name"] for w in ws), F16(), (rows, int(ws[0].type.shape[1])),
-                                  "float16")]
+            return [
+                self.register(tuple(w.attrs["name"] for w in ws), F16(), (rows, int(ws[0].type.shape[1])), "float16")
+            ]
         if all(w.op == "qweight" for w in ws) and len({qkey(w) for w in ws}) == 1:
             bits, group, sym = qkey(ws[0])
             if bits not in (4, 8):
-                raise UnsupportedOpError(f"qweight with {bits}-bit codes", ws[0].source,
-                                         hint="target 'cuda' has int8 and int4 kernels")
+                raise UnsupportedOpError(
+                    f"qweight with {bits}-bit codes", ws[0].source, hint="target 'cuda' has int8 and int4 kernels"
+                )
             if group % C._vec(bits):
-                raise UnsupportedOpError(f"int{bits} weights in groups of {group}", ws[0].source,
-                                         hint=f"target 'cuda' needs groups that are multiples of {C._vec(bits)}")
+                raise UnsupportedOpError(
+                    f"int{bits} weights in groups of {group}",
+                    ws[0].source,
+                    hint=f"target 'cuda' needs groups that are multiples of {C._vec(bits)}",
+                )
             k = padded_k(int(ws[0].type.shape[1]), group)
             sources = tuple(w.inputs[j].attrs["name"] for j in range(3) for w in ws)
-            return [self.register(sources, Quant(part=i, bits=bits, group=group, sym=sym), tuple(shape), dtype)
-                    for i, (shape, dtype) in enumerate(packed_shapes(rows, k, bits, group, sym))]
-        raise UnsupportedOpError("linear over a mix of quantized and fp16 or differently quantized weights",
-                                 ws[0].source)
+            return [
+                self.register(sources, Quant(part=i, bits=bits, group=group, sym=sym), tuple(shape), dtype)
+                for i, (shape, dtype) in enumerate(packed_shapes(rows, k, bits, group, sym))
+            ]
+        raise UnsupportedOpError(
+            "linear over a mix of quantized and fp16 or differently quantized weights", ws[0].source
+        )
 
 
 # -- rules ------------------------------------------------------------------------------------------
+
 
 def _dummy(f, shape, dtype):
     key = ("dummy", tuple(shape), dtype)
@@ -73,8 +83,9 @@ def _dummy(f, shape, dtype):
     return f.values[key]
 
 
-def cuda_linear(f: FunctionLowering, x: relax.Expr, lead_shape, ws: tuple[Node, ...], n_out: int,
-                bias: relax.Expr | None = None) -> relax.Expr:
+def cuda_linear(
+    f: FunctionLowering, x: relax.Expr, lead_shape, ws: tuple[Node, ...], n_out: int, bias: relax.Expr | None = None
+) -> relax.Expr:
     """x [..., k] fp32 -> [..., n_out] fp32 through the GEMV kernel (decode) or a tensor-core GEMM."""
     w = ws[0]
     fields = f.fields(*ws)
@@ -87,8 +98,10 @@ def cuda_linear(f: FunctionLowering, x: relax.Expr, lead_shape, ws: tuple[Node, 
         x2 = f.emit(relax.op.nn.pad(x2, [0, 0, 0, kp - k]))
     if f.mode == "gemv":
         bits, group, sym = q if q else (16, 0, True)
-        gv = f.low.kernel(("cuda_gemv", kp, n_out, bits, group, "sym" if sym else "asym", bias is not None),
-                          lambda: C.gemv_func(kp, n_out, bits, group, sym, bias is not None))
+        gv = f.low.kernel(
+            ("cuda_gemv", kp, n_out, bits, group, "sym" if sym else "asym", bias is not None),
+            lambda: C.gemv_func(kp, n_out, bits, group, sym, bias is not None),
+        )
         s = fields[1] if q else _dummy(f, (1, 1), "float16")
         zs = fields[2] if q and not sym else _dummy(f, (1, 1), "float16")
         args = [x2, fields[0], s, zs, bias if bias is not None else _dummy(f, (1,), "float32")]
@@ -96,8 +109,10 @@ def cuda_linear(f: FunctionLowering, x: relax.Expr, lead_shape, ws: tuple[Node, 
     else:
         if q:
             bits, group, sym = q
-            dq = f.low.kernel(("cuda_dequant", n_out, kp, bits, group, "sym" if sym else "asym"),
-                              lambda: C.dequant_func(n_out, kp, bits, group, sym))
+            dq = f.low.kernel(
+                ("cuda_dequant", n_out, kp, bits, group, "sym" if sym else "asym"),
+                lambda: C.dequant_func(n_out, kp, bits, group, sym),
+            )
             zs = fields[2] if not sym else _dummy(f, (1, 1), "float16")
             w16 = f.emit(relax.call_tir(dq, [fields[0], fields[1], zs], relax.TensorType([n_out, kp], "float16")))
         else:
@@ -138,22 +153,31 @@ def _embedding(f, n, xs):
     def gather(idx, codes, scales, *zs):
         def row(*i):
             v, c = idx[i[:-1]], i[-1]
-            code = (codes[v, c].astype("float32") if bits == 8 else
-                    ((codes[v, c // 8] >> ((c % 8) * 4).astype("int32")) & 15).astype("float32"))
+            code = (
+                codes[v, c].astype("float32")
+                if bits == 8
+                else ((codes[v, c // 8] >> ((c % 8) * 4).astype("int32")) & 15).astype("float32")
+            )
             s = scales[v, c // group].astype("float32")
             return code * s + zs[0][v, c // group].astype("float32") if zs else (code - zc) * s
+
         return te.compute(tuple(idx.shape) + (d,), row, name="embedding_dequant")
+
     return f.bb.emit_te(gather, xs[1], *fields)
 
 
 @register_rule("cuda", "cached_attention")
 def _cached_attention(f, n, xs):
     if n.input("scales") is not None or n.attrs["kv_dtype"]:
-        raise UnsupportedOpError(f"cached_attention with a {n.attrs['kv_dtype'] or 'quantized'} KV cache",
-                                 n.source, hint="target 'cuda' has an fp16 KV cache only; build without --kv-quant")
+        raise UnsupportedOpError(
+            f"cached_attention with a {n.attrs['kv_dtype'] or 'quantized'} KV cache",
+            n.source,
+            hint="target 'cuda' has an fp16 KV cache only; build without --kv-quant",
+        )
     if n.attrs["alibi"] is not None:
-        raise UnsupportedOpError("cached_attention with ALiBi", n.source,
-                                 hint="target 'cuda' has no ALiBi kernels yet; use --target cpu")
+        raise UnsupportedOpError(
+            "cached_attention with ALiBi", n.source, hint="target 'cuda' has no ALiBi kernels yet; use --target cpu"
+        )
     q, k, v, cache, page_table, positions = xs[:6]
     qn, kn, _, cn = n.inputs[:4]
     heads, kv_heads, head_dim = int(qn.type.shape[1]), int(kn.type.shape[1]), int(kn.type.shape[3])
@@ -162,23 +186,33 @@ def _cached_attention(f, n, xs):
     kt = f.emit(relax.op.permute_dims(k, perm))
     vt = f.emit(relax.op.permute_dims(v, perm))
     ctype = f.cache_type(cn)
-    append = f.low.kernel(("cuda_kv_append", kv_heads, head_dim, page), lambda: C.kv_append_func(kv_heads, head_dim, page))
+    append = f.low.kernel(
+        ("cuda_kv_append", kv_heads, head_dim, page), lambda: C.kv_append_func(kv_heads, head_dim, page)
+    )
     cache2 = f.emit(relax.op.call_tir_inplace(append, [cache, kt, vt, page_table, positions], [0], ctype))
     scale, window = float(n.attrs["scale"]), int(n.attrs["window"])
     b, t = f.dims(qn.type.shape[:1])[0], f.dims(qn.type.shape[2:3])[0]
     if f.mode == "gemv":
         qt = f.emit(relax.op.permute_dims(q, perm))
-        attn = f.low.kernel(("cuda_paged_decode", heads, kv_heads, head_dim, page, window, f"{scale:.6g}"),
-                            lambda: C.paged_decode_func(heads, kv_heads, head_dim, page, scale, window))
-        o = f.emit(relax.call_tir(attn, [qt, cache2, page_table, positions],
-                                  relax.TensorType([b, t, heads, head_dim], "float32")))
+        attn = f.low.kernel(
+            ("cuda_paged_decode", heads, kv_heads, head_dim, page, window, f"{scale:.6g}"),
+            lambda: C.paged_decode_func(heads, kv_heads, head_dim, page, scale, window),
+        )
+        o = f.emit(
+            relax.call_tir(
+                attn, [qt, cache2, page_table, positions], relax.TensorType([b, t, heads, head_dim], "float32")
+            )
+        )
         return f.emit(relax.op.permute_dims(o, perm))
     # prefill: gather the sequence's pages, then tensor-core matmuls with a position mask
-    gather = f.low.kernel(("cuda_gather_kv", kv_heads, head_dim, page), lambda: C.gather_kv_func(kv_heads, head_dim, page))
+    gather = f.low.kernel(
+        ("cuda_gather_kv", kv_heads, head_dim, page), lambda: C.gather_kv_func(kv_heads, head_dim, page)
+    )
     mp = f.env["max_pages"]
     s_len = mp * page
-    kv = f.emit(relax.call_tir(gather, [cache2, page_table],
-                               [relax.TensorType([b, kv_heads, s_len, head_dim], "float16")] * 2))
+    kv = f.emit(
+        relax.call_tir(gather, [cache2, page_table], [relax.TensorType([b, kv_heads, s_len, head_dim], "float16")] * 2)
+    )
     kall, vall = f.emit(relax.TupleGetItem(kv, 0)), f.emit(relax.TupleGetItem(kv, 1))
     rep = heads // kv_heads
     qg = f.emit(relax.op.reshape(f.emit(relax.op.astype(q, "float16")), [b, kv_heads, rep * t, head_dim]))
@@ -190,9 +224,12 @@ def _cached_attention(f, n, xs):
             ok = j <= p.astype("int64")
             if window:
                 ok = tvm.tirx.all(ok, j > p.astype("int64") - window)
-            return tvm.tirx.if_then_else(ok, sc[bi, hi, r, j] * tvm.tirx.const(scale, "float32"),
-                                         tvm.tirx.const(C._NEG, "float32"))
+            return tvm.tirx.if_then_else(
+                ok, sc[bi, hi, r, j] * tvm.tirx.const(scale, "float32"), tvm.tirx.const(C._NEG, "float32")
+            )
+
         return te.compute(sc.shape, val, name="attention_mask")
+
     masked = f.bb.emit_te(mask, scores, positions)
     p16 = f.emit(relax.op.astype(f.emit(relax.op.nn.softmax(masked, axis=-1)), "float16"))
     o = _matmul_nn(f, p16, vall, [b, kv_heads, rep * t, head_dim])  # [b, kv_heads, rep*t, D]
@@ -201,5 +238,8 @@ def _cached_attention(f, n, xs):
 
 @register_rule("cuda", "quant_act")
 def _quant_act(f, n, xs):
-    raise UnsupportedOpError("quant_act (W8A8 activation quantization)", n.source,
-                             hint="target 'cuda' has weight-only int8/int4 kernels; build without --w8a8")
+    raise UnsupportedOpError(
+        "quant_act (W8A8 activation quantization)",
+        n.source,
+        hint="target 'cuda' has weight-only int8/int4 kernels; build without --w8a8",
+    )

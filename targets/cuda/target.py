@@ -4,6 +4,7 @@ Activations stay fp32 (they are small at decode, and rotary angles need the prec
 are fp16 or quantized; the KV cache is fp16. What runs where is in lowering.py. The library holds CUDA
 source: the runtime compiles it for the GPU on first load and caches the binary (runtime/cuda.py).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -30,20 +31,31 @@ class CudaTarget(TvmTarget):
         if arch not in ARCHS:
             raise KilnError(f"unknown CUDA architecture '{arch}'; kiln builds for {', '.join(ARCHS)}")
         if gemm not in ("cublas", "tvm"):
-            raise KilnError(f"unknown GEMM backend '{gemm}': use 'cublas' (tensor cores through the CUDA "
-                            "toolkit's cuBLAS at run time) or 'tvm' (TVM's own schedules, CUDA cores)")
+            raise KilnError(
+                f"unknown GEMM backend '{gemm}': use 'cublas' (tensor cores through the CUDA "
+                "toolkit's cuBLAS at run time) or 'tvm' (TVM's own schedules, CUDA cores)"
+            )
         self.arch, self.gemm = arch, gemm
 
     def tvm_target(self) -> tvm.target.Target:
-        return tvm.target.Target({"kind": "cuda", "arch": _CODEGEN_ARCH.get(self.arch, self.arch)},
-                                 host={"kind": "llvm", "mtriple": "x86_64-unknown-linux-gnu"})
+        return tvm.target.Target(
+            {"kind": "cuda", "arch": _CODEGEN_ARCH.get(self.arch, self.arch)},
+            host={"kind": "llvm", "mtriple": "x86_64-unknown-linux-gnu"},
+        )
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": "cuda", "arch": self.arch, "compute_capability": ARCHS[self.arch],
-                "device_code": "CUDA source in the library; compiled for the GPU on first load and cached",
-                "kv_cache_dtype": "float16", "weights_dtype": "float16 (or int8/int4 codes)",
-                "gemv_max_batch": C.MB, "gemm": self.gemm,
-                "requires": ["libcublas"] if self.gemm == "cublas" else []}
+        return {
+            "name": self.name,
+            "kind": "cuda",
+            "arch": self.arch,
+            "compute_capability": ARCHS[self.arch],
+            "device_code": "CUDA source in the library; compiled for the GPU on first load and cached",
+            "kv_cache_dtype": "float16",
+            "weights_dtype": "float16 (or int8/int4 codes)",
+            "gemv_max_batch": C.MB,
+            "gemm": self.gemm,
+            "requires": ["libcublas"] if self.gemm == "cublas" else [],
+        }
 
     def entry_points(self, graph: Graph) -> dict[str, EntryPoint]:
         eps = super().entry_points(graph)

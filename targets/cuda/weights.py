@@ -5,6 +5,7 @@ artifact carries the program and the list of weight fields; here each field is p
 model's tensors in the layout the kernels read (see targets/cuda/layouts.py), on the GPU.
 Needs torch (and kiln's quantizer for quantized fields).
 """
+
 from __future__ import annotations
 
 import re
@@ -43,6 +44,7 @@ class WeightMaker:
         key = (m["base"], m["scheme"])
         if key not in self._quant:
             from kiln.quant import parse_scheme, rtn
+
             scheme = parse_scheme(m["scheme"])
             w = self.tensors[m["base"]].float()
             q, s, z = rtn(w, scheme)
@@ -62,6 +64,7 @@ class WeightMaker:
     def field(self, spec: dict):
         """One manifest weight field, made on the tensors' device in the field's layout."""
         import torch
+
         lay = parse_layout(spec["transform"])
         srcs = [self.source(s) for s in spec["sources"]]
         if spec["transform"] == "raw":

@@ -20,56 +20,84 @@ Ops with no clean MLIR form are lowered to standard ops, and each lowering is re
 then dropped) followed by a gather of each sequence's pages through the page table and masked
 attention (causal / sliding window, GQA by repeating KV heads).
 """
+
 from __future__ import annotations
 
 import json
 import os
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from kiln.errors import KilnError, UnsupportedOpError
 from kiln.ir import Graph, Node
 
-from .program import ENTRY_POINTS, KilnProgram, _buffer_name, _Ctx, _Entry, to_torch_module
-from .program import dequantize, paged_append, paged_attention  # noqa: F401  (part of this module's API)
+from .program import (
+    ENTRY_POINTS,
+    KilnProgram,
+    _buffer_name,
+    _Ctx,
+    _Entry,
+    dequantize,
+    paged_append,
+    paged_attention,
+    to_torch_module,
+)
 
 SUPPORTED_FORMS: tuple[str, ...] = ("torch", "linalg-on-tensors", "tosa", "stablehlo")
 WEIGHTS_FILE = "weights.safetensors"
 SIGNATURES_FILE = "entry_points.json"
 
-NOTE_QWEIGHT = ("qweight (packed integer codes) has no MLIR form: lowered to dequantize "
-                "(codes.float() - zeros) * scales (per group) followed by a plain fp32 matmul; codes stay "
-                "uint8 function arguments")
-NOTE_CACHED_ATTENTION = ("cached_attention (paged) has no MLIR form: lowered to a functional paged append "
-                         "(index_put of k/v into a copy of the cache; padding tokens write a scratch page that is "
-                         "dropped), a gather of each sequence's pages through page_table into a contiguous K/V "
-                         "[batch, kv_heads, max_pages*page_size, head_dim], and masked softmax attention "
-                         "(causal{window}; GQA by repeat_interleave of KV heads); the updated caches are returned "
-                         "as extra results instead of being written in place")
-NOTE_WEIGHTS = ("weights are function arguments after the KV caches (see entry_points[...]['args']), stored in "
-                "weights.safetensors under their kiln parameter names; nothing is inlined as a constant")
+NOTE_QWEIGHT = (
+    "qweight (packed integer codes) has no MLIR form: lowered to dequantize "
+    "(codes.float() - zeros) * scales (per group) followed by a plain fp32 matmul; codes stay "
+    "uint8 function arguments"
+)
+NOTE_CACHED_ATTENTION = (
+    "cached_attention (paged) has no MLIR form: lowered to a functional paged append "
+    "(index_put of k/v into a copy of the cache; padding tokens write a scratch page that is "
+    "dropped), a gather of each sequence's pages through page_table into a contiguous K/V "
+    "[batch, kv_heads, max_pages*page_size, head_dim], and masked softmax attention "
+    "(causal{window}; GQA by repeat_interleave of KV heads); the updated caches are returned "
+    "as extra results instead of being written in place"
+)
+NOTE_WEIGHTS = (
+    "weights are function arguments after the KV caches (see entry_points[...]['args']), stored in "
+    "weights.safetensors under their kiln parameter names; nothing is inlined as a constant"
+)
 
 
 class MlirFormError(UnsupportedOpError):
     """An MLIR output form cannot express a kiln op (after kiln's own lowering to torch ops)."""
 
-    def __init__(self, op: str, form: str, node: str | None = None, source: str | None = None,
-                 detail: str = "", hint: str | None = None) -> None:
+    def __init__(
+        self,
+        op: str,
+        form: str,
+        node: str | None = None,
+        source: str | None = None,
+        detail: str = "",
+        hint: str | None = None,
+    ) -> None:
         self.form, self.node = form, node
-        hint = hint or (f"torch-mlir cannot lower kiln op '{op}'{f' (%{node})' if node else ''} to the '{form}' form. "
-                f"Use another form (supported: {', '.join(SUPPORTED_FORMS)}), e.g. linalg-on-tensors, or drop the "
-                f"pass that creates '{op}' from the pipeline")
+        hint = hint or (
+            f"torch-mlir cannot lower kiln op '{op}'{f' (%{node})' if node else ''} to the '{form}' form. "
+            f"Use another form (supported: {', '.join(SUPPORTED_FORMS)}), e.g. linalg-on-tensors, or drop the "
+            f"pass that creates '{op}' from the pipeline"
+        )
         super().__init__(op, source, detail, hint)
 
 
 # -- export -----------------------------------------------------------------------------------
 
+
 def _example(program: KilnProgram, entry: str, static: dict[str, int] | None = None) -> tuple[tuple, dict | None]:
     """Example arguments and dynamic shapes of one entry point. Dynamic: sizes chosen distinct and > 1 so
     nothing specializes. `static` ({batch, tokens, max_pages, pages}) fixes every size instead."""
     from torch.export import Dim
+
     page = int(program.graph.meta["kv_cache"]["page_size"])
     bind = program.entry_points[entry]
     sizes = {"batch": 3, "tokens": 5, "max_pages": 3, "pages": 11, **(static or {}), **bind}
@@ -87,13 +115,19 @@ def _example(program: KilnProgram, entry: str, static: dict[str, int] | None = N
     if "tokens" not in bind:
         seq[1] = Dim("tokens", min=2)
     pt_dyn = {**({0: seq[0]} if 0 in seq else {}), 1: MP}
-    dyn = {"input_ids": dict(seq), "positions": dict(seq), "page_table": pt_dyn,
-           "kv_caches": tuple({0: P} for _ in caches), "weights": tuple(None for _ in weights)}
+    dyn = {
+        "input_ids": dict(seq),
+        "positions": dict(seq),
+        "page_table": pt_dyn,
+        "kv_caches": tuple({0: P} for _ in caches),
+        "weights": tuple(None for _ in weights),
+    }
     return (ids, pos, pt, caches, weights), dyn
 
 
-def export_program(program: KilnProgram, entry: str,
-                   static: dict[str, int] | None = None) -> torch.export.ExportedProgram:
+def export_program(
+    program: KilnProgram, entry: str, static: dict[str, int] | None = None
+) -> torch.export.ExportedProgram:
     """torch.export of one entry point: symbolic batch/tokens, pages and max_pages (or `static` sizes)."""
     args, dyn = _example(program, entry, static)
     with torch.no_grad():
@@ -109,9 +143,10 @@ class _LoweringFailed(Exception):
 class _Diagnostics:
     """Capture what MLIR prints on fd 2 (C++ diagnostics) while lowering; re-raise as `_LoweringFailed`."""
 
-    def __enter__(self) -> "_Diagnostics":
+    def __enter__(self) -> _Diagnostics:
         import sys
         import tempfile
+
         self.tmp = tempfile.TemporaryFile()
         sys.stderr.flush()
         self.saved = os.dup(2)
@@ -131,6 +166,7 @@ class _Diagnostics:
 def _import_torch(ep: torch.export.ExportedProgram, func_name: str):
     """FX import (with torch-mlir's decompositions) and the torch-backend pipeline: the `torch` form."""
     from torch_mlir import fx
+
     with _Diagnostics():
         return fx.export_and_import(ep, output_type="torch", func_name=func_name)
 
@@ -139,6 +175,7 @@ def _to_form(torch_module, form: str):
     """Lower a `torch`-form module to `form` (on a copy; the input stays usable for other forms)."""
     from torch_mlir import ir
     from torch_mlir.compiler_utils import OutputType, lower_mlir_module
+
     if form == "torch":
         return torch_module
     with _Diagnostics():
@@ -171,16 +208,35 @@ def _signature(program: KilnProgram, entry: str, static: dict[str, int] | None =
     args = []
     for n in g.inputs:
         shape = [str(int(bind[d.name])) if d.is_Symbol and d.name in bind else str(d) for d in n.type.shape]
-        args.append({"name": n.name, "kind": "kv_cache" if n.name in program.cache_names else "input",
-                     "shape": shape, "dtype": n.type.dtype})
+        args.append(
+            {
+                "name": n.name,
+                "kind": "kv_cache" if n.name in program.cache_names else "input",
+                "shape": shape,
+                "dtype": n.type.dtype,
+            }
+        )
     for name in program.weight_order():
         t = g.params[name]
-        args.append({"name": name, "kind": "weight", "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")})
-    res = [{"name": "logits", "shape": [str(int(bind[d.name])) if d.is_Symbol and d.name in bind else str(d)
-                                        for d in g.outputs[0].type.shape], "dtype": g.outputs[0].type.dtype}]
+        args.append(
+            {"name": name, "kind": "weight", "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+        )
+    res = [
+        {
+            "name": "logits",
+            "shape": [
+                str(int(bind[d.name])) if d.is_Symbol and d.name in bind else str(d) for d in g.outputs[0].type.shape
+            ],
+            "dtype": g.outputs[0].type.dtype,
+        }
+    ]
     res += [{"name": "new_" + c, "kind": "kv_cache"} for c in program.cache_names]
-    return {"args": args, "results": res, "bind": program.entry_points[entry],
-            "weights_from": f"{WEIGHTS_FILE}: argument i with kind=weight is the tensor named args[i].name"}
+    return {
+        "args": args,
+        "results": res,
+        "bind": program.entry_points[entry],
+        "weights_from": f"{WEIGHTS_FILE}: argument i with kind=weight is the tensor named args[i].name",
+    }
 
 
 def lowering_notes(graph: Graph) -> list[str]:
@@ -200,9 +256,14 @@ def lowering_notes(graph: Graph) -> list[str]:
     return notes
 
 
-def export_mlir(graph: Graph, out_dir: str, forms: Sequence[str] = ("linalg-on-tensors",),
-                entry_points: Sequence[str] = ENTRY_POINTS, static_shapes: dict[str, int] | None = None,
-                probe_on_failure: bool = True) -> dict[str, Any]:
+def export_mlir(
+    graph: Graph,
+    out_dir: str,
+    forms: Sequence[str] = ("linalg-on-tensors",),
+    entry_points: Sequence[str] = ENTRY_POINTS,
+    static_shapes: dict[str, int] | None = None,
+    probe_on_failure: bool = True,
+) -> dict[str, Any]:
     """Export the optimized `graph` to MLIR, one file per entry point and form.
 
     Writes `<entry>.<form>.mlir` for each entry point and form, `weights.safetensors` (tensors under their
@@ -214,6 +275,7 @@ def export_mlir(graph: Graph, out_dir: str, forms: Sequence[str] = ("linalg-on-t
     "entry_points": {entry: {"args": [...], "results": [...], "bind": {...}}}, "forms": [...],
     "notes": [...]}. A form that cannot express a kiln op raises `MlirFormError` naming the op and form."""
     from safetensors.torch import save_file
+
     forms = _check_forms(forms)
     program = to_torch_module(graph)
     os.makedirs(out_dir, exist_ok=True)
@@ -249,8 +311,9 @@ def export_mlir(graph: Graph, out_dir: str, forms: Sequence[str] = ("linalg-on-t
     return {"files": files, "entry_points": sigs, "forms": forms, "notes": notes}
 
 
-def _explain(program: KilnProgram, entry: str, form: str, e: "_LoweringFailed",
-             static: dict[str, int] | None, probe: bool) -> KilnError:
+def _explain(
+    program: KilnProgram, entry: str, form: str, e: _LoweringFailed, static: dict[str, int] | None, probe: bool
+) -> KilnError:
     """Turn torch-mlir's failure (which names MLIR ops) into an error naming the kiln op and the form."""
     first = _first_diagnostic(e.diagnostics) or _first_diagnostic(str(e))
     culprit = probe_ops(program, form, dynamic=static is None) if probe else None
@@ -258,15 +321,21 @@ def _explain(program: KilnProgram, entry: str, form: str, e: "_LoweringFailed",
         node, detail = culprit
         hint = None
         if detail.endswith("(with symbolic sizes)"):
-            hint = (f"torch-mlir cannot lower kiln op '{node.op}' (%{node.name}) to the '{form}' form over symbolic "
-                    "sizes: pass static_shapes={'batch': B, 'tokens': T, 'max_pages': P, 'pages': N} to export "
-                    "fixed sizes, or use linalg-on-tensors / stablehlo, which keep sizes symbolic")
+            hint = (
+                f"torch-mlir cannot lower kiln op '{node.op}' (%{node.name}) to the '{form}' form over symbolic "
+                "sizes: pass static_shapes={'batch': B, 'tokens': T, 'max_pages': P, 'pages': N} to export "
+                "fixed sizes, or use linalg-on-tensors / stablehlo, which keep sizes symbolic"
+            )
         return MlirFormError(node.op, form, node.name, node.source, detail, hint)
     if static is None and "size.int" in first:
-        return MlirFormError("symbolic dimensions", form, detail=first,
-                             hint=f"the '{form}' form cannot express symbolic sizes (batch/tokens/pages/max_pages): "
-                                  "pass static_shapes={'batch': B, 'tokens': T, 'max_pages': P, 'pages': N} "
-                                  "(--mlir-static on the CLI) to export fixed sizes")
+        return MlirFormError(
+            "symbolic dimensions",
+            form,
+            detail=first,
+            hint=f"the '{form}' form cannot express symbolic sizes (batch/tokens/pages/max_pages): "
+            "pass static_shapes={'batch': B, 'tokens': T, 'max_pages': P, 'pages': N} "
+            "(--mlir-static on the CLI) to export fixed sizes",
+        )
     return KilnError(f"torch-mlir failed to lower entry point '{entry}' to '{form}': {first}")
 
 
@@ -279,6 +348,7 @@ def _first_diagnostic(msg: str) -> str:
 
 
 # -- naming the kiln op a form cannot express ---------------------------------------------------------
+
 
 class _OneOp(torch.nn.Module):
     def __init__(self, program: KilnProgram, node: Node, env: dict[str, Any]) -> None:
@@ -301,11 +371,18 @@ class _OneOp(torch.nn.Module):
 
 def _probe_dynamic_shapes(node: Node, bind: dict[str, int]) -> tuple:
     from torch.export import Dim
+
     dims: dict[str, Any] = {}
     spec = []
     for n in node.inputs:
-        spec.append({i: dims.setdefault(d.name, Dim(d.name, min=2)) for i, d in enumerate(n.type.shape)
-                     if d.is_Symbol and d.name not in bind} or None)
+        spec.append(
+            {
+                i: dims.setdefault(d.name, Dim(d.name, min=2))
+                for i, d in enumerate(n.type.shape)
+                if d.is_Symbol and d.name not in bind
+            }
+            or None
+        )
     return tuple(spec)
 
 
@@ -317,8 +394,7 @@ def probe_ops(program: KilnProgram, form: str, dynamic: bool = True) -> tuple[No
     bind = program.entry_points["prefill"]
     args, _ = _example(program, "prefill")
     ids, pos, pt, caches, _w = args
-    env = {"batch": 1, "tokens": ids.shape[1], "pages": caches[0].shape[0] if caches else 1,
-           "max_pages": pt.shape[1]}
+    env = {"batch": 1, "tokens": ids.shape[1], "pages": caches[0].shape[0] if caches else 1, "max_pages": pt.shape[1]}
     seen: set = set()
     values: dict[Node, torch.Tensor] = {}
     ins = {"input_ids": ids, "positions": pos, "page_table": pt, **dict(zip(program.cache_names, caches))}
@@ -334,21 +410,25 @@ def probe_ops(program: KilnProgram, form: str, dynamic: bool = True) -> tuple[No
                 values[node] = params[node.attrs["name"]]
                 continue
             x = [values[i] for i in node.inputs]
-            key = (node.op, tuple(sorted((k, repr(v)) for k, v in node.attrs.items() if k not in ("layer",))),
-                   tuple(t.dtype for t in x))
+            key = (
+                node.op,
+                tuple(sorted((k, repr(v)) for k, v in node.attrs.items() if k not in ("layer",))),
+                tuple(t.dtype for t in x),
+            )
             if key not in seen:
                 seen.add(key)
                 mod = _OneOp(program, node, env)
                 ep = None
                 if dynamic:
                     try:
-                        ep = torch.export.export(mod, tuple(x), dynamic_shapes=(_probe_dynamic_shapes(node, bind),),
-                                                 strict=False)
-                    except Exception:  # noqa: BLE001 - a size the op specializes: probe it statically
+                        ep = torch.export.export(
+                            mod, tuple(x), dynamic_shapes=(_probe_dynamic_shapes(node, bind),), strict=False
+                        )
+                    except Exception:
                         ep = None
                 try:
                     _lower(ep or torch.export.export(mod, tuple(x), strict=False), form, "probe")
-                except Exception as e:  # noqa: BLE001 - any failure here names the op
+                except Exception as e:
                     detail = _first_diagnostic(getattr(e, "diagnostics", "") or str(e))
                     return node, (detail + (" (with symbolic sizes)" if ep is not None else ""))
             ctx.node = node
@@ -358,33 +438,63 @@ def probe_ops(program: KilnProgram, form: str, dynamic: bool = True) -> tuple[No
 
 # -- executing linalg-on-tensors: torch-mlir's reference backend (MLIR -> LLVM -> ExecutionEngine) --
 
+
 def _refbackend_pipeline() -> str:
     # torch-mlir's RefBackend lowering (torch_mlir_e2e_test/linalg_on_tensors_backends/refbackend.py),
     # whose refback-* passes ship in the torch-mlir wheel although the e2e test package does not.
     passes = [
-        "func.func(linalg-generalize-named-ops)", "func.func(linalg-fuse-elementwise-ops)", "convert-shape-to-std",
-        "sparse-assembler{direct-out}", "sparsification-and-bufferization", "sparse-storage-specifier-to-llvm",
-        "func.func(expand-realloc)", "func.func(refback-generalize-tensor-pad)",
-        "func.func(refback-generalize-tensor-concat)", "func.func(tm-tensor-bufferize)",
+        "func.func(linalg-generalize-named-ops)",
+        "func.func(linalg-fuse-elementwise-ops)",
+        "convert-shape-to-std",
+        "sparse-assembler{direct-out}",
+        "sparsification-and-bufferization",
+        "sparse-storage-specifier-to-llvm",
+        "func.func(expand-realloc)",
+        "func.func(refback-generalize-tensor-pad)",
+        "func.func(refback-generalize-tensor-concat)",
+        "func.func(tm-tensor-bufferize)",
         "one-shot-bufferize{copy-before-write bufferize-function-boundaries "
         "function-boundary-type-conversion=identity-layout-map}",
         "refback-mlprogram-bufferize",
         # (upstream's func.func(buffer-deallocation) is gone from this MLIR: the ownership-based trio replaces it)
-        "ownership-based-buffer-deallocation", "buffer-deallocation-simplification",
-        "bufferization-lower-deallocations", "inline",
-        "refback-munge-calling-conventions", "func.func(tm-tensor-to-loops)", "func.func(refback-munge-memref-copy)",
-        "func.func(convert-linalg-to-loops)", "func.func(lower-affine)", "convert-scf-to-cf",
-        "func.func(refback-expand-ops-for-llvm)", "func.func(arith-expand)", "func.func(convert-math-to-llvm)",
-        "convert-math-to-libm", "expand-strided-metadata", "finalize-memref-to-llvm", "lower-affine",
-        "convert-bufferization-to-memref", "finalize-memref-to-llvm", "func.func(convert-arith-to-llvm)",
-        "convert-vector-to-llvm", "convert-func-to-llvm", "convert-cf-to-llvm", "convert-complex-to-llvm",
+        "ownership-based-buffer-deallocation",
+        "buffer-deallocation-simplification",
+        "bufferization-lower-deallocations",
+        "inline",
+        "refback-munge-calling-conventions",
+        "func.func(tm-tensor-to-loops)",
+        "func.func(refback-munge-memref-copy)",
+        "func.func(convert-linalg-to-loops)",
+        "func.func(lower-affine)",
+        "convert-scf-to-cf",
+        "func.func(refback-expand-ops-for-llvm)",
+        "func.func(arith-expand)",
+        "func.func(convert-math-to-llvm)",
+        "convert-math-to-libm",
+        "expand-strided-metadata",
+        "finalize-memref-to-llvm",
+        "lower-affine",
+        "convert-bufferization-to-memref",
+        "finalize-memref-to-llvm",
+        "func.func(convert-arith-to-llvm)",
+        "convert-vector-to-llvm",
+        "convert-func-to-llvm",
+        "convert-cf-to-llvm",
+        "convert-complex-to-llvm",
         "reconcile-unrealized-casts",
     ]
     return "builtin.module(" + ",".join(passes) + ")"
 
 
-_NP = {"mrf16": "float16", "mrf32": "float32", "mrf64": "float64", "mri1": "bool", "mri8": "int8",
-       "mri32": "int32", "mri64": "int64"}
+_NP = {
+    "mrf16": "float16",
+    "mrf32": "float32",
+    "mrf64": "float64",
+    "mri1": "bool",
+    "mri8": "int8",
+    "mri32": "int32",
+    "mri64": "int64",
+}
 _RET = "refbackend_consume_func_return_"
 
 
@@ -397,20 +507,23 @@ class RefBackend:
     def __init__(self, mlir_text: str, opt_level: int = 0) -> None:
         import ctypes
 
+        import numpy as np
         from torch_mlir import ir
         from torch_mlir.compiler_utils import run_pipeline_with_repro_report
         from torch_mlir.dialects import torch as torch_d
         from torch_mlir.execution_engine import ExecutionEngine
         from torch_mlir.runtime import UnrankedMemRefDescriptor, unranked_memref_to_numpy
-        import numpy as np
+
         self._ctx = ir.Context()
         torch_d.register_dialect(self._ctx)
         from torch_mlir.passmanager import PassManager
+
         with self._ctx:
             # the exported text may hold tm_tensor ops (scatter): running a pass that depends on the dialect
             # loads it into the context so the parser knows it
             PassManager.parse("builtin.module(func.func(tm-tensor-bufferize))").run(
-                ir.Module.parse("module {}").operation)
+                ir.Module.parse("module {}").operation
+            )
             module = ir.Module.parse(mlir_text)
         run_pipeline_with_repro_report(module, _refbackend_pipeline(), "RefBackend lowering")
         self._ee = ExecutionEngine(module, opt_level=opt_level)
@@ -421,11 +534,13 @@ class RefBackend:
         for fname in names:
             if not fname.startswith(_RET):
                 continue
-            types = fname[len(_RET):].split("_")
+            types = fname[len(_RET) :].split("_")
             cty = ctypes.CFUNCTYPE(None, *[ctypes.POINTER(UnrankedMemRefDescriptor) for _ in types])
 
             def consume(*args, types=types):
-                self._result = tuple(np.array(unranked_memref_to_numpy(a, np.dtype(_NP[t]))) for a, t in zip(args, types))
+                self._result = tuple(
+                    np.array(unranked_memref_to_numpy(a, np.dtype(_NP[t]))) for a, t in zip(args, types)
+                )
 
             cb = cty(consume)
             self._keep.append(cb)
@@ -436,6 +551,7 @@ class RefBackend:
 
         import numpy as np
         from torch_mlir.runtime import get_unranked_memref_descriptor
+
         ffi = []
         keep = []
         for a in arrays:
@@ -451,13 +567,28 @@ class RefBackend:
 
 # -- artifact directory (kiln.compile(target="mlir")) --------------------------------------------------
 
+
 def torch_mlir_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
+
     try:
         return version("torch-mlir")
     except PackageNotFoundError:
         return "unknown"
 
 
-__all__ = ["SUPPORTED_FORMS", "check_forms", "KilnProgram", "MlirFormError", "RefBackend", "dequantize", "export_mlir",
-           "export_program", "lowering_notes", "paged_append", "paged_attention", "probe_ops", "to_torch_module"]
+__all__ = [
+    "SUPPORTED_FORMS",
+    "check_forms",
+    "KilnProgram",
+    "MlirFormError",
+    "RefBackend",
+    "dequantize",
+    "export_mlir",
+    "export_program",
+    "lowering_notes",
+    "paged_append",
+    "paged_attention",
+    "probe_ops",
+    "to_torch_module",
+]

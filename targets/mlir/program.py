@@ -5,12 +5,12 @@ torch reference implementations of `kiln.ops`, parameters registered as buffers.
 values, so each entry point returns the updated KV caches instead of writing them in place; the ops
 with no clean MLIR form (`qweight`, paged `cached_attention`) are rewritten to standard torch ops here.
 """
+
 from __future__ import annotations
 
 import re
 from typing import Any
 
-import sympy
 import torch
 
 from kiln.dims import DimError, eval_dim
@@ -22,6 +22,7 @@ from kiln.ops import OPS, _rebuild, kv_fake_quant, norm_dim, torch_dtype
 ENTRY_POINTS: tuple[str, ...] = ("prefill", "decode")
 
 # -- symbolic dimensions at export time ---------------------------------------------------------
+
 
 def _dim_value(e: Any, env: dict[str, Any]) -> Any:
     """Evaluate a sympy dim with symbols bound to ints or torch SymInts (no specialization)."""
@@ -42,6 +43,7 @@ class _Ctx:
 
 # -- lowerings of ops with no clean MLIR form ---------------------------------------------------
 
+
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int) -> torch.Tensor:
     """(codes.float() - zeros) * scales, one scale/zero per `group` input columns (ragged last group)."""
     n, k = codes.shape
@@ -53,8 +55,9 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g
     return (codes.float() - zeros[:, idx]) * scales[:, idx]
 
 
-def paged_append(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, page_table: torch.Tensor,
-                 positions: torch.Tensor) -> torch.Tensor:
+def paged_append(
+    cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, page_table: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
     """Functional paged KV append: a new cache with k/v written at `positions`.
 
     cache [pages, 2, Hkv, page, D]; k, v [B, Hkv, T, D]; page_table [B, max_pages]; positions [B, T]
@@ -77,8 +80,14 @@ def paged_append(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, page_tab
     return full[:pages]
 
 
-def paged_attention(q: torch.Tensor, cache: torch.Tensor, page_table: torch.Tensor, positions: torch.Tensor,
-                    scale: float, window: int = 0) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor,
+    cache: torch.Tensor,
+    page_table: torch.Tensor,
+    positions: torch.Tensor,
+    scale: float,
+    window: int = 0,
+) -> torch.Tensor:
     """Attend q [B, H, T, D] over the pages of each sequence (gathered through page_table) up to its
     own position; causal and optional sliding window; GQA by repeating KV heads; padding rows -> 0."""
     B, H, T, D = q.shape
@@ -107,6 +116,7 @@ def paged_attention(q: torch.Tensor, cache: torch.Tensor, page_table: torch.Tens
 
 # -- the reconstructed program -------------------------------------------------------------------
 
+
 def _buffer_name(param: str) -> str:
     return "p_" + re.sub(r"[^0-9A-Za-z_]", "_", param)
 
@@ -125,8 +135,10 @@ class KilnProgram(torch.nn.Module):
             if n.op not in OPS and n.op not in ("input", "param"):
                 raise UnsupportedOpError(n.op, n.source, "the mlir target knows no such op")
         if "kv_cache" not in graph.meta:
-            raise KilnError("the mlir target needs the kv-cache pass (prefill/decode entry points): "
-                            "run O0/O1 or add kv-cache to the pipeline")
+            raise KilnError(
+                "the mlir target needs the kv-cache pass (prefill/decode entry points): "
+                "run O0/O1 or add kv-cache to the pipeline"
+            )
         self.graph = graph
         self.param_names: dict[str, str] = {}
         for name, t in graph.params.items():
@@ -135,12 +147,14 @@ class KilnProgram(torch.nn.Module):
             self.register_buffer(b, t.detach(), persistent=True)
         self.input_names = [n.name for n in graph.inputs]
         self.cache_names = [n for n in self.input_names if n.startswith("kv_cache_")]
-        self.entry_points: dict[str, dict[str, int]] = {k: v.dims for k, v in graph.meta["entry_points"].items()
-                                                        if k in ENTRY_POINTS}
+        self.entry_points: dict[str, dict[str, int]] = {
+            k: v.dims for k, v in graph.meta["entry_points"].items() if k in ENTRY_POINTS
+        }
 
     # the core: one op after another, with weights from `params` (kiln name -> tensor)
-    def run(self, inputs: dict[str, torch.Tensor], params: dict[str, torch.Tensor] | None = None,
-            full_logits: bool = False) -> tuple[torch.Tensor, ...]:
+    def run(
+        self, inputs: dict[str, torch.Tensor], params: dict[str, torch.Tensor] | None = None, full_logits: bool = False
+    ) -> tuple[torch.Tensor, ...]:
         """Run the graph on named inputs; returns (outputs..., new caches...) in graph order."""
         g = self.graph
         if params is None:
@@ -152,19 +166,25 @@ class KilnProgram(torch.nn.Module):
                 if d.is_Symbol and d.name not in env:
                     env[d.name] = size
         caches = {name: inputs[name] for name in self.cache_names}
-        vals = execute(g, inputs, params, _Ctx(env), step=lambda ctx, node, x: self._op(ctx, node, x, caches, full_logits))
+        vals = execute(
+            g, inputs, params, _Ctx(env), step=lambda ctx, node, x: self._op(ctx, node, x, caches, full_logits)
+        )
         outs = [vals[o] for o in g.outputs]
         return tuple(outs) + tuple(caches[n] for n in self.cache_names)
 
-    def _op(self, ctx: _Ctx, node: Node, x: list[torch.Tensor], caches: dict[str, torch.Tensor],
-            full_logits: bool) -> torch.Tensor:
+    def _op(
+        self, ctx: _Ctx, node: Node, x: list[torch.Tensor], caches: dict[str, torch.Tensor], full_logits: bool
+    ) -> torch.Tensor:
         a = node.attrs
         op = node.op
         if op == "cached_attention":
             if node.input("scales") is not None:
-                raise UnsupportedOpError("cached_attention with an int8 KV cache", node.source,
-                                         "the mlir target keeps an fp32 cache (quantize-kv dtype=fp8_e4m3 is "
-                                         "fake-quantized into it; int8 codes with scales are not)")
+                raise UnsupportedOpError(
+                    "cached_attention with an int8 KV cache",
+                    node.source,
+                    "the mlir target keeps an fp32 cache (quantize-kv dtype=fp8_e4m3 is "
+                    "fake-quantized into it; int8 codes with scales are not)",
+                )
             q, k, v, cache, pt, pos = x
             k, v = kv_fake_quant(k, a["kv_dtype"]), kv_fake_quant(v, a["kv_dtype"])
             cache_name = node.input("cache").name
@@ -183,7 +203,7 @@ class KilnProgram(torch.nn.Module):
             if isinstance(start, int) and start < 0:
                 start = size + start
             if isinstance(end, int):
-                end = size + end if end < 0 else (size if end >= 2 ** 62 else end)
+                end = size + end if end < 0 else (size if end >= 2**62 else end)
             out = t.narrow(d, start, end - start)
             return out if step == 1 else out[(slice(None),) * d + (slice(None, None, step),)]
         if op == "const":
@@ -195,17 +215,23 @@ class KilnProgram(torch.nn.Module):
     def _call(self, entry: str, input_ids, positions, page_table, kv_caches) -> tuple[torch.Tensor, ...]:
         if len(kv_caches) != len(self.cache_names):
             raise KilnError(f"{entry} takes {len(self.cache_names)} KV caches, got {len(kv_caches)}")
-        ins = {"input_ids": input_ids, "positions": positions, "page_table": page_table,
-               **dict(zip(self.cache_names, kv_caches))}
+        ins = {
+            "input_ids": input_ids,
+            "positions": positions,
+            "page_table": page_table,
+            **dict(zip(self.cache_names, kv_caches)),
+        }
         return self.run(ins)
 
-    def prefill(self, input_ids: torch.Tensor, positions: torch.Tensor, page_table: torch.Tensor,
-                *kv_caches: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def prefill(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, page_table: torch.Tensor, *kv_caches: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         """One sequence [1, T] -> (logits [1, 1, vocab], *new_kv_caches)."""
         return self._call("prefill", input_ids, positions, page_table, kv_caches)
 
-    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, page_table: torch.Tensor,
-               *kv_caches: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def decode(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, page_table: torch.Tensor, *kv_caches: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         """One token per sequence [B, 1] -> (logits [B, 1, vocab], *new_kv_caches)."""
         return self._call("decode", input_ids, positions, page_table, kv_caches)
 
@@ -241,6 +267,10 @@ class _Entry(torch.nn.Module):
 
     def forward(self, input_ids, positions, page_table, kv_caches, weights):
         p = self._program
-        ins = {"input_ids": input_ids, "positions": positions, "page_table": page_table,
-               **dict(zip(p.cache_names, kv_caches))}
+        ins = {
+            "input_ids": input_ids,
+            "positions": positions,
+            "page_table": page_table,
+            **dict(zip(p.cache_names, kv_caches)),
+        }
         return p.run(ins, dict(zip(self.names, weights)))

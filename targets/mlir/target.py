@@ -4,15 +4,17 @@
 linalg-on-tensors, tosa, stablehlo); `static` fixes symbolic sizes ({"batch": 1, ...}) for forms that
 refuse them (tosa).
 """
+
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from kiln.ir import Graph
 from kiln.targets.base import PackageInputs, Target
 
-from .export import WEIGHTS_FILE, _check_forms, export_mlir, torch_mlir_version  # noqa: F401
+from .export import _check_forms, export_mlir, torch_mlir_version
 
 
 class MlirTarget(Target):
@@ -26,10 +28,16 @@ class MlirTarget(Target):
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "forms": self.forms, "static_shapes": self.static}
 
-    def package(self, graph: Graph, inputs: PackageInputs) -> "MlirArtifact":
+    def package(self, graph: Graph, inputs: PackageInputs) -> MlirArtifact:
         m = dict(inputs.manifest, tvm_version=None)
-        return MlirArtifact(graph, self.forms, m, static_shapes=self.static, tokenizer_dir=inputs.tokenizer_dir,
-                            timings={k: round(v, 3) for k, v in inputs.timings.items()})
+        return MlirArtifact(
+            graph,
+            self.forms,
+            m,
+            static_shapes=self.static,
+            tokenizer_dir=inputs.tokenizer_dir,
+            timings={k: round(v, 3) for k, v in inputs.timings.items()},
+        )
 
 
 class MlirArtifact:
@@ -37,9 +45,15 @@ class MlirArtifact:
     writes manifest.json, <entry>.<form>.mlir, weights.safetensors, entry_points.json, ir.txt and
     report.md atomically (a failed write leaves the old directory intact)."""
 
-    def __init__(self, graph: Graph, forms: Sequence[str] = ("linalg-on-tensors",), manifest: dict | None = None,
-                 static_shapes: dict[str, int] | None = None, timings: dict[str, float] | None = None,
-                 tokenizer_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        graph: Graph,
+        forms: Sequence[str] = ("linalg-on-tensors",),
+        manifest: dict | None = None,
+        static_shapes: dict[str, int] | None = None,
+        timings: dict[str, float] | None = None,
+        tokenizer_dir: str | None = None,
+    ) -> None:
         self.graph, self.forms = graph, _check_forms(forms)
         self.manifest, self.static_shapes = dict(manifest or {}), static_shapes
         self.timings, self.tokenizer_dir = dict(timings or {}), tokenizer_dir
@@ -52,12 +66,19 @@ class MlirArtifact:
         def payload(tmp: str, m: dict) -> None:
             t0 = time.perf_counter()
             res = export_mlir(self.graph, tmp, self.forms, static_shapes=self.static_shapes)
-            m["target"] = {"name": "mlir", "forms": res["forms"], "torch_mlir_version": torch_mlir_version(),
-                           "static_shapes": self.static_shapes, "notes": res["notes"],
-                           "mlir_files": {k: os.path.basename(v) for k, v in res["files"].items()}}
+            m["target"] = {
+                "name": "mlir",
+                "forms": res["forms"],
+                "torch_mlir_version": torch_mlir_version(),
+                "static_shapes": self.static_shapes,
+                "notes": res["notes"],
+                "mlir_files": {k: os.path.basename(v) for k, v in res["files"].items()},
+            }
             m["entry_points"] = res["entry_points"]
-            m["weights"] = [{"name": n, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
-                            for n, t in ((n, self.graph.params[n]) for n in sorted(self.graph.params))]
+            m["weights"] = [
+                {"name": n, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+                for n, t in ((n, self.graph.params[n]) for n in sorted(self.graph.params))
+            ]
             m["weight_bytes"] = os.path.getsize(res["files"]["weights"])
             m["timings"] = dict(self.timings, mlir_export=round(time.perf_counter() - t0, 3))
 

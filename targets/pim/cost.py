@@ -49,12 +49,14 @@ Throughput as AttAcc reports it (`generation`): batch / mean decode-step latency
 (contexts lin+1 .. lin+lout-1). The summarization (prefill) stage is simulated separately and, as in
 AttAcc's main.py, not part of that number; `GenerationResult.e2e_tokens_per_s` includes it.
 """
+
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from kiln.ops import ops_of_kind
 
@@ -66,6 +68,7 @@ _VIEWS = ops_of_kind("view")  # layout only: no work
 @dataclass
 class Work:
     """One op of a decode step, per GPU (see the module docstring)."""
+
     name: str
     op: str
     kind: str  # fc | attention | elementwise | embed | comm | view
@@ -91,6 +94,7 @@ class Cost:
 
 
 # -- per-op costs --------------------------------------------------------------------------------------------------
+
 
 def gpu_cost(w: Work, hw: PimHardware = DEFAULT) -> Cost:
     if w.kind == "view":
@@ -157,13 +161,23 @@ def decide(w: Work, hw: PimHardware = DEFAULT, policy: str = "auto") -> tuple[st
     if w.reuse >= be:
         return "gpu", f"reuse {w.reuse:g} >= break-even {be:.2f}", g, p
     if p.time_s >= g.time_s:
-        return "gpu", f"reuse {w.reuse:g} < break-even {be:.2f} but PIM slower ({p.time_s * 1e6:.2f} us >= " \
-                      f"{g.time_s * 1e6:.2f} us)", g, p
-    return "pim", f"reuse {w.reuse:g} < break-even {be:.2f} and PIM faster ({p.time_s * 1e6:.2f} us < " \
-                  f"{g.time_s * 1e6:.2f} us)", g, p
+        return (
+            "gpu",
+            f"reuse {w.reuse:g} < break-even {be:.2f} but PIM slower ({p.time_s * 1e6:.2f} us >= "
+            f"{g.time_s * 1e6:.2f} us)",
+            g,
+            p,
+        )
+    return (
+        "pim",
+        f"reuse {w.reuse:g} < break-even {be:.2f} and PIM faster ({p.time_s * 1e6:.2f} us < {g.time_s * 1e6:.2f} us)",
+        g,
+        p,
+    )
 
 
 # -- a decode step -------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class OpTime:
@@ -182,6 +196,7 @@ class OpTime:
 @dataclass
 class StepResult:
     """One decode step: per-op rows, per-layer totals, and the step total (time per GPU, energy of all GPUs)."""
+
     ops: list[OpTime]
     layers: dict[Any, dict[str, float]]
     time_s: float
@@ -210,8 +225,13 @@ class StepResult:
         return out
 
 
-def simulate_step(works: Iterable[Work], hw: PimHardware = DEFAULT, policy: str = "auto", tokens: int = 1,
-                  placements: dict[str, str] | None = None) -> StepResult:
+def simulate_step(
+    works: Iterable[Work],
+    hw: PimHardware = DEFAULT,
+    policy: str = "auto",
+    tokens: int = 1,
+    placements: dict[str, str] | None = None,
+) -> StepResult:
     """Cost every op, apply the placement (the offload rule, or `placements[name]` when given), and add up."""
     ops: list[OpTime] = []
     works = list(works)
@@ -227,8 +247,11 @@ def simulate_step(works: Iterable[Work], hw: PimHardware = DEFAULT, policy: str 
                 why = f"placed by annotation ({why})"
             where = forced
         c = p if where == "pim" else g
-        ops.append(OpTime(w.name, w.op, w.kind, w.layer, where, why, c.time_s, c.energy_j * tp, g.time_s,
-                          p.time_s if p else None))
+        ops.append(
+            OpTime(
+                w.name, w.op, w.kind, w.layer, where, why, c.time_s, c.energy_j * tp, g.time_s, p.time_s if p else None
+            )
+        )
     total_overlap = 0.0
     by_layer: dict[Any, list[tuple[Work, OpTime]]] = {}
     for w, o in zip(works, ops):
@@ -252,9 +275,11 @@ def simulate_step(works: Iterable[Work], hw: PimHardware = DEFAULT, policy: str 
 
 # -- shape specifications ------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class ModelShape:
     """A decoder-only transformer by its shapes (no weights), run tensor-parallel over `tp` GPUs."""
+
     name: str
     layers: int
     d_model: int
@@ -275,24 +300,60 @@ LLAMA31_8B = ModelShape("Llama-3.1-8B", 32, 4096, 32, 8, 128, 14336, 128256)
 
 def fc_work(name: str, layer, block: str, m: int, n: int, k: int, b: int, tp: int = 1, heads: int = 1) -> Work:
     """y[m, n] = x[m, k] @ W[n, k]^T with W resident: one group, reuse m."""
-    return Work(name, "linear", "fc", layer, block, macs=m * n * k, resident_bytes=n * k * b,
-                act_bytes=(m * k + m * n) * b, reuse=m, groups=1, phases=[(n * k * b, k * b, n * b)],
-                resident="weights", tp=tp, heads=heads)
+    return Work(
+        name,
+        "linear",
+        "fc",
+        layer,
+        block,
+        macs=m * n * k,
+        resident_bytes=n * k * b,
+        act_bytes=(m * k + m * n) * b,
+        reuse=m,
+        groups=1,
+        phases=[(n * k * b, k * b, n * b)],
+        resident="weights",
+        tp=tp,
+        heads=heads,
+    )
 
 
-def attention_work(name: str, layer, batch: int, tokens: int, context: int, heads: int, kv_heads: int,
-                   head_dim: int, b: int, tp: int = 1) -> Work:
+def attention_work(
+    name: str,
+    layer,
+    batch: int,
+    tokens: int,
+    context: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    b: int,
+    tp: int = 1,
+) -> Work:
     """Decode attention of `tokens` new tokens per sequence over `context` cached positions (per GPU share)."""
     g = heads // kv_heads
     r = g * tokens
     groups = batch * kv_heads
     kv = groups * context * head_dim * b
-    return Work(name, "cached_attention", "attention", layer, "attn", macs=2 * batch * heads * tokens * context * head_dim,
-                resident_bytes=2 * kv, act_bytes=2 * batch * heads * tokens * head_dim * b,
-                reuse=r, groups=groups,
-                phases=[(context * head_dim * b, head_dim * b, context * b),
-                        (context * head_dim * b, context * b, head_dim * b)],
-                resident="kv", tp=tp, heads=heads)
+    return Work(
+        name,
+        "cached_attention",
+        "attention",
+        layer,
+        "attn",
+        macs=2 * batch * heads * tokens * context * head_dim,
+        resident_bytes=2 * kv,
+        act_bytes=2 * batch * heads * tokens * head_dim * b,
+        reuse=r,
+        groups=groups,
+        phases=[
+            (context * head_dim * b, head_dim * b, context * b),
+            (context * head_dim * b, context * b, head_dim * b),
+        ],
+        resident="kv",
+        tp=tp,
+        heads=heads,
+    )
 
 
 def ew_work(name: str, op: str, layer, nbytes: float, tp: int = 1, kind: str = "elementwise") -> Work:
@@ -344,8 +405,17 @@ def prefill_time(s: ModelShape, batch: int, lin: int, hw: PimHardware = DEFAULT)
     works = []
     for i in range(s.layers):
         works.append(fc_work("qkv", i, "attn", m, (hq + 2 * hkv) * s.head_dim, d, b, tp))
-        works.append(Work("attn", "attention", "elementwise", i, macs=2 * batch * hq * lin * lin / 2 * s.head_dim,
-                          act_bytes=batch * (hq + 2 * hkv) * lin * s.head_dim * b, tp=tp))
+        works.append(
+            Work(
+                "attn",
+                "attention",
+                "elementwise",
+                i,
+                macs=2 * batch * hq * lin * lin / 2 * s.head_dim,
+                act_bytes=batch * (hq + 2 * hkv) * lin * s.head_dim * b,
+                tp=tp,
+            )
+        )
         works.append(fc_work("o", i, "attn", m, d, hq * s.head_dim, b, tp))
         works.append(fc_work("ff_in", i, "mlp", m, (2 if s.gated else 1) * f, d, b, tp))
         works.append(fc_work("ff_out", i, "mlp", m, d, f, b, tp))
@@ -378,8 +448,9 @@ class GenerationResult:
         return self.batch * steps / (self.prefill_s + steps * self.mean_step_s)
 
 
-def generation(s: ModelShape, batch: int, lin: int, lout: int, hw: PimHardware = DEFAULT, policy: str = "auto",
-               samples: int = 32) -> GenerationResult:
+def generation(
+    s: ModelShape, batch: int, lin: int, lout: int, hw: PimHardware = DEFAULT, policy: str = "auto", samples: int = 32
+) -> GenerationResult:
     """Generate `lout` tokens after a `lin`-token prompt: stages 1..lout-1 attend over lin+stage tokens
     (AttAcc's generation loop). Step time is piecewise linear in the context, so the mean over all stages is
     taken from `samples` evenly spaced stages (exact ends, midpoint rule in between)."""
@@ -438,8 +509,13 @@ def graph_works(graph, batch: int, context: int, spec: int = 0, hw: PimHardware 
         elif names and node.op != "embedding":
             layer = None
         lay = None if node.op == "embedding" else layer
-        block = "attn" if any("attn" in nm or "attention" in nm for nm in names) else \
-            "mlp" if any("mlp" in nm or "ffn" in nm for nm in names) else ""
+        block = (
+            "attn"
+            if any("attn" in nm or "attention" in nm for nm in names)
+            else "mlp"
+            if any("mlp" in nm or "ffn" in nm for nm in names)
+            else ""
+        )
         if node.op in _VIEWS:
             out.append((node, Work(node.name, node.op, "view", lay)))
         elif node.op == "linear" and node.inputs[1].op in ("param", "qweight"):
@@ -451,10 +527,25 @@ def graph_works(graph, batch: int, context: int, spec: int = 0, hw: PimHardware 
         elif node.op == "gated_mlp":
             f, d = (int(x) for x in node.inputs[1].type.shape)
             mm = n_el(node.inputs[0].type) // d
-            out.append((node, Work(node.name, "gated_mlp", "fc", lay, "mlp", macs=3 * mm * f * d,
-                                   resident_bytes=3 * f * d * b, act_bytes=(2 * mm * d + 3 * mm * f) * b, reuse=mm,
-                                   groups=1, phases=[(2 * f * d * b, d * b, 2 * f * b), (f * d * b, f * b, d * b)],
-                                   resident="weights")))
+            out.append(
+                (
+                    node,
+                    Work(
+                        node.name,
+                        "gated_mlp",
+                        "fc",
+                        lay,
+                        "mlp",
+                        macs=3 * mm * f * d,
+                        resident_bytes=3 * f * d * b,
+                        act_bytes=(2 * mm * d + 3 * mm * f) * b,
+                        reuse=mm,
+                        groups=1,
+                        phases=[(2 * f * d * b, d * b, 2 * f * b), (f * d * b, f * b, d * b)],
+                        resident="weights",
+                    ),
+                )
+            )
         elif node.op == "cached_attention":
             q, cache = node.input("q").type, node.input("cache").type
             heads, hd, kvh = int(q.shape[1]), int(q.shape[3]), int(cache.shape[2])
@@ -469,8 +560,15 @@ def graph_works(graph, batch: int, context: int, spec: int = 0, hw: PimHardware 
     return out
 
 
-def simulate_graph(graph, batch: int, context: int, spec: int = 0, hw: PimHardware = DEFAULT, policy: str = "auto",
-                   use_annotations: bool = True) -> StepResult:
+def simulate_graph(
+    graph,
+    batch: int,
+    context: int,
+    spec: int = 0,
+    hw: PimHardware = DEFAULT,
+    policy: str = "auto",
+    use_annotations: bool = True,
+) -> StepResult:
     """One decode step of a kiln graph. With `use_annotations`, ops annotated by `place-pim` keep their placement."""
     pairs = graph_works(graph, batch, context, spec, hw)
     placements = None

@@ -15,6 +15,7 @@ Sources, abbreviated below:
   [H100]    NVIDIA H100 SXM5 datasheet / DGX H100 whitepaper.
   [JESD238] JEDEC HBM3 standard (organisation: 16 channels x 2 pseudo-channels, 1 KB page).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
@@ -46,15 +47,19 @@ class PimHardware:
     gpu_compute_util: float = _p(0.8, "[AttAcc] config.py SCALING_FACTOR MAX_COMPUTE_UTIL", "fraction")
     gpu_mem_util: float = _p(0.85, "[AttAcc] config.py SCALING_FACTOR MAX_OFF_MEM_BW_UTIL", "fraction")
     gpu_kernel_overhead_s: float = _p(
-        2.0e-6, "kiln estimate: launch + ramp/tail of one GPU kernel on H100 (CUDA-graph launch ~2 us); "
-        "AttAcc fits 6.9/8.3 us fixed costs for norm/activation kernels on A100 (devices.py)", "nonneg")
+        2.0e-6,
+        "kiln estimate: launch + ramp/tail of one GPU kernel on H100 (CUDA-graph launch ~2 us); "
+        "AttAcc fits 6.9/8.3 us fixed costs for norm/activation kernels on A100 (devices.py)",
+        "nonneg",
+    )
 
     # -- memory: HBM3 stacks (each also the PIM device) ---------------------------------------------------------
     stacks: int = _p(5, "[H100] 5 active HBM3 stacks; [AttAcc] config.py NUM_HBM")
     stack_bw: float = _p(670.4e9, "[AttAcc] config.py 670.4 GB/s per stack (5 x 670.4 = 3352 GB/s = [H100])")
     pch_per_stack: int = _p(32, "[JESD238] 16 channels x 2 pseudo-channels")
-    banks_per_pch: int = _p(32, "[AttAcc] HBM3_8Gb_2R: 2 ranks (SIDs) x 4 bank groups x 4 banks per pseudo-channel "
-                                "(1024 banks per stack)")
+    banks_per_pch: int = _p(
+        32, "[AttAcc] HBM3_8Gb_2R: 2 ranks (SIDs) x 4 bank groups x 4 banks per pseudo-channel (1024 banks per stack)"
+    )
     bankgroups_per_pch: int = _p(8, "[AttAcc] 2 ranks x 4 bank groups")
     column_bytes: int = _p(32, "[HBM-PIM] one 256-bit column per access (burst of 32 B per pseudo-channel)")
     macs_per_column: int = _p(16, "[HBM-PIM] 16-lane fp16 SIMD MAC per bank: 16 MACs per 32-byte column")
@@ -64,39 +69,61 @@ class PimHardware:
     nrp: int = _p(19, "[AttAcc] HBM3_5.2Gbps timing preset, nRP (cycles)")
     nccd_ab: int = _p(6, "[AttAcc] HBM3_5.2Gbps preset: all-bank column-to-column delay with the power limit (cycles)")
     nccd_ab_nopl: int = _p(4, "[AttAcc] HBM3_5.2Gbps_NPC preset: nCCD_AB without the power limit (cycles)")
-    nccd_s: int = _p(2, "[JESD238] tCCD_S = 2 cycles: one 32 B column per pseudo-channel per 2 cycles "
-                        "(= 670.4 GB/s / 32 pseudo-channels)")
-    nccd_bg: int = _p(2, "[AttAcc] config.py BW_SCALE: bank-group PIM at 8x external bandwidth "
-                         "= 8 bank-group units x 32 B per 2 cycles")
-    mode_switch_cycles: int = _p(152, "[HBM-PIM] entering SB->AB->AB-PIM and leaving takes ACT/PRE pairs to reserved "
-                                      "rows: kiln charges 4 x (nRCD + nRP) per PIM kernel")
-    power_limit: bool = _p(True, "[AttAcc] --powerlimit: all-bank MACs at nCCD_AB=6 to stay in the HBM power budget",
-                           "bool")
+    nccd_s: int = _p(
+        2,
+        "[JESD238] tCCD_S = 2 cycles: one 32 B column per pseudo-channel per 2 cycles "
+        "(= 670.4 GB/s / 32 pseudo-channels)",
+    )
+    nccd_bg: int = _p(
+        2,
+        "[AttAcc] config.py BW_SCALE: bank-group PIM at 8x external bandwidth = 8 bank-group units x 32 B per 2 cycles",
+    )
+    mode_switch_cycles: int = _p(
+        152,
+        "[HBM-PIM] entering SB->AB->AB-PIM and leaving takes ACT/PRE pairs to reserved "
+        "rows: kiln charges 4 x (nRCD + nRP) per PIM kernel",
+    )
+    power_limit: bool = _p(
+        True, "[AttAcc] --powerlimit: all-bank MACs at nCCD_AB=6 to stay in the HBM power budget", "bool"
+    )
     variant: str = _p("bank", "[AttAcc] --pim bank|bg|buffer: where the MAC units sit", "variant")
     dtype_bytes: int = _p(2, "[AttAcc] W16A16 (fp16 weights, activations and KV cache)")
 
     # -- what lives in PIM memory --------------------------------------------------------------------------------
     kv_in_pim: bool = _p(True, "[AttAcc] the KV cache is stored in the PIM-enabled HBM", "bool")
-    weights_in_pim: bool = _p(True, "kiln: the GPU's own HBM is PIM-enabled, so FC weights are PIM-resident too "
-                                    "(AttAcc keeps them in plain GPU HBM: set False to model that)", "bool")
-    pipeline_attention: bool = _p(True, "[AttAcc] --pipeopt: head-wise pipelining of PIM attention with the GPU's "
-                                        "QKV/output projections", "bool")
+    weights_in_pim: bool = _p(
+        True,
+        "kiln: the GPU's own HBM is PIM-enabled, so FC weights are PIM-resident too "
+        "(AttAcc keeps them in plain GPU HBM: set False to model that)",
+        "bool",
+    )
+    pipeline_attention: bool = _p(
+        True, "[AttAcc] --pipeopt: head-wise pipelining of PIM attention with the GPU's QKV/output projections", "bool"
+    )
 
     # -- interconnect (tensor parallelism) --------------------------------------------------------------------------
     link_bw: float = _p(450e9, "[H100] NVLink4 900 GB/s bidirectional = 450 GB/s per direction")
-    collective_step_s: float = _p(6.06e-6, "[AttAcc] devices.py: fixed 6.06 us per all-reduce step, fitted to NCCL "
-                                           "on DGX A100")
+    collective_step_s: float = _p(
+        6.06e-6, "[AttAcc] devices.py: fixed 6.06 us per all-reduce step, fitted to NCCL on DGX A100"
+    )
 
     # -- energy -----------------------------------------------------------------------------------------------------
-    e_gpu_dram_pj_b: float = _p(28.7, "[FGDRAM] via [AttAcc] config.py: cell 0.11+0.44, column path 1.01+1.23, "
-                                      "TSV 0.5, interposer 0.3 pJ/bit = 28.7 pJ/B")
-    e_gpu_onchip_pj_b: float = _p(3.68, "[AttAcc] config.py: L2 0.3 + L1 0.16 pJ/bit = 3.68 pJ per byte streamed "
-                                        "through the GPU's caches")
+    e_gpu_dram_pj_b: float = _p(
+        28.7,
+        "[FGDRAM] via [AttAcc] config.py: cell 0.11+0.44, column path 1.01+1.23, "
+        "TSV 0.5, interposer 0.3 pJ/bit = 28.7 pJ/B",
+    )
+    e_gpu_onchip_pj_b: float = _p(
+        3.68, "[AttAcc] config.py: L2 0.3 + L1 0.16 pJ/bit = 3.68 pJ per byte streamed through the GPU's caches"
+    )
     e_pim_bank_pj_b: float = _p(4.4, "[FGDRAM] cell only (0.11+0.44 pJ/bit) for a MAC next to the bank")
     e_pim_bankgroup_pj_b: float = _p(12.5, "[FGDRAM] cell + column path to the bank-group mux (0.11+0.44+1.01 pJ/bit)")
     e_pim_buffer_pj_b: float = _p(26.3, "[FGDRAM] cell + column path + TSV (0.11+0.44+1.01+1.23+0.5 pJ/bit)")
-    e_vector_io_pj_b: float = _p(24.3, "[AttAcc] config.py PIM io: 0.3+0.5+1.23+1.01 pJ/bit for vectors moved "
-                                       "between the GPU/buffer die and the banks")
+    e_vector_io_pj_b: float = _p(
+        24.3,
+        "[AttAcc] config.py PIM io: 0.3+0.5+1.23+1.01 pJ/bit for vectors moved "
+        "between the GPU/buffer die and the banks",
+    )
     e_mac_pj: float = _p(0.32, "[AttAcc] config.py alu: 0.32 pJ per fp16 MAC (GPU and PIM)")
     e_link_pj_b: float = _p(10.4, "[AttAcc] config.py comm: 1.3 pJ/bit NVLink")
 
@@ -111,7 +138,9 @@ class PimHardware:
                     raise PimConfigError(f.name, f"must be True or False, got {v!r}")
             elif kind == "variant":
                 if v not in VARIANTS:
-                    raise PimConfigError(f.name, f"unknown PIM placement variant {v!r}; choose one of {', '.join(VARIANTS)}")
+                    raise PimConfigError(
+                        f.name, f"unknown PIM placement variant {v!r}; choose one of {', '.join(VARIANTS)}"
+                    )
             else:
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
                     raise PimConfigError(f.name, f"must be a number, got {v!r}")
@@ -155,8 +184,9 @@ class PimHardware:
 
     @property
     def e_pim_pj_b(self) -> float:
-        return {"bank": self.e_pim_bank_pj_b, "bankgroup": self.e_pim_bankgroup_pj_b,
-                "buffer": self.e_pim_buffer_pj_b}[self.variant]
+        return {"bank": self.e_pim_bank_pj_b, "bankgroup": self.e_pim_bankgroup_pj_b, "buffer": self.e_pim_buffer_pj_b}[
+            self.variant
+        ]
 
     @property
     def cols_per_row(self) -> int:
@@ -183,7 +213,7 @@ class PimHardware:
         operand: PIM spends one MAC slot per reuse per column, the memory-bound GPU reads the operand once."""
         return self.pim_stream_bw / self.gpu_eff_bw
 
-    def with_(self, **changes: Any) -> "PimHardware":
+    def with_(self, **changes: Any) -> PimHardware:
         return replace(self, **changes)
 
     @classmethod

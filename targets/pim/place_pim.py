@@ -9,17 +9,16 @@ is below the break-even reuse, and its simulated PIM time is lower than its GPU 
 `graph.meta["pim"]` records the parameters and the hardware config version.
 Exact: placement is an annotation; no computation changes.
 """
+
 from __future__ import annotations
 
 from kiln.errors import PassError
 from kiln.ir import Graph
-
 from kiln.passes.registry import count, register
 
 
 @register("place-pim", exact=True, phase="place", requires=("kv-cache",))
-def place_pim(graph: Graph, batch: int = 1, context: int = 2048, spec: int = 0, policy: str = "auto",
-              hw=None) -> Graph:
+def place_pim(graph: Graph, batch: int = 1, context: int = 2048, spec: int = 0, policy: str = "auto", hw=None) -> Graph:
     """Matches: every op (after kv-cache). Guarantees: each op has attrs placement (gpu|pim) and
     placement_reason for decode at (batch, context, spec). Exact: annotations only."""
     from .cost import decide, graph_works
@@ -42,6 +41,11 @@ def place_pim(graph: Graph, batch: int = 1, context: int = 2048, spec: int = 0, 
         node.attrs["placement_reason"] = why
         if w.kind != "view":
             count(f"{where}-{w.kind}")
-    g.meta["pim"] = {"batch": int(batch), "context": int(context), "spec": int(spec), "policy": policy,
-                     "hw_version": hw.version}
+    g.meta["pim"] = {
+        "batch": int(batch),
+        "context": int(context),
+        "spec": int(spec),
+        "policy": policy,
+        "hw_version": hw.version,
+    }
     return g

@@ -10,6 +10,7 @@
 
 `write_report(...)` draws the plots (matplotlib, Agg backend, PNG).
 """
+
 from __future__ import annotations
 
 import os
@@ -29,42 +30,60 @@ class PimTarget(CpuTarget):
     capabilities = CpuTarget.capabilities | {"simulated"}
     pass_modules = ("kiln.targets.pim.place_pim",)
 
-    def __init__(self, batch: int = 1, context: int = 2048, spec: int = 0, hw: PimHardware | None = None,
-                 policy: str = "auto") -> None:
+    def __init__(
+        self, batch: int = 1, context: int = 2048, spec: int = 0, hw: PimHardware | None = None, policy: str = "auto"
+    ) -> None:
         super().__init__()
         self.batch, self.context, self.spec = int(batch), int(context), int(spec)
         self.hw = hw or DEFAULT
         self.policy = policy
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "simulated": True, "hw_version": self.hw.version, "variant": self.hw.variant,
-                "decode": {"batch": self.batch, "context": self.context, "spec": self.spec},
-                "functional": super().describe()}
+        return {
+            "name": self.name,
+            "simulated": True,
+            "hw_version": self.hw.version,
+            "variant": self.hw.variant,
+            "decode": {"batch": self.batch, "context": self.context, "spec": self.spec},
+            "functional": super().describe(),
+        }
 
     def place(self, graph: Graph) -> Graph:
         if any("placement" in n.attrs for n in graph.nodes):
             return graph
         from .place_pim import place_pim
-        return place_pim(graph, batch=self.batch, context=self.context, spec=self.spec, policy=self.policy,
-                         hw=self.hw)
 
-    def timeline(self, graph: Graph, batch: int | None = None, context: int | None = None,
-                 spec: int | None = None) -> dict[str, StepResult]:
+        return place_pim(graph, batch=self.batch, context=self.context, spec=self.spec, policy=self.policy, hw=self.hw)
+
+    def timeline(
+        self, graph: Graph, batch: int | None = None, context: int | None = None, spec: int | None = None
+    ) -> dict[str, StepResult]:
         """Simulated decode step, GPU-only ("gpu") and with the offload rule ("pim")."""
         b = self.batch if batch is None else batch
         c = self.context if context is None else context
         s = self.spec if spec is None else spec
         same = (b, c, s) == (self.batch, self.context, self.spec)
-        return {"gpu": simulate_graph(graph, b, c, s, self.hw, "gpu"),
-                "pim": simulate_graph(graph, b, c, s, self.hw, "auto", use_annotations=same)}
+        return {
+            "gpu": simulate_graph(graph, b, c, s, self.hw, "gpu"),
+            "pim": simulate_graph(graph, b, c, s, self.hw, "auto", use_annotations=same),
+        }
 
     def build(self, graph: Graph, entry_points: dict[str, EntryPoint] | None = None) -> BuildResult:
         g = self.place(graph)
         res = super().build(g, entry_points)
         tl = self.timeline(g)
-        res.target = dict(self.describe(), simulated={
-            k: {"step_s": v.time_s, "step_j": v.energy_j, "tokens_per_s": v.tokens_per_s,
-                "j_per_token": v.j_per_token} for k, v in tl.items()})
+        res.target = dict(
+            self.describe(),
+            simulated={
+                k: {
+                    "step_s": v.time_s,
+                    "step_j": v.energy_j,
+                    "tokens_per_s": v.tokens_per_s,
+                    "j_per_token": v.j_per_token,
+                }
+                for k, v in tl.items()
+            },
+        )
         res.timeline = tl
         return res
 
@@ -74,10 +93,13 @@ TARGET = PimTarget
 
 # -- report ---------------------------------------------------------------------------------------------------------
 
+
 def _plt():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -125,8 +147,14 @@ def plot_placement(step: StepResult, path: str, title: str = "") -> str:
     return path
 
 
-def plot_speedup(series: dict[str, tuple[list, list]], xlabel: str, path: str, title: str = "",
-                 ylabel: str = "speedup GPU+PIM / GPU-only", logx: bool = True) -> str:
+def plot_speedup(
+    series: dict[str, tuple[list, list]],
+    xlabel: str,
+    path: str,
+    title: str = "",
+    ylabel: str = "speedup GPU+PIM / GPU-only",
+    logx: bool = True,
+) -> str:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, (xs, ys) in series.items():
@@ -146,5 +174,7 @@ def plot_speedup(series: dict[str, tuple[list, list]], xlabel: str, path: str, t
 
 def write_report(tl: dict[str, StepResult], out: str, name: str = "model") -> list[str]:
     os.makedirs(out, exist_ok=True)
-    return [plot_breakdown(tl, os.path.join(out, f"{name}_breakdown.png"), f"{name}: decode step"),
-            plot_placement(tl["pim"], os.path.join(out, f"{name}_placement.png"))]
+    return [
+        plot_breakdown(tl, os.path.join(out, f"{name}_breakdown.png"), f"{name}: decode step"),
+        plot_placement(tl["pim"], os.path.join(out, f"{name}_placement.png")),
+    ]
