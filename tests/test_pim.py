@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import kiln.targets.pim.place_pim  # noqa: F401  (registers place-pim until passes/__init__ imports it)
-from kiln.targets.pim.cost import GPT3_175B, attention_work, decide, ew_work, fc_work, generation, simulate_graph
+from kiln.targets.pim.cost import GPT3_175B, attention_work, decide, ew_work, fc_work, generation
+from kiln.targets.pim.graph import simulate_graph
 from kiln.targets.pim.hw import DEFAULT, PimConfigError, PimHardware
 
 HW = DEFAULT

@@ -192,10 +192,9 @@ def cached_attention_reference(
             cache[pg, 1, :, p % page] = v[b, :, t]
     rep = H // k.shape[1]
     for b in range(B):
-        valid = pos[b][pos[b] >= 0]
-        if valid.numel() == 0:
+        n = _prefix_len(pos[b])
+        if not n:
             continue
-        n = int(valid.max()) + 1
         idx = torch.arange(n)
         pages = page_table[b, idx // page].long()
         keys = cache[pages, 0, :, idx % page].permute(1, 0, 2)  # [Hkv, n, D]
@@ -203,6 +202,12 @@ def cached_attention_reference(
         keys, vals = keys.repeat_interleave(rep, 0), vals.repeat_interleave(rep, 0)
         out[b] = _attend_prefix(q[b], keys, vals, pos[b], scale, window, alibi)
     return out
+
+
+def _prefix_len(pos: torch.Tensor) -> int:
+    """How many cached positions a sequence's queries (absolute positions `pos`, < 0 = padding) see."""
+    valid = pos[pos >= 0]
+    return int(valid.max()) + 1 if valid.numel() else 0
 
 
 def _attend_prefix(q, keys, vals, pos, scale: float, window: int, alibi) -> torch.Tensor:
@@ -285,10 +290,9 @@ def cached_mla_attention_reference(
                 cache[int(page_table[b, p // page]), p % page] = rows[b, t].to(cache.dtype)
     out = torch.zeros(B, H, T, w_uv.shape[1], dtype=q_nope.dtype)
     for b in range(B):
-        valid = pos[b][pos[b] >= 0]
-        if valid.numel() == 0:
+        n = _prefix_len(pos[b])
+        if not n:
             continue
-        n = int(valid.max()) + 1
         idx = torch.arange(n)
         lat = cache[page_table[b, idx // page].long(), idx % page].to(q_nope.dtype)  # [n, r + Hkv*R]
         kr = lat[:, r:].reshape(n, G, R).permute(1, 0, 2)[None]

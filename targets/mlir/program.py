@@ -17,7 +17,7 @@ from kiln.dims import DimError, eval_dim
 from kiln.errors import KilnError, UnsupportedOpError
 from kiln.interp import execute, reference_step
 from kiln.ir import Graph, Node
-from kiln.ops import OPS, _rebuild, kv_fake_quant, norm_dim, torch_dtype
+from kiln.ops import OPS, _rebuild, find_rule, kv_fake_quant, norm_dim, register_rule, torch_dtype
 
 ENTRY_POINTS: tuple[str, ...] = ("prefill", "decode")
 
@@ -33,9 +33,14 @@ def _dim_value(e: Any, env: dict[str, Any]) -> Any:
 
 
 class _Ctx:
+    """Sizes bound to ints or SymInts, and the state the "mlir" rules share: the caches as they are
+    updated (functionally), and whether the logits of every token are wanted."""
+
     def __init__(self, env: dict[str, Any]) -> None:
         self.env = env
         self.node: Node | None = None
+        self.caches: dict[str, torch.Tensor] = {}
+        self.full_logits = False
 
     def eval(self, expr: Any) -> Any:
         return _dim_value(expr, self.env)
@@ -175,42 +180,10 @@ class KilnProgram(torch.nn.Module):
     def _op(
         self, ctx: _Ctx, node: Node, x: list[torch.Tensor], caches: dict[str, torch.Tensor], full_logits: bool
     ) -> torch.Tensor:
-        a = node.attrs
-        op = node.op
-        if op == "cached_attention":
-            if node.input("scales") is not None:
-                raise UnsupportedOpError(
-                    "cached_attention with an int8 KV cache",
-                    node.source,
-                    "the mlir target keeps an fp32 cache (quantize-kv dtype=fp8_e4m3 is "
-                    "fake-quantized into it; int8 codes with scales are not)",
-                )
-            q, k, v, cache, pt, pos = x
-            k, v = kv_fake_quant(k, a["kv_dtype"]), kv_fake_quant(v, a["kv_dtype"])
-            cache_name = node.input("cache").name
-            new = paged_append(caches[cache_name], k, v, pt, pos)
-            caches[cache_name] = new
-            return paged_attention(q, new, pt, pos, a["scale"], a["window"])
-        if op == "qweight":
-            return dequantize(x[0], x[1], x[2], a["group"])
-        if op == "slice":
-            t = x[0]
-            if full_logits and a.get("last_token"):
-                return t
-            d = norm_dim(a["dim"], t.dim())
-            size = t.shape[d]
-            start, end, step = ctx.eval(a["start"]), ctx.eval(a["end"]), a["step"]
-            if isinstance(start, int) and start < 0:
-                start = size + start
-            if isinstance(end, int):
-                end = size + end if end < 0 else (size if end >= 2**62 else end)
-            out = t.narrow(d, start, end - start)
-            return out if step == 1 else out[(slice(None),) * d + (slice(None, None, step),)]
-        if op == "const":
-            return torch.full((), a["value"], dtype=torch_dtype(node.type.dtype))
-        if op == "aten":
-            return a["fn"](*_rebuild(a["args"], x, ctx), **_rebuild(a["kwargs"], x, ctx))
-        return reference_step(ctx, node, x)
+        """One node's value: its "mlir" rule (below) where it has one, else its reference semantics."""
+        ctx.caches, ctx.full_logits = caches, full_logits
+        rule = find_rule(node.op, ("mlir",))
+        return rule(ctx, node, x) if rule is not None else reference_step(ctx, node, x)
 
     def _call(self, entry: str, input_ids, positions, page_table, kv_caches) -> tuple[torch.Tensor, ...]:
         if len(kv_caches) != len(self.cache_names):
@@ -274,3 +247,58 @@ class _Entry(torch.nn.Module):
             **dict(zip(p.cache_names, kv_caches)),
         }
         return p.run(ins, dict(zip(self.names, weights)))
+
+
+# -- "mlir" rules: the ops whose reference semantics torch.export / torch-mlir cannot take as they are ------
+
+
+@register_rule("mlir", "cached_attention")
+def _cached_attention(ctx: _Ctx, node: Node, x: list[torch.Tensor]) -> torch.Tensor:
+    """A functional paged append (the updated cache replaces the old one in ctx.caches), then attention."""
+    a = node.attrs
+    if node.input("scales") is not None:
+        raise UnsupportedOpError(
+            "cached_attention with an int8 KV cache",
+            node.source,
+            "the mlir target keeps an fp32 cache (quantize-kv dtype=fp8_e4m3 is "
+            "fake-quantized into it; int8 codes with scales are not)",
+        )
+    q, k, v, cache, pt, pos = x
+    k, v = kv_fake_quant(k, a["kv_dtype"]), kv_fake_quant(v, a["kv_dtype"])
+    cache_name = node.input("cache").name
+    new = paged_append(ctx.caches[cache_name], k, v, pt, pos)
+    ctx.caches[cache_name] = new
+    return paged_attention(q, new, pt, pos, a["scale"], a["window"])
+
+
+@register_rule("mlir", "qweight")
+def _qweight(ctx: _Ctx, node: Node, x: list[torch.Tensor]) -> torch.Tensor:
+    return dequantize(x[0], x[1], x[2], node.attrs["group"])
+
+
+@register_rule("mlir", "slice")
+def _slice(ctx: _Ctx, node: Node, x: list[torch.Tensor]) -> torch.Tensor:
+    """Bounds as SymInt arithmetic (no specialization); the last-token slice keeps every token when asked."""
+    a, t = node.attrs, x[0]
+    if ctx.full_logits and a.get("last_token"):
+        return t
+    d = norm_dim(a["dim"], t.dim())
+    size = t.shape[d]
+    start, end, step = ctx.eval(a["start"]), ctx.eval(a["end"]), a["step"]
+    if isinstance(start, int) and start < 0:
+        start = size + start
+    if isinstance(end, int):
+        end = size + end if end < 0 else (size if end >= 2**62 else end)
+    out = t.narrow(d, start, end - start)
+    return out if step == 1 else out[(slice(None),) * d + (slice(None, None, step),)]
+
+
+@register_rule("mlir", "const")
+def _const(ctx: _Ctx, node: Node, x: list[torch.Tensor]) -> torch.Tensor:
+    return torch.full((), node.attrs["value"], dtype=torch_dtype(node.type.dtype))
+
+
+@register_rule("mlir", "aten")
+def _aten(ctx: _Ctx, node: Node, x: list[torch.Tensor]) -> torch.Tensor:
+    a = node.attrs
+    return a["fn"](*_rebuild(a["args"], x, ctx), **_rebuild(a["kwargs"], x, ctx))

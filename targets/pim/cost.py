@@ -53,16 +53,11 @@ AttAcc's main.py, not part of that number; `GenerationResult.e2e_tokens_per_s` i
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kiln.ops import ops_of_kind
-
 from .hw import DEFAULT, PimHardware
-
-_VIEWS = ops_of_kind("view")  # layout only: no work
 
 
 @dataclass
@@ -464,114 +459,3 @@ def generation(
         es.append(r.energy_j)
     pf = prefill_time(s, batch, lin, hw)
     return GenerationResult(batch, lin, lout, policy, sum(ts) / n, sum(es) / n, pf.time_s, pf.energy_j)
-
-
-# -- kiln IR graphs ------------------------------------------------------------------------------------------------
-
-_LAYER = re.compile(r"layers?[._](\d+)[._]")
-
-
-def _param_names(node) -> list[str]:
-    return [i.attrs["name"] for i in node.inputs if i.op == "param"]
-
-
-def graph_works(graph, batch: int, context: int, spec: int = 0, hw: PimHardware = DEFAULT) -> list[tuple[Any, Work]]:
-    """Work items of every op of a kv-cached kiln graph at decode (batch, tokens = 1 + spec, `context` cached).
-
-    Sizes come from the IR types with `batch`/`tokens` bound; the simulated hardware runs fp16
-    (`hw.dtype_bytes`) whatever the IR's dtype. Layers come from parameter names (`...layers.N...`) or the
-    `layer` attribute; ops without one inherit the last seen layer, ops reading non-layer parameters
-    (final norm, LM head, embedding) are layer None."""
-    import sympy
-
-    from kiln.ir import sym
-    from kiln.ops import numel
-
-    T = 1 + spec
-    env = {sym("batch"): batch, sym("tokens"): T, sym("pages"): 1, sym("max_pages"): 1}
-    b = hw.dtype_bytes
-
-    def n_el(t) -> int:
-        v = numel(t.shape).subs(env)
-        return int(v) if isinstance(v, sympy.Integer) or getattr(v, "is_Integer", False) else 0
-
-    out: list[tuple[Any, Work]] = []
-    layer = None
-    for node in graph.nodes:
-        if node.op in ("input", "param", "const"):
-            continue
-        names = _param_names(node)
-        m = next((_LAYER.search(nm) for nm in names if _LAYER.search(nm)), None)
-        if node.op == "cached_attention" and node.attrs["layer"] is not None:
-            layer = int(node.attrs["layer"])
-        elif m:
-            layer = int(m.group(1))
-        elif names and node.op != "embedding":
-            layer = None
-        lay = None if node.op == "embedding" else layer
-        block = (
-            "attn"
-            if any("attn" in nm or "attention" in nm for nm in names)
-            else "mlp"
-            if any("mlp" in nm or "ffn" in nm for nm in names)
-            else ""
-        )
-        if node.op in _VIEWS:
-            out.append((node, Work(node.name, node.op, "view", lay)))
-        elif node.op == "linear" and node.inputs[1].op in ("param", "qweight"):
-            n_out, k = (int(d) for d in node.inputs[1].type.shape)
-            mm = n_el(node.type) // n_out
-            w = fc_work(node.name, lay, block, mm, n_out, k, b)
-            w.op = "linear"
-            out.append((node, w))
-        elif node.op == "gated_mlp":
-            f, d = (int(x) for x in node.inputs[1].type.shape)
-            mm = n_el(node.inputs[0].type) // d
-            out.append(
-                (
-                    node,
-                    Work(
-                        node.name,
-                        "gated_mlp",
-                        "fc",
-                        lay,
-                        "mlp",
-                        macs=3 * mm * f * d,
-                        resident_bytes=3 * f * d * b,
-                        act_bytes=(2 * mm * d + 3 * mm * f) * b,
-                        reuse=mm,
-                        groups=1,
-                        phases=[(2 * f * d * b, d * b, 2 * f * b), (f * d * b, f * b, d * b)],
-                        resident="weights",
-                    ),
-                )
-            )
-        elif node.op == "cached_attention":
-            q, cache = node.input("q").type, node.input("cache").type
-            heads, hd, kvh = int(q.shape[1]), int(q.shape[3]), int(cache.shape[2])
-            ctx = context if not node.attrs["window"] else min(context, int(node.attrs["window"]))
-            w = attention_work(node.name, lay, batch, T, ctx, heads, kvh, hd, b)
-            out.append((node, w))
-        elif node.op == "embedding":
-            out.append((node, ew_work(node.name, "embedding", None, 2 * n_el(node.type) * b, kind="embed")))
-        else:
-            nbytes = sum(n_el(i.type) for i in node.inputs if i.op not in ("param", "const")) + n_el(node.type)
-            out.append((node, ew_work(node.name, node.op, lay, nbytes * b)))
-    return out
-
-
-def simulate_graph(
-    graph,
-    batch: int,
-    context: int,
-    spec: int = 0,
-    hw: PimHardware = DEFAULT,
-    policy: str = "auto",
-    use_annotations: bool = True,
-) -> StepResult:
-    """One decode step of a kiln graph. With `use_annotations`, ops annotated by `place-pim` keep their placement."""
-    pairs = graph_works(graph, batch, context, spec, hw)
-    placements = None
-    if use_annotations and policy == "auto":
-        placements = {n.name: n.attrs["placement"] for n, _ in pairs if "placement" in n.attrs}
-    return simulate_step([w for _, w in pairs], hw, policy, tokens=batch * (1 + spec), placements=placements)

@@ -21,7 +21,8 @@ from kiln.passes.registry import count, register
 def place_pim(graph: Graph, batch: int = 1, context: int = 2048, spec: int = 0, policy: str = "auto", hw=None) -> Graph:
     """Matches: every op (after kv-cache). Guarantees: each op has attrs placement (gpu|pim) and
     placement_reason for decode at (batch, context, spec). Exact: annotations only."""
-    from .cost import decide, graph_works
+    from .cost import decide
+    from .graph import graph_works
     from .hw import DEFAULT, PimHardware
 
     hw = hw or DEFAULT

@@ -21,7 +21,8 @@ from kiln.ir import Graph
 from kiln.targets.base import BuildResult
 from kiln.targets.cpu.target import CpuTarget
 
-from .cost import StepResult, simulate_graph
+from .cost import StepResult
+from .graph import simulate_graph
 from .hw import DEFAULT, PimHardware
 
 
