@@ -77,7 +77,7 @@ class _Converter:
         self.g = graph
         self.values: dict[Any, Any] = {}
         self.symbols: dict[sympy.Symbol, sympy.Expr] = {}
-        self.node = None  # fx node being converted
+        self.node: torch.fx.Node | None = None  # fx node being converted (set by run)
 
     # -- argument conversion ---------------------------------------------------------------------
     def expr(self, e) -> sympy.Expr:
@@ -107,9 +107,11 @@ class _Converter:
         if isinstance(v, float):
             dt = like.type.dtype if like is not None and like.type.dtype.startswith("float") else "float32"
             return self.g.const(v, dt)
+        assert self.node is not None  # arguments are converted while run() walks a node
         raise UnsupportedOpError(str(self.node.target), source_line(self.node), f"argument {v!r} is not a tensor")
 
     def out_type(self) -> TensorType:
+        assert self.node is not None  # called while run() walks a node
         val = self.node.meta["val"]
         return TensorType(
             tuple(self.expr(d) if isinstance(d, torch.SymInt) else sympy.Integer(d) for d in val.shape),
@@ -117,6 +119,7 @@ class _Converter:
         )
 
     def add(self, op: str, inputs: list[Node], attrs: dict | None = None, **kw) -> Node:
+        assert self.node is not None  # called while run() walks a node
         return self.g.add(op, inputs, attrs, name=self.node.name, source=source_line(self.node), **kw)
 
     # -- the walk ---------------------------------------------------------------------------------
@@ -204,7 +207,7 @@ def _binary(op):
     return fn
 
 
-for _t, _op in [
+for _target, _op in [
     (aten.add.Tensor, "add"),
     (aten.add.Scalar, "add"),
     (aten.sub.Tensor, "sub"),
@@ -236,11 +239,11 @@ for _t, _op in [
     (aten.bitwise_or.Tensor, "or"),
     (aten.logical_or.default, "or"),
 ]:
-    _CONVERT[_t] = _binary(_op)
+    _CONVERT[_target] = _binary(_op)
 
 _CONVERT[aten.rsub.Scalar] = lambda c, x, y, alpha=1: _binary("sub")(c, y, x)
 
-for _t, _op in [
+for _target, _op in [
     (aten.neg.default, "neg"),
     (aten.exp.default, "exp"),
     (aten.log.default, "log"),
@@ -257,7 +260,7 @@ for _t, _op in [
     (aten.logical_not.default, "not"),
     (aten.bitwise_not.default, "not"),
 ]:
-    _CONVERT[_t] = (lambda op: lambda c, x: c.add(op, [c.tensor(x)]))(_op)
+    _CONVERT[_target] = (lambda op: lambda c, x: c.add(op, [c.tensor(x)]))(_op)
 
 
 @_conv(aten.gelu.default)
@@ -418,7 +421,7 @@ def _identity(c, x, *a, **kw):
     return c.tensor(x)
 
 
-for _t in (
+for _target in (
     aten.clone.default,
     aten.alias.default,
     aten.contiguous.default,
@@ -426,7 +429,7 @@ for _t in (
     aten.detach.default,
     aten.dropout.default,
 ):
-    _CONVERT[_t] = _identity
+    _CONVERT[_target] = _identity
 
 
 @_conv(aten._to_copy.default, aten.to.dtype)
@@ -441,12 +444,12 @@ def _skip(c, *a, **kw):
     return None
 
 
-for _t in (
+for _target in (
     aten._assert_tensor_metadata.default,
     aten._assert_scalar.default,
     aten.sym_constrain_range_for_size.default,
 ):
-    _CONVERT[_t] = _skip
+    _CONVERT[_target] = _skip
 
 
 @_conv(aten.sym_size.int)
@@ -454,8 +457,8 @@ def _sym_size(c, x, d):
     return c.expr(c.node.meta["val"].node.expr) if isinstance(c.node.meta["val"], torch.SymInt) else c.node.meta["val"]
 
 
-for _t in (operator.mul, operator.add, operator.sub, operator.floordiv):
-    _CONVERT[_t] = lambda c, *a: (
+for _pyop in (operator.mul, operator.add, operator.sub, operator.floordiv):
+    _CONVERT[_pyop] = lambda c, *a: (
         c.expr(c.node.meta["val"].node.expr) if isinstance(c.node.meta["val"], torch.SymInt) else c.node.meta["val"]
     )
 

@@ -187,7 +187,9 @@ class KilnProgram(torch.nn.Module):
                 )
             q, k, v, cache, pt, pos = x
             k, v = kv_fake_quant(k, a["kv_dtype"]), kv_fake_quant(v, a["kv_dtype"])
-            cache_name = node.input("cache").name
+            cache_node = node.input("cache")
+            assert cache_node is not None  # a required input of cached_attention
+            cache_name = cache_node.name
             new = paged_append(caches[cache_name], k, v, pt, pos)
             caches[cache_name] = new
             return paged_attention(q, new, pt, pos, a["scale"], a["window"])
