@@ -197,6 +197,14 @@ def _run_with_recovery(graph, passes: str, steps: int, verify_each: bool, dump_i
     r = distill(teacher, student, text, steps=steps, eval_tokens=graph.meta.get("eval_tokens"))
     st = r.student.stats()
     f = flops_per_token(r.student)
+    evals: dict[str, float] = {}
+    if r.ppl_before:
+        assert r.ppl_after is not None and r.teacher_ppl is not None  # measured on the same eval windows
+        evals = {
+            "perplexity_before": round(r.ppl_before, 4),
+            "perplexity_after": round(r.ppl_after, 4),
+            "teacher_perplexity": round(r.teacher_ppl, 4),
+        }
     pm.records.append(
         PassRecord(
             "distill",
@@ -213,15 +221,7 @@ def _run_with_recovery(graph, passes: str, steps: int, verify_each: bool, dump_i
             {
                 "loss_before": round(r.loss_before, 6),
                 "loss_after": round(r.loss_after, 6),
-                **(
-                    {
-                        "perplexity_before": round(r.ppl_before, 4),
-                        "perplexity_after": round(r.ppl_after, 4),
-                        "teacher_perplexity": round(r.teacher_ppl, 4),
-                    }
-                    if r.ppl_before
-                    else {}
-                ),
+                **evals,
             },
         )
     )
@@ -321,6 +321,7 @@ def _source_hash() -> str:
 
     h = hashlib.sha256()
     for mod in (kiln, kiln.passes, kiln.targets):
+        assert mod.__file__ is not None  # regular packages, loaded from their source files
         root = os.path.dirname(mod.__file__)
         for d, subdirs, files in os.walk(root):  # subpackages too (kiln/ops/, targets/cpu/, ...)
             subdirs[:] = sorted(s for s in subdirs if s != "__pycache__")

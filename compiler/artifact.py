@@ -64,9 +64,9 @@ def write_artifact(
         if tokenizer_dir:
             dst = os.path.join(tmp, "tokenizer")
             os.makedirs(dst)
-            for f in os.listdir(tokenizer_dir):
-                if f.startswith(("tokenizer", "special_tokens", "chat_template", "generation_config")):
-                    shutil.copy(os.path.join(tokenizer_dir, f), dst)
+            for name in os.listdir(tokenizer_dir):
+                if name.startswith(("tokenizer", "special_tokens", "chat_template", "generation_config")):
+                    shutil.copy(os.path.join(tokenizer_dir, name), dst)
         with open(os.path.join(tmp, "ir.txt"), "w") as f:
             f.write(ir_text + "\n")
         with open(os.path.join(tmp, "report.md"), "w") as f:

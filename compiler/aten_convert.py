@@ -70,7 +70,7 @@ def _binary(op):
     return fn
 
 
-for _t, _op in [
+for _target, _op in [
     (aten.add.Tensor, "add"),
     (aten.add.Scalar, "add"),
     (aten.sub.Tensor, "sub"),
@@ -102,11 +102,11 @@ for _t, _op in [
     (aten.bitwise_or.Tensor, "or"),
     (aten.logical_or.default, "or"),
 ]:
-    _CONVERT[_t] = _binary(_op)
+    _CONVERT[_target] = _binary(_op)
 
 _CONVERT[aten.rsub.Scalar] = lambda c, x, y, alpha=1: _binary("sub")(c, y, x)
 
-for _t, _op in [
+for _target, _op in [
     (aten.neg.default, "neg"),
     (aten.exp.default, "exp"),
     (aten.log.default, "log"),
@@ -123,7 +123,7 @@ for _t, _op in [
     (aten.logical_not.default, "not"),
     (aten.bitwise_not.default, "not"),
 ]:
-    _CONVERT[_t] = (lambda op: lambda c, x: c.add(op, [c.tensor(x)]))(_op)
+    _CONVERT[_target] = (lambda op: lambda c, x: c.add(op, [c.tensor(x)]))(_op)
 
 
 @_conv(aten.gelu.default)
@@ -284,7 +284,7 @@ def _identity(c, x, *a, **kw):
     return c.tensor(x)
 
 
-for _t in (
+for _target in (
     aten.clone.default,
     aten.alias.default,
     aten.contiguous.default,
@@ -292,7 +292,7 @@ for _t in (
     aten.detach.default,
     aten.dropout.default,
 ):
-    _CONVERT[_t] = _identity
+    _CONVERT[_target] = _identity
 
 
 @_conv(aten._to_copy.default, aten.to.dtype)
@@ -307,12 +307,12 @@ def _skip(c, *a, **kw):
     return None
 
 
-for _t in (
+for _target in (
     aten._assert_tensor_metadata.default,
     aten._assert_scalar.default,
     aten.sym_constrain_range_for_size.default,
 ):
-    _CONVERT[_t] = _skip
+    _CONVERT[_target] = _skip
 
 
 @_conv(aten.sym_size.int)
@@ -320,8 +320,8 @@ def _sym_size(c, x, d):
     return c.expr(c.node.meta["val"].node.expr) if isinstance(c.node.meta["val"], torch.SymInt) else c.node.meta["val"]
 
 
-for _t in (operator.mul, operator.add, operator.sub, operator.floordiv):
-    _CONVERT[_t] = lambda c, *a: (
+for _pyop in (operator.mul, operator.add, operator.sub, operator.floordiv):
+    _CONVERT[_pyop] = lambda c, *a: (
         c.expr(c.node.meta["val"].node.expr) if isinstance(c.node.meta["val"], torch.SymInt) else c.node.meta["val"]
     )
 

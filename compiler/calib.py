@@ -64,15 +64,15 @@ class InputStats:
     """Statistics of one node's values (a linear layer's input): X^T X, mean |x|, sampled rows."""
 
     k: int
-    H: torch.Tensor = None
-    absmean: torch.Tensor = None
-    absmax: torch.Tensor = None
+    H: torch.Tensor | None = None
+    absmean: torch.Tensor | None = None
+    absmax: torch.Tensor | None = None
     rows: list = field(default_factory=list)
     n: int = 0
 
     def add(self, x: torch.Tensor, keep_rows: int) -> None:
         x = x.reshape(-1, self.k).float()
-        if self.H is None:
+        if self.H is None or self.absmean is None or self.absmax is None:  # the first values start all three
             self.H = torch.zeros(self.k, self.k, dtype=torch.float64)
             self.absmean = torch.zeros(self.k, dtype=torch.float64)
             self.absmax = torch.zeros(self.k)
@@ -87,10 +87,12 @@ class InputStats:
 
     @property
     def hessian(self) -> torch.Tensor:
+        assert self.H is not None, "no values were observed"
         return (2 * self.H / max(self.n, 1)).float()
 
     @property
     def mean_abs(self) -> torch.Tensor:
+        assert self.absmean is not None, "no values were observed"
         return (self.absmean / max(self.n, 1)).float()
 
     @property

@@ -64,7 +64,7 @@ class DistillResult:
 def trainable_params(g: Graph) -> tuple[list[str], int]:
     """Names of the float parameters distillation trains, and how many quantized tensors stay frozen."""
     names: list[str] = []
-    frozen = set()
+    frozen: set[str] = set()
     for n in g.nodes:
         if n.op == "qweight":
             frozen.update(i.attrs["name"] for i in n.inputs if i.op == "param")
@@ -137,7 +137,7 @@ def _forward(
         return out, seen.get("h")
     with torch.set_grad_enabled(grad):
         r = model(input_ids=ids, output_hidden_states=hidden) if hidden else model(input_ids=ids)
-    logits = getattr(r, "logits", r[0] if isinstance(r, (tuple, list)) else r)
+    logits = r.logits if hasattr(r, "logits") else (r[0] if isinstance(r, (tuple, list)) else r)
     return logits, (r.hidden_states[-1] if hidden else None)
 
 
@@ -250,7 +250,7 @@ def distill(
     def probe_loss() -> float:
         with torch.no_grad():
             sl, sh = _forward(g, probe, params=params, hidden=hidden)
-            return float(_loss(*probe_t[:1], sl, probe_t[1], sh, temperature, hidden_weight))
+            return float(_loss(probe_t[0], sl, probe_t[1], sh, temperature, hidden_weight))
 
     windows = _eval_windows(eval_tokens, seq_len)
     ppl_before = _perplexity(g, windows) if windows else None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, overload
 
 import sympy
 import torch
@@ -93,6 +93,29 @@ def execute(
                 if last_use.get(x) == idx:
                     values.pop(x, None)
     return values
+
+
+@overload
+def run(
+    graph: Graph,
+    inputs: dict[str, torch.Tensor],
+    params: dict[str, torch.Tensor] | None = None,
+    return_env: Literal[False] = False,
+    observe=None,
+    grad: bool = False,
+) -> list[torch.Tensor]: ...
+
+
+@overload
+def run(
+    graph: Graph,
+    inputs: dict[str, torch.Tensor],
+    params: dict[str, torch.Tensor] | None = None,
+    *,
+    return_env: Literal[True],
+    observe=None,
+    grad: bool = False,
+) -> tuple[list[torch.Tensor], dict]: ...
 
 
 def run(

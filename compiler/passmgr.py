@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sympy
 
@@ -15,6 +15,9 @@ from .ir import Graph, sym
 from .ops import flops_of
 from .pipeline import check_pipeline, parse_pipeline
 from .verify import verify
+
+if TYPE_CHECKING:
+    import torch
 
 # graph.meta key: the passes a graph has been through, in order; a later pipeline is checked against it
 HISTORY = "pass_history"
@@ -55,8 +58,8 @@ class PassManager:
         self.verify_each = verify_each
         self.dump_ir = dump_ir
         self.records: list[PassRecord] = []
-        self._ref = None
-        self._ppl0 = None
+        self._ref: list[torch.Tensor] | None = None  # log-probabilities before the first lossy pass
+        self._ppl0: float | None = None  # perplexity before the first lossy pass
 
     def run(self, graph: Graph, pipeline: str) -> Graph:
         """Check the whole pipeline against the graph's pass history, then run it pass by pass."""
@@ -123,6 +126,7 @@ class PassManager:
         if self._ref is None:
             self._ppl0, _, self._ref = perplexity_and_kl(before, tokens)
         ppl, kl, _ = perplexity_and_kl(after, tokens, self._ref)
+        assert self._ppl0 is not None and kl is not None  # _ppl0 is set with _ref; a reference gives a KL
         return {
             "eval_tokens": sum(len(w) for w in tokens),
             "perplexity_before": round(self._ppl0, 4),
@@ -131,6 +135,7 @@ class PassManager:
         }
 
     def _dump(self, i: int, name: str, g: Graph) -> None:
+        assert self.dump_ir is not None  # called only when dumping
         with open(os.path.join(self.dump_ir, f"{i:02d}-{name}.txt"), "w") as f:
             f.write(str(g) + "\n")
 

@@ -85,7 +85,7 @@ def ffn_groups(g: Graph) -> list[ChannelGroup]:
         raise PassError("FFN pruning reads each MLP's structure and activations: run it before fuse-mlp")
     users = g.users()
     seen: set[Node] = set()
-    groups = []
+    groups: list[ChannelGroup] = []
     for start in g.nodes:
         if not _linear_w(start) or start in seen or not start.type.shape[-1].is_Integer:
             continue
@@ -130,8 +130,9 @@ def ffn_groups(g: Graph) -> list[ChannelGroup]:
         slices = []
         for p in sorted(producers, key=g.nodes.index):
             slices.append(Slice(p.inputs[1].attrs["name"], 0, 1, p))
-            if p.input("bias") is not None:
-                slices.append(Slice(p.input("bias").attrs["name"], 0))
+            bias = p.input("bias")
+            if bias is not None:
+                slices.append(Slice(bias.attrs["name"], 0))
         slices += [Slice(n, 0) for n in sorted(params)]
         slices += [Slice(c.inputs[1].attrs["name"], 1, 1, c) for c in consumers]
         groups.append(ChannelGroup(len(groups), int(C), slices, reshapes))
@@ -140,7 +141,7 @@ def ffn_groups(g: Graph) -> list[ChannelGroup]:
 
 def _chain_back(x: Node, users: dict, stop: Node) -> tuple[Node, list[Node]]:
     """From an attention input back to its projection: returns (linear, nodes in between)."""
-    chain = []
+    chain: list[Node] = []
     while not _linear_w(x):
         if len([u for u in users.get(x, []) if u is not stop]) > 1 and chain:
             raise PassError(f"head pruning: %{x.name} ({x.op}) feeds more than the attention")
@@ -175,8 +176,9 @@ def head_groups(g: Graph) -> list[HeadGroup]:
                 )
             dst = group.q if which == "q" else group.kv
             dst.append(Slice(lin.inputs[1].attrs["name"], 0, D, lin))
-            if lin.input("bias") is not None:
-                dst.append(Slice(lin.input("bias").attrs["name"], 0, D))
+            bias = lin.input("bias")
+            if bias is not None:
+                dst.append(Slice(bias.attrs["name"], 0, D))
             for n in chain:
                 if n.op == "reshape":
                     group.reshapes.append((n, len(n.attrs["shape"]) - 2, which))
@@ -230,7 +232,7 @@ def layer_blocks(g: Graph) -> list[Block]:
     stream.append(x)
     stream.reverse()  # s_0 (embedding) ... s_2L
     atts = set(g.find("attention"))
-    blocks = []
+    blocks: list[Block] = []
     i = 0
     while i + 1 < len(stream):
         delta = g.ancestors(stream[i + 1]) - g.ancestors(stream[i]) - {stream[i]}
@@ -317,7 +319,9 @@ def slice_scores(g: Graph, s: Slice, ev: Evidence, criterion: str) -> torch.Tens
 
 
 def group_scores(g: Graph, slices: list[Slice], ev: Evidence, criterion: str) -> torch.Tensor:
-    return sum(slice_scores(g, s, ev, criterion) for s in slices)
+    # a group always has its projection weight, so there is a first score to add the others to
+    scores = [slice_scores(g, s, ev, criterion) for s in slices]
+    return sum(scores[1:], scores[0])
 
 
 # -- rewriting -------------------------------------------------------------------------------------

@@ -40,9 +40,14 @@ def prepare(model: torch.nn.Module, scheme: str | WeightQuant, lm_head: bool = T
     head = getattr(model, "get_output_embeddings", lambda: None)()
     for mod in model.modules():
         if isinstance(mod, torch.nn.Linear) and (lm_head or mod is not head):
-            if head is not None and mod is head and mod.weight is getattr(model.get_input_embeddings(), "weight", None):
-                # a tied embedding would be fake-quantized too; untie so the lookup stays fp32 as compiled
-                mod.weight = torch.nn.Parameter(mod.weight.detach().clone())
+            if head is not None and mod is head:
+                # transformers' accessor (a model with an output head has one); torch's stubs type any
+                # other Module attribute as Tensor | Module, so mypy does not see it as a method
+                embedding = model.get_input_embeddings()  # type: ignore[operator]
+                tied = mod.weight is getattr(embedding, "weight", None)
+                if tied:
+                    # a tied embedding would be fake-quantized too; untie so the lookup stays fp32 as compiled
+                    mod.weight = torch.nn.Parameter(mod.weight.detach().clone())
             parametrize.register_parametrization(mod, "weight", FakeQuant(s))
     setattr(model, _ATTR, (s.name, "same" if lm_head else "none"))
     return model

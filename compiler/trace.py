@@ -53,7 +53,7 @@ class _Converter:
         self.g = graph
         self.values: dict[Any, Any] = {}
         self.symbols: dict[sympy.Symbol, sympy.Expr] = {}
-        self.node = None  # fx node being converted
+        self.node: torch.fx.Node | None = None  # fx node being converted (set by run)
 
     # -- argument conversion ---------------------------------------------------------------------
     def expr(self, e) -> sympy.Expr:
@@ -83,9 +83,11 @@ class _Converter:
         if isinstance(v, float):
             dt = like.type.dtype if like is not None and like.type.dtype.startswith("float") else "float32"
             return self.g.const(v, dt)
+        assert self.node is not None  # arguments are converted while run() walks a node
         raise UnsupportedOpError(str(self.node.target), source_line(self.node), f"argument {v!r} is not a tensor")
 
     def out_type(self) -> TensorType:
+        assert self.node is not None  # called while run() walks a node
         val = self.node.meta["val"]
         return TensorType(
             tuple(self.expr(d) if isinstance(d, torch.SymInt) else sympy.Integer(d) for d in val.shape),
@@ -93,6 +95,7 @@ class _Converter:
         )
 
     def add(self, op: str, inputs: list[Node], attrs: dict | None = None, **kw) -> Node:
+        assert self.node is not None  # called while run() walks a node
         return self.g.add(op, inputs, attrs, name=self.node.name, source=source_line(self.node), **kw)
 
     # -- the walk ---------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ def kv_projection(att: Node, which: int, who: str) -> KVProjection:
     perm = n
     resh = perm.inputs[0] if perm.op == "permute" else None
     lin = resh.inputs[0] if resh is not None and resh.op == "reshape" else None
-    if lin is None or lin.op != "linear" or list(perm.attrs["perm"]) != [0, 2, 1, 3]:
+    if resh is None or lin is None or lin.op != "linear" or list(perm.attrs["perm"]) != [0, 2, 1, 3]:
         raise PassError(
             f"{who}: the {'keys' if which == 1 else 'values'} of %{att.name} (from {att.source}) are "
             "not a per-head view of one linear projection (linear -> reshape -> permute); models "

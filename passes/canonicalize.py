@@ -114,6 +114,7 @@ def cse(g: Graph) -> int:
     seen: dict = {}
     merged = 0
     for n in list(g.nodes):
+        key: tuple
         if n.op in ("input", "param"):
             if n.op == "param":
                 key = ("param", n.attrs["name"])

@@ -41,9 +41,9 @@ def classify_mask(g: Graph, mask: Node, probe: tuple[int, ...]) -> tuple[bool, i
             return None
         if m.dtype != torch.bool:
             m = m > float("-inf") / 2 if m.is_floating_point() else m.bool()
-        m = m.reshape(-1, t, t) if m.dim() >= 2 and m.shape[-1] == t and m.shape[-2] == t else None
-        if m is None:
+        if not (m.dim() >= 2 and m.shape[-1] == t and m.shape[-2] == t):
             return None
+        m = m.reshape(-1, t, t)
         allowed = int(m[0, -1].sum())  # the last query sees min(t, window) keys
         i = torch.arange(t)[:, None]
         j = torch.arange(t)[None, :]

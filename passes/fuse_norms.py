@@ -17,7 +17,8 @@ def _rms_norm(g: Graph, n: Node) -> Node | None:
             if r.op != "rsqrt":
                 continue
             for m, eps in commutative(r.inputs[0], "add"):
-                if m.op != "mean" or const_of(eps) is None or not m.attrs["keepdim"]:
+                e = const_of(eps)
+                if m.op != "mean" or e is None or not m.attrs["keepdim"]:
                     continue
                 if [d % x.type.rank for d in m.attrs["dims"]] != [x.type.rank - 1]:
                     continue
@@ -29,9 +30,7 @@ def _rms_norm(g: Graph, n: Node) -> Node | None:
                     continue
                 if x.type.dtype != n.type.dtype or x.type.shape != n.type.shape:
                     continue
-                return g.add(
-                    "rms_norm", [x, w], {"eps": float(const_of(eps))}, name="rms_norm", before=n, source=n.source
-                )
+                return g.add("rms_norm", [x, w], {"eps": float(e)}, name="rms_norm", before=n, source=n.source)
     return None
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from kiln.ir import Graph, Node
 
 from .registry import count
@@ -19,7 +21,7 @@ def strip_casts(n: Node) -> Node:
     return n
 
 
-def commutative(n: Node, op: str):
+def commutative(n: Node, op: str) -> Iterator[tuple[Node, Node]]:
     """For a binary commutative node of `op`, yield both operand orders."""
     if n.op == op and len(n.inputs) == 2:
         a, b = n.inputs

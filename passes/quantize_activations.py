@@ -38,7 +38,9 @@ def quantize_activations(graph: Graph, alpha: float = 0.5, calib_windows: int = 
         groups.setdefault(n.inputs[0], []).append(n)
     for x, users in groups.items():
         wmax = torch.stack([g.params[u.inputs[1].attrs["name"]].abs().amax(0) for u in users]).amax(0)
-        s = (stats[x].absmax.clamp_min(1e-5) ** alpha / wmax.clamp_min(1e-5) ** (1 - alpha)).clamp_min(1e-5)
+        absmax = stats[x].absmax
+        assert absmax is not None  # the calibration windows ran through every planned input
+        s = (absmax.clamp_min(1e-5) ** alpha / wmax.clamp_min(1e-5) ** (1 - alpha)).clamp_min(1e-5)
         new_x = fold_input_scale(g, x, users, s)
         qa = g.add("quant_act", [new_x], name=x.name + "_q8", before=users[0])
         for u in users:

@@ -61,7 +61,9 @@ def quantize_weights(
                 groups.setdefault(n.inputs[0], []).append(n)
         for x, users in groups.items():
             ws = [g.params[u.inputs[1].attrs["name"]] for u in users]
-            sc = awq_scales(ws, stats[x].mean_abs, stats[x].sample, head if is_lm_head(g, users[0]) else s)
+            group_scheme = head if is_lm_head(g, users[0]) else s
+            assert group_scheme is not None  # the output layer joins a group only when lm_head is quantized
+            sc = awq_scales(ws, stats[x].mean_abs, stats[x].sample, group_scheme)
             new_x = fold_input_scale(g, x, users, sc)
             for u in users:
                 p = u.inputs[1]

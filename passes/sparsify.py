@@ -141,12 +141,16 @@ def sparsify(
             continue
         done.add(name)
         w = g.params[name].float()
+        H = stats[n.inputs[0]].H if method != "magnitude" else None  # X^T X of the input, as calibrated
         if method == "sparsegpt":
-            new = sparsegpt(w, stats[n.inputs[0]].H.float(), float(ratio), nm)
+            assert H is not None  # the calibration windows ran through every target's input
+            new = sparsegpt(w, H.float(), float(ratio), nm)
         else:
-            score = (
-                w.abs() if method == "magnitude" else w.abs() * stats[n.inputs[0]].H.diagonal().float().sqrt()[None, :]
-            )
+            if method == "magnitude":
+                score = w.abs()
+            else:
+                assert H is not None  # the calibration windows ran through every target's input
+                score = w.abs() * H.diagonal().float().sqrt()[None, :]
             new = w.masked_fill(_mask(score, float(ratio), nm, method == "wanda"), 0.0)
         g.params[name] = new.to(g.params[name].dtype).contiguous()
         record["params"][name] = pattern if nm else "unstructured"

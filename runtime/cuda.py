@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from typing import Any
 
 from .artifact import ArtifactError
 
@@ -252,7 +253,8 @@ class GraphRunner:
         self.stream = engine.device.create_raw_stream()
         self.graphs: dict = {}
 
-    def run(self, fn: str, arrays: list) -> object:
+    def run(self, fn: str, arrays: list) -> Any:
+        """Replay `fn` on `arrays`; returns the graph's output tensor (a TVM runtime tensor)."""
         import numpy as np
         import tvm_ffi
 

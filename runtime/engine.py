@@ -210,7 +210,7 @@ class Engine:
         """Generate for a static batch of prompts (text or token ids). `stream(i, token)` sees each
         token as it is produced. Requests that cannot fit are refused before any work starts, and
         every page the batch needs is free at the start, so it runs without preemption."""
-        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
         encoded = [self.encode(p, chat) for p in prompts]
@@ -227,5 +227,7 @@ class Engine:
             return []
         from .serving import run_static_batch  # the scheduler imports this module
 
-        callbacks = [None if stream is None else functools.partial(stream, i) for i in range(len(encoded))]
+        callbacks: list[Callable[[int], None] | None] = [
+            None if stream is None else functools.partial(stream, i) for i in range(len(encoded))
+        ]
         return run_static_batch(self, encoded, plist, callbacks)

@@ -107,7 +107,8 @@ class Request:
         self.dpages: list[int] = []
         self.computed = self.registered = self.dcomputed = 0
         self.matched = False
-        self.first_at = self.finished_at = None
+        self.first_at: float | None = None
+        self.finished_at: float | None = None
         self.state = "waiting"
         self.preemptions = 0
         self.stops = stops

@@ -84,7 +84,8 @@ class Server:
         self._finished: list[dict] = []
         self.preemptions = self.steps = self.decode_steps = self.prefill_tokens = 0
         self.peak_batch = 0
-        self._t_first = self._t_last = None
+        self._t_first: float | None = None
+        self._t_last: float | None = None
         self._closed = False
         self._thread = None
         if background:
@@ -132,7 +133,7 @@ class Server:
         prompts: Sequence[str | Sequence[int]],
         params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
     ) -> list[Completion]:
-        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
         handles = [self.submit(p, sp) for p, sp in zip(prompts, plist)]
@@ -146,9 +147,9 @@ class Server:
         while not all(h.done() for h in handles):
             did = self.step()
             if fail_fast:
-                failed = next((h for h in handles if h.error is not None), None)
-                if failed is not None:
-                    raise failed.error
+                error = next((h.error for h in handles if h.error is not None), None)
+                if error is not None:
+                    raise error
             if not did:
                 time.sleep(0.001)
 
@@ -337,6 +338,7 @@ class Server:
                 if r.computed // self.kv.page_size < len(r.pages):
                     self.kv.writable(r.pages, r.computed // self.kv.page_size)
                 if draft_k:
+                    assert self.spec is not None  # draft pages are asked for only when speculating
                     self.spec.reserve_draft(r, draft_k)
                 return True
             except OutOfPages:
@@ -383,6 +385,7 @@ class Server:
         self.decode_steps += 1
         try:
             if k >= 1:
+                assert self.spec is not None  # k stays 0 without a speculator
                 news = self.spec.step(dec, k)
             else:
                 logits = self.engine.decode(

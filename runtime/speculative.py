@@ -46,6 +46,7 @@ def accept(
                 return out
         out.append(int(np.argmax(target_logits[k])))
         return out
+    assert draft_probs is not None, "a sampled draft comes with its probabilities"
     for i in range(k):
         p = probs(target_logits[i], params)
         q = draft_probs[i]
@@ -125,8 +126,8 @@ class Speculator:
         if k < 1:
             raise ValueError("k must be >= 1")
         B = len(seqs)
-        dtoks = [[] for _ in range(B)]
-        dprobs = [[] for _ in range(B)]
+        dtoks: list[list[int]] = [[] for _ in range(B)]
+        dprobs: list[list[np.ndarray]] = [[] for _ in range(B)]
 
         def take(i: int, logits: np.ndarray) -> None:
             s = seqs[i]

@@ -226,13 +226,20 @@ def _attend_prefix(q, keys, vals, pos, scale: float, window: int, alibi) -> torc
     return torch.where((pos >= 0)[None, :, None], o, torch.zeros_like(o))
 
 
+def _cached_attention_ref(ctx, x, a):
+    q, k, v, cache, page_table, positions, scales = x
+    return cached_attention_reference(
+        q, k, v, cache, page_table, positions, scales, a["scale"], a["window"], a["kv_dtype"], a["alibi"]
+    )
+
+
 define(
     "cached_attention",
     "attention",
     ("q", "k", "v", "cache", "page_table", "positions", "scales?"),
     CachedAttentionAttrs,
     lambda i, a: TensorType(i[0].type.shape, i[0].type.dtype),
-    lambda ctx, x, a: cached_attention_reference(*x, a["scale"], a["window"], a["kv_dtype"], a["alibi"]),
+    _cached_attention_ref,
     "attention over a paged KV cache [pages, 2, kv_heads, page, head_dim]; an int8 cache comes with "
     "scales [pages, 2, kv_heads, page]",
 )
@@ -260,13 +267,18 @@ def _mla_infer(inputs, attrs):
     return TensorType(q.shape[:-1] + (inputs[5].type.shape[1],), q.dtype)
 
 
+def _mla_attention_ref(ctx, x, a):
+    q_nope, q_rope, c, k_rope, w_uk, w_uv = x
+    return mla_attention_reference(q_nope, q_rope, c, k_rope, w_uk, w_uv, a["scale"], a["window"], a["alibi"])
+
+
 define(
     "mla_attention",
     "attention",
     ("q_nope", "q_rope", "c", "k_rope", "w_uk", "w_uv"),
     MlaAttentionAttrs,
     _mla_infer,
-    lambda ctx, x, a: mla_attention_reference(*x, a["scale"], a["window"], a["alibi"]),
+    _mla_attention_ref,
     "attention with keys/values expanded from a latent c by w_uk/w_uv",
 )
 
@@ -302,12 +314,19 @@ def cached_mla_attention_reference(
     return out
 
 
+def _cached_mla_attention_ref(ctx, x, a):
+    q_nope, q_rope, c, k_rope, w_uk, w_uv, cache, page_table, positions = x
+    return cached_mla_attention_reference(
+        q_nope, q_rope, c, k_rope, w_uk, w_uv, cache, page_table, positions, a["scale"], a["window"], a["alibi"]
+    )
+
+
 define(
     "cached_mla_attention",
     "attention",
     ("q_nope", "q_rope", "c", "k_rope", "w_uk", "w_uv", "cache", "page_table", "positions"),
     CachedMlaAttentionAttrs,
     _mla_infer,
-    lambda ctx, x, a: cached_mla_attention_reference(*x, a["scale"], a["window"], a["alibi"]),
+    _cached_mla_attention_ref,
     "mla_attention over a paged latent cache [pages, page, r + Hkv*R]",
 )

@@ -117,6 +117,7 @@ def split_sources(arrays: list[Any]) -> tuple[Any, Any, Any]:
     """A quantized field's sources are codes..., scales..., zeros... (one of each per weight concatenated
     along the output rows): the three concatenated (numpy or torch)."""
     n = len(arrays) // 3
+    cat: list[Any]  # numpy arrays or torch tensors, as the sources are
     if isinstance(arrays[0], np.ndarray):
         cat = [np.concatenate(arrays[j * n : (j + 1) * n], axis=0) for j in range(3)]
     else:

@@ -166,8 +166,9 @@ class RelaxLowering:
         for n in self.graph.nodes:
             if n.op == "linear":
                 self.weight_fields(n.inputs[1])
-                if n.input("bias") is not None:
-                    self.add_raw(n.input("bias"))
+                bias = n.input("bias")
+                if bias is not None:
+                    self.add_raw(bias)
             elif n.op == "gated_mlp":
                 self.weight_fields(n.inputs[1], n.inputs[2])
                 self.weight_fields(n.inputs[3])

@@ -64,8 +64,9 @@ def linear_func(k: int, n: int, has_bias: bool, mode: str) -> tvm.tirx.PrimFunc:
     body = linear_tiles(k, n, has_bias, mode)
     nblk = (n + NB - 1) // NB
 
+    # T.Buffer(shape, dtype) annotations are TVMScript, not Python types: mypy cannot read them
     @T.prim_func
-    def linear(x_h: T.handle, w: T.Buffer((nblk, k, NB), "float32"), bias: T.Buffer((n,), "float32"), o_h: T.handle):
+    def linear(x_h: T.handle, w: T.Buffer((nblk, k, NB), "float32"), bias: T.Buffer((n,), "float32"), o_h: T.handle):  # type: ignore[valid-type]
         T.func_attr({"tir.noalias": True})
         m = T.int64()
         x = T.match_buffer(x_h, (m, k), "float32")  # x: [m, k]
@@ -131,9 +132,15 @@ def paged_attention_func(
     H, KVH, D, PS = num_heads, kv_heads, head_dim, page_size
     body = paged_attention_body(H, KVH, PS, window, alibi, head_major_reader(D, scale, _load_fp32))
 
+    # T.Buffer(shape, dtype) annotations are TVMScript, not Python types: mypy cannot read them
     @T.prim_func
     def paged_attention(
-        q_h: T.handle, c_h: T.handle, pt_h: T.handle, pos_h: T.handle, slopes: T.Buffer((H,), "float32"), o_h: T.handle
+        q_h: T.handle,
+        c_h: T.handle,
+        pt_h: T.handle,
+        pos_h: T.handle,
+        slopes: T.Buffer((H,), "float32"),  # type: ignore[valid-type]
+        o_h: T.handle,
     ):
         T.func_attr({"tir.noalias": True})
         b, t, num_pages, max_pages = T.int64(), T.int64(), T.int64(), T.int64()

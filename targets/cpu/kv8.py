@@ -79,6 +79,7 @@ def paged_attention_int8_func(
     reader = head_major_reader(D, scale, _load_int8, _token_scale)
     body = paged_attention_body(H, KVH, PS, window, alibi, reader)
 
+    # T.Buffer(shape, dtype) annotations are TVMScript, not Python types: mypy cannot read them
     @T.prim_func
     def paged_attention_int8(
         q_h: T.handle,
@@ -86,7 +87,7 @@ def paged_attention_int8_func(
         s_h: T.handle,
         pt_h: T.handle,
         pos_h: T.handle,
-        slopes: T.Buffer((H,), "float32"),
+        slopes: T.Buffer((H,), "float32"),  # type: ignore[valid-type]
         o_h: T.handle,
     ):
         T.func_attr({"tir.noalias": True})

@@ -101,6 +101,7 @@ def dequantize(
     ng = _check(q.shape, bits, group)
     n, k = q.shape
     s = np.asarray(scales, np.float32).reshape(n, ng, 1)
+    z: np.float32 | np.ndarray  # one zero point for sym, [n, ng, 1] for asym
     if sym:
         z = np.float32(2 ** (bits - 1))
     else:
@@ -140,6 +141,7 @@ def packed_shapes(n: int, k: int, bits: int, group: int, sym: bool) -> list[tupl
     """Shape and dtype of each array :func:`pack_qweight` returns for a weight [n, k] (kernel order)."""
     ng = _check((n, k), bits, group, kernel=True)
     nblk = (n + NB - 1) // NB
+    out: list[tuple[tuple[int, ...], str]]
     if bits == 8:
         out = [((nblk, k, NB), "uint8")]
     else:
@@ -316,13 +318,14 @@ def qlinear_func(k: int, n: int, bits: int, group: int, sym: bool, has_bias: boo
     body = _qlinear_body(k, n, bits, group, sym, has_bias, mode)
     (cs, cd), (ss, sd) = shapes[0], shapes[1]
 
+    # T.Buffer(shape, dtype) annotations are TVMScript, not Python types: mypy cannot read them
     @T.prim_func
     def qlinear(
         x_h: T.handle,
-        wq: T.Buffer(cs, cd),
-        sc: T.Buffer(ss, sd),
-        zs: T.Buffer(ss, sd),
-        bias: T.Buffer((n,), "float32"),
+        wq: T.Buffer(cs, cd),  # type: ignore[valid-type]
+        sc: T.Buffer(ss, sd),  # type: ignore[valid-type]
+        zs: T.Buffer(ss, sd),  # type: ignore[valid-type]
+        bias: T.Buffer((n,), "float32"),  # type: ignore[valid-type]
         o_h: T.handle,
     ):
         T.func_attr({"tir.noalias": True})

@@ -82,13 +82,14 @@ def gemv_func(
             return T.Cast("float32", wl[r, u, j])
         return T.Cast("float32", T.bitwise_and(T.shift_right(wl[r, u, j // 8], (j % 8) * 4), 15))
 
+    # T.Buffer(shape, dtype) annotations are TVMScript, not Python types: mypy cannot read them
     @T.prim_func(private=True)
     def gemv(
         var_x: T.handle,
-        w: T.Buffer((n, kw), wdt),
-        s: T.Buffer(s_shape, "float16"),
-        zs: T.Buffer(zs_shape, "float16"),
-        b: T.Buffer(b_shape, "float32"),
+        w: T.Buffer((n, kw), wdt),  # type: ignore[valid-type]
+        s: T.Buffer(s_shape, "float16"),  # type: ignore[valid-type]
+        zs: T.Buffer(zs_shape, "float16"),  # type: ignore[valid-type]
+        b: T.Buffer(b_shape, "float32"),  # type: ignore[valid-type]
         var_y: T.handle,
     ):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
@@ -179,12 +180,13 @@ def dequant_func(n: int, k: int, bits: int, group: int, sym: bool):
     threads = 256
     zs_shape = (1, 1) if sym else (n, ng)
 
+    # T.Buffer(shape, dtype) annotations are TVMScript, not Python types: mypy cannot read them
     @T.prim_func(private=True)
     def deq(
-        w: T.Buffer((n, kw), wdt),
-        s: T.Buffer((n, ng), "float16"),
-        zs: T.Buffer(zs_shape, "float16"),
-        out: T.Buffer((n, k), "float16"),
+        w: T.Buffer((n, kw), wdt),  # type: ignore[valid-type]
+        s: T.Buffer((n, ng), "float16"),  # type: ignore[valid-type]
+        zs: T.Buffer(zs_shape, "float16"),  # type: ignore[valid-type]
+        out: T.Buffer((n, k), "float16"),  # type: ignore[valid-type]
     ):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
         for bx in T.thread_binding((n * k + threads - 1) // threads, thread="blockIdx.x"):

@@ -50,7 +50,10 @@ def packed_shapes(n: int, k: int, bits: int, group: int, sym: bool) -> list[tupl
     """Shape and dtype of each part for a weight [n, k] (k already padded to whole groups)."""
     g = group or k
     ng = (k + g - 1) // g
-    out = [((n, k if bits == 8 else k // 8), "uint8" if bits == 8 else "int32"), ((n, ng), "float16")]
+    out: list[tuple[tuple[int, ...], str]] = [
+        ((n, k if bits == 8 else k // 8), "uint8" if bits == 8 else "int32"),
+        ((n, ng), "float16"),
+    ]
     if not sym:
         out.append(((n, ng), "float16"))
     return out

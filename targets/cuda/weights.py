@@ -31,7 +31,7 @@ class WeightMaker:
     def __init__(self, tensors: dict[str, Any], keep_dequantized: bool = False) -> None:
         self.tensors = tensors
         self.keep_dequantized = keep_dequantized
-        self._quant: dict[tuple[str, str], tuple] = {}
+        self._quant: dict[tuple[str, str], dict[str, Any]] = {}  # (base, scheme) -> codes, scales, zeros
         self._packed: dict[tuple, list] = {}
         self.dequantized: dict[str, Any] = {}  # base weight -> the values the quantized kernels compute with
 

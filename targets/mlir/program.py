@@ -265,7 +265,9 @@ def _cached_attention(ctx: _Ctx, node: Node, x: list[torch.Tensor]) -> torch.Ten
         )
     q, k, v, cache, pt, pos = x
     k, v = kv_fake_quant(k, a["kv_dtype"]), kv_fake_quant(v, a["kv_dtype"])
-    cache_name = node.input("cache").name
+    cache_node = node.input("cache")
+    assert cache_node is not None  # a required input of cached_attention
+    cache_name = cache_node.name
     new = paged_append(ctx.caches[cache_name], k, v, pt, pos)
     ctx.caches[cache_name] = new
     return paged_attention(q, new, pt, pos, a["scale"], a["window"])

@@ -242,6 +242,7 @@ def simulate_step(
                 why = f"placed by annotation ({why})"
             where = forced
         c = p if where == "pim" else g
+        assert c is not None  # "pim" is decided, or accepted as a placement, only for work with a PIM cost
         ops.append(
             OpTime(
                 w.name, w.op, w.kind, w.layer, where, why, c.time_s, c.energy_j * tp, g.time_s, p.time_s if p else None
