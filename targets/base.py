@@ -86,25 +86,32 @@ class Target:
         """Register and name the passes this target contributes."""
         from kiln.passes import REGISTRY
 
-        before = set(REGISTRY)
         for m in self.pass_modules:
             importlib.import_module(m)
-        return sorted(n for n in REGISTRY if n not in before) or sorted(
-            n for n, p in REGISTRY.items() if p.fn.__module__ in self.pass_modules
-        )
+        return sorted(n for n, p in REGISTRY.items() if p.fn.__module__ in self.pass_modules)
 
     def build(self, graph: Graph) -> Any:
         raise NotImplementedError
 
     def package(self, graph: Graph, inputs: PackageInputs) -> Any:
-        """Build `graph` and return an artifact object with `save(dir)`."""
+        """Build `graph` and return the artifact: an object with `save(dir) -> path`, its `manifest` (a dict,
+        what `save` writes) and `timings` (a dict of seconds per phase, which `kiln.compile` completes)."""
         raise NotImplementedError
 
 
 def available_targets() -> list[str]:
-    """Target names: the folders under targets/ that hold a target.py."""
-    here = os.path.dirname(__file__)
-    return sorted(d for d in os.listdir(here) if os.path.exists(os.path.join(here, d, "target.py")))
+    """Target names: the folders holding a target.py on the `kiln.targets` package path (targets/, and any
+    folder a user adds to `kiln.targets.__path__`)."""
+    import kiln.targets
+
+    return sorted(
+        {
+            d
+            for root in kiln.targets.__path__
+            for d in os.listdir(root)
+            if os.path.exists(os.path.join(root, d, "target.py"))
+        }
+    )
 
 
 def get_target(name: str, **options: Any) -> Target:
