@@ -1,4 +1,4 @@
-"""Tests for kiln's hand-scheduled CPU TIR kernels (targets/cpu_kernels.py)."""
+"""Tests for kiln's hand-scheduled CPU TIR kernels (targets/cpu/kernels.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for kiln's weight-only quantized CPU kernels (targets/cpu_qkernels.py)."""
+"""Tests for kiln's weight-only quantized CPU kernels (targets/cpu/qkernels.py)."""
 
 from __future__ import annotations
 
