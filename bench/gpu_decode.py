@@ -63,7 +63,7 @@ def _config(name: str):
     return cfg
 
 
-def build(out: str, models: list[str]) -> None:
+def build(out: str, models: list[str], variants: list[str], target_options: dict | None = None) -> None:
     from accelerate import init_empty_weights
     from transformers import LlamaForCausalLM
 
@@ -72,10 +72,17 @@ def build(out: str, models: list[str]) -> None:
     for name in models:
         with init_empty_weights():
             m = LlamaForCausalLM(_config(name)).eval()
-        for v, kw in VARIANTS.items():
+        for v in variants:
             path = os.path.join(out, f"{name}-{v}")
             t = time.perf_counter()
-            kiln.compile(m, target="cuda", max_context=MAX_CONTEXT, pack_weights=False, **kw).save(path)
+            kiln.compile(
+                m,
+                target="cuda",
+                max_context=MAX_CONTEXT,
+                pack_weights=False,
+                target_options=target_options,
+                **VARIANTS[v],
+            ).save(path)
             print(f"built {path} in {time.perf_counter() - t:.1f} s", flush=True)
 
 
@@ -291,10 +298,13 @@ def main(argv=None) -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batches", default="8,32,64")
     ap.add_argument("--json")
+    ap.add_argument("--gemv-rows", type=int, default=None, help="build: output rows per warp in the decode GEMV")
     a = ap.parse_args(argv)
     models = [m for m in a.models.split(",") if m]
     if a.mode == "build":
-        build(a.dir, models)
+        build(
+            a.dir, models, [v for v in a.variants.split(",") if v], {"gemv_rows": a.gemv_rows} if a.gemv_rows else None
+        )
         return
     run(
         a.dir,

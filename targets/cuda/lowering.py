@@ -33,8 +33,11 @@ class CudaLowering(RelaxLowering):
     backends = ("cuda", "relax")
     cache_dtype = "float16"
 
-    def __init__(self, graph: Graph, target_name: str = "cuda", gemm: str = "cublas") -> None:
+    def __init__(
+        self, graph: Graph, target_name: str = "cuda", gemm: str = "cublas", gemv_rows: int | None = None
+    ) -> None:
         self.gemm = gemm
+        self.gemv_rows = gemv_rows
         super().__init__(graph, target_name)
 
     def plan_embedding(self, n: Node) -> bool:
@@ -98,9 +101,13 @@ def cuda_linear(
         x2 = f.emit(relax.op.nn.pad(x2, [0, 0, 0, kp - k]))
     if f.mode == "gemv":
         bits, group, sym = q if q else (16, 0, True)
-        gv = f.low.kernel(
-            ("cuda_gemv", kp, n_out, bits, group, "sym" if sym else "asym", bias is not None),
-            lambda: C.gemv_func(kp, n_out, bits, group, sym, bias is not None),
+        low = f.low
+        assert isinstance(low, CudaLowering)  # this rule is registered for the cuda target only
+        rows = low.gemv_rows
+        gv = low.kernel(
+            ("cuda_gemv", kp, n_out, bits, group, "sym" if sym else "asym", bias is not None)
+            + ((f"r{rows}",) if rows else ()),
+            lambda: C.gemv_func(kp, n_out, bits, group, sym, bias is not None, rows=rows),
         )
         s = fields[1] if q else _dummy(f, (1, 1), "float16")
         zs = fields[2] if q and not sym else _dummy(f, (1, 1), "float16")

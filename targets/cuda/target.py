@@ -27,7 +27,7 @@ class CudaTarget(TvmTarget):
     name = "cuda"
     capabilities = frozenset({"fp16", "int8", "int4", "sliding-window", "gqa", "tensor-cores"})
 
-    def __init__(self, arch: str = "sm_90a", gemm: str = "cublas") -> None:
+    def __init__(self, arch: str = "sm_90a", gemm: str = "cublas", gemv_rows: int | None = None) -> None:
         if arch not in ARCHS:
             raise KilnError(f"unknown CUDA architecture '{arch}'; kiln builds for {', '.join(ARCHS)}")
         if gemm not in ("cublas", "tvm"):
@@ -35,7 +35,10 @@ class CudaTarget(TvmTarget):
                 f"unknown GEMM backend '{gemm}': use 'cublas' (tensor cores through the CUDA "
                 "toolkit's cuBLAS at run time) or 'tvm' (TVM's own schedules, CUDA cores)"
             )
-        self.arch, self.gemm = arch, gemm
+        if gemv_rows is not None and int(gemv_rows) not in (1, 2, 4, 8):
+            raise KilnError(f"gemv_rows={gemv_rows}: the GEMV kernel gives each warp 1, 2, 4 or 8 output rows")
+        # output rows per warp in the decode GEMV; None: the kernel's own choice by output size
+        self.arch, self.gemm, self.gemv_rows = arch, gemm, None if gemv_rows is None else int(gemv_rows)
 
     def tvm_target(self) -> tvm.target.Target:
         return tvm.target.Target(
@@ -55,6 +58,7 @@ class CudaTarget(TvmTarget):
             "gemv_max_batch": C.MB,
             "gemm": self.gemm,
             "requires": ["libcublas"] if self.gemm == "cublas" else [],
+            **({"gemv_rows": self.gemv_rows} if self.gemv_rows else {}),
         }
 
     def entry_points(self, graph: Graph) -> dict[str, EntryPoint]:
@@ -64,7 +68,7 @@ class CudaTarget(TvmTarget):
         return eps
 
     def make_lowering(self, graph: Graph) -> CudaLowering:
-        return CudaLowering(graph, self.name, self.gemm)
+        return CudaLowering(graph, self.name, self.gemm, self.gemv_rows)
 
     def compile_module(self, mod: tvm.IRModule) -> Any:
         with tvm.transform.PassContext(opt_level=3):
