@@ -6,7 +6,6 @@ from typing import Any
 
 import tvm
 
-from kiln.targets.base import BuildResult  # noqa: F401  (BuildResult: importable from here, as before)
 from kiln.targets.common.tvm_target import TvmTarget
 
 from .lowering import CpuLowering

@@ -191,10 +191,6 @@ def _lower(ep: torch.export.ExportedProgram, form: str, func_name: str):
 
 def check_forms(forms: Sequence[str]) -> list[str]:
     """The forms, validated: a KilnError names an unknown one (call before the slow steps)."""
-    return _check_forms(forms)
-
-
-def _check_forms(forms: Sequence[str]) -> list[str]:
     forms = list(forms)
     bad = [f for f in forms if f not in SUPPORTED_FORMS]
     if bad or not forms:
@@ -276,7 +272,7 @@ def export_mlir(
     "notes": [...]}. A form that cannot express a kiln op raises `MlirFormError` naming the op and form."""
     from safetensors.torch import save_file
 
-    forms = _check_forms(forms)
+    forms = check_forms(forms)
     program = to_torch_module(graph)
     os.makedirs(out_dir, exist_ok=True)
     files: dict[str, str] = {}

@@ -14,7 +14,7 @@ from typing import Any
 from kiln.ir import Graph
 from kiln.targets.base import PackageInputs, Target
 
-from .export import _check_forms, export_mlir, torch_mlir_version
+from .export import check_forms, export_mlir, torch_mlir_version
 
 
 class MlirTarget(Target):
@@ -22,7 +22,7 @@ class MlirTarget(Target):
     capabilities = frozenset({"fp32", "int8", "int4", "kv-int8", "kv-fp8", "alibi", "sliding-window", "gqa"})
 
     def __init__(self, forms: Sequence[str] | None = None, static: dict[str, int] | None = None) -> None:
-        self.forms = _check_forms(forms or ["linalg-on-tensors"])
+        self.forms = check_forms(forms or ["linalg-on-tensors"])
         self.static = static
 
     def describe(self) -> dict[str, Any]:
@@ -54,7 +54,7 @@ class MlirArtifact:
         timings: dict[str, float] | None = None,
         tokenizer_dir: str | None = None,
     ) -> None:
-        self.graph, self.forms = graph, _check_forms(forms)
+        self.graph, self.forms = graph, check_forms(forms)
         self.manifest, self.static_shapes = dict(manifest or {}), static_shapes
         self.timings, self.tokenizer_dir = dict(timings or {}), tokenizer_dir
 
