@@ -140,7 +140,7 @@ def compiled_generate(model, ids, new: int) -> tuple[float, float]:
     return compile_s, hf_decode(model, ids, new)[1]
 
 
-def profile_decode(path: str, weights: dict, prompt: list[int], top: int = 18) -> None:
+def profile_decode(path: str, weights: dict, prompt: list[int], top: int = 40) -> None:
     """Per-kernel GPU time of kiln decode steps (graphs off, so each kernel is seen), via torch's profiler."""
     from torch.profiler import ProfilerActivity, profile
 

@@ -74,27 +74,54 @@ def test_build_lists_kernels_and_layout(cuda_dir):
 @compiler
 def test_numpy_and_torch_packers_agree_and_dequantize_exactly():
     from kiln.quant import dequantize, parse_scheme, rtn
-    from kiln.targets.cuda.layouts import Quant
+    from kiln.targets.cuda.kernels import natural_column, storage_position
+    from kiln.targets.cuda.layouts import F16, Quant, storage_columns
     from kiln.targets.cuda.weights import pack_codes_torch
 
+    # the interleave map: a permutation of each tile, and the kernels' index expressions agree with it
+    for bits in (16, 8, 4):
+        cols = storage_columns(2 * 32 * 128 // bits, bits)
+        assert sorted(cols.tolist()) == list(range(len(cols)))
+        assert [natural_column(p, bits) for p in range(len(cols))] == cols.tolist()
+        assert [storage_position(int(c), bits) for c in cols] == list(range(len(cols)))
     torch.manual_seed(0)
     w = torch.randn(24, 200)  # K=200: a ragged last group, padded
+    # fp16: padded to a whole tile (256 columns) with zeros, columns interleaved
+    f16 = F16().pack([w.numpy()])[0]
+    assert f16.shape == (24, 256) and np.array_equal(f16, F16().pack_torch([w])[0].numpy())
+    nat = np.zeros_like(f16)
+    nat[:, storage_columns(256, 16)] = f16
+    assert np.array_equal(nat[:, :200], w.numpy().astype(np.float16)) and not nat[:, 200:].any()
     sch = parse_scheme("int4_g64")
     q, s, z = rtn(w, sch)
     arrays = Quant(bits=4, group=64, sym=False).pack([q.numpy(), s.numpy(), z.numpy()])
     assert Quant(part=2, bits=4, group=64, sym=False).key() == "cuda_q4g64a:2"
-    kp = 256
-    qp = torch.cat([q, z[:, -1:].round().to(q.dtype).expand(-1, kp - 200)], 1)
-    assert np.array_equal(arrays[0], pack_codes_torch(qp, 4).numpy())
-    # unpack the kernel layout by hand and dequantize as the kernel does: q*s + zs
+    torch_arrays = Quant(bits=4, group=64, sym=False).pack_torch([q, s, z])
+    assert all(np.array_equal(a, t.numpy()) for a, t in zip(arrays, torch_arrays))
+    kp = 1024  # a whole int4 tile
+    assert arrays[0].shape == (24, kp // 8) and arrays[1].shape == (24, kp // 64)
+    # unpack the kernel layout by hand, undo the interleave and dequantize as the kernel does: q*s + zs
     words = arrays[0].view(np.uint32)
-    codes = np.stack([(words >> (4 * j)) & 15 for j in range(8)], -1).reshape(24, kp)
+    stored = np.stack([(words >> (4 * j)) & 15 for j in range(8)], -1).reshape(24, kp)
+    codes = np.zeros_like(stored)
+    codes[:, storage_columns(kp, 4)] = stored
     sc = np.repeat(arrays[1].astype(np.float32), 64, 1)
     zs = np.repeat(arrays[2].astype(np.float32), 64, 1)
     got = (codes * sc + zs)[:, :200]
     ref = dequantize(q, s, z, 64).numpy()
     assert np.abs(got - ref).max() < 2e-2 * np.abs(ref).max()  # fp16 scales
-    assert np.abs(got[:, :200] - ref).mean() < 2e-3
+    assert np.abs(got - ref).mean() < 2e-3
+    assert not (codes * sc + zs)[:, 256:].any()  # padding groups dequantize to zero
+    # int8: four codes per int32 word, byte j of word i is storage position 4i+j
+    q8, s8, z8 = rtn(w, parse_scheme("int8_g64"))
+    a8 = Quant(bits=8, group=64, sym=False).pack([q8.numpy(), s8.numpy(), z8.numpy()])
+    assert a8[0].dtype == np.int32 and a8[0].shape == (24, 512 // 4)
+    w8 = a8[0].view(np.uint32)
+    st8 = np.stack([(w8 >> (8 * j)) & 255 for j in range(4)], -1).reshape(24, 512)
+    c8 = np.zeros_like(st8)
+    c8[:, storage_columns(512, 8)] = st8
+    assert np.array_equal(c8[:, :200], q8.numpy())
+    assert np.array_equal(pack_codes_torch(torch.from_numpy(st8.astype(np.uint8)), 8).numpy(), a8[0])
 
 
 @compiler

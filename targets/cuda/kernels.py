@@ -7,7 +7,8 @@ Activations stay fp32 (they are tiny at decode); weights and the KV cache are fp
 
 Layouts (targets/cuda/layouts.py, all row-major over the torch weight [N, K]):
   f16            w[N, K] float16
-  int8 codes     q[N, Kp] uint8, value (q - z) * s per group; Kp = K padded to whole groups
+  int8 codes     q[N, Kp/4] int32, code of column 4i+j in bits 8j..8j+7 of word i; value (q - z) * s per
+                 group; Kp = K padded to whole groups
   int4 codes     q[N, Kp/8] int32, code of column 8i+j in bits 4j..4j+3 of word i
   scales         s[N, G] float16;  asym: zs[N, G] float16 = -z * s  (value = q*s + zs)
   symmetric      z = 2^(bits-1): value = (q - z) * s (no zs array)
@@ -25,6 +26,7 @@ from tvm.script import tirx as T
 WARPS = 4  # rows (one per warp) per GEMV block
 MB = 8  # activation rows per GEMV launch (larger batches loop on the host; >8 use the GEMM path)
 _NEG = -1.0e30
+_MAGIC = 0x4B000000  # the bits of 2.0**23 as a float32
 
 
 def _vec(bits: int) -> int:
@@ -54,27 +56,31 @@ def gemv_func(
     rows: int | None = None,
     loads: int | None = None,
 ):
-    """y[m, n] = x[m, k] @ W^T (+ bias) for small m; W fp16 (bits=16) or int8/int4 codes.
+    """y[m, n] = x[m, k] @ W^T (+ bias) for small m; W fp16 (bits=16) or int8/int4 codes, stored
+    lane-interleaved (targets/cuda/layouts.py: lane tx's load of tile t holds columns t*T + 128*j + 4*tx + e).
 
-    `k` is the padded reduction size the weight arrays have (a multiple of the group); x has the
-    same k (the lowering zero-pads it). Each warp owns `rows` output rows; each lane keeps
-    rows x `loads` 16-byte weight loads in flight, and reads each activation once for all its rows."""
+    `k` is the padded reduction size (whole tiles; x is zero-padded to it by the lowering), `group` the
+    columns per scale. Each warp owns `rows` output rows; each lane keeps rows x `loads` 16-byte weight loads
+    in flight, and reads each activation once for all its rows, 4 at a time, contiguous across the warp.
+    Quantized codes become floats by the magic-number trick (`field`); a chunk of 4 codes is dotted with
+    activations pre-scaled by the powers of two the fields carry, then scaled per group."""
     E = _vec(bits)
-    if k % E:
-        raise ValueError(f"GEMV reduction size {k} must be a multiple of {E} for {bits}-bit weights")
+    TC = 32 * E  # columns per tile: one 16-byte load per lane
+    if k % TC:
+        raise ValueError(f"GEMV reduction size {k} must be a multiple of {TC} for {bits}-bit weights")
     R0, U0 = gemv_config(n, bits)
     R = rows or R0
-    nvec = k // E
-    iters = (nvec + 31) // 32
-    U = min(iters, loads or U0)
-    outer = (iters + U - 1) // U
+    tiles = k // TC
+    U = min(tiles, loads or U0)
+    outer = (tiles + U - 1) // U
     g = group or k
-    if bits != 16 and g % E:
-        raise ValueError(f"group {group} must be a multiple of {E} for {bits}-bit GEMV")
+    if bits != 16 and g % 4:
+        raise ValueError(f"group {group} must be a multiple of 4 for {bits}-bit GEMV")
     ng = (k + g - 1) // g
-    WE = E if bits != 4 else 4  # stored elements per 16-byte load
-    wdt = {16: "float16", 8: "uint8", 4: "int32"}[bits]
-    kw = k if bits != 4 else k // 8
+    CH = E // 4  # chunks of 4 columns per load
+    WE = E if bits == 16 else 4  # stored elements per 16-byte load
+    wdt = "float16" if bits == 16 else "int32"
+    kw = k * bits // 32 if bits != 16 else k
     zc = float(2 ** (bits - 1)) if bits != 16 else 0.0
     has_zs = bits != 16 and not sym
     nblk = (n + WARPS * R - 1) // (WARPS * R)
@@ -82,11 +88,23 @@ def gemv_func(
     s_shape = (n, ng) if bits != 16 else (1, 1)
     zs_shape = (n, ng) if has_zs else (1, 1)
     b_shape = (n,) if bias else (1,)
+    # the power of two each code's field carries (int4: nibble e of a half-word, int8: byte e % 2 of one)
+    pre = [2.0 ** (-4 * e) for e in range(4)] if bits == 4 else [1.0, 2.0**-8, 1.0, 2.0**-8]
 
-    def code(wl, r, u, j):
-        if bits == 8:
-            return T.Cast("float32", wl[r, u, j])
-        return T.Cast("float32", T.bitwise_and(T.shift_right(wl[r, u, j // 8], (j % 8) * 4), 15))
+    def field(word, mask):
+        # code * 2^(bit position of `mask`) as an exact float: the masked bits (within bits 0-22) become mantissa
+        # bits of 2^23, so one LOP3 and one FADD replace shift, and-mask and the quarter-rate int->float conversion
+        return T.reinterpret("float32", T.bitwise_or(T.bitwise_and(word, mask), _MAGIC)) - T.float32(8388608.0)
+
+    def chunk_word(wl, r, u, c, e):
+        # the word holding code e of chunk c, shifted so that its field sits below bit 16: int4 chunk c is
+        # half-word c % 2 of word c // 2; int8 chunk c is word c, codes 2-3 in its upper half-word
+        if bits == 4:
+            return T.if_then_else(c % 2 == 0, wl[r, u, c // 2], T.shift_right(wl[r, u, c // 2], 16))
+        return T.if_then_else(e < 2, wl[r, u, c], T.shift_right(wl[r, u, c], 16))
+
+    def mask(e):
+        return T.shift_left(15, 4 * e) if bits == 4 else T.shift_left(255, 8 * (e % 2))
 
     # T.Buffer(shape, dtype) annotations are TVMScript, not Python types: mypy cannot read them
     @T.prim_func(private=True)
@@ -109,7 +127,8 @@ def gemv_func(
                         acc = T.alloc_buffer((R, MB), "float32", scope="local")
                         wl = T.alloc_buffer((R, U, WE), wdt, scope="local")
                         xl = T.alloc_buffer((E,), "float32", scope="local")
-                        part = T.alloc_buffer((2,), "float32", scope="local")
+                        xs = T.alloc_buffer((CH,), "float32", scope="local")
+                        d = T.alloc_buffer((1,), "float32", scope="local")
                         red = T.alloc_buffer((1,), "float32", scope="local")
                         row0 = T.Bind((bx * WARPS + ty) * R)
                         for r in T.unroll(R):
@@ -118,18 +137,24 @@ def gemv_func(
                         for io in range(outer):
                             for r in T.unroll(R):
                                 for u in T.unroll(U):
-                                    if (io * U + u) * 32 + tx < nvec and row0 + r < n:
+                                    if io * U + u < tiles and row0 + r < n:
                                         for j in T.vectorized(WE):
                                             wl[r, u, j] = w[row0 + r, ((io * U + u) * 32 + tx) * WE + j]
                             for u in T.unroll(U):
-                                if (io * U + u) * 32 + tx < nvec:
+                                if io * U + u < tiles:
                                     for i in T.unroll(MB):
                                         if mo * MB + i < m:
-                                            for j0 in T.unroll(E // 4):
+                                            for c in T.unroll(CH):
                                                 for j in T.vectorized(4):
-                                                    xl[j0 * 4 + j] = x[
-                                                        mo * MB + i, ((io * U + u) * 32 + tx) * E + j0 * 4 + j
+                                                    xl[c * 4 + j] = x[
+                                                        mo * MB + i, (io * U + u) * TC + c * 128 + tx * 4 + j
                                                     ]
+                                            if bits != 16:  # per chunk: the sum of x, then x pre-scaled
+                                                for c in T.unroll(CH):
+                                                    xs[c] = xl[c * 4] + xl[c * 4 + 1] + xl[c * 4 + 2] + xl[c * 4 + 3]
+                                                    xl[c * 4 + 1] = xl[c * 4 + 1] * T.float32(pre[1])
+                                                    xl[c * 4 + 2] = xl[c * 4 + 2] * T.float32(pre[2])
+                                                    xl[c * 4 + 3] = xl[c * 4 + 3] * T.float32(pre[3])
                                             for r in T.unroll(R):
                                                 if row0 + r < n:
                                                     if bits == 16:
@@ -138,30 +163,25 @@ def gemv_func(
                                                                 acc[r, i] + T.Cast("float32", wl[r, u, j]) * xl[j]
                                                             )
                                                     else:
-                                                        part[0] = T.float32(0)
-                                                        part[1] = T.float32(0)
-                                                        for j in T.unroll(E):
-                                                            part[0] = part[0] + code(wl, r, u, j) * xl[j]
-                                                            part[1] = part[1] + xl[j]
-                                                        if has_zs:
-                                                            acc[r, i] = (
-                                                                acc[r, i]
-                                                                + T.Cast(
-                                                                    "float32",
-                                                                    s[row0 + r, ((io * U + u) * 32 + tx) * E // g],
+                                                        for c in T.unroll(CH):
+                                                            d[0] = T.float32(0)
+                                                            for e in T.unroll(4):
+                                                                d[0] = (
+                                                                    d[0]
+                                                                    + field(chunk_word(wl, r, u, c, e), mask(e))
+                                                                    * xl[c * 4 + e]
                                                                 )
-                                                                * part[0]
-                                                                + T.Cast(
-                                                                    "float32",
-                                                                    zs[row0 + r, ((io * U + u) * 32 + tx) * E // g],
+                                                            sg = T.Bind(((io * U + u) * TC + c * 128 + tx * 4) // g)
+                                                            if has_zs:
+                                                                acc[r, i] = (
+                                                                    acc[r, i]
+                                                                    + T.Cast("float32", s[row0 + r, sg]) * d[0]
+                                                                    + T.Cast("float32", zs[row0 + r, sg]) * xs[c]
                                                                 )
-                                                                * part[1]
-                                                            )
-                                                        else:
-                                                            acc[r, i] = acc[r, i] + T.Cast(
-                                                                "float32",
-                                                                s[row0 + r, ((io * U + u) * 32 + tx) * E // g],
-                                                            ) * (part[0] - T.float32(zc) * part[1])
+                                                            else:
+                                                                acc[r, i] = acc[r, i] + T.Cast(
+                                                                    "float32", s[row0 + r, sg]
+                                                                ) * (d[0] - T.float32(zc) * xs[c])
                         for r in T.unroll(R):
                             for i in T.unroll(MB):
                                 if mo * MB + i < m and row0 + r < n:
@@ -176,12 +196,28 @@ def gemv_func(
     return gemv
 
 
+def natural_column(pos, bits: int):
+    """The natural column at storage position `pos` (an index expression; targets/cuda/layouts.py
+    `storage_columns` is the same map in numpy)."""
+    e = 128 // bits
+    r = pos % (32 * e)
+    return pos - r + 128 * (r % e // 4) + 4 * (r // e) + r % 4
+
+
+def storage_position(col, bits: int):
+    """The storage position of natural column `col` (the inverse of `natural_column`)."""
+    e = 128 // bits
+    r = col % (32 * e)
+    return col - r + (r % 128 // 4) * e + 4 * (r // 128) + r % 4
+
+
 def dequant_func(n: int, k: int, bits: int, group: int, sym: bool):
-    """Quantized codes -> fp16 W[n, k] (prefill: the GEMM then runs on tensor cores)."""
+    """Quantized codes -> fp16 W[n, k] in storage order (prefill: the GEMM then runs on tensor cores, with its
+    activations permuted to the same order)."""
     g = group or k
     ng = (k + g - 1) // g
-    wdt = {8: "uint8", 4: "int32"}[bits]
-    kw = k if bits == 8 else k // 8
+    per = 32 // bits  # codes per int32 word
+    kw = k // per
     zc = float(2 ** (bits - 1))
     threads = 256
     zs_shape = (1, 1) if sym else (n, ng)
@@ -189,7 +225,7 @@ def dequant_func(n: int, k: int, bits: int, group: int, sym: bool):
     # T.Buffer(shape, dtype) annotations are TVMScript, not Python types: mypy cannot read them
     @T.prim_func(private=True)
     def deq(
-        w: T.Buffer((n, kw), wdt),  # type: ignore[valid-type]
+        w: T.Buffer((n, kw), "int32"),  # type: ignore[valid-type]
         s: T.Buffer((n, ng), "float16"),  # type: ignore[valid-type]
         zs: T.Buffer(zs_shape, "float16"),  # type: ignore[valid-type]
         out: T.Buffer((n, k), "float16"),  # type: ignore[valid-type]
@@ -201,18 +237,18 @@ def dequant_func(n: int, k: int, bits: int, group: int, sym: bool):
                 if idx < n * k:
                     r = T.Bind(idx // k)
                     c = T.Bind(idx % k)
+                    sg = T.Bind(natural_column(c, bits) // g)
                     out[r, c] = T.Cast(
                         "float16",
                         (
-                            (
-                                T.Cast("float32", w[r, c])
-                                if bits == 8
-                                else T.Cast("float32", T.bitwise_and(T.shift_right(w[r, c // 8], (c % 8) * 4), 15))
+                            T.Cast(
+                                "float32",
+                                T.bitwise_and(T.shift_right(w[r, c // per], (c % per) * bits), (1 << bits) - 1),
                             )
                             - (T.float32(zc) if sym else T.float32(0))
                         )
-                        * T.Cast("float32", s[r, c // g])
-                        + (T.Cast("float32", zs[r, c // g]) if not sym else T.float32(0)),
+                        * T.Cast("float32", s[r, sg])
+                        + (T.Cast("float32", zs[r, sg]) if not sym else T.float32(0)),
                     )
 
     return deq

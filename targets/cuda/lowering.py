@@ -22,11 +22,10 @@ from tvm import relax, te
 from kiln.errors import UnsupportedOpError
 from kiln.ir import Graph, Node
 from kiln.ops import register_rule
-from kiln.targets.common.layouts import padded_k
 from kiln.targets.common.relax import FunctionLowering, RelaxLowering, qkey
 
 from . import kernels as C
-from .layouts import F16, Quant, packed_shapes
+from .layouts import F16, Quant, packed_shapes, padded_cols, scale_group, storage_columns
 
 
 class CudaLowering(RelaxLowering):
@@ -50,9 +49,8 @@ class CudaLowering(RelaxLowering):
     def weight_fields(self, *ws: Node) -> list[str]:
         rows = sum(int(w.type.shape[0]) for w in ws)
         if all(w.op == "param" for w in ws):
-            return [
-                self.register(tuple(w.attrs["name"] for w in ws), F16(), (rows, int(ws[0].type.shape[1])), "float16")
-            ]
+            k = padded_cols(int(ws[0].type.shape[1]), 16)
+            return [self.register(tuple(w.attrs["name"] for w in ws), F16(), (rows, k), "float16")]
         if all(w.op == "qweight" for w in ws) and len({qkey(w) for w in ws}) == 1:
             bits, group, sym = qkey(ws[0])
             if bits not in (4, 8):
@@ -65,7 +63,7 @@ class CudaLowering(RelaxLowering):
                     ws[0].source,
                     hint=f"target 'cuda' needs groups that are multiples of {C._vec(bits)}",
                 )
-            k = padded_k(int(ws[0].type.shape[1]), group)
+            k = int(ws[0].type.shape[1])
             sources = tuple(w.inputs[j].attrs["name"] for j in range(3) for w in ws)
             return [
                 self.register(sources, Quant(part=i, bits=bits, group=group, sym=sym), tuple(shape), dtype)
@@ -94,13 +92,14 @@ def cuda_linear(
     fields = f.fields(*ws)
     q = qkey(w) if w.op == "qweight" else None
     k = int(w.type.shape[1])
+    bits, group, sym = q if q else (16, 0, True)
     lead, m = f.rows(x, lead_shape)
     x2 = f.emit(relax.op.reshape(x, [m, k]))
-    kp = padded_k(k, q[1]) if q else k
-    if kp != k:
-        x2 = f.emit(relax.op.nn.pad(x2, [0, 0, 0, kp - k]))
+    kp = padded_cols(k, bits, group)
+    group = scale_group(k, bits, group) if q else 0
     if f.mode == "gemv":
-        bits, group, sym = q if q else (16, 0, True)
+        if kp != k:
+            x2 = f.emit(relax.op.nn.pad(x2, [0, 0, 0, kp - k]))
         low = f.low
         assert isinstance(low, CudaLowering)  # this rule is registered for the cuda target only
         rows = low.gemv_rows
@@ -114,8 +113,11 @@ def cuda_linear(
         args = [x2, fields[0], s, zs, bias if bias is not None else _dummy(f, (1,), "float32")]
         y = f.emit(relax.call_tir(gv, args, relax.TensorType([m, n_out], "float32")))
     else:
+        # the weight columns are stored lane-interleaved: the activations take the same order (and fp16)
+        if kp != k:
+            x2 = f.emit(relax.op.nn.pad(x2, [0, 0, 0, kp - k]))
+        x16 = f.emit(relax.op.take(f.emit(relax.op.astype(x2, "float16")), _columns(f, kp, bits), axis=1))
         if q:
-            bits, group, sym = q
             dq = f.low.kernel(
                 ("cuda_dequant", n_out, kp, bits, group, "sym" if sym else "asym"),
                 lambda: C.dequant_func(n_out, kp, bits, group, sym),
@@ -124,11 +126,18 @@ def cuda_linear(
             w16 = f.emit(relax.call_tir(dq, [fields[0], fields[1], zs], relax.TensorType([n_out, kp], "float16")))
         else:
             w16 = fields[0]
-        x16 = f.emit(relax.op.astype(x2, "float16"))
         y = _matmul_nt(f, x16, w16, [m, n_out])
         if bias is not None:
             y = f.emit(relax.op.add(y, bias))
     return f.emit(relax.op.reshape(y, lead + [n_out]))
+
+
+def _columns(f, kp: int, bits: int) -> relax.Expr:
+    """The natural column at each storage position (a constant, once per function)."""
+    key = ("columns", kp, bits)
+    if key not in f.values:
+        f.values[key] = relax.const(storage_columns(kp, bits).astype("int32"), "int32")
+    return f.values[key]
 
 
 def _matmul_nt(f, a: relax.Expr, b: relax.Expr, out_shape: list) -> relax.Expr:
@@ -151,20 +160,27 @@ def _matmul_nn(f, a: relax.Expr, b: relax.Expr, out_shape: list) -> relax.Expr:
 def _embedding(f, n, xs):
     w, ids = n.inputs
     fields = f.fields(w)
-    if w.op != "qweight":
-        return f.emit(relax.op.astype(f.emit(relax.op.take(fields[0], xs[1], axis=0)), "float32"))
-    bits, group, sym = qkey(w)
     d = int(w.type.shape[1])
+    if w.op != "qweight":
+
+        def rows(idx, table):  # the table's columns are stored lane-interleaved (shared with a tied LM head)
+            return te.compute(
+                tuple(idx.shape) + (d,),
+                lambda *i: table[idx[i[:-1]], C.storage_position(i[-1], 16)].astype("float32"),
+                name="embedding_rows",
+            )
+
+        return f.bb.emit_te(rows, xs[1], fields[0])
+    bits, group, sym = qkey(w)
+    group = scale_group(d, bits, group)
     zc = float(2 ** (bits - 1))
 
     def gather(idx, codes, scales, *zs):
         def row(*i):
             v, c = idx[i[:-1]], i[-1]
-            code = (
-                codes[v, c].astype("float32")
-                if bits == 8
-                else ((codes[v, c // 8] >> ((c % 8) * 4).astype("int32")) & 15).astype("float32")
-            )
+            p = C.storage_position(c, bits)
+            per = 32 // bits  # codes per int32 word
+            code = ((codes[v, p // per] >> ((p % per) * bits).astype("int32")) & ((1 << bits) - 1)).astype("float32")
             s = scales[v, c // group].astype("float32")
             return code * s + zs[0][v, c // group].astype("float32") if zs else (code - zc) * s
 
