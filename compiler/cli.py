@@ -75,7 +75,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     eng = kiln.load(a.artifact, kv_cache_tokens=a.kv_cache_tokens)
     chat = not a.raw and eng.tokenizer is not None and eng.tokenizer.chat_template is not None
     params = SamplingParams(
-        max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed
+        max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed
     )
     prompts = a.prompt or []
     if not prompts:
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run", help="generate text with an artifact")
     r.add_argument("artifact")
     r.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
-    r.add_argument("--max-new-tokens", type=int, default=64)
+    r.add_argument("--max-tokens", type=int, default=64)
     r.add_argument("--temperature", type=float, default=0.0)
     r.add_argument("--top-k", type=int, default=0)
     r.add_argument("--top-p", type=float, default=1.0)
