@@ -212,14 +212,14 @@ class Engine:
         completions per prompt (params.n), prompt by prompt. `stream(i, token)` sees each token as it
         is produced (i indexes the returned list). Requests that cannot fit are refused before any work
         starts, and every page the batch needs is free at the start, so it runs without preemption."""
-        plist_in = list(params) if isinstance(params, Sequence) else None
         prompts = as_prompt_list(prompts)
-        if plist_in is not None and len(plist_in) != len(prompts):
-            raise ValueError(f"give one SamplingParams, or one per prompt ({len(prompts)}), not {len(plist_in)}")
-        for p in plist_in or [params]:  # type: ignore[list-item]
+        given = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        if len(given) != len(prompts):
+            raise ValueError(f"give one SamplingParams, or one per prompt ({len(prompts)}), not {len(given)}")
+        for p in given:
             p.validate()
         encoded, plist, index = [], [], []
-        for ids, p in zip((self.encode(x, chat) for x in prompts), plist_in or [params] * len(prompts)):
+        for ids, p in zip((self.encode(x, chat) for x in prompts), given):
             for j, q in enumerate(per_sequence(p)):
                 encoded.append(ids)
                 plist.append(q)

@@ -407,6 +407,7 @@ def run(
 ) -> None:
     """Load `artifact` and serve it until SIGINT/SIGTERM; requests in flight get drain_timeout_s to finish."""
     import os
+    import signal
 
     import uvicorn
 
@@ -417,4 +418,7 @@ def run(
     server = Server(engine, max_batch=max_batch, prefill_chunk=prefill_chunk)
     name = model_name or os.path.basename(os.path.normpath(artifact))
     api = OpenAIServer(server, name, max_queue=max_queue, drain_timeout_s=drain_timeout_s)
+    # uvicorn drains on SIGTERM, then raises the signal again so that the process dies of it; a drained
+    # stop is a normal end here, so that second SIGTERM is only noted and `kiln serve` exits 0
+    signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run(api.app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(drain_timeout_s))

@@ -83,7 +83,7 @@ def encode(tokenizer: Any, prompt: Prompt, chat: bool = False, vocab: int | None
         return []  # the engine refuses an empty prompt with its position in the batch
     if not _is_ids(prompt):
         raise TypeError(f"a prompt must be text, token ids or chat messages, got {str(prompt)[:60]!r}")
-    ids = [int(t) for t in prompt]
+    ids = [int(t) for t in prompt]  # type: ignore[arg-type]  # _is_ids checked every element
     if vocab is not None:
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:

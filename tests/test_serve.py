@@ -347,7 +347,7 @@ def test_bad_requests_get_400_naming_the_field(api, client):
         client.chat.completions.create(model=MODEL, messages=[{"role": "wizard", "content": "hi"}])
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4", messages=msgs)
-    body = '{"model": "%s", "prompt": "x", "temperature": NaN}' % MODEL  # Python's json reads NaN: refused
+    body = '{"model": "MODEL", "prompt": "x", "temperature": NaN}'.replace("MODEL", MODEL)  # json reads NaN
     r = httpx.post(api[1] + "/v1/completions", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
     with pytest.raises(openai.RateLimitError):  # 9 sequences > max_batch 4 + max_queue 4
@@ -396,3 +396,83 @@ def test_metrics_parse_as_prometheus_text(api, client):
     count = [s.value for s in fams["kiln_time_to_first_token_seconds"].samples if s.name.endswith("_count")][0]
     assert count >= 1 and fams["kiln_generation_tokens"].samples[0].value >= 4
     assert fams["kiln_kv_pages_in_use"].type == "gauge" and fams["kiln_preemptions"].type == "counter"
+
+
+# -- the command line ---------------------------------------------------------------------------------
+def _kiln(*args, **kw):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "kiln.cli", *args], capture_output=True, text=True, timeout=300, **kw)
+
+
+def test_cli_run_json_chat_and_early_refusals(smol_artifact):
+    r = _kiln("run", smol_artifact, "--prompt", "Hi", "--prompt", "Yo", "--n", "2", "--temperature", "1", "--json",
+              "--max-tokens", "4", "--no-verify")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert [(x["prompt"], x["index"]) for x in rows] == [("Hi", 0), ("Hi", 1), ("Yo", 0), ("Yo", 1)]
+    assert all(x["completion_tokens"] == len(x["token_ids"]) <= 4 for x in rows)
+    r = _kiln("chat", smol_artifact, "--system", "Be brief.", "--max-tokens", "4",
+              input="hello\n/reset\nhi again\n/bogus\n/exit\n")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "(conversation cleared)" in r.stdout and "unknown command /bogus" in r.stdout
+    assert _kiln("chat", smol_artifact, input="").returncode == 0  # EOF at the prompt ends it cleanly
+    r = _kiln("run", smol_artifact, "--prompt", "x", "--temperature", "nan")
+    assert r.returncode == 1 and "temperature must be" in r.stderr and "Traceback" not in r.stderr
+    r = _kiln("build", "smollm2-135m", "-o", "unused", "--quant", "in4_g128")
+    assert r.returncode == 1 and "did you mean 'int4_g128'" in r.stderr and "loading" not in r.stderr
+    r = _kiln("build", "smollm2-135m", "-o", "unused", "--passes", "canonicalize,fuse-norm")
+    assert r.returncode == 1 and "did you mean 'fuse-norms'" in r.stderr
+    r = _kiln("run", "--help")
+    assert "(default: 64)" in r.stdout and "--no-verify" in r.stdout
+
+
+def test_cli_serve_answers_and_drains_on_sigterm(smol_artifact):
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import httpx2 as httpx
+    import openai
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "kiln.cli", "serve", smol_artifact, "--port", str(port), "--model-name", "m",
+           "--max-batch", "2", "--log-level", "warning", "--no-verify"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "timeout"
+            time.sleep(0.1)
+        c = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
+        r = c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+        assert r.usage.completion_tokens >= 1
+        # SIGTERM while a stream is in flight: it still runs to its end, then the server exits 0
+        stream = c.completions.create(
+            model="m",
+            prompt="go",
+            max_tokens=120,
+            stream=True,
+            extra_body={"ignore_eos": True},
+            stream_options={"include_usage": True},
+        )
+        chunks = [next(stream)]
+        proc.send_signal(signal.SIGTERM)
+        chunks += list(stream)
+        assert chunks[-1].usage.completion_tokens == 200
+        assert [x.choices[0].finish_reason for x in chunks if x.choices][-1] == "length"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
