@@ -29,7 +29,16 @@ def cmd_build(a: argparse.Namespace) -> int:
     if a.quant:
         from kiln.quant import parse_scheme
 
-        parse_scheme(a.quant)
+        q = parse_scheme(a.quant)
+        if a.target == "cuda":  # the GPU kernels load a group's codes in 16-byte vectors
+            from kiln.targets.cuda.kernels import _vec
+
+            if q.bits not in (4, 8) or (q.group and q.group % _vec(q.bits)):
+                raise ValueError(
+                    f"--quant {a.quant}: target cuda has int8 and int4 kernels with groups that are multiples "
+                    f"of {_vec(q.bits) if q.bits in (4, 8) else '16 (int8) or 32 (int4)'}, e.g. int4_g32, "
+                    "int4_g128, int8"
+                )
     show = _progress_printer()
     t0 = time.perf_counter()
     quant = dict(
@@ -121,21 +130,16 @@ def cmd_run(a: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=1, ensure_ascii=False))
         return 0
     if len(prompts) == 1 and params.n == 1 and eng.tokenizer is not None:
-        # Stream: print each new piece of text as its token arrives.
-        ids: list[int] = []
-        shown = ""
-
-        def stream(i: int, tok: int) -> None:
-            nonlocal shown
-            ids.append(tok)
-            text = eng.tokenizer.decode(ids)
-            if text.startswith(shown):
-                sys.stdout.write(text[len(shown) :])
-                sys.stdout.flush()
-                shown = text
+        # Stream text deltas: whole characters, and nothing of a stop string
+        from kiln.runtime.serving import Server
 
         t0 = time.perf_counter()
-        out = eng.generate(prompts, params, chat=chat, stream=stream)[0]
+        with Server(eng, max_batch=1) as srv:
+            h = srv.submit(prompts[0], params, chat=chat)
+            for d in h.deltas():
+                sys.stdout.write(d.text)
+                sys.stdout.flush()
+            out = h.result()
         dt = time.perf_counter() - t0
         print()
         print(

@@ -422,6 +422,8 @@ def test_cli_run_json_chat_and_early_refusals(smol_artifact):
     assert r.returncode == 1 and "temperature must be" in r.stderr and "Traceback" not in r.stderr
     r = _kiln("build", "smollm2-135m", "-o", "unused", "--quant", "in4_g128")
     assert r.returncode == 1 and "did you mean 'int4_g128'" in r.stderr and "loading" not in r.stderr
+    r = _kiln("build", "smollm2-135m", "-o", "unused", "--target", "cuda", "--quant", "int4_g12")
+    assert r.returncode == 1 and "multiples of 32" in r.stderr and "loading" not in r.stderr  # the CPU takes g12
     r = _kiln("build", "smollm2-135m", "-o", "unused", "--passes", "canonicalize,fuse-norm")
     assert r.returncode == 1 and "did you mean 'fuse-norms'" in r.stderr
     r = _kiln("run", "--help")
@@ -461,7 +463,7 @@ def test_cli_serve_answers_and_drains_on_sigterm(smol_artifact):
         stream = c.completions.create(
             model="m",
             prompt="go",
-            max_tokens=120,
+            max_tokens=200,
             stream=True,
             extra_body={"ignore_eos": True},
             stream_options={"include_usage": True},
