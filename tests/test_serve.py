@@ -159,6 +159,25 @@ def test_penalties_match_a_numpy_reference():
     assert int(np.argmax(probs(logits, p, [], [top] * 3))) != top
 
 
+def test_penalties_steer_generation_as_a_reference_loop_does(engine):
+    """generate with penalties == prefill/decode by hand, taking the argmax of the numpy-penalized logits."""
+    rep, pres, freq = 1.5, 0.5, 0.7
+    p = SamplingParams(max_tokens=10, repetition_penalty=rep, presence_penalty=pres, frequency_penalty=freq,
+                       ignore_eos=True)  # fmt: skip
+    prompt = engine.tokenizer.encode("Hello hello hello")
+    got = engine.generate(prompt, p)[0].token_ids
+    pages = engine.pool.alloc(engine.pool.pages_for(len(prompt) + 10))
+    try:
+        logits, out = engine.prefill(prompt, pages), []
+        for _ in range(10):
+            out.append(int(np.argmax(_penalty_reference(logits, prompt, out, rep, pres, freq))))
+            logits = engine.decode([out[-1]], [len(prompt) + len(out) - 1], [pages])[0]
+    finally:
+        engine.pool.release(pages)
+    assert got == out
+    assert got != engine.generate(prompt, SamplingParams(max_tokens=10, ignore_eos=True))[0].token_ids
+
+
 def test_min_p_and_top_k_filter_the_distribution():
     z = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
     pr = probs(z, SamplingParams(temperature=1.0, min_p=0.2))  # keeps p >= 0.1
@@ -204,6 +223,8 @@ def test_generate_accepts_every_prompt_form(engine):
     assert len(engine.generate([chat, chat[1:]], sp)) == 2
     outs = engine.generate("Hi", SamplingParams(max_tokens=4, n=3, temperature=1.0, seed=7))
     assert [o.index for o in outs] == [0, 1, 2] and len({tuple(o.token_ids) for o in outs}) > 1
+    again = engine.generate("Hi", SamplingParams(max_tokens=4, n=3, temperature=1.0, seed=7))
+    assert [o.token_ids for o in again] == [o.token_ids for o in outs]  # seeds seed, seed+1, ...: reproducible
     for bad, err in [([1.5, 2.0], TypeError), ([[1, 2], 3], TypeError), ([[]], ValueError), ([99999999], ValueError)]:
         with pytest.raises(err):
             engine.generate(bad, sp)
