@@ -39,20 +39,31 @@ class _Run:
         self.handles: list[Any] = []
         self.size = self.left = len(prompts) * params.n
         loop = asyncio.get_running_loop()
+        api.active += self.size
         try:
             for ids in prompts:
                 for q in per_sequence(params):
                     i = len(self.handles)
-                    listen = lambda d, i=i: loop.call_soon_threadsafe(self.queue.put_nowait, (i, d))
+                    listen = lambda d, i=i: loop.call_soon_threadsafe(self._deliver, i, d)
                     self.handles.append(api.server.submit(ids, q, listener=listen))
-        except ValueError as e:
+        except Exception as e:
+            api.active -= self.size - len(self.handles)  # those submitted give theirs back as they end
             self.cancel()
-            raise APIError(400, str(e), getattr(e, "param", None) or _param_of(str(e))) from None
+            if isinstance(e, ValueError):
+                raise APIError(400, str(e), getattr(e, "param", None) or _param_of(str(e))) from None
+            raise APIError(503, f"cannot take the request: {e}") from None
+
+    def _deliver(self, i: int, d: Delta) -> None:
+        """On the event loop. A sequence's end is accounted here, not where the client reads, so that
+        capacity comes back even when the client is gone before its stream started."""
+        self.queue.put_nowait((i, d))
+        if d.finish_reason is not None:
+            self.api.active -= 1
+            self.api.metrics.observe(self.handles[i].metrics)
 
     def _seen(self, i: int, d: Delta) -> None:
         if d.finish_reason is not None:
             self.left -= 1
-            self.api.metrics.observe(self.handles[i].metrics)
 
     async def deltas(self) -> AsyncIterator[tuple[int, Delta]]:
         while self.left:
@@ -194,12 +205,7 @@ class OpenAIServer:
             )
         for p in prompts:
             self.metrics.prompt.inc(len(p))
-        self.active += need
-        try:
-            return _Run(self, prompts, params)
-        except BaseException:
-            self.active -= need
-            raise
+        return _Run(self, prompts, params)
 
     def _encode(self, prompt: Any, param: str) -> list[int]:
         try:
@@ -223,7 +229,6 @@ class OpenAIServer:
                 yield "data: [DONE]\n\n"
             finally:  # also when the client disconnects and the response task is cancelled
                 run.cancel()
-                self.active -= run.size
 
         return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -239,11 +244,8 @@ class OpenAIServer:
         rid, created, tok = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.engine.tokenizer
         if body.stream:
             return self._stream(run, self._chat_events(run, body, rid, created))
-        try:
-            if not await run.wait(request):
-                return Response(status_code=499)
-        finally:
-            self.active -= run.size
+        if not await run.wait(request):
+            return Response(status_code=499)
         self._failed(run)
         choices = []
         for i, h in enumerate(run.handles):
@@ -329,11 +331,8 @@ class OpenAIServer:
         echo = [(p if isinstance(p, str) else tok.decode(p) if tok else "") if body.echo else "" for p in raw]
         if body.stream:
             return self._stream(run, self._text_events(run, body, rid, created, echo))
-        try:
-            if not await run.wait(request):
-                return Response(status_code=499)
-        finally:
-            self.active -= run.size
+        if not await run.wait(request):
+            return Response(status_code=499)
         self._failed(run)
         choices = []
         for i, h in enumerate(run.handles):
