@@ -74,18 +74,22 @@ class _Run:
     async def wait(self, request: Request) -> bool:
         """Until every sequence ends; False (and the sequences cancelled) if the client went away. One
         pending get() carries over between disconnect checks, so no delta is lost to a timeout."""
+        loop = asyncio.get_running_loop()
         get: asyncio.Future | None = None
+        check = loop.time() + 0.25
         while self.left:
             get = get or asyncio.ensure_future(self.queue.get())
-            done, _ = await asyncio.wait({get}, timeout=0.25)
-            if not done:
+            done, _ = await asyncio.wait({get}, timeout=max(0.0, check - loop.time()))
+            if done:
+                self._seen(*get.result())
+                get = None
+            if loop.time() >= check:  # also while deltas keep coming: a busy stream must not hide a disconnect
+                check = loop.time() + 0.25
                 if await request.is_disconnected():
-                    get.cancel()
+                    if get is not None:
+                        get.cancel()
                     self.cancel()
                     return False
-                continue
-            self._seen(*get.result())
-            get = None
         return True
 
     def cancel(self) -> None:

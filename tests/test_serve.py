@@ -397,6 +397,19 @@ def test_a_closed_stream_cancels_and_returns_every_page(api, client):
     assert app.server.metrics()["requests_cancelled"] == before + 1
 
 
+def test_a_client_that_gives_up_on_a_whole_response_cancels_it(api, client):
+    import openai
+
+    app = api[0]
+    before = app.server.metrics()["requests_cancelled"]
+    with pytest.raises(openai.APITimeoutError):  # 8 x 240 tokens take well over the client's 0.1 s
+        client.with_options(timeout=0.1).completions.create(
+            model=MODEL, prompt="x", n=8, max_tokens=240, extra_body={"ignore_eos": True}
+        )
+    assert _idle(app), (app.server.running, app.server.kv.used, app.active)
+    assert app.server.metrics()["requests_cancelled"] == before + 8
+
+
 def test_metrics_parse_as_prometheus_text(api, client):
     import httpx2 as httpx
     from prometheus_client.parser import text_string_to_metric_families
