@@ -171,3 +171,22 @@ def test_stop_tokens_and_stop_strings_are_not_in_the_text(engine):
     stop = base.text[len(base.text) // 2 : len(base.text) // 2 + 3]
     out = engine.generate("Tell me", SamplingParams(max_tokens=16, stop=[stop], ignore_eos=True))[0]
     assert out.finish_reason == "stop" and out.text == base.text[: base.text.index(stop)]
+
+
+def test_chat_rendering_matches_transformers(engine, smol_artifact):
+    """System prompt and several turns render exactly as transformers renders the same template."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(os.path.join(smol_artifact, "tokenizer"))
+    chat = [
+        {"role": "system", "content": "You answer in French."},
+        {"role": "user", "content": "Hello!"},
+        {"role": "assistant", "content": "Bonjour !"},
+        {"role": "user", "content": "Ça va ?"},
+    ]
+    for msgs in (chat, chat[1:2]):
+        want = hf.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        assert engine.tokenizer.apply_chat_template(msgs) == want
+        assert engine.encode(msgs) == hf(want, add_special_tokens=False)["input_ids"]
