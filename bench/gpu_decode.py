@@ -120,7 +120,7 @@ def hf_decode(model, ids, new: int) -> tuple[float, float]:
         _sync()
         t = time.perf_counter()
         with torch.no_grad():
-            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+            model.generate(ids, max_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
         _sync()
         return time.perf_counter() - t
 
@@ -167,8 +167,8 @@ def kiln_bench(path: str, weights: dict, prompt: list[int], new: int, batches: l
         weights=weights,
         verify=False,
     )
-    sp = SamplingParams(max_new_tokens=new, ignore_eos=True)
-    eng.generate([prompt], SamplingParams(max_new_tokens=4, ignore_eos=True))  # warm-up
+    sp = SamplingParams(max_tokens=new, ignore_eos=True)
+    eng.generate([prompt], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
     res = {}
     t = time.perf_counter()
     out = eng.generate([prompt], sp)[0]
@@ -183,7 +183,7 @@ def kiln_bench(path: str, weights: dict, prompt: list[int], new: int, batches: l
         eng.pool.release(pages)
     for b in batches:
         t = time.perf_counter()
-        outs = eng.generate([prompt] * b, SamplingParams(max_new_tokens=64, ignore_eos=True))
+        outs = eng.generate([prompt] * b, SamplingParams(max_tokens=64, ignore_eos=True))
         total = time.perf_counter() - t
         res[f"batch{b}_tok_s"] = b * 63 / (total - sum(o.prefill_seconds for o in outs))
     del eng

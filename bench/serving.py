@@ -55,7 +55,7 @@ def run_policy(engine, policy: str, reqs, a) -> dict:
             delay = at - (time.perf_counter() - t0)
             if delay > 0:
                 time.sleep(delay)
-            handles.append(srv.submit(prompt, SamplingParams(max_new_tokens=n, ignore_eos=True)))
+            handles.append(srv.submit(prompt, SamplingParams(max_tokens=n, ignore_eos=True)))
 
     th = threading.Thread(target=client)
     th.start()
@@ -98,7 +98,7 @@ def main() -> int:
         f"TVM threads {os.environ.get('TVM_NUM_THREADS')}",
         flush=True,
     )
-    eng.generate([reqs[0][1]], kiln.SamplingParams(max_new_tokens=2))  # warm up
+    eng.generate([reqs[0][1]], kiln.SamplingParams(max_tokens=2))  # warm up
     res = {}
     for pol in a.policies.split(","):
         t = time.perf_counter()

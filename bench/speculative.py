@@ -73,8 +73,8 @@ def main() -> int:
     ids = corpus_ids(target.tokenizer)
     rng = np.random.default_rng(0)
     prompts = [ids[s : s + a.prompt_tokens] for s in rng.integers(0, len(ids) - a.prompt_tokens, a.prompts)]
-    sp = SamplingParams(max_new_tokens=a.new_tokens, ignore_eos=True)
-    target.generate([prompts[0]], SamplingParams(max_new_tokens=4))  # warm up
+    sp = SamplingParams(max_tokens=a.new_tokens, ignore_eos=True)
+    target.generate([prompts[0]], SamplingParams(max_tokens=4))  # warm up
 
     def timed(fn):
         toks, secs = 0, 0.0

@@ -4,7 +4,7 @@
     art = kiln.compile("smollm2-135m", target="cpu", passes="O1")
     art.save("out/smollm2")
     engine = kiln.load("out/smollm2")
-    print(engine.generate(["Hello"], kiln.SamplingParams(max_new_tokens=16))[0].text)
+    print(engine.generate(["Hello"], kiln.SamplingParams(max_tokens=16))[0].text)
 
 The compiler (`compile`) needs torch and TVM's compiler; `load` and `kiln.runtime` need only TVM's
 runtime, numpy and safetensors, so attributes are imported lazily.

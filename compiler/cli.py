@@ -1,4 +1,4 @@
-"""Command line: `kiln build`, `kiln run`, `kiln inspect`."""
+"""Command line: `kiln build`, `kiln run`, `kiln chat`, `kiln serve`, `kiln inspect`."""
 
 from __future__ import annotations
 
@@ -22,6 +22,23 @@ def _progress_printer():
 def cmd_build(a: argparse.Namespace) -> int:
     from kiln.api import cached_build
 
+    # refuse a misspelt pass or scheme now, not after loading the model
+    from kiln.pipeline import check_pipeline, parse_pipeline
+
+    check_pipeline(parse_pipeline(a.passes))
+    if a.quant:
+        from kiln.quant import parse_scheme
+
+        q = parse_scheme(a.quant)
+        if a.target == "cuda":  # the GPU kernels load a group's codes in 16-byte vectors
+            from kiln.targets.cuda.kernels import _vec
+
+            if q.bits not in (4, 8) or (q.group and q.group % _vec(q.bits)):
+                raise ValueError(
+                    f"--quant {a.quant}: target cuda has int8 and int4 kernels with groups that are multiples "
+                    f"of {_vec(q.bits) if q.bits in (4, 8) else '16 (int8) or 32 (int4)'}, e.g. int4_g32, "
+                    "int4_g128, int8"
+                )
     show = _progress_printer()
     t0 = time.perf_counter()
     quant = dict(
@@ -68,35 +85,61 @@ def cmd_build(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(a: argparse.Namespace) -> int:
-    import kiln
+def _params(a: argparse.Namespace):
     from kiln.runtime.sampling import SamplingParams
 
-    eng = kiln.load(a.artifact, kv_cache_tokens=a.kv_cache_tokens)
-    chat = not a.raw and eng.tokenizer is not None and eng.tokenizer.chat_template is not None
-    params = SamplingParams(
-        max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed
+    p = SamplingParams(
+        max_tokens=a.max_tokens,
+        temperature=a.temperature,
+        top_k=a.top_k,
+        top_p=a.top_p,
+        min_p=a.min_p,
+        repetition_penalty=a.repetition_penalty,
+        seed=a.seed,
+        stop=tuple(a.stop or ()),
+        n=getattr(a, "n", 1),
     )
+    p.validate()  # before the artifact loads
+    return p
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    import kiln
+
+    params = _params(a)
     prompts = a.prompt or []
     if not prompts:
-        print("give at least one --prompt", file=sys.stderr)
+        print("kiln run: give at least one --prompt", file=sys.stderr)
         return 2
-    if len(prompts) == 1 and eng.tokenizer is not None:
-        # Stream: print each new piece of text as its token arrives.
-        ids: list[int] = []
-        shown = ""
-
-        def stream(i: int, tok: int) -> None:
-            nonlocal shown
-            ids.append(tok)
-            text = eng.tokenizer.decode(ids)
-            if text.startswith(shown):
-                sys.stdout.write(text[len(shown) :])
-                sys.stdout.flush()
-                shown = text
+    eng = kiln.load(a.artifact, kv_cache_tokens=a.kv_cache_tokens, verify=not a.no_verify)
+    chat = not a.raw and eng.tokenizer is not None and eng.tokenizer.chat_template is not None
+    if a.json:
+        outs = eng.generate(prompts, params, chat=chat)
+        rows = [
+            {
+                "prompt": prompts[i // params.n],
+                "index": o.index,
+                "text": o.text,
+                "token_ids": o.token_ids,
+                "finish_reason": o.finish_reason,
+                "prompt_tokens": len(o.prompt_ids),
+                "completion_tokens": len(o.token_ids),
+            }
+            for i, o in enumerate(outs)
+        ]
+        print(json.dumps(rows, indent=1, ensure_ascii=False))
+        return 0
+    if len(prompts) == 1 and params.n == 1 and eng.tokenizer is not None:
+        # Stream text deltas: whole characters, and nothing of a stop string
+        from kiln.runtime.serving import Server
 
         t0 = time.perf_counter()
-        out = eng.generate(prompts, params, chat=chat, stream=stream)[0]
+        with Server(eng, max_batch=1) as srv:
+            h = srv.submit(prompts[0], params, chat=chat)
+            for d in h.deltas():
+                sys.stdout.write(d.text)
+                sys.stdout.flush()
+            out = h.result()
         dt = time.perf_counter() - t0
         print()
         print(
@@ -106,8 +149,38 @@ def cmd_run(a: argparse.Namespace) -> int:
         )
         return 0
     outs = eng.generate(prompts, params, chat=chat)
-    for p, o in zip(prompts, outs):
-        print(f"### {p}\n{o.text if eng.tokenizer else o.token_ids}\n")
+    for i, o in enumerate(outs):
+        print(f"### {prompts[i // params.n]}\n{o.text if eng.tokenizer else o.token_ids}\n")
+    return 0
+
+
+def cmd_chat(a: argparse.Namespace) -> int:
+    import kiln
+    from kiln.chat_cli import chat_loop
+
+    params = _params(a)
+    eng = kiln.load(a.artifact, kv_cache_tokens=a.kv_cache_tokens, verify=not a.no_verify)
+    return chat_loop(eng, params, a.system)
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    try:
+        from kiln.runtime.openai_api import run
+    except ImportError as e:
+        print(f"kiln serve: {e.name} is missing: pip install 'kiln[serve]'", file=sys.stderr)
+        return 1
+    run(
+        a.artifact,
+        host=a.host,
+        port=a.port,
+        model_name=a.model_name,
+        max_batch=a.max_batch,
+        max_queue=a.max_queue,
+        kv_cache_tokens=a.kv_cache_tokens,
+        prefill_chunk=a.prefill_chunk,
+        verify=not a.no_verify,
+        log_level=a.log_level,
+    )
     return 0
 
 
@@ -143,9 +216,15 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="kiln", description="Ahead-of-time compiler for LLM inference")
+    import kiln
+
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(
+        prog="kiln", description="Ahead-of-time compiler for LLM inference", formatter_class=fmt
+    )
+    p.add_argument("--version", action="version", version=f"kiln {kiln.__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="compile a model into an artifact directory")
+    b = sub.add_parser("build", help="compile a model into an artifact directory", formatter_class=fmt)
     b.add_argument("model", help="built-in name (smollm2-135m), a .gguf file, or a transformers folder")
     b.add_argument("-o", "--output", required=True, help="artifact directory to write")
     b.add_argument(
@@ -169,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     b.add_argument("--prune", default=None, help="structured pruning, e.g. heads=0.2,ffn=0.2,layers=2")
     b.add_argument("--sparsify", default=None, help="unstructured ratio (0.5) or pattern (2:4)")
-    b.add_argument("--sparsify-method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
+    b.add_argument(
+        "--sparsify-method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"], help="how to pick weights"
+    )
     b.add_argument(
         "--distill-steps",
         type=int,
@@ -193,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--dump-ir", default=None, help="write the IR after every pass into this folder")
     b.add_argument("--no-cache", action="store_true", help="do not use or fill the build cache")
     b.add_argument("--quant", default=None, help="weight scheme: int8, int4_g128, int4_g32_sym, int4_sym, ...")
-    b.add_argument("--quant-method", default="rtn", choices=["rtn", "awq", "gptq"])
+    b.add_argument("--quant-method", default="rtn", choices=["rtn", "awq", "gptq"], help="how codes are chosen")
     b.add_argument("--kv-quant", default=None, choices=["int8", "fp8_e4m3"], help="store the KV cache in 8 bits")
     b.add_argument("--w8a8", action="store_true", help="int8 weights and dynamic int8 activations (SmoothQuant)")
     b.add_argument(
@@ -211,18 +292,33 @@ def main(argv: list[str] | None = None) -> int:
         "lossy passes record perplexity and KL on it",
     )
     b.set_defaults(fn=cmd_build)
-    r = sub.add_parser("run", help="generate text with an artifact")
-    r.add_argument("artifact")
+    r = sub.add_parser("run", help="generate text with an artifact", formatter_class=fmt)
+    r.add_argument("artifact", help="an artifact directory (kiln build -o)")
     r.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
-    r.add_argument("--max-new-tokens", type=int, default=64)
-    r.add_argument("--temperature", type=float, default=0.0)
-    r.add_argument("--top-k", type=int, default=0)
-    r.add_argument("--top-p", type=float, default=1.0)
-    r.add_argument("--seed", type=int, default=None)
+    _sampling_args(r, max_tokens=64)
+    r.add_argument("--n", type=int, default=1, help="completions per prompt")
     r.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    r.add_argument("--kv-cache-tokens", type=int, default=8192)
+    r.add_argument("--json", action="store_true", help="print the completions as JSON")
+    _load_args(r)
     r.set_defaults(fn=cmd_run)
-    i = sub.add_parser("inspect", help="show an artifact's manifest and report")
+    c = sub.add_parser("chat", help="talk to an artifact in the terminal (multi-turn, streamed)", formatter_class=fmt)
+    c.add_argument("artifact", help="an artifact directory (kiln build -o)")
+    c.add_argument("--system", default=None, help="system prompt")
+    _sampling_args(c, max_tokens=256)
+    _load_args(c)
+    c.set_defaults(fn=cmd_chat)
+    s = sub.add_parser("serve", help="serve an artifact over an OpenAI-compatible HTTP API", formatter_class=fmt)
+    s.add_argument("artifact", help="an artifact directory (kiln build -o)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port")
+    s.add_argument("--model-name", default=None, help="the model name clients use (default: the artifact's folder)")
+    s.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
+    s.add_argument("--max-queue", type=int, default=64, help="sequences waiting beyond the batch; more get 429")
+    s.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per scheduler step")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _load_args(s)
+    s.set_defaults(fn=cmd_serve)
+    i = sub.add_parser("inspect", help="show an artifact's manifest and report", formatter_class=fmt)
     i.add_argument("artifact")
     i.add_argument("--json", action="store_true", help="print the raw manifest")
     i.add_argument("--verify", action="store_true", help="also check every file's checksum")
@@ -242,6 +338,32 @@ def main(argv: list[str] | None = None) -> int:
     except (KilnError, ArtifactError, ValueError) as e:
         print(f"kiln {a.cmd}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"\nkiln {a.cmd}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # the reader went away (`kiln run ... | head`): stop quietly; point stdout at devnull so that
+        # Python's own flush at exit does not raise again
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 or -1 disables it")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus: keep the likeliest tokens up to this mass")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the likeliest's probability")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages tokens seen already")
+    p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible samples)")
+
+
+def _load_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-cache-tokens", type=int, default=8192, help="KV-cache size in tokens over all sequences")
+    p.add_argument("--no-verify", action="store_true", help="skip the artifact's checksums at load (faster)")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ an fp32 safetensors copy under the cache directory; later loads take well under 
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib.util
 import os
@@ -113,7 +114,9 @@ def load_model(name_or_path: str, progress=None) -> LoadedModel:
         return load_gguf(name_or_path, progress)
     if os.path.isdir(name_or_path):
         return load_folder(name_or_path)
+    close = difflib.get_close_matches(name_or_path, list(BUILTIN), n=1, cutoff=0.6)
+    hint = f"did you mean '{close[0]}'? " if close else ""
     raise KilnError(
-        f"cannot find model '{name_or_path}': give a built-in name ({', '.join(BUILTIN)}), "
+        f"cannot find model '{name_or_path}': {hint}give a built-in name ({', '.join(BUILTIN)}), "
         "a .gguf file, or a local transformers folder"
     )

@@ -7,6 +7,7 @@ nothing here knows pass names, so a new pass needs no edit in this file.
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -148,6 +149,9 @@ def check_params(name: str, params: dict[str, Any]) -> None:
 def _check_known(name: str) -> None:
     registry = _registry()
     if name not in registry:
+        close = difflib.get_close_matches(name, [*registry, *PIPELINES], n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
         raise PassError(
-            f"unknown pass '{name}'; known passes: {', '.join(sorted(registry))}; pipelines: {', '.join(PIPELINES)}"
+            f"unknown pass '{name}'; {hint}known passes: {', '.join(sorted(registry))}; "
+            f"pipelines: {', '.join(PIPELINES)}"
         )

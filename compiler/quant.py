@@ -7,6 +7,7 @@ are always unsigned and in [0, 2^bits - 1]. group = 0 means one group per output
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import asdict, dataclass
 
@@ -34,6 +35,21 @@ class WeightQuant:
         return asdict(self)
 
 
+COMMON_SCHEMES = (
+    "int8",
+    "int4",
+    "int4_sym",
+    "int4_g32",
+    "int4_g64",
+    "int4_g128",
+    "int4_g32_sym",
+    "int4_g128_sym",
+    "int3_g64",
+    "int3_g32",
+    "int2_g32",
+)
+
+
 def parse_scheme(name: str) -> WeightQuant:
     """'int8', 'int4_g128', 'int4_g128_sym', 'int4_sym' (per-channel), 'int3_g64', ...
 
@@ -41,9 +57,11 @@ def parse_scheme(name: str) -> WeightQuant:
     most int4 checkpoints); `_sym` / `_asym` override."""
     m = re.fullmatch(r"int([2-8])(?:_g(\d+))?(_sym|_asym)?", name.strip())
     if not m:
+        close = difflib.get_close_matches(name.strip(), COMMON_SCHEMES, n=1, cutoff=0.6)
+        hint = f"did you mean '{close[0]}'? " if close else ""
         raise KilnError(
-            f"unknown quantization scheme '{name}': use int8, int4_g128, int4_g32_sym, int4_sym, "
-            "int3_g64 ... (int<bits>[_g<group>][_sym|_asym])"
+            f"unknown quantization scheme '{name}': {hint}use int8, int4_g128, int4_g32_sym, int4_sym, "
+            "int3_g64 ... (int<bits>[_g<group>][_sym|_asym], bits 2..8)"
         )
     bits, group = int(m.group(1)), int(m.group(2) or 0)
     sym = (m.group(3) == "_sym") if m.group(3) else group == 0

@@ -17,7 +17,9 @@ import numpy as np
 from .artifact import LIBRARY, WEIGHTS, ArtifactError, check_target, read_manifest, verify_files
 from .kv_cache import PagePool, page_table
 from .kv_layout import KVLayout
-from .sampling import SamplingParams
+from .prompts import Prompt, as_prompt_list
+from .prompts import encode as encode_prompt
+from .sampling import SamplingParams, per_sequence
 
 
 def _threads() -> None:
@@ -29,10 +31,12 @@ def _threads() -> None:
 @dataclass
 class Completion:
     prompt_ids: list[int]
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str = ""  # "stop" (stop/eos token) or "length"
+    token_ids: list[int] = field(default_factory=list)  # with the stop token, when one ended it
+    text: str = ""  # without stop strings and stop tokens
+    finish_reason: str = ""  # "stop" (stop token, EOS, stop string, JSON complete) or "length"
     prefill_seconds: float = 0.0
+    logprobs: list | None = None  # one decoding.TokenLogprob per token when params.logprobs is set
+    index: int = 0  # which of the prompt's n completions
 
 
 class Engine:
@@ -181,43 +185,48 @@ class Engine:
         return out.numpy()
 
     # -- generation -------------------------------------------------------------------------------
-    def encode(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this artifact has no tokenizer: pass token ids instead of text")
-            text = self.tokenizer.apply_chat_template(prompt) if chat else prompt
-            return self.tokenizer.encode(text)
-        return [int(t) for t in prompt]
+    def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
+        """Text (through the chat template when `chat`), chat messages, or token ids -> token ids."""
+        return encode_prompt(self.tokenizer, prompt, chat, self.manifest.get("model", {}).get("vocab_size"))
 
     def _check(self, ids: list[int], p: SamplingParams, i: int) -> None:
         if not ids:
             raise ValueError(f"prompt {i} is empty: give at least one token")
-        need = len(ids) + p.max_new_tokens
+        need = len(ids) + p.max_tokens
         if need > self.max_context:
             raise ValueError(
-                f"prompt {i} has {len(ids)} tokens; with max_new_tokens={p.max_new_tokens} it needs "
+                f"prompt {i} has {len(ids)} tokens; with max_tokens={p.max_tokens} it needs "
                 f"{need} positions but the artifact supports {self.max_context}: shorten the prompt or "
-                "lower max_new_tokens"
+                "lower max_tokens"
             )
 
     def generate(
         self,
-        prompts: Sequence[str | Sequence[int]],
+        prompts: Prompt | Sequence[Prompt],
         params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
         chat: bool = False,
         stream: Callable[[int, int], None] | None = None,
     ) -> list[Completion]:
-        """Generate for a static batch of prompts (text or token ids). `stream(i, token)` sees each
-        token as it is produced. Requests that cannot fit are refused before any work starts, and
-        every page the batch needs is free at the start, so it runs without preemption."""
-        plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
-        if len(plist) != len(prompts):
-            raise ValueError("give one SamplingParams, or one per prompt")
-        encoded = [self.encode(p, chat) for p in prompts]
-        for i, (ids, p) in enumerate(zip(encoded, plist)):
+        """Generate for a static batch of prompts: a string, a list of strings, token ids, a list of
+        token-id lists, or chat messages (one chat or a list of chats; see prompts.py). Returns n
+        completions per prompt (params.n), prompt by prompt. `stream(i, token)` sees each token as it
+        is produced (i indexes the returned list). Requests that cannot fit are refused before any work
+        starts, and every page the batch needs is free at the start, so it runs without preemption."""
+        prompts = as_prompt_list(prompts)
+        given = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        if len(given) != len(prompts):
+            raise ValueError(f"give one SamplingParams, or one per prompt ({len(prompts)}), not {len(given)}")
+        for p in given:
             p.validate()
+        encoded, plist, index = [], [], []
+        for ids, p in zip((self.encode(x, chat) for x in prompts), given):
+            for j, q in enumerate(per_sequence(p)):
+                encoded.append(ids)
+                plist.append(q)
+                index.append(j)
+        for i, (ids, p) in enumerate(zip(encoded, plist)):
             self._check(ids, p, i)
-        need = sum(self.pool.pages_for(len(ids) + p.max_new_tokens) for ids, p in zip(encoded, plist))
+        need = sum(self.pool.pages_for(len(ids) + p.max_tokens) for ids, p in zip(encoded, plist))
         if need > len(self.pool.free):
             raise ValueError(
                 f"this batch needs {need} KV pages but {len(self.pool.free)} of {self.pool.num_pages} "
@@ -230,4 +239,7 @@ class Engine:
         callbacks: list[Callable[[int], None] | None] = [
             None if stream is None else functools.partial(stream, i) for i in range(len(encoded))
         ]
-        return run_static_batch(self, encoded, plist, callbacks)
+        outs = run_static_batch(self, encoded, plist, callbacks)
+        for c, j in zip(outs, index):
+            c.index = j
+        return outs

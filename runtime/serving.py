@@ -1,7 +1,7 @@
 """Serving runtime: a request scheduler over one Engine with a paged, prefix-cached KV cache.
 
     server = Server(engine, policy="continuous", max_batch=16, prefill_chunk=256, max_wait_s=0.01, draft=None)
-    h = server.submit("prompt or ids", SamplingParams(max_new_tokens=64), callback=lambda tok: ...)
+    h = server.submit("prompt or ids", SamplingParams(max_tokens=64), callback=lambda tok: ...)
     for tok in h: ...            # streams token ids; h.result() blocks for the Completion; h.cancel()
     outs = server.generate([...], params)        # list[Completion], in order
     server.metrics()             # TTFT, TPOT, tokens/s, KV pages, preemptions, prefix hits, acceptance
@@ -34,10 +34,12 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from .decoding import Decoder, Delta
 from .engine import Completion
 from .kv_cache import OutOfPages, PageManager
+from .prompts import Prompt, as_prompt_list
 from .requests import Request, RequestFailed, RequestHandle
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, per_sequence
 
 __all__ = ["POLICIES", "RequestFailed", "RequestHandle", "Server", "run_static_batch"]
 
@@ -95,21 +97,32 @@ class Server:
     # -- public API -------------------------------------------------------------------------------
     def submit(
         self,
-        prompt: str | Sequence[int],
+        prompt: Prompt,
         params: SamplingParams = SamplingParams(),
         callback: Callable[[int], None] | None = None,
         chat: bool | None = None,
+        listener: Callable[[Delta], None] | None = None,
     ) -> RequestHandle:
-        """Queue a request; refuses (ValueError) one that can never run. Returns its handle."""
+        """Queue one sequence (params.n must be 1: `generate` fans n out); refuses (ValueError) one that
+        can never run. `listener(delta)` sees each text delta on the scheduler thread. Returns its handle."""
         if self._closed:
             raise RuntimeError("the server is closed")
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         params.validate()
+        if params.n != 1:
+            raise ValueError(f"submit makes one sequence, got n={params.n}: submit per_sequence(params) each")
+        if self.spec is not None and (
+            params.penalized or params.logprobs is not None or params.json_object or params.json_schema is not None
+        ):
+            raise ValueError(
+                "speculative decoding samples without penalties, logprobs or JSON constraints: "
+                "serve those requests on a Server without a draft model"
+            )
         eng = self.engine
         ids = eng.encode(prompt, self.chat if chat is None else chat)
         eng._check(ids, params, 0)
-        need = len(ids) + params.max_new_tokens
+        need = len(ids) + params.max_tokens
         for e, what in ((eng, "engine"),) + (((self.spec.draft, "draft engine"),) if self.spec else ()):
             if e.pool.pages_for(need) > e.pool.num_pages:
                 raise ValueError(
@@ -119,7 +132,7 @@ class Server:
                 )
         stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(eng.eos_ids))
         rid = next(self._ids)
-        h = RequestHandle(self, rid, ids, callback)
+        h = RequestHandle(self, rid, ids, callback, Decoder(eng, ids, params, stops), listener)
         r = Request(rid, ids, params, h, stops)
         with self._lock:
             self._incoming.append(r)
@@ -130,13 +143,17 @@ class Server:
 
     def generate(
         self,
-        prompts: Sequence[str | Sequence[int]],
+        prompts: Prompt | Sequence[Prompt],
         params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
     ) -> list[Completion]:
+        """Every prompt (any form Engine.generate takes) with its params; n completions per prompt, in order."""
+        prompts = as_prompt_list(prompts)
         plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
-        handles = [self.submit(p, sp) for p, sp in zip(prompts, plist)]
+        handles = [self.submit(p, q) for p, sp in zip(prompts, plist) for q in per_sequence(sp)]
+        for h, j in zip(handles, (j for sp in plist for j in range(sp.n))):
+            h.completion.index = j
         if self._thread is None:
             self._run(handles)
         return [h.result() for h in handles]
@@ -370,12 +387,12 @@ class Server:
         self.prefill_tokens += n
         r.registered = self.kv.register(r.ids, r.pages, r.computed, r.registered)
         if r.pending == 0:
-            self._emit(r, sample(logits, r.params, r.rng))
+            self._emit(r, r.handle.decoder.pick(logits, r.ids, r.rng))
 
     def _decode(self, dec: list[Request]) -> None:
         k = 0
         if self.spec is not None:
-            k = min(self.spec.step_k(dec), min(r.params.max_new_tokens - r.generated for r in dec))
+            k = min(self.spec.step_k(dec), min(r.params.max_tokens - r.generated for r in dec))
         for r in sorted(dec, key=lambda x: x.id):
             if r.state == "running":
                 self._reserve(r, len(r.ids) + k, k)
@@ -391,7 +408,7 @@ class Server:
                 logits = self.engine.decode(
                     [r.ids[-1] for r in dec], [len(r.ids) - 1 for r in dec], [r.pages for r in dec]
                 )
-                news = [[sample(row, r.params, r.rng)] for r, row in zip(dec, logits)]
+                news = [[r.handle.decoder.pick(row, r.ids, r.rng)] for r, row in zip(dec, logits)]
         except Exception as e:
             for r in dec:
                 self._finish(r, "error", e)
@@ -414,13 +431,13 @@ class Server:
         r.ids.append(tok)
         r.computed = min(r.computed, len(r.ids) - 1)
         try:
-            r.handle._push(tok)
+            stopped = r.handle._push(tok)  # a stop string, or a complete JSON value
         except Exception as e:
             self._finish(r, "error", e)
             return
-        if tok in r.stops:
+        if stopped or tok in r.stops:
             self._finish(r, "stop")
-        elif r.generated >= r.params.max_new_tokens:
+        elif r.generated >= r.params.max_tokens:
             self._finish(r, "length")
 
     def _finish(self, r: Request, reason: str, error: BaseException | None = None) -> None:
@@ -449,11 +466,6 @@ class Server:
         )
         h = r.handle
         h.metrics = self._finished[-1]
-        if self.engine.tokenizer is not None:
-            try:
-                h.completion.text = self.engine.tokenizer.decode(h.completion.token_ids)
-            except Exception:
-                pass
         h._finish(reason, error)
 
 

@@ -11,7 +11,7 @@ The draft keeps its own KV pages in its own engine (`Speculator.draft_pages`, a 
 the rows of a step (verify needs equal lengths) and adapts to the acceptance rate (`AdaptiveK`).
 
     spec = SpeculativeDecoder(target, draft, k=4)
-    out = spec.generate(prompt_ids, SamplingParams(max_new_tokens=64))
+    out = spec.generate(prompt_ids, SamplingParams(max_tokens=64))
     spec.stats()  # proposed, accepted, acceptance_rate, k
 """
 
@@ -228,7 +228,7 @@ class SpeculativeDecoder:
         params.validate()
         eng._check(ids, params, 0)
         kmax = self.spec.k.k_max
-        pages = eng.pool.alloc(eng.pool.pages_for(min(len(ids) + params.max_new_tokens + kmax, eng.max_context)))
+        pages = eng.pool.alloc(eng.pool.pages_for(min(len(ids) + params.max_tokens + kmax, eng.max_context)))
         s = _S(list(ids), pages, params, np.random.default_rng(params.seed))
         out = Completion(list(ids))
         stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eng.eos_ids))
@@ -236,15 +236,15 @@ class SpeculativeDecoder:
             t0 = time.perf_counter()
             s.ids.append(sample(eng.prefill(ids, pages), params, s.rng))
             out.prefill_seconds = time.perf_counter() - t0
-            while s.ids[-1] not in stops and len(s.ids) - len(ids) < params.max_new_tokens:
-                k = min(self.spec.step_k([s]), params.max_new_tokens - (len(s.ids) - len(ids)))
+            while s.ids[-1] not in stops and len(s.ids) - len(ids) < params.max_tokens:
+                k = min(self.spec.step_k([s]), params.max_tokens - (len(s.ids) - len(ids)))
                 if k < 1:
                     s.ids.append(sample(eng.decode([s.ids[-1]], [len(s.ids) - 1], [pages])[0], params, s.rng))
                     continue
                 self.spec.reserve_draft(s, k)
                 for t in self.spec.step([s], k)[0]:
                     s.ids.append(t)
-                    if t in stops or len(s.ids) - len(ids) >= params.max_new_tokens:
+                    if t in stops or len(s.ids) - len(ids) >= params.max_tokens:
                         break
         finally:
             eng.pool.release(pages)

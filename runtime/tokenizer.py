@@ -31,13 +31,25 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
 
-    def apply_chat_template(self, user_message: str, system: str | None = None) -> str:
+    def token_text(self, tid: int) -> str:
+        """One token's text as OpenAI's logprobs show it (special tokens by name)."""
+        return self.tok.decode([tid], skip_special_tokens=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def apply_chat_template(self, messages: str | list[dict[str, str]], system: str | None = None) -> str:
+        """A user message (text) or a whole chat ({"role", "content"} dicts) rendered by the model's
+        template, ending with the prompt for the assistant's turn. Without a template: the contents, one per line."""
+        msgs = [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
+        if system and not (msgs and msgs[0].get("role") == "system"):
+            msgs = [{"role": "system", "content": system}] + msgs
         if not self.chat_template:
-            return user_message
+            return "\n".join(m["content"] for m in msgs)
         import jinja2
 
         env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_message}]
         return env.from_string(self.chat_template).render(
             messages=msgs,
             add_generation_prompt=True,

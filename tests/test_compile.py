@@ -26,7 +26,7 @@ def test_prefill_logits_match_transformers(family, engines, models):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_batch_generation_equals_transformers(family, engines, models):
-    outs = engines[family].generate(PROMPTS, SamplingParams(max_new_tokens=32, ignore_eos=True))
+    outs = engines[family].generate(PROMPTS, SamplingParams(max_tokens=32, ignore_eos=True))
     for p, o in zip(PROMPTS, outs):
         assert o.token_ids == hf_greedy(models[family], p, 32), (family, p)
         assert o.finish_reason == "length"
@@ -36,7 +36,7 @@ def test_streaming_sees_every_token_in_order(engines):
     seen: dict[int, list[int]] = {}
     outs = engines["llama"].generate(
         PROMPTS[:2],
-        SamplingParams(max_new_tokens=5, ignore_eos=True),
+        SamplingParams(max_tokens=5, ignore_eos=True),
         stream=lambda i, t: seen.setdefault(i, []).append(t),
     )
     assert seen == {0: outs[0].token_ids, 1: outs[1].token_ids}
@@ -44,11 +44,11 @@ def test_streaming_sees_every_token_in_order(engines):
 
 def test_stop_tokens_and_seeded_sampling(engines):
     eng = engines["qwen2"]
-    greedy = eng.generate([PROMPTS[0]], SamplingParams(max_new_tokens=8, ignore_eos=True))[0].token_ids
+    greedy = eng.generate([PROMPTS[0]], SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids
     stop = greedy[3]
-    out = eng.generate([PROMPTS[0]], SamplingParams(max_new_tokens=8, stop_token_ids=(stop,), ignore_eos=True))[0]
+    out = eng.generate([PROMPTS[0]], SamplingParams(max_tokens=8, stop_token_ids=(stop,), ignore_eos=True))[0]
     assert out.token_ids == greedy[: greedy.index(stop) + 1] and out.finish_reason == "stop"
-    p = SamplingParams(max_new_tokens=12, temperature=1.0, top_k=20, top_p=0.9, seed=7, ignore_eos=True)
+    p = SamplingParams(max_tokens=12, temperature=1.0, top_k=20, top_p=0.9, seed=7, ignore_eos=True)
     a = eng.generate([PROMPTS[0]], p)[0].token_ids
     b = eng.generate([PROMPTS[0]], p)[0].token_ids
     c = eng.generate([PROMPTS[0]], SamplingParams(**{**p.__dict__, "seed": 8}))[0].token_ids
@@ -58,7 +58,7 @@ def test_stop_tokens_and_seeded_sampling(engines):
 def test_pages_are_returned_after_generation(engines):
     eng = engines["gpt2"]
     free = len(eng.pool.free)
-    eng.generate(PROMPTS, SamplingParams(max_new_tokens=4))
+    eng.generate(PROMPTS, SamplingParams(max_tokens=4))
     assert len(eng.pool.free) == free
 
 
@@ -68,13 +68,15 @@ def test_bad_requests_are_refused_cleanly(engines):
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         eng.generate([[1, 2], []])
     with pytest.raises(ValueError, match="artifact supports 256"):
-        eng.generate([list(range(250))], SamplingParams(max_new_tokens=10))
+        eng.generate([[1 + i % 96 for i in range(250)]], SamplingParams(max_tokens=10))  # ids in the vocabulary
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        eng.generate([list(range(250))], SamplingParams(max_tokens=10))
     with pytest.raises(ValueError, match="top_p must be in"):
         eng.generate([[1]], SamplingParams(top_p=0.0))
     with pytest.raises(ValueError, match="KV pages"):
-        eng.generate([[1] * 200] * 20, SamplingParams(max_new_tokens=50))
+        eng.generate([[1] * 200] * 20, SamplingParams(max_tokens=50))
     assert len(eng.pool.free) == free
-    assert eng.generate([[3, 4]], SamplingParams(max_new_tokens=2))[0].token_ids  # still serving
+    assert eng.generate([[3, 4]], SamplingParams(max_tokens=2))[0].token_ids  # still serving
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

@@ -254,7 +254,7 @@ def test_server_serves_a_cuda_engine_with_prefix_sharing(cuda_dir):
     # whole pages: the repeat finds every page cached and recomputes its last token into a copied page
     prompt = torch.randint(0, 1000, (3 * eng.page_size,), generator=g).tolist()
     other = torch.randint(0, 1000, (20,), generator=g).tolist()
-    sp = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    sp = SamplingParams(max_tokens=12, ignore_eos=True)
     alone = [c.token_ids for c in eng.generate([prompt], sp)] + [c.token_ids for c in eng.generate([other], sp)]
     with Server(eng, policy="continuous", max_batch=4, background=False) as server:
         first = server.generate([prompt, other], sp)

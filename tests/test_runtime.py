@@ -31,7 +31,7 @@ def test_temperature_sampling_follows_softmax():
 
 
 def test_invalid_params():
-    for bad in (dict(max_new_tokens=0), dict(temperature=-1), dict(top_k=-2), dict(top_p=1.5)):
+    for bad in (dict(max_tokens=0), dict(temperature=-1), dict(top_k=-2), dict(top_p=1.5)):
         with pytest.raises(ValueError):
             SamplingParams(**bad).validate()
 

@@ -20,7 +20,7 @@ def _alone(eng, prompts, params):
 def _workload(n, seed, max_prompt=120, max_new=40):
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(1, 97, size=int(k)).tolist() for k in rng.integers(1, max_prompt, size=n)]
-    params = [SamplingParams(max_new_tokens=int(m), ignore_eos=True) for m in rng.integers(1, max_new, size=n)]
+    params = [SamplingParams(max_tokens=int(m), ignore_eos=True) for m in rng.integers(1, max_new, size=n)]
     return prompts, params
 
 
@@ -39,7 +39,7 @@ def test_policies_give_each_request_its_solo_greedy_output(policy, engines):
     assert [o.token_ids for o in outs] == ref
     assert all(o.finish_reason == "length" for o in outs)
     m = srv.metrics()
-    assert m["requests_finished"] == 10 and m["output_tokens"] == sum(p.max_new_tokens for p in params)
+    assert m["requests_finished"] == 10 and m["output_tokens"] == sum(p.max_tokens for p in params)
     assert m["peak_batch"] == 4 and m["ttft_p99_s"] > 0 and m["tokens_per_s"] > 0
     _no_leak(srv)
     srv.close()
@@ -60,7 +60,7 @@ def test_prefix_cache_hits_and_copy_on_write_keep_outputs(engines):
     prompts = [system + [60 + i, 70 + i, 80] for i in range(5)]
     prompts.append(system[:48])  # exactly 3 full cached pages: the last token is recomputed into a copied page
     prompts.append(system + [60, 70, 80])  # a repeat of the first request
-    params = [SamplingParams(max_new_tokens=12, ignore_eos=True)] * len(prompts)
+    params = [SamplingParams(max_tokens=12, ignore_eos=True)] * len(prompts)
     ref = _alone(eng, prompts, params)
     for policy in ("continuous", "static"):
         srv = Server(eng, policy=policy, max_batch=3, prefill_chunk=24, background=False)
@@ -111,7 +111,7 @@ def test_speculative_sampling_keeps_the_target_distribution(engines):
     """One position, 4000 draws of the first token a speculative step emits, against the target's softmax
     (chi-square at p < 1e-4); the draft's own distribution must fail the same test (the test has power)."""
     target, draft = engines["llama"], engines["qwen2"]
-    sp = SamplingParams(max_new_tokens=8, temperature=1.5)
+    sp = SamplingParams(max_tokens=8, temperature=1.5)
     prompt = [5, 17, 33, 2, 91, 40, 8]
     L, B, R, k = len(prompt), 100, 40, 3
     spec = Speculator(target, draft, k=k, adaptive=False)
@@ -160,17 +160,17 @@ def test_refusals_at_submit(artifacts, engines):
     small = kiln.load(artifacts["llama"], kv_cache_tokens=96)
     with Server(eng, background=False) as srv, Server(small, background=False) as tiny:
         with pytest.raises(ValueError, match="artifact supports 256"):
-            srv.submit(list(range(1, 97)) * 2 + [1] * 50, SamplingParams(max_new_tokens=20))
+            srv.submit(list(range(1, 97)) * 2 + [1] * 50, SamplingParams(max_tokens=20))
         with pytest.raises(ValueError, match="whole pool has 6"):
-            tiny.submit([1] * 90, SamplingParams(max_new_tokens=20))
+            tiny.submit([1] * 90, SamplingParams(max_tokens=20))
         with pytest.raises(ValueError, match="top_p must be in"):
             srv.submit([1, 2], SamplingParams(top_p=0.0))
-        with pytest.raises(ValueError, match="max_new_tokens must be"):
-            srv.submit([1, 2], SamplingParams(max_new_tokens=0))
+        with pytest.raises(ValueError, match="max_tokens must be"):
+            srv.submit([1, 2], SamplingParams(max_tokens=0))
         with pytest.raises(ValueError, match="empty"):
             srv.submit([], SamplingParams())
         assert srv.metrics()["requests_waiting"] == 0
-        assert srv.generate([[3, 4]], SamplingParams(max_new_tokens=2))[0].token_ids  # still serving
+        assert srv.generate([[3, 4]], SamplingParams(max_tokens=2))[0].token_ids  # still serving
     with pytest.raises(ValueError, match="unknown policy"):
         Server(eng, policy="fifo")
 
@@ -181,7 +181,7 @@ def test_cancel_failing_callback_and_concurrent_submits(engines):
     ref = _alone(eng, prompts, params)
     with Server(eng, max_batch=4, prefill_chunk=16) as srv:  # background scheduler thread
         # cancellation: stop a long request after its first tokens
-        h = srv.submit([1, 2, 3], SamplingParams(max_new_tokens=200, ignore_eos=True))
+        h = srv.submit([1, 2, 3], SamplingParams(max_tokens=200, ignore_eos=True))
         it = iter(h)
         first = [next(it), next(it)]
         h.cancel()
@@ -196,7 +196,7 @@ def test_cancel_failing_callback_and_concurrent_submits(engines):
             if len(seen) == 3:
                 raise KeyError("client went away")
 
-        hb = srv.submit([7, 8, 9], SamplingParams(max_new_tokens=20, ignore_eos=True), callback=bad)
+        hb = srv.submit([7, 8, 9], SamplingParams(max_tokens=20, ignore_eos=True), callback=bad)
         ok = srv.submit(prompts[0], params[0], callback=lambda t: None)
         with pytest.raises(RequestFailed, match="client went away"):
             hb.result(timeout=30)

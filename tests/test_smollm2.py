@@ -58,7 +58,7 @@ def test_batched_greedy_generation_equals_transformers(engine, smol):
         lm.tokenizer.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True, tokenize=False)
         for c in CHATS
     ]
-    outs = engine.generate(prompts, SamplingParams(max_new_tokens=32, ignore_eos=True))
+    outs = engine.generate(prompts, SamplingParams(max_tokens=32, ignore_eos=True))
     lengths = set()
     for p, o in zip(prompts, outs):
         ids = lm.tokenizer(p)["input_ids"]
@@ -73,7 +73,7 @@ def _kiln(*args):
 
 
 def test_cli_run_inspect_and_build_cache(smol, tmp_path):
-    r = _kiln("run", smol[0], "--prompt", "What is the capital of France?", "--max-new-tokens", "24")
+    r = _kiln("run", smol[0], "--prompt", "What is the capital of France?", "--max-tokens", "24")
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
     r = _kiln("inspect", smol[0])
@@ -85,7 +85,7 @@ def test_cli_run_inspect_and_build_cache(smol, tmp_path):
 
 
 def test_cli_errors_are_clear(smol, tmp_path):
-    r = _kiln("run", smol[0], "--prompt", "hi " * 9000, "--max-new-tokens", "4")
+    r = _kiln("run", smol[0], "--prompt", "hi " * 9000, "--max-tokens", "4")
     assert r.returncode == 1 and "shorten the prompt" in r.stderr
     r = _kiln("build", "no-such-model", "-o", str(tmp_path / "x"))
     assert r.returncode == 1 and "cannot find model 'no-such-model'" in r.stderr
@@ -102,5 +102,5 @@ def test_int8_build_from_the_cli_is_smaller_and_still_answers(smol, tmp_path):
     fp32 = json.loads(open(os.path.join(smol[0], "manifest.json")).read())
     assert m["quantization"]["weights"]["name"] == "int8" and m["quantization"]["embedding"] == "int8"
     assert m["weight_bytes"] < 0.3 * fp32["weight_bytes"]
-    r = _kiln("run", str(out), "--prompt", "What is the capital of France?", "--max-new-tokens", "24")
+    r = _kiln("run", str(out), "--prompt", "What is the capital of France?", "--max-tokens", "24")
     assert r.returncode == 0 and "Paris" in r.stdout, r.stdout + r.stderr
