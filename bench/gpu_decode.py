@@ -299,12 +299,12 @@ def main(argv=None) -> None:
     ap.add_argument("--batches", default="8,32,64")
     ap.add_argument("--json")
     ap.add_argument("--gemv-rows", type=int, default=None, help="build: output rows per warp in the decode GEMV")
+    ap.add_argument("--gemv-splits", type=int, default=None, help="build: warps sharing a row in the decode GEMV")
     a = ap.parse_args(argv)
     models = [m for m in a.models.split(",") if m]
     if a.mode == "build":
-        build(
-            a.dir, models, [v for v in a.variants.split(",") if v], {"gemv_rows": a.gemv_rows} if a.gemv_rows else None
-        )
+        opts = {k: v for k, v in (("gemv_rows", a.gemv_rows), ("gemv_splits", a.gemv_splits)) if v}
+        build(a.dir, models, [v for v in a.variants.split(",") if v], opts or None)
         return
     run(
         a.dir,

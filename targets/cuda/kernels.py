@@ -34,16 +34,27 @@ def _vec(bits: int) -> int:
     return {16: 8, 8: 16, 4: 32}[bits]
 
 
-def gemv_config(n: int, bits: int) -> tuple[int, int]:
-    """(rows per warp, 16-byte loads in flight per row and lane) for an output size n.
+RESIDENT_BLOCKS = 7 * 132  # GEMV blocks resident at once on an H200: 7 per SM at ~70 registers a thread (ncu)
 
-    More rows per warp for large n; small n needs every warp it can get. int4 takes 2 rows at every size:
-    a lane reads 32 activations per 16-byte load of codes, and a second row halves that traffic per weight
-    (H200, Llama-3.1-8B shape, batch-1 decode: 147 tok/s against 130 with 1 row below n = 8192; batch 8:
-    208 against 161; 4 rows: 148 and 235, with nvcc taking minutes longer)."""
+
+def gemv_config(n: int, bits: int) -> tuple[int, int, int]:
+    """(rows per warp, 16-byte loads in flight per row and lane, warps sharing a row) for an output size n.
+
+    Two rows per warp at every size: a second row halves the activation traffic per weight (H200,
+    Llama-3.1-8B shape, batch-1 decode: fp16 147.6 tok/s with 2 rows against 138.1 with 1 below n = 8192;
+    int4 147 against 130; 4 rows are slower in both). Warps share a row (split K, partial sums added through
+    shared memory) when the grid would otherwise end in a mostly empty wave: at n = 4096 one warp per row
+    group gives 512 blocks, 0.55 of a wave, and each warp walks a whole row (ncu: the down projection at
+    31% achieved occupancy, 1.9 TB/s)."""
     wide = n >= 8192
-    rows = 2 if wide or bits == 4 else 1
-    return rows, (8 if bits == 16 else 4) // (2 if wide else 1)
+    rows, loads = 2, (8 if bits == 16 else 4) // (2 if wide else 1)
+
+    def efficiency(split: int) -> float:
+        waves = -(-n // (WARPS // split * rows)) / RESIDENT_BLOCKS
+        return waves / -(-waves // 1)
+
+    best = max(efficiency(sp) for sp in (1, 2, 4))
+    return rows, loads, next(sp for sp in (1, 2, 4) if efficiency(sp) > best - 0.05)
 
 
 def gemv_func(
@@ -55,6 +66,7 @@ def gemv_func(
     bias: bool = False,
     rows: int | None = None,
     loads: int | None = None,
+    splits: int | None = None,
 ):
     """y[m, n] = x[m, k] @ W^T (+ bias) for small m; W fp16 (bits=16) or int8/int4 codes, stored
     lane-interleaved (targets/cuda/layouts.py: lane tx's load of tile t holds columns t*T + 128*j + 4*tx + e).
@@ -68,11 +80,15 @@ def gemv_func(
     TC = 32 * E  # columns per tile: one 16-byte load per lane
     if k % TC:
         raise ValueError(f"GEMV reduction size {k} must be a multiple of {TC} for {bits}-bit weights")
-    R0, U0 = gemv_config(n, bits)
+    R0, U0, S0 = gemv_config(n, bits)
     R = rows or R0
+    S = splits or S0  # warps per row group, each over every S-th tile
+    if WARPS % S:
+        raise ValueError(f"GEMV splits must divide {WARPS}, got {S}")
     tiles = k // TC
-    U = min(tiles, loads or U0)
-    outer = (tiles + U - 1) // U
+    per = (tiles + S - 1) // S  # tiles per warp
+    U = min(per, loads or U0)
+    outer = (per + U - 1) // U
     g = group or k
     if bits != 16 and g % 4:
         raise ValueError(f"group {group} must be a multiple of 4 for {bits}-bit GEMV")
@@ -83,7 +99,8 @@ def gemv_func(
     kw = k * bits // 32 if bits != 16 else k
     zc = float(2 ** (bits - 1)) if bits != 16 else 0.0
     has_zs = bits != 16 and not sym
-    nblk = (n + WARPS * R - 1) // (WARPS * R)
+    RB = WARPS // S * R  # rows per block
+    nblk = (n + RB - 1) // RB
     # arrays a variant does not read are passed as [1, 1] / [1] placeholders
     s_shape = (n, ng) if bits != 16 else (1, 1)
     zs_shape = (n, ng) if has_zs else (1, 1)
@@ -130,24 +147,26 @@ def gemv_func(
                         xs = T.alloc_buffer((CH,), "float32", scope="local")
                         d = T.alloc_buffer((1,), "float32", scope="local")
                         red = T.alloc_buffer((1,), "float32", scope="local")
-                        row0 = T.Bind((bx * WARPS + ty) * R)
+                        sums = T.alloc_buffer((WARPS, R, MB), "float32", scope="shared")
+                        row0 = T.Bind((bx * (WARPS // S) + ty // S) * R)
+                        ks = T.Bind(ty % S)
                         for r in T.unroll(R):
                             for i in T.unroll(MB):
                                 acc[r, i] = T.float32(0)
                         for io in range(outer):
                             for r in T.unroll(R):
                                 for u in T.unroll(U):
-                                    if io * U + u < tiles and row0 + r < n:
+                                    if (io * U + u) * S + ks < tiles and row0 + r < n:
                                         for j in T.vectorized(WE):
-                                            wl[r, u, j] = w[row0 + r, ((io * U + u) * 32 + tx) * WE + j]
+                                            wl[r, u, j] = w[row0 + r, (((io * U + u) * S + ks) * 32 + tx) * WE + j]
                             for u in T.unroll(U):
-                                if io * U + u < tiles:
+                                if (io * U + u) * S + ks < tiles:
                                     for i in T.unroll(MB):
                                         if mo * MB + i < m:
                                             for c in T.unroll(CH):
                                                 for j in T.vectorized(4):
                                                     xl[c * 4 + j] = x[
-                                                        mo * MB + i, (io * U + u) * TC + c * 128 + tx * 4 + j
+                                                        mo * MB + i, ((io * U + u) * S + ks) * TC + c * 128 + tx * 4 + j
                                                     ]
                                             if bits != 16:  # per chunk: the sum of x, then x pre-scaled
                                                 for c in T.unroll(CH):
@@ -171,7 +190,9 @@ def gemv_func(
                                                                     + field(chunk_word(wl, r, u, c, e), mask(e))
                                                                     * xl[c * 4 + e]
                                                                 )
-                                                            sg = T.Bind(((io * U + u) * TC + c * 128 + tx * 4) // g)
+                                                            sg = T.Bind(
+                                                                (((io * U + u) * S + ks) * TC + c * 128 + tx * 4) // g
+                                                            )
                                                             if has_zs:
                                                                 acc[r, i] = (
                                                                     acc[r, i]
@@ -184,14 +205,27 @@ def gemv_func(
                                                                 ) * (d[0] - T.float32(zc) * xs[c])
                         for r in T.unroll(R):
                             for i in T.unroll(MB):
-                                if mo * MB + i < m and row0 + r < n:
-                                    red[0] = acc[r, i]
-                                    for sh in T.unroll(5):
-                                        red[0] = red[0] + T.tvm_warp_shuffle_down(
-                                            T.tvm_warp_activemask(), red[0], T.shift_right(16, sh), 32, 32
-                                        )
-                                    if tx == 0:
+                                red[0] = acc[r, i]
+                                for sh in T.unroll(5):
+                                    red[0] = red[0] + T.tvm_warp_shuffle_down(
+                                        T.tvm_warp_activemask(), red[0], T.shift_right(16, sh), 32, 32
+                                    )
+                                if S == 1:
+                                    if tx == 0 and mo * MB + i < m and row0 + r < n:
                                         y[mo * MB + i, row0 + r] = red[0] + (b[row0 + r] if bias else T.float32(0))
+                                else:
+                                    if tx == 0:
+                                        sums[ty, r, i] = red[0]
+                        if S > 1:  # the first warp of each row group adds the other warps' partial sums
+                            T.tvm_storage_sync("shared")
+                            for r in T.unroll(R):
+                                for i in T.unroll(MB):
+                                    if tx == 0 and ks == 0 and mo * MB + i < m and row0 + r < n:
+                                        red[0] = sums[ty, r, i]
+                                        for sp in T.unroll(1, S):
+                                            red[0] = red[0] + sums[ty + sp, r, i]
+                                        y[mo * MB + i, row0 + r] = red[0] + (b[row0 + r] if bias else T.float32(0))
+                            T.tvm_storage_sync("shared")  # the next mo round rewrites `sums`
 
     return gemv
 

@@ -33,10 +33,15 @@ class CudaLowering(RelaxLowering):
     cache_dtype = "float16"
 
     def __init__(
-        self, graph: Graph, target_name: str = "cuda", gemm: str = "cublas", gemv_rows: int | None = None
+        self,
+        graph: Graph,
+        target_name: str = "cuda",
+        gemm: str = "cublas",
+        gemv_rows: int | None = None,
+        gemv_splits: int | None = None,
     ) -> None:
         self.gemm = gemm
-        self.gemv_rows = gemv_rows
+        self.gemv_rows, self.gemv_splits = gemv_rows, gemv_splits
         super().__init__(graph, target_name)
 
     def plan_embedding(self, n: Node) -> bool:
@@ -102,11 +107,12 @@ def cuda_linear(
             x2 = f.emit(relax.op.nn.pad(x2, [0, 0, 0, kp - k]))
         low = f.low
         assert isinstance(low, CudaLowering)  # this rule is registered for the cuda target only
-        rows = low.gemv_rows
+        rows, splits = low.gemv_rows, low.gemv_splits
         gv = low.kernel(
             ("cuda_gemv", kp, n_out, bits, group, "sym" if sym else "asym", bias is not None)
-            + ((f"r{rows}",) if rows else ()),
-            lambda: C.gemv_func(kp, n_out, bits, group, sym, bias is not None, rows=rows),
+            + ((f"r{rows}",) if rows else ())
+            + ((f"s{splits}",) if splits else ()),
+            lambda: C.gemv_func(kp, n_out, bits, group, sym, bias is not None, rows=rows, splits=splits),
         )
         s = fields[1] if q else _dummy(f, (1, 1), "float16")
         zs = fields[2] if q and not sym else _dummy(f, (1, 1), "float16")

@@ -27,7 +27,9 @@ class CudaTarget(TvmTarget):
     name = "cuda"
     capabilities = frozenset({"fp16", "int8", "int4", "sliding-window", "gqa", "tensor-cores"})
 
-    def __init__(self, arch: str = "sm_90a", gemm: str = "cublas", gemv_rows: int | None = None) -> None:
+    def __init__(
+        self, arch: str = "sm_90a", gemm: str = "cublas", gemv_rows: int | None = None, gemv_splits: int | None = None
+    ) -> None:
         if arch not in ARCHS:
             raise KilnError(f"unknown CUDA architecture '{arch}'; kiln builds for {', '.join(ARCHS)}")
         if gemm not in ("cublas", "tvm"):
@@ -37,8 +39,12 @@ class CudaTarget(TvmTarget):
             )
         if gemv_rows is not None and int(gemv_rows) not in (1, 2, 4, 8):
             raise KilnError(f"gemv_rows={gemv_rows}: the GEMV kernel gives each warp 1, 2, 4 or 8 output rows")
-        # output rows per warp in the decode GEMV; None: the kernel's own choice by output size
-        self.arch, self.gemm, self.gemv_rows = arch, gemm, None if gemv_rows is None else int(gemv_rows)
+        if gemv_splits is not None and int(gemv_splits) not in (1, 2, 4):
+            raise KilnError(f"gemv_splits={gemv_splits}: 1, 2 or 4 warps of a GEMV block can share a row")
+        # output rows per warp and warps per row in the decode GEMV; None: the kernel's choice by output size
+        self.arch, self.gemm = arch, gemm
+        self.gemv_rows = None if gemv_rows is None else int(gemv_rows)
+        self.gemv_splits = None if gemv_splits is None else int(gemv_splits)
 
     def tvm_target(self) -> tvm.target.Target:
         return tvm.target.Target(
@@ -59,6 +65,7 @@ class CudaTarget(TvmTarget):
             "gemm": self.gemm,
             "requires": ["libcublas"] if self.gemm == "cublas" else [],
             **({"gemv_rows": self.gemv_rows} if self.gemv_rows else {}),
+            **({"gemv_splits": self.gemv_splits} if self.gemv_splits else {}),
         }
 
     def entry_points(self, graph: Graph) -> dict[str, EntryPoint]:
@@ -68,7 +75,7 @@ class CudaTarget(TvmTarget):
         return eps
 
     def make_lowering(self, graph: Graph) -> CudaLowering:
-        return CudaLowering(graph, self.name, self.gemm, self.gemv_rows)
+        return CudaLowering(graph, self.name, self.gemm, self.gemv_rows, self.gemv_splits)
 
     def compile_module(self, mod: tvm.IRModule) -> Any:
         with tvm.transform.PassContext(opt_level=3):
