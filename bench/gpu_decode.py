@@ -8,6 +8,10 @@ then on the GPU host (TVM's runtime only; weights are made there, seeded, in the
 
     python bench/gpu_decode.py run OUT_DIR [--models llama-3.2-1b,llama-3.1-8b] [--json results.json]
 
+and back here, the goal figures into bench/results/gpu_decode.json:
+
+    python bench/gpu_decode.py summarize results.json --machine "..." --command "..."
+
 Reports, for Llama-3.2-1B- and Llama-3.1-8B-shaped models with random weights: batch-1 decode
 tokens/s and its share of the bandwidth roofline (measured device copy bandwidth / bytes read per
 token), time to first token at 128 and 2048 prompt tokens against the dense fp16 compute roofline,
@@ -120,7 +124,7 @@ def hf_decode(model, ids, new: int) -> tuple[float, float]:
         _sync()
         t = time.perf_counter()
         with torch.no_grad():
-            model.generate(ids, max_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
         _sync()
         return time.perf_counter() - t
 
@@ -229,12 +233,16 @@ def run(
         body = params - (0 if cfg.tie_word_embeddings else n_embed)  # an untied embedding table is not streamed
         kv_tok = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
         ctx = len(prompt) + new // 2
-        rows = {}
+        rows: dict = {}
+        results["models"][name] = rows
         fp16_bytes = body * 2 + kv_tok * ctx
 
         def row(label, tok_s, bytes_per_token, extra=None):
             r = {"decode_tok_s": tok_s, "roofline_pct": 100 * tok_s * bytes_per_token / bw, **(extra or {})}
             rows[label] = r
+            if json_path:  # after each figure, so a run cut short keeps what it measured
+                with open(json_path, "w") as f:
+                    json.dump(results, f, indent=1)
             print(
                 f"  {name} {label:>16}: {tok_s:8.1f} tok/s  {r['roofline_pct']:5.1f}% of roofline"
                 + "".join(f"  {k}={v:.4g}" for k, v in (extra or {}).items()),
@@ -284,13 +292,55 @@ def run(
     return results
 
 
+def summarize(run_json: str, machine: str, command: str) -> str:
+    """The figures the decode goals are stated in (8B shape), from a run's --json, written to
+    bench/results/gpu_decode.json with the machine, date and commit of this checkout."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from results_io import write_results
+
+    run = json.load(open(run_json))
+    rows = run["models"]["llama-3.1-8b"]
+
+    def tok(label: str, key: str = "decode_tok_s") -> float:
+        return rows[label][key]
+
+    figures: dict = {"command": command, "gpu": run["gpu"], "copy_bandwidth": run["copy_bandwidth"]}
+    figures.update(
+        fp16_tok_s_8b=tok("kiln-fp16"),
+        fp16_roofline_share_8b=rows["kiln-fp16"]["roofline_pct"] / 100,
+        int8_tok_s_8b=tok("kiln-int8"),
+        int4_tok_s_8b=tok("kiln-int4"),
+        int8_vs_fp16_8b=tok("kiln-int8") / tok("kiln-fp16"),
+        int4_vs_fp16_8b=tok("kiln-int4") / tok("kiln-fp16"),
+    )
+    if "torch.compile-fp16" in rows:
+        figures.update(
+            torch_compile_tok_s_8b=tok("torch.compile-fp16"),
+            fp16_vs_torch_compile_8b=tok("kiln-fp16") / tok("torch.compile-fp16"),
+        )
+    if "batch16_tok_s" in rows["kiln-fp16"]:
+        figures.update(
+            fp16_batch16_tok_s_8b=tok("kiln-fp16", "batch16_tok_s"),
+            int4_batch16_tok_s_8b=tok("kiln-int4", "batch16_tok_s"),
+            int4_vs_fp16_8b_batch16=tok("kiln-int4", "batch16_tok_s") / tok("kiln-fp16", "batch16_tok_s"),
+        )
+    figures["models"] = run["models"]
+    doc = write_results("gpu_decode", figures)
+    with open(doc) as f:  # the GPU host's own description, not this checkout's host
+        d = json.load(f)
+    d["machine"] = machine
+    with open(doc, "w") as f:
+        json.dump(d, f, indent=1)
+    return doc
+
+
 def _nbytes(t) -> int:
     return t.numel() * t.element_size()
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=("build", "run"))
+    ap.add_argument("mode", choices=("build", "run", "summarize"))
     ap.add_argument("dir")
     ap.add_argument("--models", default=",".join(SHAPES))
     ap.add_argument("--variants", default=",".join(VARIANTS))
@@ -298,10 +348,15 @@ def main(argv=None) -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batches", default="8,32,64")
     ap.add_argument("--json")
+    ap.add_argument("--machine", default="", help="summarize: the GPU host, in words")
+    ap.add_argument("--command", default="", help="summarize: the command the run was made with")
     ap.add_argument("--gemv-rows", type=int, default=None, help="build: output rows per warp in the decode GEMV")
     ap.add_argument("--gemv-splits", type=int, default=None, help="build: warps sharing a row in the decode GEMV")
     a = ap.parse_args(argv)
     models = [m for m in a.models.split(",") if m]
+    if a.mode == "summarize":  # DIR is the run's --json here
+        summarize(a.dir, a.machine, a.command)
+        return
     if a.mode == "build":
         opts = {k: v for k, v in (("gemv_rows", a.gemv_rows), ("gemv_splits", a.gemv_splits)) if v}
         build(a.dir, models, [v for v in a.variants.split(",") if v], opts or None)
