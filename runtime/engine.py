@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ from .artifact import LIBRARY, WEIGHTS, ArtifactError, check_target, read_manife
 from .kv_cache import PagePool, page_table
 from .kv_layout import KVLayout
 from .sampling import SamplingParams
+from .validate import column, cross_check, entry_inputs, serialized, token_ids
 
 
 def _threads() -> None:
@@ -36,7 +38,10 @@ class Completion:
 
 
 class Engine:
-    """Serve one artifact. `kv_cache_tokens` sizes the page pool (tokens over all sequences)."""
+    """Serve one artifact. `kv_cache_tokens` sizes the page pool (tokens over all sequences).
+
+    Calls are serialized: the TVM VM is not re-entrant, so `generate` and the entry points take the
+    engine's lock and threads calling them at once run one after another."""
 
     def __init__(
         self,
@@ -47,6 +52,7 @@ class Engine:
         cuda_graphs: bool = True,
     ) -> None:
         _threads()
+        self._lock = threading.RLock()
         self.path = path
         self.manifest = read_manifest(path)
         check_target(self.manifest)
@@ -82,6 +88,7 @@ class Engine:
 
             self._graphs = GraphRunner(self)
             self._pt_width = -(-self.max_context // self.page_size)
+        self.vocab_size = cross_check(self)  # the manifest's shape facts against the library, before serving
         self.tokenizer = None
         tok_dir = os.path.join(path, "tokenizer")
         if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
@@ -148,19 +155,25 @@ class Engine:
     def _t(self, a: np.ndarray):
         return self._tvm.runtime.tensor(a, self.device)
 
+    @serialized
     def prefill(self, ids: Sequence[int], pages: list[int], start: int = 0) -> np.ndarray:
         """Run `ids` (positions start..start+n-1) through the model, filling the cache; returns the
         last token's logits [vocab]."""
+        if isinstance(start, bool) or not isinstance(start, (int, np.integer)):
+            raise ValueError(f"prefill: start must be an int position, got {start!r}")
         n = len(ids)
-        x = np.asarray(ids, dtype=np.int64)[None]
-        pos = np.arange(start, start + n, dtype=np.int32)[None]
+        x, pos = entry_inputs(self, [list(ids)], [list(range(start, start + n))], [pages], "prefill")
+        pos = pos.astype(np.int32)
         out = self.vm["prefill"](self._t(x), self._t(pos), self._t(page_table([pages])), self.caches, self.weights)
         return out.numpy()[0, -1]
 
+    @serialized
     def decode(self, tokens: Sequence[int], positions: Sequence[int], pages: list[list[int]]) -> np.ndarray:
         """One new token per sequence; returns logits [batch, vocab]."""
-        x = np.asarray(tokens, dtype=np.int64)[:, None]
-        pos = np.asarray(positions, dtype=np.int32)[:, None]
+        x, pos = entry_inputs(
+            self, column(tokens, "decode: tokens"), column(positions, "decode: positions"), pages, "decode"
+        )
+        pos = pos.astype(np.int32)
         fn = "decode_batched" if self.gemv_max_batch and len(tokens) > self.gemv_max_batch else "decode"
         if self._graphs is not None:
             pt = np.zeros((len(pages), self._pt_width), dtype=np.int32)
@@ -170,13 +183,14 @@ class Engine:
         out = self.vm[fn](self._t(x), self._t(pos), self._t(page_table(pages)), self.caches, self.weights)
         return out.numpy()[:, -1]
 
+    @serialized
     def verify(
         self, tokens: Sequence[Sequence[int]], positions: Sequence[Sequence[int]], pages: list[list[int]]
     ) -> np.ndarray:
         """Several new tokens per sequence (equal counts), filling the cache; returns logits for every
         token [batch, tokens, vocab] (speculative decoding checks draft tokens with this)."""
-        x = np.asarray(tokens, dtype=np.int64)
-        pos = np.asarray(positions, dtype=np.int32)
+        x, pos = entry_inputs(self, tokens, positions, pages, "verify")
+        pos = pos.astype(np.int32)
         out = self.vm["verify"](self._t(x), self._t(pos), self._t(page_table(pages)), self.caches, self.weights)
         return out.numpy()
 
@@ -187,7 +201,7 @@ class Engine:
                 raise ValueError("this artifact has no tokenizer: pass token ids instead of text")
             text = self.tokenizer.apply_chat_template(prompt) if chat else prompt
             return self.tokenizer.encode(text)
-        return [int(t) for t in prompt]
+        return token_ids(prompt, self.vocab_size)
 
     def _check(self, ids: list[int], p: SamplingParams, i: int) -> None:
         if not ids:
@@ -200,6 +214,7 @@ class Engine:
                 "lower max_new_tokens"
             )
 
+    @serialized
     def generate(
         self,
         prompts: Sequence[str | Sequence[int]],
