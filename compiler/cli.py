@@ -113,7 +113,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 def cmd_inspect(a: argparse.Namespace) -> int:
     from kiln.report import render_report
-    from kiln.runtime.artifact import read_manifest, verify_files
+    from kiln.runtime.artifact import read_manifest
 
     m = read_manifest(a.artifact)
     if a.json:
@@ -137,8 +137,20 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     for rel, meta in sorted(m.get("files", {}).items()):
         print(f"- {rel}: {meta['bytes'] / 1e6:.2f} MB, sha256 {meta['sha256'][:16]}...")
     if a.verify:
-        verify_files(a.artifact, m)
-        print("\nchecksums: all files match")
+        from kiln.runtime.integrity import audit
+
+        print("\n## Integrity\n")
+        results = audit(a.artifact, m, full=True)
+        for what, problem in results:
+            print(f"- {what}: {'ok' if problem is None else 'FAILED: ' + problem}")
+        bad = sum(problem is not None for _, problem in results)
+        if bad:
+            print(f"\n{bad} check(s) failed: do not load this artifact; rebuild it")
+            return 1
+        print(
+            "\nintegrity: the manifest, its checksum and every file match (the library is native code: "
+            "load artifacts only from builds you trust)"
+        )
     return 0
 
 

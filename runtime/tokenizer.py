@@ -1,9 +1,15 @@
-"""Tokenizer for artifacts: the `tokenizers` library plus the model's chat template (jinja2)."""
+"""Tokenizer for artifacts: the `tokenizers` library plus the model's chat template (jinja2).
+
+The chat template comes from the artifact, so it is rendered in jinja2's immutable sandbox: a template
+can format messages but not reach Python internals (`os.system` through `__globals__`, `__subclasses__`)
+or mutate what it is given. A template that tries is refused with `ArtifactError`."""
 
 from __future__ import annotations
 
 import json
 import os
+
+from .errors import ArtifactError
 
 
 class Tokenizer:
@@ -35,12 +41,21 @@ class Tokenizer:
         if not self.chat_template:
             return user_message
         import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_message}]
-        return env.from_string(self.chat_template).render(
-            messages=msgs,
-            add_generation_prompt=True,
-            bos_token=self.config.get("bos_token", ""),
-            eos_token=self.config.get("eos_token", ""),
-        )
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=msgs,
+                add_generation_prompt=True,
+                bos_token=self.config.get("bos_token", ""),
+                eos_token=self.config.get("eos_token", ""),
+            )
+        except jinja2.exceptions.SecurityError as e:
+            raise ArtifactError(
+                f"the artifact's chat template tried an unsafe operation ({e}); it is not rendered: use a "
+                "trusted template, or pass token ids"
+            ) from e
+        except jinja2.TemplateError as e:
+            raise ArtifactError(f"the artifact's chat template fails to render ({e}): fix the template") from e
