@@ -56,8 +56,6 @@ class Engine:
         self.path = path
         self.manifest = read_manifest(path)
         check_target(self.manifest)
-        if verify:
-            verify_files(path, self.manifest)
         import tvm
         from tvm.runtime.vm import VirtualMachine
 
@@ -69,6 +67,8 @@ class Engine:
             self.device = prepare(self.manifest)
         else:
             self.device = tvm.cpu()
+        if verify:  # after the cheap host and device checks, before anything from the artifact is opened
+            verify_files(path, self.manifest)
         try:
             lib = tvm.runtime.load_module(os.path.join(path, LIBRARY))
         except Exception as e:
