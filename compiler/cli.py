@@ -237,7 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     i = sub.add_parser("inspect", help="show an artifact's manifest and report")
     i.add_argument("artifact")
     i.add_argument("--json", action="store_true", help="print the raw manifest")
-    i.add_argument("--verify", action="store_true", help="also check every file's checksum")
+    i.add_argument(
+        "--verify",
+        action="store_true",
+        help="check integrity and print every check: the manifest against manifest.sha256, each file's size "
+        "and SHA-256, names inside the artifact, nothing loadable unlisted (exit 1 if any fails)",
+    )
     i.add_argument(
         "--kv-budget",
         type=float,
