@@ -17,14 +17,6 @@ def _noop(msg: str) -> None:
     pass
 
 
-def _max_context(cfg: Any, cap: int = 8192) -> int:
-    for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
-        v = getattr(cfg, key, None)
-        if isinstance(v, int) and v > 0:
-            return min(v, cap)
-    return 2048
-
-
 def compile(
     model: Any,
     target: str = "cpu",
@@ -124,7 +116,9 @@ def compile(
         lm_head=head,
     )
     cfg = getattr(model, "config", None)
-    ctx = int(max_context or _max_context(cfg))
+    from .context import resolve_max_context
+
+    ctx = resolve_max_context(model, max_context)
     t = time.perf_counter()
     progress("tracing with torch.export (symbolic batch and tokens)")
     graph = trace(model, max_tokens=ctx)
@@ -279,25 +273,22 @@ def load(path: str, **engine_options: Any):
 def build_key(
     source: str, target: str, passes: str, max_context: int | None, options: dict | None = None
 ) -> str | None:
-    """A cache key for a model named by path: the file's identity plus every build option."""
+    """A cache key for a model named by path: the content of its files plus every build option, with
+    the content of the files an option names (calibration and evaluation text, tokenizer folder). Content,
+    not name/size/mtime: a checkpoint replaced in place, or a calibration file edited, is a new build."""
     from .models import BUILTIN, builtin_gguf
 
     path = builtin_gguf(source) if source in BUILTIN else source
     if not os.path.exists(path):
         return None
-    st = []
-    for root, _, names in (
-        os.walk(path) if os.path.isdir(path) else [(os.path.dirname(path), [], [os.path.basename(path)])]
-    ):
-        for n in sorted(names):
-            s = os.stat(os.path.join(root, n))
-            st.append((n, s.st_size, int(s.st_mtime)))
     import torch
 
+    opts = sorted((options or {}).items())
+    named = {k: _content(str(v)) for k, v in opts if k in _FILE_OPTIONS and v and os.path.exists(str(v))}
     payload = json.dumps(
         [
             os.path.abspath(path),
-            st,
+            _content(path),
             target,
             passes,
             max_context,
@@ -306,11 +297,31 @@ def build_key(
             _tvm_version(),
             _host(),
             _source_hash(),
-            sorted((options or {}).items()),
+            opts,
+            named,
         ],
         default=str,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+_FILE_OPTIONS = ("calib", "eval_text", "tokenizer_dir")  # options that name files whose content shapes a build
+
+
+def _content(path: str) -> list[tuple[str, int, str]]:
+    """(name, size, SHA-256) of a file, or of every file under a folder."""
+    from kiln.runtime.artifact import sha256_file
+
+    if os.path.isfile(path):
+        return [(os.path.basename(path), os.path.getsize(path), sha256_file(path))]
+    out = []
+    for root, dirs, names in os.walk(path):
+        dirs.sort()
+        for n in sorted(names):
+            p = os.path.join(root, n)
+            if os.path.isfile(p):
+                out.append((os.path.relpath(p, path), os.path.getsize(p), sha256_file(p)))
+    return out
 
 
 def _source_hash() -> str:

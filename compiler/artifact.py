@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kiln.runtime.artifact import LIBRARY, MANIFEST, SCHEMA_VERSION, WEIGHTS, sha256_file
+from kiln.runtime.artifact import LIBRARY, MANIFEST, MANIFEST_SUM, SCHEMA_VERSION, WEIGHTS, ArtifactError, sha256_file
+from kiln.runtime.integrity import manifest_sum_line
 
+from .atomic_dir import write_dir
 from .report import render_report
+
+TOKENIZER_FILES = ("tokenizer", "special_tokens", "chat_template", "generation_config")
 
 
 @dataclass
@@ -52,21 +55,20 @@ def write_artifact(
 ) -> dict[str, Any]:
     """The one way artifacts reach disk, for every target: `payload(tmp, manifest)` writes the
     target's files (and may add manifest fields) into a temporary directory beside `path`; then the
-    tokenizer files, ir.txt, report.md and manifest.json (with every file's size and SHA-256) are
-    added and the directory is swapped into place. A failure removes the temporary directory and
-    leaves any previous artifact at `path` untouched. Returns the manifest as written."""
-    path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".kiln-tmp-", dir=parent)
-    try:
+    tokenizer files, ir.txt, report.md, manifest.json (with every file's size and SHA-256) and
+    manifest.sha256 (the manifest's own) are added, everything is fsynced and the directory is swapped
+    into place in one step (kiln/atomic_dir.py). A failure or a crash at any point leaves the previous
+    artifact at `path` (or the new one, once swapped). Returns the manifest as written."""
+
+    def fill(tmp: str) -> None:
         payload(tmp, manifest)
         if tokenizer_dir:
             dst = os.path.join(tmp, "tokenizer")
             os.makedirs(dst)
             for name in os.listdir(tokenizer_dir):
-                if name.startswith(("tokenizer", "special_tokens", "chat_template", "generation_config")):
-                    shutil.copy(os.path.join(tokenizer_dir, name), dst)
+                src = os.path.join(tokenizer_dir, name)
+                if name.startswith(TOKENIZER_FILES) and os.path.isfile(src):
+                    shutil.copyfile(src, os.path.join(dst, name))  # contents only: never a link or device
         with open(os.path.join(tmp, "ir.txt"), "w") as f:
             f.write(ir_text + "\n")
         with open(os.path.join(tmp, "report.md"), "w") as f:
@@ -79,45 +81,30 @@ def write_artifact(
         manifest["files"] = files
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1, default=str)
-        os.chmod(tmp, 0o755)
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with open(os.path.join(tmp, MANIFEST_SUM), "w") as f:
+            f.write(manifest_sum_line(os.path.join(tmp, MANIFEST)))
+
+    write_dir(path, fill)
     return manifest
 
 
-def _replace_dir(src: str, dst: str) -> None:
-    if os.path.exists(dst):
-        old = dst + f".old-{os.getpid()}"
-        os.rename(dst, old)
-        os.rename(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(src, dst)
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    # Hard links make a cache hit instant; readers verify checksums, so a later in-place edit of one
-    # copy is caught rather than trusted.
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def copy_artifact(src: str, dst: str) -> None:
-    """Copy an artifact directory to `dst` atomically (hard links where the filesystem allows)."""
-    dst = os.path.abspath(dst)
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".kiln-tmp-", dir=os.path.dirname(dst))
-    try:
-        os.rmdir(tmp)
-        shutil.copytree(src, tmp, copy_function=_link_or_copy)
-        _replace_dir(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """Copy an artifact directory to `dst` atomically. Files are copied, never hard-linked: editing the
+    copy must not edit the source (a build cache entry, say). `shutil.copyfile` lets the kernel share
+    blocks where the filesystem can (copy_file_range)."""
+
+    def fill(tmp: str) -> None:
+        for root, dirs, names in os.walk(src):
+            rel = os.path.relpath(root, src)
+            for d in dirs:
+                os.makedirs(os.path.join(tmp, rel, d), exist_ok=True)
+            for n in names:
+                s = os.path.join(root, n)
+                if os.path.islink(s) or not os.path.isfile(s):
+                    raise ArtifactError(f"{s} is not a regular file: an artifact holds only its own files")
+                shutil.copyfile(s, os.path.join(tmp, rel, n))
+
+    write_dir(dst, fill)
 
 
 def kv_summary(kv: dict[str, Any], dtype: str | None = None) -> dict[str, Any]:

@@ -186,7 +186,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 def cmd_inspect(a: argparse.Namespace) -> int:
     from kiln.report import render_report
-    from kiln.runtime.artifact import read_manifest, verify_files
+    from kiln.runtime.artifact import read_manifest
 
     m = read_manifest(a.artifact)
     if a.json:
@@ -210,8 +210,20 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     for rel, meta in sorted(m.get("files", {}).items()):
         print(f"- {rel}: {meta['bytes'] / 1e6:.2f} MB, sha256 {meta['sha256'][:16]}...")
     if a.verify:
-        verify_files(a.artifact, m)
-        print("\nchecksums: all files match")
+        from kiln.runtime.integrity import audit
+
+        print("\n## Integrity\n")
+        results = audit(a.artifact, m, full=True)
+        for what, problem in results:
+            print(f"- {what}: {'ok' if problem is None else 'FAILED: ' + problem}")
+        bad = sum(problem is not None for _, problem in results)
+        if bad:
+            print(f"\n{bad} check(s) failed: do not load this artifact; rebuild it")
+            return 1
+        print(
+            "\nintegrity: the manifest, its checksum and every file match (the library is native code: "
+            "load artifacts only from builds you trust)"
+        )
     return 0
 
 
@@ -321,7 +333,12 @@ def main(argv: list[str] | None = None) -> int:
     i = sub.add_parser("inspect", help="show an artifact's manifest and report", formatter_class=fmt)
     i.add_argument("artifact")
     i.add_argument("--json", action="store_true", help="print the raw manifest")
-    i.add_argument("--verify", action="store_true", help="also check every file's checksum")
+    i.add_argument(
+        "--verify",
+        action="store_true",
+        help="check integrity and print every check: the manifest against manifest.sha256, each file's size "
+        "and SHA-256, names inside the artifact, nothing loadable unlisted (exit 1 if any fails)",
+    )
     i.add_argument(
         "--kv-budget",
         type=float,

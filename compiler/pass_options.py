@@ -34,7 +34,7 @@ def pruning_steps(prune: str | None = None, sparsify: str | None = None, method:
             short = {"layers": ("prune-layers", "n"), "heads": ("prune-heads", "ratio"), "ffn": ("prune-ffn", "ratio")}
             for item in prune.split(","):
                 k, _, v = item.partition("=")
-                if k.strip() not in short or not v:
+                if k.strip() not in short or len(v.split()) != 1 or "=" in v:  # one value per item, nothing skipped
                     raise PassError(
                         f"prune={prune!r}: expected items like heads=0.2, ffn=0.2, layers=2, or pass names "
                         "like prune-heads{ratio=0.2}"

@@ -25,29 +25,71 @@ PIPELINES: dict[str, str] = {
 }
 
 
+_NAME = re.compile(r"[A-Za-z0-9_\-]+")
+
+
+def _refuse(spec: str, at: int, what: str, fix: str) -> PassError:
+    return PassError(f"pipeline {spec!r}: {what} at position {at} ({spec[:at]!r} <here> {spec[at:]!r}); {fix}")
+
+
 def parse_pipeline(spec: str) -> list[Step]:
-    """'canonicalize,kv-cache{page_size=16},O1' -> [(name, params), ...] with pipelines expanded."""
+    """'canonicalize,kv-cache{page_size=16},O1' -> [(name, params), ...] with pipelines expanded.
+
+    The whole text must parse: passes separated by commas, each a name with an optional {key=value,...}.
+    Anything else (a space or another separator between names, an unclosed brace, an empty item) is
+    refused with its position, never skipped: a skipped pass is a silently different build."""
+    if not isinstance(spec, str):
+        raise PassError(f"a pipeline is text like 'canonicalize,fuse-norms,kv-cache', got {type(spec).__name__}")
     out: list[Step] = []
-    for m in re.finditer(r"\s*([A-Za-z0-9_\-]+)\s*(\{[^}]*\})?\s*(,|$)", spec.strip()):
-        name, params = m.group(1), m.group(2)
-        if name in PIPELINES:
-            if params:
-                raise PassError(f"pipeline '{name}' takes no parameters")
-            out.extend(parse_pipeline(PIPELINES[name]))
-            continue
-        kv: dict[str, Any] = {}
-        if params:
-            for item in params[1:-1].split(","):
-                if not item.strip():
-                    continue
-                if "=" not in item:
-                    raise PassError(f"pass parameter '{item}' of '{name}' must be key=value")
-                k, v = item.split("=", 1)
-                kv[k.strip()] = parse_value(v.strip())
-        out.append((name, kv))
-    if not out:
-        raise PassError(f"empty pipeline {spec!r}")
+    i, n = 0, len(spec)
+    while True:
+        while i < n and spec[i].isspace():
+            i += 1
+        m = _NAME.match(spec, i)
+        if m is None:
+            what = "end of text" if i >= n else f"unexpected {spec[i]!r}"
+            raise _refuse(spec, i, f"{what} where a pass name should be", "write pass names separated by commas")
+        name, i = m.group(0), m.end()
+        params = None
+        if i < n and spec[i] == "{":
+            close = spec.find("}", i)
+            if close < 0:
+                raise _refuse(spec, i, "'{' is never closed", "close the parameters with '}'")
+            params, i = spec[i + 1 : close], close + 1
+            if "{" in params:
+                raise _refuse(spec, i, "nested '{'", "parameters are flat key=value pairs")
+        while i < n and spec[i].isspace():
+            i += 1
+        if i < n and spec[i] != ",":
+            fix = (
+                f"separate passes with commas: '{name},{spec[i:].split()[0]}'"
+                if _NAME.match(spec, i)
+                else "separate passes with commas"
+            )
+            raise _refuse(spec, i, f"unexpected {spec[i]!r} after '{name}'", fix)
+        out.extend(_step(name, params))
+        if i >= n:
+            break
+        i += 1  # the comma; an item must follow it
     return out
+
+
+def _step(name: str, params: str | None) -> list[Step]:
+    if name in PIPELINES:
+        if params is not None:
+            raise PassError(f"pipeline '{name}' takes no parameters")
+        return parse_pipeline(PIPELINES[name])
+    kv: dict[str, Any] = {}
+    for item in (params or "").split(","):
+        if not item.strip():
+            continue
+        if "=" not in item:
+            raise PassError(f"pass parameter '{item.strip()}' of '{name}' must be key=value")
+        k, v = item.split("=", 1)
+        if not k.strip():
+            raise PassError(f"pass parameter '{item.strip()}' of '{name}' has no key: write key=value")
+        kv[k.strip()] = parse_value(v.strip())
+    return [(name, kv)]
 
 
 def format_pipeline(steps: Sequence[Step]) -> str:

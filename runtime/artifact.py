@@ -1,46 +1,56 @@
 """Artifact format: a directory with manifest.json, the compiled library, weights and tokenizer.
 
 Readers check, in order: the manifest parses, its schema version is one this kiln reads, the target
-is one this runtime serves and the host can run, and every file's checksum matches.
+is one this runtime serves and the host can run, and the files are the ones the build wrote
+(runtime/integrity.py: the manifest's own checksum, names confined to the directory, every file's size
+and SHA-256, the library's before it is opened).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Any
 
 from .errors import ArtifactError  # defined with the error root; importable from here as before
+from .integrity import LIBRARY, MANIFEST, MANIFEST_SUM, WEIGHTS, member, sha256_file, verify_files
 
 SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
-LIBRARY = "model.so"
-WEIGHTS = "weights.safetensors"
+MAX_MANIFEST_BYTES = 64 << 20  # a manifest is kilobytes; a huge one is not ours
 
-
-def sha256_file(path: str, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
+__all__ = [
+    "LIBRARY",
+    "MANIFEST",
+    "MANIFEST_SUM",
+    "SCHEMA_VERSION",
+    "WEIGHTS",
+    "ArtifactError",
+    "check_target",
+    "host_cpu_flags",
+    "read_manifest",
+    "sha256_file",
+    "verify_files",
+]
 
 
 def read_manifest(path: str) -> dict[str, Any]:
     mf = os.path.join(path, MANIFEST)
     if not os.path.isdir(path):
-        raise ArtifactError(f"{path} is not an artifact directory (it does not exist or is a file)")
+        parent, name = os.path.split(os.path.abspath(path))
+        olds = [n for n in os.listdir(parent) if n.startswith(name + ".old-")] if os.path.isdir(parent) else []
+        hint = f"; an interrupted save left {olds[0]} beside it: save again, or rename it back" if olds else ""
+        raise ArtifactError(f"{path} is not an artifact directory (it does not exist or is a file){hint}")
     if not os.path.exists(mf):
         raise ArtifactError(f"{path} has no {MANIFEST}: not a kiln artifact, or an interrupted write")
+    if os.path.getsize(member(path, MANIFEST)) > MAX_MANIFEST_BYTES:
+        raise ArtifactError(f"{mf} is larger than {MAX_MANIFEST_BYTES >> 20} MB: not a kiln manifest; rebuild it")
     try:
         with open(mf) as f:
             m = json.load(f)
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{mf} is not valid JSON ({e}); the artifact is corrupt: rebuild it") from e
+    if not isinstance(m, dict):
+        raise ArtifactError(f"{mf} is not a JSON object; the artifact is corrupt: rebuild it")
     v = m.get("schema_version")
     if not isinstance(v, int):
         raise ArtifactError(f"{mf} has no integer schema_version; the artifact is corrupt: rebuild it")
@@ -91,22 +101,3 @@ def check_target(manifest: dict[str, Any], want: str | None = None) -> None:
             f"artifact was built for target '{name}', not 'cpu': this runtime runs cpu, cuda "
             "and simulated pim artifacts; rebuild with --target cpu"
         )
-
-
-def verify_files(path: str, manifest: dict[str, Any]) -> None:
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
-        raise ArtifactError(f"{path}/{MANIFEST} lists no files; the artifact is corrupt: rebuild it")
-    for rel, meta in files.items():
-        p = os.path.join(path, rel)
-        if not os.path.exists(p):
-            raise ArtifactError(f"{rel} is missing from {path}: the artifact is incomplete; rebuild it")
-        if os.path.getsize(p) != meta["bytes"]:
-            raise ArtifactError(
-                f"{rel} has {os.path.getsize(p)} bytes, the manifest says {meta['bytes']}: "
-                "the file is truncated or replaced; rebuild the artifact"
-            )
-        if sha256_file(p) != meta["sha256"]:
-            raise ArtifactError(
-                f"checksum mismatch for {rel}: the file is corrupt or was modified; rebuild the artifact"
-            )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -20,6 +21,7 @@ from .kv_layout import KVLayout
 from .prompts import Prompt, as_prompt_list
 from .prompts import encode as encode_prompt
 from .sampling import SamplingParams, per_sequence
+from .validate import column, cross_check, entry_inputs, serialized
 
 
 def _threads() -> None:
@@ -40,7 +42,10 @@ class Completion:
 
 
 class Engine:
-    """Serve one artifact. `kv_cache_tokens` sizes the page pool (tokens over all sequences)."""
+    """Serve one artifact. `kv_cache_tokens` sizes the page pool (tokens over all sequences).
+
+    Calls are serialized: the TVM VM is not re-entrant, so `generate` and the entry points take the
+    engine's lock and threads calling them at once run one after another."""
 
     def __init__(
         self,
@@ -51,11 +56,10 @@ class Engine:
         cuda_graphs: bool = True,
     ) -> None:
         _threads()
+        self._lock = threading.RLock()
         self.path = path
         self.manifest = read_manifest(path)
         check_target(self.manifest)
-        if verify:
-            verify_files(path, self.manifest)
         import tvm
         from tvm.runtime.vm import VirtualMachine
 
@@ -67,6 +71,8 @@ class Engine:
             self.device = prepare(self.manifest)
         else:
             self.device = tvm.cpu()
+        if verify:  # after the cheap host and device checks, before anything from the artifact is opened
+            verify_files(path, self.manifest)
         try:
             lib = tvm.runtime.load_module(os.path.join(path, LIBRARY))
         except Exception as e:
@@ -86,6 +92,7 @@ class Engine:
 
             self._graphs = GraphRunner(self)
             self._pt_width = -(-self.max_context // self.page_size)
+        self.vocab_size = cross_check(self)  # the manifest's shape facts against the library, before serving
         self.tokenizer = None
         tok_dir = os.path.join(path, "tokenizer")
         if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
@@ -152,19 +159,25 @@ class Engine:
     def _t(self, a: np.ndarray):
         return self._tvm.runtime.tensor(a, self.device)
 
+    @serialized
     def prefill(self, ids: Sequence[int], pages: list[int], start: int = 0) -> np.ndarray:
         """Run `ids` (positions start..start+n-1) through the model, filling the cache; returns the
         last token's logits [vocab]."""
+        if isinstance(start, bool) or not isinstance(start, (int, np.integer)):
+            raise ValueError(f"prefill: start must be an int position, got {start!r}")
         n = len(ids)
-        x = np.asarray(ids, dtype=np.int64)[None]
-        pos = np.arange(start, start + n, dtype=np.int32)[None]
+        x, pos = entry_inputs(self, [list(ids)], [list(range(start, start + n))], [pages], "prefill")
+        pos = pos.astype(np.int32)
         out = self.vm["prefill"](self._t(x), self._t(pos), self._t(page_table([pages])), self.caches, self.weights)
         return out.numpy()[0, -1]
 
+    @serialized
     def decode(self, tokens: Sequence[int], positions: Sequence[int], pages: list[list[int]]) -> np.ndarray:
         """One new token per sequence; returns logits [batch, vocab]."""
-        x = np.asarray(tokens, dtype=np.int64)[:, None]
-        pos = np.asarray(positions, dtype=np.int32)[:, None]
+        x, pos = entry_inputs(
+            self, column(tokens, "decode: tokens"), column(positions, "decode: positions"), pages, "decode"
+        )
+        pos = pos.astype(np.int32)
         fn = "decode_batched" if self.gemv_max_batch and len(tokens) > self.gemv_max_batch else "decode"
         if self._graphs is not None:
             pt = np.zeros((len(pages), self._pt_width), dtype=np.int32)
@@ -174,20 +187,22 @@ class Engine:
         out = self.vm[fn](self._t(x), self._t(pos), self._t(page_table(pages)), self.caches, self.weights)
         return out.numpy()[:, -1]
 
+    @serialized
     def verify(
         self, tokens: Sequence[Sequence[int]], positions: Sequence[Sequence[int]], pages: list[list[int]]
     ) -> np.ndarray:
         """Several new tokens per sequence (equal counts), filling the cache; returns logits for every
         token [batch, tokens, vocab] (speculative decoding checks draft tokens with this)."""
-        x = np.asarray(tokens, dtype=np.int64)
-        pos = np.asarray(positions, dtype=np.int32)
+        x, pos = entry_inputs(self, tokens, positions, pages, "verify")
+        pos = pos.astype(np.int32)
         out = self.vm["verify"](self._t(x), self._t(pos), self._t(page_table(pages)), self.caches, self.weights)
         return out.numpy()
 
     # -- generation -------------------------------------------------------------------------------
     def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
-        """Text (through the chat template when `chat`), chat messages, or token ids -> token ids."""
-        return encode_prompt(self.tokenizer, prompt, chat, self.manifest.get("model", {}).get("vocab_size"))
+        """Text (through the chat template when `chat`), chat messages, or token ids -> token ids, each an
+        int in [0, vocab)."""
+        return encode_prompt(self.tokenizer, prompt, chat, self.vocab_size)
 
     def _check(self, ids: list[int], p: SamplingParams, i: int) -> None:
         if not ids:
@@ -200,6 +215,7 @@ class Engine:
                 "lower max_tokens"
             )
 
+    @serialized
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],

@@ -12,6 +12,8 @@ from typing import Any, Union
 
 import numpy as np
 
+from .validate import token_ids
+
 Message = dict[str, str]
 Prompt = Union[str, Sequence[int], Sequence[Message]]
 
@@ -81,11 +83,10 @@ def encode(tokenizer: Any, prompt: Prompt, chat: bool = False, vocab: int | None
         return tokenizer.encode(tokenizer.apply_chat_template(check_messages(prompt)))
     if isinstance(prompt, Sequence | np.ndarray) and len(prompt) == 0:
         return []  # the engine refuses an empty prompt with its position in the batch
+    if not isinstance(prompt, Sequence | np.ndarray) or isinstance(prompt, bytes):
+        raise TypeError(f"a prompt must be text, token ids or chat messages, got {str(prompt)[:60]!r}")
+    if vocab is not None:
+        return token_ids(prompt, vocab)  # each an int in [0, vocab), or an error naming the first that is not
     if not _is_ids(prompt):
         raise TypeError(f"a prompt must be text, token ids or chat messages, got {str(prompt)[:60]!r}")
-    ids = [int(t) for t in prompt]  # type: ignore[arg-type]  # _is_ids checked every element
-    if vocab is not None:
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
-    return ids
+    return [int(t) for t in prompt]  # type: ignore[union-attr]  # _is_ids checked every element

@@ -89,6 +89,7 @@ class Server:
         self._t_first: float | None = None
         self._t_last: float | None = None
         self._closed = False
+        self._dead: BaseException | None = None  # why the scheduler thread stopped, if it did
         self._thread = None
         if background:
             self._thread = threading.Thread(target=self._loop, name="kiln-server", daemon=True)
@@ -105,8 +106,7 @@ class Server:
     ) -> RequestHandle:
         """Queue one sequence (params.n must be 1: `generate` fans n out); refuses (ValueError) one that
         can never run. `listener(delta)` sees each text delta on the scheduler thread. Returns its handle."""
-        if self._closed:
-            raise RuntimeError("the server is closed")
+        self._refuse_if_closed()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         params.validate()
@@ -134,12 +134,22 @@ class Server:
         rid = next(self._ids)
         h = RequestHandle(self, rid, ids, callback, Decoder(eng, ids, params, stops), listener)
         r = Request(rid, ids, params, h, stops)
-        with self._lock:
+        with self._lock:  # checked again where the request is queued: close() may have run meanwhile
+            self._refuse_if_closed()
             self._incoming.append(r)
             if self._t_first is None:
                 self._t_first = r.arrival
             self._wake.notify()
         return h
+
+    def _refuse_if_closed(self) -> None:
+        if self._dead is not None:
+            raise RuntimeError(
+                f"the server's scheduler stopped ({self._dead!r}); it runs no more requests: close it and "
+                "start a new Server"
+            )
+        if self._closed:
+            raise RuntimeError("the server is closed: submit to a new Server")
 
     def generate(
         self,
@@ -235,17 +245,30 @@ class Server:
 
     # -- scheduler --------------------------------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:  # the thread is ending: say why to every client instead of leaving them hanging
+            self._die(e)
+
+    def _die(self, e: BaseException) -> None:
+        """The scheduler thread stopped: fail every request it held or would have run, refuse new ones."""
+        with self._lock:
+            self._dead = e
+            inc, self._incoming = self._incoming, []
+        with self._step_lock:
+            for r in inc + list(self.waiting) + list(self.running):
+                self._finish(r, "error", RuntimeError(f"the server's scheduler stopped: {e!r}"))
+            self.waiting.clear()
+            self.running = []
+
+    def _serve(self) -> None:
         while True:
             with self._lock:
                 if self._closed:
                     return
             try:
                 did = self.step()
-            except Exception as e:  # a scheduler bug: fail what is in flight rather than hang its clients
-                with self._step_lock:
-                    for r in list(self.running):
-                        self._finish(r, "error", e)
-                    self.running = []
+            except Exception:  # a scheduler bug: step() failed what was in flight; keep serving the rest
                 did = False
             if not did:
                 with self._lock:
@@ -272,7 +295,18 @@ class Server:
                 self._finish(r, "cancelled")
 
     def step(self) -> bool:
-        """One scheduler iteration. Returns False when there was nothing to run."""
+        """One scheduler iteration. Returns False when there was nothing to run. An error that escapes the
+        per-request guards fails the running requests (their pages go back) and is raised."""
+        with self._step_lock:
+            try:
+                return self._step()
+            except BaseException as e:
+                for r in list(self.running):
+                    self._finish(r, "error", e)
+                self.running = []
+                raise
+
+    def _step(self) -> bool:
         with self._step_lock:
             self._drain()
             if self.policy == "continuous":
@@ -387,7 +421,12 @@ class Server:
         self.prefill_tokens += n
         r.registered = self.kv.register(r.ids, r.pages, r.computed, r.registered)
         if r.pending == 0:
-            self._emit(r, r.handle.decoder.pick(logits, r.ids, r.rng))
+            try:
+                tok = r.handle.decoder.pick(logits, r.ids, r.rng)
+            except Exception as e:  # this request's sampling values: fail it alone
+                self._finish(r, "error", e)
+                return
+            self._emit(r, tok)
 
     def _decode(self, dec: list[Request]) -> None:
         k = 0
@@ -408,11 +447,12 @@ class Server:
                 logits = self.engine.decode(
                     [r.ids[-1] for r in dec], [len(r.ids) - 1 for r in dec], [r.pages for r in dec]
                 )
-                news = [[r.handle.decoder.pick(row, r.ids, r.rng)] for r, row in zip(dec, logits)]
         except Exception as e:
             for r in dec:
                 self._finish(r, "error", e)
             return
+        if k < 1:
+            news = [self._sample(r, row) for r, row in zip(dec, logits)]
         for r, new in zip(dec, news):
             r.computed = len(r.ids)  # KV of the last token is written now
             for t in new:
@@ -423,6 +463,14 @@ class Server:
                 r.computed = len(r.ids) - 1  # KV of every accepted token is written; the newest has none yet
                 r.registered = self.kv.register(r.ids, r.pages, r.computed, r.registered)
 
+    def _sample(self, r: Request, logits: np.ndarray) -> list[int]:
+        """The request's next token; a sampling error fails this request alone (no token)."""
+        try:
+            return [r.handle.decoder.pick(logits, r.ids, r.rng)]
+        except Exception as e:
+            self._finish(r, "error", e)
+            return []
+
     def _emit(self, r: Request, tok: int) -> None:
         """Append a sampled token. Position len(ids)-1 has no KV yet, so computed = len(ids)-1 after."""
         now = time.perf_counter()
@@ -432,7 +480,7 @@ class Server:
         r.computed = min(r.computed, len(r.ids) - 1)
         try:
             stopped = r.handle._push(tok)  # a stop string, or a complete JSON value
-        except Exception as e:
+        except BaseException as e:  # the client's callback, even SystemExit/KeyboardInterrupt: its request alone
             self._finish(r, "error", e)
             return
         if stopped or tok in r.stops:

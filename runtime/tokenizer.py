@@ -1,9 +1,15 @@
-"""Tokenizer for artifacts: the `tokenizers` library plus the model's chat template (jinja2)."""
+"""Tokenizer for artifacts: the `tokenizers` library plus the model's chat template (jinja2).
+
+The chat template comes from the artifact, so it is rendered in jinja2's immutable sandbox: a template
+can format messages but not reach Python internals (`os.system` through `__globals__`, `__subclasses__`)
+or mutate what it is given. A template that tries is refused with `ArtifactError`."""
 
 from __future__ import annotations
 
 import json
 import os
+
+from .errors import ArtifactError
 
 
 class Tokenizer:
@@ -48,11 +54,20 @@ class Tokenizer:
         if not self.chat_template:
             return "\n".join(m["content"] for m in msgs)
         import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-        return env.from_string(self.chat_template).render(
-            messages=msgs,
-            add_generation_prompt=True,
-            bos_token=self.config.get("bos_token", ""),
-            eos_token=self.config.get("eos_token", ""),
-        )
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=msgs,
+                add_generation_prompt=True,
+                bos_token=self.config.get("bos_token", ""),
+                eos_token=self.config.get("eos_token", ""),
+            )
+        except jinja2.exceptions.SecurityError as e:
+            raise ArtifactError(
+                f"the artifact's chat template tried an unsafe operation ({e}); it is not rendered: use a "
+                "trusted template, or pass token ids"
+            ) from e
+        except jinja2.TemplateError as e:
+            raise ArtifactError(f"the artifact's chat template fails to render ({e}): fix the template") from e

@@ -1,0 +1,166 @@
+"""Artifact integrity: what an artifact holds is what its build wrote, before any of it is opened.
+
+An artifact contains native code (model.so runs in the loading process the moment it is opened), so
+loading one is running a program. The build records every file's size and SHA-256 in manifest.json and
+the manifest's own SHA-256 in manifest.sha256 beside it; a reader checks, in this order:
+
+1. manifest.sha256 matches manifest.json (an edited manifest could otherwise un-list or re-hash a file);
+2. every listed name stays inside the artifact: relative, no `..`, no symbolic link on the way, and a
+   regular file at the end (a device such as /dev/zero would be hashed forever);
+3. every listed file has its size, and nothing the runtime would load (the library, the weights, the
+   tokenizer folder) is present without being listed;
+4. the SHA-256 of the library, then (with `full`) of every other file.
+
+The checks say that the files are the ones the build wrote, not that the build is trustworthy: an
+artifact from someone else is code from someone else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from typing import Any
+
+from .errors import ArtifactError
+
+MANIFEST = "manifest.json"
+MANIFEST_SUM = "manifest.sha256"
+LIBRARY = "model.so"
+WEIGHTS = "weights.safetensors"
+LOADED_DIRS = ("tokenizer",)  # folders whose files the runtime opens
+
+
+def sha256_file(path: str, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def manifest_sum_line(manifest_path: str) -> str:
+    """The line manifest.sha256 holds (the format `sha256sum -c` reads)."""
+    return f"{sha256_file(manifest_path)}  {MANIFEST}\n"
+
+
+def member(root: str, rel: Any) -> str:
+    """The path of listed file `rel` inside artifact `root`, refused unless it is a relative name without
+    `..`, reached through no symbolic link, and a regular file."""
+    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or "\\" in rel or "\0" in rel:
+        raise ArtifactError(f"the manifest lists {rel!r}, not a relative file name inside the artifact: rebuild it")
+    parts = rel.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise ArtifactError(
+            f"the manifest lists {rel!r}, which leaves the artifact directory or is not normal: rebuild it"
+        )
+    p = root
+    for part in parts:
+        p = os.path.join(p, part)
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            raise ArtifactError(f"{rel} is missing from {root}: the artifact is incomplete; rebuild it") from None
+        if stat.S_ISLNK(st.st_mode):
+            raise ArtifactError(
+                f"{rel} is a symbolic link ({os.path.relpath(p, root)}): an artifact holds its own files; "
+                "replace the link with the file, or rebuild the artifact"
+            )
+    if not stat.S_ISREG(st.st_mode):
+        raise ArtifactError(f"{rel} is not a regular file (a device, pipe or folder): rebuild the artifact")
+    return p
+
+
+def _listing(path: str, manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise ArtifactError(f"{path}/{MANIFEST} lists no files; the artifact is corrupt: rebuild it")
+    for rel, meta in files.items():
+        if not (isinstance(meta, dict) and isinstance(meta.get("bytes"), int) and isinstance(meta.get("sha256"), str)):
+            raise ArtifactError(f"the manifest's entry for {rel!r} has no bytes/sha256: rebuild the artifact")
+    return files
+
+
+def _unlisted(path: str, files: dict[str, Any]) -> list[str]:
+    """Files the runtime would open that the manifest does not list."""
+    found = [n for n in (LIBRARY, WEIGHTS) if os.path.lexists(os.path.join(path, n))]
+    for d in LOADED_DIRS:
+        top = os.path.join(path, d)
+        if os.path.isdir(top) and not os.path.islink(top):
+            for root, dirs, names in os.walk(top):
+                found += [os.path.relpath(os.path.join(root, n), path) for n in dirs + names]
+    return [n for n in found if n not in files and not any(f.startswith(n + "/") for f in files)]
+
+
+def check_manifest_sum(path: str) -> None:
+    """manifest.sha256 must exist and match manifest.json."""
+    sp = os.path.join(path, MANIFEST_SUM)
+    if not os.path.isfile(sp) or os.path.islink(sp):
+        raise ArtifactError(
+            f"{path} has no {MANIFEST_SUM} (the manifest's own checksum): the artifact is from an older kiln "
+            "or was altered; rebuild it"
+        )
+    with open(sp) as f:
+        recorded = f.read().split()[:1]
+    if recorded != [sha256_file(member(path, MANIFEST))]:
+        raise ArtifactError(
+            f"{MANIFEST} does not match {MANIFEST_SUM}: the manifest was edited after the build; rebuild the artifact"
+        )
+
+
+def audit(path: str, manifest: dict[str, Any], full: bool = True) -> list[tuple[str, str | None]]:
+    """Every check, each as (what, problem or None), for a report that shows all of them (`kiln inspect
+    --verify`). `full=False` hashes the library only and checks the other files' sizes."""
+    out: list[tuple[str, str | None]] = []
+
+    def run(what: str, fn: Any) -> None:
+        try:
+            fn()
+            out.append((what, None))
+        except (ArtifactError, OSError) as e:
+            out.append((what, str(e)))
+
+    run(MANIFEST_SUM, lambda: check_manifest_sum(path))
+    try:
+        files = _listing(path, manifest)
+    except ArtifactError as e:
+        return out + [(MANIFEST, str(e))]
+    for rel in sorted(files, key=lambda r: (r != LIBRARY, r)):  # the library first: it is code
+        run(rel, lambda rel=rel: _check_file(path, rel, files[rel], full or rel == LIBRARY))
+    for rel in _unlisted(path, files):
+        out.append((rel, f"{rel} is in the artifact but not in its manifest, and the runtime would load it: rebuild"))
+    return out
+
+
+def _check_file(path: str, rel: str, meta: dict[str, Any], hashed: bool) -> None:
+    p = member(path, rel)
+    size = os.path.getsize(p)
+    if size != meta["bytes"]:
+        raise ArtifactError(
+            f"{rel} has {size} bytes, the manifest says {meta['bytes']}: the file is truncated or replaced; "
+            "rebuild the artifact"
+        )
+    if hashed and sha256_file(p) != meta["sha256"]:
+        raise ArtifactError(f"checksum mismatch for {rel}: the file is corrupt or was modified; rebuild the artifact")
+
+
+def verify_files(path: str, manifest: dict[str, Any], full: bool = True) -> None:
+    """Refuse the artifact at the first failed check (see the module docstring for the order)."""
+    check_manifest_sum(path)
+    files = _listing(path, manifest)
+    for rel in sorted(files, key=lambda r: (r != LIBRARY, r)):
+        member(path, rel)
+    for rel in sorted(files, key=lambda r: (r != LIBRARY, r)):
+        _check_file(path, rel, files[rel], hashed=False)
+    extra = _unlisted(path, files)
+    if extra:
+        raise ArtifactError(
+            f"{extra[0]} is in the artifact but not in its manifest, so it would be loaded unverified: remove it "
+            "or rebuild the artifact"
+        )
+    for rel in sorted(files, key=lambda r: (r != LIBRARY, r)):
+        if full or rel == LIBRARY:
+            _check_file(path, rel, files[rel], hashed=True)
