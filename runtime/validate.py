@@ -84,17 +84,18 @@ def entry_inputs(
         )
     ps, n_pages = eng.page_size, eng.pool.num_pages
     width = -(-eng.max_context // ps)
-    for i, row in enumerate(pages):
-        r = _int_array(list(row), f"{entry}: pages[{i}]", 1)
-        need = int(pos[i].max()) // ps + 1
-        if len(r) < need or len(r) > width:
-            raise ValueError(
-                f"{entry}: sequence {i} reaches position {int(pos[i].max())} and needs {need} pages of "
-                f"{ps}, at most {width}; its page list has {len(r)}"
-            )
-        if len(r) and (r.min() < 0 or r.max() >= n_pages):
-            bad = int(r.min()) if r.min() < 0 else int(r.max())
-            raise ValueError(f"{entry}: pages[{i}] names page {bad}; the pool has pages 0..{n_pages - 1}")
+    lens = [len(row) for row in pages]
+    need = pos.max(axis=1) // ps + 1  # one check per call, not per row: decode runs this every step
+    for i in np.flatnonzero((np.asarray(lens) < need) | (np.asarray(lens) > width))[:1]:
+        raise ValueError(
+            f"{entry}: sequence {i} reaches position {int(pos[i].max())} and needs {int(need[i])} pages of "
+            f"{ps}, at most {width}; its page list has {lens[i]}"
+        )
+    flat = _int_array([p for row in pages for p in row], f"{entry}: pages", 1)
+    if flat.size and (flat.min() < 0 or flat.max() >= n_pages):
+        bad = int(flat.min()) if flat.min() < 0 else int(flat.max())
+        i = next(i for i, row in enumerate(pages) if bad in list(row))
+        raise ValueError(f"{entry}: pages[{i}] names page {bad}; the pool has pages 0..{n_pages - 1}")
     return x, pos
 
 

@@ -20,7 +20,7 @@ import kiln
 from kiln import interp
 from kiln.errors import PassError
 from kiln.passmgr import run_pipeline
-from kiln.pipeline import check_pipeline, parse_pipeline
+from kiln.pipeline import check_pipeline, format_pipeline, parse_pipeline
 from kiln.runtime.sampling import SamplingParams
 from kiln.runtime.serving import POLICIES, RequestFailed, Server
 
@@ -157,3 +157,21 @@ def test_random_valid_pipelines_keep_the_numbers(traced, family, passes):
     g, _ = run_pipeline(traced[family], ",".join(passes))
     ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(len(passes)))
     assert rel_err(interp.run(g, {"input_ids": ids})[0], interp.run(traced[family], {"input_ids": ids})[0]) < 1e-4
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(spec=st.text(alphabet="ab-_ ,{}=;.\t01", max_size=30))
+def test_pipeline_text_parses_completely_or_is_refused(spec):
+    """Any text: refused with PassError, or parsed whole (one step per top-level comma-separated item, and
+    the steps survive a round trip). Never another exception, never a skipped item."""
+    try:
+        steps = parse_pipeline(spec)
+    except PassError as e:
+        assert "pipeline" in str(e) or "parameter" in str(e)
+        return
+    depth, items = 0, 1
+    for ch in spec:
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        items += ch == "," and depth == 0
+    assert len(steps) == items
+    assert parse_pipeline(format_pipeline(steps)) == steps
