@@ -89,4 +89,4 @@ def encode(tokenizer: Any, prompt: Prompt, chat: bool = False, vocab: int | None
         return token_ids(prompt, vocab)  # each an int in [0, vocab), or an error naming the first that is not
     if not _is_ids(prompt):
         raise TypeError(f"a prompt must be text, token ids or chat messages, got {str(prompt)[:60]!r}")
-    return [int(t) for t in prompt]  # type: ignore[union-attr]  # _is_ids checked every element
+    return [int(t) for t in prompt]  # type: ignore[arg-type]  # _is_ids checked every element
