@@ -62,19 +62,17 @@ def tiny_artifact(out: str) -> str:
 def one_request(rng: np.random.Generator, vocab: int) -> tuple[str, list, dict, object, int]:
     kind = rng.choice(["greedy"] * 5 + ["sampled"] * 2 + ["bad_prompt", "bad_params", "too_long"])
     prompt: list = rng.integers(0, vocab, size=int(rng.integers(1, 60))).tolist()
-    params: dict = dict(max_new_tokens=int(rng.integers(1, 24)), ignore_eos=bool(rng.integers(2)))
+    params: dict = dict(max_tokens=int(rng.integers(1, 24)), ignore_eos=bool(rng.integers(2)))
     if kind == "sampled":
         params.update(temperature=float(rng.uniform(0.1, 2)), top_k=int(rng.integers(0, 30)), seed=int(rng.integers(9)))
     elif kind == "bad_prompt":
         prompt = [] if rng.integers(4) == 0 else prompt + [int(rng.choice([vocab, -1, 10**9, vocab + 7]))]
     elif kind == "bad_params":
         params.update(
-            [dict(temperature=math.nan), dict(top_p=0.0), dict(max_new_tokens=0), dict(temperature=-2.0)][
-                rng.integers(4)
-            ]
+            [dict(temperature=math.nan), dict(top_p=0.0), dict(max_tokens=0), dict(temperature=-2.0)][rng.integers(4)]
         )
     elif kind == "too_long":
-        prompt, params["max_new_tokens"] = rng.integers(0, vocab, size=250).tolist(), 20
+        prompt, params["max_tokens"] = rng.integers(0, vocab, size=250).tolist(), 20
     fault = [None, None, None, None, "cancel", Exception, SystemExit, KeyboardInterrupt][rng.integers(8)]
     return str(kind), prompt, params, fault, int(rng.integers(0, 6))
 
@@ -110,7 +108,7 @@ class Soak:
     def solo(self, prompt: list[int], params: dict) -> list[int]:
         from kiln.runtime.sampling import SamplingParams
 
-        key = (tuple(prompt), params["max_new_tokens"], params["ignore_eos"])
+        key = (tuple(prompt), params["max_tokens"], params["ignore_eos"])
         if key not in self.refs:
             self.refs[key] = self.ref.generate([prompt], SamplingParams(**params))[0].token_ids
         return self.refs[key]
@@ -204,7 +202,7 @@ class Soak:
         prompts = [
             self.rng.integers(0, self.ref.vocab_size, size=int(self.rng.integers(1, 30))).tolist() for _ in range(3)
         ]
-        params = dict(max_new_tokens=8, ignore_eos=True)
+        params = dict(max_tokens=8, ignore_eos=True)
         want = [self.solo(p, params) for p in prompts]
         got: dict = {}
         ts = [

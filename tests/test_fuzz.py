@@ -36,12 +36,12 @@ bad_prompt = st.one_of(
 )
 bad_params = st.sampled_from(
     [
-        dict(max_new_tokens=0),
+        dict(max_tokens=0),
         dict(temperature=-1.0),
         dict(top_p=0.0),
         dict(top_k=-3),
         dict(temperature=math.nan),
-        dict(max_new_tokens=10**6),
+        dict(max_tokens=10**6),
     ]
 )
 
@@ -50,7 +50,7 @@ bad_params = st.sampled_from(
 def requests(draw):
     kind = draw(st.sampled_from(["greedy", "greedy", "greedy", "sampled", "bad_prompt", "bad_params"]))
     prompt = draw(bad_prompt if kind == "bad_prompt" else good_prompt)
-    params = dict(max_new_tokens=draw(st.integers(1, 12)), ignore_eos=draw(st.booleans()))
+    params = dict(max_tokens=draw(st.integers(1, 12)), ignore_eos=draw(st.booleans()))
     if kind == "sampled":
         params.update(
             temperature=draw(st.floats(0.1, 2.0)), top_k=draw(st.integers(0, 20)), seed=draw(st.integers(0, 9))
@@ -134,7 +134,7 @@ REFS: dict = {}
 
 
 def _ref(eng, prompt, params):
-    key = (tuple(prompt), params["max_new_tokens"], params["ignore_eos"])
+    key = (tuple(prompt), params["max_tokens"], params["ignore_eos"])
     if key not in REFS:
         REFS[key] = eng.generate([prompt], SamplingParams(**params))[0].token_ids
     return REFS[key]

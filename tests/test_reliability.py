@@ -12,7 +12,7 @@ from kiln.runtime.artifact import ArtifactError
 from kiln.runtime.sampling import SamplingParams
 from kiln.runtime.serving import RequestFailed, Server
 
-GREEDY = SamplingParams(max_new_tokens=8, ignore_eos=True)
+GREEDY = SamplingParams(max_tokens=8, ignore_eos=True)
 
 
 def _alone(eng, prompt, params=GREEDY):
@@ -105,11 +105,11 @@ def test_edited_shape_facts_are_refused_at_load(artifacts, tmp_path):
 def test_threads_calling_generate_at_once_are_serialized(engines):
     eng = engines["qwen2"]
     prompts = [[1 + i, 2, 3 + 2 * i] * (i + 1) for i in range(6)]
-    ref = [_alone(eng, p, SamplingParams(max_new_tokens=12, ignore_eos=True)) for p in prompts]
+    ref = [_alone(eng, p, SamplingParams(max_tokens=12, ignore_eos=True)) for p in prompts]
     outs: dict[int, list[int]] = {}
 
     def worker(i):
-        outs[i] = eng.generate([prompts[i]], SamplingParams(max_new_tokens=12, ignore_eos=True))[0].token_ids
+        outs[i] = eng.generate([prompts[i]], SamplingParams(max_tokens=12, ignore_eos=True))[0].token_ids
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
     for t in threads:
@@ -126,7 +126,7 @@ def test_threads_calling_generate_at_once_are_serialized(engines):
 def _nan_after_submit(srv, prompt):
     """A request whose sampling fails mid-run: its params pass the checks at submit and are then changed
     in place (a caller mutating the frozen object), so the error comes from sampling itself."""
-    p = SamplingParams(max_new_tokens=8, temperature=1.0, seed=0, ignore_eos=True)
+    p = SamplingParams(max_tokens=8, temperature=1.0, seed=0, ignore_eos=True)
     h = srv.submit(prompt, p)
     object.__setattr__(p, "temperature", float("nan"))
     return h
@@ -145,7 +145,7 @@ def test_a_failing_sample_fails_only_its_request_and_returns_its_pages(policy, e
     assert [hs[0].result().token_ids, hs[2].result().token_ids] == ref
     _all_pages_back(srv)
     # a decode-time failure too (the prompt's first token sampled fine)
-    h = srv.submit([20, 21], SamplingParams(max_new_tokens=8, temperature=1.0, seed=0, ignore_eos=True))
+    h = srv.submit([20, 21], SamplingParams(max_tokens=8, temperature=1.0, seed=0, ignore_eos=True))
     other = srv.submit(good[0], GREEDY)
     srv.step()
     assert len(h.completion.token_ids) == 1
@@ -178,7 +178,7 @@ def test_a_callback_raising_systemexit_fails_only_its_request(exc, engines):
 def test_a_dead_scheduler_fails_every_request_and_submit_refuses(engines):
     eng = engines["gpt2"]
     srv = Server(eng, max_batch=4)
-    waiting = srv.submit([1, 2, 3], SamplingParams(max_new_tokens=200, ignore_eos=True))
+    waiting = srv.submit([1, 2, 3], SamplingParams(max_tokens=200, ignore_eos=True))
     next(iter(waiting))  # it runs
 
     def die():  # fault injection: the scheduler's own code raises what nothing catches
