@@ -60,7 +60,9 @@ class Engine:
         self.path = path
         self.manifest = read_manifest(path)
         check_target(self.manifest)
-        import tvm
+        from .tvm_import import load_tvm
+
+        tvm = load_tvm()  # before tvm.runtime.vm: keeps torch out of a serving process
         from tvm.runtime.vm import VirtualMachine
 
         self._tvm = tvm
