@@ -54,6 +54,10 @@ PRUNE = {
         "tvm/cmake/",
         "tvm/lib64/",
         "tvm/relax/",  # imported only with the compiler library
+        "tvm/s_tir/",  # schedules, kernels and tools for building, never imported by `import tvm`
+        "tvm/topi/",
+        "tvm/testing/",
+        "tvm/exec/",
         "tvm/web/",
     ),
     "apache-tvm-ffi": (

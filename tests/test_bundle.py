@@ -136,3 +136,20 @@ def test_bundle_refuses_a_bad_artifact_and_an_existing_folder(tmp_path, smol_art
     (tmp_path / "taken").mkdir()
     with pytest.raises(KilnError, match="exists"):
         make_bundle(smol_artifact, str(tmp_path / "taken"))
+
+
+def test_damaged_weights_are_refused_without_the_checksums(smol_artifact, tmp_path):
+    """Weights are read through a memory map; a damaged file is still an ArtifactError, with verify off too."""
+    import shutil
+
+    from kiln.runtime.artifact import ArtifactError
+
+    art = tmp_path / "a"
+    shutil.copytree(smol_artifact, art)
+    w = art / "weights.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    with pytest.raises(ArtifactError, match="weights.safetensors"):
+        kiln.load(str(art), verify=False)
+    w.write_bytes(b"\xff" * 64)
+    with pytest.raises(ArtifactError, match="weights.safetensors"):
+        kiln.load(str(art), verify=False)
