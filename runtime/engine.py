@@ -31,6 +31,27 @@ def _threads() -> None:
     os.environ.setdefault("TVM_NUM_THREADS", str(n))
 
 
+def _in_background(fn: Callable[..., Any], *args: Any) -> Callable[[], None]:
+    """Start fn(*args) on a thread; the function returned waits for it and raises what it raised."""
+    failed: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            fn(*args)
+        except BaseException as e:  # handed to the waiting thread
+            failed.append(e)
+
+    t = threading.Thread(target=work, name="kiln-verify", daemon=True)
+    t.start()
+
+    def wait() -> None:
+        t.join()
+        if failed:
+            raise failed[0]
+
+    return wait
+
+
 class _Stored:
     """The arrays of a safetensors file, read one by one when asked for (`get`, `[name]`)."""
 
@@ -79,21 +100,26 @@ class Engine:
         self.path = path
         self.manifest = read_manifest(path)
         check_target(self.manifest)
+        self.on_gpu = self.manifest.get("target", {}).get("name") == "cuda"
+        # after the cheap host and device checks, before anything from the artifact is opened; on the CPU
+        # the checksums (hundreds of MB) are computed while TVM imports, and waited for before the library opens
+        pending = _in_background(verify_files, path, self.manifest) if verify and not self.on_gpu else None
         from .tvm_import import load_tvm
 
         tvm = load_tvm()  # before tvm.runtime.vm: keeps torch out of a serving process
         from tvm.runtime.vm import VirtualMachine
 
         self._tvm = tvm
-        self.on_gpu = self.manifest.get("target", {}).get("name") == "cuda"
         if self.on_gpu:
             from .cuda import prepare
 
             self.device = prepare(self.manifest)
+            if verify:
+                verify_files(path, self.manifest)
         else:
             self.device = tvm.cpu()
-        if verify:  # after the cheap host and device checks, before anything from the artifact is opened
-            verify_files(path, self.manifest)
+        if pending is not None:
+            pending()
         try:
             lib = tvm.runtime.load_module(os.path.join(path, LIBRARY))
         except Exception as e:
