@@ -177,7 +177,7 @@ class Engine:
         from safetensors import safe_open
 
         try:  # memory-mapped: each array is read once, straight into its TVM tensor (a third of load_file's time)
-            arrays = _Stored(safe_open(os.path.join(self.path, WEIGHTS), framework="np"))
+            arrays: Any = _Stored(safe_open(os.path.join(self.path, WEIGHTS), framework="np"))
         except Exception as e:
             raise ArtifactError(f"cannot read {WEIGHTS}: {e}; the artifact is corrupt: rebuild it") from e
         out = []
