@@ -126,6 +126,12 @@ def test_bundle_unpacked_elsewhere_generates_and_serves_as_the_full_install(smol
         proc.terminate()
         proc.wait(timeout=60)
 
+    # another interpreter than the bundle's is refused with both named
+    manifest["python"]["version"] = "3.99"
+    (b / "bundle.json").write_text(json.dumps(manifest))
+    r = subprocess.run([str(b / "run"), "--prompt", "Hi"], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode != 0 and "made for cpython 3.99" in r.stderr and "KILN_PYTHON" in r.stderr, r.stderr
+
 
 def test_bundle_refuses_a_bad_artifact_and_an_existing_folder(tmp_path, smol_artifact):
     from kiln.bundle import make_bundle
