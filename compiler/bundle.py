@@ -41,7 +41,8 @@ SERVE_DISTS = ("fastapi", "uvicorn", "prometheus-client", "pydantic")
 # declared requirements that a bundle leaves out, and why
 LEFT_OUT = {
     "huggingface-hub": "tokenizers needs it only to download tokenizers; the artifact carries its own",
-    "xgrammar": "it requires torch, transformers and triton: JSON output (response_format) answers an error",
+    "xgrammar": "it imports torch and transformers (and requires triton): JSON output (response_format) "
+    "answers an error",
     "torch": "the runtime never imports it",
 }
 # parts of a package that the runtime never opens (paths inside site-packages; a trailing / is a folder)
