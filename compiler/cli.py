@@ -1,4 +1,6 @@
-"""Command line: `kiln build`, `kiln run`, `kiln chat`, `kiln serve`, `kiln inspect`."""
+"""Command line: `kiln build`, `kiln run`, `kiln chat`, `kiln serve`, `kiln inspect`, `kiln bundle`.
+
+`run` and `serve` live in kiln.runtime.cli, which a deployment bundle runs without this module."""
 
 from __future__ import annotations
 
@@ -7,6 +9,14 @@ import json
 import sys
 import time
 
+from kiln.runtime.cli import (
+    add_load_args,
+    add_run_parser,
+    add_sampling_args,
+    add_serve_parser,
+    dispatch,
+    sampling_params,
+)
 from kiln.targets.base import available_targets
 
 
@@ -85,103 +95,13 @@ def cmd_build(a: argparse.Namespace) -> int:
     return 0
 
 
-def _params(a: argparse.Namespace):
-    from kiln.runtime.sampling import SamplingParams
-
-    p = SamplingParams(
-        max_tokens=a.max_tokens,
-        temperature=a.temperature,
-        top_k=a.top_k,
-        top_p=a.top_p,
-        min_p=a.min_p,
-        repetition_penalty=a.repetition_penalty,
-        seed=a.seed,
-        stop=tuple(a.stop or ()),
-        n=getattr(a, "n", 1),
-    )
-    p.validate()  # before the artifact loads
-    return p
-
-
-def cmd_run(a: argparse.Namespace) -> int:
-    import kiln
-
-    params = _params(a)
-    prompts = a.prompt or []
-    if not prompts:
-        print("kiln run: give at least one --prompt", file=sys.stderr)
-        return 2
-    eng = kiln.load(a.artifact, kv_cache_tokens=a.kv_cache_tokens, verify=not a.no_verify)
-    chat = not a.raw and eng.tokenizer is not None and eng.tokenizer.chat_template is not None
-    if a.json:
-        outs = eng.generate(prompts, params, chat=chat)
-        rows = [
-            {
-                "prompt": prompts[i // params.n],
-                "index": o.index,
-                "text": o.text,
-                "token_ids": o.token_ids,
-                "finish_reason": o.finish_reason,
-                "prompt_tokens": len(o.prompt_ids),
-                "completion_tokens": len(o.token_ids),
-            }
-            for i, o in enumerate(outs)
-        ]
-        print(json.dumps(rows, indent=1, ensure_ascii=False))
-        return 0
-    if len(prompts) == 1 and params.n == 1 and eng.tokenizer is not None:
-        # Stream text deltas: whole characters, and nothing of a stop string
-        from kiln.runtime.serving import Server
-
-        t0 = time.perf_counter()
-        with Server(eng, max_batch=1) as srv:
-            h = srv.submit(prompts[0], params, chat=chat)
-            for d in h.deltas():
-                sys.stdout.write(d.text)
-                sys.stdout.flush()
-            out = h.result()
-        dt = time.perf_counter() - t0
-        print()
-        print(
-            f"[{len(out.token_ids)} tokens in {dt:.2f}s, prefill {out.prefill_seconds * 1000:.0f} ms, "
-            f"{len(out.token_ids) / dt:.1f} tok/s]",
-            file=sys.stderr,
-        )
-        return 0
-    outs = eng.generate(prompts, params, chat=chat)
-    for i, o in enumerate(outs):
-        print(f"### {prompts[i // params.n]}\n{o.text if eng.tokenizer else o.token_ids}\n")
-    return 0
-
-
 def cmd_chat(a: argparse.Namespace) -> int:
     import kiln
     from kiln.chat_cli import chat_loop
 
-    params = _params(a)
+    params = sampling_params(a)
     eng = kiln.load(a.artifact, kv_cache_tokens=a.kv_cache_tokens, verify=not a.no_verify)
     return chat_loop(eng, params, a.system)
-
-
-def cmd_serve(a: argparse.Namespace) -> int:
-    try:
-        from kiln.runtime.openai_api import run
-    except ImportError as e:
-        print(f"kiln serve: {e.name} is missing: pip install 'kiln[serve]'", file=sys.stderr)
-        return 1
-    run(
-        a.artifact,
-        host=a.host,
-        port=a.port,
-        model_name=a.model_name,
-        max_batch=a.max_batch,
-        max_queue=a.max_queue,
-        kv_cache_tokens=a.kv_cache_tokens,
-        prefill_chunk=a.prefill_chunk,
-        verify=not a.no_verify,
-        log_level=a.log_level,
-    )
-    return 0
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
@@ -224,6 +144,14 @@ def cmd_inspect(a: argparse.Namespace) -> int:
             "\nintegrity: the manifest, its checksum and every file match (the library is native code: "
             "load artifacts only from builds you trust)"
         )
+    return 0
+
+
+def cmd_bundle(a: argparse.Namespace) -> int:
+    from kiln.bundle import make_bundle
+
+    info = make_bundle(a.artifact, a.output, serve=a.serve, tar=not a.no_tar)
+    print(info.summary())
     return 0
 
 
@@ -304,32 +232,14 @@ def main(argv: list[str] | None = None) -> int:
         "lossy passes record perplexity and KL on it",
     )
     b.set_defaults(fn=cmd_build)
-    r = sub.add_parser("run", help="generate text with an artifact", formatter_class=fmt)
-    r.add_argument("artifact", help="an artifact directory (kiln build -o)")
-    r.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
-    _sampling_args(r, max_tokens=64)
-    r.add_argument("--n", type=int, default=1, help="completions per prompt")
-    r.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    r.add_argument("--json", action="store_true", help="print the completions as JSON")
-    _load_args(r)
-    r.set_defaults(fn=cmd_run)
+    add_run_parser(sub, fmt)
     c = sub.add_parser("chat", help="talk to an artifact in the terminal (multi-turn, streamed)", formatter_class=fmt)
     c.add_argument("artifact", help="an artifact directory (kiln build -o)")
     c.add_argument("--system", default=None, help="system prompt")
-    _sampling_args(c, max_tokens=256)
-    _load_args(c)
+    add_sampling_args(c, max_tokens=256)
+    add_load_args(c)
     c.set_defaults(fn=cmd_chat)
-    s = sub.add_parser("serve", help="serve an artifact over an OpenAI-compatible HTTP API", formatter_class=fmt)
-    s.add_argument("artifact", help="an artifact directory (kiln build -o)")
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    s.add_argument("--port", type=int, default=8000, help="TCP port")
-    s.add_argument("--model-name", default=None, help="the model name clients use (default: the artifact's folder)")
-    s.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
-    s.add_argument("--max-queue", type=int, default=64, help="sequences waiting beyond the batch; more get 429")
-    s.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per scheduler step")
-    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    _load_args(s)
-    s.set_defaults(fn=cmd_serve)
+    add_serve_parser(sub, fmt)
     i = sub.add_parser("inspect", help="show an artifact's manifest and report", formatter_class=fmt)
     i.add_argument("artifact")
     i.add_argument("--json", action="store_true", help="print the raw manifest")
@@ -346,41 +256,17 @@ def main(argv: list[str] | None = None) -> int:
         help="KV-cache memory budget in GiB for the plan (max batch x context per attention variant and KV dtype)",
     )
     i.set_defaults(fn=cmd_inspect)
-    a = p.parse_args(argv)
-    from kiln.errors import KilnError
-    from kiln.runtime.artifact import ArtifactError
-
-    try:
-        return a.fn(a)
-    except (KilnError, ArtifactError, ValueError) as e:
-        print(f"kiln {a.cmd}: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"\nkiln {a.cmd}: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        # the reader went away (`kiln run ... | head`): stop quietly; point stdout at devnull so that
-        # Python's own flush at exit does not raise again
-        import os
-
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-
-
-def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
-    p.add_argument("--max-tokens", type=int, default=max_tokens, help="tokens to generate at most")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0 or -1 disables it")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus: keep the likeliest tokens up to this mass")
-    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the likeliest's probability")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages tokens seen already")
-    p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible samples)")
-
-
-def _load_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kv-cache-tokens", type=int, default=8192, help="KV-cache size in tokens over all sequences")
-    p.add_argument("--no-verify", action="store_true", help="skip the artifact's checksums at load (faster)")
+    u = sub.add_parser(
+        "bundle",
+        help="package an artifact with the runtime alone (no torch, no compiler) for this Python and platform",
+        formatter_class=fmt,
+    )
+    u.add_argument("artifact", help="an artifact directory (kiln build -o)")
+    u.add_argument("-o", "--output", required=True, help="bundle directory to write; OUTPUT.tar.gz beside it")
+    u.add_argument("--serve", action="store_true", help="add the HTTP server's packages (fastapi, uvicorn, ...)")
+    u.add_argument("--no-tar", action="store_true", help="write the directory only")
+    u.set_defaults(fn=cmd_bundle)
+    return dispatch(p.parse_args(argv))
 
 
 if __name__ == "__main__":

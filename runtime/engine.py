@@ -12,6 +12,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -28,6 +29,45 @@ def _threads() -> None:
     # TVM's pool assumes SMT and uses half the cores by default; kiln kernels want one thread per core.
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     os.environ.setdefault("TVM_NUM_THREADS", str(n))
+
+
+def _in_background(fn: Callable[..., Any], *args: Any) -> Callable[[], None]:
+    """Start fn(*args) on a thread; the function returned waits for it and raises what it raised."""
+    failed: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            fn(*args)
+        except BaseException as e:  # handed to the waiting thread
+            failed.append(e)
+
+    t = threading.Thread(target=work, name="kiln-verify", daemon=True)
+    t.start()
+
+    def wait() -> None:
+        t.join()
+        if failed:
+            raise failed[0]
+
+    return wait
+
+
+class _Stored:
+    """The arrays of a safetensors file, read one by one when asked for (`get`, `[name]`)."""
+
+    def __init__(self, f: Any) -> None:
+        self._f, self._names = f, set(f.keys())
+
+    def get(self, name: str) -> np.ndarray | None:
+        return self[name] if name in self._names else None
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._names:
+            raise KeyError(name)
+        try:
+            return self._f.get_tensor(name)
+        except Exception as e:  # a header that points outside the file, an unknown dtype
+            raise ArtifactError(f"cannot read '{name}' from {WEIGHTS}: {e}; the artifact is corrupt: rebuild it") from e
 
 
 @dataclass
@@ -60,19 +100,26 @@ class Engine:
         self.path = path
         self.manifest = read_manifest(path)
         check_target(self.manifest)
-        import tvm
+        self.on_gpu = self.manifest.get("target", {}).get("name") == "cuda"
+        # after the cheap host and device checks, before anything from the artifact is opened; on the CPU
+        # the checksums (hundreds of MB) are computed while TVM imports, and waited for before the library opens
+        pending = _in_background(verify_files, path, self.manifest) if verify and not self.on_gpu else None
+        from .tvm_import import load_tvm
+
+        tvm = load_tvm()  # before tvm.runtime.vm: keeps torch out of a serving process
         from tvm.runtime.vm import VirtualMachine
 
         self._tvm = tvm
-        self.on_gpu = self.manifest.get("target", {}).get("name") == "cuda"
         if self.on_gpu:
             from .cuda import prepare
 
             self.device = prepare(self.manifest)
+            if verify:
+                verify_files(path, self.manifest)
         else:
             self.device = tvm.cpu()
-        if verify:  # after the cheap host and device checks, before anything from the artifact is opened
-            verify_files(path, self.manifest)
+        if pending is not None:
+            pending()
         try:
             lib = tvm.runtime.load_module(os.path.join(path, LIBRARY))
         except Exception as e:
@@ -127,10 +174,10 @@ class Engine:
                 "this artifact was built without weights (pack_weights=False): pass them with "
                 "Engine(path, weights={field: array})"
             )
-        from safetensors.numpy import load_file
+        from safetensors import safe_open
 
-        try:
-            arrays = load_file(os.path.join(self.path, WEIGHTS))
+        try:  # memory-mapped: each array is read once, straight into its TVM tensor (a third of load_file's time)
+            arrays: Any = _Stored(safe_open(os.path.join(self.path, WEIGHTS), framework="np"))
         except Exception as e:
             raise ArtifactError(f"cannot read {WEIGHTS}: {e}; the artifact is corrupt: rebuild it") from e
         out = []
