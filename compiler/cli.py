@@ -7,16 +7,10 @@ import json
 import sys
 import time
 
+from kiln.log import get
 from kiln.targets.base import available_targets
 
-
-def _progress_printer():
-    t0 = time.perf_counter()
-
-    def show(msg: str) -> None:
-        print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
-
-    return show
+log = get("cli")
 
 
 def cmd_build(a: argparse.Namespace) -> int:
@@ -39,7 +33,6 @@ def cmd_build(a: argparse.Namespace) -> int:
                     f"of {_vec(q.bits) if q.bits in (4, 8) else '16 (int8) or 32 (int4)'}, e.g. int4_g32, "
                     "int4_g128, int8"
                 )
-    show = _progress_printer()
     t0 = time.perf_counter()
     quant = dict(
         quant=a.quant, quant_method=a.quant_method, kv_quant=a.kv_quant, w8a8=a.w8a8, calib=a.calib, eval_text=a.eval
@@ -69,7 +62,6 @@ def cmd_build(a: argparse.Namespace) -> int:
         target=a.target,
         passes=a.passes,
         max_context=a.max_context,
-        progress=show,
         use_cache=not a.no_cache,
         dump_ir=a.dump_ir,
         **{k: v for k, v in quant.items() if v or k == "pack_weights"},
@@ -78,9 +70,9 @@ def cmd_build(a: argparse.Namespace) -> int:
 
     m = read_manifest(path)
     if hit:
-        show(f"served from the build cache in {time.perf_counter() - t0:.1f}s")
+        log.info(f"served from the build cache in {time.perf_counter() - t0:.1f}s")
     else:
-        show("phase times: " + ", ".join(f"{k} {v:.1f}s" for k, v in m.get("timings", {}).items()))
+        log.info("phase times: " + ", ".join(f"{k} {v:.1f}s" for k, v in m.get("timings", {}).items()))
     print(path)
     return 0
 
@@ -142,10 +134,9 @@ def cmd_run(a: argparse.Namespace) -> int:
             out = h.result()
         dt = time.perf_counter() - t0
         print()
-        print(
+        log.info(
             f"[{len(out.token_ids)} tokens in {dt:.2f}s, prefill {out.prefill_seconds * 1000:.0f} ms, "
-            f"{len(out.token_ids) / dt:.1f} tok/s]",
-            file=sys.stderr,
+            f"{len(out.token_ids) / dt:.1f} tok/s]"
         )
         return 0
     outs = eng.generate(prompts, params, chat=chat)
@@ -235,8 +226,11 @@ def main(argv: list[str] | None = None) -> int:
         prog="kiln", description="Ahead-of-time compiler for LLM inference", formatter_class=fmt
     )
     p.add_argument("--version", action="version", version=f"kiln {kiln.__version__}")
+    _verbosity_args(p)
+    p.set_defaults(verbose=0, quiet=False)
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="compile a model into an artifact directory", formatter_class=fmt)
+    _verbosity_args(b)
     b.add_argument("model", help="built-in name (smollm2-135m), a .gguf file, or a transformers folder")
     b.add_argument("-o", "--output", required=True, help="artifact directory to write")
     b.add_argument(
@@ -305,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     b.set_defaults(fn=cmd_build)
     r = sub.add_parser("run", help="generate text with an artifact", formatter_class=fmt)
+    _verbosity_args(r)
     r.add_argument("artifact", help="an artifact directory (kiln build -o)")
     r.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     _sampling_args(r, max_tokens=64)
@@ -314,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     _load_args(r)
     r.set_defaults(fn=cmd_run)
     c = sub.add_parser("chat", help="talk to an artifact in the terminal (multi-turn, streamed)", formatter_class=fmt)
+    _verbosity_args(c)
     c.add_argument("artifact", help="an artifact directory (kiln build -o)")
     c.add_argument("--system", default=None, help="system prompt")
     _sampling_args(c, max_tokens=256)
@@ -331,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     _load_args(s)
     s.set_defaults(fn=cmd_serve)
     i = sub.add_parser("inspect", help="show an artifact's manifest and report", formatter_class=fmt)
+    _verbosity_args(i)
     i.add_argument("artifact")
     i.add_argument("--json", action="store_true", help="print the raw manifest")
     i.add_argument(
@@ -347,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     i.set_defaults(fn=cmd_inspect)
     a = p.parse_args(argv)
+    from kiln.cli_log import setup
+
+    setup(a.verbose, a.quiet)
     from kiln.errors import KilnError
     from kiln.runtime.artifact import ArtifactError
 
@@ -365,6 +365,13 @@ def main(argv: list[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+
+
+def _verbosity_args(p: argparse.ArgumentParser) -> None:
+    # SUPPRESS: a subcommand's parser leaves the flags alone unless given, so `kiln -v build` and
+    # `kiln build -v` both work
+    p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more detail (debug messages)")
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="print errors only")
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
