@@ -180,6 +180,10 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     from kiln.runtime.artifact import read_manifest
 
     m = read_manifest(a.artifact)
+    if a.plot:
+        from kiln.plots import plot_artifact
+
+        log.info(f"plot written to {plot_artifact(m, a.plot)}")
     if a.json:
         print(json.dumps(m, indent=1))
         return 0
@@ -330,6 +334,12 @@ def main(argv: list[str] | None = None) -> int:
     _verbosity_args(i)
     i.add_argument("artifact")
     i.add_argument("--json", action="store_true", help="print the raw manifest")
+    i.add_argument(
+        "--plot",
+        default=None,
+        metavar="OUT.png",
+        help="also draw bytes and FLOPs per pass and the KV budget (batch x context) to a PNG (kiln[plots])",
+    )
     i.add_argument(
         "--verify",
         action="store_true",
