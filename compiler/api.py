@@ -378,6 +378,7 @@ def cached_build(
     options = {k: v for k, v in kw.items() if k != "dump_ir" and defaults.get(k, inspect.Parameter.empty) != v}
     key = build_key(source, target, passes, max_context, options) if use_cache and not kw.get("dump_ir") else None
     entry = os.path.join(cache_dir(), "builds", key) if key else None
+    log.debug(f"build cache key {key} (options {options})" if key else "build cache not used")
     if entry and os.path.exists(os.path.join(entry, "manifest.json")):
         from kiln.runtime.artifact import ArtifactError, read_manifest, verify_files
 

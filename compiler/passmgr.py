@@ -111,6 +111,17 @@ class PassManager:
                     extra,
                 )
             )
+            r = self.records[-1]
+            log.debug(
+                "pass %s: %s; nodes %d -> %d, param bytes %d -> %d, %.2fs",
+                name,
+                ", ".join(f"{k} {v}" for k, v in counts.items()) or "no rewrites",
+                r.nodes_before,
+                r.nodes_after,
+                r.param_bytes_before,
+                r.param_bytes_after,
+                dt,
+            )
             done.append(name)
             history.append(name)
             out.meta[HISTORY] = list(history)

@@ -98,6 +98,16 @@ def test_progress_callback_and_logging_are_one_stream(traced):
     assert got == []
 
 
+def test_compile_progress_callback_hears_phases_and_pass_steps(models):
+    import kiln
+    from kiln.errors import KilnError
+
+    got: list[str] = []
+    with pytest.raises(KilnError, match="no kv-cache pass"):  # fails after the passes, before the slow build
+        kiln.compile(models["gpt2"], passes="canonicalize", progress=got.append)
+    assert got[0].startswith("tracing") and "pass canonicalize 1/1" in got
+
+
 def test_the_python_api_is_silent_until_logging_is_configured():
     code = "from kiln.log import get, step; lg = get('build'); step(lg, 'layer', 1, 2); lg.info('phase')"
     quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
