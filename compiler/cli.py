@@ -356,16 +356,18 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     from kiln.cli_log import setup
 
-    setup(a.verbose, a.quiet)
+    shown = setup(a.verbose, a.quiet)
     from kiln.errors import KilnError
     from kiln.runtime.artifact import ArtifactError
 
     try:
         return a.fn(a)
     except (KilnError, ArtifactError, ValueError) as e:
+        shown.end_line()  # a step line left open on the terminal keeps its own line
         print(f"kiln {a.cmd}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        shown.end_line()
         print(f"\nkiln {a.cmd}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
