@@ -47,15 +47,33 @@ def forwarded(progress: Callable[[str], None] | None) -> Iterator[None]:
         yield
         return
     root = logging.getLogger(ROOT)
-    handler, level = _Forward(progress), root.level
+    handler, level, propagate, wanted = _Forward(progress), root.level, root.propagate, root.getEffectiveLevel()
     root.addHandler(handler)
-    if root.getEffectiveLevel() > logging.INFO:
+    above = None
+    if wanted > logging.INFO:  # open INFO for the callback, and keep the user's own handlers at their level
         root.setLevel(logging.INFO)
+        if propagate:
+            above = _Above(wanted)
+            root.addHandler(above)
+            root.propagate = False
     try:
         yield
     finally:
         root.removeHandler(handler)
+        if above is not None:
+            root.removeHandler(above)
         root.setLevel(level)
+        root.propagate = propagate
+
+
+class _Above(logging.Handler):
+    """Passes on to the root logger's handlers only what they would have seen without `forwarded`."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__(level)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger().handle(record)
 
 
 F = TypeVar("F", bound=Callable[..., Any])

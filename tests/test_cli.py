@@ -98,6 +98,30 @@ def test_progress_callback_and_logging_are_one_stream(traced):
     assert got == []
 
 
+def test_progress_callback_leaves_the_users_own_handlers_at_their_level(traced):
+    """As after `logging.basicConfig(level=WARNING)`: a root handler of any level, the root logger at WARNING."""
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    top, h = logging.getLogger(), Keep()
+    level = top.level
+    top.addHandler(h)
+    top.setLevel(logging.WARNING)
+    got: list[str] = []
+    try:
+        with forwarded(got.append):
+            run_pipeline(traced["llama"], "canonicalize")
+            get("test_cli").warning("a warning")
+    finally:
+        top.removeHandler(h)
+        top.setLevel(level)
+    assert "pass canonicalize 1/1" in got and "a warning" in got
+    assert [m for m in seen if "canonicalize" in m or "warning" in m] == ["a warning"]
+
+
 def test_compile_progress_callback_hears_phases_and_pass_steps(models):
     import kiln
     from kiln.errors import KilnError
