@@ -68,7 +68,10 @@ def _config(name: str):
 
 
 def build(out: str, models: list[str], variants: list[str], target_options: dict | None = None) -> None:
-    from accelerate import init_empty_weights
+    try:
+        from accelerate import init_empty_weights
+    except ImportError:
+        sys.exit("bench/gpu_decode.py builds its models without memory through accelerate: pip install 'kiln[bench]'")
     from transformers import LlamaForCausalLM
 
     import kiln

@@ -11,12 +11,12 @@ from typing import Any
 
 from . import __version__ as KILN_VERSION
 from .errors import KilnError
+from .log import get, takes_progress
+
+log = get("build")
 
 
-def _noop(msg: str) -> None:
-    pass
-
-
+@takes_progress
 def compile(
     model: Any,
     target: str = "cpu",
@@ -64,6 +64,9 @@ def compile(
     then runs `kiln.distill` (teacher: the model before pruning; text: the calibration text) as a
     recovery step, recorded with the passes.
 
+    Progress goes to the logger "kiln" (INFO: phases and steps of long loops; see kiln/log.py), and to
+    `progress(msg)` as well when given.
+
     Attention: `attention="gqa:1"` (or "mqa", "gqa:N") merges KV heads, `attention="mla:96:32"` converts to
     multi-head latent attention of rank 96 keeping 32 rotary dims per head (see passes/convert_*.py).
     """
@@ -76,13 +79,12 @@ def compile(
     from .passmgr import run_pipeline
     from .trace import trace
 
-    progress = progress or _noop
     timings: dict[str, float] = {}
     source = getattr(model, "name_or_path", None) or type(model).__name__
     t0 = time.perf_counter()
     if isinstance(model, str):
-        progress(f"loading {model}")
-        lm = load_model(model, progress)
+        log.info("loading %s", model)
+        lm = load_model(model)
         source, model, tokenizer_dir = model, lm.model, tokenizer_dir or lm.folder
         timings["load"] = time.perf_counter() - t0
     if not isinstance(model, torch.nn.Module):
@@ -120,7 +122,7 @@ def compile(
 
     ctx = resolve_max_context(model, max_context)
     t = time.perf_counter()
-    progress("tracing with torch.export (symbolic batch and tokens)")
+    log.info("tracing with torch.export (symbolic batch and tokens)")
     graph = trace(model, max_tokens=ctx)
     timings["trace"] = time.perf_counter() - t
     if calib or eval_text:
@@ -132,9 +134,9 @@ def compile(
         if eval_text:
             graph.meta["eval_tokens"] = windows(tok(read_text(eval_text))["input_ids"], 256, max(1, eval_tokens // 256))
     t = time.perf_counter()
-    progress(f"running passes: {passes}")
+    log.info(f"running passes: {passes}")
     if distill_steps:
-        graph, records = _run_with_recovery(graph, passes, int(distill_steps), verify_each, dump_ir, progress)
+        graph, records = _run_with_recovery(graph, passes, int(distill_steps), verify_each, dump_ir)
     else:
         graph, records = run_pipeline(graph, passes, verify_each=verify_each, dump_ir=dump_ir)
     timings["passes"] = time.perf_counter() - t
@@ -163,13 +165,13 @@ def compile(
         "eos_token_ids": _eos_ids(cfg),
         "quantization": graph.meta.get("quant"),
     }
-    progress(f"lowering and building for {target}")
+    log.info(f"lowering and building for {target}")
     art = tgt.package(graph, PackageInputs(manifest, tokenizer_dir, timings, pack_weights))
     art.timings["total"] = round(time.perf_counter() - t0, 3)
     return art
 
 
-def _run_with_recovery(graph, passes: str, steps: int, verify_each: bool, dump_ir, progress):
+def _run_with_recovery(graph, passes: str, steps: int, verify_each: bool, dump_ir):
     """Run the pipeline with a distillation step after its last pruning/sparsity pass: the teacher is the
     graph just before the first one, the text the calibration windows."""
     from .distill import distill
@@ -185,7 +187,7 @@ def _run_with_recovery(graph, passes: str, steps: int, verify_each: bool, dump_i
     pm = PassManager(verify_each, dump_ir)
     teacher = pm.run(graph, format_pipeline(steps_[: idx[0]])) if idx[0] else graph
     student = pm.run(teacher, format_pipeline(steps_[idx[0] : idx[-1] + 1]))
-    progress(f"distillation recovery: {steps} steps")
+    log.info(f"distillation recovery: {steps} steps")
     text = [t for w in graph.meta["calib_tokens"] for t in w]
     r = distill(teacher, student, text, steps=steps, eval_tokens=graph.meta.get("eval_tokens"))
     st = r.student.stats()
@@ -354,6 +356,7 @@ def _host() -> str:
     return str(codegen.llvm_get_system_cpu())
 
 
+@takes_progress
 def cached_build(
     source: str,
     out: str,
@@ -365,29 +368,29 @@ def cached_build(
     **kw,
 ) -> tuple[str, bool]:
     """Build `source` into `out`, reusing an identical earlier build. Returns (path, from_cache)."""
+    import inspect
+
     from .artifact import copy_artifact
     from .models import cache_dir
-
-    progress = progress or _noop
-    import inspect
 
     defaults = {k: p.default for k, p in inspect.signature(compile).parameters.items()}
     # options left at their defaults do not change the build: the same build asked for two ways is one key
     options = {k: v for k, v in kw.items() if k != "dump_ir" and defaults.get(k, inspect.Parameter.empty) != v}
     key = build_key(source, target, passes, max_context, options) if use_cache and not kw.get("dump_ir") else None
     entry = os.path.join(cache_dir(), "builds", key) if key else None
+    log.debug(f"build cache key {key} (options {options})" if key else "build cache not used")
     if entry and os.path.exists(os.path.join(entry, "manifest.json")):
         from kiln.runtime.artifact import ArtifactError, read_manifest, verify_files
 
         try:
             verify_files(entry, read_manifest(entry))
-            progress(f"identical build found in the build cache ({key})")
+            log.info(f"identical build found in the build cache ({key})")
             copy_artifact(entry, out)
             return os.path.abspath(out), True
         except ArtifactError as e:
-            progress(f"build cache entry {key} is damaged ({e}); rebuilding")
-    art = compile(source, target=target, passes=passes, max_context=max_context, progress=progress, **kw)
-    progress(f"writing artifact to {out}")
+            log.info(f"build cache entry {key} is damaged ({e}); rebuilding")
+    art = compile(source, target=target, passes=passes, max_context=max_context, **kw)
+    log.info(f"writing artifact to {out}")
     path = art.save(out)
     if entry:
         copy_artifact(path, entry)

@@ -17,6 +17,9 @@ import torch
 from . import interp
 from .errors import KilnError
 from .ir import Graph, Node
+from .log import get, step
+
+log = get("calib")
 
 
 def lee_corpus(name: str) -> str:
@@ -112,8 +115,9 @@ def collect_input_stats(
         if node in want:
             stats[node].add(value, keep_rows)
 
-    for w in tokens:
+    for i, w in enumerate(tokens, 1):
         forward(g, w, observe)
+        step(log, "calibration window", i, len(tokens))
     return stats
 
 
@@ -133,4 +137,5 @@ def perplexity_and_kl(
             r = ref_logprobs[i]
             kl += float((r.exp() * (r - logp)).sum())
         logps.append(logp.float())
+        step(log, "evaluation window", i + 1, len(tokens))
     return math.exp(nll / count), (kl / sum(len(w) for w in tokens) if ref_logprobs is not None else None), logps

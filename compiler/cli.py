@@ -9,24 +9,17 @@ import json
 import sys
 import time
 
+from kiln.log import get
 from kiln.runtime.cli import (
     add_load_args,
     add_run_parser,
     add_sampling_args,
     add_serve_parser,
-    dispatch,
     sampling_params,
 )
 from kiln.targets.base import available_targets
 
-
-def _progress_printer():
-    t0 = time.perf_counter()
-
-    def show(msg: str) -> None:
-        print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
-
-    return show
+log = get("cli")
 
 
 def cmd_build(a: argparse.Namespace) -> int:
@@ -49,7 +42,6 @@ def cmd_build(a: argparse.Namespace) -> int:
                     f"of {_vec(q.bits) if q.bits in (4, 8) else '16 (int8) or 32 (int4)'}, e.g. int4_g32, "
                     "int4_g128, int8"
                 )
-    show = _progress_printer()
     t0 = time.perf_counter()
     quant = dict(
         quant=a.quant, quant_method=a.quant_method, kv_quant=a.kv_quant, w8a8=a.w8a8, calib=a.calib, eval_text=a.eval
@@ -79,7 +71,6 @@ def cmd_build(a: argparse.Namespace) -> int:
         target=a.target,
         passes=a.passes,
         max_context=a.max_context,
-        progress=show,
         use_cache=not a.no_cache,
         dump_ir=a.dump_ir,
         **{k: v for k, v in quant.items() if v or k == "pack_weights"},
@@ -88,9 +79,9 @@ def cmd_build(a: argparse.Namespace) -> int:
 
     m = read_manifest(path)
     if hit:
-        show(f"served from the build cache in {time.perf_counter() - t0:.1f}s")
+        log.info(f"served from the build cache in {time.perf_counter() - t0:.1f}s")
     else:
-        show("phase times: " + ", ".join(f"{k} {v:.1f}s" for k, v in m.get("timings", {}).items()))
+        log.info("phase times: " + ", ".join(f"{k} {v:.1f}s" for k, v in m.get("timings", {}).items()))
     print(path)
     return 0
 
@@ -109,6 +100,10 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     from kiln.runtime.artifact import read_manifest
 
     m = read_manifest(a.artifact)
+    if a.plot:
+        from kiln.plots import plot_artifact
+
+        log.info(f"plot written to {plot_artifact(m, a.plot)}")
     if a.json:
         print(json.dumps(m, indent=1))
         return 0
@@ -163,8 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         prog="kiln", description="Ahead-of-time compiler for LLM inference", formatter_class=fmt
     )
     p.add_argument("--version", action="version", version=f"kiln {kiln.__version__}")
+    _verbosity_args(p)
+    p.set_defaults(verbose=0, quiet=False)
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="compile a model into an artifact directory", formatter_class=fmt)
+    _verbosity_args(b)
     b.add_argument("model", help="built-in name (smollm2-135m), a .gguf file, or a transformers folder")
     b.add_argument("-o", "--output", required=True, help="artifact directory to write")
     b.add_argument(
@@ -232,8 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         "lossy passes record perplexity and KL on it",
     )
     b.set_defaults(fn=cmd_build)
-    add_run_parser(sub, fmt)
+    _verbosity_args(add_run_parser(sub, fmt))
     c = sub.add_parser("chat", help="talk to an artifact in the terminal (multi-turn, streamed)", formatter_class=fmt)
+    _verbosity_args(c)
     c.add_argument("artifact", help="an artifact directory (kiln build -o)")
     c.add_argument("--system", default=None, help="system prompt")
     add_sampling_args(c, max_tokens=256)
@@ -241,8 +240,15 @@ def main(argv: list[str] | None = None) -> int:
     c.set_defaults(fn=cmd_chat)
     add_serve_parser(sub, fmt)
     i = sub.add_parser("inspect", help="show an artifact's manifest and report", formatter_class=fmt)
+    _verbosity_args(i)
     i.add_argument("artifact")
     i.add_argument("--json", action="store_true", help="print the raw manifest")
+    i.add_argument(
+        "--plot",
+        default=None,
+        metavar="OUT.png",
+        help="also draw bytes and FLOPs per pass and the KV budget (batch x context) to a PNG (kiln[plots])",
+    )
     i.add_argument(
         "--verify",
         action="store_true",
@@ -266,7 +272,37 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--serve", action="store_true", help="add the HTTP server's packages (fastapi, uvicorn, ...)")
     u.add_argument("--no-tar", action="store_true", help="write the directory only")
     u.set_defaults(fn=cmd_bundle)
-    return dispatch(p.parse_args(argv))
+    a = p.parse_args(argv)
+    from kiln.cli_log import setup
+
+    shown = setup(a.verbose, a.quiet)
+    from kiln.errors import KilnError
+    from kiln.runtime.artifact import ArtifactError
+
+    try:
+        return a.fn(a)
+    except (KilnError, ArtifactError, ValueError) as e:
+        shown.end_line()  # a step line left open on the terminal keeps its own line
+        print(f"kiln {a.cmd}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        shown.end_line()
+        print(f"\nkiln {a.cmd}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # the reader went away (`kiln run ... | head`): stop quietly; point stdout at devnull so that
+        # Python's own flush at exit does not raise again
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _verbosity_args(p: argparse.ArgumentParser) -> None:
+    # SUPPRESS: a subcommand's parser leaves the flags alone unless given, so `kiln -v build` and
+    # `kiln build -v` both work
+    p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more detail (debug messages)")
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="print errors only")
 
 
 if __name__ == "__main__":

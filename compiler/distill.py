@@ -27,6 +27,9 @@ import torch
 from . import interp
 from .errors import KilnError
 from .ir import Graph, Node
+from .log import get, step
+
+log = get("distill")
 
 # ops whose parameter inputs are trainable weights (by input name)
 _TRAINABLE_INPUTS = {
@@ -271,6 +274,7 @@ def distill(
             for name, m in masks.items():
                 params[name].mul_(m)
         history.append(round(float(loss.detach()), 6))
+        step(log, f"distillation (loss {history[-1]:.4f}): step", len(history), int(steps))
     for name in names:
         g.params[name] = params[name].detach().to(student.params[name].dtype).contiguous()
     loss_after = probe_loss() if steps else loss_before

