@@ -10,7 +10,9 @@ output has exactly the distribution of sampling the target alone with those para
 The draft keeps its own KV pages in its own engine (`Speculator.draft_pages`, a PageManager). k is shared by
 the rows of a step (verify needs equal lengths) and adapts to the acceptance rate (`AdaptiveK`).
 
-    spec = SpeculativeDecoder(target, draft, k=4)
+Prompt lookup ("ngram", no draft model) lives in ngram.py and shares `accept`; `make_speculator` picks.
+
+    spec = SpeculativeDecoder(target, draft, k=4)  # draft: an Engine or "ngram"
     out = spec.generate(prompt_ids, SamplingParams(max_tokens=64))
     spec.stats()  # proposed, accepted, acceptance_rate, k
 """
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .kv_cache import PageManager
+from .ngram import speculable
 from .sampling import SamplingParams, probs, sample
 
 
@@ -112,9 +115,7 @@ class Speculator:
 
     def serves(self, params: SamplingParams) -> bool:
         """The draft samples with the request's temperature/top-k/top-p only: no penalties, logprobs, JSON."""
-        return not (
-            params.penalized or params.logprobs is not None or params.json_object or params.json_schema is not None
-        )
+        return speculable(params)
 
     def stats(self) -> dict:
         return {
@@ -257,6 +258,11 @@ class SpeculativeDecoder:
         eng = self.target
         ids = eng.encode(prompt)
         params.validate()
+        if not speculable(params):
+            raise ValueError(
+                "SpeculativeDecoder samples without penalties, logprobs or JSON constraints: use "
+                "Server(engine, draft=...) or Engine.generate for those requests"
+            )
         eng._check(ids, params, 0)
         kmax = self.spec.k_max
         pages = eng.pool.alloc(eng.pool.pages_for(min(len(ids) + params.max_tokens + kmax, eng.max_context)))

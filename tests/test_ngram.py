@@ -155,3 +155,24 @@ def test_ngram_sampling_keeps_the_target_distribution(engines):
     stat_w, df_w = chi2(wrong)
     assert stat_w > critical(df_w), "the test cannot tell the biased residual from the right one"
     assert abs(spec.stats()["acceptance_rate"] - p[d]) < 0.05
+
+
+def test_cli_run_speculate_ngram_keeps_the_output(smol_artifact):
+    import json
+    import subprocess
+    import sys
+
+    def run(*extra):
+        args = ["run", smol_artifact, "--prompt", "one two three one two three one two", "--max-tokens", "12"]
+        r = subprocess.run([sys.executable, "-m", "kiln.cli", *args, "--no-verify", *extra],
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        return r
+
+    plain = json.loads(run("--json").stdout)
+    assert json.loads(run("--json", "--speculate", "ngram").stdout) == plain
+    streamed = run("--speculate", "ngram")
+    assert "tok/s" in streamed.stderr and "Traceback" not in streamed.stderr
+    bad = [sys.executable, "-m", "kiln.cli", "run", smol_artifact, "--prompt", "x", "--speculate", "eagle"]
+    r = subprocess.run(bad, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "invalid choice: 'eagle'" in r.stderr
