@@ -64,8 +64,9 @@ def cmd_run(a: argparse.Namespace) -> int:
 
     eng = Engine(a.artifact, kv_cache_tokens=a.kv_cache_tokens, verify=not a.no_verify)
     chat = not a.raw and eng.tokenizer is not None and eng.tokenizer.chat_template is not None
+    draft = a.speculate
     if a.json:
-        outs = eng.generate(prompts, params, chat=chat)
+        outs = eng.generate(prompts, params, chat=chat, draft=draft)
         rows = [
             {
                 "prompt": prompts[i // params.n],
@@ -85,21 +86,25 @@ def cmd_run(a: argparse.Namespace) -> int:
         from .serving import Server
 
         t0 = time.perf_counter()
-        with Server(eng, max_batch=1) as srv:
+        with Server(eng, max_batch=1, draft=draft) as srv:
             h = srv.submit(prompts[0], params, chat=chat)
             for d in h.deltas():
                 sys.stdout.write(d.text)
                 sys.stdout.flush()
             out = h.result()
+            m = srv.metrics()
         dt = time.perf_counter() - t0
         print()
+        spec = ""
+        if m.get("acceptance_rate") is not None:
+            spec = f", {m['acceptance_rate']:.0%} of drafts accepted, {m['tokens_per_verify']:.2f} tokens per verify"
         print(
             f"[{len(out.token_ids)} tokens in {dt:.2f}s, prefill {out.prefill_seconds * 1000:.0f} ms, "
-            f"{len(out.token_ids) / dt:.1f} tok/s]",
+            f"{len(out.token_ids) / dt:.1f} tok/s{spec}]",
             file=sys.stderr,
         )
         return 0
-    outs = eng.generate(prompts, params, chat=chat)
+    outs = eng.generate(prompts, params, chat=chat, draft=draft)
     for i, o in enumerate(outs):
         print(f"### {prompts[i // params.n]}\n{o.text if eng.tokenizer else o.token_ids}\n")
     return 0
@@ -135,6 +140,13 @@ def add_run_parser(sub: Any, fmt: type) -> Any:
     r.add_argument("--n", type=int, default=1, help="completions per prompt")
     r.add_argument("--raw", action="store_true", help="do not apply the chat template")
     r.add_argument("--json", action="store_true", help="print the completions as JSON")
+    r.add_argument(
+        "--speculate",
+        default=None,
+        choices=["ngram"],
+        help="speculative decoding: ngram drafts from earlier text (prompt lookup), checked by the model; "
+        "same output, faster when the output repeats the prompt (summaries, code edits)",
+    )
     add_load_args(r)
     r.set_defaults(fn=cmd_run)
     return r

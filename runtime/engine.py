@@ -269,6 +269,7 @@ class Engine:
         params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
         chat: bool = False,
         stream: Callable[[int, int], None] | None = None,
+        draft=None,
     ) -> list[Completion]:
         """Generate for a static batch of prompts: a string, a list of strings, token ids, a list of
         token-id lists, or chat messages (one chat or a list of chats; see prompts.py). Returns n
@@ -302,7 +303,7 @@ class Engine:
         callbacks: list[Callable[[int], None] | None] = [
             None if stream is None else functools.partial(stream, i) for i in range(len(encoded))
         ]
-        outs = run_static_batch(self, encoded, plist, callbacks)
+        outs = run_static_batch(self, encoded, plist, callbacks, draft)
         for c, j in zip(outs, index):
             c.index = j
         return outs

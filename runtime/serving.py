@@ -1,6 +1,7 @@
 """Serving runtime: a request scheduler over one Engine with a paged, prefix-cached KV cache.
 
     server = Server(engine, policy="continuous", max_batch=16, prefill_chunk=256, max_wait_s=0.01, draft=None)
+    # draft: None, a smaller Engine (speculative.py) or "ngram" (prompt lookup, ngram.py)
     h = server.submit("prompt or ids", SamplingParams(max_tokens=64), callback=lambda tok: ...)
     for tok in h: ...            # streams token ids; h.result() blocks for the Completion; h.cancel()
     outs = server.generate([...], params)        # list[Completion], in order
@@ -59,6 +60,7 @@ class Server:
         draft=None,
         spec_k: int = 4,
         spec_k_max: int = 8,
+        spec_adaptive: bool = True,
         prefix_caching: bool = True,
         background: bool = True,
         chat: bool = False,
@@ -71,10 +73,10 @@ class Server:
         self.prefill_chunk, self.max_wait_s, self.chat = prefill_chunk, max_wait_s, chat
         self.kv = PageManager(engine.pool, engine.kv_layout.copy_page, prefix_caching)
         self.spec = None
-        if draft is not None:
-            from .speculative import Speculator
+        if draft is not None:  # a draft Engine, or "ngram" for prompt lookup
+            from .speculative import make_speculator
 
-            self.spec = Speculator(engine, draft, spec_k, spec_k_max)
+            self.spec = make_speculator(engine, draft, spec_k, spec_k_max, spec_adaptive)
         self._ids = itertools.count()
         self._lock = threading.Lock()  # incoming queue, cancellations
         self._step_lock = threading.RLock()  # scheduler state
@@ -112,9 +114,7 @@ class Server:
         params.validate()
         if params.n != 1:
             raise ValueError(f"submit makes one sequence, got n={params.n}: submit per_sequence(params) each")
-        if self.spec is not None and (
-            params.penalized or params.logprobs is not None or params.json_object or params.json_schema is not None
-        ):
+        if self.spec is not None and not self.spec.serves(params):
             raise ValueError(
                 "speculative decoding samples without penalties, logprobs or JSON constraints: "
                 "serve those requests on a Server without a draft model"
@@ -123,7 +123,8 @@ class Server:
         ids = eng.encode(prompt, self.chat if chat is None else chat)
         eng._check(ids, params, 0)
         need = len(ids) + params.max_tokens
-        for e, what in ((eng, "engine"),) + (((self.spec.draft, "draft engine"),) if self.spec else ()):
+        draft = getattr(self.spec, "draft", None)
+        for e, what in ((eng, "engine"),) + (((draft, "draft engine"),) if draft is not None else ()):
             if e.pool.pages_for(need) > e.pool.num_pages:
                 raise ValueError(
                     f"this request needs {e.pool.pages_for(need)} KV pages ({need} positions) but the "
@@ -442,7 +443,7 @@ class Server:
         try:
             if k >= 1:
                 assert self.spec is not None  # k stays 0 without a speculator
-                news = self.spec.step(dec, k)
+                news = self.spec.step(dec, k, lambda i, row: self._sample(dec[i], row))
             else:
                 logits = self.engine.decode(
                     [r.ids[-1] for r in dec], [len(r.ids) - 1 for r in dec], [r.pages for r in dec]
@@ -518,7 +519,11 @@ class Server:
 
 
 def run_static_batch(
-    engine, prompts: list[list[int]], params: list[SamplingParams], callbacks: list[Callable[[int], None] | None]
+    engine,
+    prompts: list[list[int]],
+    params: list[SamplingParams],
+    callbacks: list[Callable[[int], None] | None],
+    draft=None,
 ) -> list[Completion]:
     """Engine.generate's batch: checked requests run as one static batch, stepped on the caller's thread.
 
@@ -526,7 +531,7 @@ def run_static_batch(
     caching is off: every prompt is computed whole, as a batch alone on the engine would compute it, and
     no page is ever copied. A failed request (its callback raised, or the engine did) stops the batch
     and its own exception propagates; every page goes back to the engine's pool either way."""
-    srv = Server(engine, policy="static", max_batch=len(prompts), prefix_caching=False, background=False)
+    srv = Server(engine, policy="static", max_batch=len(prompts), prefix_caching=False, background=False, draft=draft)
     try:
         handles = [srv.submit(ids, p, callback=cb) for ids, p, cb in zip(prompts, params, callbacks)]
         srv._run(handles, fail_fast=True)

@@ -10,7 +10,9 @@ output has exactly the distribution of sampling the target alone with those para
 The draft keeps its own KV pages in its own engine (`Speculator.draft_pages`, a PageManager). k is shared by
 the rows of a step (verify needs equal lengths) and adapts to the acceptance rate (`AdaptiveK`).
 
-    spec = SpeculativeDecoder(target, draft, k=4)
+Prompt lookup ("ngram", no draft model) lives in ngram.py and shares `accept`; `make_speculator` picks.
+
+    spec = SpeculativeDecoder(target, draft, k=4)  # draft: an Engine or "ngram"
     out = spec.generate(prompt_ids, SamplingParams(max_tokens=64))
     spec.stats()  # proposed, accepted, acceptance_rate, k
 """
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .kv_cache import PageManager
+from .ngram import speculable
 from .sampling import SamplingParams, probs, sample
 
 
@@ -35,7 +38,10 @@ def accept(
     rng: np.random.Generator,
 ) -> list[int]:
     """target_logits [k+1, vocab] for positions of (last token, d1..dk). Returns the accepted draft
-    tokens followed by one token from the target (correction or bonus): 1..k+1 tokens."""
+    tokens followed by one token from the target (correction or bonus): 1..k+1 tokens.
+
+    `draft_probs` None means the drafts were chosen deterministically from the sequence (prompt lookup):
+    q is one-hot on d, so d is accepted with probability p(d) and a rejection samples p without d."""
     k = len(draft_tokens)
     out: list[int] = []
     if params.temperature == 0:
@@ -46,15 +52,21 @@ def accept(
                 return out
         out.append(int(np.argmax(target_logits[k])))
         return out
-    assert draft_probs is not None, "a sampled draft comes with its probabilities"
     for i in range(k):
         p = probs(target_logits[i], params)
-        q = draft_probs[i]
         d = int(draft_tokens[i])
-        if q[d] > 0 and rng.random() < min(1.0, p[d] / q[d]):
-            out.append(d)
-            continue
-        res = np.maximum(p - q, 0.0)
+        if draft_probs is None:
+            if rng.random() < p[d]:
+                out.append(d)
+                continue
+            res = p.copy()
+            res[d] = 0.0
+        else:
+            q = draft_probs[i]
+            if q[d] > 0 and rng.random() < min(1.0, p[d] / q[d]):
+                out.append(d)
+                continue
+            res = np.maximum(p - q, 0.0)
         s = res.sum()
         res = res / s if s > 0 else p
         out.append(int(rng.choice(res.shape[0], p=res)))
@@ -95,11 +107,19 @@ class Speculator:
         self.target, self.draft = target, draft
         self.draft_pages = PageManager(draft.pool, draft.kv_layout.copy_page, prefix_caching=False)
         self.k = AdaptiveK(k, 1, k_max, adaptive)
+        self.k_max = k_max
         self.proposed = self.accepted = self.steps = 0
         self.max_context = min(target.max_context, draft.max_context)
 
+    kind = "draft"
+
+    def serves(self, params: SamplingParams) -> bool:
+        """The draft samples with the request's temperature/top-k/top-p only: no penalties, logprobs, JSON."""
+        return speculable(params)
+
     def stats(self) -> dict:
         return {
+            "spec_kind": self.kind,
             "spec_steps": self.steps,
             "spec_proposed": self.proposed,
             "spec_accepted": self.accepted,
@@ -120,9 +140,10 @@ class Speculator:
         self.draft_pages.release(s.dpages)
         s.dpages, s.dcomputed = [], 0
 
-    def step(self, seqs, k: int) -> list[list[int]]:
+    def step(self, seqs, k: int, pick=None) -> list[list[int]]:
         """Propose k tokens per sequence and verify them; returns the new tokens of each sequence (1..k+1).
-        The caller appends them to `ids` (and may truncate at a stop token)."""
+        The caller appends them to `ids` (and may truncate at a stop token). Every row must be one
+        `serves` accepts (`pick` is for speculators that mix plain rows in)."""
         if k < 1:
             raise ValueError("k must be >= 1")
         B = len(seqs)
@@ -191,6 +212,17 @@ class Speculator:
         return outs
 
 
+def make_speculator(target, draft, k: int = 4, k_max: int = 8, adaptive: bool = True):
+    """The speculator for `draft`: a draft Engine (Speculator) or "ngram" (prompt lookup, NgramSpeculator)."""
+    if isinstance(draft, str):
+        if draft != "ngram":
+            raise ValueError(f"unknown draft {draft!r}: give a draft Engine or 'ngram' (prompt lookup)")
+        from .ngram import NgramSpeculator
+
+        return NgramSpeculator(target, k=k, k_max=k_max, adaptive=adaptive)
+    return Speculator(target, draft, k, k_max, adaptive)
+
+
 def _vocab(engine) -> int | None:
     try:
         for o in engine.manifest["entry_points"]["decode"]["outputs"]:
@@ -214,7 +246,7 @@ class SpeculativeDecoder:
     """Single-stream speculative generation (the Server batches the same step over many requests)."""
 
     def __init__(self, target, draft, k: int = 4, k_max: int = 8, adaptive: bool = True) -> None:
-        self.spec = Speculator(target, draft, k, k_max, adaptive)
+        self.spec = make_speculator(target, draft, k, k_max, adaptive)
         self.target = target
 
     def stats(self) -> dict:
@@ -226,8 +258,13 @@ class SpeculativeDecoder:
         eng = self.target
         ids = eng.encode(prompt)
         params.validate()
+        if not speculable(params):
+            raise ValueError(
+                "SpeculativeDecoder samples without penalties, logprobs or JSON constraints: use "
+                "Server(engine, draft=...) or Engine.generate for those requests"
+            )
         eng._check(ids, params, 0)
-        kmax = self.spec.k.k_max
+        kmax = self.spec.k_max
         pages = eng.pool.alloc(eng.pool.pages_for(min(len(ids) + params.max_tokens + kmax, eng.max_context)))
         s = _S(list(ids), pages, params, np.random.default_rng(params.seed))
         out = Completion(list(ids))
