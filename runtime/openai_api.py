@@ -30,6 +30,12 @@ from .prom_metrics import ServeMetrics
 from .sampling import SamplingError, SamplingParams, per_sequence
 
 
+def _error_event(run: _Run, i: int) -> str:
+    """The SSE event that ends a stream whose sequence i failed (OpenAI's error shape)."""
+    err = {"message": f"generation failed: {run.handles[i].error!r}", "type": "server_error", "param": None}
+    return sse({"error": {**err, "code": None}})
+
+
 class _Run:
     """One HTTP request's sequences (prompts x n), their handles and the queue their deltas arrive on."""
 
@@ -291,16 +297,7 @@ class OpenAIServer:
             )
         async for i, d in run.deltas():
             if d.finish_reason == "error":
-                yield sse(
-                    {
-                        "error": {
-                            "message": f"generation failed: {run.handles[i].error!r}",
-                            "type": "server_error",
-                            "param": None,
-                            "code": None,
-                        }
-                    }
-                )
+                yield _error_event(run, i)
                 return
             lps = chat_logprobs(tok, [d.logprob]) if d.logprob is not None else None
             if d.text or lps or d.finish_reason:
@@ -369,16 +366,7 @@ class OpenAIServer:
                 )
         async for i, d in run.deltas():
             if d.finish_reason == "error":
-                yield sse(
-                    {
-                        "error": {
-                            "message": f"generation failed: {run.handles[i].error!r}",
-                            "type": "server_error",
-                            "param": None,
-                            "code": None,
-                        }
-                    }
-                )
+                yield _error_event(run, i)
                 return
             lps = text_logprobs(tok, [d.logprob], offsets[i]) if d.logprob is not None and tok else None
             offsets[i] += len(d.text)
