@@ -1,15 +1,17 @@
 """Hand-scheduled CUDA kernels (TVM TIR) for kiln's `cuda` target.
 
 Decode at small batch is bound by memory bandwidth, so the kernels that matter are the weight GEMVs:
-one warp per output row, each lane streaming 16 bytes of weights per load (8 fp16, 16 int8 or 32
-int4 codes), dequantization fused into the load, fp32 accumulation and a warp-shuffle reduction.
-Activations stay fp32 (they are tiny at decode); weights and the KV cache are fp16 or quantized.
+each warp owns a few output rows (the warps of a block may split K), each lane streams 16 bytes of
+weights per load (8 fp16, 16 int8 or 32 int4 codes), dequantization happens in registers, fp32
+accumulation and a warp-shuffle reduction. Activations stay fp32 (they are tiny at decode); weights and
+the KV cache are fp16 or quantized.
 
-Layouts (targets/cuda/layouts.py, all row-major over the torch weight [N, K]):
-  f16            w[N, K] float16
-  int8 codes     q[N, Kp/4] int32, code of column 4i+j in bits 8j..8j+7 of word i; value (q - z) * s per
-                 group; Kp = K padded to whole groups
-  int4 codes     q[N, Kp/8] int32, code of column 8i+j in bits 4j..4j+3 of word i
+Layouts (targets/cuda/layouts.py, row-major over the torch weight [N, K], columns stored lane-interleaved:
+storage position p holds natural column `natural_column(p)`; Kp = K padded to whole tiles and groups):
+  f16            w[N, Kp] float16
+  int8 codes     q[N, Kp/4] int32, code of storage position 4i+j in bits 8j..8j+7 of word i; value
+                 (q - z) * s per group
+  int4 codes     q[N, Kp/8] int32, code of storage position 8i+j in bits 4j..4j+3 of word i
   scales         s[N, G] float16;  asym: zs[N, G] float16 = -z * s  (value = q*s + zs)
   symmetric      z = 2^(bits-1): value = (q - z) * s (no zs array)
 
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-WARPS = 4  # rows (one per warp) per GEMV block
+WARPS = 4  # warps per GEMV block
 MB = 8  # activation rows per GEMV launch (larger batches loop on the host; >8 use the GEMM path)
 _NEG = -1.0e30
 _MAGIC = 0x4B000000  # the bits of 2.0**23 as a float32
