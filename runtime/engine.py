@@ -298,7 +298,7 @@ class Engine:
             )
         if not encoded:
             return []
-        from .serving import run_static_batch  # the scheduler imports this module
+        from .static_batch import run_static_batch  # the scheduler imports this module
 
         callbacks: list[Callable[[int], None] | None] = [
             None if stream is None else functools.partial(stream, i) for i in range(len(encoded))

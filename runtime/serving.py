@@ -11,7 +11,7 @@
 Policies:
 - `static`: fixed batches of up to max_batch in arrival order; every prompt of the batch is prefilled whole
   (a one-token prompt too), then the batch decodes to completion before the next batch starts.
-  `Engine.generate` runs its batch through this policy (`run_static_batch`).
+  `Engine.generate` runs its batch through this policy (runtime/static_batch.py).
 - `dynamic`: like static, but a batch starts only when max_batch requests wait or the oldest has waited
   max_wait_s.
 - `continuous`: iteration-level. Between decode steps, finished requests leave and waiting ones join. Each
@@ -41,8 +41,9 @@ from .kv_cache import OutOfPages, PageManager
 from .prompts import Prompt, as_prompt_list
 from .requests import Request, RequestFailed, RequestHandle
 from .sampling import SamplingParams, per_sequence
+from .server_stats import finished_stats
 
-__all__ = ["POLICIES", "RequestFailed", "RequestHandle", "Server", "run_static_batch"]
+__all__ = ["POLICIES", "RequestFailed", "RequestHandle", "Server"]
 
 POLICIES = ("static", "dynamic", "continuous")
 
@@ -202,37 +203,17 @@ class Server:
 
     def metrics(self) -> dict:
         with self._step_lock:
-            fin = list(self._finished)
-            ok = [f for f in fin if f["finish_reason"] in ("stop", "length")]
-            out_tok = sum(f["output_tokens"] for f in fin)
-            wall = (self._t_last - self._t_first) if self._t_first and self._t_last else 0.0
-            ttft = np.array([f["ttft_s"] for f in ok if f["ttft_s"] is not None])
-            tpot = np.array([f["tpot_s"] for f in ok if f["tpot_s"] is not None])
-
-            def pct(a, q):
-                return float(np.percentile(a, q)) if a.size else None
-
-            m = {
-                "policy": self.policy,
-                "requests_finished": len(ok),
-                "requests_failed": sum(f["finish_reason"] == "error" for f in fin),
-                "requests_cancelled": sum(f["finish_reason"] == "cancelled" for f in fin),
-                "requests_waiting": len(self.waiting) + len(self._incoming),
-                "requests_running": len(self.running),
-                "output_tokens": out_tok,
-                "prefill_tokens_computed": self.prefill_tokens,
-                "wall_s": wall,
-                "tokens_per_s": out_tok / wall if wall > 0 else None,
-                "ttft_mean_s": float(ttft.mean()) if ttft.size else None,
-                "ttft_p50_s": pct(ttft, 50),
-                "ttft_p99_s": pct(ttft, 99),
-                "tpot_mean_s": float(tpot.mean()) if tpot.size else None,
-                "tpot_p99_s": pct(tpot, 99),
-                "preemptions": self.preemptions,
-                "steps": self.steps,
-                "decode_steps": self.decode_steps,
-                "peak_batch": self.peak_batch,
-            }
+            m: dict = {"policy": self.policy}
+            m.update(finished_stats(self._finished, self._t_first, self._t_last))
+            m.update(
+                requests_waiting=len(self.waiting) + len(self._incoming),
+                requests_running=len(self.running),
+                prefill_tokens_computed=self.prefill_tokens,
+                preemptions=self.preemptions,
+                steps=self.steps,
+                decode_steps=self.decode_steps,
+                peak_batch=self.peak_batch,
+            )
             m.update(self.kv.stats())
             q = self.kv.query_tokens
             m["prefix_hit_rate"] = self.kv.hit_tokens / q if q else 0.0
@@ -516,25 +497,3 @@ class Server:
         h = r.handle
         h.metrics = self._finished[-1]
         h._finish(reason, error)
-
-
-def run_static_batch(
-    engine,
-    prompts: list[list[int]],
-    params: list[SamplingParams],
-    callbacks: list[Callable[[int], None] | None],
-    draft=None,
-) -> list[Completion]:
-    """Engine.generate's batch: checked requests run as one static batch, stepped on the caller's thread.
-
-    The caller has checked that every page the batch needs is free, so nothing is preempted. Prefix
-    caching is off: every prompt is computed whole, as a batch alone on the engine would compute it, and
-    no page is ever copied. A failed request (its callback raised, or the engine did) stops the batch
-    and its own exception propagates; every page goes back to the engine's pool either way."""
-    srv = Server(engine, policy="static", max_batch=len(prompts), prefix_caching=False, background=False, draft=draft)
-    try:
-        handles = [srv.submit(ids, p, callback=cb) for ids, p, cb in zip(prompts, params, callbacks)]
-        srv._run(handles, fail_fast=True)
-    finally:
-        srv.close()
-    return [h.completion for h in handles]
