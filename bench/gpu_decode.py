@@ -15,7 +15,9 @@ and back here, the goal figures into bench/results/gpu_decode.json:
 Reports, for Llama-3.2-1B- and Llama-3.1-8B-shaped models with random weights: batch-1 decode
 tokens/s and its share of the bandwidth roofline (measured device copy bandwidth / bytes read per
 token), time to first token at 128 and 2048 prompt tokens against the dense fp16 compute roofline,
-and decode throughput at batch 8, 32 and 64.
+and decode throughput at batch 8, 32 and 64. KILN_PROFILE=1 adds a per-kernel table of a decode step;
+KILN_CROSSOVER=1,2,4,8,16 adds decode tok/s at those batch sizes through the GEMV and the GEMM entry points
+(where the target's `gemv_max_batch` belongs).
 """
 
 from __future__ import annotations
@@ -197,6 +199,30 @@ def kiln_bench(path: str, weights: dict, prompt: list[int], new: int, batches: l
     return res
 
 
+def crossover(path: str, weights: dict, prompt: list[int], batches: list[int], new: int = 33) -> dict:
+    """Decode tok/s at each batch size through the GEMV entry (`decode`) and the GEMM entry
+    (`decode_batched`), the same engine and prompts: where the target's `gemv_max_batch` should sit."""
+    from kiln.runtime.engine import Engine
+    from kiln.runtime.sampling import SamplingParams
+
+    eng = Engine(path, kv_cache_tokens=max(batches) * (len(prompt) + new + 32), weights=weights, verify=False)
+    sp = SamplingParams(max_tokens=new, ignore_eos=True)
+    out: dict = {}
+    for b in batches:
+        for label, limit in (("gemv", 10**6), ("gemm", 0.5)):  # batch > limit takes decode_batched
+            eng.gemv_max_batch = limit
+            eng.generate([prompt] * b, SamplingParams(max_tokens=3, ignore_eos=True))  # capture this size
+            t = time.perf_counter()
+            outs = eng.generate([prompt] * b, sp)
+            total = time.perf_counter() - t
+            out.setdefault(str(b), {})[label] = b * (new - 1) / (total - sum(o.prefill_seconds for o in outs))
+        print(
+            f"    crossover batch {b}: " + "  ".join(f"{k} {v:.0f} tok/s" for k, v in out[str(b)].items()), flush=True
+        )
+    del eng
+    return out
+
+
 def run(
     art: str,
     models: list[str],
@@ -248,7 +274,7 @@ def run(
                     json.dump(results, f, indent=1)
             print(
                 f"  {name} {label:>16}: {tok_s:8.1f} tok/s  {r['roofline_pct']:5.1f}% of roofline"
-                + "".join(f"  {k}={v:.4g}" for k, v in (extra or {}).items()),
+                + "".join(f"  {k}={v:.4g}" for k, v in (extra or {}).items() if isinstance(v, (int, float))),
                 flush=True,
             )
 
@@ -271,6 +297,10 @@ def run(
             if os.environ.get("KILN_PROFILE"):
                 profile_decode(path, weights, prompt)
             r = kiln_bench(path, weights, prompt, new, batches, long_prompt)
+            if os.environ.get("KILN_CROSSOVER"):  # comma-separated batch sizes
+                r["crossover"] = crossover(
+                    path, weights, prompt, [int(b) for b in os.environ["KILN_CROSSOVER"].split(",")]
+                )
             del weights
             torch.cuda.empty_cache()
             ttft_roof = {n: 2 * body * t / peak for n, t in (("ttft_128", 128), ("ttft_2048", 2048))} if peak else {}
@@ -327,6 +357,21 @@ def summarize(run_json: str, machine: str, command: str) -> str:
             int4_batch16_tok_s_8b=tok("kiln-int4", "batch16_tok_s"),
             int4_vs_fp16_8b_batch16=tok("kiln-int4", "batch16_tok_s") / tok("kiln-fp16", "batch16_tok_s"),
         )
+    for b in (32, 64):
+        if f"batch{b}_tok_s" in rows["kiln-fp16"]:
+            figures.update({f"{v}_batch{b}_tok_s_8b": tok(f"kiln-{v}", f"batch{b}_tok_s") for v in ("fp16", "int4")})
+    small = run["models"].get("llama-3.2-1b", {})
+    if "kiln-fp16" in small:
+        figures.update(
+            fp16_tok_s_1b=small["kiln-fp16"]["decode_tok_s"],
+            fp16_roofline_share_1b=small["kiln-fp16"]["roofline_pct"] / 100,
+        )
+        if "kiln-int4" in small:
+            figures["int4_vs_fp16_1b"] = small["kiln-int4"]["decode_tok_s"] / small["kiln-fp16"]["decode_tok_s"]
+        if "torch.compile-fp16" in small:
+            figures["fp16_vs_torch_compile_1b"] = (
+                small["kiln-fp16"]["decode_tok_s"] / small["torch.compile-fp16"]["decode_tok_s"]
+            )
     figures["models"] = run["models"]
     doc = write_results("gpu_decode", figures)
     with open(doc) as f:  # the GPU host's own description, not this checkout's host

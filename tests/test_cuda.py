@@ -64,6 +64,12 @@ def test_build_lists_kernels_and_layout(cuda_dir):
     assert any(k.startswith("cuda_gemv_") and "_4_128_" in k for k in ks)  # int4 GEMV for decode
     assert any(k.startswith("cuda_dequant_") for k in ks)  # dequantize + GEMM for prefill
     assert any(k.startswith("cuda_paged_decode_") for k in ks)
+    # a decode step's launches per layer: q, k and v as one GEMV writing three outputs, RMSNorm with the
+    # residual add before it, rotary + KV append in one kernel
+    assert any(k.startswith("cuda_gemv_") and "_parts_" in k for k in ks)
+    assert any(k.startswith("cuda_rms_norm_") and k.endswith("_True") for k in ks)
+    assert any(k.startswith("cuda_rope_append_") for k in ks)
+    assert man["target"]["gemv_max_batch"] == 16  # quantized: the GEMV up to batch 16 (fp16: 1)
     # the fields a quantized linear needs, in the documented shapes: codes [N, K/8] int32, scales/zs [N, K/128]
     q = [w for w in man["weights"] if w["transform"].startswith("cuda_q4g128a")]
     codes = [w for w in q if w["transform"].endswith(":0")]
@@ -122,6 +128,16 @@ def test_numpy_and_torch_packers_agree_and_dequantize_exactly():
     c8[:, storage_columns(512, 8)] = st8
     assert np.array_equal(c8[:, :200], q8.numpy())
     assert np.array_equal(pack_codes_torch(torch.from_numpy(st8.astype(np.uint8)), 8).numpy(), a8[0])
+    # the biases of linears run as one kernel (q, k, v): one field, the same from numpy and torch
+    from kiln.targets.common.layouts import CAT, parse_layout
+    from kiln.targets.cuda.weights import WeightMaker
+
+    b = {"q.bias": torch.randn(8), "k.bias": torch.randn(2), "v.bias": torch.randn(2)}
+    assert parse_layout("cat") is CAT
+    cat = CAT.pack([t.numpy() for t in b.values()])[0]
+    spec = {"name": "qkv", "sources": list(b), "transform": "cat", "shape": [12], "dtype": "float32"}
+    assert np.array_equal(cat, torch.cat(list(b.values())).numpy())
+    assert np.array_equal(WeightMaker(b).field(spec).numpy(), cat)
 
 
 @compiler
@@ -178,12 +194,13 @@ def _engine_and_reference(path: str, model: str):
 @pytest.mark.parametrize("model,variant", [(m, v) for m in MODELS for v in ("fp16", "int8", "int4")])
 def test_generation_matches_reference(cuda_dir, model, variant):
     """Prefill (tensor-core path) and decode (GEMV + paged kernels) against the fp32 reference: logits
-    at fp16 tolerance, for ragged batches (batch 3 on the GEMV path, batch 12 on the batched path)."""
+    at fp16 tolerance, for ragged batches on both decode paths: the GEMV (fp16: batch 1; quantized: up to
+    16, batch 12 in two passes) and the batched GEMMs (fp16 from batch 2, quantized at batch 20)."""
     path = _artifact(cuda_dir, model, variant)
     eng, ref = _engine_and_reference(path, model)
     vocab = MODELS[model][0]["vocab_size"]
     g = torch.Generator().manual_seed(7)
-    for batch in (3, 12):
+    for batch in (1, 3, 12, 20):
         prompts = [
             torch.randint(0, vocab, (int(n),), generator=g).tolist()
             for n in torch.randint(5, 60, (batch,), generator=g)

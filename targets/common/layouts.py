@@ -53,7 +53,21 @@ class Raw(Layout):
 
 RAW = Raw()
 
-_PARSERS: list[Callable[[str], Layout | None]] = [lambda k: RAW if k == "raw" else None]
+
+@dataclass(frozen=True)
+class Cat(Layout):
+    """Its sources concatenated along the first axis (the biases of linears run as one kernel)."""
+
+    def key(self) -> str:
+        return "cat"
+
+    def pack(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        return [np.concatenate(arrays, axis=0)]
+
+
+CAT = Cat()
+
+_PARSERS: list[Callable[[str], Layout | None]] = [lambda k: {"raw": RAW, "cat": CAT}.get(k)]
 
 
 def register_parser(parse: Callable[[str], Layout | None]) -> Callable[[str], Layout | None]:

@@ -29,7 +29,7 @@ from kiln.ir import Graph, Node
 from kiln.ops import OPS, find_rule, register_rule
 from kiln.targets.base import WeightSpec
 
-from .layouts import RAW, Layout
+from .layouts import CAT, RAW, Layout
 
 DIM_SYMBOLS = ("batch", "tokens", "pages", "max_pages")
 
@@ -113,6 +113,13 @@ class FunctionLowering:
         b = n.input("bias")
         return None if b is None else self.weight(self.low.spec_name((b.attrs["name"],), RAW))
 
+    def group_bias(self, group: tuple[Node, ...]) -> relax.Expr | None:
+        """The concatenated bias field of sibling linears (see `RelaxLowering.sibling_groups`), or None."""
+        biases = group_biases(group)
+        if biases is None:
+            return None
+        return self.weight(self.low.spec_name(tuple(b.attrs["name"] for b in biases), CAT))
+
     def lower_node(self, n: Node) -> relax.Expr:
         fn = find_rule(n.op, self.low.backends)
         if fn is None:
@@ -151,6 +158,7 @@ class RelaxLowering:
 
     backends: tuple[str, ...] = ("relax",)  # rule lookup order, most specific first
     cache_dtype: str | None = None  # the KV cache's storage dtype, when narrower than the IR's
+    fuse_siblings: bool = False  # linears that read the same activations run as one kernel (q, k, v)
 
     def __init__(self, graph: Graph, target_name: str) -> None:
         self.graph = graph
@@ -159,16 +167,36 @@ class RelaxLowering:
         self.kernels: dict[tuple, tvm.ir.GlobalVar] = {}
         self.weight_specs: list[WeightSpec] = []
         self.weight_index: dict[str, int] = {}
+        self.siblings = self.sibling_groups() if self.fuse_siblings else {}
         self._plan_weights()
+
+    def sibling_groups(self) -> dict[Node, tuple[Node, ...]]:
+        """Linears that read the same activations with weights one kernel can stack along its output rows,
+        each mapped to its group (in graph order). At decode, q, k and v as one GEMV stream their weights at
+        the rate of a large kernel instead of three small ones (k and v alone leave most of a GPU idle)."""
+        groups: dict[tuple, list[Node]] = {}
+        for n in self.graph.nodes:
+            if n.op == "linear":
+                w = n.inputs[1]
+                kind = qkey(w) if w.op == "qweight" else (w.op, w.type.dtype)
+                key = (n.inputs[0], kind, int(w.type.shape[1]), n.input("bias") is not None)
+                groups.setdefault(key, []).append(n)
+        return {n: tuple(g) for g in groups.values() if len(g) > 1 for n in g}
 
     def _plan_weights(self) -> None:
         """Decide each parameter's layout from how the graph uses it (one field per layout)."""
         for n in self.graph.nodes:
             if n.op == "linear":
-                self.weight_fields(n.inputs[1])
-                bias = n.input("bias")
-                if bias is not None:
-                    self.add_raw(bias)
+                group = self.siblings.get(n, (n,))
+                if n is not group[0]:
+                    continue  # planned with the group's first
+                self.weight_fields(*(g.inputs[1] for g in group))
+                biases = group_biases(group)
+                if biases is not None and len(group) > 1:
+                    b_names = tuple(b.attrs["name"] for b in biases)
+                    self.register(b_names, CAT, (sum(int(b.type.shape[0]) for b in biases),), biases[0].type.dtype)
+                elif biases is not None:
+                    self.add_raw(biases[0])
             elif n.op == "gated_mlp":
                 self.weight_fields(n.inputs[1], n.inputs[2])
                 self.weight_fields(n.inputs[3])
@@ -201,6 +229,18 @@ class RelaxLowering:
         """x [..., k] -> [..., n_out] through the target's linear kernel over weights `ws` (concatenated
         along the output rows); the generic `linear` and `gated_mlp` rules call it."""
         raise NotImplementedError
+
+    def linear_parts(
+        self,
+        f: FunctionLowering,
+        x: relax.Expr,
+        lead_shape,
+        ws: tuple[Node, ...],
+        parts: tuple[int, ...],
+        bias: relax.Expr | None = None,
+    ) -> list[relax.Expr]:
+        """Stacked linears (`sibling_groups`): one kernel over all of `ws`, one output per weight."""
+        return split_rows(f, self.linear(f, x, lead_shape, ws, sum(parts), bias), parts)
 
     def spec_name(self, sources: tuple[str, ...], layout: Layout) -> str:
         return "+".join(sources) + ("" if layout == RAW else f"@{layout.key()}")
@@ -446,7 +486,32 @@ def _embedding(f, n, xs):
 @register_rule("relax", "linear")
 def _linear(f, n, xs):
     w = n.inputs[1]
-    return f.low.linear(f, xs[0], n.inputs[0].type.shape[:-1], (w,), int(w.type.shape[0]), f.bias(n))
+    group = f.low.siblings.get(n)
+    if group is None:
+        return f.low.linear(f, xs[0], n.inputs[0].type.shape[:-1], (w,), int(w.type.shape[0]), f.bias(n))
+    # one kernel over the stacked weights of the group, run when its first member is reached
+    key = ("siblings", group[0])
+    if key not in f.values:
+        ws = tuple(g.inputs[1] for g in group)
+        parts = tuple(int(g.inputs[1].type.shape[0]) for g in group)
+        lead = n.inputs[0].type.shape[:-1]
+        f.values[key] = f.low.linear_parts(f, xs[0], lead, ws, parts, f.group_bias(group))
+    return f.values[key][group.index(n)]
+
+
+def group_biases(group: tuple[Node, ...]) -> list[Node] | None:
+    """The bias params of linears grouped by `sibling_groups` (all have one or none), or None."""
+    biases = [g.input("bias") for g in group]
+    return None if any(b is None for b in biases) else [b for b in biases if b is not None]
+
+
+def split_rows(f: FunctionLowering, y: relax.Expr, parts: tuple[int, ...]) -> list[relax.Expr]:
+    """y [..., sum(parts)] cut along its last axis."""
+    axis = len(y.ty.shape.values) - 1 if y.ty.shape is not None else -1
+    bounds = [sum(parts[:i]) for i in range(len(parts) + 1)]
+    return [
+        f.emit(relax.op.strided_slice(y, [axis], [lo], [hi], assume_inbound=True)) for lo, hi in zip(bounds, bounds[1:])
+    ]
 
 
 @register_rule("relax", "gated_mlp")

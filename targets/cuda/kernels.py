@@ -69,6 +69,7 @@ def gemv_func(
     rows: int | None = None,
     loads: int | None = None,
     splits: int | None = None,
+    parts: tuple[int, ...] = (),
 ):
     """y[m, n] = x[m, k] @ W^T (+ bias) for small m; W fp16 (bits=16) or int8/int4 codes, stored
     lane-interleaved (targets/cuda/layouts.py: lane tx's load of tile t holds columns t*T + 128*j + 4*tx + e).
@@ -76,12 +77,22 @@ def gemv_func(
     `k` is the padded reduction size (whole tiles; x is zero-padded to it by the lowering), `group` the
     columns per scale. Each warp owns `rows` output rows; each lane keeps rows x `loads` 16-byte weight loads
     in flight, and reads each activation once for all its rows, 4 at a time, contiguous across the warp.
-    Quantized codes become floats by the magic-number trick (`field`); a chunk of 4 codes is dotted with
-    activations pre-scaled by the powers of two the fields carry, then scaled per group."""
+    Quantized codes become floats by the magic-number trick (`field`) once per chunk of 4 codes, for every
+    activation row of the launch; each row's 4 activations come pre-scaled by the powers of two the fields
+    carry, and the chunk's dot product is scaled per group.
+
+    The output comes as three arrays y0, y1, y2 holding the rows of `parts` (stacked weights, e.g. q, k, v,
+    each written where its reader wants it; unused arrays are [1, 1]). A launch of a single row (m = 1) runs
+    a copy of the loop specialized for it."""
     E = _vec(bits)
     TC = 32 * E  # columns per tile: one 16-byte load per lane
     if k % TC:
         raise ValueError(f"GEMV reduction size {k} must be a multiple of {TC} for {bits}-bit weights")
+    parts = parts or (n,)
+    if len(parts) > 3 or sum(parts) != n:
+        raise ValueError(f"GEMV output parts {parts} must be at most 3 sizes adding up to {n}")
+    c1, c2 = parts[0], parts[0] + (parts[1] if len(parts) > 1 else 0)
+    pdims = list(parts) + [1] * (3 - len(parts))
     R0, U0, S0 = gemv_config(n, bits)
     R = rows or R0
     S = splits or S0  # warps per row group, each over every S-th tile
@@ -125,6 +136,63 @@ def gemv_func(
     def mask(e):
         return T.shift_left(15, 4 * e) if bits == 4 else T.shift_left(255, 8 * (e % 2))
 
+    # the loop over tiles, for NB activation rows (a launch of one row gets its own copy: no row guards)
+    @T.macro
+    def tiles_loop(NB, x, w, s, zs, acc, wl, xl, wf, sl, zl, xs, d, row0, ks, tx, mo, m):
+        for io in range(outer):
+            for r in T.unroll(R):
+                for u in T.unroll(U):
+                    if (io * U + u) * S + ks < tiles and row0 + r < n:
+                        for j in T.vectorized(WE):
+                            wl[r, u, j] = w[row0 + r, (((io * U + u) * S + ks) * 32 + tx) * WE + j]
+            for u in T.unroll(U):
+                if (io * U + u) * S + ks < tiles:
+                    if bits == 16:
+                        for i in T.unroll(NB):
+                            if mo * MB + i < m:
+                                for c in T.unroll(CH):
+                                    for j in T.vectorized(4):
+                                        xl[c * 4 + j] = x[
+                                            mo * MB + i, ((io * U + u) * S + ks) * TC + c * 128 + tx * 4 + j
+                                        ]
+                                for r in T.unroll(R):
+                                    for j in T.unroll(E):
+                                        acc[r, i] = acc[r, i] + T.Cast("float32", wl[r, u, j]) * xl[j]
+                    else:
+                        for c in T.unroll(CH):
+                            # the chunk's codes as floats, once for every activation row
+                            for r in T.unroll(R):
+                                for e in T.unroll(4):
+                                    wf[r, e] = field(chunk_word(wl, r, u, c, e), mask(e))
+                            sg = T.Bind((((io * U + u) * S + ks) * TC + c * 128 + tx * 4) // g)
+                            for r in T.unroll(R):
+                                sl[r] = T.Cast("float32", s[T.min(row0 + r, n - 1), sg])
+                                if has_zs:
+                                    zl[r] = T.Cast("float32", zs[T.min(row0 + r, n - 1), sg])
+                            for i in T.unroll(NB):
+                                if mo * MB + i < m:
+                                    for j in T.vectorized(4):
+                                        xl[j] = x[mo * MB + i, ((io * U + u) * S + ks) * TC + c * 128 + tx * 4 + j]
+                                    xs[0] = xl[0] + xl[1] + xl[2] + xl[3]
+                                    xl[1] = xl[1] * T.float32(pre[1])
+                                    xl[2] = xl[2] * T.float32(pre[2])
+                                    xl[3] = xl[3] * T.float32(pre[3])
+                                    for r in T.unroll(R):
+                                        d[0] = wf[r, 0] * xl[0] + wf[r, 1] * xl[1] + wf[r, 2] * xl[2] + wf[r, 3] * xl[3]
+                                        if has_zs:
+                                            acc[r, i] = acc[r, i] + sl[r] * d[0] + zl[r] * xs[0]
+                                        else:
+                                            acc[r, i] = acc[r, i] + sl[r] * (d[0] - T.float32(zc) * xs[0])
+
+    @T.macro
+    def store(y0, y1, y2, i, row, val):
+        if row < c1:
+            y0[i, row] = val
+        elif row < c2:
+            y1[i, row - c1] = val
+        else:
+            y2[i, row - c2] = val
+
     # T.Buffer(shape, dtype) annotations are TVMScript, not Python types: mypy cannot read them
     @T.prim_func(private=True)
     def gemv(
@@ -133,12 +201,16 @@ def gemv_func(
         s: T.Buffer(s_shape, "float16"),  # type: ignore[valid-type]
         zs: T.Buffer(zs_shape, "float16"),  # type: ignore[valid-type]
         b: T.Buffer(b_shape, "float32"),  # type: ignore[valid-type]
-        var_y: T.handle,
+        var_y0: T.handle,
+        var_y1: T.handle,
+        var_y2: T.handle,
     ):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
         m = T.int64()
         x = T.match_buffer(var_x, (m, k), "float32")
-        y = T.match_buffer(var_y, (m, n), "float32")
+        y0 = T.match_buffer(var_y0, (m, pdims[0]), "float32")
+        y1 = T.match_buffer(var_y1, (m, pdims[1]) if len(parts) > 1 else (1, 1), "float32")
+        y2 = T.match_buffer(var_y2, (m, pdims[2]) if len(parts) > 2 else (1, 1), "float32")
         for mo in range((m + MB - 1) // MB):
             for bx in T.thread_binding(nblk, thread="blockIdx.x"):
                 for ty in T.thread_binding(WARPS, thread="threadIdx.y"):
@@ -146,7 +218,10 @@ def gemv_func(
                         acc = T.alloc_buffer((R, MB), "float32", scope="local")
                         wl = T.alloc_buffer((R, U, WE), wdt, scope="local")
                         xl = T.alloc_buffer((E,), "float32", scope="local")
-                        xs = T.alloc_buffer((CH,), "float32", scope="local")
+                        wf = T.alloc_buffer((R, 4), "float32", scope="local")
+                        sl = T.alloc_buffer((R,), "float32", scope="local")
+                        zl = T.alloc_buffer((R,), "float32", scope="local")
+                        xs = T.alloc_buffer((1,), "float32", scope="local")
                         d = T.alloc_buffer((1,), "float32", scope="local")
                         red = T.alloc_buffer((1,), "float32", scope="local")
                         sums = T.alloc_buffer((WARPS, R, MB), "float32", scope="shared")
@@ -155,56 +230,10 @@ def gemv_func(
                         for r in T.unroll(R):
                             for i in T.unroll(MB):
                                 acc[r, i] = T.float32(0)
-                        for io in range(outer):
-                            for r in T.unroll(R):
-                                for u in T.unroll(U):
-                                    if (io * U + u) * S + ks < tiles and row0 + r < n:
-                                        for j in T.vectorized(WE):
-                                            wl[r, u, j] = w[row0 + r, (((io * U + u) * S + ks) * 32 + tx) * WE + j]
-                            for u in T.unroll(U):
-                                if (io * U + u) * S + ks < tiles:
-                                    for i in T.unroll(MB):
-                                        if mo * MB + i < m:
-                                            for c in T.unroll(CH):
-                                                for j in T.vectorized(4):
-                                                    xl[c * 4 + j] = x[
-                                                        mo * MB + i, ((io * U + u) * S + ks) * TC + c * 128 + tx * 4 + j
-                                                    ]
-                                            if bits != 16:  # per chunk: the sum of x, then x pre-scaled
-                                                for c in T.unroll(CH):
-                                                    xs[c] = xl[c * 4] + xl[c * 4 + 1] + xl[c * 4 + 2] + xl[c * 4 + 3]
-                                                    xl[c * 4 + 1] = xl[c * 4 + 1] * T.float32(pre[1])
-                                                    xl[c * 4 + 2] = xl[c * 4 + 2] * T.float32(pre[2])
-                                                    xl[c * 4 + 3] = xl[c * 4 + 3] * T.float32(pre[3])
-                                            for r in T.unroll(R):
-                                                if row0 + r < n:
-                                                    if bits == 16:
-                                                        for j in T.unroll(E):
-                                                            acc[r, i] = (
-                                                                acc[r, i] + T.Cast("float32", wl[r, u, j]) * xl[j]
-                                                            )
-                                                    else:
-                                                        for c in T.unroll(CH):
-                                                            d[0] = T.float32(0)
-                                                            for e in T.unroll(4):
-                                                                d[0] = (
-                                                                    d[0]
-                                                                    + field(chunk_word(wl, r, u, c, e), mask(e))
-                                                                    * xl[c * 4 + e]
-                                                                )
-                                                            sg = T.Bind(
-                                                                (((io * U + u) * S + ks) * TC + c * 128 + tx * 4) // g
-                                                            )
-                                                            if has_zs:
-                                                                acc[r, i] = (
-                                                                    acc[r, i]
-                                                                    + T.Cast("float32", s[row0 + r, sg]) * d[0]
-                                                                    + T.Cast("float32", zs[row0 + r, sg]) * xs[c]
-                                                                )
-                                                            else:
-                                                                acc[r, i] = acc[r, i] + T.Cast(
-                                                                    "float32", s[row0 + r, sg]
-                                                                ) * (d[0] - T.float32(zc) * xs[c])
+                        if m == 1:
+                            tiles_loop(1, x, w, s, zs, acc, wl, xl, wf, sl, zl, xs, d, row0, ks, tx, mo, m)
+                        else:
+                            tiles_loop(MB, x, w, s, zs, acc, wl, xl, wf, sl, zl, xs, d, row0, ks, tx, mo, m)
                         for r in T.unroll(R):
                             for i in T.unroll(MB):
                                 red[0] = acc[r, i]
@@ -214,7 +243,14 @@ def gemv_func(
                                     )
                                 if S == 1:
                                     if tx == 0 and mo * MB + i < m and row0 + r < n:
-                                        y[mo * MB + i, row0 + r] = red[0] + (b[row0 + r] if bias else T.float32(0))
+                                        store(
+                                            y0,
+                                            y1,
+                                            y2,
+                                            mo * MB + i,
+                                            row0 + r,
+                                            red[0] + (b[row0 + r] if bias else T.float32(0)),
+                                        )
                                 else:
                                     if tx == 0:
                                         sums[ty, r, i] = red[0]
@@ -226,7 +262,14 @@ def gemv_func(
                                         red[0] = sums[ty, r, i]
                                         for sp in T.unroll(1, S):
                                             red[0] = red[0] + sums[ty + sp, r, i]
-                                        y[mo * MB + i, row0 + r] = red[0] + (b[row0 + r] if bias else T.float32(0))
+                                        store(
+                                            y0,
+                                            y1,
+                                            y2,
+                                            mo * MB + i,
+                                            row0 + r,
+                                            red[0] + (b[row0 + r] if bias else T.float32(0)),
+                                        )
                             T.tvm_storage_sync("shared")  # the next mo round rewrites `sums`
 
     return gemv

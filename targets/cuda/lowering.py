@@ -1,16 +1,18 @@
 """The cuda target's lowering: its weight plan and the rules that call its kernels.
 
 What runs where:
-  decode (tokens = 1, batch <= 8)   kiln's GEMV kernels (fp16 / int8 / int4, dequantize fused into the
-                                    16-byte weight loads) and the paged decode attention kernel
-  prefill, verify, decode_batched   tensor-core GEMMs through cuBLAS, called by the runtime
+  decode (tokens = 1, batch <= 8;   kiln's GEMV kernels (fp16 / int8 / int4, dequantize fused into the
+  <= 16 with quantized weights)     16-byte weight loads; q, k and v as one launch) and the paged decode
+                                    attention kernel
+  decode_batched (larger batches)   linears as prefill; attention through the paged decode kernel
+  prefill, verify                   tensor-core GEMMs through cuBLAS, called by the runtime
                                     (`kiln.cuda.gemm_nt` / `gemm_nn`; quantized weights are
                                     dequantized to fp16 first), and attention as gathered K/V +
                                     batched GEMMs with a position mask. TVM 0.27's own tensor-core
                                     rule (DLight MatmulTensorization) crashes in tensorize, so
                                     gemm="tvm" builds CUDA-core schedules instead.
-  everything else                   the generic "relax" rules, scheduled by DLight (norms, rotary,
-                                    residual adds)
+  RMSNorm                           one kernel, with the residual add before it (targets/cuda/norms.py)
+  everything else                   the generic "relax" rules, scheduled by DLight (rotary, SiLU * up)
 """
 
 from __future__ import annotations
@@ -21,16 +23,19 @@ from tvm import relax, te
 
 from kiln.errors import UnsupportedOpError
 from kiln.ir import Graph, Node
-from kiln.ops import register_rule
-from kiln.targets.common.relax import FunctionLowering, RelaxLowering, qkey
+from kiln.ops import find_rule, register_rule
+from kiln.targets.common.relax import FunctionLowering, RelaxLowering, qkey, split_rows
 
 from . import kernels as C
 from .layouts import F16, Quant, packed_shapes, padded_cols, scale_group, storage_columns
+from .norms import rms_norm_func
+from .rope import rope_append_func
 
 
 class CudaLowering(RelaxLowering):
     backends = ("cuda", "relax")
     cache_dtype = "float16"
+    fuse_siblings = True
 
     def __init__(
         self,
@@ -43,13 +48,19 @@ class CudaLowering(RelaxLowering):
         self.gemm = gemm
         self.gemv_rows, self.gemv_splits = gemv_rows, gemv_splits
         super().__init__(graph, target_name)
+        self.users = graph.users()
 
     def plan_embedding(self, n: Node) -> bool:
         self.weight_fields(n.inputs[0])  # fp16 rows (or codes), shared with a tied LM head
         return True
 
     def linear(self, f, x, lead_shape, ws, n_out, bias=None):
-        return cuda_linear(f, x, lead_shape, ws, n_out, bias)
+        return cuda_linear(f, x, lead_shape, ws, n_out, bias)[0]
+
+    def linear_parts(self, f, x, lead_shape, ws, parts, bias=None):
+        if len(parts) > 3:
+            return super().linear_parts(f, x, lead_shape, ws, parts, bias)
+        return cuda_linear(f, x, lead_shape, ws, sum(parts), bias, tuple(parts))
 
     def weight_fields(self, *ws: Node) -> list[str]:
         rows = sum(int(w.type.shape[0]) for w in ws)
@@ -90,9 +101,16 @@ def _dummy(f, shape, dtype):
 
 
 def cuda_linear(
-    f: FunctionLowering, x: relax.Expr, lead_shape, ws: tuple[Node, ...], n_out: int, bias: relax.Expr | None = None
-) -> relax.Expr:
-    """x [..., k] fp32 -> [..., n_out] fp32 through the GEMV kernel (decode) or a tensor-core GEMM."""
+    f: FunctionLowering,
+    x: relax.Expr,
+    lead_shape,
+    ws: tuple[Node, ...],
+    n_out: int,
+    bias: relax.Expr | None = None,
+    parts: tuple[int, ...] = (),
+) -> list[relax.Expr]:
+    """x [..., k] fp32 -> [..., n_out] fp32 through the GEMV kernel (decode) or a tensor-core GEMM; with
+    `parts` (stacked weights), one output per part, the GEMV writing each directly."""
     w = ws[0]
     fields = f.fields(*ws)
     q = qkey(w) if w.op == "qweight" else None
@@ -102,42 +120,45 @@ def cuda_linear(
     x2 = f.emit(relax.op.reshape(x, [m, k]))
     kp = padded_cols(k, bits, group)
     group = scale_group(k, bits, group) if q else 0
+    parts = parts or (n_out,)
+    if kp != k:
+        x2 = f.emit(relax.op.nn.pad(x2, [0, 0, 0, kp - k]))
     if f.mode == "gemv":
-        if kp != k:
-            x2 = f.emit(relax.op.nn.pad(x2, [0, 0, 0, kp - k]))
         low = f.low
         assert isinstance(low, CudaLowering)  # this rule is registered for the cuda target only
         rows, splits = low.gemv_rows, low.gemv_splits
         gv = low.kernel(
             ("cuda_gemv", kp, n_out, bits, group, "sym" if sym else "asym", bias is not None)
             + ((f"r{rows}",) if rows else ())
-            + ((f"s{splits}",) if splits else ()),
-            lambda: C.gemv_func(kp, n_out, bits, group, sym, bias is not None, rows=rows, splits=splits),
+            + ((f"s{splits}",) if splits else ())
+            + (("parts",) + parts if len(parts) > 1 else ()),
+            lambda: C.gemv_func(kp, n_out, bits, group, sym, bias is not None, rows=rows, splits=splits, parts=parts),
         )
         s = fields[1] if q else _dummy(f, (1, 1), "float16")
         zs = fields[2] if q and not sym else _dummy(f, (1, 1), "float16")
         args = [x2, fields[0], s, zs, bias if bias is not None else _dummy(f, (1,), "float32")]
-        y = f.emit(relax.call_tir(gv, args, relax.TensorType([m, n_out], "float32")))
+        out_types = [relax.TensorType([m, p], "float32") for p in parts]
+        out_types += [relax.TensorType([1, 1], "float32")] * (3 - len(parts))
+        ys = f.emit(relax.call_tir(gv, args, out_types))
+        return [f.emit(relax.op.reshape(f.emit(relax.TupleGetItem(ys, i)), lead + [p])) for i, p in enumerate(parts)]
+    # the weight columns are stored lane-interleaved: the activations take the same order (and fp16)
+    x16 = f.emit(
+        relax.op.take(f.emit(relax.op.astype(x2, "float16")), _columns(f, kp, bits), axis=1, mode="clip")
+    )  # clip: fast mode warns at build
+    if q:
+        dq = f.low.kernel(
+            ("cuda_dequant", n_out, kp, bits, group, "sym" if sym else "asym"),
+            lambda: C.dequant_func(n_out, kp, bits, group, sym),
+        )
+        zs = fields[2] if not sym else _dummy(f, (1, 1), "float16")
+        w16 = f.emit(relax.call_tir(dq, [fields[0], fields[1], zs], relax.TensorType([n_out, kp], "float16")))
     else:
-        # the weight columns are stored lane-interleaved: the activations take the same order (and fp16)
-        if kp != k:
-            x2 = f.emit(relax.op.nn.pad(x2, [0, 0, 0, kp - k]))
-        x16 = f.emit(
-            relax.op.take(f.emit(relax.op.astype(x2, "float16")), _columns(f, kp, bits), axis=1, mode="clip")
-        )  # clip: fast mode warns at build
-        if q:
-            dq = f.low.kernel(
-                ("cuda_dequant", n_out, kp, bits, group, "sym" if sym else "asym"),
-                lambda: C.dequant_func(n_out, kp, bits, group, sym),
-            )
-            zs = fields[2] if not sym else _dummy(f, (1, 1), "float16")
-            w16 = f.emit(relax.call_tir(dq, [fields[0], fields[1], zs], relax.TensorType([n_out, kp], "float16")))
-        else:
-            w16 = fields[0]
-        y = _matmul_nt(f, x16, w16, [m, n_out])
-        if bias is not None:
-            y = f.emit(relax.op.add(y, bias))
-    return f.emit(relax.op.reshape(y, lead + [n_out]))
+        w16 = fields[0]
+    y = _matmul_nt(f, x16, w16, [m, n_out])
+    if bias is not None:
+        y = f.emit(relax.op.add(y, bias))
+    y = f.emit(relax.op.reshape(y, lead + [n_out]))
+    return [y] if len(parts) == 1 else split_rows(f, y, parts)
 
 
 def _columns(f, kp: int, bits: int) -> relax.Expr:
@@ -197,6 +218,40 @@ def _embedding(f, n, xs):
     return f.bb.emit_te(gather, xs[1], *fields)
 
 
+@register_rule("cuda", "rms_norm")
+def _rms_norm(f, n, xs):
+    """One kernel per norm; a residual add feeding it (and later read by the next residual) runs inside it."""
+    x = n.inputs[0]
+    d = int(x.type.shape[-1])
+    if d % 4 or x.type.dtype != "float32":
+        return find_rule("rms_norm", ("relax",))(f, n, xs)
+    low = f.low
+    assert isinstance(low, CudaLowering)  # this rule is registered for the cuda target only
+    add = x if _fusable_add(f, low, x, n) else None
+    a, b = (f.value(add.inputs[0]), f.value(add.inputs[1])) if add is not None else (xs[0], None)
+    lead, m = f.rows(a, x.type.shape)
+    a2 = f.emit(relax.op.reshape(a, [m, d]))
+    eps = float(n.attrs["eps"])
+    kern = low.kernel(
+        ("cuda_rms_norm", d, f"{eps:.3g}", add is not None), lambda: rms_norm_func(d, eps, add is not None)
+    )
+    b2 = f.emit(relax.op.reshape(b, [m, d])) if add is not None else _dummy(f, (1, 1), "float32")
+    h_type = relax.TensorType([m, d] if add is not None else [1, 1], "float32")
+    out = f.emit(relax.call_tir(kern, [a2, b2, xs[1]], [h_type, relax.TensorType([m, d], "float32")]))
+    if add is not None:  # the add's later readers take the kernel's sum; the add itself is left unused
+        f.values[add] = f.emit(relax.op.reshape(f.emit(relax.TupleGetItem(out, 0)), lead + [d]))
+    return f.emit(relax.op.reshape(f.emit(relax.TupleGetItem(out, 1)), lead + [d]))
+
+
+def _fusable_add(f, low: CudaLowering, x: Node, norm: Node) -> bool:
+    """`x` is a same-shape fp32 add whose other readers are not lowered yet (they will read the fused sum)."""
+    if x.op != "add" or any(i.type.shape != x.type.shape or i.type.dtype != "float32" for i in x.inputs):
+        return False
+    if any(i.op in ("param", "const", "qweight") for i in x.inputs):
+        return False
+    return not any(u in f.values for u in low.users.get(x, []) if u is not norm)
+
+
 @register_rule("cuda", "cached_attention")
 def _cached_attention(f, n, xs):
     if n.input("scales") is not None or n.attrs["kv_dtype"]:
@@ -214,6 +269,10 @@ def _cached_attention(f, n, xs):
     heads, kv_heads, head_dim = int(qn.type.shape[1]), int(kn.type.shape[1]), int(kn.type.shape[3])
     page = int(cn.type.shape[3])
     perm = [0, 2, 1, 3]
+    if f.entry.dims.get("tokens") == 1:
+        fused = _decode_with_rope_append(f, n, heads, kv_heads, head_dim, page)
+        if fused is not None:
+            return fused
     kt = f.emit(relax.op.permute_dims(k, perm))
     vt = f.emit(relax.op.permute_dims(v, perm))
     ctype = f.cache_type(cn)
@@ -223,7 +282,9 @@ def _cached_attention(f, n, xs):
     cache2 = f.emit(relax.op.call_tir_inplace(append, [cache, kt, vt, page_table, positions], [0], ctype))
     scale, window = float(n.attrs["scale"]), int(n.attrs["window"])
     b, t = f.dims(qn.type.shape[:1])[0], f.dims(qn.type.shape[2:3])[0]
-    if f.mode == "gemv":
+    if f.entry.dims.get("tokens") == 1:
+        # one new token per sequence (decode, also when its linears run as GEMMs at large batch): the paged
+        # kernel reads each sequence's own pages; the gathered path below would copy every page of the table
         qt = f.emit(relax.op.permute_dims(q, perm))
         attn = f.low.kernel(
             ("cuda_paged_decode", heads, kv_heads, head_dim, page, window, f"{scale:.6g}"),
@@ -265,6 +326,58 @@ def _cached_attention(f, n, xs):
     p16 = f.emit(relax.op.astype(f.emit(relax.op.nn.softmax(masked, axis=-1)), "float16"))
     o = _matmul_nn(f, p16, vall, [b, kv_heads, rep * t, head_dim])  # [b, kv_heads, rep*t, D]
     return f.emit(relax.op.reshape(o, [b, heads, t, head_dim]))
+
+
+def _unrotated(f, low: CudaLowering, r: Node, attention: Node):
+    """(x [B, T, H, D], cos, sin) when `r` is rope(permute(x, [0, 2, 1, 3]), cos, sin) read only by `attention`."""
+    if r.op != "rope" or any(u is not attention for u in low.users.get(r, [])):
+        return None
+    x, cos, sin = r.inputs
+    if x.op != "permute" or list(x.attrs["perm"]) != [0, 2, 1, 3]:
+        return None
+    if any(len(c.type.shape) != 4 or c.type.shape[1] != 1 for c in (cos, sin)):
+        return None  # cos/sin must be per token, shared by the heads
+    return f.value(x.inputs[0]), cos, sin
+
+
+def _decode_with_rope_append(f, n: Node, heads: int, kv_heads: int, head_dim: int, page: int):
+    """Decode attention with the rotary of q and k and the KV append in one kernel before it (targets/cuda/
+    rope.py), when q and k come straight from rope over the heads-major transpose; None otherwise."""
+    low = f.low
+    assert isinstance(low, CudaLowering)  # this rule is registered for the cuda target only
+    rq, rk = _unrotated(f, low, n.inputs[0], n), _unrotated(f, low, n.inputs[1], n)
+    vn = n.inputs[2]
+    if rq is None or rk is None or rq[1:] != rk[1:] or head_dim % 2:
+        return None
+    if vn.op == "permute" and list(vn.attrs["perm"]) == [0, 2, 1, 3]:
+        v = f.value(vn.inputs[0])
+    else:
+        v = f.emit(relax.op.permute_dims(f.value(vn), [0, 2, 1, 3]))
+    b, t = f.dims(n.inputs[0].type.shape[:1])[0], f.dims(n.inputs[0].type.shape[2:3])[0]
+    cos, sin = (f.emit(relax.op.reshape(f.value(c), [b, t, head_dim])) for c in rq[1:])
+    cache, page_table, positions = (f.value(i) for i in n.inputs[3:6])
+    prep = low.kernel(
+        ("cuda_rope_append", heads, kv_heads, head_dim, page),
+        lambda: rope_append_func(heads, kv_heads, head_dim, page),
+    )
+    out = f.emit(
+        relax.op.call_tir_inplace(
+            prep,
+            [rq[0], rk[0], v, cos, sin, page_table, positions, cache],
+            [7, -1],
+            [f.cache_type(n.inputs[3]), relax.TensorType([b, t, heads, head_dim], "float32")],
+        )
+    )
+    cache2, qt = f.emit(relax.TupleGetItem(out, 0)), f.emit(relax.TupleGetItem(out, 1))
+    scale, window = float(n.attrs["scale"]), int(n.attrs["window"])
+    attn = low.kernel(
+        ("cuda_paged_decode", heads, kv_heads, head_dim, page, window, f"{scale:.6g}"),
+        lambda: C.paged_decode_func(heads, kv_heads, head_dim, page, scale, window),
+    )
+    o = f.emit(
+        relax.call_tir(attn, [qt, cache2, page_table, positions], relax.TensorType([b, t, heads, head_dim], "float32"))
+    )
+    return f.emit(relax.op.permute_dims(o, [0, 2, 1, 3]))
 
 
 @register_rule("cuda", "quant_act")

@@ -14,6 +14,7 @@ import tvm
 from kiln.entry import EntryPoint
 from kiln.errors import KilnError
 from kiln.ir import Graph
+from kiln.targets.base import BuildResult
 from kiln.targets.common.tvm_target import TvmTarget
 
 from . import kernels as C
@@ -21,6 +22,16 @@ from .lowering import CudaLowering
 
 ARCHS = {"sm_80": "8.0", "sm_86": "8.6", "sm_89": "8.9", "sm_90": "9.0", "sm_90a": "9.0"}
 _CODEGEN_ARCH: dict[str, str] = {}  # see CudaTarget.tvm_target
+
+
+def gemv_max_batch(graph: Graph) -> int:
+    """The largest decode batch that runs the GEMV kernels; larger batches run `decode_batched` (tensor-core
+    GEMMs, and for quantized weights a dequantization of every weight each step first). Measured on an
+    H200, Llama-3.1-8B shape, decode tok/s GEMV / GEMM (bench/gpu_decode.py, KILN_CROSSOVER):
+    fp16 batch 1: 202 / 185, batch 2: 314 / 359, batch 8: 509 / 1231; int4 batch 8: 693 / 300, batch 16:
+    717 / 579, batch 24: 720 / 840 (int8 alike). fp16 leaves the GEMV at batch 2, quantized weights after 16
+    (two passes of MB rows)."""
+    return 2 * C.MB if any(n.op == "qweight" for n in graph.nodes) else 1
 
 
 class CudaTarget(TvmTarget):
@@ -61,7 +72,6 @@ class CudaTarget(TvmTarget):
             "device_code": "CUDA source in the library; compiled for the GPU on first load and cached",
             "kv_cache_dtype": "float16",
             "weights_dtype": "float16 (or int8/int4 codes)",
-            "gemv_max_batch": C.MB,
             "gemm": self.gemm,
             "requires": ["libcublas"] if self.gemm == "cublas" else [],
             **({"gemv_rows": self.gemv_rows} if self.gemv_rows else {}),
@@ -73,6 +83,11 @@ class CudaTarget(TvmTarget):
         if "decode" in eps:  # batches too large for the GEMV kernel run the GEMM path
             eps["decode_batched"] = EntryPoint("decode_batched", dict(eps["decode"].dims), gemm=True)
         return eps
+
+    def build(self, graph: Graph, entry_points: dict[str, EntryPoint] | None = None) -> BuildResult:
+        out = super().build(graph, entry_points)
+        out.target["gemv_max_batch"] = gemv_max_batch(graph)
+        return out
 
     def make_lowering(self, graph: Graph) -> CudaLowering:
         return CudaLowering(graph, self.name, self.gemm, self.gemv_rows, self.gemv_splits)

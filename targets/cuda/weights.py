@@ -67,8 +67,8 @@ class WeightMaker:
 
         lay = parse_layout(spec["transform"])
         srcs = [self.source(s) for s in spec["sources"]]
-        if spec["transform"] == "raw":
-            return srcs[0].to(getattr(torch, spec["dtype"])).contiguous()
+        if spec["transform"] in ("raw", "cat"):
+            return torch.cat(srcs, 0).to(getattr(torch, spec["dtype"])).contiguous()
         if not isinstance(lay, (F16, Quant)):
             raise ValueError(f"weight transform '{spec['transform']}' is not a cuda layout")
         fam = (tuple(spec["sources"]), lay.family())
