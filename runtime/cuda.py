@@ -234,6 +234,8 @@ class _Cudart:
         lib.cudaGraphInstantiate.argtypes = [ctypes.POINTER(p), p, ctypes.c_ulonglong]
         lib.cudaGraphLaunch.argtypes = [p, p]
         lib.cudaStreamSynchronize.argtypes = [p]
+        lib.cudaGraphExecDestroy.argtypes = [p]
+        lib.cudaGraphDestroy.argtypes = [p]
 
     def check(self, err: int, what: str) -> None:
         if err:
@@ -275,10 +277,20 @@ class GraphRunner:
                 )
             exe = ctypes.c_void_p()
             self.rt.check(self.rt.lib.cudaGraphInstantiate(ctypes.byref(exe), graph, 0), "graph instantiate")
-            g = self.graphs[key] = (exe, ins, out)
-        exe, ins, out = g
+            g = self.graphs[key] = (exe, ins, out, graph)
+        exe, ins, out, _ = g
         for t, a in zip(ins, arrays):
             t.copyfrom(np.ascontiguousarray(a))
         self.rt.check(self.rt.lib.cudaGraphLaunch(exe, ctypes.c_void_p(self.stream)), "graph launch")
         self.rt.check(self.rt.lib.cudaStreamSynchronize(ctypes.c_void_p(self.stream)), "sync")
         return out
+
+    def close(self) -> None:
+        """Destroy the captured graphs (their executables hold device memory) and the stream."""
+        for exe, _, _, graph in self.graphs.values():
+            self.rt.lib.cudaGraphExecDestroy(exe)
+            self.rt.lib.cudaGraphDestroy(graph)
+        self.graphs.clear()
+        if self.stream is not None:
+            self.eng.device.free_raw_stream(self.stream)
+            self.stream = None

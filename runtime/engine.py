@@ -148,6 +148,34 @@ class Engine:
             self.tokenizer = Tokenizer(tok_dir)
         self.eos_ids = tuple(self.manifest.get("eos_token_ids") or ())
 
+    closed = False
+
+    def close(self) -> None:
+        """Free what the engine holds: its CUDA graphs, KV cache, weights and the VM with its memory pool. On
+        the GPU the memory goes back to the device now instead of when the process ends, so engines can be
+        loaded one after another in one process. Later calls raise a clear error; closing twice is a no-op."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            if self._graphs is not None:
+                self._graphs.close()
+                self._graphs = None
+            self.caches = self.weights = self.kv_layout.caches = ()
+            del self.vm
+            import gc
+
+            gc.collect()  # the VM's tensors go now, so the pool below can hand their memory back
+            clear = self._tvm.get_global_func("vm.builtin.memory_manager.clear", allow_missing=True)
+            if clear is not None:
+                clear()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def _bind_weights(self, given: dict) -> tuple:
         """Weights supplied by the caller (an artifact built with pack_weights=False): numpy arrays or
         DLPack tensors (torch, on the engine's device), one per manifest field."""

@@ -106,6 +106,8 @@ def serialized(fn: F) -> F:
     @functools.wraps(fn)
     def run(self: Any, *a: Any, **k: Any) -> Any:
         with self._lock:
+            if getattr(self, "closed", False):
+                raise ValueError(f"{fn.__name__}: this engine is closed; load the artifact again to use it")
             return fn(self, *a, **k)
 
     return run  # type: ignore[return-value]

@@ -233,6 +233,26 @@ def test_generation_matches_reference(cuda_dir, model, variant):
 
 
 @gpu
+def test_closing_an_engine_gives_its_gpu_memory_back(cuda_dir):
+    """Weights, KV cache, CUDA graphs and the VM's pool are freed by `close`, not at process exit: engines
+    can be loaded one after another in one process."""
+    path = _artifact(cuda_dir, "smollm2-135m", "fp16")
+    eng, ref = _engine_and_reference(path, "smollm2-135m")
+    del ref
+    from kiln.runtime.sampling import SamplingParams
+
+    eng.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=4, ignore_eos=True))  # captures a graph
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    held = sum(int(np.prod(t.shape)) * np.dtype(str(t.dtype)).itemsize for t in (*eng.weights, *eng.caches))
+    free_before = torch.cuda.mem_get_info()[0]
+    eng.close()
+    torch.cuda.empty_cache()  # the weights came from torch: its cache hands them back to the device
+    freed = torch.cuda.mem_get_info()[0] - free_before
+    assert freed >= 0.9 * held, f"close freed {freed / 1e6:.0f} MB of the {held / 1e6:.0f} MB the engine held"
+
+
+@gpu
 def test_wrong_architecture_is_refused(cuda_dir, tmp_path):
     import shutil
 

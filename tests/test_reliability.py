@@ -78,6 +78,18 @@ def _edit(src, dst, fn):
     return str(dst)
 
 
+def test_a_closed_engine_refuses_calls_and_closes_once(artifacts, engines):
+    prompt = [5, 9, 13, 2]
+    with kiln.load(artifacts["llama"], verify=False) as eng:
+        assert _alone(eng, prompt) == _alone(engines["llama"], prompt)
+    assert eng.closed and eng.weights == () and eng.caches == ()
+    with pytest.raises(ValueError, match="engine is closed; load the artifact again"):
+        eng.generate([prompt], GREEDY)
+    with pytest.raises(ValueError, match="engine is closed"):
+        eng.decode([1], [0], [[0]])
+    eng.close()  # a second close is a no-op
+
+
 def test_edited_shape_facts_are_refused_at_load(artifacts, tmp_path):
     def page_size(m):
         m["kv_cache"]["page_size"] = 32
