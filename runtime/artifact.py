@@ -4,16 +4,23 @@ Readers check, in order: the manifest parses, its schema version is one this kil
 is one this runtime serves and the host can run, and the files are the ones the build wrote
 (runtime/integrity.py: the manifest's own checksum, names confined to the directory, every file's size
 and SHA-256, the library's before it is opened).
+
+The weights (safetensors: an 8-byte little-endian header length, a JSON header naming each array's
+dtype, shape and byte range, then the data) are read by `WeightFile`, each array straight from the file
+into a 64-byte-aligned buffer that the runtime hands to TVM without a second copy
+(kiln.runtime.tvm_import.host_tensor).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import struct
 from typing import Any
 
 from .errors import ArtifactError  # defined with the error root; importable from here as before
 from .integrity import LIBRARY, MANIFEST, MANIFEST_SUM, WEIGHTS, member, sha256_file, verify_files
+from .tvm_import import ALIGN
 
 SCHEMA_VERSION = 1
 MAX_MANIFEST_BYTES = 64 << 20  # a manifest is kilobytes; a huge one is not ours
@@ -25,6 +32,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "WEIGHTS",
     "ArtifactError",
+    "WeightFile",
     "check_target",
     "host_cpu_flags",
     "read_manifest",
@@ -101,3 +109,88 @@ def check_target(manifest: dict[str, Any], want: str | None = None) -> None:
             f"artifact was built for target '{name}', not 'cpu': this runtime runs cpu, cuda "
             "and simulated pim artifacts; rebuild with --target cpu"
         )
+
+
+# safetensors dtype names -> numpy's (the ones kiln writes, and their plain neighbours)
+_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "I64": "int64", "I32": "int32", "I16": "int16",
+    "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+}  # fmt: skip
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
+
+
+class WeightFile:
+    """The arrays of a safetensors file, read one by one when asked for (`keys`, `get_tensor`).
+
+    The header is checked whole when the file opens (every range inside the data, every size matching
+    its dtype and shape), so a truncated or foreign file is refused before any array is read. Each array
+    is read with one copy from the page cache into its 64-byte-aligned place in one buffer for the
+    whole file: one large allocation gets huge pages (numpy asks for them past 4 MB), where hundreds of
+    small ones would take a page fault every 4 KB, and that was most of the load's time."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        name = os.path.basename(path)
+        try:
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                head = f.read(8)
+                n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+                if not 2 <= n <= min(MAX_HEADER_BYTES, size - 8):
+                    raise ValueError(f"its header length ({n}) does not fit a {size}-byte file")
+                header = json.loads(f.read(n))
+        except (OSError, ValueError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ArtifactError(f"cannot read {name}: {e}; the artifact is corrupt: rebuild it") from e
+        if not isinstance(header, dict):
+            raise ArtifactError(f"{name}'s header is not a JSON object; the artifact is corrupt: rebuild it")
+        header.pop("__metadata__", None)
+        self._base, self._data = 8 + n, size - 8 - n
+        self._arrays = {k: self._entry(name, k, v) for k, v in header.items()}
+        self._slots, end = {}, 0
+        for k in sorted(self._arrays, key=lambda k: self._arrays[k][2]):  # in file order
+            self._slots[k] = end
+            end += -(-self._arrays[k][3] // ALIGN) * ALIGN
+        self._arena_bytes = end
+        self._arena: Any = None  # allocated on the first read; pages never read cost nothing
+
+    def _entry(self, file: str, key: str, v: Any) -> tuple[str, tuple[int, ...], int, int]:
+        import numpy as np
+
+        try:
+            dtype = _DTYPES[v["dtype"]]
+            shape = tuple(int(d) for d in v["shape"])
+            begin, end = (int(x) for x in v["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(
+                f"{file}: array '{key}' has no readable dtype/shape/data_offsets ({e!r}); the artifact is "
+                "corrupt: rebuild it"
+            ) from e
+        want = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if min(shape, default=0) < 0 or not 0 <= begin <= end <= self._data or end - begin != want:
+            raise ArtifactError(
+                f"{file}: array '{key}' {dtype}{list(shape)} claims bytes {begin}..{end} of {self._data}: the "
+                "file is truncated or corrupt; rebuild the artifact"
+            )
+        return dtype, shape, self._base + begin, want
+
+    def keys(self) -> list[str]:
+        return list(self._arrays)
+
+    def get_tensor(self, key: str) -> Any:
+        """The array `key` as numpy, read into its 64-byte-aligned place in the file's buffer (asking
+        twice reads it again into the same place)."""
+        from .tvm_import import aligned_empty
+
+        dtype, shape, offset, nbytes = self._arrays[key]
+        if self._arena is None:
+            self._arena = aligned_empty((self._arena_bytes,), "uint8")
+        raw = self._arena[self._slots[key] : self._slots[key] + nbytes]
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(offset)
+            view, got = memoryview(raw), 0
+            while got < nbytes:  # a raw read may return less than asked
+                k = f.readinto(view[got:])
+                if not k:
+                    raise ArtifactError(f"{os.path.basename(self.path)} ended inside '{key}': rebuild the artifact")
+                got += k
+        return raw.view(dtype).reshape(shape)
