@@ -42,13 +42,13 @@ from .errors import KilnError
 # what the runtime imports to load an artifact and generate (kiln's requirements without an extra, which
 # tests/test_bundle.py checks against pyproject.toml); requirements of these come along
 RUNTIME_DISTS = ("apache-tvm", "numpy", "tokenizers", "jinja2")
-# what `serve` adds (kiln[serve] minus xgrammar, below)
+# what `serve` adds: kiln[serve] (kiln[structured], xgrammar, is left out: below)
 SERVE_DISTS = ("fastapi", "uvicorn", "prometheus-client", "pydantic")
 # declared requirements that a bundle leaves out, and why
 LEFT_OUT = {
     "huggingface-hub": "tokenizers needs it only to download tokenizers; the artifact carries its own",
-    "xgrammar": "it imports torch and transformers (and requires triton): JSON output (response_format) "
-    "answers an error",
+    "xgrammar": "kiln[structured]: it imports torch and transformers (and requires triton); JSON output "
+    "(response_format) answers an error that says so",
     "torch": "the runtime never imports it",
 }
 # parts of a package that the runtime never opens (paths inside site-packages; a trailing / is a folder,
