@@ -31,14 +31,21 @@ WEIGHTS = "weights.safetensors"
 LOADED_DIRS = ("tokenizer",)  # folders whose files the runtime opens
 
 
-def sha256_file(path: str, chunk: int = 1 << 22) -> str:
+def sha256_file(path: str, chunk: int = 1 << 25) -> str:
+    """The file's SHA-256, read in large pieces into one reused buffer.
+
+    The loader hashes on a thread while the main thread imports TVM (pure Python, holding the GIL): the
+    hashing thread gives the GIL back for every read and every update and then waits up to the switch
+    interval (5 ms) to take it again, so few large pieces (32 MB) hash faster than many small ones, and a
+    reused buffer spares a fresh allocation and its page faults per piece."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    buf = memoryview(bytearray(min(chunk, max(os.path.getsize(path), 1))))
+    with open(path, "rb", buffering=0) as f:
         while True:
-            b = f.read(chunk)
-            if not b:
+            n = f.readinto(buf)
+            if not n:
                 break
-            h.update(b)
+            h.update(buf[:n])
     return h.hexdigest()
 
 
