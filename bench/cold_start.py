@@ -9,7 +9,8 @@ first byte of generated text on the process's stdout (the same chat prompt, gree
 - transformers:  a script that imports torch and transformers, loads the same checkpoint (the fp32
                  safetensors folder kiln converts the GGUF into) and answers.
 
-Every way runs --runs times; the median is reported (the page cache is warm after the first run).
+Every way runs --runs times; the median is reported (the page cache is warm after the first run), with the
+host's load average before and after (the host is shared: quote the ratios).
 The artifact is the README's default build (`kiln build smollm2-135m -o out/smollm2`), from the build cache
 when there.
 
@@ -108,6 +109,7 @@ def main() -> None:
             "transformers": ([sys.executable, "-c", _HF, hf_folder(), PROMPT], None),
         }
         times: dict[str, list[float]] = {k: [] for k in ways}
+        load_before = os.getloadavg()[0]
         for _ in range(a.runs):
             for k, (cmd, env) in ways.items():
                 times[k].append(first_token_seconds(cmd, env))
@@ -132,6 +134,7 @@ def main() -> None:
                 "bundle_runtime_mb": round(info.bytes_runtime / 1e6, 1),
                 "bundle_artifact_mb": round(info.bytes_artifact / 1e6, 1),
                 "bundle_make_s": round(bundle_s, 1),
+                "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
                 "python": sys.version.split()[0],
             },
         )

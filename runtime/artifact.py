@@ -13,6 +13,7 @@ into a 64-byte-aligned buffer that the runtime hands to TVM without a second cop
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -34,6 +35,7 @@ __all__ = [
     "ArtifactError",
     "WeightFile",
     "check_target",
+    "hand_verified_weights_to_loader",
     "host_cpu_flags",
     "read_manifest",
     "sha256_file",
@@ -152,6 +154,10 @@ class WeightFile:
             end += -(-self._arrays[k][3] // ALIGN) * ALIGN
         self._arena_bytes = end
         self._arena: Any = None  # allocated on the first read; pages never read cost nothing
+        self._loaded: set[str] = set()  # arrays already in the arena (read while hashing: hash_and_keep)
+        kept = _kept.pop(os.path.realpath(path), None)
+        if kept is not None and kept[0] == _identity(path) and kept[1]._slots == self._slots:
+            self._arena, self._loaded = kept[1]._arena, set(self._arrays)
 
     def _entry(self, file: str, key: str, v: Any) -> tuple[str, tuple[int, ...], int, int]:
         import numpy as np
@@ -185,6 +191,9 @@ class WeightFile:
         if self._arena is None:
             self._arena = aligned_empty((self._arena_bytes,), "uint8")
         raw = self._arena[self._slots[key] : self._slots[key] + nbytes]
+        if key in self._loaded:
+            self._loaded.discard(key)
+            return raw.view(dtype).reshape(shape)
         with open(self.path, "rb", buffering=0) as f:
             f.seek(offset)
             view, got = memoryview(raw), 0
@@ -194,3 +203,68 @@ class WeightFile:
                     raise ArtifactError(f"{os.path.basename(self.path)} ended inside '{key}': rebuild the artifact")
                 got += k
         return raw.view(dtype).reshape(shape)
+
+    def hash_and_read(self) -> str:
+        """Read the whole file in order, every array into its place in the arena and everything between
+        (header, padding) through a scratch buffer, hashing all of it: the file's SHA-256."""
+        from .tvm_import import aligned_empty
+
+        if self._arena is None:
+            self._arena = aligned_empty((self._arena_bytes,), "uint8")
+        h, pos, scratch = hashlib.sha256(), 0, memoryview(bytearray(1 << 20))
+        with open(self.path, "rb", buffering=0) as f:
+
+            def take(view: memoryview) -> None:
+                got = 0
+                while got < len(view):
+                    k = f.readinto(view[got:])
+                    if not k:
+                        raise ArtifactError(f"{os.path.basename(self.path)} ended early: rebuild the artifact")
+                    got += k
+                h.update(view)
+
+            for key, (_, _, offset, nbytes) in sorted(self._arrays.items(), key=lambda kv: kv[1][2]):
+                while pos < offset:  # the header, and any bytes between arrays
+                    n = min(offset - pos, len(scratch))
+                    take(scratch[:n])
+                    pos += n
+                take(memoryview(self._arena[self._slots[key] : self._slots[key] + nbytes]))
+                pos = max(pos, offset + nbytes)
+            while n := f.readinto(scratch):  # anything after the last array
+                h.update(scratch[:n])
+        self._loaded = set(self._arrays)
+        return h.hexdigest()
+
+
+# the weights that `hash_and_keep` read and found intact, for the WeightFile that opens them next
+_kept: dict[str, tuple[tuple[int, ...], WeightFile]] = {}
+
+
+def _identity(path: str) -> tuple[int, ...]:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def hash_and_keep(path: str, expected: str) -> str:
+    """The weights file's SHA-256, read once into the memory the engine then loads from (kept only when
+    it matches `expected`, and only for a file not changed since): hashing and loading were two reads of
+    hundreds of MB, and now the bytes loaded are the very bytes checked."""
+    _kept.clear()  # at most one file's arrays wait here
+    before = _identity(path)
+    try:
+        wf = WeightFile(path)
+        digest = wf.hash_and_read()
+    except ArtifactError:  # not readable as safetensors: the plain hash reports the mismatch
+        return sha256_file(path)
+    if digest == expected and _identity(path) == before:
+        _kept[os.path.realpath(path)] = (before, wf)
+    return digest
+
+
+def hand_verified_weights_to_loader() -> None:
+    """From now on, verifying an artifact's weights also reads them for the next WeightFile of that file
+    (what `kiln run` and `kiln serve` want: one read instead of two). Off by default, so that a program
+    that only verifies (kiln inspect --verify, kiln bundle) does not hold the weights in memory."""
+    from .integrity import HASHING_READERS
+
+    HASHING_READERS[WEIGHTS] = hash_and_keep

@@ -263,3 +263,32 @@ def test_damaged_weights_are_refused_without_the_checksums(smol_artifact, tmp_pa
     w.write_bytes(b"\xff" * 64)
     with pytest.raises(ArtifactError, match="weights.safetensors"):
         kiln.load(str(art), verify=False)
+
+
+def test_weights_hashed_while_read_are_the_ones_loaded(smol_artifact, engine_tokens, tmp_path):
+    """`kiln run`/`serve` (hand_verified_weights_to_loader) hash the weights while reading them into the
+    engine's memory: the same digest as a plain hash, the same tokens, and a damaged file is refused with
+    nothing kept for the loader."""
+    import shutil
+
+    from kiln.runtime import artifact, integrity
+
+    art = tmp_path / "a"
+    shutil.copytree(smol_artifact, art)
+    w = str(art / "weights.safetensors")
+    assert artifact.hash_and_keep(w, "not this") == integrity.sha256_file(w) and artifact._kept == {}
+    artifact.hand_verified_weights_to_loader()
+    try:
+        eng = kiln.load(str(art), kv_cache_tokens=256)
+        assert artifact._kept == {}  # the engine took what the checksum pass read
+        assert eng.generate(["Hi"], SamplingParams(max_tokens=6), chat=True)[0].token_ids == engine_tokens
+        with open(w, "r+b") as f:  # one byte of the last array
+            f.seek(-1, os.SEEK_END)
+            b = f.read(1)
+            f.seek(-1, os.SEEK_END)
+            f.write(bytes([b[0] ^ 0xFF]))
+        with pytest.raises(artifact.ArtifactError, match="checksum mismatch for weights.safetensors"):
+            kiln.load(str(art), kv_cache_tokens=256)
+        assert artifact._kept == {}
+    finally:
+        integrity.HASHING_READERS.clear()
