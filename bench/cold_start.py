@@ -9,7 +9,8 @@ first byte of generated text on the process's stdout (the same chat prompt, gree
 - transformers:  a script that imports torch and transformers, loads the same checkpoint (the fp32
                  safetensors folder kiln converts the GGUF into) and answers.
 
-Every way runs --runs times; the median is reported (the page cache is warm after the first run), with the
+Every way runs --runs times, in an order rotated each run; the median is reported (the page cache is warm
+after the first run), with the
 host's load average before and after (the host is shared: quote the ratios).
 The artifact is the README's default build (`kiln build smollm2-135m -o out/smollm2`), from the build cache
 when there.
@@ -110,8 +111,12 @@ def main() -> None:
         }
         times: dict[str, list[float]] = {k: [] for k in ways}
         load_before = os.getloadavg()[0]
-        for _ in range(a.runs):
-            for k, (cmd, env) in ways.items():
+        order = list(ways)
+        for r in range(a.runs):
+            # rotated every run, so that each way follows each other way equally often: a start right after
+            # the transformers process (1.3 GB freed, every core busy a moment before) is slower, whatever it is
+            for k in order[r % len(order) :] + order[: r % len(order)]:
+                cmd, env = ways[k]
                 times[k].append(first_token_seconds(cmd, env))
         med = {k: round(statistics.median(v), 3) for k, v in times.items()}
         print(f"{'way':<20} {'first token (s)':>16} {'vs transformers':>16}")
