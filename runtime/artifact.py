@@ -127,8 +127,8 @@ class WeightFile:
     The header is checked whole when the file opens (every range inside the data, every size matching
     its dtype and shape), so a truncated or foreign file is refused before any array is read. Each array
     is read with one copy from the page cache into its 64-byte-aligned place in one buffer for the
-    whole file: one large allocation gets huge pages (numpy asks for them past 4 MB), where hundreds of
-    small ones would take a page fault every 4 KB, and that was most of the load's time."""
+    whole file, mapped and faulted in at once (kiln.runtime.tvm_import.aligned_empty), where hundreds of
+    separate allocations took a page fault every 4 KB, and that was most of the load's time."""
 
     def __init__(self, path: str) -> None:
         self.path = path
