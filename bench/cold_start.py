@@ -9,7 +9,9 @@ first byte of generated text on the process's stdout (the same chat prompt, gree
 - transformers:  a script that imports torch and transformers, loads the same checkpoint (the fp32
                  safetensors folder kiln converts the GGUF into) and answers.
 
-Every way runs --runs times; the median is reported (the page cache is warm after the first run).
+Every way runs --runs times, in an order rotated each run; the median is reported (the page cache is warm
+after the first run), with the
+host's load average before and after (the host is shared: quote the ratios).
 The artifact is the README's default build (`kiln build smollm2-135m -o out/smollm2`), from the build cache
 when there.
 
@@ -108,8 +110,13 @@ def main() -> None:
             "transformers": ([sys.executable, "-c", _HF, hf_folder(), PROMPT], None),
         }
         times: dict[str, list[float]] = {k: [] for k in ways}
-        for _ in range(a.runs):
-            for k, (cmd, env) in ways.items():
+        load_before = os.getloadavg()[0]
+        order = list(ways)
+        for r in range(a.runs):
+            # rotated every run, so that each way follows each other way equally often: a start right after
+            # the transformers process (1.3 GB freed, every core busy a moment before) is slower, whatever it is
+            for k in order[r % len(order) :] + order[: r % len(order)]:
+                cmd, env = ways[k]
                 times[k].append(first_token_seconds(cmd, env))
         med = {k: round(statistics.median(v), 3) for k, v in times.items()}
         print(f"{'way':<20} {'first token (s)':>16} {'vs transformers':>16}")
@@ -132,6 +139,7 @@ def main() -> None:
                 "bundle_runtime_mb": round(info.bytes_runtime / 1e6, 1),
                 "bundle_artifact_mb": round(info.bytes_artifact / 1e6, 1),
                 "bundle_make_s": round(bundle_s, 1),
+                "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
                 "python": sys.version.split()[0],
             },
         )

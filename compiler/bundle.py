@@ -2,10 +2,13 @@
 
 A bundle holds the artifact, `kiln.runtime`, TVM's runtime (its Python package without
 `libtvm_compiler.so`, headers, sources, vendored code or `tvm.relax`), `tvm_ffi`, and what the runtime
-imports while it loads and serves (numpy, safetensors, tokenizers, jinja2; with `serve`: fastapi,
-uvicorn, prometheus_client, pydantic and what they require). Packages are copied file by file from the
-installed environment, following each distribution's own file list (RECORD) and its requirements, so
-the bundle is for this Python version and platform; the launchers refuse any other.
+imports while it loads and serves (numpy, tokenizers, jinja2: kiln's own requirements without an extra,
+see pyproject.toml; with `serve`: fastapi, uvicorn, prometheus_client, pydantic and what they require).
+Packages are copied file by file from the installed environment, following each distribution's own file
+list (RECORD) and its requirements, so the bundle is for this Python version and platform; the launchers
+refuse any other. What the runtime never opens stays out: build-time files (type stubs, C headers and
+sources, static libraries), test suites, TVM's device backends and CUDA runtime, and the shared libraries'
+symbol tables (`strip --strip-unneeded`, where the host has it; what dynamic linking needs is kept).
 
 The launchers `./run` and `./serve` start `python3 -I -S` (no user site, no site-packages, no PYTHON*
 variables): the interpreter sees its standard library and the bundle's `lib/` only, never a torch or a
@@ -16,12 +19,14 @@ artifact, which carries its own `manifest.sha256`.
 from __future__ import annotations
 
 import compileall
+import fnmatch
 import json
 import os
 import platform
 import py_compile
 import re
 import shutil
+import subprocess
 import sys
 import sysconfig
 import tarfile
@@ -34,18 +39,20 @@ from kiln.runtime.integrity import MANIFEST_SUM, sha256_file, verify_files
 
 from .errors import KilnError
 
-# what the runtime imports to load an artifact and generate; requirements of these come along
-RUNTIME_DISTS = ("apache-tvm", "numpy", "safetensors", "tokenizers", "jinja2")
-# what `serve` adds (kiln[serve] minus xgrammar, below)
+# what the runtime imports to load an artifact and generate (kiln's requirements without an extra, which
+# tests/test_bundle.py checks against pyproject.toml); requirements of these come along
+RUNTIME_DISTS = ("apache-tvm", "numpy", "tokenizers", "jinja2")
+# what `serve` adds: kiln[serve] (kiln[structured], xgrammar, is left out: below)
 SERVE_DISTS = ("fastapi", "uvicorn", "prometheus-client", "pydantic")
 # declared requirements that a bundle leaves out, and why
 LEFT_OUT = {
     "huggingface-hub": "tokenizers needs it only to download tokenizers; the artifact carries its own",
-    "xgrammar": "it imports torch and transformers (and requires triton): JSON output (response_format) "
-    "answers an error",
+    "xgrammar": "kiln[structured]: it imports torch and transformers (and requires triton); JSON output "
+    "(response_format) answers an error that says so",
     "torch": "the runtime never imports it",
 }
-# parts of a package that the runtime never opens (paths inside site-packages; a trailing / is a folder)
+# parts of a package that the runtime never opens (paths inside site-packages; a trailing / is a folder,
+# a * a wildcard)
 PRUNE = {
     "apache-tvm": (
         "tvm/lib/libtvm_compiler.so",  # the compiler (about 250 MB); TVM falls back to its runtime alone
@@ -60,6 +67,12 @@ PRUNE = {
         "tvm/testing/",
         "tvm/exec/",
         "tvm/web/",
+        # device backends' Python hooks and the CUDA runtime: TVM loads them only with its compiler library,
+        # and a bundle serves CPU artifacts
+        *(f"tvm/backend/{b}/" for b in ("cuda", "metal", "rocm", "trn", "opencl", "vulkan", "webgpu", "hexagon")),
+        "tvm/backend/adreno/",
+        "tvm/lib/libtvm_runtime_cuda.so",
+        "tvm/lib/libtvm_runtime_extra.so",  # disco (multi-GPU sessions); tvm.runtime imports without it
     ),
     "apache-tvm-ffi": (
         "tvm_ffi/3rdparty/",
@@ -70,8 +83,17 @@ PRUNE = {
         "tvm_ffi/cython/",
         "tvm_ffi/stub/",
     ),
-    "numpy": ("numpy/f2py/", "numpy/distutils/", "numpy/_pyinstaller/"),
+    "numpy": (
+        "numpy/f2py/",
+        "numpy/distutils/",
+        "numpy/_pyinstaller/",
+        "numpy/_core/include/",
+        "numpy/_core/_simd.*",  # numpy's SIMD test harness
+        "numpy/_core/_*_tests.*",  # extension modules for numpy's own tests
+    ),
 }
+# files for building against a package or checking types, never opened by a running program
+BUILD_ONLY_SUFFIXES = (".pyi", ".pxd", ".pyx", ".h", ".hpp", ".c", ".cc", ".cpp", ".a")
 LAUNCHERS = ("run", "serve")
 BOOT = "boot.py"
 
@@ -133,11 +155,21 @@ def _pruned(dist: str, rel: str) -> bool:
     parts = rel.split("/")
     if "__pycache__" in parts or "tests" in parts[:-1]:  # stale bytecode, packages' own test suites
         return True
-    return any(rel == p or (p.endswith("/") and rel.startswith(p)) for p in PRUNE.get(dist, ()))
+    if rel.endswith(BUILD_ONLY_SUFFIXES):
+        return True
+    return any(
+        rel == p or (p.endswith("/") and rel.startswith(p)) or ("*" in p and fnmatch.fnmatchcase(rel, p))
+        for p in PRUNE.get(dist, ())
+    )
 
 
-def _copy_dist(dist: Any, lib: str) -> None:
+def _copy_dist(dist: Any, lib: str) -> list[str]:
+    """Copy the distribution's files into lib; returns the shared libraries that may be stripped: none
+    from a wheel that grafted libraries into a `*.libs` folder (auditwheel), whose files patchelf
+    rewrote and `strip` would break (numpy's OpenBLAS then fails to load)."""
     name = _canon(dist.metadata["Name"])
+    grafted = any(f.parts[0].endswith(".libs") for f in dist.files or [])
+    shared = []
     for f in dist.files or []:
         rel = f.as_posix()
         if rel.startswith("../") or _pruned(name, rel):  # scripts outside site-packages, parts never opened
@@ -148,6 +180,22 @@ def _copy_dist(dist: Any, lib: str) -> None:
         dst = os.path.join(lib, rel)
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         shutil.copy2(src, dst)
+        if not grafted and (rel.endswith(".so") or ".so." in rel):
+            shared.append(dst)
+    return shared
+
+
+def _strip_shared_libs(paths: list[str]) -> int:
+    """`strip --strip-unneeded` these shared libraries (symbol tables and debug sections, read only by
+    debuggers; the dynamic symbols that loading needs stay). Returns the bytes saved; without `strip` on
+    the host, or where it fails, a library is kept as it was."""
+    tool = shutil.which("strip")
+    saved = 0
+    for p in paths if tool else []:
+        before = os.path.getsize(p)
+        r = subprocess.run([tool, "--strip-unneeded", p], capture_output=True, timeout=120)  # type: ignore[list-item]
+        saved += before - os.path.getsize(p) if r.returncode == 0 else 0
+    return saved
 
 
 def _copy_kiln(lib: str) -> None:
@@ -187,6 +235,7 @@ if have != want:
              + "this interpreter is %(implementation)s %(version)s on %(platform)s: " % have
              + "run it with that Python (KILN_PYTHON=/path/to/python ./run ...), or bundle again on this host")
 os.environ["TVM_USE_RUNTIME_LIB"] = "1"  # TVM's runtime library alone (the compiler is not in the bundle)
+os.environ["TVM_DEVICE_BACKEND_AUTOLOAD"] = "0"  # no scan of installed packages for TVM plug-ins: there are none
 sys.path.insert(0, os.path.join(here, "lib"))
 from kiln.runtime.cli import main  # noqa: E402
 
@@ -225,9 +274,9 @@ def make_bundle(artifact: str, out: str, serve: bool = False, tar: bool = True) 
     os.makedirs(out)
     try:
         lib = os.path.join(out, "lib")
-        for d in dists.values():
-            _copy_dist(d, lib)
+        shared = [p for d in dists.values() for p in _copy_dist(d, lib)]
         _copy_kiln(lib)
+        stripped = _strip_shared_libs(shared)
         # compiled once here: a fresh start imports without writing, and a read-only image starts as fast;
         # checked against the source's hash, not its time, so unpacking anywhere keeps them valid
         compileall.compile_dir(lib, quiet=1, workers=1, invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
@@ -258,6 +307,8 @@ def make_bundle(artifact: str, out: str, serve: bool = False, tar: bool = True) 
             "packages": dict(sorted(packages.items())),
             "left_out": LEFT_OUT,
             "pruned": {k: list(v) for k, v in PRUNE.items()},
+            "pruned_suffixes": list(BUILD_ONLY_SUFFIXES),
+            "stripped_bytes": stripped,
             "source": "copied from the installed environment (each distribution's RECORD)",
             "artifact": {
                 "dir": "artifact",

@@ -285,6 +285,13 @@ def main(argv: list[str] | None = None) -> int:
         shown.end_line()  # a step line left open on the terminal keeps its own line
         print(f"kiln {a.cmd}: error: {e}", file=sys.stderr)
         return 1
+    except ModuleNotFoundError as e:
+        if (e.name or "kiln").partition(".")[0] == "kiln":
+            raise
+        # `pip install kiln` is the runtime alone: building, inspecting and bundling need the compile side
+        shown.end_line()
+        print(f"kiln {a.cmd}: error: {e.name} is not installed: pip install 'kiln[compiler]'", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         shown.end_line()
         print(f"\nkiln {a.cmd}: interrupted", file=sys.stderr)

@@ -60,8 +60,10 @@ def cmd_run(a: argparse.Namespace) -> int:
     if not prompts:
         print("kiln run: give at least one --prompt", file=sys.stderr)
         return 2
+    from .artifact import hand_verified_weights_to_loader
     from .engine import Engine
 
+    hand_verified_weights_to_loader()  # the checksum pass reads the weights once, for the engine too
     eng = Engine(a.artifact, kv_cache_tokens=a.kv_cache_tokens, verify=not a.no_verify)
     chat = not a.raw and eng.tokenizer is not None and eng.tokenizer.chat_template is not None
     draft = a.speculate
@@ -113,7 +115,10 @@ def cmd_run(a: argparse.Namespace) -> int:
 def cmd_serve(a: argparse.Namespace) -> int:
     """Serve over the OpenAI-compatible HTTP API until SIGINT/SIGTERM."""
     try:
+        from .artifact import hand_verified_weights_to_loader
         from .openai_api import run
+
+        hand_verified_weights_to_loader()  # the checksum pass reads the weights once, for the engine too
     except ImportError as e:
         print(f"kiln serve: {e.name} is missing: pip install 'kiln[serve]' (or kiln bundle --serve)", file=sys.stderr)
         return 1

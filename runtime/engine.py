@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .artifact import LIBRARY, WEIGHTS, ArtifactError, check_target, read_manifest, verify_files
+from .artifact import LIBRARY, WEIGHTS, ArtifactError, WeightFile, check_target, read_manifest, verify_files
 from .kv_cache import PagePool, page_table
 from .kv_layout import KVLayout
 from .prompts import Prompt, as_prompt_list
@@ -202,10 +202,10 @@ class Engine:
                 "this artifact was built without weights (pack_weights=False): pass them with "
                 "Engine(path, weights={field: array})"
             )
-        from safetensors import safe_open
+        from .tvm_import import host_tensor
 
-        try:  # memory-mapped: each array is read once, straight into its TVM tensor (a third of load_file's time)
-            arrays: Any = _Stored(safe_open(os.path.join(self.path, WEIGHTS), framework="np"))
+        try:  # each array is read once, into aligned memory that becomes its TVM tensor without a copy
+            arrays: Any = _Stored(WeightFile(os.path.join(self.path, WEIGHTS)))
         except Exception as e:
             raise ArtifactError(f"cannot read {WEIGHTS}: {e}; the artifact is corrupt: rebuild it") from e
         out = []
@@ -227,7 +227,7 @@ class Engine:
                     f"weight '{spec['name']}' is {a.dtype}{list(a.shape)}, the manifest says "
                     f"{spec['dtype']}{spec['shape']}; rebuild the artifact"
                 )
-            out.append(self._tvm.runtime.tensor(a, self.device))
+            out.append(host_tensor(a, self.device))
         return tuple(out)
 
     # -- low-level entry points -------------------------------------------------------------------

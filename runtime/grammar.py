@@ -24,7 +24,11 @@ def _compiler(tokenizer: Any, vocab: int) -> Any:
     try:
         import xgrammar as xgr
     except ImportError as e:
-        raise ValueError("structured output needs the xgrammar package: pip install xgrammar") from e
+        raise ValueError(
+            "JSON output (response_format) needs xgrammar, which is not installed: pip install 'kiln[structured]' "
+            "(it brings torch; a kiln bundle leaves both out, so serve JSON output with kiln serve from an install "
+            "that has them)"
+        ) from e
     with _lock:
         c = _compilers.get(tokenizer)
         if c is None:
@@ -43,9 +47,9 @@ class JSONConstraint:
     """One request's grammar state: `mask` logits before sampling, `accept` each token after."""
 
     def __init__(self, tokenizer: Any, vocab: int, stop_ids: Sequence[int], schema: dict | str | None = None) -> None:
+        comp = _compiler(tokenizer, vocab)  # first: without xgrammar it raises the error that names the fix
         import xgrammar as xgr
 
-        comp = _compiler(tokenizer, vocab)
         try:
             # json_object asks for an object, not any JSON value; compact whitespace so that a weak model
             # cannot wander off into spaces

