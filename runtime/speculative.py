@@ -10,7 +10,9 @@ output has exactly the distribution of sampling the target alone with those para
 The draft keeps its own KV pages in its own engine (`Speculator.draft_pages`, a PageManager). k is shared by
 the rows of a step (verify needs equal lengths) and adapts to the acceptance rate (`AdaptiveK`).
 
-Prompt lookup ("ngram", no draft model) lives in ngram.py and shares `accept`; `make_speculator` picks.
+Prompt lookup ("ngram", no draft model) lives in ngram.py and shares `accept`; a draft model can ship
+inside the target's artifact (`kiln build --draft self:8`, `load_draft`); spec_auto.py chooses between
+the two per step; `make_speculator` picks.
 
     spec = SpeculativeDecoder(target, draft, k=4)  # draft: an Engine or "ngram"
     out = spec.generate(prompt_ids, SamplingParams(max_tokens=64))
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .draft_model import MODEL_DRAFTS, load_draft
 from .kv_cache import PageManager
 from .ngram import speculable
 from .sampling import SamplingParams, probs, sample
@@ -213,13 +216,26 @@ class Speculator:
 
 
 def make_speculator(target, draft, k: int = 4, k_max: int = 8, adaptive: bool = True):
-    """The speculator for `draft`: a draft Engine (Speculator) or "ngram" (prompt lookup, NgramSpeculator)."""
+    """The speculator for `draft`: a draft Engine (Speculator), "ngram" (prompt lookup, NgramSpeculator),
+    "self" / "distill" (that draft model shipped in the target's artifact), or "auto" / "auto:self" /
+    "auto:distill" (per step, prompt lookup or the artifact's draft model, whichever is expected to pay;
+    spec_auto.py)."""
     if isinstance(draft, str):
-        if draft != "ngram":
-            raise ValueError(f"unknown draft {draft!r}: give a draft Engine or 'ngram' (prompt lookup)")
-        from .ngram import NgramSpeculator
+        kind, _, which = draft.partition(":")
+        if kind == "ngram" and not which:
+            from .ngram import NgramSpeculator
 
-        return NgramSpeculator(target, k=k, k_max=k_max, adaptive=adaptive)
+            return NgramSpeculator(target, k=k, k_max=k_max, adaptive=adaptive)
+        if kind in MODEL_DRAFTS and not which:
+            return Speculator(target, load_draft(target, kind), k, k_max, adaptive)
+        if kind == "auto" and which in ("",) + MODEL_DRAFTS:
+            from .spec_auto import AutoSpeculator
+
+            return AutoSpeculator(target, load_draft(target, which or None), k_max)
+        raise ValueError(
+            f"unknown draft {draft!r}: give a draft Engine, 'ngram' (prompt lookup), 'self' or 'distill' (a "
+            "draft model built into the artifact), or 'auto' (prompt lookup or the draft model, per step)"
+        )
     return Speculator(target, draft, k, k_max, adaptive)
 
 

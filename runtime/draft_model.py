@@ -1,0 +1,55 @@
+"""Draft models shipped inside an artifact (`kiln build --draft self:8`): found through the target's
+manifest ("drafts": {kind: {path, ...}}) and loaded as Engines whose shared weights are the target's own
+TVM arrays, so a self draft costs its library and KV cache, not a second copy of the weights."""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+MODEL_DRAFTS = ("self", "distill")
+_DRAFTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def load_draft(target, kind: str | None = None):
+    """The draft model `kind` ("self", "distill"; None: the first the artifact has) shipped in the target's
+    artifact (kiln build --draft), as an Engine with the target's KV budget. Weights the draft shares with
+    the target are the target's own arrays (not read or held twice). Loaded once per target and kind."""
+    from .artifact import ArtifactError
+    from .engine import Engine
+
+    have = (target.manifest.get("drafts") or {}) if hasattr(target, "manifest") else {}
+    kind = kind or next((k for k in ("distill", "self") if k in have), next(iter(have), None))
+    if kind is None or kind not in have:
+        raise ValueError(
+            f"the artifact at {getattr(target, 'path', '?')} has no {kind or 'model'} draft"
+            f"{' (it has ' + ', '.join(have) + ')' if have else ''}: build it with "
+            "`kiln build MODEL -o DIR --draft self:8` (or distill:4), or speculate with 'ngram'"
+        )
+    cache = _DRAFTS.setdefault(target, {})
+    if kind in cache:
+        return cache[kind]
+    path = os.path.join(target.path, have[kind]["path"])
+    from .artifact import read_manifest
+
+    m = read_manifest(path)
+    mine = {w["name"]: w for w in target.manifest["weights"]}
+    by_name = dict(zip(mine, target.weights))
+    given = {}
+    own = None
+    for w in m["weights"]:
+        if w["name"] in m.get("shared_weights", ()):
+            if w["name"] not in by_name:
+                raise ArtifactError(f"draft {kind}: weight {w['name']} is not the target's; rebuild the artifact")
+            given[w["name"]] = by_name[w["name"]]  # the target's TVM tensor, bound as is: no copy
+        else:
+            if own is None:
+                from safetensors import safe_open
+
+                from .artifact import WEIGHTS
+
+                own = safe_open(os.path.join(path, WEIGHTS), framework="np")
+            given[w["name"]] = own.get_tensor(w["name"])
+    eng = Engine(path, kv_cache_tokens=target.pool.num_pages * target.page_size, weights=given)
+    cache[kind] = eng
+    return eng
