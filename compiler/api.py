@@ -100,6 +100,10 @@ def compile(
         timings["load"] = time.perf_counter() - t0
     if not isinstance(model, torch.nn.Module):
         raise KilnError(f"kiln.compile needs a torch.nn.Module or a model name/path, got {type(model).__name__}")
+    if drafts:
+        from .draft import check_drafts
+
+        check_drafts(model, drafts)  # a draft as deep as the model is refused before the slow steps
     options = dict(target_options or {})
     if mlir_forms is not None:  # the mlir target's options, kept as keywords of compile
         options["forms"] = mlir_forms

@@ -62,6 +62,7 @@ class DraftSpec:
     kind: str
     layers: int
     steps: int
+    head: int = 8192  # tokens the draft's output layer scores (0: the whole vocabulary)
     version: int = 1
 
     @property
@@ -69,26 +70,29 @@ class DraftSpec:
         return self.kind
 
     def __str__(self) -> str:
-        return f"{self.kind}:{self.layers}:{self.steps}"
+        return f"{self.kind}:{self.layers}:{self.steps}:{self.head or 'full'}"
 
 
 def parse_draft(text: str) -> DraftSpec:
-    """ "self:8" / "self:8:50" / "distill:4" / "distill:4:200" -> DraftSpec; a clear error otherwise."""
+    """ "self:8" / "self:8:50" / "distill:4" / "distill:4:200:4096" / "self:8:0:full" -> DraftSpec; a clear
+    error otherwise. The fields: kind, layers kept, distillation steps, tokens of the output layer."""
     parts = str(text).strip().lower().split(":")
     bad = KilnError(
-        f"--draft {text!r}: expected self:LAYERS[:STEPS] (layers kept from the target, optional distillation "
-        "steps) or distill:LAYERS[:STEPS] (a small model of the target's width, trained), e.g. self:8 or distill:4"
+        f"--draft {text!r}: expected self:LAYERS[:STEPS[:HEAD]] (layers kept from the target, optional "
+        "distillation steps) or distill:LAYERS[:STEPS[:HEAD]] (a small model of the target's width, trained); "
+        "HEAD is how many tokens the draft's output layer scores (default 8192, or full); e.g. self:8, distill:4"
     )
-    if parts[0] not in KINDS or len(parts) not in (2, 3):
+    if parts[0] not in KINDS or len(parts) not in (2, 3, 4):
         raise bad
     try:
         layers = int(parts[1])
-        steps = int(parts[2]) if len(parts) == 3 else (0 if parts[0] == "self" else 100)
+        steps = int(parts[2]) if len(parts) >= 3 else (0 if parts[0] == "self" else 100)
+        head = (0 if parts[3] == "full" else int(parts[3])) if len(parts) == 4 else 8192
     except ValueError:
         raise bad from None
-    if layers < 1 or steps < 0:
-        raise KilnError(f"--draft {text!r}: LAYERS must be >= 1 and STEPS >= 0")
-    return DraftSpec(parts[0], layers, steps)
+    if layers < 1 or steps < 0 or head < 0:
+        raise KilnError(f"--draft {text!r}: LAYERS must be >= 1, STEPS >= 0 and HEAD >= 1 (or full)")
+    return DraftSpec(parts[0], layers, steps, head)
 
 
 def parse_drafts(drafts: Any) -> list[DraftSpec]:
@@ -154,6 +158,40 @@ def self_text(model: Any, tokenizer_dir: str | None, tokens: int = 160, seed: in
     return out
 
 
+def head_tokens(text: list[list[int]], vocab: int, n: int, always: tuple[int, ...] = ()) -> list[int]:
+    """The `n` token ids a reduced output layer scores: `always` (end-of-sequence ids), then the tokens of the
+    self-generated text by frequency, then the lowest ids (BPE vocabularies number their most common
+    tokens first). Sorted; the whole vocabulary when n is 0 or >= vocab."""
+    if not n or n >= vocab:
+        return list(range(vocab))
+    counts = np.bincount(np.asarray([t for w in text for t in w], dtype=np.int64), minlength=vocab)
+    order = [t for t in always if 0 <= t < vocab] + np.argsort(-counts, kind="stable")[
+        : int((counts > 0).sum())
+    ].tolist()
+    keep: dict[int, None] = dict.fromkeys(order)
+    t = 0
+    while len(keep) < n:
+        keep.setdefault(t)
+        t += 1
+    return sorted(list(keep)[:n])
+
+
+def with_head(model: Any, keep: list[int]) -> Any:
+    """A copy of `model` whose output layer scores only the tokens `keep` (their rows of the original); the
+    rest of the model is the same objects' copies. Logit j of the copy is logit keep[j] of the original."""
+    import copy
+
+    import torch
+
+    m = copy.deepcopy(model)
+    w = model.get_output_embeddings().weight.detach()[torch.tensor(keep)].clone()
+    head = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    head.weight = torch.nn.Parameter(w)
+    m.set_output_embeddings(head)
+    m.config.tie_word_embeddings = False
+    return m
+
+
 def draft_options(spec: DraftSpec, num_layers: int) -> dict[str, Any]:
     """kiln.compile keywords that make `spec`'s draft from the target (before calib and distill text)."""
     if spec.layers >= num_layers:
@@ -175,6 +213,13 @@ def draft_options(spec: DraftSpec, num_layers: int) -> dict[str, Any]:
     return opts
 
 
+def check_drafts(model: Any, specs: list[DraftSpec]) -> None:
+    """Refuse drafts that cannot be cut from `model` (as many layers as it has, or more)."""
+    n = _num_layers(model)
+    for s in specs:
+        draft_options(s, n)
+
+
 def build_drafts(model: Any, specs: list[DraftSpec], tokenizer_dir: str | None, **compile_kw: Any) -> dict:
     """Compile each draft of `specs` from `model` with the target's target/pipeline options; returns
     {kind: Artifact}. The training and ranking text is generated once and shared by all drafts."""
@@ -183,16 +228,23 @@ def build_drafts(model: Any, specs: list[DraftSpec], tokenizer_dir: str | None, 
     if not specs:
         return {}
     n = _num_layers(model)
-    for s in specs:
-        draft_options(s, n)  # refuse a bad layer count before generating text
+    check_drafts(model, specs)
     log.info("drafts: the target writes its own training text (%d prompts)", len(SEED_PROMPTS))
     text = self_text(model, tokenizer_dir)
     out = {}
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    eos = getattr(model.config, "eos_token_id", None)
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if isinstance(eos, int) else ())
     for s in specs:
         log.info(f"building the {s.kind} draft ({s.layers} of {n} layers, {s.steps} distillation steps)")
         opts = draft_options(s, n)
-        art = kiln_compile(model, calib=text, calib_windows=len(text), name=f"draft-{s.kind}", **compile_kw, **opts)
+        keep = head_tokens(text, vocab, s.head, eos_ids)
+        m = model if len(keep) == vocab else with_head(model, keep)
+        art = kiln_compile(m, calib=text, calib_windows=len(text), name=f"draft-{s.kind}", **compile_kw, **opts)
         art.manifest["draft"] = {"kind": s.kind, "layers": s.layers, "of_layers": n, "steps": s.steps, "spec": str(s)}
+        if len(keep) < vocab:  # the runtime maps the draft's logit j to token keep[j]
+            art.manifest["model"] = dict(art.manifest.get("model", {}), vocab_size=len(keep))
+            art.manifest["draft"].update(head_tokens=len(keep), vocab_size=vocab, vocab_map=keep)
         out[s.kind] = art
     return out
 
@@ -216,8 +268,9 @@ def save_drafts(tmp: str, drafts: dict, target_weights: dict[str, np.ndarray], m
         man = dict(art.manifest, shared_weights=sorted(shared), weights_included=False)
 
         def payload(d: str, m: dict[str, Any], art: Any = art, own: dict = own) -> None:
-            from kiln.runtime.artifact import LIBRARY
             from safetensors.numpy import save_file
+
+            from kiln.runtime.artifact import LIBRARY
 
             art.build.export(os.path.join(d, LIBRARY))
             save_file(own, os.path.join(d, WEIGHTS))
@@ -226,7 +279,7 @@ def save_drafts(tmp: str, drafts: dict, target_weights: dict[str, np.ndarray], m
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_artifact(path, man, art.ir_text, None, payload)
         info[kind] = {
-            **art.manifest["draft"],
+            **{k: v for k, v in art.manifest["draft"].items() if k != "vocab_map"},
             "path": f"{DRAFTS_DIR}/{kind}",
             "bytes": _dir_bytes(path),
             "shared_weights": len(shared),

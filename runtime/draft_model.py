@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import weakref
 
+import numpy as np
+
 MODEL_DRAFTS = ("self", "distill")
 _DRAFTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -51,5 +53,12 @@ def load_draft(target, kind: str | None = None):
                 own = safe_open(os.path.join(path, WEIGHTS), framework="np")
             given[w["name"]] = own.get_tensor(w["name"])
     eng = Engine(path, kv_cache_tokens=target.pool.num_pages * target.page_size, weights=given)
+    d = m.get("draft") or {}
+    if d.get("vocab_map") is not None:  # a reduced output layer: logit j scores token vocab_map[j]
+        vmap = np.asarray(d["vocab_map"], dtype=np.int64)  # vmap: [head_tokens]
+        if vmap.shape != (eng.vocab_size,) or int(d.get("vocab_size", -1)) != target.vocab_size:
+            raise ArtifactError(f"draft {kind}: its token map does not fit the target's vocabulary; rebuild it")
+        eng.vocab_map = vmap
+        eng.vocab_size = target.vocab_size  # token ids in: the whole vocabulary (the embedding is the target's)
     cache[kind] = eng
     return eng

@@ -101,7 +101,10 @@ class Speculator:
     (positions the draft has KV for), `params`, `rng`."""
 
     def __init__(self, target, draft, k: int = 4, k_max: int = 8, adaptive: bool = True) -> None:
-        tv, dv = _vocab(target), _vocab(draft)
+        # a draft with a reduced output layer maps its logit j to token vocab_map[j] (kiln/draft.py)
+        self.vmap = getattr(draft, "vocab_map", None)
+        tv = _vocab(target)
+        dv = _vocab(draft) if self.vmap is None else getattr(draft, "vocab_size", None)
         if tv is not None and dv is not None and tv != dv:
             raise ValueError(
                 f"the draft's vocabulary ({dv}) differs from the target's ({tv}): a draft must share "
@@ -153,14 +156,22 @@ class Speculator:
         dtoks: list[list[int]] = [[] for _ in range(B)]
         dprobs: list[list[np.ndarray]] = [[] for _ in range(B)]
 
+        vmap = self.vmap
+
         def take(i: int, logits: np.ndarray) -> None:
             s = seqs[i]
             if s.params.temperature == 0:
-                dtoks[i].append(int(np.argmax(logits)))
+                j = int(np.argmax(logits))
+                dtoks[i].append(j if vmap is None else int(vmap[j]))
             else:
                 q = probs(logits, s.params)
+                j = int(s.rng.choice(q.shape[0], p=q))
+                if vmap is not None:  # q over the whole vocabulary, zero outside the draft's tokens
+                    full = np.zeros(self.target.vocab_size, dtype=q.dtype)
+                    full[vmap] = q
+                    q, j = full, int(vmap[j])
                 dprobs[i].append(q)
-                dtoks[i].append(int(s.rng.choice(q.shape[0], p=q)))
+                dtoks[i].append(j)
 
         # 1. draft catches up with the sequence (1 token usually; 2 after a fully accepted step; the whole
         #    prompt the first time) and proposes d1
