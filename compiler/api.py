@@ -199,6 +199,7 @@ def compile(
             model,
             drafts,
             tokenizer_dir,
+            art,
             target=target,
             passes=requested,
             max_context=max_context,
