@@ -126,18 +126,21 @@ def test_auto_weighs_the_draft_cost():
     costs = StepCosts(1.0, tuple(1.0 + 0.05 * k for k in range(9)))
     assert best_k([0.9], [8], costs, 8, draft_cost=0.1)[0] >= 3  # a cheap, good draft: long drafts
     assert best_k([0.3], [8], costs, 8, draft_cost=0.4)[0] == 0  # a costly, poor one: plain decoding
-    assert best_k([0.3], [8], costs, 8, draft_cost=0.0)[0] == 0  # prompt lookup that rarely agrees
+    assert best_k([0.1], [8], costs, 8, draft_cost=0.0)[0] == 0  # prompt lookup that rarely agrees
+    assert best_k([0.3], [8], costs, 8, draft_cost=0.0)[0] == 2  # ... and one that agrees now and then
 
 
-def test_missing_or_bad_drafts_are_refused_clearly(engines):
+def test_missing_or_bad_drafts_are_refused_clearly(target):
     import kiln
     from kiln.draft import parse_draft
     from kiln.errors import KilnError
+    from kiln.runtime.draft_model import load_draft
 
+    plain = load_draft(target, "self")  # an engine whose artifact carries no drafts of its own
     with pytest.raises(ValueError, match="no self draft.*--draft self:8"):
-        Server(engines["llama"], background=False, draft="self")
+        Server(plain, background=False, draft="self")
     with pytest.raises(ValueError, match="unknown draft 'fast'"):
-        Server(engines["llama"], background=False, draft="fast")
+        Server(target, background=False, draft="fast")
     for bad in ("self", "big:4", "self:x", "self:0", "distill:2:-1"):
         with pytest.raises(KilnError, match="--draft"):
             parse_draft(bad)
