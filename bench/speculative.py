@@ -194,7 +194,7 @@ def main() -> int:
     for mode, per in acc.items():
         for n in names:
             for cls in present:
-                secs, toks, prop, got, verifies = per[n][cls]
+                secs, toks, prop, got, verifies = per[n][cls][:5]
                 base = per["plain"][cls][1] / per["plain"][cls][0]
                 tps = toks / secs
                 row = {

@@ -227,7 +227,7 @@ def draft_options(spec: DraftSpec, num_layers: int) -> dict[str, Any]:
     if spec.steps:
         opts["distill_steps"] = spec.steps
         # only the layers train: the embedding, output layer and final norm stay the target's (shared)
-        opts["distill_options"] = {"frozen": "shared", "lr": 3e-4, "seq_len": 96, "batch": 4}
+        opts["distill_options"] = {"frozen": "shared", "lr": 5e-4, "seq_len": 96, "batch": 4}
     return opts
 
 
