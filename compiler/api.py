@@ -196,6 +196,7 @@ def compile(
 
         t = time.perf_counter()
         art.drafts = build_drafts(
+            compile,
             model,
             drafts,
             tokenizer_dir,

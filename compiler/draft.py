@@ -21,6 +21,7 @@ draft's manifest lists them under `shared_weights` and the runtime binds the tar
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,11 +128,11 @@ def _seed_prompts(model: Any, tokenizer_dir: str | None, seed: int) -> list[list
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     if not getattr(tok, "chat_template", None):
-        return [tok(p)["input_ids"] for p in SEED_PROMPTS]
-    out = []
+        return [[int(t) for t in tok(p)["input_ids"]] for p in SEED_PROMPTS]
+    out: list[list[int]] = []
     for p in SEED_PROMPTS:
-        ids = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
-        out.append(list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids))
+        ids: Any = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
+        out.append([int(t) for t in (ids["input_ids"] if hasattr(ids, "keys") else ids)])
     return out
 
 
@@ -239,12 +240,16 @@ def check_drafts(model: Any, specs: list[DraftSpec]) -> None:
 
 
 def build_drafts(
-    model: Any, specs: list[DraftSpec], tokenizer_dir: str | None, target_art: Any = None, **compile_kw: Any
+    kiln_compile: Callable[..., Any],
+    model: Any,
+    specs: list[DraftSpec],
+    tokenizer_dir: str | None,
+    target_art: Any = None,
+    **compile_kw: Any,
 ) -> dict:
-    """Compile each draft of `specs` from `model` with the target's target/pipeline options; returns
-    {kind: Artifact}. The training and ranking text is generated once (by `target_art` when it runs
-    here) and shared by all drafts."""
-    from .api import compile as kiln_compile
+    """Compile (with `kiln_compile`, i.e. kiln.compile) each draft of `specs` from `model` with the
+    target's target/pipeline options; returns {kind: Artifact}. The training and ranking text is generated
+    once (by `target_art` when it runs here) and shared by all drafts."""
 
     if not specs:
         return {}

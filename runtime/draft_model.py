@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import weakref
+from typing import Any
 
 import numpy as np
 
@@ -52,7 +53,7 @@ def load_draft(target, kind: str | None = None):
 
                 own = safe_open(os.path.join(path, WEIGHTS), framework="np")
             given[w["name"]] = own.get_tensor(w["name"])
-    eng = Engine(path, kv_cache_tokens=target.pool.num_pages * target.page_size, weights=given)
+    eng: Any = Engine(path, kv_cache_tokens=target.pool.num_pages * target.page_size, weights=given)
     d = m.get("draft") or {}
     if d.get("vocab_map") is not None:  # a reduced output layer: logit j scores token vocab_map[j]
         vmap = np.asarray(d["vocab_map"], dtype=np.int64)  # vmap: [head_tokens]

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .ngram import NgramSpeculator, speculable
-from .spec_policy import Acceptance, best_k, step_costs
+from .spec_policy import Acceptance, StepCosts, best_k, step_costs
 from .speculative import Speculator
 
 # draft engine -> {greedy: bool -> Acceptance over all requests}: a new request's starting estimate
@@ -37,8 +37,9 @@ class AutoSpeculator:
         self.ngram = NgramSpeculator(target, k=k_max, k_max=k_max, adaptive=True)
         self.model = Speculator(target, draft, k=k_max, k_max=k_max, adaptive=False)
         self.target, self.draft, self.k_max = target, draft, k_max
-        self.costs = self.ngram.costs
-        assert self.costs is not None  # adaptive prompt lookup measures the target's step costs
+        costs = self.ngram.costs
+        assert costs is not None  # adaptive prompt lookup measures the target's step costs
+        self.costs: StepCosts = costs
         self.draft_cost = step_costs(draft, 1).decode / self.costs.decode  # one draft token, in target steps
         self.max_context = self.model.max_context
         self._acc: dict[int, Acceptance] = {}
