@@ -284,14 +284,16 @@ def save_drafts(tmp: str, drafts: dict, target_weights: dict[str, np.ndarray], m
 
     info = {}
     for kind, art in drafts.items():
-        shared, own = [], {}
+        shared, own, derived = [], {}, {}
         for name, a in art.weights.items():
             t = target_weights.get(name)
             if t is not None and t.shape == a.shape and t.dtype == a.dtype and np.array_equal(t, a):
                 shared.append(name)
+            elif (src := _packed_source(a, target_weights)) is not None:
+                derived[name] = {"from": src, "unpack": "linear", "rows": int(a.shape[0])}
             else:
                 own[name] = a
-        man = dict(art.manifest, shared_weights=sorted(shared), weights_included=False)
+        man = dict(art.manifest, shared_weights=sorted(shared), derived_weights=derived, weights_included=False)
 
         def payload(d: str, m: dict[str, Any], art: Any = art, own: dict = own) -> None:
             from safetensors.numpy import save_file
@@ -308,7 +310,7 @@ def save_drafts(tmp: str, drafts: dict, target_weights: dict[str, np.ndarray], m
             **{k: v for k, v in art.manifest["draft"].items() if k != "vocab_map"},
             "path": f"{DRAFTS_DIR}/{kind}",
             "bytes": _dir_bytes(path),
-            "shared_weights": len(shared),
+            "shared_weights": len(shared) + len(derived),
             "own_weights": len(own),
             "num_params": art.manifest.get("num_params"),
         }
@@ -317,3 +319,22 @@ def save_drafts(tmp: str, drafts: dict, target_weights: dict[str, np.ndarray], m
 
 def _dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(r, n)) for r, _, names in os.walk(path) for n in names)
+
+
+def _packed_source(a: np.ndarray, target_weights: dict[str, np.ndarray]) -> str | None:
+    """The target field holding `a` [N, K] in the packed Linear layout [ceil(N/NB), K, NB] (w[b, k, j] =
+    a[b*NB + j, k]), if any: a tied model's target keeps its embedding only there, while a draft with its
+    own (reduced) output layer reads the embedding as a plain table."""
+    if a.ndim != 2:
+        return None
+    n, k = a.shape
+    for name, t in target_weights.items():
+        if t.ndim == 3 and t.shape[1] == k and t.dtype == a.dtype and t.shape[0] == -(-n // t.shape[2]):
+            if np.array_equal(unpack_linear(t, n), a):
+                return name
+    return None
+
+
+def unpack_linear(t: np.ndarray, rows: int) -> np.ndarray:
+    """The [rows, K] matrix of a packed Linear weight [ceil(rows/NB), K, NB]."""
+    return np.ascontiguousarray(t.transpose(0, 2, 1).reshape(-1, t.shape[1])[:rows])

@@ -40,8 +40,16 @@ def load_draft(target, kind: str | None = None):
     by_name = dict(zip(mine, target.weights))
     given = {}
     own = None
+    derived = m.get("derived_weights") or {}
     for w in m["weights"]:
-        if w["name"] in m.get("shared_weights", ()):
+        if w["name"] in derived:  # a table the target holds in the packed Linear layout (a tied embedding)
+            d = derived[w["name"]]
+            t = by_name.get(d.get("from"))
+            if t is None or d.get("unpack") != "linear":
+                raise ArtifactError(f"draft {kind}: weight {w['name']} cannot be derived from the target; rebuild it")
+            packed = t.numpy()  # packed: [ceil(rows/NB), K, NB], packed[b, k, j] = table[b*NB + j, k]
+            given[w["name"]] = np.ascontiguousarray(packed.transpose(0, 2, 1).reshape(-1, packed.shape[1])[: d["rows"]])
+        elif w["name"] in m.get("shared_weights", ()):
             if w["name"] not in by_name:
                 raise ArtifactError(f"draft {kind}: weight {w['name']} is not the target's; rebuild the artifact")
             given[w["name"]] = by_name[w["name"]]  # the target's TVM tensor, bound as is: no copy

@@ -18,11 +18,12 @@ from kiln.runtime.speculative import _S, Speculator
 
 @pytest.fixture(scope="module")
 def drafted(tmp_path_factory):
-    """A 4-layer tiny Llama with a self draft (2 layers, shared weights, whole vocabulary) and a distilled
-    draft (2 layers, 3 training steps, an output layer over 40 of the 97 tokens)."""
+    """A 4-layer tiny Llama with tied embeddings (as SmolLM2) with a self draft (2 layers, shared weights,
+    whole vocabulary) and a distilled draft (2 layers, 3 training steps, an output layer over 40 of the 97
+    tokens, so its embedding is a plain table the target holds only in the packed output-layer layout)."""
     import kiln
 
-    m = tiny_model("llama", num_hidden_layers=4)
+    m = tiny_model("llama", num_hidden_layers=4, tie_word_embeddings=True)
     out = str(tmp_path_factory.mktemp("drafted") / "a")
     return kiln.compile(m, target="cpu", passes="O1", draft=["self:2", "distill:2:3:40"]).save(out)
 
@@ -64,6 +65,8 @@ def test_self_draft_shares_the_targets_weights(drafted, target):
     assert info["self"]["own_weights"] == 0 and info["self"]["shared_weights"] > 0
     assert info["distill"]["own_weights"] > 0  # trained layers and the reduced output layer are its own
     assert info["distill"]["head_tokens"] == 40
+    dman = json.load(open(os.path.join(drafted, "drafts/distill/manifest.json")))
+    assert list(dman["derived_weights"]) == ["model.embed_tokens.weight"]  # not stored again
     files = man["files"]
     target_bytes = sum(f["bytes"] for rel, f in files.items() if not rel.startswith("drafts/"))
     self_bytes = sum(f["bytes"] for rel, f in files.items() if rel.startswith("drafts/self/"))
