@@ -150,3 +150,11 @@ def test_missing_or_bad_drafts_are_refused_clearly(target):
     assert parse_draft("distill:4:200:full").head == 0
     with pytest.raises(KilnError, match="has 2 layers"):
         kiln.compile(tiny_model("llama"), target="cpu", passes="O1", draft="self:2")
+
+
+def test_kiln_build_refuses_a_bad_draft_before_loading(tmp_path, capsys):
+    from kiln.cli import main
+
+    assert main(["build", "no-such-model", "-o", str(tmp_path / "a"), "--draft", "self"]) == 1
+    err = capsys.readouterr().err
+    assert "--draft 'self'" in err and "self:LAYERS" in err
