@@ -27,7 +27,8 @@ def load_draft(target, kind: str | None = None):
         raise ValueError(
             f"the artifact at {getattr(target, 'path', '?')} has no {kind or 'model'} draft"
             f"{' (it has ' + ', '.join(have) + ')' if have else ''}: build it with "
-            "`kiln build MODEL -o DIR --draft self:8` (or distill:4), or speculate with 'ngram'"
+            f"`kiln build MODEL -o DIR --draft {'distill:4' if kind == 'distill' else 'self:8'}`, or speculate "
+            "with 'ngram'"
         )
     cache = _DRAFTS.setdefault(target, {})
     if kind in cache:

@@ -158,3 +158,30 @@ def test_kiln_build_refuses_a_bad_draft_before_loading(tmp_path, capsys):
     assert main(["build", "no-such-model", "-o", str(tmp_path / "a"), "--draft", "self"]) == 1
     err = capsys.readouterr().err
     assert "--draft 'self'" in err and "self:LAYERS" in err
+
+
+@pytest.mark.slow
+def test_smollm2_self_draft_is_small_and_keeps_greedy_output(tmp_path):
+    """The real model with `--draft self:8` (build cache: built once): the draft adds under a tenth of the
+    target's bytes (its embedding comes from the target's output layer), and greedy chat output through the
+    self draft and through `auto` is the target's own."""
+    import kiln
+    from kiln.api import cached_build
+    from kiln.models import builtin_gguf
+
+    try:
+        builtin_gguf("smollm2-135m")
+    except Exception as e:
+        pytest.skip(str(e))
+    path, _ = cached_build("smollm2-135m", str(tmp_path / "a"), draft=["self:8"])
+    man = json.load(open(os.path.join(path, "manifest.json")))
+    target_bytes = sum(f["bytes"] for rel, f in man["files"].items() if not rel.startswith("drafts/"))
+    assert man["drafts"]["self"]["bytes"] < 0.1 * target_bytes, man["drafts"]["self"]
+    eng = kiln.load(path, kv_cache_tokens=2048)
+    prompts = [eng.encode(q, chat=True) for q in ("Why is the sky blue?", "Give me two tips for sleeping better.")]
+    sp = SamplingParams(max_tokens=24)
+    ref, _ = _run(eng, prompts, sp)
+    for draft in ("self", "auto"):
+        got, m = _run(eng, prompts, sp, draft)
+        assert got == ref, draft
+        assert m["spec_proposed"] > 0 or m.get("spec_plain_steps", 0) > 0
