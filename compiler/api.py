@@ -32,7 +32,7 @@ def compile(
     quant_method: str = "rtn",
     kv_quant: str | None = None,
     w8a8: bool = False,
-    calib: str | None = None,
+    calib: str | list[list[int]] | None = None,
     eval_text: str | None = None,
     calib_windows: int = 8,
     eval_tokens: int = 2048,
@@ -45,6 +45,8 @@ def compile(
     sparsify_method: str = "wanda",
     distill_steps: int = 0,
     attention: str | None = None,
+    draft: str | list[str] | None = None,
+    distill_options: dict[str, Any] | None = None,
 ):
     """Compile a causal LM for `target` with the pass pipeline `passes`.
 
@@ -69,6 +71,11 @@ def compile(
 
     Attention: `attention="gqa:1"` (or "mqa", "gqa:N") merges KV heads, `attention="mla:96:32"` converts to
     multi-head latent attention of rank 96 keeping 32 rotary dims per head (see passes/convert_*.py).
+
+    Drafts for speculative decoding: `draft="self:8"` (8 layers of the model, weights shared) and/or
+    `"distill:4"` (a small trained model of the same width) are built from the same model and shipped
+    inside the artifact under drafts/ (see kiln/draft.py). `calib` may also be token windows
+    (list of lists of ids); `distill_options` go to `kiln.distill` in the recovery step.
     """
     import torch
 
@@ -80,6 +87,10 @@ def compile(
     from .trace import trace
 
     timings: dict[str, float] = {}
+    requested = passes  # the pipeline as asked for: drafts insert their own options into it
+    from .draft import parse_drafts
+
+    drafts = parse_drafts(draft)  # a bad --draft is refused before the slow steps
     source = getattr(model, "name_or_path", None) or type(model).__name__
     t0 = time.perf_counter()
     if isinstance(model, str):
@@ -89,6 +100,10 @@ def compile(
         timings["load"] = time.perf_counter() - t0
     if not isinstance(model, torch.nn.Module):
         raise KilnError(f"kiln.compile needs a torch.nn.Module or a model name/path, got {type(model).__name__}")
+    if drafts:
+        from .draft import check_drafts
+
+        check_drafts(model, drafts)  # a draft as deep as the model is refused before the slow steps
     options = dict(target_options or {})
     if mlir_forms is not None:  # the mlir target's options, kept as keywords of compile
         options["forms"] = mlir_forms
@@ -128,15 +143,20 @@ def compile(
     if calib or eval_text:
         from .calib import read_text, windows
 
-        tok = _tokenizer(tokenizer_dir)
-        if calib:
+        if isinstance(calib, list):  # token windows given directly (a draft's self-generated text)
+            graph.meta["calib_tokens"] = [list(map(int, w)) for w in calib[:calib_windows]]
+        elif calib:
+            tok = _tokenizer(tokenizer_dir)
             graph.meta["calib_tokens"] = windows(tok(read_text(calib))["input_ids"], 256, calib_windows)
         if eval_text:
+            tok = _tokenizer(tokenizer_dir)
             graph.meta["eval_tokens"] = windows(tok(read_text(eval_text))["input_ids"], 256, max(1, eval_tokens // 256))
     t = time.perf_counter()
     log.info(f"running passes: {passes}")
     if distill_steps:
-        graph, records = _run_with_recovery(graph, passes, int(distill_steps), verify_each, dump_ir)
+        graph, records = _run_with_recovery(
+            graph, passes, int(distill_steps), verify_each, dump_ir, distill_options or {}
+        )
     else:
         graph, records = run_pipeline(graph, passes, verify_each=verify_each, dump_ir=dump_ir)
     timings["passes"] = time.perf_counter() - t
@@ -167,11 +187,37 @@ def compile(
     }
     log.info(f"lowering and building for {target}")
     art = tgt.package(graph, PackageInputs(manifest, tokenizer_dir, timings, pack_weights))
+    if drafts:
+        if not pack_weights:
+            raise KilnError("--draft needs the weights in the artifact (drop --no-weights / pack_weights=False)")
+        if not hasattr(art, "drafts"):
+            raise KilnError(f"--draft: drafts are shipped in cpu, cuda and pim artifacts, not {target}")
+        from .draft import build_drafts
+
+        t = time.perf_counter()
+        art.drafts = build_drafts(
+            compile,
+            model,
+            drafts,
+            tokenizer_dir,
+            art,
+            target=target,
+            passes=requested,
+            max_context=max_context,
+            verify_each=verify_each,
+            quant=quant,
+            quant_method=quant_method,
+            kv_quant=kv_quant,
+            w8a8=w8a8,
+            target_options=target_options,
+            attention=attention,
+        )
+        art.timings["drafts"] = round(time.perf_counter() - t, 3)
     art.timings["total"] = round(time.perf_counter() - t0, 3)
     return art
 
 
-def _run_with_recovery(graph, passes: str, steps: int, verify_each: bool, dump_ir):
+def _run_with_recovery(graph, passes: str, steps: int, verify_each: bool, dump_ir, options: dict | None = None):
     """Run the pipeline with a distillation step after its last pruning/sparsity pass: the teacher is the
     graph just before the first one, the text the calibration windows."""
     from .distill import distill
@@ -189,7 +235,7 @@ def _run_with_recovery(graph, passes: str, steps: int, verify_each: bool, dump_i
     student = pm.run(teacher, format_pipeline(steps_[idx[0] : idx[-1] + 1]))
     log.info(f"distillation recovery: {steps} steps")
     text = [t for w in graph.meta["calib_tokens"] for t in w]
-    r = distill(teacher, student, text, steps=steps, eval_tokens=graph.meta.get("eval_tokens"))
+    r = distill(teacher, student, text, steps=steps, eval_tokens=graph.meta.get("eval_tokens"), **(options or {}))
     st = r.student.stats()
     f = flops_per_token(r.student)
     evals: dict[str, float] = {}

@@ -29,6 +29,7 @@ class Artifact:
     ir_text: str
     tokenizer_dir: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    drafts: dict[str, Any] = field(default_factory=dict)  # kind -> Artifact of a draft model (kiln/draft.py)
 
     def save(self, path: str) -> str:
         """Write the artifact to `path` atomically: a crash leaves either the old directory or the new one."""
@@ -40,6 +41,10 @@ class Artifact:
 
             if self.manifest.get("weights_included", True):
                 save_file(self.weights, os.path.join(tmp, WEIGHTS))
+            if self.drafts:
+                from .draft import save_drafts
+
+                save_drafts(tmp, self.drafts, self.weights, manifest)
             manifest["timings"] = dict(self.timings, save=round(time.perf_counter() - t0, 3))
 
         self.manifest = write_artifact(path, dict(self.manifest), self.ir_text, self.tokenizer_dir, payload)

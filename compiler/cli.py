@@ -53,6 +53,11 @@ def cmd_build(a: argparse.Namespace) -> int:
     for k in ("prune", "sparsify", "distill_steps"):
         if getattr(a, k, None):
             quant[k] = getattr(a, k)
+    if a.draft:
+        from kiln.draft import parse_drafts
+
+        parse_drafts(a.draft)  # a misspelt draft is refused before loading the model
+        quant["draft"] = a.draft
     if a.sparsify:
         quant["sparsify_method"] = a.sparsify_method
     if a.distill_steps:
@@ -194,6 +199,14 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=0,
         help="distillation recovery steps after pruning (on the calibration text)",
+    )
+    b.add_argument(
+        "--draft",
+        action="append",
+        default=None,
+        help="also build a draft model for speculative decoding, shipped in the artifact (repeatable): "
+        "self:LAYERS[:STEPS] keeps LAYERS of the model's layers (weights shared; STEPS of distillation), "
+        "distill:LAYERS[:STEPS] trains a small model of the same width; e.g. self:8, distill:4:100",
     )
     b.add_argument(
         "--mlir-form",

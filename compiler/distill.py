@@ -80,6 +80,19 @@ def trainable_params(g: Graph) -> tuple[list[str], int]:
     return [n for n in names if n not in frozen], len(frozen)
 
 
+def _shared_params(g: Graph) -> set[str]:
+    """The parameters of the embedding, the output layer and the norm before it."""
+    out: set[str] = set()
+    head = g.outputs[0]
+    nodes = [n for n in g.nodes if n.op == "embedding"] + [head]
+    h = _hidden_node(g)
+    if h is not None:
+        nodes.append(h)
+    for n in nodes:
+        out.update(i.attrs["name"] for i in n.inputs if i.op == "param")
+    return out
+
+
 def _token_ids(text: Any, g: Graph) -> torch.Tensor:
     if isinstance(text, torch.Tensor):
         return text.reshape(-1).long()
@@ -189,6 +202,7 @@ def distill(
     hidden_weight: float = 0.0,
     seed: int = 0,
     eval_tokens: Any = None,
+    frozen: str | tuple[str, ...] = (),
 ) -> DistillResult:
     """Train `student` on `teacher`'s soft labels for `steps` AdamW steps of `batch` windows of `seq_len`
     tokens drawn (seeded) from `text`.
@@ -199,6 +213,8 @@ def distill(
     flat list cut into 256-token windows) gives perplexity before and after. Returns a `DistillResult`
     whose `student` is a new graph holding the trained parameters; the graph passed in is not changed.
     Quantized weights stay frozen; sparse weights keep their zeros (see the module docstring).
+    `frozen`: parameter names that do not train, or "shared" for the embedding, the output layer and the
+    final norm (a draft model trained this way shares them with its target).
     """
     _check_graph(student, "student")
     if isinstance(teacher, Graph):
@@ -219,7 +235,9 @@ def distill(
             f"kiln.distill: the text has {ids.numel()} tokens, fewer than seq_len={seq_len}; give more "
             "text or a shorter seq_len"
         )
-    names, frozen = trainable_params(student)
+    names, n_frozen = trainable_params(student)
+    keep = _shared_params(student) if frozen == "shared" else set(frozen)
+    names = [n for n in names if n not in keep]
     if not names:
         raise KilnError(
             "kiln.distill: the student has no float weights to train (all quantized?); distill before "
@@ -287,6 +305,7 @@ def distill(
         "temperature": temperature,
         "hidden_weight": hidden_weight,
         "seed": int(seed),
+        **({"frozen": frozen if isinstance(frozen, str) else sorted(frozen)} if frozen else {}),
     }
     g.meta.setdefault("distill", []).append(
         dict(cfg, loss_before=round(loss_before, 6), loss_after=round(loss_after, 6))
@@ -302,7 +321,7 @@ def distill(
         round(time.perf_counter() - t0, 3),
         history,
         sum(int(params[n].numel()) for n in names),
-        frozen,
+        n_frozen,
         cfg,
     )
 

@@ -148,9 +148,10 @@ def add_run_parser(sub: Any, fmt: type) -> Any:
     r.add_argument(
         "--speculate",
         default=None,
-        choices=["ngram"],
-        help="speculative decoding: ngram drafts from earlier text (prompt lookup), checked by the model; "
-        "same output, faster when the output repeats the prompt (summaries, code edits)",
+        choices=["ngram", "self", "distill", "auto"],
+        help="speculative decoding, same output: ngram drafts from earlier text (prompt lookup; pays when the "
+        "output repeats the prompt), self/distill the draft model built into the artifact (kiln build --draft), "
+        "auto either one or neither per step, by measured acceptance and cost",
     )
     add_load_args(r)
     r.set_defaults(fn=cmd_run)

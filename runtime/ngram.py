@@ -107,8 +107,9 @@ class NgramSpeculator:
             st = self._state[id(s)] = _State()
         return st
 
-    def step_k(self, seqs) -> int:
-        """Score last step's unverified proposals, propose afresh, and pick the step's draft length."""
+    def plan(self, seqs) -> tuple[list[float], list[int]]:
+        """Score last step's unverified proposals, propose afresh; returns each row's acceptance estimate
+        and proposal length."""
         rates, lengths = [], []
         for s in seqs:
             st = self._st(s)
@@ -119,6 +120,23 @@ class NgramSpeculator:
             st.at = len(s.ids)
             rates.append(st.acc.rate)
             lengths.append(len(st.draft))
+        return rates, lengths
+
+    def score(self, s, new: Sequence[int]) -> None:
+        """Score the row's pending proposal against the tokens `new` another speculator produced for it
+        this step (before they join `ids`), and drop it: a sampled token equals d with probability p(d),
+        the chance the rule would have accepted d."""
+        st = self._st(s)
+        if st.draft and st.at == len(s.ids):
+            n = min(len(st.draft), len(new))
+            got = next((j for j in range(n) if st.draft[j] != new[j]), n)
+            if n:
+                st.acc.update(got, got < n)
+        st.draft, st.at = [], -1
+
+    def step_k(self, seqs) -> int:
+        """Score last step's unverified proposals, propose afresh, and pick the step's draft length."""
+        rates, lengths = self.plan(seqs)
         room = min(self.max_context - len(s.ids) for s in seqs)
         if not any(lengths):
             k = 0

@@ -100,9 +100,18 @@ def expected_tokens(a: float, k: int) -> float:
 def choose_k(rates: Sequence[float], lengths: Sequence[int], costs: StepCosts, k_max: int) -> int:
     """The draft length for one batched step: rows with acceptance `rates` and drafts of at most `lengths`
     tokens. Maximizes expected tokens per unit of cost (the batch-1 cost ratios); 0 = plain decoding."""
+    return best_k(rates, lengths, costs, k_max)[0]
+
+
+def best_k(
+    rates: Sequence[float], lengths: Sequence[int], costs: StepCosts, k_max: int, draft_cost: float = 0.0
+) -> tuple[int, float]:
+    """(k, expected tokens per decode-step of cost) of the best draft length; k = 0 unless it beats plain
+    decoding by MARGIN. `draft_cost`: what making one draft token costs, in target decode steps (0 for
+    prompt lookup; a draft model's decode step over the target's)."""
     best_k, best = 0, float(len(rates)) * MARGIN
     for k in range(1, k_max + 1):
-        gain = sum(expected_tokens(a, min(k, m)) for a, m in zip(rates, lengths)) / costs.ratio(k)
+        gain = sum(expected_tokens(a, min(k, m)) for a, m in zip(rates, lengths)) / (costs.ratio(k) + k * draft_cost)
         if gain > best:
             best_k, best = k, gain
-    return best_k
+    return best_k, best

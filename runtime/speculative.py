@@ -10,7 +10,9 @@ output has exactly the distribution of sampling the target alone with those para
 The draft keeps its own KV pages in its own engine (`Speculator.draft_pages`, a PageManager). k is shared by
 the rows of a step (verify needs equal lengths) and adapts to the acceptance rate (`AdaptiveK`).
 
-Prompt lookup ("ngram", no draft model) lives in ngram.py and shares `accept`; `make_speculator` picks.
+Prompt lookup ("ngram", no draft model) lives in ngram.py and shares `accept`; a draft model can ship
+inside the target's artifact (`kiln build --draft self:8`, `load_draft`); spec_auto.py chooses between
+the two per step; `make_speculator` picks.
 
     spec = SpeculativeDecoder(target, draft, k=4)  # draft: an Engine or "ngram"
     out = spec.generate(prompt_ids, SamplingParams(max_tokens=64))
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .draft_model import MODEL_DRAFTS, load_draft
 from .kv_cache import PageManager
 from .ngram import speculable
 from .sampling import SamplingParams, probs, sample
@@ -98,7 +101,10 @@ class Speculator:
     (positions the draft has KV for), `params`, `rng`."""
 
     def __init__(self, target, draft, k: int = 4, k_max: int = 8, adaptive: bool = True) -> None:
-        tv, dv = _vocab(target), _vocab(draft)
+        # a draft with a reduced output layer maps its logit j to token vocab_map[j] (kiln/draft.py)
+        self.vmap = getattr(draft, "vocab_map", None)
+        tv = _vocab(target)
+        dv = _vocab(draft) if self.vmap is None else getattr(draft, "vocab_size", None)
         if tv is not None and dv is not None and tv != dv:
             raise ValueError(
                 f"the draft's vocabulary ({dv}) differs from the target's ({tv}): a draft must share "
@@ -150,14 +156,22 @@ class Speculator:
         dtoks: list[list[int]] = [[] for _ in range(B)]
         dprobs: list[list[np.ndarray]] = [[] for _ in range(B)]
 
+        vmap = self.vmap
+
         def take(i: int, logits: np.ndarray) -> None:
             s = seqs[i]
             if s.params.temperature == 0:
-                dtoks[i].append(int(np.argmax(logits)))
+                j = int(np.argmax(logits))
+                dtoks[i].append(j if vmap is None else int(vmap[j]))
             else:
                 q = probs(logits, s.params)
+                j = int(s.rng.choice(q.shape[0], p=q))
+                if vmap is not None:  # q over the whole vocabulary, zero outside the draft's tokens
+                    full = np.zeros(self.target.vocab_size, dtype=q.dtype)
+                    full[vmap] = q
+                    q, j = full, int(vmap[j])
                 dprobs[i].append(q)
-                dtoks[i].append(int(s.rng.choice(q.shape[0], p=q)))
+                dtoks[i].append(j)
 
         # 1. draft catches up with the sequence (1 token usually; 2 after a fully accepted step; the whole
         #    prompt the first time) and proposes d1
@@ -213,13 +227,26 @@ class Speculator:
 
 
 def make_speculator(target, draft, k: int = 4, k_max: int = 8, adaptive: bool = True):
-    """The speculator for `draft`: a draft Engine (Speculator) or "ngram" (prompt lookup, NgramSpeculator)."""
+    """The speculator for `draft`: a draft Engine (Speculator), "ngram" (prompt lookup, NgramSpeculator),
+    "self" / "distill" (that draft model shipped in the target's artifact), or "auto" / "auto:self" /
+    "auto:distill" (per step, prompt lookup or the artifact's draft model, whichever is expected to pay;
+    spec_auto.py)."""
     if isinstance(draft, str):
-        if draft != "ngram":
-            raise ValueError(f"unknown draft {draft!r}: give a draft Engine or 'ngram' (prompt lookup)")
-        from .ngram import NgramSpeculator
+        kind, _, which = draft.partition(":")
+        if kind == "ngram" and not which:
+            from .ngram import NgramSpeculator
 
-        return NgramSpeculator(target, k=k, k_max=k_max, adaptive=adaptive)
+            return NgramSpeculator(target, k=k, k_max=k_max, adaptive=adaptive)
+        if kind in MODEL_DRAFTS and not which:
+            return Speculator(target, load_draft(target, kind), k, k_max, adaptive)
+        if kind == "auto" and which in ("",) + MODEL_DRAFTS:
+            from .spec_auto import AutoSpeculator
+
+            return AutoSpeculator(target, load_draft(target, which or None), k_max)
+        raise ValueError(
+            f"unknown draft {draft!r}: give a draft Engine, 'ngram' (prompt lookup), 'self' or 'distill' (a "
+            "draft model built into the artifact), or 'auto' (prompt lookup or the draft model, per step)"
+        )
     return Speculator(target, draft, k, k_max, adaptive)
 
 
