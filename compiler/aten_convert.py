@@ -387,3 +387,13 @@ def _sdpa(c, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None
 
 # Ops passed through for shape-only subgraphs (mask construction); they have no lowering.
 _PASSTHROUGH = {aten.index.Tensor, aten.diff.default, aten.tril.default, aten.triu.default}
+
+
+@_conv(aten.topk.default)
+def _topk(c, x, k, dim=-1, largest=True, sorted=True):
+    t = c.tensor(x)
+    attrs = {"k": int(k), "dim": dim % t.type.rank, "largest": bool(largest)}
+    src = source_line(c.node)
+    vals = c.g.add("topk", [t], {**attrs, "output": "values"}, name=c.node.name + "_values", source=src)
+    idx = c.g.add("topk", [t], {**attrs, "output": "indices"}, name=c.node.name + "_indices", source=src)
+    return (vals, idx)
