@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable, Container
 from typing import Any
 
+import warnings
+
 import torch
 
 MAX_ROUNDS = 4  # a decomposition may yield ops that decompose again; real graphs settle in two
@@ -42,7 +44,8 @@ def decompose_unconverted(ep: Any, convertible: Container) -> tuple[Any, list[st
         todo = {op: table[op] for op in unconverted(ep, convertible) if op in table}
         if not todo:
             break
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations, not the user's
             ep = ep.run_decompositions(todo)
         done.extend(sorted(str(op) for op in todo))
     return ep, done

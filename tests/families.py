@@ -65,7 +65,7 @@ def tiny_family(family: str, seed: int | None = None) -> torch.nn.Module:
 
     over = dict(SPECS[family])
     mt = over.pop("model_type", family)
-    cfg = AutoConfig.for_model(mt, **{**COMMON, **MOE_DEFAULTS.get(family, {}), **over})
+    cfg = AutoConfig.for_model(mt, **{**COMMON, **over})
     torch.manual_seed(seed if seed is not None else sorted(SPECS).index(family))
     m = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():
@@ -79,4 +79,7 @@ def tiny_family(family: str, seed: int | None = None) -> torch.nn.Module:
     return m.eval()
 
 
-MOE_DEFAULTS: dict[str, dict] = {}
+
+# families that trace but whose check fails for a reason kiln has not addressed yet: reason
+XFAIL_TRACE: dict[str, str] = {}
+XFAIL_BUILD: dict[str, str] = {}
