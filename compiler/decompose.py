@@ -33,17 +33,20 @@ def _table() -> dict[Any, Callable]:
     return table
 
 
-def decompose_unconverted(ep: Any, convertible: Container) -> tuple[Any, list[str]]:
+def decompose_unconverted(ep: Any, convertible: Container, first: bool = False) -> tuple[Any, list[str]]:
     """Decompose every op of `ep` that has no conversion and that torch knows how to decompose.
 
     Returns the new program and the names of the ops decomposed (for the build log). Ops that
-    convert are never decomposed, so recognizers still see `linear`, `softmax`, `layer_norm`."""
+    convert are never decomposed, so recognizers still see `linear`, `softmax`, `layer_norm`.
+    `first`: `ep` is export's training-IR program, which needs one `run_decompositions` anyway (to
+    the inference IR); the first round rides on it, so a model needing no more costs nothing extra."""
     table = _table()
     done: list[str] = []
     for _ in range(MAX_ROUNDS):
         todo = {op: table[op] for op in unconverted(ep, convertible) if op in table}
-        if not todo:
+        if not todo and not first:
             break
+        first = False
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations, not the user's
             ep = ep.run_decompositions(todo)

@@ -35,8 +35,10 @@ class _LogitsOnly(torch.nn.Module):
         return out.logits if hasattr(out, "logits") else out[0]
 
 
-def export(model: torch.nn.Module, max_tokens: int = 4096):
-    """torch.export with symbolic batch and tokens; returns the ExportedProgram (core aten, no decomps)."""
+def export(model: torch.nn.Module, max_tokens: int = 4096) -> tuple[Any, list[str]]:
+    """torch.export with symbolic batch and tokens; returns the ExportedProgram in the inference IR,
+    with the ops kiln cannot convert decomposed by torch's tables where torch knows how (decompose.py),
+    and the names of the ops so decomposed."""
     from torch.export import Dim
 
     model = model.eval()
@@ -47,7 +49,7 @@ def export(model: torch.nn.Module, max_tokens: int = 4096):
     with torch.no_grad(), warnings.catch_warnings(), _static_experts(model):
         warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations, not the user's
         ep = torch.export.export(_LogitsOnly(model), (ids,), dynamic_shapes=shapes, strict=False)
-        return ep.run_decompositions({})
+    return decompose_unconverted(ep, set(_CONVERT) | _PASSTHROUGH, first=True)
 
 
 @contextlib.contextmanager
@@ -180,7 +182,7 @@ class _Converter:
 
 def trace(model: torch.nn.Module, name: str = "main", max_tokens: int = 4096) -> Graph:
     """Trace a causal LM (`input_ids [batch, tokens] -> logits`) into a kiln Graph."""
-    ep, decomposed = decompose_unconverted(export(model, max_tokens), set(_CONVERT) | _PASSTHROUGH)
+    ep, decomposed = export(model, max_tokens)
     g = Graph(name)
     conv = _Converter(ep, g)
     conv.run()

@@ -23,6 +23,7 @@ from kiln.entry import default_entry_points
 from kiln.errors import PassError
 from kiln.ir import Graph, TensorType, sym
 
+from .fuse_attention import describe_fallbacks
 from .latent_cache import cache_mla
 from .registry import count, register
 
@@ -68,8 +69,16 @@ def kv_cache(graph: Graph, page_size: int = 16, logits: str = "last") -> Graph:
         raise PassError(
             f"kv-cache: attention %{left[0].name} (from {left[0].source}) was not recognized as causal "
             "attention; run fuse-attention first, or the model's mask depends on input values"
+            + describe_fallbacks(graph)
         )
     if not graph.find("attention") and not graph.find("mla_attention"):
+        if graph.meta.get("attention_fallbacks"):
+            raise PassError(
+                "kv-cache: no layer's attention was recognized, so there is nothing to cache; fuse-attention "
+                f"left these as plain ops:{describe_fallbacks(graph)}\nkiln serves attention it recognizes "
+                "(scaled_dot_product_attention with a causal or sliding-window mask); load the model with "
+                "attn_implementation='sdpa' where its family allows"
+            )
         raise PassError("kv-cache: the graph has no attention op; run fuse-attention before kv-cache")
     g = graph.copy()
     positions = g.add_input("positions", TensorType((BATCH, TOKENS), "int32"))

@@ -79,7 +79,6 @@ def tiny_family(family: str, seed: int | None = None) -> torch.nn.Module:
     return m.eval()
 
 
-
 # families that trace but whose check fails for a reason kiln has not addressed yet: reason
 XFAIL_TRACE: dict[str, str] = {}
 XFAIL_BUILD: dict[str, str] = {}

@@ -8,6 +8,8 @@ cannot work yet are strict xfails naming the reason. The table in docs/families.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from conftest import hf_greedy, rel_err
@@ -23,8 +25,7 @@ MAX_TOKENS = 64
 
 def _params(families, xfails):
     return [
-        pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=xfails[f])) if f in xfails else f
-        for f in families
+        pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=xfails[f])) if f in xfails else f for f in families
     ]
 
 
@@ -37,10 +38,16 @@ def interp_greedy(graph, prompts: list[list[int]], n: int) -> list[list[int]]:
     return ids[:, len(prompts[0]) :].tolist()
 
 
+@functools.cache
+def traced(family: str):
+    """(model, traced graph) of a family, once per test run: tracing is most of the matrix's time."""
+    m = tiny_family(family)
+    return m, trace(m, max_tokens=MAX_TOKENS)
+
+
 @pytest.mark.parametrize("family", _params(SPECS, XFAIL_TRACE))
 def test_traced_family_matches_transformers(family):
-    m = tiny_family(family)
-    g = trace(m, max_tokens=MAX_TOKENS)
+    m, g = traced(family)
     ids = torch.tensor(PROMPTS)
     with torch.no_grad():
         ref = m(input_ids=ids, use_cache=False).logits
@@ -51,7 +58,7 @@ def test_traced_family_matches_transformers(family):
     assert len({t for o in ours for t in o}) > 2, "degenerate continuation: the weights do not separate tokens"
 
 
-BUILT_FAST = ("phi", "gemma2", "mixtral")  # partial rotary + parallel block, softcapping, experts
+BUILT_FAST = ("phi", "gpt_neox")  # partial rotary + parallel attention/MLP, parallel residual
 
 
 @pytest.mark.parametrize(
@@ -68,3 +75,39 @@ def test_cpu_build_generates_like_transformers(family, tmp_path):
     outs = eng.generate(PROMPTS, SamplingParams(max_tokens=NEW, ignore_eos=True))
     for p, o in zip(PROMPTS, outs):
         assert o.token_ids == hf_greedy(m, p, NEW), (family, p)
+
+
+class _Composites(torch.nn.Module):
+    """Ops kiln has no conversion for but torch decomposes into ones it has."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(11, 4)
+
+    def forward(self, input_ids, use_cache=False):
+        h = self.emb(input_ids)
+        h = torch.square(h).type_as(h) + h.repeat_interleave(2, dim=-1)[..., ::2]
+        return (torch.where(h > 0.5, h, 0.0),)
+
+
+def test_composite_ops_are_decomposed_by_torch_then_converted():
+    m = _Composites().eval()
+    g = trace(m, max_tokens=32)
+    assert {"aten.square.default", "aten.type_as.default"} <= set(g.meta["decomposed"])
+    assert not g.find("aten")  # all of it became kiln ops, none passed through
+    ids = torch.randint(0, 11, (2, 5))
+    with torch.no_grad():
+        assert torch.equal(interp.run(g, {"input_ids": ids})[0], m(ids)[0])
+
+
+def test_attention_left_as_plain_ops_is_reported_with_its_source():
+    from kiln.errors import PassError
+    from kiln.passes.fuse_attention import fuse_attention
+    from kiln.passes.kv_cache import kv_cache
+
+    g = fuse_attention(traced("gemma2")[1])  # softcapped scores: eager matmul + softmax, no sdpa
+    fb = g.meta["attention_fallbacks"]
+    assert len(fb) == 2 and all("modeling_gemma2.py:" in f["source"] for f in fb)
+    with pytest.raises(PassError, match="left these as plain ops") as e:
+        kv_cache(g)
+    assert "%" + fb[1]["node"] in str(e.value) and "matmul + softmax" in str(e.value)
