@@ -10,10 +10,9 @@ the converter with the op and the model's source line.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Container
 from typing import Any
-
-import warnings
 
 import torch
 

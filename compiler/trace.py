@@ -59,7 +59,8 @@ def _static_experts(model: torch.nn.Module) -> Iterator[None]:
     Its default `grouped_mm` form sorts tokens by expert (sort, histc, index_put: shapes that depend on
     the routing), which no static program can hold; `batched_mm` gathers each token's chosen experts'
     weights and computes the same sum with static shapes. The model's own setting is restored after."""
-    cfgs = [m.config for m in model.modules() if getattr(getattr(m, "config", None), "_experts_implementation", None)]
+    cfgs: list[Any] = [getattr(m, "config", None) for m in model.modules()]
+    cfgs = [c for c in cfgs if getattr(c, "_experts_implementation", None)]
     saved = [c._experts_implementation for c in cfgs]
     for c in cfgs:
         c._experts_implementation = "batched_mm"

@@ -119,9 +119,3 @@ def _eager_attention(g: Graph) -> list[dict]:
             why = "attention written as matmul + softmax, not scaled_dot_product_attention (kiln matches sdpa)"
             out.append({"node": n.name, "source": n.source, "reason": why})
     return out
-
-
-def describe_fallbacks(graph: Graph) -> str:
-    """The attention layers fuse-attention left as plain ops, one line each, for error messages."""
-    fb = graph.meta.get("attention_fallbacks") or []
-    return "".join(f"\n  %{f['node']} (from {f['source']}): {f['reason']}" for f in fb)

@@ -23,7 +23,6 @@ from kiln.entry import default_entry_points
 from kiln.errors import PassError
 from kiln.ir import Graph, TensorType, sym
 
-from .fuse_attention import describe_fallbacks
 from .latent_cache import cache_mla
 from .registry import count, register
 
@@ -51,6 +50,12 @@ def _replace_positions(g: Graph, positions) -> None:
                     f"(from {u.source}) as a [tokens] vector; kiln needs [batch, tokens] position ids"
                 )
     g.dce()
+
+
+def describe_fallbacks(graph: Graph) -> str:
+    """The attention layers fuse-attention left as plain ops (`meta["attention_fallbacks"]`), a line each."""
+    fb = graph.meta.get("attention_fallbacks") or []
+    return "".join(f"\n  %{f['node']} (from {f['source']}): {f['reason']}" for f in fb)
 
 
 @register("kv-cache", phase="cache", requires=("fuse-attention",), invalidates=("fuse-attention",))
