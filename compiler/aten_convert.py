@@ -412,3 +412,19 @@ def _topk(c, x, k, dim=-1, largest=True, sorted=True):
     vals = c.g.add("topk", [t], {**attrs, "output": "values"}, name=c.node.name + "_values", source=src)
     idx = c.g.add("topk", [t], {**attrs, "output": "indices"}, name=c.node.name + "_indices", source=src)
     return (vals, idx)
+
+
+@_conv(aten.index.Tensor)
+def _index(c, x, indices):
+    """x[..., idx, ...] with one integer index tensor is a `take`; other advanced indexing (several index
+    tensors, boolean masks) passes through for the shape-only subgraphs that use it (mask construction)."""
+    given = [(d, i) for d, i in enumerate(indices) if i is not None]
+    if len(given) == 1:
+        d, i = given[0]
+        idx = c.tensor(i)
+        if idx.type.dtype.startswith(("int", "uint")):
+            return c.add("take", [c.tensor(x), idx], {"dim": d})
+    return c.passthrough(c.node)
+
+
+_CONVERT[torch.ops.prims.reciprocal.default] = lambda c, x: _binary("div")(c, 1.0, x)

@@ -1,4 +1,5 @@
-"""Routing ops of mixture-of-experts layers: `topk` (the router's choice of experts).
+"""Routing and gathers: `topk` (a mixture-of-experts router's choice of experts) and `take` (rows of
+a tensor picked by integer indices: the chosen experts' weights, a rotary or position table's rows).
 
 `torch.topk` has two results; kiln nodes have one, so the tracer makes one `topk` node per result
 used (`output="values"` or `"indices"`), both with the same `k` and `dim`.
@@ -46,4 +47,35 @@ define(
     _topk_infer,
     _topk_ref,
     "the k largest entries along `dim` (values or their indices), in descending order",
+)
+
+
+@dataclass(frozen=True)
+class TakeAttrs:
+    dim: int = 0
+
+
+def _take_infer(inputs, attrs):
+    x, idx = inputs[0].type, inputs[1].type
+    if not idx.dtype.startswith(("int", "uint")):
+        raise AttrError(f"take: indices must be integers, got {idx.dtype}")
+    d = norm_dim(attrs["dim"], x.rank)
+    return TensorType(x.shape[:d] + idx.shape + x.shape[d + 1 :], x.dtype)
+
+
+def _take_ref(ctx, x, a):
+    src, idx = x
+    d = a["dim"] % src.dim()
+    out = src.index_select(d, idx.reshape(-1).long())
+    return out.reshape(src.shape[:d] + idx.shape + src.shape[d + 1 :])
+
+
+define(
+    "take",
+    "data",
+    ("x", "indices"),
+    TakeAttrs,
+    _take_infer,
+    _take_ref,
+    "x indexed along `dim` by an integer tensor (numpy's take; torch's x[..., idx, ...] with one index)",
 )
