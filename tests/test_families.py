@@ -23,10 +23,18 @@ NEW = 8  # prompt + continuation passes the sliding windows (5, 6) of the window
 MAX_TOKENS = 64
 
 
-def _params(families, xfails):
-    return [
-        pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=xfails[f])) if f in xfails else f for f in families
-    ]
+def _params(families, xfails, fast=None):
+    """pytest params: strict xfails with their reason and exception; with `fast`, the rest are `slow`."""
+    out = []
+    for f in families:
+        marks = []
+        if f in xfails:
+            reason, exc = xfails[f]
+            marks.append(pytest.mark.xfail(strict=True, reason=reason, raises=exc))
+        if fast is not None and f not in fast:
+            marks.append(pytest.mark.slow)
+        out.append(pytest.param(f, marks=marks))
+    return out
 
 
 def interp_greedy(graph, prompts: list[list[int]], n: int) -> list[list[int]]:
@@ -61,10 +69,7 @@ def test_traced_family_matches_transformers(family):
 BUILT_FAST = ("phi", "gpt_neox")  # partial rotary + parallel attention/MLP, parallel residual
 
 
-@pytest.mark.parametrize(
-    "family",
-    [pytest.param(f, marks=() if f in BUILT_FAST else pytest.mark.slow) for f in _params(SPECS, XFAIL_BUILD)],
-)
+@pytest.mark.parametrize("family", _params(SPECS, XFAIL_BUILD, fast=BUILT_FAST))
 def test_cpu_build_generates_like_transformers(family, tmp_path):
     import kiln
     from kiln.runtime.sampling import SamplingParams

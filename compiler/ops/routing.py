@@ -66,7 +66,7 @@ def _take_infer(inputs, attrs):
 def _take_ref(ctx, x, a):
     src, idx = x
     d = a["dim"] % src.dim()
-    out = src.index_select(d, idx.reshape(-1).long())
+    out = src.index_select(d, idx.reshape(-1).long() % src.shape[d])  # negative indices count from the end
     return out.reshape(src.shape[:d] + idx.shape + src.shape[d + 1 :])
 
 

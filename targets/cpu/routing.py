@@ -21,8 +21,8 @@ def _topk(f, n, xs):
 
 @register_rule("cpu", "take")
 def _take(f, n, xs):
-    # mode=clip as the embedding rule: indices come from the model's own routing or positions
-    return f.emit(relax.op.take(xs[0], xs[1], axis=n.attrs["dim"], mode="clip"))
+    # mode=wrap: torch's negative indices count from the end (falcon's fused_qkv[..., [-2], :])
+    return f.emit(relax.op.take(xs[0], xs[1], axis=n.attrs["dim"], mode="wrap"))
 
 
 @register_rule("cpu", "cumsum")
