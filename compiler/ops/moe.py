@@ -8,6 +8,7 @@ the CPU kernel, so the op's cost is that of its active parameters.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import sympy
@@ -17,7 +18,11 @@ import torch.nn.functional as F
 from ..ir import Node, TensorType
 from .base import AttrError, ShapeError, define, numel, same
 
-ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
+ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+}
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,15 @@ def route(logits: torch.Tensor, k: int, renorm: bool) -> tuple[torch.Tensor, tor
     return (v / v.sum(-1, keepdim=True) if renorm else v), i
 
 
-def moe_reference(x, logits, w_gate_up, w_down, k: int, renorm: bool, act: str) -> torch.Tensor:
+def moe_reference(
+    x: torch.Tensor,
+    logits: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    k: int,
+    renorm: bool,
+    act: str,
+) -> torch.Tensor:
     """Each expert runs on the tokens that chose it, and only on those."""
     xs = x.reshape(-1, x.shape[-1])  # [T, H]
     w, ids = route(logits.reshape(-1, logits.shape[-1]), k, renorm)
@@ -72,7 +85,7 @@ define(
     ("x", "router_logits", "w_gate_up", "w_down"),
     MoeAttrs,
     _moe_infer,
-    lambda ctx, x, a: moe_reference(*x, a["k"], a["renorm"], a["act"]),
+    lambda ctx, x, a: moe_reference(x[0], x[1], x[2], x[3], a["k"], a["renorm"], a["act"]),
     "sum over the k top-softmax experts of weight * down(act(gate(x)) * up(x))",
     flops=_moe_flops,
 )
