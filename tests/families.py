@@ -84,6 +84,8 @@ def tiny_family(family: str, seed: int | None = None) -> torch.nn.Module:
     return m.eval()
 
 
+MOE_FAMILIES = frozenset({"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "jetmoe", "phimoe"})
+
 _EAGER = "PassError: attention written as matmul + softmax ({}), not scaled_dot_product_attention: fuse-attention "
 _EAGER += "does not recognize it, so kv-cache has no attention to cache"
 _POS = "PassError (ShapeError in kv-cache): the interleaved rotary's expand is written for position ids of batch 1; "

@@ -9,11 +9,12 @@ cannot work yet are strict xfails naming the reason. The table in docs/families.
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 import torch
 from conftest import hf_greedy, rel_err
-from families import SPECS, XFAIL_BUILD, XFAIL_TRACE, tiny_family
+from families import MOE_FAMILIES, SPECS, XFAIL_BUILD, XFAIL_TRACE, tiny_family
 
 from kiln import interp
 from kiln.trace import trace
@@ -66,12 +67,13 @@ def test_traced_family_matches_transformers(family):
     assert len({t for o in ours for t in o}) > 2, "degenerate continuation: the weights do not separate tokens"
 
 
-BUILT_FAST = ("phi", "gpt_neox")  # partial rotary + parallel attention/MLP, parallel residual
+BUILT_FAST = ("phi", "mixtral")  # partial rotary + parallel attention/MLP; the moe kernel
 
 
 @pytest.mark.parametrize("family", _params(SPECS, XFAIL_BUILD, fast=BUILT_FAST))
 def test_cpu_build_generates_like_transformers(family, tmp_path):
     import kiln
+    from kiln.runtime.artifact import read_manifest
     from kiln.runtime.sampling import SamplingParams
 
     m = tiny_family(family)
@@ -80,6 +82,12 @@ def test_cpu_build_generates_like_transformers(family, tmp_path):
     outs = eng.generate(PROMPTS, SamplingParams(max_tokens=NEW, ignore_eos=True))
     for p, o in zip(PROMPTS, outs):
         assert o.token_ids == hf_greedy(m, p, NEW), (family, p)
+    mf = read_manifest(art)
+    moe = sum(1 for line in open(os.path.join(art, "ir.txt")) if "= moe(" in line)
+    assert moe == (m.config.num_hidden_layers if family in MOE_FAMILIES else 0)
+    if moe:  # the cost report counts the k of E experts a token runs
+        assert mf["active_params"] < mf["num_params"]
+        assert "active per token" in open(os.path.join(art, "report.md")).read()
 
 
 class _Composites(torch.nn.Module):
@@ -116,3 +124,27 @@ def test_attention_left_as_plain_ops_is_reported_with_its_source():
     with pytest.raises(PassError, match="left these as plain ops") as e:
         kv_cache(g)
     assert "%" + fb[1]["node"] in str(e.value) and "matmul + softmax" in str(e.value)
+
+
+@pytest.mark.parametrize("family,renorm", [("mixtral", True), ("olmoe", False)])
+def test_fuse_moe_recognizes_experts_exactly(family, renorm):
+    from kiln.passes.canonicalize import canonicalize
+    from kiln.passes.fuse_moe import fuse_moe
+
+    m, g = traced(family)
+    before = canonicalize(g)
+    after = fuse_moe(before)
+    moes = after.find("moe")
+    assert len(moes) == m.config.num_hidden_layers and not after.find("take")  # no gathered weight copies
+    assert all(n.attrs["k"] == 2 and n.attrs["renorm"] is renorm and n.attrs["act"] == "silu" for n in moes)
+    ids = torch.randint(3, 97, (2, 7))
+    a = interp.run(before, {"input_ids": ids})[0]
+    torch.testing.assert_close(interp.run(after, {"input_ids": ids})[0], a, rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_moe_leaves_dense_models_alone():
+    from kiln.passes.canonicalize import canonicalize
+    from kiln.passes.fuse_moe import fuse_moe
+
+    g = canonicalize(traced("llama")[1])
+    assert [n.op for n in fuse_moe(g).nodes] == [n.op for n in g.nodes]

@@ -89,3 +89,15 @@ define(
     "sum over the k top-softmax experts of weight * down(act(gate(x)) * up(x))",
     flops=_moe_flops,
 )
+
+
+def idle_expert_params(graph) -> int:
+    """Parameters of the experts a token does not run: (E - k) / E of each `moe` layer's expert weights.
+    Total minus this is the active parameter count of the cost report."""
+    idle = 0
+    for n in graph.nodes:
+        if n.op == "moe":
+            e = int(n.inputs[2].type.shape[0])
+            per_expert = int(numel(n.inputs[2].type.shape[1:]) + numel(n.inputs[3].type.shape[1:]))
+            idle += (e - n.attrs["k"]) * per_expert
+    return idle
