@@ -90,6 +90,8 @@ _EAGER = "PassError: attention written as matmul + softmax ({}), not scaled_dot_
 _EAGER += "does not recognize it, so kv-cache has no attention to cache"
 _POS = "PassError (ShapeError in kv-cache): the interleaved rotary's expand is written for position ids of batch 1; "
 _POS += "kv-cache's per-sequence positions [batch, tokens] do not fit it"
+_OPT = "builds, but its learned positions come from a cumsum of the attention mask, which kv-cache does not "
+_OPT += "replace by the per-sequence positions: decode reads the wrong position rows and the tokens differ"
 _SCALE = "PassError: kv-cache with logits=last needs the output to be the lm_head linear; the model {} its logits"
 
 # family -> (reason, exception): the trace or its check fails for a reason kiln has not addressed yet
@@ -116,6 +118,9 @@ def _xfails() -> None:
     XFAIL_BUILD.update(
         {
             "gemma2": (_EAGER.format("softcapped scores"), PassError),
+            "gpt_neo": (_EAGER.format("unscaled scores, local layers"), PassError),
+            "codegen": (_POS, PassError),
+            "opt": (_OPT, AssertionError),
             "bloom": (_EAGER.format("ALiBi added with baddbmm"), PassError),
             "gptj": (_POS, PassError),
             "glm": (_POS, PassError),
