@@ -1,9 +1,10 @@
 """The family matrix: decoders of many transformers families, traced by kiln and checked token for token.
 
 Fast suite: each family's traced graph, run by kiln's reference interpreter, continues two prompts
-greedily exactly as transformers does through its own KV cache; prefill logits agree to 1e-4. Slow
-suite (and a few in the fast one): a real TVM CPU build served by `Engine.generate`. Families that
-cannot work yet are strict xfails naming the reason. The table in docs/families.md lists them all.
+greedily exactly as transformers does through its own KV cache; prefill logits agree to 1e-4. Builds:
+a real TVM CPU build served by `Engine.generate`, for a few families in the fast and slow suites and
+for all with KILN_FAMILY_BUILDS=1. Families that cannot work yet are strict xfails naming the reason
+and the exception. The table in docs/families.md lists them all.
 """
 
 from __future__ import annotations
@@ -156,3 +157,25 @@ def test_fuse_moe_leaves_dense_models_alone():
 
     g = canonicalize(traced("llama")[1])
     assert [n.op for n in fuse_moe(g).nodes] == [n.op for n in g.nodes]
+
+
+class _Gathers(torch.nn.Module):
+    """x[..., [-2], :] (falcon's fused qkv split) and a top-k router's choice, on awkward sizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(13, 10)
+
+    def forward(self, input_ids, use_cache=False):
+        h = self.emb(input_ids).view(*input_ids.shape, 5, 2)
+        v, i = torch.topk(h[..., [-2], :].flatten(-2), 2, dim=-1)
+        return (h.flatten(-2) + v.sum(-1, keepdim=True) * i[..., :1],)
+
+
+def test_take_and_topk_follow_torch():
+    m = _Gathers().eval()
+    g = trace(m, max_tokens=32)
+    assert g.find("take") and g.find("topk") and not g.find("aten")
+    ids = torch.randint(0, 13, (3, 7))
+    with torch.no_grad():
+        assert torch.equal(interp.run(g, {"input_ids": ids})[0], m(ids)[0])
