@@ -96,7 +96,6 @@ _POS = "PassError (ShapeError in kv-cache): the interleaved rotary's expand is w
 _POS += "kv-cache's per-sequence positions [batch, tokens] do not fit it"
 _OPT = "builds, but its learned positions come from a cumsum of the attention mask, which kv-cache does not "
 _OPT += "replace by the per-sequence positions: decode reads the wrong position rows and the tokens differ"
-_SCALE = "PassError: kv-cache with logits=last needs the output to be the lm_head linear; the model {} its logits"
 
 # family -> (reason, exception): the trace or its check fails for a reason kiln has not addressed yet
 XFAIL_TRACE: dict[str, tuple[str, type]] = {}
@@ -128,8 +127,7 @@ def _xfails() -> None:
             "bloom": (_EAGER.format("ALiBi added with baddbmm"), PassError),
             "gptj": (_POS, PassError),
             "glm": (_POS, PassError),
-            "cohere": (_SCALE.format("multiplies"), PassError),
-            "granite": (_SCALE.format("divides"), PassError),
+            "cohere": (_POS, PassError),
         }
     )
 

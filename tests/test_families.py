@@ -179,3 +179,12 @@ def test_take_and_topk_follow_torch():
     ids = torch.randint(0, 13, (3, 7))
     with torch.no_grad():
         assert torch.equal(interp.run(g, {"input_ids": ids})[0], m(ids)[0])
+
+
+def test_logits_scaled_after_the_head_keep_the_last_token_slice():
+    from kiln.passmgr import run_pipeline
+
+    g, _ = run_pipeline(traced("granite")[1], "O1")  # granite divides its logits by logits_scaling
+    out = g.outputs[0]
+    assert out.op == "div" and out.inputs[0].op == "linear"
+    assert out.inputs[0].inputs[0].op == "slice" and out.inputs[0].inputs[0].attrs["last_token"]
