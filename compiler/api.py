@@ -168,6 +168,7 @@ def compile(
     graph.meta.pop("calib_tokens", None)
     graph.meta.pop("eval_tokens", None)
     from .artifact import kv_summary
+    from .ops.moe import idle_expert_params
 
     manifest = {
         "schema_version": _schema(),
@@ -177,6 +178,11 @@ def compile(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": graph.meta.get("model", {}),
         "num_params": graph.stats()["params"],
+        "active_params": graph.stats()["params"] - idle_expert_params(graph),
+        "trace": {
+            "decomposed": graph.meta.get("decomposed", []),
+            "attention_fallbacks": graph.meta.get("attention_fallbacks", []),
+        },
         "pipeline": passes,
         "passes": [r.to_json() for r in records],
         "entry_points": _signatures(graph),

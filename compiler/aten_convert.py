@@ -81,6 +81,8 @@ for _target, _op in [
     (aten.div.Scalar, "div"),
     (aten.pow.Tensor_Scalar, "pow"),
     (aten.pow.Tensor_Tensor, "pow"),
+    (aten.pow.Scalar, "pow"),
+    (torch.ops.prims.pow.default, "pow"),
     (aten.maximum.default, "maximum"),
     (aten.minimum.default, "minimum"),
     (aten.eq.Tensor, "eq"),
@@ -105,6 +107,9 @@ for _target, _op in [
     _CONVERT[_target] = _binary(_op)
 
 _CONVERT[aten.rsub.Scalar] = lambda c, x, y, alpha=1: _binary("sub")(c, y, x)
+# prims the full decomposition table can leave behind (compiler/decompose.py), as kiln elementwise ops
+_CONVERT[torch.ops.prims.exp2.default] = lambda c, x: _binary("pow")(c, 2.0, x)
+_CONVERT[torch.ops.prims.log1p.default] = lambda c, x: c.add("log", [_binary("add")(c, x, 1.0)])
 
 for _target, _op in [
     (aten.neg.default, "neg"),
@@ -345,13 +350,23 @@ def _arange(c, *args, dtype=None, **kw):
     aten.ones.default,
     aten.zeros.default,
     aten.scalar_tensor.default,
+    aten.full_like.default,
+    aten.zeros_like.default,
+    aten.ones_like.default,
 )
 def _full(c, *args, **kw):
     t = c.out_type()
     tgt = c.node.target
-    value = {aten.new_ones.default: 1, aten.ones.default: 1, aten.new_zeros.default: 0, aten.zeros.default: 0}.get(tgt)
+    value = {
+        aten.new_ones.default: 1,
+        aten.ones.default: 1,
+        aten.ones_like.default: 1,
+        aten.new_zeros.default: 0,
+        aten.zeros.default: 0,
+        aten.zeros_like.default: 0,
+    }.get(tgt)
     if value is None:
-        value = args[-1] if tgt in (aten.full.default, aten.new_full.default) else args[0]
+        value = args[-1] if tgt in (aten.full.default, aten.new_full.default, aten.full_like.default) else args[0]
     return c.add("full", [], {"shape": list(t.shape), "value": value, "dtype": t.dtype})
 
 
@@ -387,3 +402,29 @@ def _sdpa(c, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None
 
 # Ops passed through for shape-only subgraphs (mask construction); they have no lowering.
 _PASSTHROUGH = {aten.index.Tensor, aten.diff.default, aten.tril.default, aten.triu.default}
+
+
+@_conv(aten.topk.default)
+def _topk(c, x, k, dim=-1, largest=True, sorted=True):
+    t = c.tensor(x)
+    attrs = {"k": int(k), "dim": dim % t.type.rank, "largest": bool(largest)}
+    src = source_line(c.node)
+    vals = c.g.add("topk", [t], {**attrs, "output": "values"}, name=c.node.name + "_values", source=src)
+    idx = c.g.add("topk", [t], {**attrs, "output": "indices"}, name=c.node.name + "_indices", source=src)
+    return (vals, idx)
+
+
+@_conv(aten.index.Tensor)
+def _index(c, x, indices):
+    """x[..., idx, ...] with one integer index tensor is a `take`; other advanced indexing (several index
+    tensors, boolean masks) passes through for the shape-only subgraphs that use it (mask construction)."""
+    given = [(d, i) for d, i in enumerate(indices) if i is not None]
+    if len(given) == 1:
+        d, i = given[0]
+        idx = c.tensor(i)
+        if idx.type.dtype.startswith(("int", "uint")):
+            return c.add("take", [c.tensor(x), idx], {"dim": d})
+    return c.passthrough(c.node)
+
+
+_CONVERT[torch.ops.prims.reciprocal.default] = lambda c, x: _binary("div")(c, 1.0, x)

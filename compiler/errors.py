@@ -16,7 +16,8 @@ class UnsupportedOpError(KilnError):
         self.op, self.source = op, source
         where = f" at {source}" if source else " (no model source line recorded)"
         hint = hint or (
-            "kiln's tracer has no conversion for it: add one to the table in compiler/trace.py, "
+            "kiln's tracer has no conversion for it and torch's decomposition tables none to ops it has: "
+            "add one to the table in compiler/aten_convert.py (used by compiler/trace.py), "
             "or change the model to use a supported op"
         )
         super().__init__(f"unsupported op {op}{where}{': ' + detail if detail else ''}. {hint}")

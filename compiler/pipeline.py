@@ -21,7 +21,7 @@ PIPELINES: dict[str, str] = {
     # The minimum that runs: attention recognized so the KV cache can be derived.
     "O0": "canonicalize,fuse-attention,kv-cache,canonicalize",
     # Recognize the LLM-level ops that the targets have fused kernels for.
-    "O1": "canonicalize,fuse-norms,fuse-rope,fuse-attention,fuse-mlp,kv-cache,canonicalize",
+    "O1": "canonicalize,fuse-norms,fuse-rope,fuse-attention,fuse-mlp,fuse-moe,kv-cache,canonicalize",
 }
 
 

@@ -9,6 +9,12 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
+def _active(m: dict[str, Any]) -> str:
+    """', N M active per token' for mixture-of-experts models (each token runs k of E experts)."""
+    total, active = m.get("num_params", 0), m.get("active_params")
+    return f", {active / 1e6:.2f}M active per token" if active is not None and active < total else ""
+
+
 def render_report(m: dict[str, Any], kv_budget_gib: float = 1.0) -> str:
     """Markdown report from a manifest (also what `kiln inspect` prints)."""
     model = m.get("model", {})
@@ -18,7 +24,7 @@ def render_report(m: dict[str, Any], kv_budget_gib: float = 1.0) -> str:
     lines = [
         f"# kiln artifact: {m.get('name', '?')}",
         "",
-        f"- model: {arch} from `{m.get('source', '?')}`, {m.get('num_params', 0) / 1e6:.1f}M parameters",
+        f"- model: {arch} from `{m.get('source', '?')}`, {m.get('num_params', 0) / 1e6:.1f}M parameters" + _active(m),
         f"- target: {tgt.get('name')} ({where}), "
         f"TVM {m.get('tvm_version')}, "
         f"kiln {m.get('kiln_version')}, schema {m.get('schema_version')}",
@@ -29,6 +35,14 @@ def render_report(m: dict[str, Any], kv_budget_gib: float = 1.0) -> str:
         f"{m['kv_cache'].get('bytes_per_token', 0)} bytes per token ({m['kv_cache'].get('dtype')})",
         "",
     ]
+    tr = m.get("trace") or {}
+    if tr.get("decomposed") or tr.get("attention_fallbacks"):
+        lines += ["## Trace", ""]
+        if tr.get("decomposed"):
+            lines.append("- decomposed by torch's tables: " + ", ".join(f"`{o}`" for o in tr["decomposed"]))
+        for f in tr.get("attention_fallbacks") or []:
+            lines.append(f"- attention left as plain ops at `{f['node']}` ({f['source']}): {f['reason']}")
+        lines.append("")
     sim = m["target"].get("simulated")
     if sim:
         d = m["target"].get("decode", {})

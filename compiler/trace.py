@@ -7,12 +7,15 @@ find norms, rotary embeddings, attention and MLPs afterwards.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import sympy
 import torch
 
 from .aten_convert import _CONVERT, _PASSTHROUGH, source_line
+from .decompose import decompose_unconverted
 from .errors import UnsupportedOpError
 from .ir import Graph, Node, TensorType, sym
 from .ops import torch_dtype_name
@@ -32,8 +35,10 @@ class _LogitsOnly(torch.nn.Module):
         return out.logits if hasattr(out, "logits") else out[0]
 
 
-def export(model: torch.nn.Module, max_tokens: int = 4096):
-    """torch.export with symbolic batch and tokens; returns the ExportedProgram (core aten, no decomps)."""
+def export(model: torch.nn.Module, max_tokens: int = 4096) -> tuple[Any, list[str]]:
+    """torch.export with symbolic batch and tokens; returns the ExportedProgram in the inference IR,
+    with the ops kiln cannot convert decomposed by torch's tables where torch knows how (decompose.py),
+    and the names of the ops so decomposed."""
     from torch.export import Dim
 
     model = model.eval()
@@ -41,10 +46,29 @@ def export(model: torch.nn.Module, max_tokens: int = 4096):
     shapes = ({0: Dim("batch", min=1, max=1024), 1: Dim("tokens", min=1, max=max_tokens)},)
     import warnings
 
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), _static_experts(model):
         warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations, not the user's
         ep = torch.export.export(_LogitsOnly(model), (ids,), dynamic_shapes=shapes, strict=False)
-        return ep.run_decompositions({})
+    return decompose_unconverted(ep, set(_CONVERT) | _PASSTHROUGH, first=True)
+
+
+@contextlib.contextmanager
+def _static_experts(model: torch.nn.Module) -> Iterator[None]:
+    """Export mixture-of-experts layers in transformers' `batched_mm` form while tracing.
+
+    Its default `grouped_mm` form sorts tokens by expert (sort, histc, index_put: shapes that depend on
+    the routing), which no static program can hold; `batched_mm` gathers each token's chosen experts'
+    weights and computes the same sum with static shapes. The model's own setting is restored after."""
+    cfgs: list[Any] = [getattr(m, "config", None) for m in model.modules()]
+    cfgs = [c for c in cfgs if getattr(c, "_experts_implementation", None)]
+    saved = [c._experts_implementation for c in cfgs]
+    for c in cfgs:
+        c._experts_implementation = "batched_mm"
+    try:
+        yield
+    finally:
+        for c, v in zip(cfgs, saved):
+            c._experts_implementation = v
 
 
 class _Converter:
@@ -159,7 +183,7 @@ class _Converter:
 
 def trace(model: torch.nn.Module, name: str = "main", max_tokens: int = 4096) -> Graph:
     """Trace a causal LM (`input_ids [batch, tokens] -> logits`) into a kiln Graph."""
-    ep = export(model, max_tokens)
+    ep, decomposed = export(model, max_tokens)
     g = Graph(name)
     conv = _Converter(ep, g)
     conv.run()
@@ -167,6 +191,7 @@ def trace(model: torch.nn.Module, name: str = "main", max_tokens: int = 4096) ->
     cfg = getattr(model, "config", None)
     g.meta["model"] = _config_summary(cfg) if cfg is not None else {}
     g.meta["max_tokens"] = max_tokens
+    g.meta["decomposed"] = decomposed
     return g
 
 

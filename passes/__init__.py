@@ -18,6 +18,7 @@ from . import (  # noqa: F401
     convert_mla,
     fuse_attention,
     fuse_mlp,
+    fuse_moe,
     fuse_norms,
     fuse_rope,
     kv_cache,

@@ -63,8 +63,10 @@ def fuse_attention(graph: Graph, probe: str = "9,17") -> Graph:
     length; also `is_causal=True` without a mask. Looks through the repeat_kv expansion of keys and
     values (GQA/MQA). Guarantees: each match is `attention(q, k, v, scale, causal, window)` with k/v
     holding the model's own number of KV heads; the mask construction becomes dead. Exact.
-    Does not fire on masks that depend on input values (padding masks) or are not causal."""
+    Does not fire on masks that depend on input values (padding masks) or are not causal; each layer
+    left as plain ops is listed with the reason in `graph.meta["attention_fallbacks"]`."""
     g = graph.copy()
+    fallbacks: list[dict] = []
     lengths = tuple(int(x) for x in probe.split(",")) + (int(g.meta.get("max_tokens", 4096)),)
     verdicts: dict[Node, tuple[bool, int] | None] = {}
     for n in list(g.nodes):
@@ -78,11 +80,14 @@ def fuse_attention(graph: Graph, probe: str = "9,17") -> Graph:
         else:
             verdict = (True, 0) if n.attrs["causal"] else None
         if verdict is None:
+            why = "its mask is not causal or sliding-window, or depends on input values (ALiBi, padding)"
+            fallbacks.append({"node": n.name, "source": n.source, "reason": why})
             continue
         q, k, v = n.inputs[:3]
         k, rk = strip_repeat_kv(k)
         v, rv = strip_repeat_kv(v)
         if rk != rv:
+            fallbacks.append({"node": n.name, "source": n.source, "reason": "keys and values repeat differently"})
             continue
         att = g.add(
             "attention",
@@ -97,5 +102,20 @@ def fuse_attention(graph: Graph, probe: str = "9,17") -> Graph:
         count("attention")
         if rk > 1:
             count("gqa-repeat-removed")
+    if not g.find("sdpa") and not g.find("attention"):
+        fallbacks.extend(_eager_attention(g))
+    g.meta["attention_fallbacks"] = fallbacks
     g.dce()
     return g
+
+
+def _eager_attention(g: Graph) -> list[dict]:
+    """Softmaxes over a [.., tokens, tokens] score matrix: attention the model wrote as matmul + softmax
+    (transformers does so where sdpa cannot express it: score softcapping, ALiBi as a score bias)."""
+    out = []
+    for n in g.find("softmax"):
+        s = n.type.shape
+        if len(s) >= 2 and n.attrs["dim"] in (-1, len(s) - 1) and s[-1].free_symbols and s[-2].free_symbols:
+            why = "attention written as matmul + softmax, not scaled_dot_product_attention (kiln matches sdpa)"
+            out.append({"node": n.name, "source": n.source, "reason": why})
+    return out

@@ -21,7 +21,7 @@ import sympy
 
 from kiln.entry import default_entry_points
 from kiln.errors import PassError
-from kiln.ir import Graph, TensorType, sym
+from kiln.ir import Graph, Node, TensorType, sym
 
 from .latent_cache import cache_mla
 from .registry import count, register
@@ -52,6 +52,29 @@ def _replace_positions(g: Graph, positions) -> None:
     g.dce()
 
 
+_SCALAR_TAIL = ("mul", "div", "tanh", "cast")
+
+
+def _head_and_tail(out: Node) -> tuple[Node | None, list[Node]]:
+    """The LM head linear under the output and the elementwise ops after it, first to last: ops with
+    scalar constants only (Cohere's logit scale, Granite's division, Gemma-2's tanh softcapping)."""
+    tail: list[Node] = []
+    o = out
+    while o.op != "linear":
+        vary = [i for i in o.inputs if not (i.op == "const" and i.type.rank == 0)]
+        if o.op not in _SCALAR_TAIL or len(vary) != 1:
+            return None, []
+        tail.append(o)
+        o = vary[0]
+    return o, tail[::-1]
+
+
+def describe_fallbacks(graph: Graph) -> str:
+    """The attention layers fuse-attention left as plain ops (`meta["attention_fallbacks"]`), a line each."""
+    fb = graph.meta.get("attention_fallbacks") or []
+    return "".join(f"\n  %{f['node']} (from {f['source']}): {f['reason']}" for f in fb)
+
+
 @register("kv-cache", phase="cache", requires=("fuse-attention",), invalidates=("fuse-attention",))
 def kv_cache(graph: Graph, page_size: int = 16, logits: str = "last") -> Graph:
     """Matches: every `attention` op (run fuse-attention first) and the position-id range.
@@ -68,8 +91,16 @@ def kv_cache(graph: Graph, page_size: int = 16, logits: str = "last") -> Graph:
         raise PassError(
             f"kv-cache: attention %{left[0].name} (from {left[0].source}) was not recognized as causal "
             "attention; run fuse-attention first, or the model's mask depends on input values"
+            + describe_fallbacks(graph)
         )
     if not graph.find("attention") and not graph.find("mla_attention"):
+        if graph.meta.get("attention_fallbacks"):
+            raise PassError(
+                "kv-cache: no layer's attention was recognized, so there is nothing to cache; fuse-attention "
+                f"left these as plain ops:{describe_fallbacks(graph)}\nkiln serves attention it recognizes "
+                "(scaled_dot_product_attention with a causal or sliding-window mask); load the model with "
+                "attn_implementation='sdpa' where its family allows"
+            )
         raise PassError("kv-cache: the graph has no attention op; run fuse-attention before kv-cache")
     g = graph.copy()
     positions = g.add_input("positions", TensorType((BATCH, TOKENS), "int32"))
@@ -117,9 +148,10 @@ def kv_cache(graph: Graph, page_size: int = 16, logits: str = "last") -> Graph:
         count("cached-attention")
     if logits == "last":
         outs = []
-        for o in g.outputs:
-            if o.op != "linear":
-                raise PassError(f"kv-cache: logits=last needs the output to be a linear layer, got {o.op}")
+        for out in g.outputs:
+            o, tail = _head_and_tail(out)
+            if o is None:
+                raise PassError(f"kv-cache: logits=last needs the output to be a linear layer, got {out.op}")
             x = o.inputs[0]
             last = g.add(
                 "slice",
@@ -128,7 +160,11 @@ def kv_cache(graph: Graph, page_size: int = 16, logits: str = "last") -> Graph:
                 name="last_token",
                 before=o,
             )
-            outs.append(g.add("linear", [last] + o.inputs[1:], name=o.name + "_last", before=o, source=o.source))
+            y = g.add("linear", [last] + o.inputs[1:], name=o.name + "_last", before=o, source=o.source)
+            for t in tail:  # logit scaling or softcapping, re-applied to the last token's logits
+                ins = [y if i is o or i in tail else i for i in t.inputs]
+                o, y = t, g.add(t.op, ins, dict(t.attrs), name=t.name + "_last", before=out, source=t.source)
+            outs.append(y)
             count("last-token-logits")
         g.outputs = outs
     g.dce()

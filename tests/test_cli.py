@@ -161,7 +161,7 @@ def test_cli_build_shows_phases_and_steps_and_no_tvm_warnings(cli_build, capfd):
     assert "Fast mode" not in e  # TVM's take warning (C++ stderr): embeddings lower in clip mode
     lines = [ln for ln in e.splitlines() if ln.strip()]
     assert all(ln.startswith("[") for ln in lines), e  # every stderr line is kiln's own
-    assert any("running passes" in ln for ln in lines) and any("pass canonicalize 1/7" in ln for ln in lines)
+    assert any("running passes" in ln for ln in lines) and any("pass canonicalize 1/8" in ln for ln in lines)
     # the same build again, quiet: served from the cache, nothing on stderr, the path on stdout
     assert main(["-q", "build", folder, "-o", out + "2"]) == 0
     o, e = capfd.readouterr()

@@ -169,9 +169,9 @@ def test_pass_manager_records_and_dumps(traced, tmp_path):
     names = [r.name for r in records]
     assert names == [n for n, _ in parse_pipeline("O1")]
     files = sorted(os.listdir(tmp_path))
-    assert files[0] == "00-trace.txt" and files[6] == "06-kv-cache.txt"
-    assert "cached_attention" in (tmp_path / "06-kv-cache.txt").read_text()
-    kv = records[5]
+    assert files[0] == "00-trace.txt" and files[7] == "07-kv-cache.txt"
+    assert "cached_attention" in (tmp_path / "07-kv-cache.txt").read_text()
+    kv = records[6]
     assert kv.rewrites["cached-attention"] == 2 and kv.nodes_after > 0 and kv.flops_per_token_after > 0
     fused = records[1]
     assert fused.nodes_after < fused.nodes_before

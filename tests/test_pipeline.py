@@ -14,7 +14,7 @@ from kiln.passmgr import PassManager, run_pipeline
 from kiln.pipeline import check_pipeline, insert_passes, parse_pipeline
 
 FRONT = "canonicalize,fuse-norms,fuse-rope,fuse-attention"
-BACK = "fuse-mlp,kv-cache,canonicalize"
+BACK = "fuse-mlp,fuse-moe,kv-cache,canonicalize"
 
 # The strings kiln.compile's options produced when passes were spliced in by name: placing them by the
 # passes' phases must give exactly these.

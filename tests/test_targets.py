@@ -78,7 +78,7 @@ def test_a_new_target_is_one_folder(toy_target, tmp_path):
     path = art.save(str(tmp_path / "out"))
     m = json.load(open(f"{path}/manifest.json"))
     assert m["target"]["name"] == "toy" and "cached_attention" in m["target"]["ops"]
-    assert m["pipeline"] == "O1" and len(m["passes"]) == 7
+    assert m["pipeline"] == "O1" and len(m["passes"]) == 8
 
 
 def test_unknown_target_lists_the_known_ones():

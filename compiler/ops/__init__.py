@@ -9,7 +9,7 @@ every op.
 
 from __future__ import annotations
 
-from . import core, nn, quant, shape  # noqa: F401  (declare the ops)
+from . import core, moe, nn, quant, routing, shape  # noqa: F401  (declare the ops)
 from .attention import (  # noqa: F401
     AttentionAttrs,
     CachedAttentionAttrs,
