@@ -61,73 +61,100 @@ def test_build_lists_kernels_and_layout(cuda_dir):
     assert man["weights_included"] is False and not os.path.exists(os.path.join(path, "weights.safetensors"))
     assert all(t["dtype"] == "float16" for t in man["kv_cache"]["tensors"])
     ks = man["kernels"]
-    assert any(k.startswith("cuda_gemv_") and "_4_128_" in k for k in ks)  # int4 GEMV for decode
+    assert any(k.startswith("cuda_qgemv_") and "_4_128_" in k for k in ks)  # int4 tensor-core GEMV for decode
     assert any(k.startswith("cuda_dequant_") for k in ks)  # dequantize + GEMM for prefill
     assert any(k.startswith("cuda_paged_decode_") for k in ks)
     # a decode step's launches per layer: q, k and v as one GEMV writing three outputs, RMSNorm with the
     # residual add before it, rotary + KV append in one kernel
-    assert any(k.startswith("cuda_gemv_") and "_parts_" in k for k in ks)
+    assert any(k.startswith("cuda_qgemv_") and "_parts_" in k for k in ks)
     assert any(k.startswith("cuda_rms_norm_") and k.endswith("_True") for k in ks)
     assert any(k.startswith("cuda_rope_append_") for k in ks)
     assert man["target"]["gemv_max_batch"] == 16  # quantized: the GEMV up to batch 16 (fp16: 1)
-    # the fields a quantized linear needs, in the documented shapes: codes [N, K/8] int32, scales/zs [N, K/128]
-    q = [w for w in man["weights"] if w["transform"].startswith("cuda_q4g128a")]
+    # the fields a quantized linear needs, in the documented shapes: codes [N/16, K*2] int32 (16 rows x K
+    # int4 codes per row tile), scales/zs [N, K/128]
+    q = [w for w in man["weights"] if w["transform"].startswith("cuda_mma_q4g128a")]
     codes = [w for w in q if w["transform"].endswith(":0")]
     assert codes and all(w["dtype"] == "int32" for w in codes)
-    assert all(w["shape"][1] * 8 % 128 == 0 for w in codes)
+    assert all(w["shape"][1] % 256 == 0 for w in codes)
+    scales = {w["sources"][0]: w["shape"] for w in q if w["transform"].endswith(":1")}
+    assert all(scales[w["sources"][0]] == [w["shape"][0] * 16, w["shape"][1] // 256] for w in codes)
 
 
 @compiler
 def test_numpy_and_torch_packers_agree_and_dequantize_exactly():
     from kiln.quant import dequantize, parse_scheme, rtn
     from kiln.targets.cuda.kernels import natural_column, storage_position
-    from kiln.targets.cuda.layouts import F16, Quant, storage_columns
-    from kiln.targets.cuda.weights import pack_codes_torch
+    from kiln.targets.cuda.layouts import F16, Quant, code_index, storage_columns
 
-    # the interleave map: a permutation of each tile, and the kernels' index expressions agree with it
-    for bits in (16, 8, 4):
-        cols = storage_columns(2 * 32 * 128 // bits, bits)
-        assert sorted(cols.tolist()) == list(range(len(cols)))
-        assert [natural_column(p, bits) for p in range(len(cols))] == cols.tolist()
-        assert [storage_position(int(c), bits) for c in cols] == list(range(len(cols)))
+    # the fp16 interleave map: a permutation of each tile, and the kernels' index expressions agree with it
+    cols = storage_columns(2 * 256, 16)
+    assert sorted(cols.tolist()) == list(range(len(cols)))
+    assert [natural_column(p, 16) for p in range(len(cols))] == cols.tolist()
+    assert [storage_position(int(c), 16) for c in cols] == list(range(len(cols)))
     torch.manual_seed(0)
-    w = torch.randn(24, 200)  # K=200: a ragged last group, padded
+    w = torch.randn(24, 200)  # K=200: a ragged last group, padded; N=24: padded to 2 row tiles of 16
     # fp16: padded to a whole tile (256 columns) with zeros, columns interleaved
     f16 = F16().pack([w.numpy()])[0]
     assert f16.shape == (24, 256) and np.array_equal(f16, F16().pack_torch([w])[0].numpy())
     nat = np.zeros_like(f16)
     nat[:, storage_columns(256, 16)] = f16
     assert np.array_equal(nat[:, :200], w.numpy().astype(np.float16)) and not nat[:, 200:].any()
-    sch = parse_scheme("int4_g64")
-    q, s, z = rtn(w, sch)
-    arrays = Quant(bits=4, group=64, sym=False).pack([q.numpy(), s.numpy(), z.numpy()])
-    assert Quant(part=2, bits=4, group=64, sym=False).key() == "cuda_q4g64a:2"
-    torch_arrays = Quant(bits=4, group=64, sym=False).pack_torch([q, s, z])
-    assert all(np.array_equal(a, t.numpy()) for a, t in zip(arrays, torch_arrays))
-    kp = 1024  # a whole int4 tile
-    assert arrays[0].shape == (24, kp // 8) and arrays[1].shape == (24, kp // 64)
-    # unpack the kernel layout by hand, undo the interleave and dequantize as the kernel does: q*s + zs
-    words = arrays[0].view(np.uint32)
-    stored = np.stack([(words >> (4 * j)) & 15 for j in range(8)], -1).reshape(24, kp)
-    codes = np.zeros_like(stored)
-    codes[:, storage_columns(kp, 4)] = stored
-    sc = np.repeat(arrays[1].astype(np.float32), 64, 1)
-    zs = np.repeat(arrays[2].astype(np.float32), 64, 1)
-    got = (codes * sc + zs)[:, :200]
-    ref = dequantize(q, s, z, 64).numpy()
-    assert np.abs(got - ref).max() < 2e-2 * np.abs(ref).max()  # fp16 scales
-    assert np.abs(got - ref).mean() < 2e-3
-    assert not (codes * sc + zs)[:, 256:].any()  # padding groups dequantize to zero
-    # int8: four codes per int32 word, byte j of word i is storage position 4i+j
-    q8, s8, z8 = rtn(w, parse_scheme("int8_g64"))
-    a8 = Quant(bits=8, group=64, sym=False).pack([q8.numpy(), s8.numpy(), z8.numpy()])
-    assert a8[0].dtype == np.int32 and a8[0].shape == (24, 512 // 4)
-    w8 = a8[0].view(np.uint32)
-    st8 = np.stack([(w8 >> (8 * j)) & 255 for j in range(4)], -1).reshape(24, 512)
-    c8 = np.zeros_like(st8)
-    c8[:, storage_columns(512, 8)] = st8
-    assert np.array_equal(c8[:, :200], q8.numpy())
-    assert np.array_equal(pack_codes_torch(torch.from_numpy(st8.astype(np.uint8)), 8).numpy(), a8[0])
+    for bits, scheme in ((4, "int4_g64"), (8, "int8_g64"), (4, "int4_g32_sym"), (8, "int8")):
+        sch = parse_scheme(scheme)
+        q, s, z = rtn(w, sch)
+        lay = Quant(bits=bits, group=sch.group_for(200), sym=sch.sym)
+        arrays = lay.pack([q.numpy(), s.numpy(), z.numpy()])
+        torch_arrays = lay.pack_torch([q, s, z])
+        assert all(np.array_equal(a, t.numpy()) for a, t in zip(arrays, torch_arrays)), scheme
+        kp = 224 if sch.group == 0 else 256  # whole loads (64 int4 / 32 int8 columns) and whole groups
+        g = sch.group or kp
+        assert arrays[0].shape == (2, kp * bits // 2) and arrays[1].shape == (32, kp // g), scheme
+        # read every code back where the kernels look for it, and dequantize as they do
+        r, c = np.meshgrid(np.arange(32), np.arange(kp), indexing="ij")
+        tile, word, shift = code_index(r, c, bits)
+        codes = ((arrays[0].view(np.uint32)[tile, word] >> shift.astype(np.uint32)) & (2**bits - 1)).astype(np.int64)
+        assert np.array_equal(codes[:24, :200], q.numpy()), scheme
+        sc = np.repeat(arrays[1].astype(np.float32), g, 1)
+        if sch.sym:
+            got = (codes - 2 ** (bits - 1)) * sc
+        else:
+            got = codes * sc + np.repeat(arrays[2].astype(np.float32), g, 1)
+        ref = dequantize(q, s, z, sch.group_for(200)).numpy()
+        assert np.abs(got[:24, :200] - ref).max() < 2e-2 * np.abs(ref).max(), scheme  # fp16 scales
+        # padding rows are zero; padding columns hold the zero point
+        assert not got[24:].any() and np.abs(got[:24, 200:]).max() < 1e-2 * np.abs(ref).max(), scheme
+    assert Quant(part=2, bits=4, group=64, sym=False).key() == "cuda_mma_q4g64a:2"
+
+
+def test_quantized_codes_sit_where_the_mma_fragments_want_them():
+    """The packer's order against the PTX m16n8k16 A-fragment rule, decoded the way the kernel's device code
+    does (mask pairs of codes out of a word): lane 4g + t holds (a0, a1) at row g, columns 2t, 2t + 1;
+    (a2, a3) at row g + 8; (a4, a5) and (a6, a7) 8 columns further."""
+    from kiln.targets.cuda.layouts import pack_codes
+
+    rng = np.random.default_rng(0)
+    for bits in (4, 8):
+        codes = rng.integers(0, 2**bits, size=(32, 128)).astype(np.uint8)
+        words = pack_codes(codes, bits).view(np.uint32)
+        rec = np.zeros_like(codes)
+        for tile in range(2):
+            for kt in range(8):
+                for lane in range(32):
+                    g, t = lane >> 2, lane & 3
+                    if bits == 4:  # one word: (q, q >> 4, q >> 8, q >> 12) masked with 0x000F000F
+                        q = int(words[tile, kt // 4 * 128 + lane * 4 + kt % 4])
+                        regs = [((q >> s) & 15, (q >> (s + 16)) & 15) for s in (0, 4, 8, 12)]
+                    else:  # two words: (q, q >> 8) masked with 0x00FF00FF
+                        ws = words[tile, kt // 2 * 128 + lane * 4 + kt % 2 * 2 :][:2]
+                        regs = [((int(q) >> s) & 255, (int(q) >> (s + 16)) & 255) for q in ws for s in (0, 8)]
+                    for (rr, cc), (v0, v1) in zip(
+                        [(g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 8), (g + 8, 2 * t + 8)], regs
+                    ):
+                        rec[tile * 16 + rr, kt * 16 + cc : kt * 16 + cc + 2] = (v0, v1)
+        assert np.array_equal(rec, codes), bits
+
+
+def test_stacked_biases_are_one_field():
     # the biases of linears run as one kernel (q, k, v): one field, the same from numpy and torch
     from kiln.targets.common.layouts import CAT, parse_layout
     from kiln.targets.cuda.weights import WeightMaker

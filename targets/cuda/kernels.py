@@ -1,19 +1,14 @@
 """Hand-scheduled CUDA kernels (TVM TIR) for kiln's `cuda` target.
 
-Decode at small batch is bound by memory bandwidth, so the kernels that matter are the weight GEMVs:
-each warp owns a few output rows (the warps of a block may split K), each lane streams 16 bytes of
-weights per load (8 fp16, 16 int8 or 32 int4 codes), dequantization happens in registers, fp32
-accumulation and a warp-shuffle reduction. Activations stay fp32 (they are tiny at decode); weights and
-the KV cache are fp16 or quantized.
+Decode at small batch is bound by memory bandwidth, so the kernels that matter are the weight GEMVs. The
+fp16 GEMV is here: each warp owns a few output rows (the warps of a block may split K), each lane streams 16
+bytes of weights per load, fp32 accumulation and a warp-shuffle reduction. Quantized weights have their own
+tensor-core GEMV (targets/cuda/qgemv.py). Activations stay fp32 (they are tiny at decode); weights and the
+KV cache are fp16 or quantized.
 
-Layouts (targets/cuda/layouts.py, row-major over the torch weight [N, K], columns stored lane-interleaved:
-storage position p holds natural column `natural_column(p)`; Kp = K padded to whole tiles and groups):
+fp16 layout (targets/cuda/layouts.py, row-major over the torch weight [N, K], columns stored lane-interleaved:
+storage position p holds natural column `natural_column(p)`; Kp = K padded to whole tiles of 256):
   f16            w[N, Kp] float16
-  int8 codes     q[N, Kp/4] int32, code of storage position 4i+j in bits 8j..8j+7 of word i; value
-                 (q - z) * s per group
-  int4 codes     q[N, Kp/8] int32, code of storage position 8i+j in bits 4j..4j+3 of word i
-  scales         s[N, G] float16;  asym: zs[N, G] float16 = -z * s  (value = q*s + zs)
-  symmetric      z = 2^(bits-1): value = (q - z) * s (no zs array)
 
 The paged decode attention kernel reads K/V pages through the page table: groups of 8 lanes own one
 cached token each (32 tokens in flight per block), online softmax per group, merged through shared
@@ -25,31 +20,27 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
+from .layouts import code_index
+
 WARPS = 4  # warps per GEMV block
-MB = 8  # activation rows per GEMV launch (larger batches loop on the host; >8 use the GEMM path)
+MB = 8  # activation rows per GEMV launch (larger batches loop on the host; fp16 uses it at batch 1 only)
 _NEG = -1.0e30
-_MAGIC = 0x4B000000  # the bits of 2.0**23 as a float32
-
-
-def _vec(bits: int) -> int:
-    """Weights per 16-byte load."""
-    return {16: 8, 8: 16, 4: 32}[bits]
+E = 8  # fp16 weights per 16-byte load
 
 
 RESIDENT_BLOCKS = 7 * 132  # GEMV blocks resident at once on an H200: 7 per SM at ~70 registers a thread (ncu)
 
 
-def gemv_config(n: int, bits: int) -> tuple[int, int, int]:
+def gemv_config(n: int) -> tuple[int, int, int]:
     """(rows per warp, 16-byte loads in flight per row and lane, warps sharing a row) for an output size n.
 
     Two rows per warp at every size: a second row halves the activation traffic per weight (H200,
-    Llama-3.1-8B shape, batch-1 decode: fp16 147.6 tok/s with 2 rows against 138.1 with 1 below n = 8192;
-    int4 147 against 130; 4 rows are slower in both). Warps share a row (split K, partial sums added through
-    shared memory) when the grid would otherwise end in a mostly empty wave: at n = 4096 one warp per row
-    group gives 512 blocks, 0.55 of a wave, and each warp walks a whole row (ncu: the down projection at
-    31% achieved occupancy, 1.9 TB/s)."""
+    Llama-3.1-8B shape, batch-1 decode: 147.6 tok/s with 2 rows against 138.1 with 1 below n = 8192; 4 rows
+    are slower). Warps share a row (split K, partial sums added through shared memory) when the grid would
+    otherwise end in a mostly empty wave: at n = 4096 one warp per row group gives 512 blocks, 0.55 of a
+    wave, and each warp walks a whole row (ncu: the down projection at 31% achieved occupancy, 1.9 TB/s)."""
     wide = n >= 8192
-    rows, loads = 2, (8 if bits == 16 else 4) // (2 if wide else 1)
+    rows, loads = 2, 8 // (2 if wide else 1)
 
     def efficiency(split: int) -> float:
         waves = -(-n // (WARPS // split * rows)) / RESIDENT_BLOCKS
@@ -62,38 +53,31 @@ def gemv_config(n: int, bits: int) -> tuple[int, int, int]:
 def gemv_func(
     k: int,
     n: int,
-    bits: int = 16,
-    group: int = 0,
-    sym: bool = True,
     bias: bool = False,
     rows: int | None = None,
     loads: int | None = None,
     splits: int | None = None,
     parts: tuple[int, ...] = (),
 ):
-    """y[m, n] = x[m, k] @ W^T (+ bias) for small m; W fp16 (bits=16) or int8/int4 codes, stored
-    lane-interleaved (targets/cuda/layouts.py: lane tx's load of tile t holds columns t*T + 128*j + 4*tx + e).
+    """y[m, n] = x[m, k] @ W^T (+ bias) for small m; W fp16, stored lane-interleaved (targets/cuda/layouts.py:
+    lane tx's load of tile t holds columns t*256 + 128*j + 4*tx + e).
 
-    `k` is the padded reduction size (whole tiles; x is zero-padded to it by the lowering), `group` the
-    columns per scale. Each warp owns `rows` output rows; each lane keeps rows x `loads` 16-byte weight loads
-    in flight, and reads each activation once for all its rows, 4 at a time, contiguous across the warp.
-    Quantized codes become floats by the magic-number trick (`field`) once per chunk of 4 codes, for every
-    activation row of the launch; each row's 4 activations come pre-scaled by the powers of two the fields
-    carry, and the chunk's dot product is scaled per group.
+    `k` is the padded reduction size (whole tiles; x is zero-padded to it by the lowering). Each warp owns
+    `rows` output rows; each lane keeps rows x `loads` 16-byte weight loads in flight, and reads each
+    activation once for all its rows, 4 at a time, contiguous across the warp.
 
     The output comes as three arrays y0, y1, y2 holding the rows of `parts` (stacked weights, e.g. q, k, v,
     each written where its reader wants it; unused arrays are [1, 1]). A launch of a single row (m = 1) runs
     a copy of the loop specialized for it."""
-    E = _vec(bits)
     TC = 32 * E  # columns per tile: one 16-byte load per lane
     if k % TC:
-        raise ValueError(f"GEMV reduction size {k} must be a multiple of {TC} for {bits}-bit weights")
+        raise ValueError(f"GEMV reduction size {k} must be a multiple of {TC} for fp16 weights")
     parts = parts or (n,)
     if len(parts) > 3 or sum(parts) != n:
         raise ValueError(f"GEMV output parts {parts} must be at most 3 sizes adding up to {n}")
     c1, c2 = parts[0], parts[0] + (parts[1] if len(parts) > 1 else 0)
     pdims = list(parts) + [1] * (3 - len(parts))
-    R0, U0, S0 = gemv_config(n, bits)
+    R0, U0, S0 = gemv_config(n)
     R = rows or R0
     S = splits or S0  # warps per row group, each over every S-th tile
     if WARPS % S:
@@ -102,87 +86,30 @@ def gemv_func(
     per = (tiles + S - 1) // S  # tiles per warp
     U = min(per, loads or U0)
     outer = (per + U - 1) // U
-    g = group or k
-    if bits != 16 and g % 4:
-        raise ValueError(f"group {group} must be a multiple of 4 for {bits}-bit GEMV")
-    ng = (k + g - 1) // g
     CH = E // 4  # chunks of 4 columns per load
-    WE = E if bits == 16 else 4  # stored elements per 16-byte load
-    wdt = "float16" if bits == 16 else "int32"
-    kw = k * bits // 32 if bits != 16 else k
-    zc = float(2 ** (bits - 1)) if bits != 16 else 0.0
-    has_zs = bits != 16 and not sym
     RB = WARPS // S * R  # rows per block
     nblk = (n + RB - 1) // RB
-    # arrays a variant does not read are passed as [1, 1] / [1] placeholders
-    s_shape = (n, ng) if bits != 16 else (1, 1)
-    zs_shape = (n, ng) if has_zs else (1, 1)
     b_shape = (n,) if bias else (1,)
-    # the power of two each code's field carries (int4: nibble e of a half-word, int8: byte e % 2 of one)
-    pre = [2.0 ** (-4 * e) for e in range(4)] if bits == 4 else [1.0, 2.0**-8, 1.0, 2.0**-8]
-
-    def field(word, mask):
-        # code * 2^(bit position of `mask`) as an exact float: the masked bits (within bits 0-22) become mantissa
-        # bits of 2^23, so one LOP3 and one FADD replace shift, and-mask and the quarter-rate int->float conversion
-        return T.reinterpret("float32", T.bitwise_or(T.bitwise_and(word, mask), _MAGIC)) - T.float32(8388608.0)
-
-    def chunk_word(wl, r, u, c, e):
-        # the word holding code e of chunk c, shifted so that its field sits below bit 16: int4 chunk c is
-        # half-word c % 2 of word c // 2; int8 chunk c is word c, codes 2-3 in its upper half-word
-        if bits == 4:
-            return T.if_then_else(c % 2 == 0, wl[r, u, c // 2], T.shift_right(wl[r, u, c // 2], 16))
-        return T.if_then_else(e < 2, wl[r, u, c], T.shift_right(wl[r, u, c], 16))
-
-    def mask(e):
-        return T.shift_left(15, 4 * e) if bits == 4 else T.shift_left(255, 8 * (e % 2))
 
     # the loop over tiles, for NB activation rows (a launch of one row gets its own copy: no row guards)
     @T.macro
-    def tiles_loop(NB, x, w, s, zs, acc, wl, xl, wf, sl, zl, xs, d, row0, ks, tx, mo, m):
+    def tiles_loop(NB, x, w, acc, wl, xl, row0, ks, tx, mo, m):
         for io in range(outer):
             for r in T.unroll(R):
                 for u in T.unroll(U):
                     if (io * U + u) * S + ks < tiles and row0 + r < n:
-                        for j in T.vectorized(WE):
-                            wl[r, u, j] = w[row0 + r, (((io * U + u) * S + ks) * 32 + tx) * WE + j]
+                        for j in T.vectorized(E):
+                            wl[r, u, j] = w[row0 + r, (((io * U + u) * S + ks) * 32 + tx) * E + j]
             for u in T.unroll(U):
                 if (io * U + u) * S + ks < tiles:
-                    if bits == 16:
-                        for i in T.unroll(NB):
-                            if mo * MB + i < m:
-                                for c in T.unroll(CH):
-                                    for j in T.vectorized(4):
-                                        xl[c * 4 + j] = x[
-                                            mo * MB + i, ((io * U + u) * S + ks) * TC + c * 128 + tx * 4 + j
-                                        ]
-                                for r in T.unroll(R):
-                                    for j in T.unroll(E):
-                                        acc[r, i] = acc[r, i] + T.Cast("float32", wl[r, u, j]) * xl[j]
-                    else:
-                        for c in T.unroll(CH):
-                            # the chunk's codes as floats, once for every activation row
+                    for i in T.unroll(NB):
+                        if mo * MB + i < m:
+                            for c in T.unroll(CH):
+                                for j in T.vectorized(4):
+                                    xl[c * 4 + j] = x[mo * MB + i, ((io * U + u) * S + ks) * TC + c * 128 + tx * 4 + j]
                             for r in T.unroll(R):
-                                for e in T.unroll(4):
-                                    wf[r, e] = field(chunk_word(wl, r, u, c, e), mask(e))
-                            sg = T.Bind((((io * U + u) * S + ks) * TC + c * 128 + tx * 4) // g)
-                            for r in T.unroll(R):
-                                sl[r] = T.Cast("float32", s[T.min(row0 + r, n - 1), sg])
-                                if has_zs:
-                                    zl[r] = T.Cast("float32", zs[T.min(row0 + r, n - 1), sg])
-                            for i in T.unroll(NB):
-                                if mo * MB + i < m:
-                                    for j in T.vectorized(4):
-                                        xl[j] = x[mo * MB + i, ((io * U + u) * S + ks) * TC + c * 128 + tx * 4 + j]
-                                    xs[0] = xl[0] + xl[1] + xl[2] + xl[3]
-                                    xl[1] = xl[1] * T.float32(pre[1])
-                                    xl[2] = xl[2] * T.float32(pre[2])
-                                    xl[3] = xl[3] * T.float32(pre[3])
-                                    for r in T.unroll(R):
-                                        d[0] = wf[r, 0] * xl[0] + wf[r, 1] * xl[1] + wf[r, 2] * xl[2] + wf[r, 3] * xl[3]
-                                        if has_zs:
-                                            acc[r, i] = acc[r, i] + sl[r] * d[0] + zl[r] * xs[0]
-                                        else:
-                                            acc[r, i] = acc[r, i] + sl[r] * (d[0] - T.float32(zc) * xs[0])
+                                for j in T.unroll(E):
+                                    acc[r, i] = acc[r, i] + T.Cast("float32", wl[r, u, j]) * xl[j]
 
     @T.macro
     def store(y0, y1, y2, i, row, val):
@@ -197,9 +124,7 @@ def gemv_func(
     @T.prim_func(private=True)
     def gemv(
         var_x: T.handle,
-        w: T.Buffer((n, kw), wdt),  # type: ignore[valid-type]
-        s: T.Buffer(s_shape, "float16"),  # type: ignore[valid-type]
-        zs: T.Buffer(zs_shape, "float16"),  # type: ignore[valid-type]
+        w: T.Buffer((n, k), "float16"),  # type: ignore[valid-type]
         b: T.Buffer(b_shape, "float32"),  # type: ignore[valid-type]
         var_y0: T.handle,
         var_y1: T.handle,
@@ -216,13 +141,8 @@ def gemv_func(
                 for ty in T.thread_binding(WARPS, thread="threadIdx.y"):
                     for tx in T.thread_binding(32, thread="threadIdx.x"):
                         acc = T.alloc_buffer((R, MB), "float32", scope="local")
-                        wl = T.alloc_buffer((R, U, WE), wdt, scope="local")
+                        wl = T.alloc_buffer((R, U, E), "float16", scope="local")
                         xl = T.alloc_buffer((E,), "float32", scope="local")
-                        wf = T.alloc_buffer((R, 4), "float32", scope="local")
-                        sl = T.alloc_buffer((R,), "float32", scope="local")
-                        zl = T.alloc_buffer((R,), "float32", scope="local")
-                        xs = T.alloc_buffer((1,), "float32", scope="local")
-                        d = T.alloc_buffer((1,), "float32", scope="local")
                         red = T.alloc_buffer((1,), "float32", scope="local")
                         sums = T.alloc_buffer((WARPS, R, MB), "float32", scope="shared")
                         row0 = T.Bind((bx * (WARPS // S) + ty // S) * R)
@@ -231,9 +151,9 @@ def gemv_func(
                             for i in T.unroll(MB):
                                 acc[r, i] = T.float32(0)
                         if m == 1:
-                            tiles_loop(1, x, w, s, zs, acc, wl, xl, wf, sl, zl, xs, d, row0, ks, tx, mo, m)
+                            tiles_loop(1, x, w, acc, wl, xl, row0, ks, tx, mo, m)
                         else:
-                            tiles_loop(MB, x, w, s, zs, acc, wl, xl, wf, sl, zl, xs, d, row0, ks, tx, mo, m)
+                            tiles_loop(MB, x, w, acc, wl, xl, row0, ks, tx, mo, m)
                         for r in T.unroll(R):
                             for i in T.unroll(MB):
                                 red[0] = acc[r, i]
@@ -291,21 +211,20 @@ def storage_position(col, bits: int):
 
 
 def dequant_func(n: int, k: int, bits: int, group: int, sym: bool):
-    """Quantized codes -> fp16 W[n, k] in storage order (prefill: the GEMM then runs on tensor cores, with its
-    activations permuted to the same order)."""
+    """Quantized codes (the `Quant` layout, targets/cuda/layouts.py) -> fp16 W[n, k] in natural column order
+    (prefill and large batches: the GEMM then runs on tensor cores)."""
     g = group or k
     ng = (k + g - 1) // g
-    per = 32 // bits  # codes per int32 word
-    kw = k // per
+    npad = -(-n // 16) * 16
     zc = float(2 ** (bits - 1))
     threads = 256
-    zs_shape = (1, 1) if sym else (n, ng)
+    zs_shape = (1, 1) if sym else (npad, ng)
 
     # T.Buffer(shape, dtype) annotations are TVMScript, not Python types: mypy cannot read them
     @T.prim_func(private=True)
     def deq(
-        w: T.Buffer((n, kw), "int32"),  # type: ignore[valid-type]
-        s: T.Buffer((n, ng), "float16"),  # type: ignore[valid-type]
+        w: T.Buffer((npad // 16, k * bits // 2), "int32"),  # type: ignore[valid-type]
+        s: T.Buffer((npad, ng), "float16"),  # type: ignore[valid-type]
         zs: T.Buffer(zs_shape, "float16"),  # type: ignore[valid-type]
         out: T.Buffer((n, k), "float16"),  # type: ignore[valid-type]
     ):
@@ -316,18 +235,15 @@ def dequant_func(n: int, k: int, bits: int, group: int, sym: bool):
                 if idx < n * k:
                     r = T.Bind(idx // k)
                     c = T.Bind(idx % k)
-                    sg = T.Bind(natural_column(c, bits) // g)
+                    tile, word, shift = code_index(r, c, bits)
                     out[r, c] = T.Cast(
                         "float16",
                         (
-                            T.Cast(
-                                "float32",
-                                T.bitwise_and(T.shift_right(w[r, c // per], (c % per) * bits), (1 << bits) - 1),
-                            )
+                            T.Cast("float32", T.bitwise_and(T.shift_right(w[tile, word], shift), (1 << bits) - 1))
                             - (T.float32(zc) if sym else T.float32(0))
                         )
-                        * T.Cast("float32", s[r, sg])
-                        + (T.Cast("float32", zs[r, sg]) if not sym else T.float32(0)),
+                        * T.Cast("float32", s[r, c // g])
+                        + (T.Cast("float32", zs[r, c // g]) if not sym else T.float32(0)),
                     )
 
     return deq

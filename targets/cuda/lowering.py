@@ -1,9 +1,9 @@
 """The cuda target's lowering: its weight plan and the rules that call its kernels.
 
 What runs where:
-  decode (tokens = 1, batch <= 8;   kiln's GEMV kernels (fp16 / int8 / int4, dequantize fused into the
-  <= 16 with quantized weights)     16-byte weight loads; q, k and v as one launch) and the paged decode
-                                    attention kernel
+  decode (tokens = 1, batch 1 with  kiln's GEMV kernels (fp16 on CUDA cores; int8 / int4 dequantized in
+  fp16 weights, <= 16 quantized)    registers into tensor-core `mma` operands, targets/cuda/qgemv.py; q, k
+                                    and v as one launch) and the paged decode attention kernel
   decode_batched (larger batches)   linears as prefill; attention through the paged decode kernel
   prefill, verify                   tensor-core GEMMs through cuBLAS, called by the runtime
                                     (`kiln.cuda.gemm_nt` / `gemm_nn`; quantized weights are
@@ -27,8 +27,9 @@ from kiln.ops import find_rule, register_rule
 from kiln.targets.common.relax import FunctionLowering, RelaxLowering, qkey, split_rows
 
 from . import kernels as C
-from .layouts import F16, Quant, packed_shapes, padded_cols, scale_group, storage_columns
+from .layouts import F16, Quant, code_index, packed_shapes, padded_cols, scale_group, storage_columns
 from .norms import rms_norm_func
+from .qgemv import qgemv_func
 from .rope import rope_append_func
 
 
@@ -73,11 +74,11 @@ class CudaLowering(RelaxLowering):
                 raise UnsupportedOpError(
                     f"qweight with {bits}-bit codes", ws[0].source, hint="target 'cuda' has int8 and int4 kernels"
                 )
-            if group % C._vec(bits):
+            if group % 16:
                 raise UnsupportedOpError(
                     f"int{bits} weights in groups of {group}",
                     ws[0].source,
-                    hint=f"target 'cuda' needs groups that are multiples of {C._vec(bits)}",
+                    hint="target 'cuda' needs groups that are multiples of 16 columns (one tensor-core k-tile)",
                 )
             k = int(ws[0].type.shape[1])
             sources = tuple(w.inputs[j].attrs["name"] for j in range(3) for w in ws)
@@ -127,32 +128,39 @@ def cuda_linear(
         low = f.low
         assert isinstance(low, CudaLowering)  # this rule is registered for the cuda target only
         rows, splits = low.gemv_rows, low.gemv_splits
-        gv = low.kernel(
-            ("cuda_gemv", kp, n_out, bits, group, "sym" if sym else "asym", bias is not None)
-            + ((f"r{rows}",) if rows else ())
-            + ((f"s{splits}",) if splits else ())
-            + (("parts",) + parts if len(parts) > 1 else ()),
-            lambda: C.gemv_func(kp, n_out, bits, group, sym, bias is not None, rows=rows, splits=splits, parts=parts),
-        )
-        s = fields[1] if q else _dummy(f, (1, 1), "float16")
-        zs = fields[2] if q and not sym else _dummy(f, (1, 1), "float16")
-        args = [x2, fields[0], s, zs, bias if bias is not None else _dummy(f, (1,), "float32")]
+        b = bias if bias is not None else _dummy(f, (1,), "float32")
+        if q:
+            gv = low.kernel(
+                ("cuda_qgemv", kp, n_out, bits, group, "sym" if sym else "asym", bias is not None)
+                + ((f"s{splits}",) if splits else ())
+                + (("parts",) + parts if len(parts) > 1 else ()),
+                lambda: qgemv_func(kp, n_out, bits, group, sym, bias is not None, splits=splits, parts=parts),
+            )
+            zs = fields[2] if not sym else _dummy(f, (1, 1), "float16")
+            args = [x2, fields[0], fields[1], zs, b]
+        else:
+            gv = low.kernel(
+                ("cuda_gemv", kp, n_out, bias is not None)
+                + ((f"r{rows}",) if rows else ())
+                + ((f"s{splits}",) if splits else ())
+                + (("parts",) + parts if len(parts) > 1 else ()),
+                lambda: C.gemv_func(kp, n_out, bias is not None, rows=rows, splits=splits, parts=parts),
+            )
+            args = [x2, fields[0], b]
         out_types = [relax.TensorType([m, p], "float32") for p in parts]
         out_types += [relax.TensorType([1, 1], "float32")] * (3 - len(parts))
         ys = f.emit(relax.call_tir(gv, args, out_types))
         return [f.emit(relax.op.reshape(f.emit(relax.TupleGetItem(ys, i)), lead + [p])) for i, p in enumerate(parts)]
-    # the weight columns are stored lane-interleaved: the activations take the same order (and fp16)
-    x16 = f.emit(
-        relax.op.take(f.emit(relax.op.astype(x2, "float16")), _columns(f, kp, bits), axis=1, mode="clip")
-    )  # clip: fast mode warns at build
-    if q:
+    x16 = f.emit(relax.op.astype(x2, "float16"))
+    if q:  # dequantized to fp16 in natural column order
         dq = f.low.kernel(
             ("cuda_dequant", n_out, kp, bits, group, "sym" if sym else "asym"),
             lambda: C.dequant_func(n_out, kp, bits, group, sym),
         )
         zs = fields[2] if not sym else _dummy(f, (1, 1), "float16")
         w16 = f.emit(relax.call_tir(dq, [fields[0], fields[1], zs], relax.TensorType([n_out, kp], "float16")))
-    else:
+    else:  # fp16 columns are stored lane-interleaved: the activations take the same order
+        x16 = f.emit(relax.op.take(x16, _columns(f, kp, 16), axis=1, mode="clip"))  # clip: fast mode warns
         w16 = fields[0]
     y = _matmul_nt(f, x16, w16, [m, n_out])
     if bias is not None:
@@ -207,9 +215,8 @@ def _embedding(f, n, xs):
     def gather(idx, codes, scales, *zs):
         def row(*i):
             v, c = idx[i[:-1]], i[-1]
-            p = C.storage_position(c, bits)
-            per = 32 // bits  # codes per int32 word
-            code = ((codes[v, p // per] >> ((p % per) * bits).astype("int32")) & ((1 << bits) - 1)).astype("float32")
+            tile, word, shift = code_index(v, c, bits)
+            code = ((codes[tile, word] >> shift.astype("int32")) & ((1 << bits) - 1)).astype("float32")
             s = scales[v, c // group].astype("float32")
             return code * s + zs[0][v, c // group].astype("float32") if zs else (code - zc) * s
 

@@ -1,7 +1,7 @@
 """Target `cuda`: NVIDIA GPUs (sm_80, sm_90a), built on any host, run with TVM's runtime only.
 
-Activations stay fp32 (they are small at decode, and rotary angles need the precision); weights
-are fp16 or quantized; the KV cache is fp16. What runs where is in lowering.py. The library holds CUDA
+Activations stay fp32 between kernels (they are small at decode, and rotary angles need the precision);
+weights are fp16 or quantized; the KV cache is fp16. What runs where is in lowering.py. The library holds CUDA
 source: the runtime compiles it for the GPU on first load and caches the binary (runtime/cuda.py).
 """
 
@@ -17,7 +17,7 @@ from kiln.ir import Graph
 from kiln.targets.base import BuildResult
 from kiln.targets.common.tvm_target import TvmTarget
 
-from . import kernels as C
+from . import qgemv as Q
 from .lowering import CudaLowering
 
 ARCHS = {"sm_80": "8.0", "sm_86": "8.6", "sm_89": "8.9", "sm_90": "9.0", "sm_90a": "9.0"}
@@ -29,9 +29,9 @@ def gemv_max_batch(graph: Graph) -> int:
     GEMMs, and for quantized weights a dequantization of every weight each step first). Measured on an
     H200, Llama-3.1-8B shape, decode tok/s GEMV / GEMM (bench/gpu_decode.py, KILN_CROSSOVER):
     fp16 batch 1: 202 / 185, batch 2: 314 / 359, batch 8: 509 / 1231; int4 batch 8: 693 / 300, batch 16:
-    717 / 579, batch 24: 720 / 840 (int8 alike). fp16 leaves the GEMV at batch 2, quantized weights after 16
-    (two passes of MB rows)."""
-    return 2 * C.MB if any(n.op == "qweight" for n in graph.nodes) else 1
+    717 / 579, batch 24: 720 / 840 (int8 alike; figures of the CUDA-core quantized GEMV). fp16 leaves the GEMV
+    at batch 2, quantized weights after 16 (one pass of the tensor-core GEMV, two n-tiles of 8 rows)."""
+    return Q.MB if any(n.op == "qweight" for n in graph.nodes) else 1
 
 
 class CudaTarget(TvmTarget):
