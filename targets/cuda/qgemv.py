@@ -52,17 +52,24 @@ __device__ __forceinline__ void kiln_mma16816(float* c, const unsigned* a, const
 }
 __device__ __forceinline__ unsigned kiln_h2u(half2 h) { return *reinterpret_cast<unsigned*>(&h); }
 __device__ __forceinline__ half2 kiln_u2h(unsigned u) { return *reinterpret_cast<half2*>(&u); }
+// the B fragment (2 registers) of activation row `row` at column `col`: branch-free (a row past m reads row 0
+// and is zeroed), so that the loads of several k-tiles issue back to back before any conversion waits
 __device__ __forceinline__ void kiln_bfrag(const float* __restrict__ x, long long m, int k, int row, int col,
                                            unsigned* b) {
-  if (row < m) {
-    const float2 v0 = *reinterpret_cast<const float2*>(x + (long long)row * k + col);
-    const float2 v1 = *reinterpret_cast<const float2*>(x + (long long)row * k + col + 8);
-    b[0] = kiln_h2u(__floats2half2_rn(v0.x, v0.y));
-    b[1] = kiln_h2u(__floats2half2_rn(v1.x, v1.y));
-  } else {
-    b[0] = 0u;
-    b[1] = 0u;
-  }
+  const float* p = x + (long long)(row < m ? row : 0) * k + col;
+  const float2 v0 = *reinterpret_cast<const float2*>(p);
+  const float2 v1 = *reinterpret_cast<const float2*>(p + 8);
+  const float keep = row < m ? 1.0f : 0.0f;
+  b[0] = kiln_h2u(__floats2half2_rn(v0.x * keep, v0.y * keep));
+  b[1] = kiln_h2u(__floats2half2_rn(v1.x * keep, v1.y * keep));
+}
+// the n-tile-0 B fragments of TILES k-tiles from column k0: issued with the weight loads of the same
+// iteration, so their latency hides under the weights' (the kernel had waited on each k-tile's in turn)
+template <int TILES>
+__device__ __forceinline__ void kiln_xfrag(const float* __restrict__ x, long long m, int k, int k0, unsigned* b) {
+  const int lane = threadIdx.x & 31;
+  #pragma unroll
+  for (int j = 0; j < TILES; ++j) kiln_bfrag(x, m, k, lane >> 2, k0 + 16 * j + 2 * (lane & 3), b + 2 * j);
 }
 template <int BITS, bool ASYM>
 __device__ __forceinline__ void kiln_dequant(const int* __restrict__ w, int j, unsigned* a) {
@@ -87,37 +94,35 @@ __device__ __forceinline__ void kiln_dequant(const int* __restrict__ w, int j, u
     }
   }
 }
-template <int BITS, int TILES, int TPG, int GROUP, bool ASYM>
-__device__ __forceinline__ void kiln_qmma(const int* __restrict__ w, const float* __restrict__ x, long long m,
-                                          int k, int k0, const half* __restrict__ s, const half* __restrict__ zs,
-                                          int ng, int row0, float* __restrict__ acc) {
+template <int BITS, int TILES, int TPG, bool ASYM>
+__device__ __forceinline__ void kiln_qmma(const int* __restrict__ w, const unsigned* __restrict__ b0,
+                                          const float* __restrict__ x, long long m, int k, int k0,
+                                          const float* __restrict__ sz, float* __restrict__ acc) {
+  // sz: per group run of this load, the scales of rows g and g + 8 (and their zs), loaded with the weights
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const unsigned ones[4] = {0x3C003C00u, 0x3C003C00u, 0x3C003C00u, 0x3C003C00u};
+  const bool two = m > 8;  // a second n-tile (activation rows 8-15): its fragments loaded here, all at once
+  unsigned b1[2 * TILES];
+  if (two) {
+    #pragma unroll
+    for (int j = 0; j < TILES; ++j) kiln_bfrag(x, m, k, g + 8, k0 + 16 * j + 2 * t, b1 + 2 * j);
+  }
   #pragma unroll
   for (int j0 = 0; j0 < TILES; j0 += TPG) {
+    const float* q = sz + (j0 / TPG) * 4;
+    const float s0 = q[0], s1 = q[1], z0 = ASYM ? q[2] : 0.f, z1 = ASYM ? q[3] : 0.f;
     float c[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     float o[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     #pragma unroll
     for (int j = j0; j < j0 + TPG; ++j) {
-      unsigned a[4], b[2];
+      unsigned a[4];
       kiln_dequant<BITS, ASYM>(w, j, a);
-      const int col = k0 + 16 * j + 2 * t;
-      kiln_bfrag(x, m, k, g, col, b);
-      kiln_mma16816(c, a, b);
-      if (ASYM) kiln_mma16816(o, ones, b);
-      if (m > 8) {
-        kiln_bfrag(x, m, k, g + 8, col, b);
-        kiln_mma16816(c + 4, a, b);
-        if (ASYM) kiln_mma16816(o + 4, ones, b);
+      kiln_mma16816(c, a, b0 + 2 * j);
+      if (ASYM) kiln_mma16816(o, ones, b0 + 2 * j);
+      if (two) {
+        kiln_mma16816(c + 4, a, b1 + 2 * j);
+        if (ASYM) kiln_mma16816(o + 4, ones, b1 + 2 * j);
       }
-    }
-    const int grp = (k0 + 16 * j0) / GROUP;
-    const float s0 = __half2float(s[(long long)(row0 + g) * ng + grp]);
-    const float s1 = __half2float(s[(long long)(row0 + g + 8) * ng + grp]);
-    float z0 = 0.f, z1 = 0.f;
-    if (ASYM) {
-      z0 = __half2float(zs[(long long)(row0 + g) * ng + grp]);
-      z1 = __half2float(zs[(long long)(row0 + g + 8) * ng + grp]);
     }
     #pragma unroll
     for (int n = 0; n < 8; n += 4) {
@@ -189,7 +194,9 @@ def qgemv_func(
     words = k * bits // 2  # int32 words per row tile
     zs_shape = (npad, ng) if not sym else (1, 1)
     b_shape = (n,) if bias else (1,)
-    call = f"kiln_qmma<{bits}, {tiles_k}, {tpg}, {g}, {'false' if sym else 'true'}>"
+    XB = 2 * tiles_k  # B-fragment registers per load (n-tile 0)
+    NS = tiles_k // tpg  # group runs per load
+    call = f"kiln_qmma<{bits}, {tiles_k}, {tpg}, {'false' if sym else 'true'}>"
 
     @T.macro
     def store(y0, y1, y2, i, row, val):
@@ -224,30 +231,65 @@ def qgemv_func(
                     for tx in T.thread_binding(32, thread="threadIdx.x"):
                         acc = T.alloc_buffer((8,), "float32", scope="local")
                         wl = T.alloc_buffer((U * 4,), "int32", scope="local")
+                        xb = T.alloc_buffer((U * XB,), "uint32", scope="local")
+                        sz = T.alloc_buffer((U * NS * 4,), "float32", scope="local")
                         sums = T.alloc_buffer((WARPS, 32, 8), "float32", scope="shared")
                         red = T.alloc_buffer((1,), "float32", scope="local")
                         tile = T.Bind(bx * RPB + ty // S)
                         ks = T.Bind(ty % S)
                         for i in T.unroll(8):
                             acc[i] = T.float32(0)
+                        for i in T.unroll(U * XB):
+                            xb[i] = T.uint32(0)  # (all of it written here: the calls below write through pointers)
+                        for i in T.unroll(U * NS * 4):
+                            sz[i] = T.float32(0)
                         for io in range(outer):
                             for u in T.unroll(U):
                                 if io * U + u < per and ks * per + io * U + u < kblocks and tile < rt:
                                     for j in T.vectorized(4):
                                         wl[u * 4 + j] = w[tile, (ks * per + io * U + u) * 128 + tx * 4 + j]
+                            # the scales (and zs) of this iteration's group runs: DRAM loads too, issued here
+                            for u in T.unroll(U):
+                                if io * U + u < per and ks * per + io * U + u < kblocks and tile < rt:
+                                    for r in T.unroll(NS):
+                                        for h in T.unroll(2):
+                                            sz[(u * NS + r) * 4 + h] = T.Cast(
+                                                "float32",
+                                                s[
+                                                    tile * 16 + h * 8 + tx // 4,
+                                                    ((ks * per + io * U + u) * KB + r * tpg * 16) // g,
+                                                ],
+                                            )
+                                            if not sym:
+                                                sz[(u * NS + r) * 4 + 2 + h] = T.Cast(
+                                                    "float32",
+                                                    zs[
+                                                        tile * 16 + h * 8 + tx // 4,
+                                                        ((ks * per + io * U + u) * KB + r * tpg * 16) // g,
+                                                    ],
+                                                )
+                            for u in T.unroll(U):
+                                if io * U + u < per and ks * per + io * U + u < kblocks:
+                                    T.cuda.func_call(
+                                        f"kiln_xfrag<{tiles_k}>",
+                                        T.address_of(x[mo * MB, 0]),
+                                        m - mo * MB,
+                                        k,
+                                        (ks * per + io * U + u) * KB,
+                                        T.address_of(xb[u * XB]),
+                                        source_code=_SRC,
+                                    )
                             for u in T.unroll(U):
                                 if io * U + u < per and ks * per + io * U + u < kblocks and tile < rt:
                                     T.cuda.func_call(
                                         call,
                                         T.address_of(wl[u * 4]),
+                                        T.address_of(xb[u * XB]),
                                         T.address_of(x[mo * MB, 0]),
                                         m - mo * MB,
                                         k,
                                         (ks * per + io * U + u) * KB,
-                                        T.address_of(s[0, 0]),
-                                        T.address_of(zs[0, 0]),
-                                        ng,
-                                        tile * 16,
+                                        T.address_of(sz[u * NS * 4]),
                                         T.address_of(acc[0]),
                                         source_code=_SRC,
                                     )
