@@ -171,7 +171,17 @@ def sustainable_rate(rates: Sequence[float], p99s: Sequence[float | None], limit
 
 
 FIGURES = ("tokens_per_s", "ttft_mean_s", "ttft_p50_s", "ttft_p99_s", "tpot_mean_s", "tpot_p99_s", "wall_s")
-COUNTS = ("pages_peak_used", "preemptions", "prefix_hit_tokens", "prefix_hit_rate", "peak_batch")
+COUNTS = (
+    "requests_finished",
+    "pages_peak_used",
+    "preemptions",
+    "prefix_hit_tokens",
+    "prefix_hit_rate",
+    "peak_batch",
+    "steps",
+    "decode_steps",
+    "prefill_tokens_computed",
+)
 
 
 def median_of(runs: list[dict]) -> dict:
