@@ -15,6 +15,7 @@ BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, BENCH)
 
 import serving  # bench/serving.py
+import serving_models
 import serving_workload as sw
 
 
@@ -55,7 +56,7 @@ def test_random_weights_are_seeded(artifacts):
     from kiln.runtime.artifact import read_manifest
 
     man = read_manifest(artifacts["llama"])
-    a, b = serving.random_weights(man, "manifest"), serving.random_weights(man, "manifest")
+    a, b = serving_models.random_weights(man, "manifest"), serving_models.random_weights(man, "manifest")
     assert set(a) == {s["name"] for s in man["weights"]}
     for s in man["weights"]:
         x, y = (w.detach().numpy() if hasattr(w, "detach") else w for w in (a[s["name"]], b[s["name"]]))
@@ -63,7 +64,7 @@ def test_random_weights_are_seeded(artifacts):
 
 
 def test_workload_is_fixed_by_its_seed_and_rates_rescale_arrivals():
-    tokens = serving.random_tokens(1000)
+    tokens = serving_models.random_tokens(1000)
     shape = sw.Shape(requests=200, prompt_median=50, prompt_max=400, output_median=20, output_max=100, seed=3)
     a, b = sw.make_workload(shape, tokens), sw.make_workload(shape, tokens)
     assert a.prompts == b.prompts and a.outputs == b.outputs
@@ -107,7 +108,7 @@ def test_gpu_mode_imports_only_the_runtime_side():
     """The GPU host has TVM's runtime only: the bench modules and the cuda weight maker import nothing from
     kiln's compile side or TVM's compiler."""
     code = (
-        f"import sys; sys.path.insert(0, {BENCH!r}); import serving, serving_workload, gpu_decode; "
+        f"import sys; sys.path.insert(0, {BENCH!r}); import serving, serving_models, serving_workload, gpu_decode; "
         "import kiln.targets.cuda.weights, kiln.runtime.engine, kiln.runtime.serving; "
         "bad = [m for m in sys.modules if m.startswith(('tvm.relax', 'tvm.script', 'kiln.api', 'kiln.trace', "
         "'kiln.passes', 'kiln.targets.cpu'))]; print(bad); sys.exit(1 if bad else 0)"
