@@ -3,7 +3,10 @@
 CPU, the real model (SmolLM2-135M, built with the CLI's defaults unless --artifact is given); prompts are
 slices of the Lee corpus:
 
-    .venv/bin/python bench/serving.py --rates 1.5 --repeats 3 --save cpu_serving
+    .venv/bin/python bench/serving.py --requests 48 --rates 1.5 --repeats 3 --prefix --prefix-tokens 256 \\
+        --prefix-rate 0.5 --prefix-requests 12 --save cpu_serving
+
+(about 21 minutes on 2 loaded cores: bench/results/cpu_serving.json).
 
 GPU host (TVM's runtime, torch and transformers only): an artifact built without weights by
 `python bench/gpu_decode.py build DIR --models llama-3.1-8b --variants fp16`, seeded random weights made there
@@ -12,7 +15,8 @@ exactly as bench/gpu_decode.py makes them (`seeded_model`), prompts of random to
     python bench/serving.py --artifact DIR/llama-3.1-8b-fp16 --random-weights llama-3.1-8b \\
         --max-batch 64 --kv-cache-tokens 131072 --requests 128 --prompt-median 128 --prompt-max 2048 \\
         --output-median 64 --output-max 512 --rates 2,4,8,16,24,32 --ttft-limit 3 \\
-        --policies static,continuous --repeats 1 --prefix --prefix-tokens 640 --prefix-rate 8 --save gpu_serving
+        --policies static,continuous --repeats 1 --prefix --prefix-tokens 640 --prefix-rate 8 \\
+        --save gpu_serving --json gpu_serving_run.json
 
 (about 5 minutes on an H200 at ~15 ms a decode step at batch 64; `--repeats 3` takes three times as long).
 
@@ -45,7 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np
 from serving_models import load_engine
-from serving_workload import Shape, make_workload, median_of, replay, sustainable_rate, warm_up
+from serving_workload import Shape, Workload, make_workload, median_of, replay, sustainable_rate, warm_up
 
 SKIP_FACTOR = 3.0  # a policy whose p99 TTFT is past this many limits is not run at higher rates (it cannot pass)
 
@@ -72,6 +76,12 @@ def sweep(eng, wl, a: argparse.Namespace, policies: list[str], rates: list[float
                 )
                 if a.ttft_limit and m["ttft_p99_s"] > SKIP_FACTOR * a.ttft_limit:
                     over.add(pol)
+                if a.json:  # after every run, so a run cut short keeps what it measured
+                    done = {
+                        p: {f"{r:g}": median_of(ms)["runs"] for r, ms in by.items() if ms} for p, by in runs.items()
+                    }
+                    with open(a.json, "w") as f:
+                        json.dump({"partial": True, "runs": done}, f, indent=1)
     return runs
 
 
@@ -107,6 +117,8 @@ def summarize(runs: dict, a: argparse.Namespace, rates: list[float]) -> dict:
             s_rate = out["policies"]["static"]["sustainable_rate"]
             c_rate = out["policies"]["continuous"]["sustainable_rate"]
             out["continuous_over_static_rate"] = c_rate / s_rate if s_rate > 0 else None
+            s_pass, c_pass = (out["policies"][p]["highest_passing_rate"] for p in ("static", "continuous"))
+            out["continuous_over_static_highest_passing_rate"] = c_pass / s_pass if s_pass > 0 else None
     first = {p: [runs[p][r][0]["outputs"] for r in rates if runs[p][r]] for p in runs}
     names = list(first)
     n = min(len(v) for v in first.values())
@@ -114,8 +126,8 @@ def summarize(runs: dict, a: argparse.Namespace, rates: list[float]) -> dict:
     return out
 
 
-def prefix_runs(eng, tokens, a: argparse.Namespace) -> dict:
-    """The shared-system-prompt workload under continuous batching, prefix caching on and off."""
+def prefix_workload(tokens, a: argparse.Namespace) -> Workload:
+    """Prompts that start with one shared system prompt of --prefix-tokens, then a user part of the usual spread."""
     shape = Shape(
         a.prefix_requests or a.requests,
         a.prompt_median,
@@ -125,7 +137,22 @@ def prefix_runs(eng, tokens, a: argparse.Namespace) -> dict:
         a.prefix_tokens,
         a.seed + 1,
     )
-    wl = make_workload(shape, tokens)
+    return make_workload(shape, tokens)
+
+
+def check_fits(wl: Workload, eng, what: str) -> None:
+    """Refuse, before any run, a workload whose longest request the artifact cannot serve."""
+    longest = max(len(p) + o for p, o in zip(wl.prompts, wl.outputs))
+    if longest > eng.max_context:
+        sys.exit(
+            f"the {what} workload's longest request needs {longest} positions, the artifact serves "
+            f"{eng.max_context}: lower --prompt-max / --output-max" + (" / --prefix-tokens" if what == "prefix" else "")
+        )
+
+
+def prefix_runs(eng, wl: Workload, a: argparse.Namespace) -> dict:
+    """The shared-system-prompt workload under continuous batching, prefix caching on and off."""
+    shape = wl.shape
     reqs = wl.at(a.prefix_rate)
     res: dict = {"rate": a.prefix_rate, "workload": {**shape.__dict__, **wl.stats}}
     runs: dict = {True: [], False: []}
@@ -253,12 +280,10 @@ def main(argv: list[str] | None = None) -> dict:
     eng, tokens, model = load_engine(a)
     shape = Shape(a.requests, a.prompt_median, a.prompt_max, a.output_median, a.output_max, 0, a.seed)
     wl = make_workload(shape, tokens)
-    longest = max(len(p) + o for p, o in zip(wl.prompts, wl.outputs))
-    if longest > eng.max_context:
-        sys.exit(
-            f"the longest request needs {longest} positions, the artifact serves {eng.max_context}: "
-            "lower --prompt-max / --output-max"
-        )
+    check_fits(wl, eng, "main")
+    pre_wl = prefix_workload(tokens, a) if a.prefix else None
+    if pre_wl is not None:
+        check_fits(pre_wl, eng, "prefix")
     st = wl.stats
     print(
         f"{model}: {a.requests} requests; prompts mean {st['prompt_tokens_mean']:.0f}, p50 "
@@ -290,8 +315,8 @@ def main(argv: list[str] | None = None) -> dict:
         "median_of": a.repeats,
         **summary,
     }
-    if a.prefix:
-        pre = prefix_runs(eng, tokens, a)
+    if pre_wl is not None:
+        pre = prefix_runs(eng, pre_wl, a)
         figures["prefix"] = pre
         print(
             f"\nshared system prompt ({a.prefix_tokens} tokens, {pre['workload']['shared_prefix_share']:.0%} of "

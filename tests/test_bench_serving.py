@@ -42,6 +42,7 @@ def test_random_weights_mode_runs_sweep_repeats_and_prefix(artifacts, tmp_path):
         # a 5 s limit holds at both rates for 10 tiny requests: the highest swept rate, a lower bound
         assert entry["highest_passing_rate"] == 1000.0 and entry["saturated_in_sweep"] is False
     assert figures["continuous_over_static_rate"] == pytest.approx(1.0)
+    assert figures["continuous_over_static_highest_passing_rate"] == 1.0
     assert figures["ratio_rate"] == 1000.0 and figures["continuous_over_static_throughput"] > 0
     assert figures["greedy_outputs_identical"] is True  # the same ids and weights; fp32 CPU kernels per row
     pre = figures["prefix"]
@@ -49,6 +50,14 @@ def test_random_weights_mode_runs_sweep_repeats_and_prefix(artifacts, tmp_path):
     # every request after the first finds the 48-token system prompt's whole pages cached
     assert pre["hit_rate"] > 0.4 and pre["hit_rate_uncached"] == 0.0
     assert pre["cached"]["requests_finished"] == pre["uncached"]["requests_finished"] == 6
+
+
+def test_a_workload_the_artifact_cannot_serve_is_refused_before_any_run(artifacts):
+    argv = ["--artifact", artifacts["llama"], "--random-weights", "--requests", "4", "--prompt-max", "64",
+            "--output-max", "16", "--prefix", "--prefix-tokens", "300"]  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        serving.main(argv)
+    assert "needs" in str(e.value.code) and "--prefix-tokens" in str(e.value.code)
 
 
 def test_random_weights_are_seeded(artifacts):
