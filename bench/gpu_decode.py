@@ -223,6 +223,22 @@ def crossover(path: str, weights: dict, prompt: list[int], batches: list[int], n
     return out
 
 
+def seeded_model(cfg, device: str = "cuda", dtype: str = "float16"):
+    """The benchmark's random weights: a LlamaForCausalLM of `cfg` initialized from seed 0, made on `device`
+    in `dtype`. Every benchmark that runs a random-weight model calls this, so the same shape gets the same
+    weights (bench/serving.py's GPU mode too)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        with torch.device(device):
+            return LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
 def run(
     art: str,
     models: list[str],
@@ -233,7 +249,6 @@ def run(
     json_path: str | None = None,
 ):
     import torch
-    from transformers import LlamaForCausalLM
 
     from kiln.targets.cuda.weights import WeightMaker, tensors_of
 
@@ -249,11 +264,7 @@ def run(
     g = torch.Generator().manual_seed(0)
     for name in models:
         cfg = _config(name)
-        torch.manual_seed(0)
-        torch.set_default_dtype(torch.float16)
-        with torch.device("cuda"):
-            model = LlamaForCausalLM(cfg).eval()
-        torch.set_default_dtype(torch.float32)
+        model = seeded_model(cfg)
         prompt = torch.randint(0, cfg.vocab_size, (128,), generator=g).tolist()
         long_prompt = torch.randint(0, cfg.vocab_size, (2048,), generator=g).tolist()
         ids = torch.tensor([prompt], device="cuda")
