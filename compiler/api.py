@@ -182,6 +182,7 @@ def compile(
         "trace": {
             "decomposed": graph.meta.get("decomposed", []),
             "attention_fallbacks": graph.meta.get("attention_fallbacks", []),
+            "norm_fallbacks": graph.meta.get("norm_fallbacks", []),
         },
         "pipeline": passes,
         "passes": [r.to_json() for r in records],
