@@ -1,6 +1,6 @@
 """kiln vs transformers on the same real weights: next-token logits and perplexity on Lee-corpus windows.
 
-    .venv/bin/python bench/real_model_agreement.py [--model gemma3-270m] [--windows 4] [--window 256]
+    .venv/bin/python bench/real_model_agreement.py [--model gemma3-270m] [--quant int8] [--windows 4] [--window 256]
 
 Evaluation text: `lee_background.cor` from token 8192 on (calibration texts stay before it). Each window
 runs through kiln's `verify` entry (every position's logits) and through transformers' full forward.
@@ -54,6 +54,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="gemma3-270m")
     ap.add_argument("--artifact", default=None, help="reuse a built artifact (default: cached build)")
+    ap.add_argument("--quant", default=None, help="a weight scheme for the build (int8, int4_g32, ...)")
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--out", default=None, help="results name: bench/results/NAME.json")
@@ -63,7 +64,8 @@ def main() -> int:
     from kiln.models import load_model
 
     lm = load_model(a.model)
-    art = a.artifact or kiln.cached_build(a.model, os.path.join(tempfile.mkdtemp(), "art"))[0]
+    kw = {"quant": a.quant} if a.quant else {}
+    art = a.artifact or kiln.cached_build(a.model, os.path.join(tempfile.mkdtemp(), "art"), **kw)[0]
     eng = kiln.load(art, kv_cache_tokens=8192)
     ids = lm.tokenizer(lee_corpus("lee_background.cor"))["input_ids"]
     bos = [lm.tokenizer.bos_token_id] if lm.tokenizer.bos_token_id is not None else []
@@ -87,6 +89,7 @@ def main() -> int:
     n_pred = sum(r["n"] - 1 for r in rows)
     summary = {
         "model": a.model,
+        "quant": a.quant,
         "eval_text": f"lee_background.cor tokens from {EVAL_START}, {a.windows} windows of {a.window} (+BOS)"
         + (f" and one of {sw + a.window} scored after position {sw}" if sw else ""),
         "max_abs_logit_diff": max(r["max_abs"] for r in rows),
@@ -101,7 +104,7 @@ def main() -> int:
         print(f"| {k} | {summary[k]:.4g} |")
     from results_io import write_results
 
-    write_results(a.out or f"agreement_{a.model}", summary)
+    write_results(a.out or f"agreement_{a.model}" + (f"_{a.quant}" if a.quant else ""), summary)
     eng.close()
     return 0
 
