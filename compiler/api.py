@@ -50,7 +50,7 @@ def compile(
 ):
     """Compile a causal LM for `target` with the pass pipeline `passes`.
 
-    `model` is a transformers causal LM (nn.Module), a built-in name (`smollm2-135m`), a GGUF file or a
+    `model` is a transformers causal LM (nn.Module), a built-in name (`smollm2-135m`, `gemma3-270m`), a GGUF file or a
     local transformers folder. Returns an `Artifact`; `artifact.save(dir)` writes it.
 
     Quantization: `quant="int4_g128"` (with `quant_method` rtn|awq|gptq), `kv_quant="int8"|"fp8_e4m3"`,

