@@ -75,6 +75,9 @@ def test_batched_greedy_generation_equals_transformers(engine, gemma):
         ids = lm.tokenizer(p)["input_ids"]
         assert ids[0] == lm.tokenizer.bos_token_id and o.prompt_ids == ids
         assert o.token_ids == hf_greedy(lm.model, ids, 16), p
+        with torch.no_grad():  # and transformers' own generate (its KV cache; these prompts are inside the window)
+            gen = lm.model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids) :].tolist()
+        assert len(gen) >= 8 and o.token_ids[: len(gen)] == gen, p
     assert outs[0].text.startswith(" Paris")
 
 
