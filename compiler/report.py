@@ -15,6 +15,19 @@ def _active(m: dict[str, Any]) -> str:
     return f", {active / 1e6:.2f}M active per token" if active is not None and active < total else ""
 
 
+def _attention_kinds(layers: list[dict[str, Any]]) -> str:
+    """Which layers attend globally and which through a sliding window (Mistral, Gemma-2/3 interleave
+    them): the window is part of each fused attention, so a reader sees every layer was recognized."""
+    if not layers:
+        return "- attention: none fused"
+    windows = [int(la.get("window") or 0) for la in layers]
+    parts = [f"{windows.count(0)} global"] if 0 in windows else []
+    for w in sorted(set(windows) - {0}):
+        idx = [i for i, x in enumerate(windows) if x == w]
+        parts.append(f"{len(idx)} sliding-window {w} (layers {', '.join(map(str, idx))})")
+    return "- attention: " + ", ".join(parts)
+
+
 def render_report(m: dict[str, Any], kv_budget_gib: float = 1.0) -> str:
     """Markdown report from a manifest (also what `kiln inspect` prints)."""
     model = m.get("model", {})
@@ -33,15 +46,17 @@ def render_report(m: dict[str, Any], kv_budget_gib: float = 1.0) -> str:
         f"- weights: {_mb(m.get('weight_bytes', 0))} in {len(m.get('weights', []))} fields",
         f"- KV cache: {m['kv_cache']['page_size']}-token pages, {len(m['kv_cache']['layers'])} layers, "
         f"{m['kv_cache'].get('bytes_per_token', 0)} bytes per token ({m['kv_cache'].get('dtype')})",
-        "",
     ]
+    lines += [_attention_kinds(m["kv_cache"].get("layers", [])), ""]
     tr = m.get("trace") or {}
-    if tr.get("decomposed") or tr.get("attention_fallbacks"):
+    if tr.get("decomposed") or tr.get("attention_fallbacks") or tr.get("norm_fallbacks"):
         lines += ["## Trace", ""]
         if tr.get("decomposed"):
             lines.append("- decomposed by torch's tables: " + ", ".join(f"`{o}`" for o in tr["decomposed"]))
         for f in tr.get("attention_fallbacks") or []:
             lines.append(f"- attention left as plain ops at `{f['node']}` ({f['source']}): {f['reason']}")
+        for f in tr.get("norm_fallbacks") or []:
+            lines.append(f"- normalization left as plain ops at `{f['node']}` ({f['source']}): {f['reason']}")
         lines.append("")
     sim = m["target"].get("simulated")
     if sim:

@@ -69,6 +69,36 @@ def test_fuse_norms(family, expected, traced):
     same_numbers(base, g)
 
 
+@pytest.mark.parametrize("family,expected", [("gemma", 5), ("gemma3_text", 13)])
+def test_fuse_norms_folds_gemma_one_plus_w(family, expected):
+    """Gemma scales by (1 + w): the weight is folded into a new parameter and every norm fuses, qk-norms too."""
+    from families import tiny_family
+
+    from kiln.trace import trace
+
+    base, _ = run_pass("canonicalize", trace(tiny_family(family), max_tokens=64))
+    g, counts = run_pass("fuse-norms", base)
+    assert counts["rms-norm"] == expected == len(g.find("rms_norm")) == counts["offset-weight-folded"]
+    assert not g.find("rsqrt") and g.meta["norm_fallbacks"] == []
+    w = g.find("rms_norm")[0].inputs[1]
+    assert w.op == "param" and w.attrs["name"].endswith(".plus_1")
+    torch.testing.assert_close(g.params[w.attrs["name"]], base.params[w.attrs["name"][: -len(".plus_1")]] + 1)
+    same_numbers(base, g)
+
+
+def test_fuse_norms_leaves_input_dependent_weight_and_says_why():
+    g = Graph()
+    x = g.add_input("x", ttype([2, 5, 8]))
+    y = g.add_input("y", ttype([8]))
+    ms = g.add("mean", [g.add("pow", [x, g.const(2.0)])], {"dims": [-1], "keepdim": True})
+    h = g.add("mul", [x, g.add("rsqrt", [g.add("add", [ms, g.const(1e-6)])])])
+    g.outputs = [g.add("mul", [h, g.add("add", [g.add_param("w", torch.randn(8)), y])])]
+    out, counts = run_pass("fuse-norms", g)
+    assert counts == {} and not out.find("rms_norm")
+    [fb] = out.meta["norm_fallbacks"]
+    assert fb["node"] == out.find("rsqrt")[0].name and "not a [dim] parameter" in fb["reason"]
+
+
 @pytest.mark.parametrize("family,expected", [("llama", 4), ("mistral", 4), ("gpt2", 0)])
 def test_fuse_rope(family, expected, traced):
     base, _ = run_pass("canonicalize", traced[family])
