@@ -112,7 +112,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(m, indent=1))
         return 0
-    print(render_report(m, a.kv_budget))
+    print(render_report(m, a.kv_budget, a.batch, a.context, a.prefill_chunk))
     if m.get("target", {}).get("name") == "mlir":
         print("## MLIR\n")
         for key, f in m["target"]["mlir_files"].items():
@@ -273,6 +273,13 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=1.0,
         help="KV-cache memory budget in GiB for the plan (max batch x context per attention variant and KV dtype)",
+    )
+    i.add_argument("--batch", type=int, default=1, help="sequences for the memory estimate (default 1)")
+    i.add_argument(
+        "--context", type=int, default=None, help="tokens per sequence for the memory estimate (default: max context)"
+    )
+    i.add_argument(
+        "--prefill-chunk", type=int, default=2048, help="prompt tokens per prefill step for the memory estimate"
     )
     i.set_defaults(fn=cmd_inspect)
     u = sub.add_parser(

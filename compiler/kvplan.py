@@ -91,3 +91,55 @@ def render_plan(kv: dict[str, Any], budget_gib: float = 1.0, contexts=(2048, 819
             + " |"
         )
     return "\n".join(out) + "\n"
+
+
+def memory_needs(m: dict[str, Any], batch: int, context: int, chunk: int = 2048) -> dict[str, int]:
+    """Device memory (bytes) an artifact needs to serve `batch` sequences of `context` tokens, prompts
+    prefilled in chunks of `chunk` tokens: weights and KV cache exactly (pages round each sequence up), the
+    largest transient buffers of one step estimated from the model's shapes and what the target records:
+    `prefill_scores_bytes` per attention score element when its prefill attention materializes the
+    [heads, tokens, context] scores (the cuda target: fp32 scores and mask, fp16 probabilities), and
+    `prefill_gathers_kv` when prefill first copies a sequence's K/V pages out of the paged cache."""
+    kv = m["kv_cache"]
+    cfg = m.get("model", {})
+    ps = int(kv["page_size"])
+    tgt = m.get("target", {})
+    hidden = int(cfg.get("hidden_size") or 0)
+    ffn = int(cfg.get("intermediate_size") or 4 * hidden)
+    heads = int(cfg.get("num_attention_heads") or 0)
+    vocab = int(cfg.get("vocab_size") or 0)
+    chunk = max(1, min(chunk, context))
+    span = -(-context // ps) * ps
+    lay = kv.get("layers") or [{}]
+    kvh, hd = int(lay[0].get("kv_heads", 0)), int(lay[0].get("head_dim", 0))
+    scores = heads * chunk * span * int(tgt.get("prefill_scores_bytes", 0))
+    gather = 2 * kvh * span * hd * 2 if tgt.get("prefill_gathers_kv") else 0
+    # fp32 activations of one layer for the chunk: residual, norm, q/k/v/o (~4 x hidden), gate, up, act (3 x ffn)
+    acts = chunk * (4 * hidden + 3 * ffn) * 4
+    out = {
+        "weights": int(m.get("weight_bytes", 0)),
+        "kv_cache": batch * span * int(kv.get("bytes_per_token", 0)),
+        "prefill_workspace": scores + gather + acts,
+        "logits": max(batch, 1) * vocab * 4,
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+def render_memory(m: dict[str, Any], batch: int, context: int, chunk: int = 2048) -> str:
+    """Markdown lines of `memory_needs`."""
+    need = memory_needs(m, batch, context, chunk)
+    where = "GPU" if m.get("target", {}).get("name") == "cuda" else "device"
+    out = [
+        f"{where} memory for batch {batch} x context {context} (prompts prefilled in chunks of "
+        f"{min(chunk, context)} tokens): **{need['total'] / 2**30:.2f} GiB**",
+        "",
+        "| part | GiB |",
+        "|---|---|",
+    ]
+    out += [f"| {k.replace('_', ' ')} | {v / 2**30:.3f} |" for k, v in need.items() if k != "total"]
+    out.append(
+        "\nweights and KV cache are exact; the workspace is the largest step's transient buffers estimated from "
+        "the shapes (the runtime's allocator may hold more)"
+    )
+    return "\n".join(out) + "\n"

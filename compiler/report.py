@@ -28,8 +28,11 @@ def _attention_kinds(layers: list[dict[str, Any]]) -> str:
     return "- attention: " + ", ".join(parts)
 
 
-def render_report(m: dict[str, Any], kv_budget_gib: float = 1.0) -> str:
-    """Markdown report from a manifest (also what `kiln inspect` prints)."""
+def render_report(
+    m: dict[str, Any], kv_budget_gib: float = 1.0, batch: int = 1, context: int | None = None, chunk: int = 2048
+) -> str:
+    """Markdown report from a manifest (also what `kiln inspect` prints); the memory section is for `batch`
+    sequences of `context` tokens (default: the artifact's max context)."""
     model = m.get("model", {})
     arch = model.get("architectures", ["?"])[0] if model.get("architectures") else model.get("model_type", "?")
     tgt = m["target"]
@@ -92,6 +95,10 @@ def render_report(m: dict[str, Any], kv_budget_gib: float = 1.0) -> str:
         from .kvplan import render_plan
 
         lines += ["", "## KV-cache plan", "", render_plan(m["kv_cache"], kv_budget_gib).rstrip()]
+        from .kvplan import render_memory
+
+        ctx = int(context or m.get("max_context") or 2048)
+        lines += ["", "## Memory", "", render_memory(m, batch, ctx, chunk).rstrip()]
     t = m.get("timings", {})
     if t:
         lines += ["", "## Build time (seconds)", "", "| phase | seconds |", "|---|---|"]

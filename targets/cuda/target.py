@@ -71,6 +71,10 @@ class CudaTarget(TvmTarget):
             "compute_capability": ARCHS[self.arch],
             "device_code": "CUDA source in the library; compiled for the GPU on first load and cached",
             "kv_cache_dtype": "float16",
+            # prefill attention materializes [heads, tokens, context] scores (fp32 scores and mask, fp16
+            # probabilities) over K/V gathered out of the pages: what the memory estimate counts
+            "prefill_scores_bytes": 10,
+            "prefill_gathers_kv": True,
             "weights_dtype": "float16 (or int8/int4 codes)",
             "gemm": self.gemm,
             "requires": ["libcublas"] if self.gemm == "cublas" else [],
