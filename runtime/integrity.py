@@ -165,13 +165,22 @@ def _plain_hash(path: str, expected: str) -> str:
 HASHING_READERS: dict[str, Callable[[str, str], str]] = {}
 
 
-def verify_files(path: str, manifest: dict[str, Any], full: bool = True) -> None:
-    """Refuse the artifact at the first failed check (see the module docstring for the order)."""
+def _hash_order(rel: str) -> tuple[bool, bool, str]:
+    # the library first (it is code and is opened first), the weights last (the most bytes, needed last)
+    return (rel != LIBRARY, rel == WEIGHTS, rel)
+
+
+def verify_files(
+    path: str, manifest: dict[str, Any], full: bool = True, before_weights: Callable[[], None] | None = None
+) -> None:
+    """Refuse the artifact at the first failed check (see the module docstring for the order).
+    `before_weights` is called once every check but the weights' checksum has passed (the loader opens the
+    library and the tokenizer then, while the weights are still being hashed)."""
     check_manifest_sum(path)
     files = _listing(path, manifest)
-    for rel in sorted(files, key=lambda r: (r != LIBRARY, r)):
+    for rel in sorted(files, key=_hash_order):
         member(path, rel)
-    for rel in sorted(files, key=lambda r: (r != LIBRARY, r)):
+    for rel in sorted(files, key=_hash_order):
         _check_file(path, rel, files[rel], hashed=False)
     extra = _unlisted(path, files)
     if extra:
@@ -179,6 +188,50 @@ def verify_files(path: str, manifest: dict[str, Any], full: bool = True) -> None
             f"{extra[0]} is in the artifact but not in its manifest, so it would be loaded unverified: remove it "
             "or rebuild the artifact"
         )
-    for rel in sorted(files, key=lambda r: (r != LIBRARY, r)):
+    for rel in sorted(files, key=_hash_order):
+        if rel == WEIGHTS and before_weights is not None:
+            before_weights()
+            before_weights = None
         if full or rel == LIBRARY:
             _check_file(path, rel, files[rel], hashed=True)
+    if before_weights is not None:
+        before_weights()
+
+
+class BackgroundVerification:
+    """`verify_files` on a thread, started before the loader imports TVM, in two stages the loader waits
+    for separately: everything but the weights' checksum (`wait_for_code`: the library may then be opened,
+    and the tokenizer read), then the weights' (`wait`: before the weights are bound and anything runs).
+    The checks are the same and as complete as `verify_files`; only their waiting overlaps with the load.
+    A failed check is raised by whichever wait comes next."""
+
+    def __init__(self, path: str, manifest: dict[str, Any], full: bool = True) -> None:
+        import threading
+
+        self._code, self._done = threading.Event(), threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(path, manifest, full), name="kiln-verify", daemon=True)
+        self._thread.start()
+
+    def _run(self, path: str, manifest: dict[str, Any], full: bool) -> None:
+        try:
+            verify_files(path, manifest, full, before_weights=self._code.set)
+        except BaseException as e:  # handed to the waiting thread
+            self._error = e
+        finally:
+            self._code.set()
+            self._done.set()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def wait_for_code(self) -> None:
+        """Return once every check but the weights' checksum has passed; raise the first failure."""
+        self._code.wait()
+        self._raise()
+
+    def wait(self) -> None:
+        """Return once every check has passed; raise the first failure."""
+        self._thread.join()
+        self._raise()
