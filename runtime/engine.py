@@ -94,7 +94,7 @@ class Engine:
         if self.on_gpu:
             from .cuda import prepare
 
-            self.device = prepare(self.manifest)
+            self.device = prepare(self.manifest, path)
             pending = BackgroundVerification(path, self.manifest) if verify else None
         else:
             self.device = tvm.cpu()

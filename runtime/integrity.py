@@ -29,7 +29,7 @@ MANIFEST = "manifest.json"
 MANIFEST_SUM = "manifest.sha256"
 LIBRARY = "model.so"
 WEIGHTS = "weights.safetensors"
-LOADED_DIRS = ("tokenizer",)  # folders whose files the runtime opens
+LOADED_DIRS = ("tokenizer", "kernels")  # folders whose files the runtime opens (kernels: cuda fatbins)
 
 
 def sha256_file(path: str, chunk: int = 1 << 25) -> str:

@@ -292,3 +292,22 @@ def test_weights_hashed_while_read_are_the_ones_loaded(smol_artifact, engine_tok
         assert artifact._kept == {}
     finally:
         integrity.HASHING_READERS.clear()
+
+
+def test_kiln_run_refuses_damaged_weights_before_any_token(smol_artifact, tmp_path):
+    """`kiln run` checks the weights on a thread while TVM, the library and the tokenizer load: one flipped
+    byte in the middle of the weights still ends the process with the file named, before any text."""
+    import shutil
+
+    art = tmp_path / "a"
+    shutil.copytree(smol_artifact, art)
+    w = art / "weights.safetensors"
+    with open(w, "r+b") as f:
+        f.seek(w.stat().st_size // 2)
+        b = f.read(1)
+        f.seek(w.stat().st_size // 2)
+        f.write(bytes([b[0] ^ 0xFF]))
+    r = subprocess.run([sys.executable, "-m", "kiln.runtime.cli", "run", str(art), "--prompt", "Hi", "--max-tokens",
+                        "2"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 1 and r.stdout == "", (r.stdout, r.stderr)
+    assert "checksum mismatch for weights.safetensors" in r.stderr and "Traceback" not in r.stderr
