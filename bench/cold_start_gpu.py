@@ -129,8 +129,8 @@ def write_inputs(artifact: str, work: str, device: str) -> tuple[str, str, dict[
     import torch
     from safetensors.torch import save_file
 
-    from kiln.runtime.artifact import MANIFEST, MANIFEST_SUM, WEIGHTS, read_manifest, sha256_file, verify_files
-    from kiln.runtime.integrity import manifest_sum_line
+    from kiln.runtime.artifact import MANIFEST, MANIFEST_SUM, WEIGHTS, read_manifest, verify_files
+    from kiln.runtime.integrity import file_entry, manifest_sum_line
 
     manifest = read_manifest(artifact)
     verify_files(artifact, manifest)
@@ -147,7 +147,7 @@ def write_inputs(artifact: str, work: str, device: str) -> tuple[str, str, dict[
     del weights
     wp = os.path.join(art, WEIGHTS)
     manifest["weights_included"] = True
-    manifest["files"][WEIGHTS] = {"bytes": os.path.getsize(wp), "sha256": sha256_file(wp)}
+    manifest["files"][WEIGHTS] = file_entry(wp)
     with open(os.path.join(art, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)
     with open(os.path.join(art, MANIFEST_SUM), "w") as f:

@@ -2,7 +2,7 @@
 
 A bundle holds the artifact, `kiln.runtime`, TVM's runtime (its Python package without
 `libtvm_compiler.so`, headers, sources, vendored code or `tvm.relax`), `tvm_ffi`, and what the runtime
-imports while it loads and serves (numpy, tokenizers, jinja2: kiln's own requirements without an extra,
+imports while it loads and serves (numpy, tokenizers, jinja2, blake3: kiln's own requirements without an extra,
 see pyproject.toml; with `serve`: fastapi, uvicorn, prometheus_client, pydantic and what they require).
 Packages are copied file by file from the installed environment, following each distribution's own file
 list (RECORD) and its requirements, so the bundle is for this Python version and platform; the launchers
@@ -42,7 +42,7 @@ from .errors import KilnError
 
 # what the runtime imports to load an artifact and generate (kiln's requirements without an extra, which
 # tests/test_bundle.py checks against pyproject.toml); requirements of these come along
-RUNTIME_DISTS = ("apache-tvm", "numpy", "tokenizers", "jinja2")
+RUNTIME_DISTS = ("apache-tvm", "numpy", "tokenizers", "jinja2", "blake3")
 # what `serve` adds: kiln[serve] (kiln[structured], xgrammar, is left out: below)
 SERVE_DISTS = ("fastapi", "uvicorn", "prometheus-client", "pydantic")
 # declared requirements that a bundle leaves out, and why

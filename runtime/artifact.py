@@ -13,14 +13,13 @@ into a 64-byte-aligned buffer that the runtime hands to TVM without a second cop
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
 from typing import Any
 
 from .errors import ArtifactError  # defined with the error root; importable from here as before
-from .integrity import LIBRARY, MANIFEST, MANIFEST_SUM, WEIGHTS, member, sha256_file, verify_files
+from .integrity import LIBRARY, MANIFEST, MANIFEST_SUM, WEIGHTS, file_digest, member, sha256_file, verify_files
 from .tvm_import import ALIGN
 
 SCHEMA_VERSION = 1
@@ -205,9 +204,10 @@ class WeightFile:
                 got += k
         return raw.view(dtype).reshape(shape)
 
-    def hash_and_read(self) -> str:
+    def hash_and_read(self, algo: str = "sha256") -> str:
         """Read the whole file in order, every array into its place in the arena and everything between
-        (header, padding) through a scratch buffer, hashing all of it: the file's SHA-256.
+        (header, padding) through a scratch buffer, hashing all of it: the file's digest (`algo`: sha256 or
+        blake3, see kiln.runtime.integrity.new_hasher).
 
         Reading (a copy from the page cache) and hashing (SHA-256) take about as long as each other, so a
         second thread hashes each piece once it is read while this one reads the next: with two cores free
@@ -216,11 +216,12 @@ class WeightFile:
         import queue
         import threading
 
+        from .integrity import new_hasher
         from .tvm_import import aligned_empty
 
         if self._arena is None:
             self._arena = aligned_empty((self._arena_bytes,), "uint8")
-        h, pos, scratch = hashlib.sha256(), 0, memoryview(bytearray(1 << 20))
+        h, pos, scratch = new_hasher(algo), 0, memoryview(bytearray(1 << 20))
         todo: queue.SimpleQueue[Any] = queue.SimpleQueue()  # pieces read and not yet hashed; None ends it
 
         def hash_pieces() -> None:
@@ -267,17 +268,17 @@ def _identity(path: str) -> tuple[int, ...]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def hash_and_keep(path: str, expected: str) -> str:
-    """The weights file's SHA-256, read once into the memory the engine then loads from (kept only when
+def hash_and_keep(path: str, expected: str, algo: str = "sha256") -> str:
+    """The weights file's digest (`algo`), read once into the memory the engine then loads from (kept only when
     it matches `expected`, and only for a file not changed since): hashing and loading were two reads of
     hundreds of MB, and now the bytes loaded are the very bytes checked."""
     _kept.clear()  # at most one file's arrays wait here
     before = _identity(path)
     try:
         wf = WeightFile(path)
-        digest = wf.hash_and_read()
+        digest = wf.hash_and_read(algo)
     except ArtifactError:  # not readable as safetensors: the plain hash reports the mismatch
-        return sha256_file(path)
+        return file_digest(path, algo)
     if digest == expected and _identity(path) == before:
         _kept[os.path.realpath(path)] = (before, wf)
     return digest

@@ -28,7 +28,7 @@ import subprocess
 from typing import Any
 
 from .errors import ArtifactError
-from .integrity import LIBRARY, MANIFEST, MANIFEST_SUM, manifest_sum_line, member, sha256_file
+from .integrity import LIBRARY, MANIFEST, MANIFEST_SUM, file_entry, manifest_sum_line, member
 
 KERNELS_DIR = "kernels"
 MANIFEST_KEY = "cuda_kernels"
@@ -160,11 +160,11 @@ def store_kernels(path: str) -> list[dict[str, Any]]:
         data = nvcc_fatbin(code, arch, nvcc)
         with open(os.path.join(path, rel), "wb") as f:
             f.write(data)
-        digest = sha256_file(os.path.join(path, rel))
-        files[rel] = {"bytes": len(data), "sha256": digest}
+        files[rel] = file_entry(os.path.join(path, rel))
         entries.append(
-            {"file": rel, "arch": arch, "source_sha256": key, "sha256": digest, "bytes": len(data), "nvcc": version}
-        )
+            {"file": rel, "arch": arch, "source_sha256": key, "sha256": files[rel]["sha256"], "bytes": len(data),
+             "nvcc": version}
+        )  # fmt: skip
     manifest[MANIFEST_KEY] = entries
     tmp = os.path.join(path, MANIFEST + ".partial")
     with open(tmp, "w") as f:

@@ -9,7 +9,8 @@ the manifest's own SHA-256 in manifest.sha256 beside it; a reader checks, in thi
    regular file at the end (a device such as /dev/zero would be hashed forever);
 3. every listed file has its size, and nothing the runtime would load (the library, the weights, the
    tokenizer folder) is present without being listed;
-4. the SHA-256 of the library, then (with `full`) of every other file.
+4. the digest of the library, then (with `full`) of every other file: BLAKE3 where the manifest records
+   it and the blake3 package is installed (`file_entry`, `checked_digest`), else SHA-256.
 
 The checks say that the files are the ones the build wrote, not that the build is trustworthy: an
 artifact from someone else is code from someone else.
@@ -32,14 +33,33 @@ WEIGHTS = "weights.safetensors"
 LOADED_DIRS = ("tokenizer", "kernels")  # folders whose files the runtime opens (kernels: cuda fatbins)
 
 
-def sha256_file(path: str, chunk: int = 1 << 25) -> str:
-    """The file's SHA-256, read in large pieces into one reused buffer.
+def _blake3() -> Any:
+    """The blake3 package (a runtime requirement), or None where it is not installed: then SHA-256 alone."""
+    try:
+        import blake3
+    except ImportError:
+        return None
+    return blake3
+
+
+def new_hasher(algo: str) -> Any:
+    """A fresh hash object: "sha256" (hashlib) or "blake3" (all cores on a large host; one on a small or
+    shared one, where more threads only contend)."""
+    if algo == "blake3":
+        b3 = _blake3()
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return b3.blake3(max_threads=b3.blake3.AUTO if cores >= 8 else 1)
+    return hashlib.sha256()
+
+
+def file_digest(path: str, algo: str = "sha256", chunk: int = 1 << 25) -> str:
+    """The file's digest, read in large pieces into one reused buffer.
 
     The loader hashes on a thread while the main thread imports TVM (pure Python, holding the GIL): the
     hashing thread gives the GIL back for every read and every update and then waits up to the switch
     interval (5 ms) to take it again, so few large pieces (32 MB) hash faster than many small ones, and a
     reused buffer spares a fresh allocation and its page faults per piece."""
-    h = hashlib.sha256()
+    h = new_hasher(algo)
     buf = memoryview(bytearray(min(chunk, max(os.path.getsize(path), 1))))
     with open(path, "rb", buffering=0) as f:
         while True:
@@ -48,6 +68,30 @@ def sha256_file(path: str, chunk: int = 1 << 25) -> str:
                 break
             h.update(buf[:n])
     return h.hexdigest()
+
+
+def sha256_file(path: str) -> str:
+    """The file's SHA-256 (what every manifest entry records)."""
+    return file_digest(path, "sha256")
+
+
+def file_entry(path: str) -> dict[str, Any]:
+    """A manifest entry for the file: its size, SHA-256 and, where the blake3 package is installed, its
+    BLAKE3, which the loader checks instead when it can: a cryptographic hash like SHA-256, and 2.4 times
+    less CPU than SHA-256 here (AMD EPYC with SHA instructions, 1.9 against 0.8 GB/s on a loaded core),
+    which is what the checksum pass of a cold start costs on a busy host."""
+    out: dict[str, Any] = {"bytes": os.path.getsize(path), "sha256": sha256_file(path)}
+    if _blake3() is not None:
+        out["blake3"] = file_digest(path, "blake3")
+    return out
+
+
+def checked_digest(meta: dict[str, Any]) -> tuple[str, str]:
+    """(algorithm, expected digest) that the loader checks for a manifest entry: BLAKE3 where the entry
+    records it and blake3 is installed, else SHA-256 (entries of older artifacts, hosts without blake3)."""
+    if isinstance(meta.get("blake3"), str) and _blake3() is not None:
+        return "blake3", meta["blake3"]
+    return "sha256", meta["sha256"]
 
 
 def manifest_sum_line(manifest_path: str) -> str:
@@ -151,18 +195,22 @@ def _check_file(path: str, rel: str, meta: dict[str, Any], hashed: bool) -> None
             f"{rel} has {size} bytes, the manifest says {meta['bytes']}: the file is truncated or replaced; "
             "rebuild the artifact"
         )
-    if hashed and HASHING_READERS.get(rel, _plain_hash)(p, meta["sha256"]) != meta["sha256"]:
+    if not hashed:
+        return
+    algo, expected = checked_digest(meta)
+    if HASHING_READERS.get(rel, _plain_hash)(p, expected, algo) != expected:
         raise ArtifactError(f"checksum mismatch for {rel}: the file is corrupt or was modified; rebuild the artifact")
 
 
-def _plain_hash(path: str, expected: str) -> str:
-    return sha256_file(path)
+def _plain_hash(path: str, expected: str, algo: str = "sha256") -> str:
+    return file_digest(path, algo)
 
 
 # A loader may take over hashing one file (by its name in the artifact): it reads the file once, into the
 # memory it will load from, hashes those very bytes, and keeps them only when they match `expected`
-# (kiln.runtime.artifact.hand_verified_weights_to_loader). Empty unless a program asks for it.
-HASHING_READERS: dict[str, Callable[[str, str], str]] = {}
+# (kiln.runtime.artifact.hand_verified_weights_to_loader). Called as reader(path, expected, algorithm).
+# Empty unless a program asks for it.
+HASHING_READERS: dict[str, Callable[[str, str, str], str]] = {}
 
 
 def _hash_order(rel: str) -> tuple[bool, bool, str]:
