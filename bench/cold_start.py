@@ -103,7 +103,11 @@ def main() -> None:
     ap.add_argument("--gpu", metavar="ARTIFACT_DIR", default=None, help="GPU cold start of this weightless artifact")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="with --gpu: cpu tests the code path")
     ap.add_argument("--work", default=None, help="with --gpu: local folder for the weights (default: $TMPDIR)")
-    ap.add_argument("--results", default=None, help="the JSON file to write (default: bench/results/cold_start.json)")
+    ap.add_argument(
+        "--results",
+        default=None,
+        help="with --gpu: the JSON file to merge into (default: bench/results/cold_start.json)",
+    )
     a = ap.parse_args()
     if a.gpu:
         from cold_start_gpu import run_gpu

@@ -15,7 +15,8 @@ on its stdout (the same seeded prompt of PROMPT_TOKENS token ids, greedy):
 - kiln, kernel cache cold:  the engine with its defaults (checksums on, CUDA graphs on), an empty kernel
   cache (KILN_CUDA_CACHE), the artifact's own compiled kernels ignored (KILN_CUDA_KERNELS=0): nvcc at load;
 - kiln, kernel cache warm:  the same, with the cache the cold run filled;
-- kiln, artifact kernels:   only when the artifact carries compiled kernels (`kiln kernels`), empty cache;
+- kiln, artifact kernels:   the artifact's own compiled kernels, empty cache (when the artifact does not
+                            carry them and nvcc is installed, `kiln kernels` stores them in the copy first);
 - kiln, no verify:          warm cache, checksums off;
 - transformers:             from_pretrained(dtype=fp16, device_map=cuda) and one forward pass.
 
@@ -87,6 +88,8 @@ def token_times(cmd: list[str], env: dict[str, str], lines: int) -> list[float]:
     _, err = p.communicate(timeout=1800)
     if len(out) < lines or p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:3])} ... failed ({p.returncode}): {err.decode()[-3000:]}")
+    for note in dict.fromkeys(ln for ln in err.decode().splitlines() if ln.startswith("kiln: ")):
+        print(f"  {note}", file=sys.stderr)  # e.g. the artifact's kernels passed over, and why
     return out
 
 
@@ -136,6 +139,14 @@ def write_inputs(artifact: str, work: str, device: str) -> tuple[str, str, dict[
     verify_files(artifact, manifest)
     art, hf = os.path.join(work, "artifact"), os.path.join(work, "transformers")
     shutil.copytree(artifact, art)
+    if manifest["target"]["name"] == "cuda" and not manifest.get("cuda_kernels"):
+        from kiln.runtime.cuda_kernels import nvcc_path, store_kernels
+
+        if nvcc_path():  # `kiln kernels` on the copy: the way a deployed artifact starts without nvcc
+            t = time.perf_counter()
+            store_kernels(art)
+            print(f"stored the compiled kernels in the copy in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+            manifest = read_manifest(art)
     t = time.perf_counter()
     model = _model(manifest, device)
     model.save_pretrained(hf, safe_serialization=True)

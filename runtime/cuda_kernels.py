@@ -94,6 +94,12 @@ def library_sources(path: str) -> list[str]:
         raise _Kept  # stop here: nothing from this load is used
 
     name = "ffi.Module.load_from_bytes.cuda"
+    try:  # TVM's CUDA runtime first, where it loads (a GPU host): its loader is put back afterwards
+        from .cuda import _load_cuda_runtime
+
+        _load_cuda_runtime(load_tvm())
+    except OSError:  # no GPU driver here: nothing registers the loader, and nothing needs it
+        pass
     before = tvm_ffi.get_global_func(name, allow_missing=True)
     tvm_ffi.register_global_func(name, keep, override=True)
     try:
@@ -103,6 +109,8 @@ def library_sources(path: str) -> list[str]:
     finally:
         if before is not None:
             tvm_ffi.register_global_func(name, before, override=True)
+        else:
+            tvm_ffi.remove_global_func(name)
     if not blobs:
         raise ArtifactError(f"{path}/{LIBRARY} holds no cuda module: is it a cuda artifact? (kiln inspect {path})")
     return [_code_of(b) for b in blobs]
