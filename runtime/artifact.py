@@ -13,13 +13,25 @@ into a 64-byte-aligned buffer that the runtime hands to TVM without a second cop
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
 from typing import Any
 
 from .errors import ArtifactError  # defined with the error root; importable from here as before
-from .integrity import LIBRARY, MANIFEST, MANIFEST_SUM, WEIGHTS, file_digest, member, sha256_file, verify_files
+from .integrity import (
+    LIBRARY,
+    MANIFEST,
+    MANIFEST_SUM,
+    PIECES,
+    WEIGHTS,
+    file_digest,
+    member,
+    piece_bytes_of,
+    sha256_file,
+    verify_files,
+)
 from .tvm_import import ALIGN
 
 SCHEMA_VERSION = 1
@@ -258,6 +270,57 @@ class WeightFile:
         self._loaded = set(self._arrays)
         return h.hexdigest()
 
+    def hash_pieces_and_read(self, piece: int) -> str:
+        """`hash_and_read` for the piecewise SHA-256 (kiln.runtime.integrity.sha256_pieces): each piece of
+        the file is read (arrays into their places in the arena, the rest through a scratch buffer) and
+        hashed by one thread of a pool, every core reading and hashing at once."""
+        import bisect
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .integrity import cores, pieces_root
+        from .tvm_import import aligned_empty
+
+        if self._arena is None:
+            self._arena = aligned_empty((self._arena_bytes,), "uint8")
+        # arrays in file order: (first byte in the file, bytes, their place in the arena)
+        segs = sorted((off, n, self._slots[k]) for k, (_, _, off, n) in self._arrays.items())
+        starts = [s[0] for s in segs]
+        size = os.path.getsize(self.path)
+        fd = os.open(self.path, os.O_RDONLY)
+
+        def fill(view: memoryview, pos: int) -> None:
+            got = 0
+            while got < len(view):
+                k = os.preadv(fd, [view[got:]], pos + got)
+                if not k:
+                    raise ArtifactError(f"{os.path.basename(self.path)} ended early: rebuild the artifact")
+                got += k
+
+        def one(k: int) -> bytes:
+            h, pos, end = hashlib.sha256(), k * piece, min(size, (k + 1) * piece)
+            scratch = memoryview(bytearray(1 << 20))
+            while pos < end:
+                i = bisect.bisect_right(starts, pos) - 1  # the last array starting at or before pos
+                if i >= 0 and pos < segs[i][0] + segs[i][1]:  # inside array i: read into the arena
+                    off, _, slot = segs[i]
+                    stop = min(end, off + segs[i][1])
+                    view = memoryview(self._arena[slot + pos - off : slot + stop - off])
+                else:  # header or padding, up to the next array
+                    stop = min(end, starts[i + 1] if i + 1 < len(starts) else end, pos + len(scratch))
+                    view = scratch[: stop - pos]
+                fill(view, pos)
+                h.update(view)
+                pos = stop
+            return h.digest()
+
+        try:
+            with ThreadPoolExecutor(max(1, min(cores(), 16))) as ex:
+                root = pieces_root(list(ex.map(one, range(max(1, -(-size // piece))))))
+        finally:
+            os.close(fd)
+        self._loaded = set(self._arrays)
+        return root
+
 
 # the weights that `hash_and_keep` read and found intact, for the WeightFile that opens them next
 _kept: dict[str, tuple[tuple[int, ...], WeightFile]] = {}
@@ -276,7 +339,7 @@ def hash_and_keep(path: str, expected: str, algo: str = "sha256") -> str:
     before = _identity(path)
     try:
         wf = WeightFile(path)
-        digest = wf.hash_and_read(algo)
+        digest = wf.hash_pieces_and_read(piece_bytes_of(algo)) if algo.startswith(PIECES) else wf.hash_and_read(algo)
     except ArtifactError:  # not readable as safetensors: the plain hash reports the mismatch
         return file_digest(path, algo)
     if digest == expected and _identity(path) == before:

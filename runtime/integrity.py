@@ -31,6 +31,12 @@ MANIFEST_SUM = "manifest.sha256"
 LIBRARY = "model.so"
 WEIGHTS = "weights.safetensors"
 LOADED_DIRS = ("tokenizer", "kernels")  # folders whose files the runtime opens (kernels: cuda fatbins)
+# files at least PIECES_FROM bytes also record a SHA-256 over the SHA-256 of each PIECE_BYTES piece, which
+# threads check in parallel (hashlib gives the GIL back): a host without blake3 checks 16 GB of weights
+# on all its cores instead of one
+PIECE_BYTES = 64 << 20
+PIECES_FROM = 256 << 20
+PIECES = "sha256_pieces"
 
 
 def _blake3() -> Any:
@@ -47,9 +53,48 @@ def new_hasher(algo: str) -> Any:
     shared one, where more threads only contend)."""
     if algo == "blake3":
         b3 = _blake3()
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return b3.blake3(max_threads=b3.blake3.AUTO if cores >= 8 else 1)
+        return b3.blake3(max_threads=b3.blake3.AUTO if cores() >= 8 else 1)
     return hashlib.sha256()
+
+
+def cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def pieces_root(digests: list[bytes]) -> str:
+    """The piecewise digest recorded in the manifest: SHA-256 over the pieces' SHA-256 digests, in order."""
+    return hashlib.sha256(b"".join(digests)).hexdigest()
+
+
+def piece_bytes_of(algo: str) -> int:
+    """The piece size of a piecewise algorithm name, "sha256_pieces:<bytes>"."""
+    return int(algo.split(":", 1)[1])
+
+
+def sha256_pieces(path: str, piece: int = PIECE_BYTES) -> str:
+    """The file's piecewise digest (`pieces_root`), the pieces hashed on up to one thread per core."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    size = os.path.getsize(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+
+        def one(k: int) -> bytes:
+            h, pos, end = hashlib.sha256(), k * piece, min(size, (k + 1) * piece)
+            buf = memoryview(bytearray(min(end - pos, 16 << 20) or 1))
+            while pos < end:
+                n = os.preadv(fd, [buf[: end - pos]], pos)
+                if not n:
+                    raise ArtifactError(f"{path} ended early while it was being hashed: rebuild the artifact")
+                h.update(buf[:n])
+                pos += n
+            return h.digest()
+
+        with ThreadPoolExecutor(max(1, min(cores(), 16))) as ex:
+            return pieces_root(list(ex.map(one, range(max(1, -(-size // piece))))))
+    finally:
+        os.close(fd)
 
 
 def file_digest(path: str, algo: str = "sha256", chunk: int = 1 << 25) -> str:
@@ -58,7 +103,10 @@ def file_digest(path: str, algo: str = "sha256", chunk: int = 1 << 25) -> str:
     The loader hashes on a thread while the main thread imports TVM (pure Python, holding the GIL): the
     hashing thread gives the GIL back for every read and every update and then waits up to the switch
     interval (5 ms) to take it again, so few large pieces (32 MB) hash faster than many small ones, and a
-    reused buffer spares a fresh allocation and its page faults per piece."""
+    reused buffer spares a fresh allocation and its page faults per piece. `algo`: sha256, blake3, or
+    sha256_pieces:<piece bytes> (`sha256_pieces`)."""
+    if algo.startswith(PIECES):
+        return sha256_pieces(path, piece_bytes_of(algo))
     h = new_hasher(algo)
     buf = memoryview(bytearray(min(chunk, max(os.path.getsize(path), 1))))
     with open(path, "rb", buffering=0) as f:
@@ -83,14 +131,21 @@ def file_entry(path: str) -> dict[str, Any]:
     out: dict[str, Any] = {"bytes": os.path.getsize(path), "sha256": sha256_file(path)}
     if _blake3() is not None:
         out["blake3"] = file_digest(path, "blake3")
+    if out["bytes"] >= PIECES_FROM:
+        out[PIECES] = {"piece_bytes": PIECE_BYTES, "root": sha256_pieces(path, PIECE_BYTES)}
     return out
 
 
 def checked_digest(meta: dict[str, Any]) -> tuple[str, str]:
     """(algorithm, expected digest) that the loader checks for a manifest entry: BLAKE3 where the entry
-    records it and blake3 is installed, else SHA-256 (entries of older artifacts, hosts without blake3)."""
+    records it and blake3 is installed, else the piecewise SHA-256 of a large file (checked on every core),
+    else SHA-256 (entries of older artifacts, hosts without blake3)."""
     if isinstance(meta.get("blake3"), str) and _blake3() is not None:
         return "blake3", meta["blake3"]
+    pieces = meta.get(PIECES)
+    if isinstance(pieces, dict) and isinstance(pieces.get("root"), str) and isinstance(pieces.get("piece_bytes"), int):
+        if pieces["piece_bytes"] >= 1 << 20:  # a tiny piece size would make a huge list of digests
+            return f"{PIECES}:{pieces['piece_bytes']}", pieces["root"]
     return "sha256", meta["sha256"]
 
 
