@@ -16,6 +16,16 @@ The artifact is the README's default build (`kiln build smollm2-135m -o out/smol
 when there.
 
     python bench/cold_start.py [--runs 3] [--artifact DIR]
+
+On the GPU host (TVM's runtime, torch, transformers and nvcc installed; bench/cold_start_gpu.py says what
+runs), against an artifact built without weights on any host with TVM's compiler:
+
+    python bench/gpu_decode.py build /data/kiln-gpu --models llama-3.1-8b --variants fp16   # build host
+    python bench/cold_start.py --gpu /data/kiln-gpu/llama-3.1-8b-fp16 --runs 3 --work /data/tmp   # GPU host
+
+merges gpu_first_token_s (and the transformers figure, and every way's runs under "gpu") into
+bench/results/cold_start.json. `--work` must be local disk with room for the weights twice (about 33 GB
+for the 8B model: kiln's weight file and the transformers checkpoint).
 """
 
 from __future__ import annotations
@@ -90,7 +100,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--artifact", default=None, help="a SmolLM2-135M CPU artifact (default: build it)")
+    ap.add_argument("--gpu", metavar="ARTIFACT_DIR", default=None, help="GPU cold start of this weightless artifact")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="with --gpu: cpu tests the code path")
+    ap.add_argument("--work", default=None, help="with --gpu: local folder for the weights (default: $TMPDIR)")
+    ap.add_argument(
+        "--results",
+        default=None,
+        help="with --gpu: the JSON file to merge into (default: bench/results/cold_start.json)",
+    )
     a = ap.parse_args()
+    if a.gpu:
+        from cold_start_gpu import run_gpu
+        from results_io import RESULTS
+
+        run_gpu(a.gpu, a.runs, a.device, a.work, a.results or os.path.join(RESULTS, "cold_start.json"))
+        return
     art = a.artifact or default_artifact()
     from kiln.bundle import make_bundle
 

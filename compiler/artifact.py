@@ -10,8 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kiln.runtime.artifact import LIBRARY, MANIFEST, MANIFEST_SUM, SCHEMA_VERSION, WEIGHTS, ArtifactError, sha256_file
-from kiln.runtime.integrity import manifest_sum_line
+from kiln.runtime.artifact import LIBRARY, MANIFEST, MANIFEST_SUM, SCHEMA_VERSION, WEIGHTS, ArtifactError
+from kiln.runtime.integrity import file_entry, manifest_sum_line
 
 from .atomic_dir import write_dir
 from .report import render_report
@@ -82,7 +82,7 @@ def write_artifact(
         for root, _, names in os.walk(tmp):
             for n in sorted(names):
                 p = os.path.join(root, n)
-                files[os.path.relpath(p, tmp)] = {"bytes": os.path.getsize(p), "sha256": sha256_file(p)}
+                files[os.path.relpath(p, tmp)] = file_entry(p)  # size, SHA-256, BLAKE3 (what the loader checks)
         manifest["files"] = files
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1, default=str)

@@ -2,13 +2,14 @@
 
 A bundle holds the artifact, `kiln.runtime`, TVM's runtime (its Python package without
 `libtvm_compiler.so`, headers, sources, vendored code or `tvm.relax`), `tvm_ffi`, and what the runtime
-imports while it loads and serves (numpy, tokenizers, jinja2: kiln's own requirements without an extra,
+imports while it loads and serves (numpy, tokenizers, jinja2, blake3: kiln's own requirements without an extra,
 see pyproject.toml; with `serve`: fastapi, uvicorn, prometheus_client, pydantic and what they require).
 Packages are copied file by file from the installed environment, following each distribution's own file
 list (RECORD) and its requirements, so the bundle is for this Python version and platform; the launchers
 refuse any other. What the runtime never opens stays out: build-time files (type stubs, C headers and
-sources, static libraries), test suites, TVM's device backends and CUDA runtime, and the shared libraries'
-symbol tables (`strip --strip-unneeded`, where the host has it; what dynamic linking needs is kept).
+sources, static libraries), test suites, TVM's device backends and CUDA runtime (kept for a cuda artifact:
+CUDA_KEEPS), and the shared libraries' symbol tables (`strip --strip-unneeded`, where the host has it; what
+dynamic linking needs is kept).
 
 The launchers `./run` and `./serve` start `python3 -I -S` (no user site, no site-packages, no PYTHON*
 variables): the interpreter sees its standard library and the bundle's `lib/` only, never a torch or a
@@ -41,7 +42,7 @@ from .errors import KilnError
 
 # what the runtime imports to load an artifact and generate (kiln's requirements without an extra, which
 # tests/test_bundle.py checks against pyproject.toml); requirements of these come along
-RUNTIME_DISTS = ("apache-tvm", "numpy", "tokenizers", "jinja2")
+RUNTIME_DISTS = ("apache-tvm", "numpy", "tokenizers", "jinja2", "blake3")
 # what `serve` adds: kiln[serve] (kiln[structured], xgrammar, is left out: below)
 SERVE_DISTS = ("fastapi", "uvicorn", "prometheus-client", "pydantic")
 # declared requirements that a bundle leaves out, and why
@@ -67,11 +68,10 @@ PRUNE = {
         "tvm/testing/",
         "tvm/exec/",
         "tvm/web/",
-        # device backends' Python hooks and the CUDA runtime: TVM loads them only with its compiler library,
-        # and a bundle serves CPU artifacts
+        # device backends' Python hooks: TVM loads them only with its compiler library
         *(f"tvm/backend/{b}/" for b in ("cuda", "metal", "rocm", "trn", "opencl", "vulkan", "webgpu", "hexagon")),
         "tvm/backend/adreno/",
-        "tvm/lib/libtvm_runtime_cuda.so",
+        "tvm/lib/libtvm_runtime_cuda.so",  # TVM's CUDA runtime: kept in a bundle of a cuda artifact (CUDA_KEEPS)
         "tvm/lib/libtvm_runtime_extra.so",  # disco (multi-GPU sessions); tvm.runtime imports without it
     ),
     "apache-tvm-ffi": (
@@ -92,6 +92,10 @@ PRUNE = {
         "numpy/_core/_*_tests.*",  # extension modules for numpy's own tests
     ),
 }
+# what a bundle of a cuda artifact keeps of PRUNE: TVM's CUDA runtime (runtime/cuda.py loads it); the GPU
+# driver, libcudart and libcublas are the host's (the CUDA toolkit), and nvcc too unless the artifact carries
+# its compiled kernels (kiln kernels)
+CUDA_KEEPS = ("tvm/lib/libtvm_runtime_cuda.so",)
 # files for building against a package or checking types, never opened by a running program
 BUILD_ONLY_SUFFIXES = (".pyi", ".pxd", ".pyx", ".h", ".hpp", ".c", ".cc", ".cpp", ".a")
 LAUNCHERS = ("run", "serve")
@@ -151,7 +155,9 @@ def distributions(serve: bool) -> dict[str, Any]:
     return found
 
 
-def _pruned(dist: str, rel: str) -> bool:
+def _pruned(dist: str, rel: str, keep: tuple[str, ...] = ()) -> bool:
+    if rel in keep:
+        return False
     parts = rel.split("/")
     if "__pycache__" in parts or "tests" in parts[:-1]:  # stale bytecode, packages' own test suites
         return True
@@ -163,7 +169,7 @@ def _pruned(dist: str, rel: str) -> bool:
     )
 
 
-def _copy_dist(dist: Any, lib: str) -> list[str]:
+def _copy_dist(dist: Any, lib: str, keep: tuple[str, ...] = ()) -> list[str]:
     """Copy the distribution's files into lib; returns the shared libraries that may be stripped: none
     from a wheel that grafted libraries into a `*.libs` folder (auditwheel), whose files patchelf
     rewrote and `strip` would break (numpy's OpenBLAS then fails to load)."""
@@ -172,7 +178,7 @@ def _copy_dist(dist: Any, lib: str) -> list[str]:
     shared = []
     for f in dist.files or []:
         rel = f.as_posix()
-        if rel.startswith("../") or _pruned(name, rel):  # scripts outside site-packages, parts never opened
+        if rel.startswith("../") or _pruned(name, rel, keep):  # scripts outside site-packages, parts never opened
             continue
         src = str(dist.locate_file(f))
         if not os.path.isfile(src):
@@ -265,8 +271,9 @@ def make_bundle(artifact: str, out: str, serve: bool = False, tar: bool = True) 
     manifest = read_manifest(artifact)
     verify_files(artifact, manifest)
     target = manifest.get("target", {}).get("name")
-    if target not in ("cpu", "pim"):
-        raise KilnError(f"kiln bundle makes CPU bundles; {artifact} was built for target '{target}'")
+    if target not in ("cpu", "pim", "cuda"):
+        raise KilnError(f"kiln bundle makes cpu and cuda bundles; {artifact} was built for target '{target}'")
+    keep = CUDA_KEEPS if target == "cuda" else ()
     out = os.path.abspath(out)
     if os.path.exists(out):
         raise KilnError(f"{out} exists: give a new folder to kiln bundle -o (or remove it)")
@@ -274,7 +281,7 @@ def make_bundle(artifact: str, out: str, serve: bool = False, tar: bool = True) 
     os.makedirs(out)
     try:
         lib = os.path.join(out, "lib")
-        shared = [p for d in dists.values() for p in _copy_dist(d, lib)]
+        shared = [p for d in dists.values() for p in _copy_dist(d, lib, keep)]
         _copy_kiln(lib)
         stripped = _strip_shared_libs(shared)
         # compiled once here: a fresh start imports without writing, and a read-only image starts as fast;
@@ -306,7 +313,7 @@ def make_bundle(artifact: str, out: str, serve: bool = False, tar: bool = True) 
             "serve": serve,
             "packages": dict(sorted(packages.items())),
             "left_out": LEFT_OUT,
-            "pruned": {k: list(v) for k, v in PRUNE.items()},
+            "pruned": {k: [p for p in v if p not in keep] for k, v in PRUNE.items()},
             "pruned_suffixes": list(BUILD_ONLY_SUFFIXES),
             "stripped_bytes": stripped,
             "source": "copied from the installed environment (each distribution's RECORD)",

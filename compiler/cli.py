@@ -11,6 +11,7 @@ import time
 
 from kiln.log import get
 from kiln.runtime.cli import (
+    add_kernels_parser,
     add_load_args,
     add_run_parser,
     add_sampling_args,
@@ -252,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     add_load_args(c)
     c.set_defaults(fn=cmd_chat)
     add_serve_parser(sub, fmt)
+    add_kernels_parser(sub, fmt)
     i = sub.add_parser("inspect", help="show an artifact's manifest and report", formatter_class=fmt)
     _verbosity_args(i)
     i.add_argument("artifact")

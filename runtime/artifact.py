@@ -20,7 +20,18 @@ import struct
 from typing import Any
 
 from .errors import ArtifactError  # defined with the error root; importable from here as before
-from .integrity import LIBRARY, MANIFEST, MANIFEST_SUM, WEIGHTS, member, sha256_file, verify_files
+from .integrity import (
+    LIBRARY,
+    MANIFEST,
+    MANIFEST_SUM,
+    PIECES,
+    WEIGHTS,
+    file_digest,
+    member,
+    piece_bytes_of,
+    sha256_file,
+    verify_files,
+)
 from .tvm_import import ALIGN
 
 SCHEMA_VERSION = 1
@@ -119,6 +130,7 @@ _DTYPES = {
     "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
 }  # fmt: skip
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
+PIECE = 8 << 20  # bytes read, then hashed, at a time while verifying the weights (WeightFile.hash_and_read)
 
 
 class WeightFile:
@@ -204,36 +216,110 @@ class WeightFile:
                 got += k
         return raw.view(dtype).reshape(shape)
 
-    def hash_and_read(self) -> str:
+    def hash_and_read(self, algo: str = "sha256") -> str:
         """Read the whole file in order, every array into its place in the arena and everything between
-        (header, padding) through a scratch buffer, hashing all of it: the file's SHA-256."""
+        (header, padding) through a scratch buffer, hashing all of it: the file's digest (`algo`: sha256 or
+        blake3, see kiln.runtime.integrity.new_hasher).
+
+        Reading (a copy from the page cache) and hashing (SHA-256) take about as long as each other, so a
+        second thread hashes each piece once it is read while this one reads the next: with two cores free
+        the pass takes the longer of the two instead of their sum. Pieces of at most PIECE bytes let the
+        hasher follow the reader closely through the largest arrays (the embedding is 113 MB)."""
+        import queue
+        import threading
+
+        from .integrity import new_hasher
         from .tvm_import import aligned_empty
 
         if self._arena is None:
             self._arena = aligned_empty((self._arena_bytes,), "uint8")
-        h, pos, scratch = hashlib.sha256(), 0, memoryview(bytearray(1 << 20))
-        with open(self.path, "rb", buffering=0) as f:
+        h, pos, scratch = new_hasher(algo), 0, memoryview(bytearray(1 << 20))
+        todo: queue.SimpleQueue[Any] = queue.SimpleQueue()  # pieces read and not yet hashed; None ends it
 
-            def take(view: memoryview) -> None:
-                got = 0
-                while got < len(view):
-                    k = f.readinto(view[got:])
-                    if not k:
-                        raise ArtifactError(f"{os.path.basename(self.path)} ended early: rebuild the artifact")
-                    got += k
-                h.update(view)
+        def hash_pieces() -> None:
+            while (piece := todo.get()) is not None:
+                h.update(piece)
 
-            for key, (_, _, offset, nbytes) in sorted(self._arrays.items(), key=lambda kv: kv[1][2]):
-                while pos < offset:  # the header, and any bytes between arrays
-                    n = min(offset - pos, len(scratch))
-                    take(scratch[:n])
-                    pos += n
-                take(memoryview(self._arena[self._slots[key] : self._slots[key] + nbytes]))
-                pos = max(pos, offset + nbytes)
-            while n := f.readinto(scratch):  # anything after the last array
-                h.update(scratch[:n])
+        hasher = threading.Thread(target=hash_pieces, name="kiln-hash", daemon=True)
+        hasher.start()
+        try:
+            with open(self.path, "rb", buffering=0) as f:
+
+                def take(view: memoryview, copy: bool = False) -> None:
+                    for start in range(0, len(view), PIECE):
+                        piece, got = view[start : start + PIECE], 0
+                        while got < len(piece):
+                            k = f.readinto(piece[got:])
+                            if not k:
+                                raise ArtifactError(f"{os.path.basename(self.path)} ended early: rebuild the artifact")
+                            got += k
+                        todo.put(bytes(piece) if copy else piece)  # the scratch buffer is reused: a copy
+
+                for key, (_, _, offset, nbytes) in sorted(self._arrays.items(), key=lambda kv: kv[1][2]):
+                    while pos < offset:  # the header, and any bytes between arrays
+                        n = min(offset - pos, len(scratch))
+                        take(scratch[:n], copy=True)
+                        pos += n
+                    take(memoryview(self._arena[self._slots[key] : self._slots[key] + nbytes]))
+                    pos = max(pos, offset + nbytes)
+                while n := f.readinto(scratch):  # anything after the last array
+                    todo.put(bytes(scratch[:n]))
+        finally:
+            todo.put(None)
+            hasher.join()
         self._loaded = set(self._arrays)
         return h.hexdigest()
+
+    def hash_pieces_and_read(self, piece: int) -> str:
+        """`hash_and_read` for the piecewise SHA-256 (kiln.runtime.integrity.sha256_pieces): each piece of
+        the file is read (arrays into their places in the arena, the rest through a scratch buffer) and
+        hashed by one thread of a pool, every core reading and hashing at once."""
+        import bisect
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .integrity import cores, pieces_root
+        from .tvm_import import aligned_empty
+
+        if self._arena is None:
+            self._arena = aligned_empty((self._arena_bytes,), "uint8")
+        # arrays in file order: (first byte in the file, bytes, their place in the arena)
+        segs = sorted((off, n, self._slots[k]) for k, (_, _, off, n) in self._arrays.items())
+        starts = [s[0] for s in segs]
+        size = os.path.getsize(self.path)
+        fd = os.open(self.path, os.O_RDONLY)
+
+        def fill(view: memoryview, pos: int) -> None:
+            got = 0
+            while got < len(view):
+                k = os.preadv(fd, [view[got:]], pos + got)
+                if not k:
+                    raise ArtifactError(f"{os.path.basename(self.path)} ended early: rebuild the artifact")
+                got += k
+
+        def one(k: int) -> bytes:
+            h, pos, end = hashlib.sha256(), k * piece, min(size, (k + 1) * piece)
+            scratch = memoryview(bytearray(1 << 20))
+            while pos < end:
+                i = bisect.bisect_right(starts, pos) - 1  # the last array starting at or before pos
+                if i >= 0 and pos < segs[i][0] + segs[i][1]:  # inside array i: read into the arena
+                    off, _, slot = segs[i]
+                    stop = min(end, off + segs[i][1])
+                    view = memoryview(self._arena[slot + pos - off : slot + stop - off])
+                else:  # header or padding, up to the next array
+                    stop = min(end, starts[i + 1] if i + 1 < len(starts) else end, pos + len(scratch))
+                    view = scratch[: stop - pos]
+                fill(view, pos)
+                h.update(view)
+                pos = stop
+            return h.digest()
+
+        try:
+            with ThreadPoolExecutor(max(1, min(cores(), 16))) as ex:
+                root = pieces_root(list(ex.map(one, range(max(1, -(-size // piece))))))
+        finally:
+            os.close(fd)
+        self._loaded = set(self._arrays)
+        return root
 
 
 # the weights that `hash_and_keep` read and found intact, for the WeightFile that opens them next
@@ -245,17 +331,17 @@ def _identity(path: str) -> tuple[int, ...]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def hash_and_keep(path: str, expected: str) -> str:
-    """The weights file's SHA-256, read once into the memory the engine then loads from (kept only when
+def hash_and_keep(path: str, expected: str, algo: str = "sha256") -> str:
+    """The weights file's digest (`algo`), read once into the memory the engine then loads from (kept only when
     it matches `expected`, and only for a file not changed since): hashing and loading were two reads of
     hundreds of MB, and now the bytes loaded are the very bytes checked."""
     _kept.clear()  # at most one file's arrays wait here
     before = _identity(path)
     try:
         wf = WeightFile(path)
-        digest = wf.hash_and_read()
+        digest = wf.hash_pieces_and_read(piece_bytes_of(algo)) if algo.startswith(PIECES) else wf.hash_and_read(algo)
     except ArtifactError:  # not readable as safetensors: the plain hash reports the mismatch
-        return sha256_file(path)
+        return file_digest(path, algo)
     if digest == expected and _identity(path) == before:
         _kept[os.path.realpath(path)] = (before, wf)
     return digest

@@ -1,4 +1,5 @@
-"""The runtime's own command line: `run` and `serve` an artifact with nothing from the compile side.
+"""The runtime's own command line: `run` and `serve` an artifact with nothing from the compile side, and
+store a cuda artifact's compiled `kernels` in it.
 
 `kiln run` and `kiln serve` are these commands; a deployment bundle (`kiln bundle`) calls them through
 its `./run` and `./serve` launchers, where neither torch nor TVM's compiler is installed. Only the
@@ -172,6 +173,26 @@ def add_serve_parser(sub: Any, fmt: type) -> None:
     s.set_defaults(fn=cmd_serve)
 
 
+def cmd_kernels(a: argparse.Namespace) -> int:
+    """Compile a cuda artifact's kernels with nvcc and store them in it (runtime/cuda_kernels.py)."""
+    from .cuda_kernels import store_kernels
+
+    for e in store_kernels(a.artifact):
+        print(f"{a.artifact}/{e['file']}: {e['arch']}, {e['bytes'] / 1e6:.1f} MB (nvcc {e['nvcc']})")
+    return 0
+
+
+def add_kernels_parser(sub: Any, fmt: type) -> None:
+    k = sub.add_parser(
+        "kernels",
+        help="compile a cuda artifact's kernels (nvcc, no GPU needed) and store them in it, so that loading "
+        "needs no nvcc and no kernel cache",
+        formatter_class=fmt,
+    )
+    k.add_argument("artifact", help="a cuda artifact directory (kiln build --target cuda -o)")
+    k.set_defaults(fn=cmd_kernels)
+
+
 def dispatch(a: argparse.Namespace) -> int:
     """Run the chosen command; errors a user can fix become one line on stderr and exit status 1."""
     try:
@@ -192,12 +213,13 @@ def dispatch(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None, prog: str = "kiln") -> int:
-    """`run` and `serve` alone: the command line of a deployment bundle."""
+    """`run`, `serve` and `kernels` alone: the command line of a deployment bundle."""
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = argparse.ArgumentParser(prog=prog, description="Run or serve a kiln artifact", formatter_class=fmt)
     sub = p.add_subparsers(dest="cmd", required=True)
     add_run_parser(sub, fmt)
     add_serve_parser(sub, fmt)
+    add_kernels_parser(sub, fmt)
     return dispatch(p.parse_args(argv))
 
 

@@ -1,9 +1,11 @@
 """Running `cuda` artifacts with TVM's runtime only: GPU checks and the device-code cache.
 
 A cuda artifact's library holds CUDA C source for its kernels. When the library is loaded, TVM asks
-the global function `tvm_callback_cuda_compile` for the binary; kiln answers from a cache keyed by
-the source and the architecture, and on a miss compiles once with `nvcc --fatbin` for the
-artifact's architecture. The GPU must match the architecture the artifact was built for.
+the global function `tvm_callback_cuda_compile` for the binary; kiln answers, in this order, with the
+fatbin the artifact carries for this source and architecture (`kiln kernels`, runtime/cuda_kernels.py),
+from a cache keyed by the source and the architecture, and on a miss by compiling once with
+`nvcc --fatbin` for the artifact's architecture. The GPU must match the architecture the artifact was
+built for.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
-import shutil
 import subprocess
+import sys
 import tempfile
 from typing import Any
 
@@ -42,22 +44,16 @@ def compile_source(code: str, arch: str) -> bytes:
     if os.path.exists(path):
         with open(path, "rb") as f:
             return f.read()
-    nvcc = shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if os.path.exists(p)), None)
+    from .cuda_kernels import nvcc_path
+
+    nvcc = nvcc_path()
     if nvcc is None:
         raise ArtifactError(
             f"this cuda artifact's kernels are not compiled for {arch} yet and no nvcc was found: "
-            "install the CUDA toolkit (nvcc) once, or copy a filled cache into "
-            f"{cache_dir()} (KILN_CUDA_CACHE)"
+            "install the CUDA toolkit (nvcc) once, or store compiled kernels in the artifact where nvcc is "
+            f"(kiln kernels ARTIFACT), or copy a filled cache into {cache_dir()} (KILN_CUDA_CACHE)"
         )
-    with tempfile.TemporaryDirectory() as tmp:
-        src, out = os.path.join(tmp, "k.cu"), os.path.join(tmp, "k.fatbin")
-        with open(src, "w") as f:
-            f.write(code)
-        r = subprocess.run([nvcc, "--fatbin", "-O3", f"-arch={arch}", "-o", out, src], capture_output=True, text=True)
-        if r.returncode:
-            raise ArtifactError(f"nvcc failed to compile the artifact's kernels for {arch}:\n{r.stderr[-3000:]}")
-        with open(out, "rb") as f:
-            data = f.read()
+    data = nvcc_fatbin(code, arch, nvcc)
     os.makedirs(cache_dir(), exist_ok=True)
     tmp_path = f"{path}.{os.getpid()}.tmp"
     with open(tmp_path, "wb") as f:
@@ -66,8 +62,37 @@ def compile_source(code: str, arch: str) -> bytes:
     return data
 
 
-def prepare(manifest: dict):
-    """Check the GPU against the artifact and install the compile callback; returns the TVM device."""
+def nvcc_fatbin(code: str, arch: str, nvcc: str) -> bytes:
+    """Compile CUDA source with `nvcc --fatbin -O3 -arch=ARCH` (no GPU needed)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = os.path.join(tmp, "k.cu"), os.path.join(tmp, "k.fatbin")
+        with open(src, "w") as f:
+            f.write(code)
+        r = subprocess.run([nvcc, "--fatbin", "-O3", f"-arch={arch}", "-o", out, src], capture_output=True, text=True)
+        if r.returncode:
+            raise ArtifactError(f"nvcc failed to compile the artifact's kernels for {arch}:\n{r.stderr[-3000:]}")
+        with open(out, "rb") as f:
+            return f.read()
+
+
+def kernel_binary(code: str, arch: str, path: str | None = None, manifest: dict | None = None) -> bytes:
+    """What `tvm_callback_cuda_compile` answers: the artifact's own fatbin for this source and arch when
+    it carries one, else the cache's, else nvcc's. Notes on kernels passed over go to stderr."""
+    if path is not None and manifest is not None:
+        from .cuda_kernels import artifact_kernel
+
+        data, notes = artifact_kernel(path, manifest, code, arch)
+        for n in notes:
+            print(f"kiln: {n}", file=sys.stderr)
+        _STATE.setdefault("kernels_from", []).append("artifact" if data is not None else "cache or nvcc")
+        if data is not None:
+            return data
+    return compile_source(code, arch)
+
+
+def prepare(manifest: dict, path: str | None = None):
+    """Check the GPU against the artifact and install the compile callback (which prefers the fatbins
+    stored in the artifact at `path`); returns the TVM device."""
     import tvm
     import tvm_ffi
 
@@ -89,7 +114,7 @@ def prepare(manifest: dict):
         )
 
     def _compile(code, *_):
-        return compile_source(str(code), arch)
+        return kernel_binary(str(code), arch, path, manifest)
 
     tvm_ffi.register_global_func("tvm_callback_cuda_compile", _compile, override=True)
     _register_gemm(dev)

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from .artifact import LIBRARY, WEIGHTS, ArtifactError, WeightFile, check_target, read_manifest, verify_files
+from .artifact import LIBRARY, WEIGHTS, ArtifactError, WeightFile, check_target, read_manifest
+from .integrity import BackgroundVerification
 from .kv_cache import PagePool, page_table
 from .kv_layout import KVLayout
 from .prompts import Prompt, as_prompt_list
@@ -29,27 +30,6 @@ def _threads() -> None:
     # TVM's pool assumes SMT and uses half the cores by default; kiln kernels want one thread per core.
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     os.environ.setdefault("TVM_NUM_THREADS", str(n))
-
-
-def _in_background(fn: Callable[..., Any], *args: Any) -> Callable[[], None]:
-    """Start fn(*args) on a thread; the function returned waits for it and raises what it raised."""
-    failed: list[BaseException] = []
-
-    def work() -> None:
-        try:
-            fn(*args)
-        except BaseException as e:  # handed to the waiting thread
-            failed.append(e)
-
-    t = threading.Thread(target=work, name="kiln-verify", daemon=True)
-    t.start()
-
-    def wait() -> None:
-        t.join()
-        if failed:
-            raise failed[0]
-
-    return wait
 
 
 class _Stored:
@@ -101,9 +81,10 @@ class Engine:
         self.manifest = read_manifest(path)
         check_target(self.manifest)
         self.on_gpu = self.manifest.get("target", {}).get("name") == "cuda"
-        # after the cheap host and device checks, before anything from the artifact is opened; on the CPU
-        # the checksums (hundreds of MB) are computed while TVM imports, and waited for before the library opens
-        pending = _in_background(verify_files, path, self.manifest) if verify and not self.on_gpu else None
+        # after the cheap host and device checks, before anything from the artifact is opened; the checksums
+        # (hundreds of MB) are computed while TVM imports and the library, KV cache and tokenizer load, and
+        # waited for in two steps: the library's before it is opened, the weights' before they are bound
+        pending = BackgroundVerification(path, self.manifest) if verify and not self.on_gpu else None
         from .tvm_import import load_tvm
 
         tvm = load_tvm()  # before tvm.runtime.vm: keeps torch out of a serving process
@@ -113,19 +94,17 @@ class Engine:
         if self.on_gpu:
             from .cuda import prepare
 
-            self.device = prepare(self.manifest)
-            if verify:
-                verify_files(path, self.manifest)
+            self.device = prepare(self.manifest, path)
+            pending = BackgroundVerification(path, self.manifest) if verify else None
         else:
             self.device = tvm.cpu()
         if pending is not None:
-            pending()
+            pending.wait_for_code()
         try:
             lib = tvm.runtime.load_module(os.path.join(path, LIBRARY))
         except Exception as e:
             raise ArtifactError(f"cannot load {LIBRARY} from {path}: {e}") from e
         self.vm = VirtualMachine(lib, self.device)
-        self.weights = self._load_weights() if weights is None else self._bind_weights(weights)
         self.kv_layout = KVLayout.from_manifest(self.manifest, self.device)
         self.page_size = self.kv_layout.page_size
         self.max_context = int(self.manifest["max_context"])
@@ -139,13 +118,16 @@ class Engine:
 
             self._graphs = GraphRunner(self)
             self._pt_width = -(-self.max_context // self.page_size)
-        self.vocab_size = cross_check(self)  # the manifest's shape facts against the library, before serving
         self.tokenizer = None
         tok_dir = os.path.join(path, "tokenizer")
         if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
             from .tokenizer import Tokenizer
 
             self.tokenizer = Tokenizer(tok_dir)
+        if pending is not None:
+            pending.wait()  # every checksum, the weights' too, before they are bound and anything runs
+        self.weights = self._load_weights() if weights is None else self._bind_weights(weights)
+        self.vocab_size = cross_check(self)  # the manifest's shape facts against the library, before serving
         self.eos_ids = tuple(self.manifest.get("eos_token_ids") or ())
 
     closed = False

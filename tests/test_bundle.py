@@ -292,3 +292,59 @@ def test_weights_hashed_while_read_are_the_ones_loaded(smol_artifact, engine_tok
         assert artifact._kept == {}
     finally:
         integrity.HASHING_READERS.clear()
+
+
+def test_kiln_run_refuses_damaged_weights_before_any_token(smol_artifact, tmp_path):
+    """`kiln run` checks the weights on a thread while TVM, the library and the tokenizer load: one flipped
+    byte in the middle of the weights still ends the process with the file named, before any text."""
+    import shutil
+
+    art = tmp_path / "a"
+    shutil.copytree(smol_artifact, art)
+    w = art / "weights.safetensors"
+    with open(w, "r+b") as f:
+        f.seek(w.stat().st_size // 2)
+        b = f.read(1)
+        f.seek(w.stat().st_size // 2)
+        f.write(bytes([b[0] ^ 0xFF]))
+    r = subprocess.run([sys.executable, "-m", "kiln.runtime.cli", "run", str(art), "--prompt", "Hi", "--max-tokens",
+                        "2"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 1 and r.stdout == "", (r.stdout, r.stderr)
+    assert "checksum mismatch for weights.safetensors" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_piecewise_sha256_checks_large_weights_on_every_core(smol_artifact, engine_tokens, tmp_path, monkeypatch):
+    """Without blake3, a large file's piecewise SHA-256 (pieces hashed on a thread each) is what the loader
+    checks: read into the engine's memory while hashed, the same tokens, and one flipped byte refused."""
+    import shutil
+
+    from kiln.runtime import artifact, integrity
+
+    art = tmp_path / "a"
+    shutil.copytree(smol_artifact, art)
+    monkeypatch.setattr(integrity, "PIECES_FROM", 0)
+    monkeypatch.setattr(integrity, "PIECE_BYTES", 1 << 20)
+    monkeypatch.setattr(integrity, "_blake3", lambda: None)  # a host without the blake3 package
+    w = art / "weights.safetensors"
+    m = json.loads((art / "manifest.json").read_text())
+    m["files"]["weights.safetensors"] = entry = integrity.file_entry(str(w))
+    (art / "manifest.json").write_text(json.dumps(m))
+    (art / "manifest.sha256").write_text(integrity.manifest_sum_line(str(art / "manifest.json")))
+    assert w.stat().st_size > 4 << 20 and "blake3" not in entry
+    assert integrity.checked_digest(entry) == ("sha256_pieces:1048576", entry["sha256_pieces"]["root"])
+    artifact.hand_verified_weights_to_loader()
+    try:
+        eng = kiln.load(str(art), kv_cache_tokens=256)
+        assert artifact._kept == {}  # the engine took what the checksum pass read
+        assert eng.generate(["Hi"], SamplingParams(max_tokens=6), chat=True)[0].token_ids == engine_tokens
+        with open(w, "r+b") as f:  # one byte in the middle of the file
+            f.seek(w.stat().st_size // 2)
+            b = f.read(1)
+            f.seek(w.stat().st_size // 2)
+            f.write(bytes([b[0] ^ 0xFF]))
+        with pytest.raises(artifact.ArtifactError, match="checksum mismatch for weights.safetensors"):
+            kiln.load(str(art), kv_cache_tokens=256)
+    finally:
+        integrity.HASHING_READERS.clear()
+    with pytest.raises(artifact.ArtifactError, match="checksum mismatch for weights.safetensors"):
+        integrity.verify_files(str(art), m)  # the plain pass (kiln inspect --verify) too
