@@ -108,12 +108,14 @@ def main() -> None:
         default=None,
         help="with --gpu: the JSON file to merge into (default: bench/results/cold_start.json)",
     )
+    ap.add_argument("--ways", default=None, help="with --gpu: comma-separated ways to time (default: all)")
     a = ap.parse_args()
     if a.gpu:
         from cold_start_gpu import run_gpu
         from results_io import RESULTS
 
-        run_gpu(a.gpu, a.runs, a.device, a.work, a.results or os.path.join(RESULTS, "cold_start.json"))
+        only = [w for w in a.ways.split(",") if w] if a.ways else None
+        run_gpu(a.gpu, a.runs, a.device, a.work, a.results or os.path.join(RESULTS, "cold_start.json"), only)
         return
     art = a.artifact or default_artifact()
     from kiln.bundle import make_bundle

@@ -168,8 +168,11 @@ def write_inputs(artifact: str, work: str, device: str) -> tuple[str, str, dict[
     return art, hf, manifest
 
 
-def run_gpu(artifact: str, runs: int, device: str, work: str | None, results: str) -> dict[str, Any]:
-    """Write the inputs, time every way `runs` times (rotated), merge the medians into `results`."""
+def run_gpu(
+    artifact: str, runs: int, device: str, work: str | None, results: str, only: list[str] | None = None
+) -> dict[str, Any]:
+    """Write the inputs, time every way (or the ways in `only`) `runs` times (rotated), merge the medians into
+    `results`."""
     import numpy as np
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -196,8 +199,10 @@ def run_gpu(artifact: str, runs: int, device: str, work: str | None, results: st
         }
         if manifest.get("cuda_kernels"):
             ways["kiln_artifact_kernels"] = lambda: kiln_way(True, None, True)
-        # the cold run first: it fills the warm cache
-        token_times(*kiln_way(True, warm, False), lines=2)
+        if only:
+            ways = {k: v for k, v in ways.items() if k in only}
+        if any(k in ways for k in ("kiln_warm_cache", "kiln_no_verify")):  # the cold run first: it fills the cache
+            token_times(*kiln_way(True, warm, False), lines=2)
         times: dict[str, list[list[float]]] = {k: [] for k in ways}
         order = list(ways)
         for r in range(runs):
@@ -205,7 +210,7 @@ def run_gpu(artifact: str, runs: int, device: str, work: str | None, results: st
                 times[k].append(token_times(*ways[k](), lines=1 if k == "transformers" else 2))
         med = {k: round(statistics.median(t[0] for t in v), 3) for k, v in times.items()}
         second = {k: round(statistics.median(t[1] for t in v), 3) for k, v in times.items() if k != "transformers"}
-        headline = "kiln_artifact_kernels" if "kiln_artifact_kernels" in med else "kiln_warm_cache"
+        headline = next(k for k in ("kiln_artifact_kernels", "kiln_warm_cache", "kiln_cold_cache") if k in med)
         print(f"{'way':<24} {'first token (s)':>16} {'second (s)':>11} {'vs transformers':>16}")
         for k, v in med.items():
             print(f"{k:<24} {v:>16.2f} {second.get(k, float('nan')):>11.2f} {med['transformers'] / v:>15.1f}x")
@@ -226,7 +231,7 @@ def run_gpu(artifact: str, runs: int, device: str, work: str | None, results: st
         }
         figures = {
             "gpu_first_token_s": med[headline],
-            "gpu_first_token_cold_kernel_cache_s": med["kiln_cold_cache"],
+            "gpu_first_token_cold_kernel_cache_s": med.get("kiln_cold_cache"),
             "transformers_gpu_first_token_s": med["transformers"],
             "gpu": gpu,
         }

@@ -147,6 +147,29 @@ def test_kv_planner_numbers_and_report() -> None:
     assert "## KV-cache plan" in render_report(m) and "| mqa | int8 | 4080 |" in render_report(m)
 
 
+def test_memory_needs_count_weights_pages_and_the_targets_workspace() -> None:
+    from kiln.kvplan import memory_needs
+    from kiln.report import render_report
+
+    layers = [{"kv_heads": 8, "head_dim": 128, "num_heads": 32, "window": 0}] * 32
+    model = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "vocab_size": 128256}
+    kv = {"page_size": 16, "layers": layers, "dtype": "float16", "bytes_per_token": 131072}
+    m = {"target": {"name": "cpu"}, "model": model, "kv_cache": kv, "weight_bytes": 16 * 2**30, "max_context": 8192}
+    need = memory_needs(m, batch=64, context=1000, chunk=512)
+    assert need["weights"] == 16 * 2**30
+    assert need["kv_cache"] == 64 * 1008 * 131072  # each sequence rounded up to whole 16-token pages
+    assert need["logits"] == 64 * 128256 * 4
+    fused = need["prefill_workspace"]
+    assert fused == 512 * (4 * 4096 + 3 * 14336) * 4  # fused attention: activations only
+    # a target whose prefill attention materializes the scores and gathers K/V pays for both
+    m["target"] = {"name": "cuda", "prefill_scores_bytes": 10, "prefill_gathers_kv": True}
+    cuda = memory_needs(m, batch=64, context=1000, chunk=512)
+    assert cuda["prefill_workspace"] - fused == 32 * 512 * 1008 * 10 + 2 * 8 * 1008 * 128 * 2
+    assert cuda["total"] == sum(v for k, v in cuda.items() if k != "total")
+    text = render_report(m, batch=8, context=4096)
+    assert "GPU memory for batch 8 x context 4096" in text and "| kv cache | 4.000 |" in text
+
+
 def test_convert_mla_activation_aware_with_calibration(llama) -> None:
     # with calibration windows attached the SVD whitens by the inputs' X^T X: still exact at full
     # rank, and closer than the plain weight SVD at a truncated rank (on the calibration text itself)
