@@ -34,15 +34,12 @@ def cmd_build(a: argparse.Namespace) -> int:
         from kiln.quant import parse_scheme
 
         q = parse_scheme(a.quant)
-        if a.target == "cuda":  # the GPU kernels load a group's codes in 16-byte vectors
-            from kiln.targets.cuda.kernels import _vec
+        if a.target == "cuda":  # what the GPU kernels take, refused before the model loads
+            from kiln.targets.cuda.layouts import quant_refusal
 
-            if q.bits not in (4, 8) or (q.group and q.group % _vec(q.bits)):
-                raise ValueError(
-                    f"--quant {a.quant}: target cuda has int8 and int4 kernels with groups that are multiples "
-                    f"of {_vec(q.bits) if q.bits in (4, 8) else '16 (int8) or 32 (int4)'}, e.g. int4_g32, "
-                    "int4_g128, int8"
-                )
+            why = quant_refusal(q.bits, q.group)
+            if why:
+                raise ValueError(f"--quant {a.quant}: {why}")
     t0 = time.perf_counter()
     quant = dict(
         quant=a.quant, quant_method=a.quant_method, kv_quant=a.kv_quant, w8a8=a.w8a8, calib=a.calib, eval_text=a.eval

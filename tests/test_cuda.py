@@ -168,7 +168,7 @@ def test_stacked_biases_are_one_field():
 
 
 @compiler
-def test_unsupported_options_are_refused_with_the_fix():
+def test_unsupported_options_are_refused_with_the_fix(capsys):
     import kiln
     from kiln.errors import KilnError
 
@@ -177,6 +177,13 @@ def test_unsupported_options_are_refused_with_the_fix():
         kiln.compile(m, target="cuda", kv_quant="int8", pack_weights=False, max_context=64)
     with pytest.raises(KilnError, match="sm_"):
         kiln.compile(m, target="cuda", pack_weights=False, max_context=64, target_options={"arch": "sm_70"})
+    # the CLI refuses what the quantized kernels cannot take before it loads the model
+    from kiln.cli import main
+
+    for scheme in ("int4_g8", "int3_g64"):
+        assert main(["build", "never-loaded", "--target", "cuda", "--quant", scheme, "-o", "/nonexistent"]) == 1
+        err = capsys.readouterr().err
+        assert f"--quant {scheme}: target cuda has int8 and int4 kernels with groups that are multiples of 16" in err
 
 
 @compiler

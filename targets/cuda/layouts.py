@@ -35,6 +35,20 @@ def tile_cols(bits: int) -> int:
     return {16: 256, 8: 32, 4: 64}[bits]
 
 
+QUANT_BITS = (4, 8)
+GROUP_MULTIPLE = 16  # one tensor-core k-tile: a scale group spans whole k-tiles of the quantized GEMV
+
+
+def quant_refusal(bits: int, group: int) -> str | None:
+    """Why the cuda kernels cannot take int`bits` codes in groups of `group` columns (0: per channel), or None."""
+    if bits not in QUANT_BITS or (group and group % GROUP_MULTIPLE):
+        return (
+            f"target cuda has int8 and int4 kernels with groups that are multiples of {GROUP_MULTIPLE} columns "
+            "(or per-channel scales), e.g. int4_g32, int4_g128, int8"
+        )
+    return None
+
+
 def padded_rows(n: int) -> int:
     """Quantized codes and scales come in row tiles of 16 (the `mma` tile); padding rows are never stored."""
     return -(-n // 16) * 16
