@@ -130,6 +130,7 @@ def kv_cache(graph: Graph, page_size: int = 16, logits: str = "last") -> Graph:
                 "layer": i,
                 "kv_dtype": kv_dtype or None,
                 "alibi": list(alibi) if alibi is not None else None,
+                "softcap": att.attrs["softcap"],
             },
             name=f"cached_attention_{i}",
             before=att,

@@ -122,17 +122,65 @@ def test_composite_ops_are_decomposed_by_torch_then_converted():
         assert torch.equal(interp.run(g, {"input_ids": ids})[0], m(ids)[0])
 
 
+class _Bidirectional(torch.nn.Module):
+    """Two layers of eager matmul + softmax attention without a causal mask (an encoder's): no cache serves it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(11, 8)
+        self.qkv = torch.nn.ModuleList(torch.nn.Linear(8, 24) for _ in range(2))
+
+    def forward(self, input_ids, use_cache=False):
+        h = self.emb(input_ids)
+        b, t = input_ids.shape
+        for qkv in self.qkv:
+            q, k, v = qkv(h).view(b, t, 3, 2, 4).permute(2, 0, 3, 1, 4)
+            p = torch.softmax(q @ k.transpose(-1, -2) * 0.5, dim=-1)
+            h = h + (p @ v).transpose(1, 2).reshape(b, t, 8)
+        return (h,)
+
+
 def test_attention_left_as_plain_ops_is_reported_with_its_source():
     from kiln.errors import PassError
     from kiln.passes.fuse_attention import fuse_attention
     from kiln.passes.kv_cache import kv_cache
 
-    g = fuse_attention(traced("gemma2")[1])  # softcapped scores: eager matmul + softmax, no sdpa
+    g = fuse_attention(trace(_Bidirectional().eval(), max_tokens=32))  # matmul + softmax, no causal mask
     fb = g.meta["attention_fallbacks"]
-    assert len(fb) == 2 and all("modeling_gemma2.py:" in f["source"] for f in fb)
+    assert len(fb) == 2 and all("test_families.py:" in f["source"] for f in fb)
+    assert all("not causal" in f["reason"] for f in fb)
     with pytest.raises(PassError, match="left these as plain ops") as e:
         kv_cache(g)
     assert "%" + fb[1]["node"] in str(e.value) and "matmul + softmax" in str(e.value)
+
+
+def _alibi_slopes(heads: int) -> tuple[float, ...]:
+    """Bloom's slopes for a power-of-two number of heads: 2 ** (-8 (h + 1) / heads)."""
+    return tuple(2.0 ** (-8.0 * (h + 1) / heads) for h in range(heads))
+
+
+@pytest.mark.parametrize(
+    "family,attrs",
+    [
+        ("bloom", [{"scale": 0.25, "window": 0, "alibi": _alibi_slopes(4), "softcap": 0.0}] * 2),
+        ("gemma2", [{"scale": 0.0625, "window": 6, "alibi": None, "softcap": 10.0}, {"window": 0, "softcap": 10.0}]),
+        ("gpt_neo", [{"scale": 1.0, "window": 0}, {"scale": 1.0, "window": 4}]),  # global, then local
+    ],
+)
+def test_eager_attention_is_recognized_exactly(family, attrs):
+    from kiln.passes import REGISTRY, run_counted
+    from kiln.passes.canonicalize import canonicalize
+
+    before = canonicalize(traced(family)[1])
+    after, counts = run_counted(REGISTRY["fuse-attention"], before, {})
+    atts = after.find("attention")
+    assert counts.get("eager-attention") == len(atts) == 2 and not after.meta["attention_fallbacks"]
+    assert not after.find("softmax")  # the score matrices are gone
+    for a, want in zip(atts, attrs):
+        assert {k: a.attrs[k] for k in want} == want, family
+    ids = torch.randint(3, 97, (2, 13))
+    a = interp.run(before, {"input_ids": ids})[0]
+    torch.testing.assert_close(interp.run(after, {"input_ids": ids})[0], a, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family,renorm", [("mixtral", True), ("olmoe", False)])
