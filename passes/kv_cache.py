@@ -22,6 +22,7 @@ import sympy
 from kiln.entry import default_entry_points
 from kiln.errors import PassError
 from kiln.ir import Graph, Node, TensorType, sym
+from kiln.ops import same
 
 from .latent_cache import cache_mla
 from .registry import count, register
@@ -49,7 +50,34 @@ def _replace_positions(g: Graph, positions) -> None:
                     f"kv-cache: the position range %{a.name} is used by %{u.name} = {u.op} "
                     f"(from {u.source}) as a [tokens] vector; kiln needs [batch, tokens] position ids"
                 )
+    if pos64 is not None:
+        _follow_batch(g, pos64)
     g.dce()
+
+
+def _follow_batch(g: Graph, pos: Node) -> None:
+    """Give the ops after the position ids the batch the trace's [1, tokens] ids did not have.
+
+    A rotary table gathered by position ids of batch 1 may be reshaped or expanded with a literal 1 in
+    front (GPT-J's interleaved rotary repeats each frequency twice: expand to [1, tokens, 1, n, 2],
+    reshape to [1, tokens, 1, 2n]); with per-sequence positions that leading axis is the batch, so such
+    a 1 becomes the batch of the op's input. Other shapes are left for type inference to check."""
+    from kiln.ops import infer_type
+
+    after = {pos}
+    for n in g.nodes:
+        if n is pos or not any(i in after for i in n.inputs):
+            continue
+        after.add(n)
+        src = n.inputs[0].type.shape
+        if n.op in ("expand", "reshape") and src and not same(src[0], 1):
+            shape = list(n.attrs["shape"])
+            rest_in, rest_out = sympy.Mul(*src[1:]), sympy.Mul(*[sympy.sympify(d) for d in shape[1:]])
+            leading = len(shape) == len(src) or n.op == "reshape"
+            if leading and shape[0] == 1 and (n.op == "expand" or (-1 not in shape and same(rest_in, rest_out))):
+                n.attrs = {**n.attrs, "shape": [src[0]] + shape[1:]}
+                count("positions-batch")
+        n.type = infer_type(n.op, n.inputs, n.attrs)
 
 
 _SCALAR_TAIL = ("mul", "div", "tanh", "cast")

@@ -90,8 +90,6 @@ def tiny_family(family: str, seed: int | None = None) -> torch.nn.Module:
 
 MOE_FAMILIES = frozenset({"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "jetmoe", "phimoe"})
 
-_POS = "PassError (ShapeError in kv-cache): the interleaved rotary's expand is written for position ids of batch 1; "
-_POS += "kv-cache's per-sequence positions [batch, tokens] do not fit it"
 _OPT = "builds, but its learned positions come from a cumsum of the attention mask, which kv-cache does not "
 _OPT += "replace by the per-sequence positions: decode reads the wrong position rows and the tokens differ"
 
@@ -118,11 +116,7 @@ def _xfails() -> None:
     XFAIL_BUILD.update({f: v for f, v in XFAIL_TRACE.items()})
     XFAIL_BUILD.update(
         {
-            "codegen": (_POS, PassError),
             "opt": (_OPT, AssertionError),
-            "gptj": (_POS, PassError),
-            "glm": (_POS, PassError),
-            "cohere": (_POS, PassError),
         }
     )
 

@@ -183,6 +183,36 @@ def test_eager_attention_is_recognized_exactly(family, attrs):
     torch.testing.assert_close(interp.run(after, {"input_ids": ids})[0], a, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["gptj", "cohere", "llama"])
+def test_kv_cache_gives_batch_one_position_tables_the_batch(family):
+    """GPT-J-style interleaved rotary expands its table to a literal [1, tokens, ...]; kv-cache's positions
+    are per sequence, so a decode batch of two sequences at different positions must match each one's row."""
+    from kiln.passes import REGISTRY, run_counted
+    from kiln.passmgr import run_pipeline
+
+    m, g = traced(family)
+    g, _ = run_pipeline(g, "canonicalize,fuse-attention")
+    inc, counts = run_counted(REGISTRY["kv-cache"], g, {"page_size": 4})
+    assert (counts.get("positions-batch", 0) > 0) == (family != "llama")  # llama's cos/sin broadcast as they are
+    caches = {
+        f"kv_cache_{i}": torch.zeros(12, 2, la["kv_heads"], 4, la["head_dim"])
+        for i, la in enumerate(inc.meta["kv_cache"]["layers"])
+    }
+    ids = torch.tensor([PROMPTS[0] + [20, 21], PROMPTS[1][:5] + [30, 31, 32, 33, 34, 35]])[:, :11]
+    with torch.no_grad():
+        ref = m(input_ids=ids, use_cache=False).logits
+    pt = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32)
+    lens = [9, 5]  # prefill each sequence alone, then decode both in one batch at their own positions
+    for b, n in enumerate(lens):
+        pos = torch.arange(n, dtype=torch.int32)[None]
+        interp.run(inc, dict(caches, input_ids=ids[b : b + 1, :n], positions=pos, page_table=pt[b : b + 1]))
+    dec = torch.tensor([[ids[b, n]] for b, n in enumerate(lens)])
+    pos = torch.tensor([[n] for n in lens], dtype=torch.int32)
+    out = interp.run(inc, dict(caches, input_ids=dec, positions=pos, page_table=pt))[0]
+    for b, n in enumerate(lens):
+        assert rel_err(out[b, -1], ref[b, n]) < 1e-4, (family, b)
+
+
 @pytest.mark.parametrize("family,renorm", [("mixtral", True), ("olmoe", False)])
 def test_fuse_moe_recognizes_experts_exactly(family, renorm):
     from kiln.passes.canonicalize import canonicalize
