@@ -99,7 +99,7 @@ XFAIL_BUILD: dict[str, tuple[str, type]] = {}
 
 
 def _xfails() -> None:
-    from kiln.errors import PassError, UnsupportedOpError
+    from kiln.errors import UnsupportedOpError
 
     XFAIL_TRACE.update(
         {
