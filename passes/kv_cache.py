@@ -18,9 +18,11 @@ is the one thing an entry point may drop).
 from __future__ import annotations
 
 import sympy
+import torch
 
 from kiln.entry import default_entry_points
 from kiln.errors import PassError
+from kiln.interp import evaluate_subgraph
 from kiln.ir import Graph, Node, TensorType, sym
 from kiln.ops import same
 
@@ -52,7 +54,39 @@ def _replace_positions(g: Graph, positions) -> None:
                 )
     if pos64 is not None:
         _follow_batch(g, pos64)
+    _replace_computed_positions(g, positions)
     g.dce()
+
+
+def _replace_computed_positions(g: Graph, positions: Node) -> None:
+    """Position ids the model computes from shapes rather than from an arange: OPT takes
+    cumsum(ones(batch, tokens)) - 1 (its attention mask's cumsum, the mask being all ones in the trace).
+    An integer [batch, tokens] tensor built from shapes alone that equals 0..tokens-1 in every row at
+    two probe lengths is that, and becomes the per-sequence positions (in the full-sequence program
+    it is exactly that: the token index)."""
+    varying: set[Node] = set()
+    for n in g.nodes:
+        if n.op == "input" or any(i in varying for i in n.inputs):
+            varying.add(n)
+    for n in list(g.nodes):
+        t = n.type
+        if n in varying or n.op in ("const", "param") or t.rank != 2 or not t.dtype.startswith(("int", "uint")):
+            continue
+        if not (same(t.shape[0], BATCH) and same(t.shape[1], TOKENS)):
+            continue
+        if all(_is_arange(g, n, tokens) for tokens in (9, 17)):
+            pos = g.add("cast", [positions], {"dtype": t.dtype}, name="position_ids", before=n)
+            g.replace_all_uses(n, pos)
+            varying.add(pos)
+            count("positions")
+
+
+def _is_arange(g: Graph, n: Node, tokens: int) -> bool:
+    try:
+        v = evaluate_subgraph(g, n, {"batch": 2, "tokens": tokens})
+    except Exception:  # not evaluable from shapes alone: not a position range kiln can read
+        return False
+    return bool((v == torch.arange(tokens)).all())
 
 
 def _follow_batch(g: Graph, pos: Node) -> None:

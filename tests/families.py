@@ -90,8 +90,6 @@ def tiny_family(family: str, seed: int | None = None) -> torch.nn.Module:
 
 MOE_FAMILIES = frozenset({"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "jetmoe", "phimoe"})
 
-_OPT = "builds, but its learned positions come from a cumsum of the attention mask, which kv-cache does not "
-_OPT += "replace by the per-sequence positions: decode reads the wrong position rows and the tokens differ"
 
 # family -> (reason, exception): the trace or its check fails for a reason kiln has not addressed yet
 XFAIL_TRACE: dict[str, tuple[str, type]] = {}
@@ -114,11 +112,7 @@ def _xfails() -> None:
         }
     )
     XFAIL_BUILD.update({f: v for f, v in XFAIL_TRACE.items()})
-    XFAIL_BUILD.update(
-        {
-            "opt": (_OPT, AssertionError),
-        }
-    )
+    XFAIL_BUILD.update({})
 
 
 _xfails()

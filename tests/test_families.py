@@ -183,17 +183,20 @@ def test_eager_attention_is_recognized_exactly(family, attrs):
     torch.testing.assert_close(interp.run(after, {"input_ids": ids})[0], a, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["gptj", "cohere", "llama"])
-def test_kv_cache_gives_batch_one_position_tables_the_batch(family):
-    """GPT-J-style interleaved rotary expands its table to a literal [1, tokens, ...]; kv-cache's positions
-    are per sequence, so a decode batch of two sequences at different positions must match each one's row."""
+@pytest.mark.parametrize("family", ["gptj", "cohere", "opt", "llama"])
+def test_kv_cache_positions_follow_each_sequence(family):
+    """Positions the trace fixed for batch 1 (GPT-J-style interleaved rotary expands its table to a literal
+    [1, tokens, ...]) or computed from shapes (OPT's cumsum of the mask) become the per-sequence positions:
+    a decode batch of two sequences at different positions must match each one's full-forward row."""
     from kiln.passes import REGISTRY, run_counted
     from kiln.passmgr import run_pipeline
 
     m, g = traced(family)
     g, _ = run_pipeline(g, "canonicalize,fuse-attention")
     inc, counts = run_counted(REGISTRY["kv-cache"], g, {"page_size": 4})
-    assert (counts.get("positions-batch", 0) > 0) == (family != "llama")  # llama's cos/sin broadcast as they are
+    assert counts["positions"] == 1 and not inc.find("cumsum") and not inc.find("arange")
+    # llama's and opt's position tables broadcast as they are; the interleaved ones are given the batch
+    assert (counts.get("positions-batch", 0) > 0) == (family in ("gptj", "cohere"))
     caches = {
         f"kv_cache_{i}": torch.zeros(12, 2, la["kv_heads"], 4, la["head_dim"])
         for i, la in enumerate(inc.meta["kv_cache"]["layers"])
