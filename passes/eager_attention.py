@@ -52,12 +52,6 @@ def _heads(x: Node) -> Node | None:
     return None
 
 
-def _through(x: Node) -> Node:
-    while x.op in _PASS:
-        x = x.inputs[0]
-    return x
-
-
 def _scalar(g: Graph, n: Node) -> float | None:
     """The value of a rank-0 constant or parameter, or None."""
     if n.type.rank != 0 or n.op not in ("const", "param", "full"):
@@ -88,6 +82,8 @@ def match(g: Graph, sm: Node, varying: set[Node], users: dict[Node, list[Node]])
         chain.append(x)
         x = on_path[0]
     qk = x
+    if len(users.get(qk, [])) != 1:
+        return "the raw scores q k^T are used more than once"
     kt = qk.inputs[1]
     r = kt.type.rank
     if kt.op != "permute" or list(kt.attrs["perm"]) != list(range(r - 2)) + [r - 1, r - 2]:
@@ -118,7 +114,7 @@ def _read_chain(g: Graph, chain: list[Node], m: Match) -> str | None:
                 factors.append((n, c))
             else:
                 return f"%{n.name} divides a constant by the scores"
-        elif n.op == "tanh" and not biased and factors and i + 1 < len(chain):
+        elif n.op == "tanh" and not biased and not capped and factors and i + 1 < len(chain):
             nxt = chain[i + 1]
             cap = _scalar(g, next(x for x in nxt.inputs if x is not n)) if nxt.op == "mul" else None
             if cap is None or abs(factors[-1][1] * cap - 1.0) > 1e-6:
