@@ -107,6 +107,11 @@ def convert_mla(graph: Graph, rank: int = 0, rope_dims: int = 8) -> Graph:
             )
         if att.attrs["kv_dtype"]:
             raise PassError("convert-mla: place it before quantize-kv (the latent cache is fp32)")
+        if att.attrs["softcap"]:
+            raise PassError(
+                f"convert-mla: %{att.name} (from {att.source}) softcaps its scores, which latent attention "
+                "does not; leave convert-mla out for this model"
+            )
         pk, pv = kv_projection(att, 1, "convert-mla"), kv_projection(att, 2, "convert-mla")
         x = pk.linear.inputs[0]
         if pv.linear.inputs[0] is not x:

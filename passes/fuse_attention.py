@@ -8,6 +8,7 @@ from kiln.interp import evaluate_subgraph
 from kiln.ir import Graph, Node
 from kiln.ops import same
 
+from . import eager_attention as eager
 from .registry import count, register
 
 
@@ -63,6 +64,9 @@ def fuse_attention(graph: Graph, probe: str = "9,17") -> Graph:
     length; also `is_causal=True` without a mask. Looks through the repeat_kv expansion of keys and
     values (GQA/MQA). Guarantees: each match is `attention(q, k, v, scale, causal, window)` with k/v
     holding the model's own number of KV heads; the mask construction becomes dead. Exact.
+    Where the graph has no sdpa, also matches attention written as matmul + softmax (eager_attention.py:
+    scalar scale, tanh softcap, a causal / sliding-window mask and an ALiBi bias built from shapes),
+    which becomes `attention(q, k, v, scale, causal, window, alibi, softcap)`.
     Does not fire on masks that depend on input values (padding masks) or are not causal; each layer
     left as plain ops is listed with the reason in `graph.meta["attention_fallbacks"]`."""
     g = graph.copy()
@@ -103,19 +107,47 @@ def fuse_attention(graph: Graph, probe: str = "9,17") -> Graph:
         if rk > 1:
             count("gqa-repeat-removed")
     if not g.find("sdpa") and not g.find("attention"):
-        fallbacks.extend(_eager_attention(g))
+        fallbacks.extend(_eager_attention(g, lengths))
     g.meta["attention_fallbacks"] = fallbacks
     g.dce()
     return g
 
 
-def _eager_attention(g: Graph) -> list[dict]:
+def _eager_attention(g: Graph, lengths: tuple[int, ...]) -> list[dict]:
     """Softmaxes over a [.., tokens, tokens] score matrix: attention the model wrote as matmul + softmax
-    (transformers does so where sdpa cannot express it: score softcapping, ALiBi as a score bias)."""
+    (transformers does so where sdpa cannot express it: score softcapping, ALiBi as a score bias,
+    unscaled scores). Each one eager_attention matches becomes `attention`; the others are returned
+    as fallbacks with the reason."""
     out = []
+    varying: set[Node] = set()
+    for n in g.nodes:  # the nodes whose value depends on the model's inputs (not shapes alone)
+        if n.op == "input" or any(i in varying for i in n.inputs):
+            varying.add(n)
+    users = g.users()
     for n in g.find("softmax"):
         s = n.type.shape
-        if len(s) >= 2 and n.attrs["dim"] in (-1, len(s) - 1) and s[-1].free_symbols and s[-2].free_symbols:
-            why = "attention written as matmul + softmax, not scaled_dot_product_attention (kiln matches sdpa)"
+        if not (len(s) >= 2 and n.attrs["dim"] in (-1, len(s) - 1) and s[-1].free_symbols and s[-2].free_symbols):
+            continue
+        m = eager.match(g, n, varying, users)
+        verdict = eager.classify(g, m, lengths, int(m.q.type.shape[1])) if isinstance(m, eager.Match) else m
+        if isinstance(m, eager.Match) and isinstance(verdict, tuple):
+            (k, rk), (v, rv) = strip_repeat_kv(m.k), strip_repeat_kv(m.v)
+            if rk != rv:
+                verdict = "keys and values repeat differently"
+        if not isinstance(m, eager.Match) or not isinstance(verdict, tuple):
+            why = f"attention written as matmul + softmax that kiln does not read: {verdict}"
             out.append({"node": n.name, "source": n.source, "reason": why})
+            continue
+        window, slopes = verdict
+        attrs = {"scale": m.scale, "causal": True, "window": window, "alibi": slopes, "softcap": m.softcap}
+        att = g.add("attention", [m.q, k, v], attrs, name="attention", before=m.out, source=n.source)
+        new = att
+        if m.out.type.rank == 3:  # the model's [batch * heads, tokens, head_dim] layout
+            new = g.add("reshape", [att], {"shape": list(m.out.type.shape)}, name="attention_bmm", before=m.out)
+        g.replace_all_uses(m.out, new)
+        g.nodes.remove(m.out)
+        count("attention")
+        count("eager-attention")
+        if rk > 1:
+            count("gqa-repeat-removed")
     return out

@@ -18,10 +18,13 @@ is the one thing an entry point may drop).
 from __future__ import annotations
 
 import sympy
+import torch
 
 from kiln.entry import default_entry_points
 from kiln.errors import PassError
+from kiln.interp import evaluate_subgraph
 from kiln.ir import Graph, Node, TensorType, sym
+from kiln.ops import same
 
 from .latent_cache import cache_mla
 from .registry import count, register
@@ -49,7 +52,66 @@ def _replace_positions(g: Graph, positions) -> None:
                     f"kv-cache: the position range %{a.name} is used by %{u.name} = {u.op} "
                     f"(from {u.source}) as a [tokens] vector; kiln needs [batch, tokens] position ids"
                 )
+    if pos64 is not None:
+        _follow_batch(g, pos64)
+    _replace_computed_positions(g, positions)
     g.dce()
+
+
+def _replace_computed_positions(g: Graph, positions: Node) -> None:
+    """Position ids the model computes from shapes rather than from an arange: OPT takes
+    cumsum(ones(batch, tokens)) - 1 (its attention mask's cumsum, the mask being all ones in the trace).
+    An integer [batch, tokens] tensor built from shapes alone that equals 0..tokens-1 in every row at
+    two probe lengths is that, and becomes the per-sequence positions (in the full-sequence program
+    it is exactly that: the token index)."""
+    varying: set[Node] = set()
+    for n in g.nodes:
+        if n.op == "input" or any(i in varying for i in n.inputs):
+            varying.add(n)
+    for n in list(g.nodes):
+        t = n.type
+        if n in varying or n.op in ("const", "param") or t.rank != 2 or not t.dtype.startswith(("int", "uint")):
+            continue
+        if not (same(t.shape[0], BATCH) and same(t.shape[1], TOKENS)):
+            continue
+        if all(_is_arange(g, n, tokens) for tokens in (9, 17)):
+            pos = g.add("cast", [positions], {"dtype": t.dtype}, name="position_ids", before=n)
+            g.replace_all_uses(n, pos)
+            varying.add(pos)
+            count("positions")
+
+
+def _is_arange(g: Graph, n: Node, tokens: int) -> bool:
+    try:
+        v = evaluate_subgraph(g, n, {"batch": 2, "tokens": tokens})
+    except Exception:  # not evaluable from shapes alone: not a position range kiln can read
+        return False
+    return bool((v == torch.arange(tokens)).all())
+
+
+def _follow_batch(g: Graph, pos: Node) -> None:
+    """Give the ops after the position ids the batch the trace's [1, tokens] ids did not have.
+
+    A rotary table gathered by position ids of batch 1 may be reshaped or expanded with a literal 1 in
+    front (GPT-J's interleaved rotary repeats each frequency twice: expand to [1, tokens, 1, n, 2],
+    reshape to [1, tokens, 1, 2n]); with per-sequence positions that leading axis is the batch, so such
+    a 1 becomes the batch of the op's input. Other shapes are left for type inference to check."""
+    from kiln.ops import infer_type
+
+    after = {pos}
+    for n in g.nodes:
+        if n is pos or not any(i in after for i in n.inputs):
+            continue
+        after.add(n)
+        src = n.inputs[0].type.shape
+        if n.op in ("expand", "reshape") and src and not same(src[0], 1):
+            shape = list(n.attrs["shape"])
+            rest_in, rest_out = sympy.Mul(*src[1:]), sympy.Mul(*[sympy.sympify(d) for d in shape[1:]])
+            leading = len(shape) == len(src) or n.op == "reshape"
+            if leading and shape[0] == 1 and (n.op == "expand" or (-1 not in shape and same(rest_in, rest_out))):
+                n.attrs = {**n.attrs, "shape": [src[0]] + shape[1:]}
+                count("positions-batch")
+        n.type = infer_type(n.op, n.inputs, n.attrs)
 
 
 _SCALAR_TAIL = ("mul", "div", "tanh", "cast")
@@ -130,6 +192,7 @@ def kv_cache(graph: Graph, page_size: int = 16, logits: str = "last") -> Graph:
                 "layer": i,
                 "kv_dtype": kv_dtype or None,
                 "alibi": list(alibi) if alibi is not None else None,
+                "softcap": att.attrs["softcap"],
             },
             name=f"cached_attention_{i}",
             before=att,

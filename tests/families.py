@@ -90,12 +90,6 @@ def tiny_family(family: str, seed: int | None = None) -> torch.nn.Module:
 
 MOE_FAMILIES = frozenset({"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "jetmoe", "phimoe"})
 
-_EAGER = "PassError: attention written as matmul + softmax ({}), not scaled_dot_product_attention: fuse-attention "
-_EAGER += "does not recognize it, so kv-cache has no attention to cache"
-_POS = "PassError (ShapeError in kv-cache): the interleaved rotary's expand is written for position ids of batch 1; "
-_POS += "kv-cache's per-sequence positions [batch, tokens] do not fit it"
-_OPT = "builds, but its learned positions come from a cumsum of the attention mask, which kv-cache does not "
-_OPT += "replace by the per-sequence positions: decode reads the wrong position rows and the tokens differ"
 
 # family -> (reason, exception): the trace or its check fails for a reason kiln has not addressed yet
 XFAIL_TRACE: dict[str, tuple[str, type]] = {}
@@ -103,7 +97,7 @@ XFAIL_BUILD: dict[str, tuple[str, type]] = {}
 
 
 def _xfails() -> None:
-    from kiln.errors import PassError, UnsupportedOpError
+    from kiln.errors import UnsupportedOpError
 
     XFAIL_TRACE.update(
         {
@@ -118,18 +112,7 @@ def _xfails() -> None:
         }
     )
     XFAIL_BUILD.update({f: v for f, v in XFAIL_TRACE.items()})
-    XFAIL_BUILD.update(
-        {
-            "gemma2": (_EAGER.format("softcapped scores"), PassError),
-            "gpt_neo": (_EAGER.format("unscaled scores, local layers"), PassError),
-            "codegen": (_POS, PassError),
-            "opt": (_OPT, AssertionError),
-            "bloom": (_EAGER.format("ALiBi added with baddbmm"), PassError),
-            "gptj": (_POS, PassError),
-            "glm": (_POS, PassError),
-            "cohere": (_POS, PassError),
-        }
-    )
+    XFAIL_BUILD.update({})
 
 
 _xfails()

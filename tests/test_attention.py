@@ -36,7 +36,9 @@ def bloom_slopes(h: int) -> list[float]:
     return base + extra[: h - n]
 
 
-def _step_vm(H: int, KVH: int, D: int, PS: int, window: int, slopes: list[float] | None, int8: bool):
+def _step_vm(
+    H: int, KVH: int, D: int, PS: int, window: int, slopes: list[float] | None, int8: bool, softcap: float = 0.0
+):
     """Relax `step(q, k, v, cache, [scales], page_table, positions)`: in-place append, then attention."""
     b, t = tirx.Var("b", "int64"), tirx.Var("t", "int64")
     npg, mp = tirx.Var("num_pages", "int64"), tirx.Var("max_pages", "int64")
@@ -53,11 +55,17 @@ def _step_vm(H: int, KVH: int, D: int, PS: int, window: int, slopes: list[float]
         if int8:
             app = bb.add_func(cpu_kv8.kv_append_int8_func(KVH, D, PS), "kv_append_int8")
             att = bb.add_func(
-                cpu_kv8.paged_attention_int8_func(H, KVH, D, PS, D**-0.5, window, alibi=slopes is not None), "attn"
+                cpu_kv8.paged_attention_int8_func(
+                    H, KVH, D, PS, D**-0.5, window, alibi=slopes is not None, softcap=softcap
+                ),
+                "attn",
             )
         else:
             app = bb.add_func(ck.kv_append_func(KVH, D, PS), "kv_append")
-            att = bb.add_func(ck.paged_attention_func(H, KVH, D, PS, D**-0.5, window, alibi=slopes is not None), "attn")
+            att = bb.add_func(
+                ck.paged_attention_func(H, KVH, D, PS, D**-0.5, window, alibi=slopes is not None, softcap=softcap),
+                "attn",
+            )
         with bb.dataflow():
             if int8:
                 both = bb.emit(relax.op.call_tir_inplace(app, [cache, sc, k, v, pt, pos], [0, 1], [cache.ty, sc.ty]))
@@ -79,14 +87,18 @@ CASES = {
     "gqa3-window37-p16": (16, 6, 2, 16, 37, False, False, [129, 1]),
     "int8-mqa8-alibi-p16": (16, 8, 1, 32, 0, True, True, [7, 129]),
     "int8-gqa3-window-p8": (8, 9, 3, 64, 11, False, True, [129, 1]),
+    "gqa2-window-softcap-p8": (8, 4, 2, 32, 9, False, False, [129, 7, 1]),
+    "int8-alibi-softcap-p16": (16, 4, 4, 16, 0, True, True, [33, 1]),
 }
+SOFTCAP = {"gqa2-window-softcap-p8": 1.5, "int8-alibi-softcap-p16": 2.0}  # Gemma-2's tanh cap of the scores
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_paged_attention_matches_reference(case: str) -> None:
     PS, H, KVH, D, window, use_alibi, int8, lens = CASES[case]
     slopes = bloom_slopes(H) if use_alibi else None
-    vm = _step_vm(H, KVH, D, PS, window, slopes, int8)
+    cap = SOFTCAP.get(case, 0.0)
+    vm = _step_vm(H, KVH, D, PS, window, slopes, int8, cap)
     rng = np.random.default_rng(sum(lens) + H)
     B, T = len(lens), max(lens)
     total = max(lens) + 1
@@ -114,6 +126,7 @@ def test_paged_attention_matches_reference(case: str) -> None:
             D**-0.5,
             window,
             alibi=slopes,
+            softcap=cap,
         )
         return out, ref.permute(0, 2, 1, 3).numpy()
 

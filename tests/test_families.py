@@ -122,17 +122,98 @@ def test_composite_ops_are_decomposed_by_torch_then_converted():
         assert torch.equal(interp.run(g, {"input_ids": ids})[0], m(ids)[0])
 
 
+class _Bidirectional(torch.nn.Module):
+    """Two layers of eager matmul + softmax attention without a causal mask (an encoder's): no cache serves it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(11, 8)
+        self.qkv = torch.nn.ModuleList(torch.nn.Linear(8, 24) for _ in range(2))
+
+    def forward(self, input_ids, use_cache=False):
+        h = self.emb(input_ids)
+        b, t = input_ids.shape
+        for qkv in self.qkv:
+            q, k, v = qkv(h).view(b, t, 3, 2, 4).permute(2, 0, 3, 1, 4)
+            p = torch.softmax(q @ k.transpose(-1, -2) * 0.5, dim=-1)
+            h = h + (p @ v).transpose(1, 2).reshape(b, t, 8)
+        return (h,)
+
+
 def test_attention_left_as_plain_ops_is_reported_with_its_source():
     from kiln.errors import PassError
     from kiln.passes.fuse_attention import fuse_attention
     from kiln.passes.kv_cache import kv_cache
 
-    g = fuse_attention(traced("gemma2")[1])  # softcapped scores: eager matmul + softmax, no sdpa
+    g = fuse_attention(trace(_Bidirectional().eval(), max_tokens=32))  # matmul + softmax, no causal mask
     fb = g.meta["attention_fallbacks"]
-    assert len(fb) == 2 and all("modeling_gemma2.py:" in f["source"] for f in fb)
+    assert len(fb) == 2 and all("test_families.py:" in f["source"] for f in fb)
+    assert all("not causal" in f["reason"] for f in fb)
     with pytest.raises(PassError, match="left these as plain ops") as e:
         kv_cache(g)
     assert "%" + fb[1]["node"] in str(e.value) and "matmul + softmax" in str(e.value)
+
+
+def _alibi_slopes(heads: int) -> tuple[float, ...]:
+    """Bloom's slopes for a power-of-two number of heads: 2 ** (-8 (h + 1) / heads)."""
+    return tuple(2.0 ** (-8.0 * (h + 1) / heads) for h in range(heads))
+
+
+@pytest.mark.parametrize(
+    "family,attrs",
+    [
+        ("bloom", [{"scale": 0.25, "window": 0, "alibi": _alibi_slopes(4), "softcap": 0.0}] * 2),
+        ("gemma2", [{"scale": 0.0625, "window": 6, "alibi": None, "softcap": 10.0}, {"window": 0, "softcap": 10.0}]),
+        ("gpt_neo", [{"scale": 1.0, "window": 0}, {"scale": 1.0, "window": 4}]),  # global, then local
+    ],
+)
+def test_eager_attention_is_recognized_exactly(family, attrs):
+    from kiln.passes import REGISTRY, run_counted
+    from kiln.passes.canonicalize import canonicalize
+
+    before = canonicalize(traced(family)[1])
+    after, counts = run_counted(REGISTRY["fuse-attention"], before, {})
+    atts = after.find("attention")
+    assert counts.get("eager-attention") == len(atts) == 2 and not after.meta["attention_fallbacks"]
+    assert not after.find("softmax")  # the score matrices are gone
+    for a, want in zip(atts, attrs):
+        assert {k: a.attrs[k] for k in want} == want, family
+    ids = torch.randint(3, 97, (2, 13))
+    a = interp.run(before, {"input_ids": ids})[0]
+    torch.testing.assert_close(interp.run(after, {"input_ids": ids})[0], a, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gptj", "cohere", "opt", "llama"])
+def test_kv_cache_positions_follow_each_sequence(family):
+    """Positions the trace fixed for batch 1 (GPT-J-style interleaved rotary expands its table to a literal
+    [1, tokens, ...]) or computed from shapes (OPT's cumsum of the mask) become the per-sequence positions:
+    a decode batch of two sequences at different positions must match each one's full-forward row."""
+    from kiln.passes import REGISTRY, run_counted
+    from kiln.passmgr import run_pipeline
+
+    m, g = traced(family)
+    g, _ = run_pipeline(g, "canonicalize,fuse-attention")
+    inc, counts = run_counted(REGISTRY["kv-cache"], g, {"page_size": 4})
+    assert counts["positions"] == 1 and not inc.find("cumsum") and not inc.find("arange")
+    # llama's and opt's position tables broadcast as they are; the interleaved ones are given the batch
+    assert (counts.get("positions-batch", 0) > 0) == (family in ("gptj", "cohere"))
+    caches = {
+        f"kv_cache_{i}": torch.zeros(12, 2, la["kv_heads"], 4, la["head_dim"])
+        for i, la in enumerate(inc.meta["kv_cache"]["layers"])
+    }
+    ids = torch.tensor([PROMPTS[0] + [20, 21], PROMPTS[1][:5] + [30, 31, 32, 33, 34, 35]])[:, :11]
+    with torch.no_grad():
+        ref = m(input_ids=ids, use_cache=False).logits
+    pt = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32)
+    lens = [9, 5]  # prefill each sequence alone, then decode both in one batch at their own positions
+    for b, n in enumerate(lens):
+        pos = torch.arange(n, dtype=torch.int32)[None]
+        interp.run(inc, dict(caches, input_ids=ids[b : b + 1, :n], positions=pos, page_table=pt[b : b + 1]))
+    dec = torch.tensor([[ids[b, n]] for b, n in enumerate(lens)])
+    pos = torch.tensor([[n] for n in lens], dtype=torch.int32)
+    out = interp.run(inc, dict(caches, input_ids=dec, positions=pos, page_table=pt))[0]
+    for b, n in enumerate(lens):
+        assert rel_err(out[b, -1], ref[b, n]) < 1e-4, (family, b)
 
 
 @pytest.mark.parametrize("family,renorm", [("mixtral", True), ("olmoe", False)])

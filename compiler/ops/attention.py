@@ -20,6 +20,7 @@ class AttentionAttrs:
     window: int = 0  # sliding window in keys (0: the whole prefix)
     kv_dtype: str | None = None  # int8 | fp8_e4m3: K/V as they come back from an 8-bit cache (quantize-kv)
     alibi: tuple | None = None  # ALiBi slopes, one per query head
+    softcap: float = 0.0  # > 0: scores become softcap * tanh(scores / softcap) before masks and biases (Gemma-2)
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class CachedAttentionAttrs:
     kv_dtype: str | None = None
     alibi: tuple | None = None
     layer: int | None = None  # which layer's cache (kv-cache numbers them)
+    softcap: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -89,8 +91,10 @@ def attention_reference(
     mask: torch.Tensor | None = None,
     kv_dtype: str | None = None,
     alibi=None,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
-    """q: [B, H, T, D], k/v: [B, Hkv, S, D] with H a multiple of Hkv (GQA); `alibi`: per-head slopes [H]."""
+    """q: [B, H, T, D], k/v: [B, Hkv, S, D] with H a multiple of Hkv (GQA); `alibi`: per-head slopes [H];
+    `softcap` > 0 bounds the scaled scores to (-softcap, softcap) by tanh before masks and biases."""
     k, v = kv_fake_quant(k, kv_dtype), kv_fake_quant(v, kv_dtype)
     rep = q.shape[1] // k.shape[1]
     if rep > 1:
@@ -105,7 +109,17 @@ def attention_reference(
     if alibi is not None:
         bias = alibi_bias(alibi, i, j, q.dtype)
         mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+    if softcap:  # sdpa has no softcap: scores written out, as the models do
+        scores = softcap_scores(q @ k.transpose(-1, -2) * scale, softcap)
+        if mask is not None:
+            scores = scores + mask if mask.is_floating_point() else scores.masked_fill(~mask, float("-inf"))
+        return torch.softmax(scores, -1) @ v
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def softcap_scores(s: torch.Tensor, softcap: float) -> torch.Tensor:
+    """Gemma-2's attention logit softcapping: softcap * tanh(s / softcap); 0 leaves the scores alone."""
+    return softcap * torch.tanh(s / softcap) if softcap else s
 
 
 define(
@@ -115,9 +129,17 @@ define(
     AttentionAttrs,
     _attention_infer,
     lambda ctx, x, a: attention_reference(
-        x[0], x[1], x[2], a["scale"], a["causal"], a["window"], kv_dtype=a["kv_dtype"], alibi=a["alibi"]
+        x[0],
+        x[1],
+        x[2],
+        a["scale"],
+        a["causal"],
+        a["window"],
+        kv_dtype=a["kv_dtype"],
+        alibi=a["alibi"],
+        softcap=a["softcap"],
     ),
-    "softmax(q k^T * scale + causal/window mask [+ ALiBi bias]) v; GQA by head groups",
+    "softmax(softcap(q k^T * scale) + causal/window mask [+ ALiBi bias]) v; GQA by head groups",
 )
 
 
@@ -152,6 +174,7 @@ def cached_attention_reference(
     window: int = 0,
     kv_dtype: str | None = None,
     alibi=None,
+    softcap: float = 0.0,
 ):
     """Write k/v into the paged cache at `positions`, then attend each query over its cached prefix.
 
@@ -177,7 +200,17 @@ def cached_attention_reference(
                     scales[pg, 1, :, p % page] = sv[b, :, t]
         deq = cache.float() * scales[..., None]
         return cached_attention_reference(
-            q, kq * sk[..., None], vq * sv[..., None], deq, page_table, positions, None, scale, window, alibi=alibi
+            q,
+            kq * sk[..., None],
+            vq * sv[..., None],
+            deq,
+            page_table,
+            positions,
+            None,
+            scale,
+            window,
+            alibi=alibi,
+            softcap=softcap,
         )
     k, v = kv_fake_quant(k, kv_dtype), kv_fake_quant(v, kv_dtype)
     out = torch.zeros(B, H, T, v.shape[-1], dtype=q.dtype)
@@ -200,7 +233,7 @@ def cached_attention_reference(
         keys = cache[pages, 0, :, idx % page].permute(1, 0, 2)  # [Hkv, n, D]
         vals = cache[pages, 1, :, idx % page].permute(1, 0, 2)
         keys, vals = keys.repeat_interleave(rep, 0), vals.repeat_interleave(rep, 0)
-        out[b] = _attend_prefix(q[b], keys, vals, pos[b], scale, window, alibi)
+        out[b] = _attend_prefix(q[b], keys, vals, pos[b], scale, window, alibi, softcap)
     return out
 
 
@@ -210,11 +243,11 @@ def _prefix_len(pos: torch.Tensor) -> int:
     return int(valid.max()) + 1 if valid.numel() else 0
 
 
-def _attend_prefix(q, keys, vals, pos, scale: float, window: int, alibi) -> torch.Tensor:
+def _attend_prefix(q, keys, vals, pos, scale: float, window: int, alibi, softcap: float = 0.0) -> torch.Tensor:
     """One sequence's queries q [H, T, D] (at absolute positions `pos` [T], < 0 = padding) over its cached
-    prefix keys/vals [H, n, D]: causal (+ sliding window, + ALiBi); padding rows are zeros."""
+    prefix keys/vals [H, n, D]: causal (+ sliding window, + ALiBi, + softcap); padding rows are zeros."""
     idx = torch.arange(keys.shape[1])
-    s = torch.einsum("htd,hnd->htn", q, keys) * scale
+    s = softcap_scores(torch.einsum("htd,hnd->htn", q, keys) * scale, softcap)
     i, j = pos[:, None], idx[None, :]
     m = j <= i
     if window:
@@ -229,7 +262,7 @@ def _attend_prefix(q, keys, vals, pos, scale: float, window: int, alibi) -> torc
 def _cached_attention_ref(ctx, x, a):
     q, k, v, cache, page_table, positions, scales = x
     return cached_attention_reference(
-        q, k, v, cache, page_table, positions, scales, a["scale"], a["window"], a["kv_dtype"], a["alibi"]
+        q, k, v, cache, page_table, positions, scales, a["scale"], a["window"], a["kv_dtype"], a["alibi"], a["softcap"]
     )
 
 

@@ -39,14 +39,15 @@ class CacheReader:
 
 
 def paged_attention_body(
-    num_heads: int, kv_heads: int, page_size: int, window: int, alibi: bool, reader: CacheReader
+    num_heads: int, kv_heads: int, page_size: int, window: int, alibi: bool, reader: CacheReader, softcap: float = 0.0
 ) -> Any:
     """Macro ``body(q, kv, page_table, positions, slopes, out, b, t)``: causal paged attention.
 
     Query (bi, ti, h) at p = positions[bi, ti] attends to cached positions j in [lo, p],
     lo = max(0, p - window + 1) if window > 0 else 0, through kv head h // (num_heads // kv_heads);
     page_table [b, max_pages] i32 maps j // page_size to a page. With ``alibi`` the score of key j
-    gains slopes[h] * (j - p) (slopes [num_heads] f32; ignored otherwise). out [b, t, num_heads, width]
+    gains slopes[h] * (j - p) (slopes [num_heads] f32; ignored otherwise). With ``softcap`` > 0 the
+    scaled score s becomes softcap * tanh(s / softcap) first (Gemma-2). out [b, t, num_heads, width]
     f32; p < 0 (padding) -> zeros.
     """
     H, PS, DV, QW, VL = num_heads, page_size, reader.width, reader.query_width, reader.lanes
@@ -54,6 +55,7 @@ def paged_attention_body(
         raise ValueError(f"num_heads={H} must be a multiple of kv_heads={kv_heads}")
     G = H // kv_heads
     W = int(window)
+    CAP = float(softcap)
     score, accumulate, load_query = reader.score, reader.accumulate, reader.load_query
 
     @T.macro
@@ -96,6 +98,8 @@ def paged_attention_body(
                         s[jj] = T.float32(NEG)
                         if pg * PS + jj >= lo and pg * PS + jj <= p:
                             score(q, kv, qs, tmp, s, bi, ti, h, kvh, page, jj)
+                            if CAP > 0:
+                                s[jj] = T.float32(CAP) * T.tanh(s[jj] * T.float32(1.0 / CAP))
                             if alibi:
                                 s[jj] = s[jj] + slopes[h] * T.Cast("float32", pg * PS + jj - p)
                             st[2] = T.max(st[2], s[jj])

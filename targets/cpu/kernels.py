@@ -117,7 +117,14 @@ def kv_append_func(kv_heads: int, head_dim: int, page_size: int) -> tvm.tirx.Pri
 
 
 def paged_attention_func(
-    num_heads: int, kv_heads: int, head_dim: int, page_size: int, scale: float, window: int = 0, alibi: bool = False
+    num_heads: int,
+    kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    scale: float,
+    window: int = 0,
+    alibi: bool = False,
+    softcap: float = 0.0,
 ) -> tvm.tirx.PrimFunc:
     """Causal paged attention with streaming (online) softmax, GQA, optional sliding window and ALiBi.
 
@@ -126,11 +133,12 @@ def paged_attention_func(
     out [b, t, num_heads, head_dim] f32).
     Query (bi, ti, h) at p = positions[bi, ti] attends to cached j in [lo, p],
     lo = max(0, p - window + 1) if window > 0 else 0, kv head h // (num_heads // kv_heads);
-    with alibi the score of key j gains slopes[h] * (j - p). p < 0 -> zeros.
+    with alibi the score of key j gains slopes[h] * (j - p); softcap > 0 caps the scaled score to
+    softcap * tanh(s / softcap) before that. p < 0 -> zeros.
     The loop is :func:`attention_template.paged_attention_body`.
     """
     H, KVH, D, PS = num_heads, kv_heads, head_dim, page_size
-    body = paged_attention_body(H, KVH, PS, window, alibi, head_major_reader(D, scale, _load_fp32))
+    body = paged_attention_body(H, KVH, PS, window, alibi, head_major_reader(D, scale, _load_fp32), softcap)
 
     # T.Buffer(shape, dtype) annotations are TVMScript, not Python types: mypy cannot read them
     @T.prim_func

@@ -71,13 +71,20 @@ def kv_append_int8_func(kv_heads: int, head_dim: int, page_size: int) -> tvm.tir
 
 
 def paged_attention_int8_func(
-    num_heads: int, kv_heads: int, head_dim: int, page_size: int, scale: float, window: int = 0, alibi: bool = False
+    num_heads: int,
+    kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    scale: float,
+    window: int = 0,
+    alibi: bool = False,
+    softcap: float = 0.0,
 ) -> tvm.tirx.PrimFunc:
     """(q [b, t, H, D], cache int8, scales f32, page_table, positions, [slopes [H] if alibi],
     out [b, t, H, D]); semantics as `paged_attention_func` in kernels.py."""
     H, KVH, D, PS = num_heads, kv_heads, head_dim, page_size
     reader = head_major_reader(D, scale, _load_int8, _token_scale)
-    body = paged_attention_body(H, KVH, PS, window, alibi, reader)
+    body = paged_attention_body(H, KVH, PS, window, alibi, reader, softcap)
 
     # T.Buffer(shape, dtype) annotations are TVMScript, not Python types: mypy cannot read them
     @T.prim_func

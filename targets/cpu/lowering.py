@@ -190,13 +190,14 @@ def _cached_attention(f, n, xs):
         stored = [
             f.emit(relax.op.call_tir_inplace(append, [cache, kt, vt, page_table, positions], [0], f.ttype(cn.type)))
         ]
-    scale, window = float(n.attrs["scale"]), int(n.attrs["window"])
+    scale, window, cap = float(n.attrs["scale"]), int(n.attrs["window"]), float(n.attrs["softcap"])
     slopes = _alibi_slopes(n)
     make = cpu_kv8.paged_attention_int8_func if int8 else K.paged_attention_func
     attn = f.low.kernel(
         ("paged_attention_int8" if int8 else "paged_attention", heads, kv_heads, head_dim, page, window, f"{scale:.6g}")
-        + (("alibi",) if slopes is not None else ()),
-        lambda: make(heads, kv_heads, head_dim, page, scale, window, alibi=slopes is not None),
+        + (("alibi",) if slopes is not None else ())
+        + ((f"softcap{cap:.6g}".replace("+", ""),) if cap else ()),
+        lambda: make(heads, kv_heads, head_dim, page, scale, window, alibi=slopes is not None, softcap=cap),
     )
     b, t = f.dims(qn.type.shape[:1])[0], f.dims(qn.type.shape[2:3])[0]
     o = f.emit(

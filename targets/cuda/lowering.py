@@ -271,6 +271,12 @@ def _cached_attention(f, n, xs):
         raise UnsupportedOpError(
             "cached_attention with ALiBi", n.source, hint="target 'cuda' has no ALiBi kernels yet; use --target cpu"
         )
+    if n.attrs["softcap"]:
+        raise UnsupportedOpError(
+            "cached_attention with softcapped scores",
+            n.source,
+            hint="target 'cuda' has no softcap yet; use --target cpu",
+        )
     q, k, v, cache, page_table, positions = xs[:6]
     qn, kn, _, cn = n.inputs[:4]
     heads, kv_heads, head_dim = int(qn.type.shape[1]), int(kn.type.shape[1]), int(kn.type.shape[3])

@@ -263,6 +263,10 @@ def _cached_attention(ctx: _Ctx, node: Node, x: list[torch.Tensor]) -> torch.Ten
             "the mlir target keeps an fp32 cache (quantize-kv dtype=fp8_e4m3 is "
             "fake-quantized into it; int8 codes with scales are not)",
         )
+    if a["softcap"]:
+        raise UnsupportedOpError(
+            "cached_attention with softcapped scores", node.source, "the mlir target has no softcap; use --target cpu"
+        )
     q, k, v, cache, pt, pos = x
     k, v = kv_fake_quant(k, a["kv_dtype"]), kv_fake_quant(v, a["kv_dtype"])
     cache_node = node.input("cache")
