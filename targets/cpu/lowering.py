@@ -48,7 +48,7 @@ class CpuLowering(RelaxLowering):
         pattern 2:4 (and compressed=true), every weight holds 2:4 exactly (checked on the values: a
         quantized zero must be its group's zero point) and no embedding reads rows out of them."""
         meta = self.graph.meta.get("sparsity") or {}
-        if meta.get("pattern") != "2:4" or not meta.get("compressed", True):
+        if meta.get("pattern") != "2:4" or not meta.get("compressed", True) or not _host_avx512():
             return False
         cache = self.__dict__.setdefault("_sparse24", {})
         key = tuple(id(w) for w in ws)
@@ -113,6 +113,15 @@ class CpuLowering(RelaxLowering):
         raise UnsupportedOpError(
             "linear over a mix of quantized and fp32 or differently quantized weights", ws[0].source
         )
+
+
+def _host_avx512() -> bool:
+    """The 2:4 kernels pick activations with an AVX-512 permute (sparse24.py): without it, dense kernels."""
+    from tvm.target import codegen
+
+    cpu = str(codegen.llvm_get_system_cpu())
+    tgt = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-unknown-linux-gnu", "mcpu": cpu})
+    return "avx512f" in {str(f) for f in codegen.llvm_get_cpu_features(tgt)}
 
 
 def linear_call(

@@ -12,9 +12,11 @@ A 2:4 weight keeps at most 2 nonzeros in every 4 consecutive inputs of a row. St
 
 fp32 weight bytes drop to 0.53x (0.5 values + 1/32 index), int4 to about 0.75x.
 
-Decode ("gemv"): per group the 4 activations are loaded once; each lane selects its two (i0 is 0..2,
-i1 is 1..3: two selects each) and FMAs them against the kept values, vectorized over the 32 output lanes
-like the dense kernels. Prefill ("gemm") expands each block, per call, into the per-task fp32 workspace of
+Decode ("gemv"): per group the 4 activations are loaded once, repeated in each 128-bit lane of a
+zmm, and each lane picks its two with one vpermilps each (it reads only the low 2 bits of each index
+lane, so the nibbles need shifts, no masks), then FMAs them against the kept values, 16 output lanes
+per vector like the dense kernels. The kernels therefore need AVX-512 (the build falls back to the
+dense kernels on a host without it). Prefill ("gemm") expands each block, per call, into the per-task fp32 workspace of
 the dense kernel (gemm_template's `stage`), so prefill costs what dense prefill costs.
 """
 
@@ -102,13 +104,21 @@ def sparse24_shapes(n: int, k: int, quant: tuple[int, int, bool] | None) -> list
 # --------------------------------------------------------------------------- kernels
 
 
-def _pick(x, row, q, c, slot: int):
-    """The activation a lane's kept value `slot` multiplies: x[row, 4q + i] for its position i (nibble c)."""
-    if slot == 0:  # i0 in 0..2
-        i = T.bitwise_and(c, 3)
-        return T.Select(i == 0, x[row, q * 4], T.Select(i == 1, x[row, q * 4 + 1], x[row, q * 4 + 2]))
-    i = T.shift_right(c, 2)  # i1 in 1..3 (0 only on padded rows, whose values are 0)
-    return T.Select(i == 3, x[row, q * 4 + 3], T.Select(i == 2, x[row, q * 4 + 2], x[row, q * 4 + 1]))
+_LANES = T.ramp(0, 1, _HB)
+
+
+def _vnib(idx, nb, q, half: int, slot: int):
+    """The 16 lanes' positions of kept value `slot` as int32 vectors: only their low 2 bits count (vpermilps)."""
+    v = T.Cast("int32x16", idx[nb, q, _LANES])
+    shift = 4 * half + 2 * slot
+    return v if shift == 0 else T.shift_right(v, T.broadcast(shift, 16))
+
+
+def _vpick(x, row, q, i):
+    """x[row, 4q + i] per lane: the 4 activations repeated in each 128-bit lane, permuted by i (vpermilps)."""
+    v4 = x[row, T.ramp(q * 4, 1, 4)]
+    tab = T.Shuffle([v4, v4, v4, v4], list(range(16)))
+    return T.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.vpermilvar.ps.512", tab, i)
 
 
 def _nib(idx, nb, q, j, half: int):
@@ -124,11 +134,16 @@ def _body(k: int, n: int, has_bias: bool, mode: str, quant: tuple[int, int, bool
     G = k // group
     symc = _sym_c(bits) if quant is not None else 0.0
 
-    def val(w, nb, kk, j, half):
-        """The fp32 factor of kept value kk (fp32: the value; quantized: the code as f, see qkernels)."""
+    def vval(w, nb, kk, half):
+        """The fp32 factor of kept value kk in 16 lanes (fp32: the values; quantized: the codes as f, see
+        qkernels._codes, whose bit tricks this repeats on whole vectors)."""
         if quant is None:
-            return w[0][nb, kk, half * _HB + j]
-        return _codes(bits, w[0], nb, kk, j, half)
+            return w[0][nb, kk, T.ramp(half * _HB, 1, _HB)]
+        if bits == 8:
+            return T.Cast("float32x16", T.Cast("int32x16", w[0][nb, kk, T.ramp(half * _HB, 1, _HB)]))
+        v = T.Cast("int32x16", w[0][nb, kk, _LANES])
+        m = T.bitwise_and(T.shift_left(v, T.broadcast(19 if half == 0 else 15, 16)), T.broadcast(0x780000, 16))
+        return T.reinterpret("float32x16", T.bitwise_or(m, T.broadcast(0x3F800000, 16)))
 
     def deq(w, nb, g, kk, j, half):
         """A kept value as fp32 (prefill expansion)."""
@@ -162,19 +177,18 @@ def _body(k: int, n: int, has_bias: bool, mode: str, quant: tuple[int, int, bool
 
     @T.macro
     def acc_half(x, w, p, xs, row, q, nb, r, h):
-        # h is a Python int (see expand_half)
-        for j in T.vectorized(16):
-            p[h, r, j] = (
-                p[h, r, j]
-                + _pick(x, row, q, _nib(w[3], nb, q, j, h), 0) * val(w, nb, 2 * q, j, h)
-                + _pick(x, row, q, _nib(w[3], nb, q, j, h), 1) * val(w, nb, 2 * q + 1, j, h)
+        # h is a Python int (see expand_half); whole 16-lane vectors: the picks are vpermilps (below)
+        p[h, r, _LANES] = (
+            p[h, r, _LANES]
+            + _vpick(x, row, q, _vnib(w[3], nb, q, h, 0)) * vval(w, nb, 2 * q, h)
+            + _vpick(x, row, q, _vnib(w[3], nb, q, h, 1)) * vval(w, nb, 2 * q + 1, h)
+        )
+        if quant is not None:
+            xs[h, r, _LANES] = (
+                xs[h, r, _LANES]
+                + _vpick(x, row, q, _vnib(w[3], nb, q, h, 0))
+                + _vpick(x, row, q, _vnib(w[3], nb, q, h, 1))
             )
-            if quant is not None:
-                xs[h, r, j] = (
-                    xs[h, r, j]
-                    + _pick(x, row, q, _nib(w[3], nb, q, j, h), 0)
-                    + _pick(x, row, q, _nib(w[3], nb, q, j, h), 1)
-                )
 
     def k_loop(rows: int):
         @T.macro
