@@ -1,11 +1,13 @@
 """Batch-1 decode speed and resident weight memory of 2:4 sparse SmolLM2-135M on the CPU: the compressed
 2:4 kernels against the dense kernels on the same pruned weights (fp32, and int4 g128), one process.
 
-    .venv/bin/python bench/sparse_speed.py [--steps 64] [--method magnitude] [--quant int4_g128]
+    .venv/bin/python bench/sparse_speed.py [--steps 64] [--method magnitude] [--quant int4_g128] [--lm-head]
 
 Both builds of a pair come from one pipeline (sparsify{pattern=2:4} before fuse-mlp); the dense one adds
 compressed=false, so the weights, and the tokens, are the same and only the kernels and layouts differ.
-The LM head (tied to the embedding) stays dense in both, as sparsify leaves it by default. Resident bytes
+The LM head (tied to the embedding: a fifth of the weights) stays dense in both, as sparsify leaves it by
+default; --lm-head makes it 2:4 too (sparsify{lm_head=true}; the embedding then reads its rows out of the
+compressed layout) and writes bench/results/sparse_speed_lm_head.json instead. Resident bytes
 are the weight fields as loaded; the floor of a decode step is those bytes over the host's measured read
 bandwidth (every weight is read once per token). Figures go to bench/results/sparse_speed.json.
 """
@@ -52,6 +54,7 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--method", default="magnitude", help="sparsify method (speed does not depend on it)")
     ap.add_argument("--quant", default="int4_g128")
+    ap.add_argument("--lm-head", action="store_true", help="sparsify the tied LM head / embedding too")
     a = ap.parse_args()
     import kiln
     from kiln.models import load_model
@@ -64,6 +67,8 @@ def main() -> int:
     rows: dict[str, dict] = {}
     for quant in (None, a.quant):
         pipe = build_pipeline("O1", sparsify="2:4", sparsify_method=a.method, quant=quant)
+        if a.lm_head:
+            pipe = pipe.replace("pattern=2:4", "pattern=2:4,lm_head=true")
         for compressed in (False, True):
             name = ("2:4" if compressed else "dense") + (f" {quant}" if quant else " fp32")
             p = pipe if compressed else pipe.replace("pattern=2:4", "pattern=2:4,compressed=false")
@@ -81,7 +86,7 @@ def main() -> int:
     figures = {
         "command": "bench/sparse_speed.py " + " ".join(sys.argv[1:]),
         "model": "smollm2-135m",
-        "sparsify": f"2:4 {a.method}, LM head dense",
+        "sparsify": f"2:4 {a.method}, LM head {'2:4' if a.lm_head else 'dense'}",
         "read_bandwidth_gb_s": round(bw / 1e9, 2),
         "cpu_24_over_dense": round(rows["2:4 fp32"]["decode_tok_s"] / rows["dense fp32"]["decode_tok_s"], 3),
         "cpu_24int4_over_int4": round(rows[f"2:4 {q}"]["decode_tok_s"] / rows[f"dense {q}"]["decode_tok_s"], 3),
@@ -101,7 +106,7 @@ def main() -> int:
             f"{r['decode_tok_s']:.1f} | {r['decode_tok_s'] / base['decode_tok_s']:.2f}x | {r['floor_tok_s']:.1f} | "
             f"{r['share_of_floor']:.0%} |"
         )
-    write_results("sparse_speed", figures)
+    write_results("sparse_speed_lm_head" if a.lm_head else "sparse_speed", figures)
     return 0
 
 

@@ -10,6 +10,7 @@ import pytest
 tvm = pytest.importorskip("tvm")
 
 import kiln
+from kiln.pass_options import build_pipeline
 from kiln.report import render_report
 from kiln.targets.cpu import qkernels as cq
 from kiln.targets.cpu import sparse24 as S
@@ -76,19 +77,28 @@ def greedy(path: str, n: int = 16) -> list[int]:
     return eng.generate([[1, 5, 9, 22, 40, 3]], params)[0].token_ids
 
 
+@pytest.fixture(scope="module")
+def tied():
+    """A tiny Llama whose LM head is its embedding table: with lm_head=true both are 2:4, and the embedding
+    reads its rows out of the compressed layout."""
+    from conftest import tiny_model
+
+    return tiny_model("llama", tie_word_embeddings=True)
+
+
 @pytest.mark.parametrize("quant", [None, "int4_g32"])
-def test_compressed_build_decodes_like_dense(models, tmp_path, quant):
-    """The same 2:4 model built compressed (default) and dense (sparsify{compressed=false}): every linear but
-    the LM head takes the 2:4 layout, resident bytes drop, greedy tokens are equal."""
-    kw = {"quant": quant} if quant else {}
-    art = kiln.compile(models["llama"], target="cpu", sparsify="2:4", sparsify_method="magnitude", **kw)
-    pipe = art.manifest["pipeline"].replace("pattern=2:4", "pattern=2:4,compressed=false")
-    dense = kiln.compile(models["llama"], target="cpu", passes=pipe)
+def test_compressed_build_decodes_like_dense(tied, tmp_path, quant):
+    """The same 2:4 model built compressed (default) and dense (sparsify{compressed=false}): every linear and
+    the tied LM head take the 2:4 layout, resident bytes drop, greedy tokens are equal."""
+    pipe = build_pipeline("O1", sparsify="2:4", sparsify_method="magnitude", quant=quant)
+    pipe = pipe.replace("pattern=2:4", "pattern=2:4,lm_head=true")
+    art = kiln.compile(tied, target="cpu", passes=pipe)
+    dense = kiln.compile(tied, target="cpu", passes=pipe.replace("pattern=2:4", "pattern=2:4,compressed=false"))
     s24 = [w for w in art.manifest["weights"] if w["transform"].startswith("s24")]
-    # q, k, v, o, gate+up, down in each of 2 layers; two fields each (fp32) or four (int4 asym)
-    assert len(s24) == 6 * 2 * (2 if quant is None else 4)
+    # q, k, v, o, gate+up, down in each of 2 layers and the LM head; two fields each (fp32) or four (int4 asym)
+    assert len(s24) == (6 * 2 + 1) * (2 if quant is None else 4)
     assert not any(w["transform"].startswith("s24") for w in dense.manifest["weights"])
-    assert not any(w.get("storage") for w in art.manifest["weights"] if w["transform"].startswith("s24"))
+    assert not any(w.get("storage") for w in s24)
     # resident: the fields as loaded (the dense build's 2:4 fields are stored compactly but expanded at load)
     assert resident(art.manifest) < resident(dense.manifest)
     ratio = resident({"weights": s24}) / sum(w["dense_bytes"] for w in s24)

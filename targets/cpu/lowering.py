@@ -46,7 +46,8 @@ class CpuLowering(RelaxLowering):
     def sparse24(self, ws: tuple[Node, ...]) -> bool:
         """Do weights `ws` run compressed through the 2:4 kernels (sparse24.py)? Yes when sparsify ran with
         pattern 2:4 (and compressed=true), every weight holds 2:4 exactly (checked on the values: a
-        quantized zero must be its group's zero point) and no embedding reads rows out of them."""
+        quantized zero must be its group's zero point); a tied embedding then reads its rows out of the
+        compressed layout (sparse24.gather_rows)."""
         meta = self.graph.meta.get("sparsity") or {}
         if meta.get("pattern") != "2:4" or not meta.get("compressed", True) or not _host_avx512():
             return False
@@ -60,8 +61,6 @@ class CpuLowering(RelaxLowering):
         return bool(cache[key])
 
     def _holds_24(self, w: Node) -> bool:
-        if any(u.op == "embedding" and u.inputs[0] is w for u in self.graph.nodes):
-            return False  # the gather reads the dense blocked rows
         p = self.graph.params
         if w.op == "param":
             return S24.is_24(p[w.attrs["name"]].detach().cpu().numpy() != 0)
@@ -187,6 +186,11 @@ def _qembedding(f, n, xs):
 @register_rule("cpu", "embedding")
 def _embedding(f, n, xs):
     w, ids = n.inputs
+    if f.low.sparse24((w,)) and (w.op == "qweight" or f.low.packed_too(w)):
+        fields = [f.weight(x) for x in f.low.weight_fields(w)]
+        quant = qkey(w) if w.op == "qweight" else None
+        d = int(w.type.shape[1])
+        return f.bb.emit_te(lambda i, *fs: S24.gather_rows(i, list(fs), quant, d), xs[1], *fields)
     if w.op == "qweight":
         return _qembedding(f, n, xs)
     if f.low.packed_too(w):

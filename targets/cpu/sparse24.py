@@ -27,7 +27,7 @@ import tvm
 from tvm.script import tirx as T
 
 from .gemm_template import NB, linear_tiles, pack_blocks
-from .qkernels import _codes, _sym_c, pack_qweight, packed_shapes
+from .qkernels import _codes, _deq_ab, _sym_c, pack_qweight, packed_shapes
 from .signature import drop_params
 
 _HB = NB // 2
@@ -266,3 +266,35 @@ def sparse24_linear_func(
         drop += ["zs"]
     kind = "f32" if quant is None else f"q{quant[0]}{'s' if quant[2] else 'a'}"
     return drop_params(sparse24_linear, drop, f"sparse24_{kind}{'_bias' if has_bias else ''}")
+
+
+def gather_rows(idx, fields: list, quant: tuple[int, int, bool] | None, d: int):
+    """te.compute: rows `idx` of W [V, d] out of its compressed fields (a tied 2:4 embedding table, which
+    shares the LM head's layout): each element is its group's kept value when its position is kept, else 0."""
+    from tvm import te
+
+    vals, index = fields[0], fields[-1]
+
+    def row(*i):
+        v, k = idx[i[:-1]], i[-1]
+        blk, lane = v // NB, v % NB
+        byte = index[blk, k // 4, lane % _HB].astype("int32")
+        c = tvm.tirx.if_then_else(lane < _HB, byte & 15, byte >> 4)
+        first, second = (c & 3) == k % 4, (c >> 2) == k % 4
+        kk = 2 * (k // 4) + tvm.tirx.if_then_else(first, 0, 1)  # the kept slot holding position k
+        if quant is None:
+            value = vals[blk, kk, lane]
+        else:
+            bits, group, sym = quant
+            if bits == 8:
+                code = vals[blk, kk, lane].astype("float32")
+            else:
+                b = vals[blk, kk, lane % _HB].astype("int32")
+                code = tvm.tirx.if_then_else(lane < _HB, b & 15, b >> 4).astype("float32")
+            a, off = _deq_ab(bits)
+            f = code if (a, off) == (1.0, 0.0) else code / a + off
+            sc = fields[1][blk, k // group, lane]
+            value = (f - _sym_c(bits)) * sc if sym else f * sc + fields[2][blk, k // group, lane]
+        return tvm.tirx.if_then_else(first | second, value, tvm.tirx.const(0, "float32"))
+
+    return te.compute(tuple(idx.shape) + (d,), row, name="embedding_sparse24")
