@@ -9,6 +9,8 @@ generic "relax" rules (targets/common/relax.py).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import tvm
 from tvm import relax, te
@@ -114,6 +116,7 @@ class CpuLowering(RelaxLowering):
         )
 
 
+@functools.cache
 def _host_avx512() -> bool:
     """The 2:4 kernels pick activations with an AVX-512 permute (sparse24.py): without it, dense kernels."""
     from tvm.target import codegen
