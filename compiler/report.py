@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any
 
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
+
+
+def _size(n: int) -> str:
+    """MB, or kB below a megabyte (tiny models' layers)."""
+    return _mb(n) if n >= 1e6 else f"{n / 1e3:.1f} kB"
 
 
 def _active(m: dict[str, Any]) -> str:
@@ -26,6 +33,31 @@ def _attention_kinds(layers: list[dict[str, Any]]) -> str:
         idx = [i for i, x in enumerate(windows) if x == w]
         parts.append(f"{len(idx)} sliding-window {w} (layers {', '.join(map(str, idx))})")
     return "- attention: " + ", ".join(parts)
+
+
+def _resident_by_layer(weights: list[dict[str, Any]]) -> list[str]:
+    """Resident weight bytes per transformer layer, compressed (2:4 layouts) against the dense layouts, when
+    any field is compressed: the sparse kernels read the compressed fields as they are, so this is memory
+    the loaded model holds, not only disk."""
+    if not any("dense_bytes" in w for w in weights):
+        return []
+    rows: dict[str, list[int]] = {}
+    for w in weights:
+        m = re.search(r"layers\.(\d+)\.", w["name"])
+        layer = m.group(1) if m else "other"
+        got = int(math.prod(w["shape"])) * _ITEMSIZE.get(w["dtype"], 4)
+        r = rows.setdefault(layer, [0, 0])
+        r[0] += got
+        r[1] += int(w.get("dense_bytes", got))
+    order = sorted((k for k in rows if k != "other"), key=int) + (["other"] if "other" in rows else [])
+    total = [sum(r[0] for r in rows.values()), sum(r[1] for r in rows.values())]
+    lines = ["## Resident weights per layer", "", "| layer | resident | dense | ratio |", "|---|---|---|---|"]
+    for k, (got, dense) in [(k, rows[k]) for k in order] + [("total", total)]:
+        lines.append(f"| {k} | {_size(got)} | {_size(dense)} | {got / max(dense, 1):.2f}x |")
+    return lines + [""]
+
+
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4, "int8": 1, "uint8": 1, "int64": 8}
 
 
 def render_report(
@@ -51,6 +83,7 @@ def render_report(
         f"{m['kv_cache'].get('bytes_per_token', 0)} bytes per token ({m['kv_cache'].get('dtype')})",
     ]
     lines += [_attention_kinds(m["kv_cache"].get("layers", [])), ""]
+    lines += _resident_by_layer(m.get("weights", []))
     tr = m.get("trace") or {}
     if tr.get("decomposed") or tr.get("attention_fallbacks") or tr.get("norm_fallbacks"):
         lines += ["## Trace", ""]

@@ -95,6 +95,7 @@ def sparsify(
     method: str = "wanda",
     lm_head: bool = False,
     calib_windows: int = 4,
+    compressed: bool = True,
 ) -> Graph:
     """Matches: linear layers with parameter weights (not the output layer unless lm_head=true); run before
     fuse-mlp (wanda and sparsegpt observe each linear's input) and before quantization.
@@ -102,9 +103,10 @@ def sparsify(
     most N nonzeros in every M consecutive input weights of a row. method=magnitude drops the smallest
     |W| of the layer; wanda the smallest |W|·||X_j|| of each row (Sun et al., 2023); sparsegpt chooses by
     w²/[H⁻¹]ᵢᵢ and updates the surviving weights (Frantar & Alistarh, 2023). The weights stay dense
-    tensors with zeros in the IR (graph.meta['sparsity'] lists them); the CPU artifact stores them
-    compactly (bitmask + values, or N:M values + indices) and expands them at load, so sparsity saves
-    disk, not memory or time, on that target. Lossy."""
+    tensors with zeros in the IR (graph.meta['sparsity'] lists them). On the CPU a 2:4 weight runs
+    compressed (kept values + 2-bit indices, read directly by the 2:4 kernels: less memory, faster decode);
+    compressed=false keeps the dense kernels, and other patterns are stored compactly on disk (bitmask +
+    values, or N:M values + indices) and expanded at load. Lossy."""
     nm = parse_pattern(pattern)
     if method not in METHODS:
         raise PassError(f"sparsify: method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -161,13 +163,18 @@ def sparsify(
         zeros += int((new == 0).sum())
         total += new.numel()
         count(f"sparse-{pattern}")
-    record.update(pattern=str(pattern), method=method, ratio=float(ratio) if nm is None else 1 - nm[0] / nm[1])
+    record.update(
+        compressed=bool(compressed),
+        pattern=str(pattern),
+        method=method,
+        ratio=float(ratio) if nm is None else 1 - nm[0] / nm[1],
+    )
     g.meta["pass_extra"] = {
         "pattern": str(pattern),
         "method": method,
         "density": round(1 - zeros / max(total, 1), 4),
         "sparse_params": len(done),
-        "note": "dense tensors in the IR; the CPU artifact stores them "
-        "compactly and expands them at load: smaller on disk, same memory and speed",
+        "note": "dense tensors in the IR; the CPU target runs 2:4 weights compressed (compressed=false: dense) "
+        "and stores other patterns compactly, expanded at load",
     }
     return g

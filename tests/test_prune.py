@@ -139,7 +139,7 @@ def test_pruned_model_compiles_and_matches_interpreter(models, traced, tmp_path)
         traced["llama"], build_pipeline(BASE, prune=prune, sparsify="2:4", sparsify_method="magnitude")
     )
     assert [int(a.inputs[0].type.shape[1]) for a in ref_graph.find("attention")] == [3, 6]
-    assert any(w.get("storage") for w in art.manifest["weights"])  # stored compactly, expanded at load
+    assert any(w["transform"].startswith("s24") for w in art.manifest["weights"])  # 2:4 layout, run compressed
     eng = kiln.load(path, kv_cache_tokens=256)
     ids = torch.randint(0, 97, (1, 13), generator=torch.Generator().manual_seed(2))
     ref = logits(ref_graph, ids)[0]

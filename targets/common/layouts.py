@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -27,6 +27,7 @@ class Layout:
     """Base class: a field made from its sources as they are (`Raw`)."""
 
     part: int = 0  # which array of a multi-part family this field is
+    compressed: ClassVar[bool] = False  # holds only a sparse weight's kept values: nothing to compress
 
     def key(self) -> str:
         raise NotImplementedError
@@ -38,6 +39,11 @@ class Layout:
     def pack(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         """Every part of the family, from the source arrays (in the spec's source order)."""
         raise NotImplementedError
+
+    def dense_bytes(self, shape: tuple[int, ...], dtype: str) -> int:
+        """What this field would take in the target's dense layout (the report compares compressed
+        layouts with it); a dense layout is its own size."""
+        return int(np.prod(shape)) * np.dtype(dtype).itemsize
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from kiln.entry import EntryPoint, default_entry_points
 from kiln.ir import Graph
 from kiln.targets.base import BuildResult, PackageInputs, Target
 
-from .layouts import pack_fields
+from .layouts import pack_fields, parse_layout
 from .relax import RelaxLowering
 
 
@@ -67,7 +67,8 @@ class TvmTarget(Target):
         m["target"] = build.target
         m["kv_cache"] = kv_summary(m["kv_cache"], build.target.get("kv_cache_dtype"))
         m["weights"] = [
-            dict(s.to_json(), **({"storage": storage[s.name]} if s.name in storage else {})) for s in build.weight_specs
+            dict(s.to_json(), **({"storage": storage[s.name]} if s.name in storage else {}), **_dense_bytes(s))
+            for s in build.weight_specs
         ]
         m["weight_bytes"] = (
             int(sum(a.nbytes for a in weights.values()))
@@ -81,6 +82,12 @@ class TvmTarget(Target):
         )
 
 
+def _dense_bytes(s: Any) -> dict[str, int]:
+    """{"dense_bytes": n} for a field in a compressed layout (what the dense layout would hold), else {}."""
+    lay = parse_layout(s.transform)
+    return {"dense_bytes": lay.dense_bytes(s.shape, s.dtype)} if lay.compressed else {}
+
+
 def compress_sparse(weights: dict[str, np.ndarray], specs: list, sparsity: dict | None) -> dict[str, Any]:
     """Store fields made only of sparsified parameters compactly (see kiln.runtime.sparse); the runtime
     expands them at load. Returns {field: storage record}; `weights` is rewritten in place."""
@@ -92,7 +99,7 @@ def compress_sparse(weights: dict[str, np.ndarray], specs: list, sparsity: dict 
 
     for s in specs:
         patterns = {params.get(src) for src in s.sources}
-        if len(patterns) != 1 or None in patterns:
+        if len(patterns) != 1 or None in patterns or parse_layout(s.transform).compressed:
             continue
         packed = compress(weights[s.name], patterns.pop())
         if packed is not None:

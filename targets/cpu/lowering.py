@@ -9,6 +9,8 @@ generic "relax" rules (targets/common/relax.py).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import tvm
 from tvm import relax, te
@@ -23,7 +25,8 @@ from . import kernels as K
 from . import kv8 as cpu_kv8
 from . import mla as cpu_mla
 from . import qkernels as Q
-from .layouts import Blocked, BlockedQuant
+from . import sparse24 as S24
+from .layouts import Blocked, BlockedQuant, Sparse24, Sparse24Quant
 
 
 class CpuLowering(RelaxLowering):
@@ -42,10 +45,54 @@ class CpuLowering(RelaxLowering):
     def linear(self, f, x, lead_shape, ws, n_out, bias=None):
         return linear_call(f, x, lead_shape, ws, n_out, bias)
 
+    def sparse24(self, ws: tuple[Node, ...]) -> bool:
+        """Do weights `ws` run compressed through the 2:4 kernels (sparse24.py)? Yes when sparsify ran with
+        pattern 2:4 (and compressed=true), every weight holds 2:4 exactly (checked on the values: a
+        quantized zero must be its group's zero point); a tied embedding then reads its rows out of the
+        compressed layout (sparse24.gather_rows)."""
+        meta = self.graph.meta.get("sparsity") or {}
+        if meta.get("pattern") != "2:4" or not meta.get("compressed", True) or not _host_avx512():
+            return False
+        cache = self.__dict__.setdefault("_sparse24", {})
+        key = tuple(id(w) for w in ws)
+        if key not in cache:
+            cache[key] = all(self._holds_24(w) for w in ws) and (
+                all(w.op == "param" for w in ws)
+                or (all(w.op == "qweight" for w in ws) and len({qkey(w) for w in ws}) == 1)
+            )
+        return bool(cache[key])
+
+    def _holds_24(self, w: Node) -> bool:
+        p = self.graph.params
+        if w.op == "param":
+            return S24.is_24(p[w.attrs["name"]].detach().cpu().numpy() != 0)
+        if w.op != "qweight" or w.attrs["bits"] not in (4, 8) or w.attrs["group"] % 4:
+            return False
+        bits, group, sym = qkey(w)
+        codes, _, zeros = (p[w.inputs[j].attrs["name"]].detach().cpu().numpy() for j in range(3))
+        nz = ~S24.zero_codes(codes.astype(np.int32), zeros, bits, group, sym)
+        pad = padded_k(nz.shape[1], group) - nz.shape[1]  # padded with zero-point codes
+        return S24.is_24(np.pad(nz, ((0, 0), (0, pad))))
+
     def weight_fields(self, *ws: Node) -> list[str]:
-        """fp32 weights packed in 32-lane blocks, or quantized codes/scales/zeros in the same blocks."""
+        """fp32 weights packed in 32-lane blocks, or quantized codes/scales/zeros in the same blocks; 2:4
+        weights compressed (values + positions) in the same blocks."""
         rows = sum(int(w.type.shape[0]) for w in ws)
         k = int(ws[0].type.shape[1])
+        if self.sparse24(ws):
+            if ws[0].op == "param":
+                names = tuple(w.attrs["name"] for w in ws)
+                return [
+                    self.register(names, Sparse24(part=i), shape, dtype)
+                    for i, (shape, dtype) in enumerate(Sparse24().shapes(rows, k))
+                ]
+            bits, group, sym = qkey(ws[0])
+            srcs = tuple(w.inputs[j].attrs["name"] for j in range(3) for w in ws)
+            fam24 = Sparse24Quant(bits=bits, group=group, sym=sym)
+            return [
+                self.register(srcs, Sparse24Quant(part=i, bits=bits, group=group, sym=sym), shape, dtype)
+                for i, (shape, dtype) in enumerate(fam24.shapes(rows, k))
+            ]
         if all(w.op == "param" for w in ws):
             lay = Blocked(concat=len(ws) > 1)
             return [self.register(tuple(w.attrs["name"] for w in ws), lay, lay.shape(rows, k), ws[0].type.dtype)]
@@ -69,6 +116,16 @@ class CpuLowering(RelaxLowering):
         )
 
 
+@functools.cache
+def _host_avx512() -> bool:
+    """The 2:4 kernels pick activations with an AVX-512 permute (sparse24.py): without it, dense kernels."""
+    from tvm.target import codegen
+
+    cpu = str(codegen.llvm_get_system_cpu())
+    tgt = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-unknown-linux-gnu", "mcpu": cpu})
+    return "avx512f" in {str(f) for f in codegen.llvm_get_cpu_features(tgt)}
+
+
 def linear_call(
     f: FunctionLowering, x: relax.Expr, lead_shape, ws: tuple[Node, ...], n_out: int, bias: relax.Expr | None = None
 ) -> relax.Expr:
@@ -81,7 +138,12 @@ def linear_call(
     if q is not None and padded_k(k, q[1]) != k:
         x2 = f.emit(relax.op.nn.pad(x2, [0, 0, 0, padded_k(k, q[1]) - k]))
         k = padded_k(k, q[1])
-    if q is None:
+    if isinstance(f.low, CpuLowering) and f.low.sparse24(ws):
+        gv = f.low.kernel(
+            ("sparse24", k, n_out, *(q or ()), bias is not None, f.mode),
+            lambda: S24.sparse24_linear_func(k, n_out, bias is not None, f.mode, q),
+        )
+    elif q is None:
         gv = f.low.kernel(
             ("linear", k, n_out, bias is not None, f.mode), lambda: K.linear_func(k, n_out, bias is not None, f.mode)
         )
@@ -127,6 +189,11 @@ def _qembedding(f, n, xs):
 @register_rule("cpu", "embedding")
 def _embedding(f, n, xs):
     w, ids = n.inputs
+    if f.low.sparse24((w,)) and (w.op == "qweight" or f.low.packed_too(w)):
+        fields = [f.weight(x) for x in f.low.weight_fields(w)]
+        quant = qkey(w) if w.op == "qweight" else None
+        d = int(w.type.shape[1])
+        return f.bb.emit_te(lambda i, *fs: S24.gather_rows(i, list(fs), quant, d), xs[1], *fields)
     if w.op == "qweight":
         return _qembedding(f, n, xs)
     if f.low.packed_too(w):
