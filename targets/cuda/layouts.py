@@ -167,11 +167,6 @@ def pack_codes(codes: Any, bits: int) -> Any:
     return words.contiguous()
 
 
-def pack_codes_torch(codes: Any, bits: int) -> Any:
-    """`pack_codes` for a torch tensor (the same words)."""
-    return pack_codes(codes, bits)
-
-
 def packed_shapes(n: int, k: int, bits: int, group: int, sym: bool) -> list[tuple[tuple[int, ...], str]]:
     """Shape and dtype of each part for a weight [n, k] (k as the model has it)."""
     kp = padded_cols(k, bits, group)

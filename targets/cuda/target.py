@@ -49,10 +49,10 @@ class CudaTarget(TvmTarget):
                 "toolkit's cuBLAS at run time) or 'tvm' (TVM's own schedules, CUDA cores)"
             )
         if gemv_rows is not None and int(gemv_rows) not in (1, 2, 4, 8):
-            raise KilnError(f"gemv_rows={gemv_rows}: the GEMV kernel gives each warp 1, 2, 4 or 8 output rows")
+            raise KilnError(f"gemv_rows={gemv_rows}: the fp16 GEMV kernel gives each warp 1, 2, 4 or 8 output rows")
         if gemv_splits is not None and int(gemv_splits) not in (1, 2, 4):
             raise KilnError(f"gemv_splits={gemv_splits}: 1, 2 or 4 warps of a GEMV block can share a row")
-        # output rows per warp and warps per row in the decode GEMV; None: the kernel's choice by output size
+        # output rows per warp (fp16 GEMV) and warps per row in the decode GEMVs; None: the kernel's choice by size
         self.arch, self.gemm = arch, gemm
         self.gemv_rows = None if gemv_rows is None else int(gemv_rows)
         self.gemv_splits = None if gemv_splits is None else int(gemv_splits)

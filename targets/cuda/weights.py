@@ -13,7 +13,7 @@ from typing import Any
 
 from kiln.targets.common.layouts import parse_layout
 
-from .layouts import F16, Quant, pack_codes_torch  # noqa: F401  (pack_codes_torch: part of this module's API)
+from .layouts import F16, Quant
 
 _DERIVED = re.compile(r"^(?P<base>.+)\.(?P<scheme>int\d+[^.]*)\.(?P<part>codes|scales|zeros)$")
 
