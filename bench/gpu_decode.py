@@ -69,7 +69,13 @@ def _config(name: str):
     return cfg
 
 
-def build(out: str, models: list[str], variants: list[str], target_options: dict | None = None) -> None:
+def build(
+    out: str,
+    models: list[str],
+    variants: list[str],
+    target_options: dict | None = None,
+    max_context: int = MAX_CONTEXT,
+) -> None:
     try:
         from accelerate import init_empty_weights
     except ImportError:
@@ -87,7 +93,7 @@ def build(out: str, models: list[str], variants: list[str], target_options: dict
             kiln.compile(
                 m,
                 target="cuda",
-                max_context=MAX_CONTEXT,
+                max_context=max_context,
                 pack_weights=False,
                 target_options=target_options,
                 **VARIANTS[v],

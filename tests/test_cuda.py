@@ -64,6 +64,9 @@ def test_build_lists_kernels_and_layout(cuda_dir):
     assert any(k.startswith("cuda_qgemv_") and "_4_128_" in k for k in ks)  # int4 tensor-core GEMV for decode
     assert any(k.startswith("cuda_dequant_") for k in ks)  # dequantize + GEMM for prefill
     assert any(k.startswith("cuda_paged_decode_") for k in ks)
+    # prefill and verify attend in the fused kernel: no gathered K/V, no score matrix in the memory estimate
+    assert any(k.startswith("cuda_flash_") for k in ks) and not any(k.startswith("cuda_gather_kv") for k in ks)
+    assert man["target"]["prefill_scores_bytes"] == 0 and man["target"]["prefill_gathers_kv"] is False
     # a decode step's launches per layer: q, k and v as one GEMV writing three outputs, RMSNorm with the
     # residual add before it, rotary + KV append in one kernel
     assert any(k.startswith("cuda_qgemv_") and "_parts_" in k for k in ks)

@@ -7,8 +7,10 @@ What runs where:
   decode_batched (larger batches)   linears as prefill; attention through the paged decode kernel
   prefill, verify                   tensor-core GEMMs through cuBLAS, called by the runtime
                                     (`kiln.cuda.gemm_nt` / `gemm_nn`; quantized weights are
-                                    dequantized to fp16 first), and attention as gathered K/V +
-                                    batched GEMMs with a position mask. TVM 0.27's own tensor-core
+                                    dequantized to fp16 first), and attention in one fused
+                                    tensor-core kernel over the pages (targets/cuda/flash.py; head
+                                    sizes it does not take: gathered K/V + batched GEMMs with a
+                                    position mask). TVM 0.27's own tensor-core
                                     rule (DLight MatmulTensorization) crashes in tensorize, so
                                     gemm="tvm" builds CUDA-core schedules instead.
   RMSNorm                           one kernel, with the residual add before it (targets/cuda/norms.py)
@@ -26,6 +28,7 @@ from kiln.ir import Graph, Node
 from kiln.ops import find_rule, register_rule
 from kiln.targets.common.relax import FunctionLowering, RelaxLowering, qkey, split_rows
 
+from . import flash as F
 from . import kernels as C
 from .layouts import F16, Quant, code_index, packed_shapes, padded_cols, scale_group, storage_columns
 from .norms import rms_norm_func
@@ -45,8 +48,9 @@ class CudaLowering(RelaxLowering):
         gemm: str = "cublas",
         gemv_rows: int | None = None,
         gemv_splits: int | None = None,
+        prefill_attention: str = "fused",
     ) -> None:
-        self.gemm = gemm
+        self.gemm, self.prefill_attention = gemm, prefill_attention
         self.gemv_rows, self.gemv_splits = gemv_rows, gemv_splits
         super().__init__(graph, target_name)
         self.users = graph.users()
@@ -309,7 +313,19 @@ def _cached_attention(f, n, xs):
             )
         )
         return f.emit(relax.op.permute_dims(o, perm))
-    # prefill: gather the sequence's pages, then tensor-core matmuls with a position mask
+    if f.low.prefill_attention == "fused" and F.supported(head_dim):
+        # prefill and verify: the fused tensor-core kernel reads the pages itself (targets/cuda/flash.py)
+        flash = f.low.kernel(
+            ("cuda_flash", heads, kv_heads, head_dim, page, window, f"{scale:.6g}"),
+            lambda: F.flash_func(heads, kv_heads, head_dim, page, scale, window),
+        )
+        qf = q if qn.type.dtype == "float32" else f.emit(relax.op.astype(q, "float32"))
+        return f.emit(
+            relax.call_tir(
+                flash, [qf, cache2, page_table, positions], relax.TensorType([b, heads, t, head_dim], "float32")
+            )
+        )
+    # other head sizes: gather the sequence's pages, then tensor-core matmuls with a position mask
     gather = f.low.kernel(
         ("cuda_gather_kv", kv_heads, head_dim, page), lambda: C.gather_kv_func(kv_heads, head_dim, page)
     )

@@ -17,6 +17,7 @@ from kiln.ir import Graph
 from kiln.targets.base import BuildResult
 from kiln.targets.common.tvm_target import TvmTarget
 
+from . import flash as F
 from . import qgemv as Q
 from .lowering import CudaLowering
 
@@ -34,12 +35,28 @@ def gemv_max_batch(graph: Graph) -> int:
     return Q.MB if any(n.op == "qweight" for n in graph.nodes) else 1
 
 
+def prefill_attention(graph: Graph, mode: str = "fused") -> dict[str, Any]:
+    """How prefill and verify attend, for the manifest and the memory estimate (compiler/kvplan.py): the fused
+    kernel (targets/cuda/flash.py) when it is chosen and takes every layer's head size; otherwise the
+    [heads, tokens, context] scores are materialized (fp32 scores and mask, fp16 probabilities: 10 bytes an
+    element) over K/V gathered out of the pages."""
+    dims = {int(n.inputs[1].type.shape[3]) for n in graph.nodes if n.op == "cached_attention"}
+    if mode == "fused" and all(F.supported(d) for d in dims):
+        return {"prefill_attention": "fused (flash, paged)", "prefill_scores_bytes": 0, "prefill_gathers_kv": False}
+    return {"prefill_attention": "gathered pages, two GEMMs", "prefill_scores_bytes": 10, "prefill_gathers_kv": True}
+
+
 class CudaTarget(TvmTarget):
     name = "cuda"
     capabilities = frozenset({"fp16", "int8", "int4", "sliding-window", "gqa", "tensor-cores"})
 
     def __init__(
-        self, arch: str = "sm_90a", gemm: str = "cublas", gemv_rows: int | None = None, gemv_splits: int | None = None
+        self,
+        arch: str = "sm_90a",
+        gemm: str = "cublas",
+        gemv_rows: int | None = None,
+        gemv_splits: int | None = None,
+        prefill_attention: str = "fused",
     ) -> None:
         if arch not in ARCHS:
             raise KilnError(f"unknown CUDA architecture '{arch}'; kiln builds for {', '.join(ARCHS)}")
@@ -52,6 +69,12 @@ class CudaTarget(TvmTarget):
             raise KilnError(f"gemv_rows={gemv_rows}: the fp16 GEMV kernel gives each warp 1, 2, 4 or 8 output rows")
         if gemv_splits is not None and int(gemv_splits) not in (1, 2, 4):
             raise KilnError(f"gemv_splits={gemv_splits}: 1, 2 or 4 warps of a GEMV block can share a row")
+        if prefill_attention not in ("fused", "gathered"):
+            raise KilnError(
+                f"unknown prefill attention '{prefill_attention}': use 'fused' (one tensor-core kernel over the "
+                "paged cache) or 'gathered' (pages copied out, two GEMMs around a materialized softmax)"
+            )
+        self.prefill_attention = prefill_attention
         # output rows per warp (fp16 GEMV) and warps per row in the decode GEMVs; None: the kernel's choice by size
         self.arch, self.gemm = arch, gemm
         self.gemv_rows = None if gemv_rows is None else int(gemv_rows)
@@ -71,10 +94,6 @@ class CudaTarget(TvmTarget):
             "compute_capability": ARCHS[self.arch],
             "device_code": "CUDA source in the library; compiled for the GPU on first load and cached",
             "kv_cache_dtype": "float16",
-            # prefill attention materializes [heads, tokens, context] scores (fp32 scores and mask, fp16
-            # probabilities) over K/V gathered out of the pages: what the memory estimate counts
-            "prefill_scores_bytes": 10,
-            "prefill_gathers_kv": True,
             "weights_dtype": "float16 (or int8/int4 codes)",
             "gemm": self.gemm,
             "requires": ["libcublas"] if self.gemm == "cublas" else [],
@@ -91,10 +110,11 @@ class CudaTarget(TvmTarget):
     def build(self, graph: Graph, entry_points: dict[str, EntryPoint] | None = None) -> BuildResult:
         out = super().build(graph, entry_points)
         out.target["gemv_max_batch"] = gemv_max_batch(graph)
+        out.target.update(prefill_attention(graph, self.prefill_attention))
         return out
 
     def make_lowering(self, graph: Graph) -> CudaLowering:
-        return CudaLowering(graph, self.name, self.gemm, self.gemv_rows, self.gemv_splits)
+        return CudaLowering(graph, self.name, self.gemm, self.gemv_rows, self.gemv_splits, self.prefill_attention)
 
     def compile_module(self, mod: tvm.IRModule) -> Any:
         with tvm.transform.PassContext(opt_level=3):
