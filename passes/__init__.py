@@ -28,6 +28,7 @@ from . import (  # noqa: F401
     quantize_activations,
     quantize_kv,
     quantize_weights,
+    shard_tensor_parallel,
     sparsify,
 )
 from .registry import PHASES, REGISTRY, PassInfo, count, register, run_counted  # noqa: F401  (the package's API)

@@ -22,6 +22,7 @@ PHASES: tuple[str, ...] = (
     "quantize",  # precision drops (weights or activations, then the KV cache) on the pruned model
     "fuse",  # linears merge (gated MLP): earlier phases observe each linear's input, so this waits
     "cache",  # the incremental program with its paged KV cache is derived
+    "shard",  # the program is split over a tensor-parallel group (after the cache: a rank holds its heads' pages)
     "place",  # target annotations on the incremental program
 )
 

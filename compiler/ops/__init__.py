@@ -2,14 +2,15 @@
 
 Core ops mirror tensor algebra (core.py, shape.py); LLM-level ops (`rms_norm`, `rope`, `gated_mlp`
 in nn.py; `attention`, `cached_attention`, latent attention in attention.py; `qweight`, `quant_act`
-in quant.py) are created by recognizer and compression passes. base.py holds the record, the kinds,
+in quant.py) are created by recognizer and compression passes; the collectives `all_reduce` and
+`all_gather` (collective.py) by shard-tensor-parallel. base.py holds the record, the kinds,
 the annotation keys any node may carry, and the dimension helpers. Importing this package declares
 every op.
 """
 
 from __future__ import annotations
 
-from . import core, moe, nn, quant, routing, shape  # noqa: F401  (declare the ops)
+from . import collective, core, moe, nn, quant, routing, shape  # noqa: F401  (declare the ops)
 from .attention import (  # noqa: F401
     AttentionAttrs,
     CachedAttentionAttrs,
@@ -52,6 +53,7 @@ from .base import (  # noqa: F401
     torch_dtype,
     torch_dtype_name,
 )
+from .collective import AllGatherAttrs, AllReduceAttrs  # noqa: F401
 from .core import AtenAttrs, AxisAttrs, CastAttrs, ConstAttrs, GeluAttrs, ReduceAttrs, _rebuild  # noqa: F401
 from .nn import GatedMlpAttrs, LayerNormAttrs, RmsNormAttrs, rotate_half  # noqa: F401
 from .quant import QWeightAttrs  # noqa: F401

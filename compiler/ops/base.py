@@ -35,6 +35,7 @@ KINDS: dict[str, str] = {
     "position": "position encodings (rope)",
     "attention": "attention over keys and values, fused or over a paged cache",
     "quant": "quantized values (qweight, quant_act)",
+    "collective": "communication among the ranks of a tensor-parallel group (all_reduce, all_gather)",
     "opaque": "an aten op passed through from the trace (aten): interpreter only, no lowering",
 }
 

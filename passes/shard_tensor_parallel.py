@@ -1,0 +1,493 @@
+"""shard-tensor-parallel: rank R's part of a model split over N ranks (Megatron-style tensor parallelism).
+
+Each rank holds 1/N of every large weight and runs the same program on its part; two `all_reduce`s
+per layer and one `all_gather` of the logits put the parts together (Shoeybi et al., 2019):
+
+- attention: the query heads are split into N contiguous runs; Q/K/V projections are column-parallel
+  (their output rows for the rank's heads), the output projection row-parallel (its input columns for
+  those heads) and followed by an `all_reduce`. Each rank keeps the KV heads its query heads read:
+  Hkv/N of them when N divides Hkv, else the one KV head its query heads share (replicated on the
+  ranks of that group). A KV cache input shrinks to the rank's KV heads: each rank holds its heads'
+  pages, so the pass runs after kv-cache as well as before it;
+- MLP: gate/up (or the first linear of an unfused MLP, through its activation) column-parallel, down
+  row-parallel + `all_reduce`; `gated_mlp` is split the same way;
+- embedding (the table read by `input_ids`): each rank holds a vocabulary slice; the lookup is masked
+  to the rank's ids and summed by an `all_reduce`. LM head: each rank computes its vocabulary slice of
+  the logits and an `all_gather` on the last axis joins them. A vocabulary N does not divide is padded
+  with zero rows to a multiple of N and the padding sliced off after the gather;
+- a bias of a row-parallel layer is added once, after the `all_reduce`; norms, the residual stream and
+  everything else are replicated.
+
+Weights are matched by structure (the projections around `attention`/`cached_attention`, linears
+joined by channel-wise ops, the output linear), never by name. Quantized weights (`qweight`) are
+split on their codes, scales and zeros: rows freely, input columns only on whole quantization groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kiln.errors import PassError
+from kiln.ir import Graph, Node, ttype
+from kiln.ops import ops_of_kind
+
+from .registry import count, register
+
+_CHANNELWISE = ops_of_kind("unary", "elementwise")
+_PROJECTION_PATH = ("rope", "permute", "reshape", "rms_norm", "cast")  # projection -> attention input
+_LOGIT_TAIL = ("mul", "div", "tanh", "cast", "reshape", "slice")  # LM head -> output
+
+
+@dataclass
+class _Shard:
+    """The rank's plan: how each weight parameter is split (name -> spec), for checks and the manifest."""
+
+    g: Graph
+    ranks: int
+    rank: int
+    specs: dict[str, dict] = field(default_factory=dict)
+    done: set[Node] = field(default_factory=set)  # linears and qweights already split
+
+    # -- weights ------------------------------------------------------------------------------------
+    def take(self, p: Node, axis: int, index: list[int], role: str) -> None:
+        """Keep entries `index` of parameter node `p` along `axis` (-1 in `index`: a zero pad entry)."""
+        name = p.attrs["name"]
+        spec = {"axis": axis, "index": index, "role": role}
+        old = self.specs.get(name)
+        if old is not None:
+            if (old["axis"], old["index"]) != (axis, index):
+                raise PassError(
+                    f"shard-tensor-parallel: parameter '{name}' is read as {old['role']} and as {role}, "
+                    "which split it differently; kiln cannot give the rank one slice of it"
+                )
+            p.type = ttype(tuple(self.g.params[name].shape), p.type.dtype)
+            return
+        t = self.g.params[name]
+        pad = torch.zeros_like(t.narrow(axis, 0, 1))
+        ext = torch.cat([t, pad], axis)  # index -1 reads the zero row after the last
+        rows = torch.tensor([i if i >= 0 else t.shape[axis] for i in index], dtype=torch.long)
+        self.g.params[name] = ext.index_select(axis, rows).contiguous()
+        p.type = ttype(tuple(self.g.params[name].shape), p.type.dtype)
+        self.specs[name] = spec
+
+    def weight(self, w: Node, axis: int, index: list[int], role: str) -> None:
+        """Split weight `w` ([out, in]: a parameter or a `qweight`) on `axis` (0 rows, 1 input columns)."""
+        if w in self.done:
+            return
+        self.done.add(w)
+        if w.op == "param":
+            self.take(w, axis, index, role)
+            return
+        if w.op != "qweight" or any(i.op != "param" for i in w.inputs):
+            raise PassError(
+                f"shard-tensor-parallel: the weight of {role} is %{w.name} = {w.op}; kiln splits parameters "
+                "and quantized weights (qweight) only"
+            )
+        codes, scales, zeros = w.inputs
+        if axis == 0:
+            for p in (codes, scales, zeros):
+                self.take(p, 0, index, role)
+            return
+        k, group, groups = int(codes.type.shape[1]), int(w.attrs["group"]), int(scales.type.shape[1])
+        self.take(codes, 1, index, role)
+        if groups == 1:  # one scale per output row: every column slice keeps it
+            w.attrs = {**w.attrs, "group": len(index)}
+        else:
+            lo = index[0]
+            whole = index == list(range(lo, lo + len(index))) and lo % group == 0
+            if not whole or (len(index) % group and index[-1] != k - 1):
+                raise PassError(
+                    f"shard-tensor-parallel: {role} was quantized in groups of {group} input channels, and "
+                    f"its {k} inputs split over {self.ranks} ranks cut a group; quantize with a group size "
+                    f"that divides {k // self.ranks}, or run shard-tensor-parallel before quantize-weights"
+                )
+            gi = list(range(lo // group, -(-(index[-1] + 1) // group)))
+            self.take(scales, 1, gi, role)
+            self.take(zeros, 1, gi, role)
+        count("qweight-split")
+
+    def bias(self, b: Node | None, index: list[int], role: str) -> None:
+        if b is not None:
+            self.take(b, 0, index, role)
+
+    # -- collectives --------------------------------------------------------------------------------
+    def after(self, n: Node, make) -> Node:
+        """Insert the nodes `make(n)` builds after `n` and give them n's users (and output places)."""
+        users = [u for u in self.g.nodes if n in u.inputs]
+        new = make(n)
+        for u in users:
+            u.inputs = [new if i is n else i for i in u.inputs]
+        self.g.outputs = [new if o is n else o for o in self.g.outputs]
+        return new
+
+    def all_reduce(self, n: Node, bias: Node | None = None) -> Node:
+        def make(x: Node) -> Node:
+            r = self.g.add("all_reduce", [x], {"ranks": self.ranks}, name=x.name + "_allreduce", source=x.source)
+            count("all-reduce")
+            return r if bias is None else self.g.add("add", [r, bias], name=x.name + "_bias", source=x.source)
+
+        return self.after(n, make)
+
+    def row_parallel(self, lin: Node, index: list[int], role: str) -> None:
+        """A linear whose input features are split: its partial sums meet in an all_reduce (then the bias)."""
+        self.weight(lin.inputs[1], 1, index, role)
+        bias = lin.input("bias")
+        lin.inputs = lin.inputs[:2]
+        self.all_reduce(lin, bias)
+
+
+def _run(n: int, size: int, rank: int) -> list[int]:
+    per = size // n
+    return list(range(rank * per, (rank + 1) * per))
+
+
+def _rows(heads: list[int], d: int) -> list[int]:
+    return [h * d + i for h in heads for i in range(d)]
+
+
+def _projection(att: Node, x: Node, users: dict[Node, list[Node]], role: str) -> tuple[Node, list[Node]]:
+    """From attention input `x` back to its linear projection: (linear, the nodes in between)."""
+    chain: list[Node] = []
+    stop = att
+    while x.op != "linear":
+        if x.op not in _PROJECTION_PATH:
+            raise PassError(
+                f"shard-tensor-parallel: the {role} of %{att.name} (from {att.source}) come from %{x.name} = "
+                f"{x.op}, not from a linear projection through {', '.join(_PROJECTION_PATH)}; kiln shards "
+                "separate q/k/v projections (a fused QKV projection is not supported yet)"
+            )
+        if any(u is not stop for u in users[x]):
+            raise PassError(f"shard-tensor-parallel: %{x.name} ({role} of %{att.name}) is read outside the attention")
+        chain.append(x)
+        stop, x = x, x.inputs[0]
+    if any(u is not stop for u in users[x]):
+        raise PassError(f"shard-tensor-parallel: the {role} projection %{x.name} is read outside the attention")
+    return x, chain
+
+
+def _set_heads(chain: list[Node], heads: int) -> None:
+    """Reshapes to [.., heads, head_dim] that name the head count: the rank's count."""
+    for n in chain:
+        if n.op == "reshape":
+            shape = list(n.attrs["shape"])
+            if isinstance(shape[-2], int) and shape[-2] != -1:
+                shape[-2] = heads
+                n.attrs = {**n.attrs, "shape": shape}
+
+
+def _shard_attention(s: _Shard, att: Node, users: dict[Node, list[Node]]) -> dict:
+    q, k, v = att.inputs[:3]
+    H, Hkv, D = int(q.type.shape[1]), int(k.type.shape[1]), int(q.type.shape[3])
+    Dv = int(v.type.shape[3])
+    n, r = s.ranks, s.rank
+    if H % n:
+        ok = ", ".join(str(d) for d in range(1, H + 1) if H % d == 0)
+        raise PassError(
+            f"shard-tensor-parallel: %{att.name} (from {att.source}) has {H} query heads, which {n} ranks do "
+            f"not divide; choose ranks among {ok}"
+        )
+    hq = H // n
+    qh = _run(n, H, r)
+    rep = H // Hkv
+    if Hkv % n == 0:
+        kvh = _run(n, Hkv, r)
+    elif rep % hq == 0:  # fewer KV heads than ranks: the one KV head the rank's query heads share
+        kvh = [qh[0] // rep]
+        count("kv-heads-replicated")
+    else:
+        raise PassError(
+            f"shard-tensor-parallel: %{att.name} has {H} query heads over {Hkv} KV heads; with {n} ranks a rank's "
+            f"{hq} query heads read parts of several KV groups; choose ranks dividing {Hkv}, or a multiple of "
+            f"it that divides {H}"
+        )
+    for which, x, heads, d in (("queries", q, qh, D), ("keys", k, kvh, D), ("values", v, kvh, Dv)):
+        lin, chain = _projection(att, x, users, which)
+        if int(lin.type.shape[-1]) != int(x.type.shape[1]) * d:
+            raise PassError(
+                f"shard-tensor-parallel: the {which} projection %{lin.name} has {lin.type.shape[-1]} outputs, not "
+                f"heads x head_dim = {int(x.type.shape[1]) * d}"
+            )
+        rows = _rows(heads, d)
+        s.weight(lin.inputs[1], 0, rows, f"the {which} projection %{lin.name}")
+        s.bias(lin.input("bias"), rows, f"the {which} projection bias of %{lin.name}")
+        _set_heads(chain, len(heads))
+        count("column-parallel")
+    if att.attrs.get("alibi") is not None:
+        slopes = list(att.attrs["alibi"])[qh[0] : qh[-1] + 1]
+        att.attrs = {**att.attrs, "alibi": tuple(slopes) if att.op == "attention" else slopes}
+    cache = att.input("cache") if att.op == "cached_attention" else None
+    if cache is not None:
+        for c in [cache] + ([att.input("scales")] if att.input("scales") is not None else []):
+            shape = list(c.type.shape)
+            shape[2] = len(kvh)
+            c.type = ttype(shape, c.type.dtype)
+    # the output: attention -> permute/reshape -> output projection
+    x = att
+    while True:
+        us = users[x]
+        if len(us) != 1:
+            raise PassError(
+                f"shard-tensor-parallel: the output of %{att.name} reaches {len(us)} nodes at %{x.name}; kiln "
+                "shards attention whose output reaches one output projection"
+            )
+        u = us[0]
+        if u.op == "linear" and u.inputs[0] is x:
+            break
+        if u.op not in ("permute", "reshape"):
+            raise PassError(
+                f"shard-tensor-parallel: the output of %{att.name} reaches %{u.name} = {u.op} before an output "
+                "projection"
+            )
+        if u.op == "reshape":
+            shape = list(u.attrs["shape"])
+            if isinstance(shape[-1], int) and shape[-1] == H * Dv:
+                u.attrs = {**u.attrs, "shape": shape[:-1] + [hq * Dv]}
+        x = u
+    s.row_parallel(u, _rows(qh, Dv), f"the output projection %{u.name}")
+    count("row-parallel")
+    return {"heads": qh, "kv_heads": kvh, "layer": att.attrs.get("layer")}
+
+
+def _ffn_group(s: _Shard, down: Node, users: dict[Node, list[Node]]) -> tuple[list[Node], list[Node]] | None:
+    """The linears whose output channels reach `down`'s input through channel-wise ops only, and the
+    reshapes in between; None when down's input is not such a channel group."""
+    C = down.inputs[1].type.shape[1]
+    seen: set[Node] = set()
+    producers: list[Node] = []
+    reshapes: list[Node] = []
+    stack = [down.inputs[0]]
+    while stack:
+        x = stack.pop()
+        if x in seen:
+            continue
+        seen.add(x)
+        if x.type.rank == 0 or x.type.shape[-1] != C:
+            return None
+        if x.op == "linear":
+            if x in s.done or x.inputs[1] in s.done or x.inputs[1].op not in ("param", "qweight"):
+                return None
+            producers.append(x)
+            continue
+        if x.op == "reshape":
+            reshapes.append(x)
+        elif x.op not in _CHANNELWISE:
+            return None
+        for o in x.inputs:
+            if o.op == "const" and o.type.rank == 0:
+                continue
+            stack.append(o)
+    for x in seen:  # the channels must not leave the group (the residual stream, a norm ...)
+        if any(u not in seen and u is not down for u in users[x]):
+            return None
+    return (producers, reshapes) if producers else None
+
+
+def _shard_mlps(s: _Shard, users: dict[Node, list[Node]], skip: set[Node]) -> list[str]:
+    n, r = s.ranks, s.rank
+    done = []
+    for m in s.g.find("gated_mlp"):
+        F = int(m.inputs[1].type.shape[0])
+        if F % n:
+            raise PassError(
+                f"shard-tensor-parallel: %{m.name} (from {m.source}) has {F} intermediate channels, which {n} ranks "
+                "do not divide; choose ranks that divide it"
+            )
+        idx = _run(n, F, r)
+        s.weight(m.inputs[1], 0, idx, f"the gate projection of %{m.name}")
+        s.weight(m.inputs[2], 0, idx, f"the up projection of %{m.name}")
+        s.weight(m.inputs[3], 1, idx, f"the down projection of %{m.name}")
+        s.all_reduce(m)
+        count("gated-mlp")
+        done.append(m.name)
+    for down in [x for x in s.g.nodes if x.op == "linear"]:
+        if down in s.done or down in skip or down.inputs[1] in s.done or down.inputs[1].op not in ("param", "qweight"):
+            continue
+        found = _ffn_group(s, down, users)
+        if found is None:
+            continue
+        producers, reshapes = found
+        F = int(down.inputs[1].type.shape[1])
+        if F % n:
+            raise PassError(
+                f"shard-tensor-parallel: the MLP into %{down.name} (from {down.source}) has {F} intermediate "
+                f"channels, which {n} ranks do not divide; choose ranks that divide it"
+            )
+        idx = _run(n, F, r)
+        for p in producers:
+            s.weight(p.inputs[1], 0, idx, f"the MLP input projection %{p.name}")
+            s.bias(p.input("bias"), idx, f"the MLP input projection bias of %{p.name}")
+            s.done.add(p)
+        for x in reshapes:
+            shape = list(x.attrs["shape"])
+            if isinstance(shape[-1], int) and shape[-1] == F:
+                x.attrs = {**x.attrs, "shape": shape[:-1] + [F // n]}
+        s.row_parallel(down, idx, f"the MLP output projection %{down.name}")
+        s.done.add(down)
+        count("mlp")
+        done.append(down.name)
+    return done
+
+
+def _vocab_index(s: _Shard, V: int) -> tuple[list[int], int, int]:
+    """The rank's vocabulary rows (padded with -1 to a multiple of ranks), its first id and its end."""
+    per = -(-V // s.ranks)
+    lo = s.rank * per
+    return [i if i < V else -1 for i in range(lo, lo + per)], lo, min(lo + per, V)
+
+
+def _token_ids(x: Node) -> bool:
+    while x.op == "cast":
+        x = x.inputs[0]
+    return x.op == "input" and x.name == "input_ids"
+
+
+def _shard_embedding(s: _Shard, e: Node) -> None:
+    g = s.g
+    w, ids = e.inputs
+    V = int(w.type.shape[0])
+    index, lo, hi = _vocab_index(s, V)
+    s.weight(w, 0, index, f"the embedding table %{e.name}")
+    dt = ids.type.dtype
+    inside = g.add(
+        "and",
+        [g.add("ge", [ids, g.const(lo, dt, before=e)], before=e), g.add("lt", [ids, g.const(hi, dt, before=e)], before=e)],
+        name=e.name + "_in_rank",
+        before=e,
+    )
+    local = g.add("sub", [ids, g.const(lo, dt, before=e)], before=e)
+    local = g.add("where", [inside, local, g.const(0, dt, before=e)], name=e.name + "_local_ids", before=e)
+    e.inputs = [w, local]
+
+    def make(x: Node) -> Node:
+        mask = g.add("unsqueeze", [inside], {"dim": inside.type.rank})
+        zero = g.const(0.0, x.type.dtype)
+        masked = g.add("where", [mask, x, zero], name=x.name + "_masked")
+        return g.add("all_reduce", [masked], {"ranks": s.ranks}, name=x.name + "_allreduce", source=x.source)
+
+    s.after(e, make)
+    count("embedding")
+    count("all-reduce")
+
+
+def _lm_head(g: Graph, out: Node) -> Node | None:
+    """The linear that produces output `out` through scalar scaling, casts, reshapes and slices."""
+    x = out
+    while x.op != "linear":
+        vary = [i for i in x.inputs if not (i.op == "const" and i.type.rank == 0)]
+        if x.op not in _LOGIT_TAIL or len(vary) != 1:
+            return None
+        x = vary[0]
+    return x
+
+
+def _shard_lm_head(s: _Shard, lin: Node) -> None:
+    g = s.g
+    V = int(lin.inputs[1].type.shape[0])
+    index, _, _ = _vocab_index(s, V)
+    s.weight(lin.inputs[1], 0, index, f"the LM head %{lin.name}")
+    s.bias(lin.input("bias"), index, f"the LM head bias of %{lin.name}")
+    s.done.add(lin)
+    last = lin.type.rank - 1
+
+    def make(x: Node) -> Node:
+        y = g.add("all_gather", [x], {"ranks": s.ranks, "dim": last}, name=x.name + "_allgather", source=x.source)
+        if len(index) * s.ranks != V:  # drop the padding rows' logits
+            y = g.add("slice", [y], {"dim": last, "start": 0, "end": V}, name=x.name + "_vocab")
+        return y
+
+    s.after(lin, make)
+    count("lm-head")
+    count("all-gather")
+
+
+def _update_kv_meta(g: Graph, layers: list[dict]) -> None:
+    kv = g.meta.get("kv_cache")
+    if not kv:
+        return
+    for lay in layers:
+        i = lay["layer"]
+        if i is None or i >= len(kv["layers"]):
+            continue
+        kv["layers"][i]["kv_heads"] = len(lay["kv_heads"])
+        kv["layers"][i]["num_heads"] = len(lay["heads"])
+    shapes = {n.name: n.type.shape for n in g.inputs}
+    for t in kv.get("tensors", []):
+        if t["name"] in shapes:
+            t["shape"] = [str(d) for d in shapes[t["name"]]]
+
+
+@register("shard-tensor-parallel", phase="shard")
+def shard_tensor_parallel(graph: Graph, ranks: int = 1, rank: int = 0) -> Graph:
+    """Matches: every `attention`/`cached_attention` with its q/k/v projections (linear -> reshape ->
+    permute [-> rope]) and output projection, `gated_mlp`s and MLPs of linears joined by channel-wise
+    ops, the embedding read by `input_ids`, and the output linear (the LM head). Run it after
+    fuse-attention, and after kv-cache to shard the cached program (each rank's cache holds its KV heads).
+    Guarantees: rank `rank`'s graph of a group of `ranks`: column-parallel Q/K/V and MLP input
+    projections, row-parallel output and MLP output projections each followed by one `all_reduce`
+    (then their bias), a vocabulary-split embedding (masked lookup + `all_reduce`) and LM head (its
+    logit slice + one `all_gather`, padding dropped), KV heads split or replicated as the query heads
+    need them. graph.meta['tensor_parallel'] records the group and how every weight was split. The
+    ranks' outputs together equal the unsharded graph's up to the order of floating-point sums (exact
+    in value, not bitwise). ranks=1 returns the graph unchanged."""
+    ranks, rank = int(ranks), int(rank)
+    if ranks < 1 or not 0 <= rank < ranks:
+        raise PassError(f"shard-tensor-parallel: need ranks >= 1 and 0 <= rank < ranks, got ranks={ranks} rank={rank}")
+    if ranks == 1:
+        return graph.copy()
+    if graph.find("mla_attention") or graph.find("cached_mla_attention"):
+        raise PassError("shard-tensor-parallel: latent attention (convert-mla) is not sharded yet")
+    atts = [n for n in graph.nodes if n.op in ("attention", "cached_attention")]
+    if not atts:
+        raise PassError("shard-tensor-parallel: the graph has no recognized attention; run fuse-attention first")
+    if graph.find("all_reduce") or graph.find("all_gather"):
+        raise PassError("shard-tensor-parallel: the graph is sharded already")
+    g = graph.copy()
+    s = _Shard(g, ranks, rank)
+    users = g.users()
+    layers = [_shard_attention(s, a, users) for a in [n for n in g.nodes if n.op in ("attention", "cached_attention")]]
+    heads = [lin for o in g.outputs if (lin := _lm_head(g, o)) is not None]
+    users = g.users()
+    mlps = _shard_mlps(s, users, set(heads))
+    for e in [n for n in g.nodes if n.op == "embedding" and _token_ids(n.inputs[1])]:
+        _shard_embedding(s, e)
+    for lin in heads:
+        if lin not in s.done:
+            _shard_lm_head(s, lin)
+    g.toposort()  # the collectives were appended at the end: order first, or dce misses their inputs
+    g.dce()
+    g.reinfer()
+    _update_kv_meta(g, layers)
+    weights = {}
+    for name, spec in s.specs.items():
+        idx = spec["index"]
+        real = [i for i in idx if i >= 0]
+        weights[name] = {
+            "split": "rows" if spec["axis"] == 0 else "columns",
+            "axis": spec["axis"],
+            "ranges": _ranges(real),
+            "pad": len(idx) - len(real),
+            "role": spec["role"],
+        }
+    for name in g.params:
+        weights.setdefault(name, {"split": "replicated"})
+    g.meta["tensor_parallel"] = {
+        "ranks": ranks,
+        "rank": rank,
+        "layers": [{"heads": lay["heads"], "kv_heads": lay["kv_heads"]} for lay in layers],
+        "mlps": mlps,
+        "weights": weights,
+    }
+    return g
+
+
+def _ranges(index: list[int]) -> list[list[int]]:
+    """[3, 4, 5, 9, 10] -> [[3, 6], [9, 11]]: half-open runs of consecutive indices."""
+    out: list[list[int]] = []
+    for i in index:
+        if out and out[-1][1] == i:
+            out[-1][1] = i + 1
+        else:
+            out.append([i, i + 1])
+    return out
