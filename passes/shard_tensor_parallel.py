@@ -27,11 +27,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import sympy
 import torch
 
 from kiln.errors import PassError
 from kiln.ir import Graph, Node, ttype
-from kiln.ops import ops_of_kind
+from kiln.ops import norm_dim, ops_of_kind
 
 from .registry import count, register
 
@@ -49,6 +50,16 @@ class _Shard:
     rank: int
     specs: dict[str, dict] = field(default_factory=dict)
     done: set[Node] = field(default_factory=set)  # linears and qweights already split
+
+    full: dict[str, tuple[int, ...]] = field(default_factory=dict)  # the unsharded parameter shapes
+
+    def __post_init__(self) -> None:
+        self.full = {k: tuple(t.shape) for k, t in self.g.params.items()}
+
+    def rows(self, w: Node) -> int:
+        """The unsharded row count of weight `w` (a parameter or a qweight; a tied one may be split already)."""
+        p = w.inputs[0] if w.op == "qweight" else w
+        return self.full[p.attrs["name"]][0]
 
     # -- weights ------------------------------------------------------------------------------------
     def take(self, p: Node, axis: int, index: list[int], role: str) -> None:
@@ -138,6 +149,21 @@ class _Shard:
         self.all_reduce(lin, bias)
 
 
+def _literal(e: object) -> int | None:
+    """A reshape attribute entry as an int when it is a literal number (not a symbolic dim)."""
+    if isinstance(e, int):
+        return e
+    if isinstance(e, sympy.Basic) and e.is_Integer:
+        return int(e)
+    return None
+
+
+def _set_last(x: Node, old: int, new: int) -> None:
+    """A reshape whose last entry names `old` features: `new` (the rank's)."""
+    if x.op == "reshape" and _literal(x.attrs["shape"][-1]) == old:
+        x.attrs = {**x.attrs, "shape": list(x.attrs["shape"][:-1]) + [new]}
+
+
 def _run(n: int, size: int, rank: int) -> list[int]:
     per = size // n
     return list(range(rank * per, (rank + 1) * per))
@@ -147,24 +173,34 @@ def _rows(heads: list[int], d: int) -> list[int]:
     return [h * d + i for h in heads for i in range(d)]
 
 
-def _projection(att: Node, x: Node, users: dict[Node, list[Node]], role: str) -> tuple[Node, list[Node]]:
-    """From attention input `x` back to its linear projection: (linear, the nodes in between)."""
+@dataclass
+class _Path:
+    """How one attention input comes from its projection: linear [-> reshape] [-> slice] -> reshape ->
+    permute [-> rope]. A slice on the last axis cuts the role's features out of a fused QKV projection."""
+
+    role: str
+    linear: Node
+    chain: list[Node]  # the nodes in between, attention side first
+    cut: Node | None  # the slice of a fused projection's output
+    offset: int  # where the role's features start in the projection's output
+
+
+def _projection(att: Node, x: Node, role: str) -> _Path:
     chain: list[Node] = []
-    stop = att
+    cut = None
     while x.op != "linear":
-        if x.op not in _PROJECTION_PATH:
+        last = x.type.rank - 1
+        if x.op == "slice" and cut is None and norm_dim(x.attrs["dim"], x.type.rank) == last and x.attrs["step"] == 1:
+            cut = x
+        elif x.op not in _PROJECTION_PATH:
             raise PassError(
                 f"shard-tensor-parallel: the {role} of %{att.name} (from {att.source}) come from %{x.name} = "
-                f"{x.op}, not from a linear projection through {', '.join(_PROJECTION_PATH)}; kiln shards "
-                "separate q/k/v projections (a fused QKV projection is not supported yet)"
+                f"{x.op}, not from a linear projection through {', '.join(_PROJECTION_PATH)} (and a slice of "
+                "a fused QKV projection)"
             )
-        if any(u is not stop for u in users[x]):
-            raise PassError(f"shard-tensor-parallel: %{x.name} ({role} of %{att.name}) is read outside the attention")
         chain.append(x)
-        stop, x = x, x.inputs[0]
-    if any(u is not stop for u in users[x]):
-        raise PassError(f"shard-tensor-parallel: the {role} projection %{x.name} is read outside the attention")
-    return x, chain
+        x = x.inputs[0]
+    return _Path(role, x, chain, cut, int(cut.attrs["start"]) if cut is not None else 0)
 
 
 def _set_heads(chain: list[Node], heads: int) -> None:
@@ -172,7 +208,7 @@ def _set_heads(chain: list[Node], heads: int) -> None:
     for n in chain:
         if n.op == "reshape":
             shape = list(n.attrs["shape"])
-            if isinstance(shape[-2], int) and shape[-2] != -1:
+            if _literal(shape[-2]) not in (None, -1):
                 shape[-2] = heads
                 n.attrs = {**n.attrs, "shape": shape}
 
@@ -202,27 +238,57 @@ def _shard_attention(s: _Shard, att: Node, users: dict[Node, list[Node]]) -> dic
             f"{hq} query heads read parts of several KV groups; choose ranks dividing {Hkv}, or a multiple of "
             f"it that divides {H}"
         )
-    for which, x, heads, d in (("queries", q, qh, D), ("keys", k, kvh, D), ("values", v, kvh, Dv)):
-        lin, chain = _projection(att, x, users, which)
-        if int(lin.type.shape[-1]) != int(x.type.shape[1]) * d:
+    roles = (("queries", q, qh, D), ("keys", k, kvh, D), ("values", v, kvh, Dv))
+    paths = [_projection(att, x, which) for which, x, _, _ in roles]
+    on_path = {n for p in paths for n in p.chain} | {att}
+    for p in paths:
+        for node in p.chain + [p.linear]:
+            if any(u not in on_path for u in users[node]):
+                raise PassError(
+                    f"shard-tensor-parallel: %{node.name} (on the {p.role} path of %{att.name}) is read outside "
+                    "the attention"
+                )
+    by_linear: dict[Node, list[tuple[_Path, list[int], int, int]]] = {}
+    for p, (which, x, heads, d) in zip(paths, roles):
+        width = int(x.type.shape[1]) * d
+        got = int((p.cut or p.linear).type.shape[-1])
+        if got != width:
             raise PassError(
-                f"shard-tensor-parallel: the {which} projection %{lin.name} has {lin.type.shape[-1]} outputs, not "
-                f"heads x head_dim = {int(x.type.shape[1]) * d}"
+                f"shard-tensor-parallel: the {which} projection %{p.linear.name} gives {got} features, not "
+                f"heads x head_dim = {width}"
             )
-        rows = _rows(heads, d)
-        s.weight(lin.inputs[1], 0, rows, f"the {which} projection %{lin.name}")
-        s.bias(lin.input("bias"), rows, f"the {which} projection bias of %{lin.name}")
-        _set_heads(chain, len(heads))
+        by_linear.setdefault(p.linear, []).append((p, heads, d, width))
+    for lin, parts in by_linear.items():
+        full = int(lin.type.shape[-1])
+        if len(parts) > 1 and any(p.cut is None for p, *_ in parts):
+            raise PassError(f"shard-tensor-parallel: %{lin.name} feeds several of q/k/v without slicing its output")
+        rows: list[int] = []
+        shared: set[Node] = set()  # between the fused projection and its slices
+        for p, heads, d, _ in sorted(parts, key=lambda t: t[0].offset):
+            start = len(rows)
+            rows += [p.offset + i for i in _rows(heads, d)]
+            if p.cut is not None:  # the role's features in the rank's (smaller) fused output
+                p.cut.attrs = {**p.cut.attrs, "start": start, "end": len(rows)}
+                shared.update(p.chain[p.chain.index(p.cut) + 1 :])
+            _set_heads(p.chain, len(heads))
+        for x in shared:
+            _set_last(x, full, len(rows))
+        fused = len(parts) > 1 or parts[0][0].cut is not None
+        role = f"the {'fused QKV' if fused else parts[0][0].role} projection %{lin.name}"
+        s.weight(lin.inputs[1], 0, rows, role)
+        s.bias(lin.input("bias"), rows, role + " (bias)")
         count("column-parallel")
+        if fused:
+            count("fused-qkv")
     if att.attrs.get("alibi") is not None:
         slopes = list(att.attrs["alibi"])[qh[0] : qh[-1] + 1]
         att.attrs = {**att.attrs, "alibi": tuple(slopes) if att.op == "attention" else slopes}
-    cache = att.input("cache") if att.op == "cached_attention" else None
-    if cache is not None:
-        for c in [cache] + ([att.input("scales")] if att.input("scales") is not None else []):
-            shape = list(c.type.shape)
-            shape[2] = len(kvh)
-            c.type = ttype(shape, c.type.dtype)
+    if att.op == "cached_attention":  # the rank's cache (and int8 scales) hold its KV heads' pages
+        for c in (att.input("cache"), att.input("scales")):
+            if c is not None:
+                shape = list(c.type.shape)
+                shape[2] = len(kvh)
+                c.type = ttype(shape, c.type.dtype)
     # the output: attention -> permute/reshape -> output projection
     x = att
     while True:
@@ -240,10 +306,7 @@ def _shard_attention(s: _Shard, att: Node, users: dict[Node, list[Node]]) -> dic
                 f"shard-tensor-parallel: the output of %{att.name} reaches %{u.name} = {u.op} before an output "
                 "projection"
             )
-        if u.op == "reshape":
-            shape = list(u.attrs["shape"])
-            if isinstance(shape[-1], int) and shape[-1] == H * Dv:
-                u.attrs = {**u.attrs, "shape": shape[:-1] + [hq * Dv]}
+        _set_last(u, H * Dv, hq * Dv)
         x = u
     s.row_parallel(u, _rows(qh, Dv), f"the output projection %{u.name}")
     count("row-parallel")
@@ -320,9 +383,7 @@ def _shard_mlps(s: _Shard, users: dict[Node, list[Node]], skip: set[Node]) -> li
             s.bias(p.input("bias"), idx, f"the MLP input projection bias of %{p.name}")
             s.done.add(p)
         for x in reshapes:
-            shape = list(x.attrs["shape"])
-            if isinstance(shape[-1], int) and shape[-1] == F:
-                x.attrs = {**x.attrs, "shape": shape[:-1] + [F // n]}
+            _set_last(x, F, F // n)
         s.row_parallel(down, idx, f"the MLP output projection %{down.name}")
         s.done.add(down)
         count("mlp")
@@ -346,16 +407,13 @@ def _token_ids(x: Node) -> bool:
 def _shard_embedding(s: _Shard, e: Node) -> None:
     g = s.g
     w, ids = e.inputs
-    V = int(w.type.shape[0])
+    V = s.rows(w)
     index, lo, hi = _vocab_index(s, V)
     s.weight(w, 0, index, f"the embedding table %{e.name}")
     dt = ids.type.dtype
-    inside = g.add(
-        "and",
-        [g.add("ge", [ids, g.const(lo, dt, before=e)], before=e), g.add("lt", [ids, g.const(hi, dt, before=e)], before=e)],
-        name=e.name + "_in_rank",
-        before=e,
-    )
+    ge = g.add("ge", [ids, g.const(lo, dt, before=e)], before=e)
+    lt = g.add("lt", [ids, g.const(hi, dt, before=e)], before=e)
+    inside = g.add("and", [ge, lt], name=e.name + "_in_rank", before=e)
     local = g.add("sub", [ids, g.const(lo, dt, before=e)], before=e)
     local = g.add("where", [inside, local, g.const(0, dt, before=e)], name=e.name + "_local_ids", before=e)
     e.inputs = [w, local]
@@ -384,7 +442,7 @@ def _lm_head(g: Graph, out: Node) -> Node | None:
 
 def _shard_lm_head(s: _Shard, lin: Node) -> None:
     g = s.g
-    V = int(lin.inputs[1].type.shape[0])
+    V = s.rows(lin.inputs[1])
     index, _, _ = _vocab_index(s, V)
     s.weight(lin.inputs[1], 0, index, f"the LM head %{lin.name}")
     s.bias(lin.input("bias"), index, f"the LM head bias of %{lin.name}")

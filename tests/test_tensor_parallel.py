@@ -54,7 +54,9 @@ def run_cached(graphs, steps):
     caches = []
     for g in graphs:
         layers = g.meta["kv_cache"]["layers"]
-        caches.append({f"kv_cache_{i}": torch.zeros(9, 2, lay["kv_heads"], 4, lay["head_dim"]) for i, lay in enumerate(layers)})
+        caches.append(
+            {f"kv_cache_{i}": torch.zeros(9, 2, x["kv_heads"], 4, x["head_dim"]) for i, x in enumerate(layers)}
+        )
     pt = torch.tensor([[7, 2, 5, 0]], dtype=torch.int32)  # shuffled pages
     outs = []
     for ids, pos in steps:
@@ -105,6 +107,30 @@ def test_biases_and_sliding_window(family):
     ref = interp.run(g, {"input_ids": ids})[0]
     for out in run_ranks(graphs, {"input_ids": ids}):
         torch.testing.assert_close(out[0], ref)
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_gpt2_fused_qkv_and_tied_embedding(ranks):
+    """GPT-2: one c_attn projection sliced into q/k/v, biases everywhere, an unfused GeLU MLP, the token
+    table tied to the LM head; the learned position table is replicated."""
+    g = traced("gpt2")
+    full = run_pipeline(g, FULL)[0]
+    graphs, counts = shard(full, ranks)
+    assert counts["fused-qkv"] == 2 and counts["mlp"] == 2
+    ids = torch.randint(0, 97, (2, 9))
+    ref = interp.run(full, {"input_ids": ids})[0]
+    for out in run_ranks(graphs, {"input_ids": ids}):
+        torch.testing.assert_close(out[0], ref)
+    w = graphs[0].meta["tensor_parallel"]["weights"]
+    [qkv] = [v for k, v in w.items() if k.startswith("transformer.h.0.attn.c_attn.weight")]
+    assert qkv["ranges"] == [[0, 48 // ranks], [48, 48 + 48 // ranks], [96, 96 + 48 // ranks]]  # q, k, v of rank 0
+    assert w["transformer.wpe.weight"]["split"] == "replicated"
+    cached = run_pipeline(g, CACHED)[0]
+    graphs, _ = shard(cached, ranks)
+    steps = steps_for(torch.randint(0, 97, (1, 8)))
+    for (r,), outs in zip(run_cached([cached], steps), run_cached(graphs, steps)):
+        for out in outs:
+            torch.testing.assert_close(out[0], r[0])
 
 
 # -- structure ---------------------------------------------------------------------------------
