@@ -47,6 +47,7 @@ def compile(
     attention: str | None = None,
     draft: str | list[str] | None = None,
     distill_options: dict[str, Any] | None = None,
+    tensor_parallel: int = 1,
 ):
     """Compile a causal LM for `target` with the pass pipeline `passes`.
 
@@ -76,6 +77,9 @@ def compile(
     `"distill:4"` (a small trained model of the same width) are built from the same model and shipped
     inside the artifact under drafts/ (see kiln/draft.py). `calib` may also be token windows
     (list of lists of ids); `distill_options` go to `kiln.distill` in the recovery step.
+
+    `tensor_parallel=N` splits the model over N ranks (passes/shard_tensor_parallel.py); it is refused,
+    before the slow steps, for a target without the "tensor-parallel" capability (today: every target).
     """
     import torch
 
@@ -110,6 +114,7 @@ def compile(
     if mlir_static is not None:
         options["static"] = mlir_static
     tgt = get_target(target, **options)  # refuse bad targets and options before the slow steps
+    _check_tensor_parallel(tensor_parallel, tgt)
     from .pass_options import build_pipeline
     from .qat import qat_scheme, strip_qat
 
@@ -222,6 +227,19 @@ def compile(
         art.timings["drafts"] = round(time.perf_counter() - t, 3)
     art.timings["total"] = round(time.perf_counter() - t0, 3)
     return art
+
+
+def _check_tensor_parallel(ranks: Any, tgt: Any) -> None:
+    """Refuse a tensor-parallel build the target cannot serve, saying what exists and what does not."""
+    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
+        raise KilnError(f"tensor_parallel must be a number of ranks >= 1, got {ranks!r}")
+    if ranks > 1 and "tensor-parallel" not in tgt.capabilities:
+        raise KilnError(
+            f"target '{tgt.name}' cannot build tensor_parallel={ranks} yet: kiln splits the program (the pass "
+            f"shard-tensor-parallel{{ranks={ranks},rank=R}} makes rank R's graph, and kiln.ranks.run_ranks runs "
+            "the ranks together in the reference interpreter), but no target lowers all_reduce/all_gather and "
+            "the runtime has no NCCL rank group to serve the ranks; build with tensor_parallel=1"
+        )
 
 
 def _run_with_recovery(graph, passes: str, steps: int, verify_each: bool, dump_ir, options: dict | None = None):

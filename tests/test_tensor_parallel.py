@@ -302,3 +302,17 @@ def test_shard_before_int8_matches_the_quantized_graph(full):
         ref_sqnr = 10 * torch.log10(base.pow(2).mean() / (ref - base).pow(2).mean())
         assert sqnr > ref_sqnr - 3  # as close to fp32 as the single-rank int8 graph, within 3 dB
         assert (out[0] - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_compile_refuses_tensor_parallel_naming_what_exists():
+    """No target lowers the collectives yet: kiln.compile says so before tracing."""
+    import kiln
+    from kiln.errors import KilnError
+
+    m = tiny_model("llama", num_attention_heads=4, num_key_value_heads=2)
+    with pytest.raises(
+        KilnError, match=r"target 'cpu' cannot build tensor_parallel=2 yet.*shard-tensor-parallel.*NCCL"
+    ):
+        kiln.compile(m, target="cpu", tensor_parallel=2)
+    with pytest.raises(KilnError, match="number of ranks >= 1"):
+        kiln.compile(m, target="cpu", tensor_parallel=0)
