@@ -25,6 +25,7 @@ split on their codes, scales and zeros: rows freely, input columns only on whole
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import sympy
@@ -50,7 +51,6 @@ class _Shard:
     rank: int
     specs: dict[str, dict] = field(default_factory=dict)
     done: set[Node] = field(default_factory=set)  # linears and qweights already split
-
     full: dict[str, tuple[int, ...]] = field(default_factory=dict)  # the unsharded parameter shapes
 
     def __post_init__(self) -> None:
@@ -124,7 +124,7 @@ class _Shard:
             self.take(b, 0, index, role)
 
     # -- collectives --------------------------------------------------------------------------------
-    def after(self, n: Node, make) -> Node:
+    def after(self, n: Node, make: Callable[[Node], Node]) -> Node:
         """Insert the nodes `make(n)` builds after `n` and give them n's users (and output places)."""
         users = [u for u in self.g.nodes if n in u.inputs]
         new = make(n)

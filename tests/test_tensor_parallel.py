@@ -50,12 +50,17 @@ def cached(llama):
 
 
 def run_cached(graphs, steps):
-    """Prefill then decode through each rank's own paged cache; `steps` [(ids, positions)], outputs per step."""
+    """Prefill then decode through each rank's own paged cache (9 pages; the int8 cache's scales too);
+    `steps` [(ids, positions)]; returns each step's outputs per rank."""
     caches = []
     for g in graphs:
-        layers = g.meta["kv_cache"]["layers"]
+        tensors = g.meta["kv_cache"]["tensors"]
+        dtypes = {"float32": torch.float32, "int8": torch.int8}
         caches.append(
-            {f"kv_cache_{i}": torch.zeros(9, 2, x["kv_heads"], 4, x["head_dim"]) for i, x in enumerate(layers)}
+            {
+                t["name"]: torch.zeros([9 if d == "pages" else int(d) for d in t["shape"]], dtype=dtypes[t["dtype"]])
+                for t in tensors
+            }
         )
     pt = torch.tensor([[7, 2, 5, 0]], dtype=torch.int32)  # shuffled pages
     outs = []
@@ -274,6 +279,17 @@ def test_shard_after_int8_equals_the_quantized_graph(llama):
     assert counts["qweight-split"] > 0
     ids = torch.randint(0, 97, (1, 8))
     steps = steps_for(ids)
+    for (r,), outs in zip(run_cached([q], steps), run_cached(graphs, steps)):
+        for out in outs:
+            torch.testing.assert_close(out[0], r[0])
+
+
+def test_int8_kv_cache_keeps_its_scales_per_rank(llama):
+    """An int8 cache's scales are per token and KV head: a rank's scales are its heads' own."""
+    q = run_pipeline(llama, CACHED.replace("fuse-mlp,", "fuse-mlp,quantize-kv{dtype=int8},"))[0]
+    graphs, _ = shard(q, 2)
+    assert all(n.type.shape[2] == 1 for g in graphs for n in g.inputs if n.name.startswith("kv_cache_"))
+    steps = steps_for(torch.randint(0, 97, (1, 8)))
     for (r,), outs in zip(run_cached([q], steps), run_cached(graphs, steps)):
         for out in outs:
             torch.testing.assert_close(out[0], r[0])
