@@ -33,12 +33,11 @@ import torch
 
 from kiln.errors import PassError
 from kiln.ir import Graph, Node, ttype
-from kiln.ops import norm_dim, ops_of_kind
+from kiln.ops import norm_dim, ops_of_kind, same
 
 from .registry import count, register
 
 _CHANNELWISE = ops_of_kind("unary", "elementwise")
-_PROJECTION_PATH = ("rope", "permute", "reshape", "rms_norm", "cast")  # projection -> attention input
 _LOGIT_TAIL = ("mul", "div", "tanh", "cast", "reshape", "slice")  # LM head -> output
 
 
@@ -175,38 +174,86 @@ def _rows(heads: list[int], d: int) -> list[int]:
 
 @dataclass
 class _Path:
-    """How one attention input comes from its projection: linear [-> reshape] [-> slice] -> reshape ->
-    permute [-> rope]. A slice on the last axis cuts the role's features out of a fused QKV projection."""
+    """How one attention input comes from its projection. Flat tensors ([.., heads * head_dim], before
+    the head reshape) may be reshaped keeping the features last, cast, and cut by one slice of a fused
+    QKV projection's output; per-head tensors ([.., heads, .., head_dim], the attention input's rank)
+    may be permuted, cast, rotated, normalized per head, and sliced and joined along head_dim (partial
+    rotary). Nothing on the path mixes heads, so the rank's heads need only the rank's rows."""
 
     role: str
     linear: Node
-    chain: list[Node]  # the nodes in between, attention side first
+    nodes: list[Node]  # between the projection and the attention
     cut: Node | None  # the slice of a fused projection's output
     offset: int  # where the role's features start in the projection's output
 
 
-def _projection(att: Node, x: Node, role: str) -> _Path:
-    chain: list[Node] = []
-    cut = None
-    while x.op != "linear":
-        last = x.type.rank - 1
-        if x.op == "slice" and cut is None and norm_dim(x.attrs["dim"], x.type.rank) == last and x.attrs["step"] == 1:
-            cut = x
-        elif x.op not in _PROJECTION_PATH:
+def _inputs_to_follow(att: Node, n: Node, rank: int, role: str) -> list[Node]:
+    """The inputs of path node `n` that carry the projection's values, or a PassError saying why `n`
+    cannot be on a sharded path."""
+    per_head, flat = n.type.rank == rank, n.type.rank < rank
+    on_last = "dim" in n.attrs and norm_dim(n.attrs["dim"], n.type.rank) == n.type.rank - 1
+    x = n.inputs[0] if n.inputs else None
+    if n.op == "cast" or (n.op == "permute" and per_head) or (n.op == "rope" and per_head):
+        return [n.inputs[0]]
+    if n.op == "reshape" and x is not None and x.type.rank < rank and (per_head or flat):
+        if flat and not same(n.type.shape[-1], x.type.shape[-1]):
             raise PassError(
-                f"shard-tensor-parallel: the {role} of %{att.name} (from {att.source}) come from %{x.name} = "
-                f"{x.op}, not from a linear projection through {', '.join(_PROJECTION_PATH)} (and a slice of "
-                "a fused QKV projection)"
+                f"shard-tensor-parallel: %{n.name} reshapes the {role} projection of %{att.name} "
+                f"{x.type} -> {n.type} without keeping its features last"
             )
-        chain.append(x)
-        x = x.inputs[0]
-    return _Path(role, x, chain, cut, int(cut.attrs["start"]) if cut is not None else 0)
+        return [x]
+    vary = [i for i in n.inputs if not (i.op == "const" and i.type.rank == 0)]
+    if n.op in _CHANNELWISE and len(vary) == 1:  # value by value with scalars (OPT scales its queries)
+        return vary
+    if n.op == "slice" and on_last and n.attrs["step"] == 1 and (per_head or flat):
+        return [n.inputs[0]]
+    if n.op == "cat" and on_last and per_head:
+        return list(n.inputs)
+    if n.op in ("rms_norm", "layer_norm"):
+        if per_head and (n.op == "rms_norm" or n.attrs["ndim"] == 1):
+            return [n.inputs[0]]
+        raise PassError(
+            f"shard-tensor-parallel: %{n.name} = {n.op} (from {n.source}) normalizes the {role} of %{att.name} "
+            "over all heads together (a qk-norm before the head reshape); a rank holds only its heads, so kiln "
+            "does not shard this attention yet"
+        )
+    raise PassError(
+        f"shard-tensor-parallel: the {role} of %{att.name} (from {att.source}) come from %{n.name} = {n.op} "
+        f"{n.type}; kiln follows a projection to the attention through reshape, permute, cast, rope, scaling "
+        "by a constant, per-head norms, slices and joins along head_dim, and one slice of a fused QKV projection"
+    )
 
 
-def _set_heads(chain: list[Node], heads: int) -> None:
-    """Reshapes to [.., heads, head_dim] that name the head count: the rank's count."""
-    for n in chain:
-        if n.op == "reshape":
+def _projection(att: Node, x: Node, role: str) -> _Path:
+    rank = x.type.rank
+    nodes: list[Node] = []
+    seen: set[Node] = set()
+    linears: list[Node] = []
+    stack = [x]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "linear":
+            linears.append(n)
+            continue
+        stack.extend(_inputs_to_follow(att, n, rank, role))
+        nodes.append(n)
+    cuts = [n for n in nodes if n.op == "slice" and n.type.rank < rank]
+    if len(linears) != 1 or len(cuts) > 1:
+        raise PassError(
+            f"shard-tensor-parallel: the {role} of %{att.name} come from {len(linears)} projections through "
+            f"{len(cuts)} slices of their features; kiln shards one projection per role"
+        )
+    cut = cuts[0] if cuts else None
+    return _Path(role, linears[0], nodes, cut, int(cut.attrs["start"]) if cut is not None else 0)
+
+
+def _set_heads(path: _Path, heads: int) -> None:
+    """The head reshape ([.., features] -> [.., heads, head_dim]) names the rank's head count."""
+    for n in path.nodes:
+        if n.op == "reshape" and n.type.rank > n.inputs[0].type.rank:
             shape = list(n.attrs["shape"])
             if _literal(shape[-2]) not in (None, -1):
                 shape[-2] = heads
@@ -240,9 +287,9 @@ def _shard_attention(s: _Shard, att: Node, users: dict[Node, list[Node]]) -> dic
         )
     roles = (("queries", q, qh, D), ("keys", k, kvh, D), ("values", v, kvh, Dv))
     paths = [_projection(att, x, which) for which, x, _, _ in roles]
-    on_path = {n for p in paths for n in p.chain} | {att}
+    on_path = {n for p in paths for n in p.nodes} | {att}
     for p in paths:
-        for node in p.chain + [p.linear]:
+        for node in p.nodes + [p.linear]:
             if any(u not in on_path for u in users[node]):
                 raise PassError(
                     f"shard-tensor-parallel: %{node.name} (on the {p.role} path of %{att.name}) is read outside "
@@ -263,16 +310,16 @@ def _shard_attention(s: _Shard, att: Node, users: dict[Node, list[Node]]) -> dic
         if len(parts) > 1 and any(p.cut is None for p, *_ in parts):
             raise PassError(f"shard-tensor-parallel: %{lin.name} feeds several of q/k/v without slicing its output")
         rows: list[int] = []
-        shared: set[Node] = set()  # between the fused projection and its slices
         for p, heads, d, _ in sorted(parts, key=lambda t: t[0].offset):
             start = len(rows)
             rows += [p.offset + i for i in _rows(heads, d)]
             if p.cut is not None:  # the role's features in the rank's (smaller) fused output
                 p.cut.attrs = {**p.cut.attrs, "start": start, "end": len(rows)}
-                shared.update(p.chain[p.chain.index(p.cut) + 1 :])
-            _set_heads(p.chain, len(heads))
-        for x in shared:
-            _set_last(x, full, len(rows))
+            _set_heads(p, len(heads))
+        for p, *_ in parts:  # flat reshapes that name the projection's width: the rank's
+            for x in p.nodes:
+                if x.type.rank < q.type.rank:
+                    _set_last(x, full, len(rows))
         fused = len(parts) > 1 or parts[0][0].cut is not None
         role = f"the {'fused QKV' if fused else parts[0][0].role} projection %{lin.name}"
         s.weight(lin.inputs[1], 0, rows, role)

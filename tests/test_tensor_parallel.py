@@ -138,6 +138,32 @@ def test_gpt2_fused_qkv_and_tied_embedding(ranks):
             torch.testing.assert_close(out[0], r[0])
 
 
+@pytest.mark.parametrize("family", ["phi", "stablelm"])
+def test_partial_rotary_slices_and_joins_head_dim(family):
+    """Phi and StableLM rotate part of head_dim: slices and a cat along head_dim stay per head."""
+    from families import tiny_family
+
+    from kiln.trace import trace
+
+    g = run_pipeline(trace(tiny_family(family), max_tokens=64), CACHED)[0]
+    graphs, _ = shard(g, 2)
+    steps = steps_for(torch.randint(0, 97, (1, 8)))
+    for (r,), outs in zip(run_cached([g], steps), run_cached(graphs, steps)):
+        for out in outs:
+            torch.testing.assert_close(out[0], r[0])
+
+
+def test_qk_norm_over_all_heads_is_refused():
+    """OLMo-2 normalizes q and k over every head at once: a rank cannot, so the pass says so."""
+    from families import tiny_family
+
+    from kiln.trace import trace
+
+    g = run_pipeline(trace(tiny_family("olmo2"), max_tokens=64), FULL)[0]
+    with pytest.raises(PassError, match="over all heads together"):
+        shard(g, 2)
+
+
 # -- structure ---------------------------------------------------------------------------------
 
 
@@ -229,6 +255,13 @@ def test_query_heads_straddling_kv_groups_are_refused():
         shard(g, 2)
     graphs, counts = shard(g, 3)  # one KV head per rank
     assert not counts.get("kv-heads-replicated")
+
+
+@pytest.mark.parametrize("pipeline", [FULL, CACHED])
+def test_mlp_channels_that_ranks_do_not_divide_are_refused(pipeline):
+    g = run_pipeline(traced(num_attention_heads=4, num_key_value_heads=2, intermediate_size=70), pipeline)[0]
+    with pytest.raises(PassError, match="70 intermediate channels, which 4 ranks do not divide"):
+        shard(g, 4)
 
 
 def test_one_rank_leaves_the_graph_unchanged(full):
