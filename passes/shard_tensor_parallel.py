@@ -360,13 +360,21 @@ def _shard_attention(s: _Shard, att: Node, users: dict[Node, list[Node]]) -> dic
     return {"heads": qh, "kv_heads": kvh, "layer": att.attrs.get("layer")}
 
 
-def _ffn_group(s: _Shard, down: Node, users: dict[Node, list[Node]]) -> tuple[list[Node], list[Node]] | None:
-    """The linears whose output channels reach `down`'s input through channel-wise ops only, and the
-    reshapes in between; None when down's input is not such a channel group."""
+def _splittable(s: _Shard, lin: Node) -> bool:
+    return lin not in s.done and lin.inputs[1] not in s.done and lin.inputs[1].op in ("param", "qweight")
+
+
+def _ffn_group(
+    s: _Shard, down: Node, users: dict[Node, list[Node]]
+) -> tuple[list[Node], list[Node], list[Node]] | None:
+    """The linears whose output channels reach `down`'s input through channel-wise ops only, the
+    reshapes in between, and the slices that cut a fused gate/up projection's output into its parts
+    (Phi-3); None when down's input is not such a channel group."""
     C = down.inputs[1].type.shape[1]
     seen: set[Node] = set()
     producers: list[Node] = []
     reshapes: list[Node] = []
+    cuts: list[Node] = []
     stack = [down.inputs[0]]
     while stack:
         x = stack.pop()
@@ -375,8 +383,17 @@ def _ffn_group(s: _Shard, down: Node, users: dict[Node, list[Node]]) -> tuple[li
         seen.add(x)
         if x.type.rank == 0 or x.type.shape[-1] != C:
             return None
+        last = norm_dim(x.attrs["dim"], x.type.rank) == x.type.rank - 1 if x.op == "slice" else False
+        if last and x.attrs["step"] == 1 and x.inputs[0].op == "linear":  # a part of a fused projection
+            if not _splittable(s, x.inputs[0]):
+                return None
+            cuts.append(x)
+            if x.inputs[0] not in seen:
+                seen.add(x.inputs[0])
+                producers.append(x.inputs[0])
+            continue
         if x.op == "linear":
-            if x in s.done or x.inputs[1] in s.done or x.inputs[1].op not in ("param", "qweight"):
+            if not _splittable(s, x):
                 return None
             producers.append(x)
             continue
@@ -391,7 +408,7 @@ def _ffn_group(s: _Shard, down: Node, users: dict[Node, list[Node]]) -> tuple[li
     for x in seen:  # the channels must not leave the group (the residual stream, a norm ...)
         if any(u not in seen and u is not down for u in users[x]):
             return None
-    return (producers, reshapes) if producers else None
+    return (producers, reshapes, cuts) if producers else None
 
 
 def _shard_mlps(s: _Shard, users: dict[Node, list[Node]], skip: set[Node]) -> list[str]:
@@ -417,7 +434,7 @@ def _shard_mlps(s: _Shard, users: dict[Node, list[Node]], skip: set[Node]) -> li
         found = _ffn_group(s, down, users)
         if found is None:
             continue
-        producers, reshapes = found
+        producers, reshapes, cuts = found
         F = int(down.inputs[1].type.shape[1])
         if F % n:
             raise PassError(
@@ -426,8 +443,17 @@ def _shard_mlps(s: _Shard, users: dict[Node, list[Node]], skip: set[Node]) -> li
             )
         idx = _run(n, F, r)
         for p in producers:
-            s.weight(p.inputs[1], 0, idx, f"the MLP input projection %{p.name}")
-            s.bias(p.input("bias"), idx, f"the MLP input projection bias of %{p.name}")
+            rows = idx
+            parts = sorted((c for c in cuts if c.inputs[0] is p), key=lambda c: int(c.attrs["start"]))
+            if parts:  # the rank's channels of each part, the parts' slices over the smaller output
+                rows = []
+                for c in parts:
+                    start = len(rows)
+                    rows += [int(c.attrs["start"]) + i for i in idx]
+                    c.attrs = {**c.attrs, "start": start, "end": len(rows)}
+                count("fused-gate-up")
+            s.weight(p.inputs[1], 0, rows, f"the MLP input projection %{p.name}")
+            s.bias(p.input("bias"), rows, f"the MLP input projection bias of %{p.name}")
             s.done.add(p)
         for x in reshapes:
             _set_last(x, F, F // n)

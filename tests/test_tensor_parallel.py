@@ -138,15 +138,23 @@ def test_gpt2_fused_qkv_and_tied_embedding(ranks):
             torch.testing.assert_close(out[0], r[0])
 
 
-@pytest.mark.parametrize("family", ["phi", "stablelm"])
-def test_partial_rotary_slices_and_joins_head_dim(family):
-    """Phi and StableLM rotate part of head_dim: slices and a cat along head_dim stay per head."""
+@pytest.mark.parametrize(
+    "family,rule",
+    [
+        ("phi", "mlp"),  # partial rotary: slices and a cat along head_dim stay per head
+        ("stablelm", "gated-mlp"),  # partial rotary, gated MLP
+        ("phi3", "fused-gate-up"),  # one qkv projection and one gate/up projection, each sliced in parts
+        ("opt", "mlp"),  # queries scaled by a constant before the attention
+    ],
+)
+def test_more_families(family, rule):
     from families import tiny_family
 
     from kiln.trace import trace
 
     g = run_pipeline(trace(tiny_family(family), max_tokens=64), CACHED)[0]
-    graphs, _ = shard(g, 2)
+    graphs, counts = shard(g, 2)
+    assert counts[rule] == 2 and len(graphs[0].find("all_reduce")) == 5
     steps = steps_for(torch.randint(0, 97, (1, 8)))
     for (r,), outs in zip(run_cached([g], steps), run_cached(graphs, steps)):
         for out in outs:
