@@ -14,6 +14,7 @@ from typing import Any
 import sympy
 import torch
 
+from .capture import substitute_mixers
 from .aten_convert import _CONVERT, _PASSTHROUGH, source_line
 from .decompose import decompose_unconverted
 from .errors import UnsupportedOpError
@@ -46,7 +47,7 @@ def export(model: torch.nn.Module, max_tokens: int = 4096) -> tuple[Any, list[st
     shapes = ({0: Dim("batch", min=1, max=1024), 1: Dim("tokens", min=1, max=max_tokens)},)
     import warnings
 
-    with torch.no_grad(), warnings.catch_warnings(), _static_experts(model):
+    with torch.no_grad(), warnings.catch_warnings(), _static_experts(model), substitute_mixers(model):
         warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations, not the user's
         ep = torch.export.export(_LogitsOnly(model), (ids,), dynamic_shapes=shapes, strict=False)
     return decompose_unconverted(ep, set(_CONVERT) | _PASSTHROUGH, first=True)

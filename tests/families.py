@@ -61,6 +61,8 @@ SPECS: dict[str, dict] = {
     "olmoe": {**MOE},  # top-k without renormalizing
     "jetmoe": {**MOE},
     "phimoe": {**MOE},
+    "mamba": {"state_size": 8, "conv_kernel": 4, "expand": 2},  # selective scan + causal conv, no attention
+    "mamba2": {"num_heads": 8, "head_dim": 16, "n_groups": 2, "state_size": 8, "chunk_size": 4},  # scalar A per head
 }
 
 

@@ -35,6 +35,7 @@ KINDS: dict[str, str] = {
     "position": "position encodings (rope)",
     "attention": "attention over keys and values, fused or over a paged cache",
     "quant": "quantized values (qweight, quant_act)",
+    "recurrent": "a scan over tokens with a fixed-size state per sequence (selective_scan, causal_conv1d)",
     "opaque": "an aten op passed through from the trace (aten): interpreter only, no lowering",
 }
 
