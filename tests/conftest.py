@@ -129,5 +129,7 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
         for i in range(n):
             toks.append(int(out.logits[0, -1].argmax()))
             if i < n - 1:
-                out = model(input_ids=torch.tensor([[toks[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+                # state-space models (Mamba) hand their state back as `cache`, attention models as past_key_values
+                past = {"cache": out.cache} if "cache" in out else {"past_key_values": out.past_key_values}
+                out = model(input_ids=torch.tensor([[toks[-1]]]), use_cache=True, **past)
     return toks
