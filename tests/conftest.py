@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import pytest
+
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -131,5 +133,8 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
             if i < n - 1:
                 # state-space models (Mamba) hand their state back as `cache`, attention models as past_key_values
                 past = {"cache": out.cache} if "cache" in out else {"past_key_values": out.past_key_values}
+                if "cache" in out and "position_ids" in inspect.signature(model.forward).parameters:
+                    # hybrids (Bamba) default position ids to arange(new tokens) whatever the cache holds
+                    past["position_ids"] = torch.tensor([[len(prompt) + i]])
                 out = model(input_ids=torch.tensor([[toks[-1]]]), use_cache=True, **past)
     return toks
