@@ -250,7 +250,7 @@ def kv_cache(graph: Graph, page_size: int = 16, logits: str = "last") -> Graph:
     ]
     g.meta["kv_cache"] = {
         "page_size": page_size,
-        "dtype": kv_dtypes.pop() if len(kv_dtypes) == 1 else "mixed",
+        "dtype": kv_dtypes.pop() if len(kv_dtypes) == 1 else "mixed" if kv_dtypes else "float32",
         "layers": layers,
         "tensors": tensors,
         "layout": "[pages, 2, kv_heads, page_size, head_dim]",

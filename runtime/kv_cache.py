@@ -204,3 +204,40 @@ class PageManager:
                 continue
             self.by_hash[h], self.hash_of[p] = p, h
         return full
+
+
+class StateSlots:
+    """State slots of the state-space layers: one fixed-size state row per live sequence.
+
+    The program finds a sequence's row as `table[first page of the sequence]` (`table` is a host view of
+    the program's `kv_cache_slots [pages]`). A sequence is given a slot when its prefill starts (position
+    0); its slot is taken back lazily, once its first page is back in the pool's free list, so the
+    scheduler's page accounting stays the one place that knows when a sequence ends. A state needs no
+    clearing: the kernels start from zeros at position 0."""
+
+    def __init__(self, table: np.ndarray, num_slots: int, pool: PagePool) -> None:
+        if num_slots < 1:
+            raise ValueError("state-space layers need at least one state slot")
+        self.table, self.num_slots, self.pool = table, num_slots, pool
+        self.owner: dict[int, int] = {}  # slot -> the first page of the sequence holding it
+
+    def assign(self, first_page: int) -> int:
+        """The slot of a sequence starting at `first_page` (written into the table)."""
+        held = {p: s for s, p in self.owner.items()}
+        slot = held.get(first_page)
+        if slot is None:
+            free = [s for s in range(self.num_slots) if s not in self.owner]
+            if not free:  # take back the slots of sequences whose first page was released
+                released = set(self.pool.free)
+                for s in [s for s, p in self.owner.items() if p in released]:
+                    del self.owner[s]
+                free = [s for s in range(self.num_slots) if s not in self.owner]
+            if not free:
+                raise OutOfPages(
+                    f"all {self.num_slots} state slots hold live sequences: load the engine with more "
+                    "state_slots, or run fewer sequences at once"
+                )
+            slot = free[0]
+        self.owner[slot] = first_page
+        self.table[first_page] = slot
+        return slot

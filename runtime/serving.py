@@ -72,6 +72,8 @@ class Server:
             raise ValueError("max_batch and prefill_chunk must be >= 1 and max_wait_s >= 0")
         self.engine, self.policy, self.max_batch = engine, policy, max_batch
         self.prefill_chunk, self.max_wait_s, self.chat = prefill_chunk, max_wait_s, chat
+        # a state-space layer's state summarizes its whole prefix: no page of a prefix can be shared
+        prefix_caching = prefix_caching and not engine.kv_layout.state
         self.kv = PageManager(engine.pool, engine.kv_layout.copy_page, prefix_caching)
         self.spec = None
         if draft is not None:  # a draft Engine, or "ngram" for prompt lookup
