@@ -158,3 +158,54 @@ def test_attention_model_gets_no_state():
     assert "state" not in inc.meta["kv_cache"]
     assert not any(n.name == "kv_cache_slots" or n.name.endswith(("_ssm", "_conv")) for n in inc.inputs)
     assert not any(n.op.startswith("cached_") and n.op != "cached_attention" for n in inc.nodes)
+
+
+@pytest.fixture(scope="module")
+def mamba_artifact(tmp_path_factory):
+    import kiln
+
+    m = tiny_family("mamba")
+    art = kiln.compile(m, target="cpu", passes="O1", max_context=64).save(str(tmp_path_factory.mktemp("ssm") / "mamba"))
+    return m, art
+
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [40, 3, 77, 21, 9, 60, 14, 33, 50], [1, 2, 3], [90, 80, 70, 60, 50]]
+
+
+def test_engine_reuses_state_slots_and_refuses_verify(mamba_artifact):
+    """Two slots serve four sequences, two at a time (a finished sequence's slot is taken back); the
+    manifest and report record the state; speculation's verify is refused with a reason."""
+    import os
+
+    import kiln
+    from conftest import hf_greedy
+    from kiln.runtime.artifact import read_manifest
+    from kiln.runtime.sampling import SamplingParams
+
+    m, art = mamba_artifact
+    eng = kiln.load(art, kv_cache_tokens=256, state_slots=2)
+    for pair in (PROMPTS[:2], PROMPTS[2:]):
+        outs = eng.generate(pair, SamplingParams(max_tokens=6, ignore_eos=True))
+        assert [o.token_ids for o in outs] == [hf_greedy(m, p, 6) for p in pair]
+    with pytest.raises(Exception, match="state slots"):
+        eng.generate(PROMPTS[:3], SamplingParams(max_tokens=2, ignore_eos=True))
+    with pytest.raises(Exception, match="speculative"):
+        eng.verify([[1, 2]], [[0, 1]], [[0]])
+    kv = read_manifest(art)["kv_cache"]
+    assert kv["layers"] == [] and kv["bytes_per_token"] == 0  # no attention: nothing grows with the context
+    assert kv["state_bytes_per_sequence"] == kv["state"]["bytes_per_sequence"] > 0
+    assert "## Recurrent state" in open(os.path.join(art, "report.md")).read()
+
+
+def test_server_serves_state_models_without_prefix_caching(mamba_artifact):
+    import kiln
+    from conftest import hf_greedy
+    from kiln.runtime.sampling import SamplingParams
+    from kiln.runtime.serving import Server
+
+    m, art = mamba_artifact
+    eng = kiln.load(art, kv_cache_tokens=256, state_slots=4)
+    srv = Server(eng, policy="continuous", max_batch=3, background=False)
+    assert not srv.kv.prefix_caching
+    outs = srv.generate(PROMPTS, SamplingParams(max_tokens=5, ignore_eos=True))
+    assert [o.token_ids for o in outs] == [hf_greedy(m, p, 5) for p in PROMPTS]
