@@ -14,8 +14,8 @@ from typing import Any
 import sympy
 import torch
 
-from .capture import substitute_mixers
 from .aten_convert import _CONVERT, _PASSTHROUGH, source_line
+from .capture import substitute_mixers
 from .decompose import decompose_unconverted
 from .errors import UnsupportedOpError
 from .ir import Graph, Node, TensorType, sym

@@ -42,7 +42,7 @@ def derive_states(g: Graph, page_table: Node, positions: Node, pages: sympy.Symb
     for n in ops:
         if n.op == "selective_scan":
             x, B = n.inputs[0].type.shape, n.inputs[3].type.shape
-            shape = (SLOTS, x[2], x[3], B[3])  # [slots, H, P, N]
+            shape: tuple = (SLOTS, x[2], x[3], B[3])  # [slots, H, P, N]
             state = g.add_input(f"kv_cache_{scans}_ssm", TensorType(shape, "float32"))
             required, optional = n.inputs[:5], n.inputs[5:]
             ins = list(required) + [state, slots, page_table, positions] + list(optional)

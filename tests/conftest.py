@@ -6,7 +6,6 @@ import inspect
 import os
 
 import pytest
-
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -19,7 +19,6 @@ from kiln.trace import trace
 from kiln.verify import verify
 
 
-
 @functools.cache
 def traced(family: str):
     m = tiny_family(family)
@@ -59,7 +58,9 @@ def test_selective_scan_reference_is_the_recurrence(scalar_a, groups):
     dt, dt_bias = torch.randn(Bsz, T, H), torch.randn(H) * 0.1
     A = -torch.rand(H) if scalar_a else -torch.rand(H, N)
     B, C, D = torch.randn(Bsz, T, groups, N), torch.randn(Bsz, T, groups, N), torch.randn(H)
-    ours = OPS["selective_scan"].ref(None, [x, dt, A, B, C, D, dt_bias, z], {"softplus": True, "dt_min": 0.0, "dt_max": 0.0})
+    ours = OPS["selective_scan"].ref(
+        None, [x, dt, A, B, C, D, dt_bias, z], {"softplus": True, "dt_min": 0.0, "dt_max": 0.0}
+    )
     torch.testing.assert_close(ours, _naive_scan(x, dt, A, B, C, D, dt_bias, z), rtol=1e-5, atol=1e-5)
 
 
@@ -177,8 +178,9 @@ def test_engine_reuses_state_slots_and_refuses_verify(mamba_artifact):
     manifest and report record the state; speculation's verify is refused with a reason."""
     import os
 
-    import kiln
     from conftest import hf_greedy
+
+    import kiln
     from kiln.runtime.artifact import read_manifest
     from kiln.runtime.sampling import SamplingParams
 
@@ -198,8 +200,9 @@ def test_engine_reuses_state_slots_and_refuses_verify(mamba_artifact):
 
 
 def test_server_serves_state_models_without_prefix_caching(mamba_artifact):
-    import kiln
     from conftest import hf_greedy
+
+    import kiln
     from kiln.runtime.sampling import SamplingParams
     from kiln.runtime.serving import Server
 

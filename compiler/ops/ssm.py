@@ -80,9 +80,7 @@ def selective_scan_reference(x, dt, A, B, C, D=None, dt_bias=None, z=None, attrs
     st = state if state is not None else torch.zeros(b_, h, p, n)
     dt = _discretize_dt(dt, dt_bias, a)
     Bh, Ch = _per_head(B, h), _per_head(C, h)
-    ys = [
-        scan_step(st, x[:, t], dt[:, t], A, Bh[:, t], Ch[:, t], D, None if z is None else z[:, t]) for t in range(t_)
-    ]
+    ys = [scan_step(st, x[:, t], dt[:, t], A, Bh[:, t], Ch[:, t], D, None if z is None else z[:, t]) for t in range(t_)]
     return torch.stack(ys, 1).to(x.dtype) if ys else torch.zeros_like(x)
 
 
@@ -166,7 +164,7 @@ define(
     ("x", "dt", "A", "B", "C", "D?", "dt_bias?", "z?"),
     SelectiveScanAttrs,
     _like_x,
-    lambda ctx, x, a: selective_scan_reference(*x[:5], D=x[5], dt_bias=x[6], z=x[7], attrs=a),
+    lambda ctx, x, a: selective_scan_reference(x[0], x[1], x[2], x[3], x[4], D=x[5], dt_bias=x[6], z=x[7], attrs=a),
     "selective state-space scan from a zero state: h = exp(dt A) h + dt B x, y = C h + D x (* silu(z)); "
     "x [B, T, H, P], dt [B, T, H], A [H, N] or [H], B/C [B, T, G, N]",
     flops=_scan_flops,

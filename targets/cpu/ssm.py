@@ -177,9 +177,7 @@ def _cached_selective_scan(f, n, xs):
     args = [state, x, dt, A, B, C, slots, page_table, positions]
     args += [val[D] if D is not None else _zeros(H), val[dt_bias] if dt_bias is not None else _zeros(H)]
     args += [val[z] if z is not None else x]  # not read without a gate
-    both = f.emit(
-        relax.op.call_tir_inplace(fn, args, [0, -1], [f.ttype(n.inputs[5].type), f.ttype(n.type)])
-    )
+    both = f.emit(relax.op.call_tir_inplace(fn, args, [0, -1], [f.ttype(n.inputs[5].type), f.ttype(n.type)]))
     return f.emit(relax.TupleGetItem(both, 1))
 
 
@@ -192,7 +190,10 @@ def _cached_causal_conv1d(f, n, xs):
     fn = f.low.kernel(("causal_conv1d", ch, w, silu), lambda: causal_conv1d_func(ch, w, silu))
     both = f.emit(
         relax.op.call_tir_inplace(
-            fn, [state, x, weight, bias, slots, page_table, positions], [0, -1], [f.ttype(n.inputs[2].type), f.ttype(n.type)]
+            fn,
+            [state, x, weight, bias, slots, page_table, positions],
+            [0, -1],
+            [f.ttype(n.inputs[2].type), f.ttype(n.type)],
         )
     )
     return f.emit(relax.TupleGetItem(both, 1))
