@@ -6,6 +6,7 @@ equals transformers' full forward), and the negative case (an attention model ge
 
 import functools
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -212,3 +213,52 @@ def test_server_serves_state_models_without_prefix_caching(mamba_artifact):
     assert not srv.kv.prefix_caching
     outs = srv.generate(PROMPTS, SamplingParams(max_tokens=5, ignore_eos=True))
     assert [o.token_ids for o in outs] == [hf_greedy(m, p, 5) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("N,groups,gate,scalar_a", [(16, 2, False, True), (5, 1, True, False)])
+def test_cpu_kernels_match_the_cached_ops(N, groups, gate, scalar_a):
+    """The CPU scan and conv kernels against the ops' reference: a 5-token prefill, then a batched decode with
+    a padding row, sequences in shuffled slots (N=16: the 16-lane readout; N=5: one lane)."""
+    tvm = pytest.importorskip("tvm")
+    from kiln.targets.cpu.kernels import cpu_target
+    from kiln.targets.cpu.ssm import causal_conv1d_func, selective_scan_func
+
+    def build(f):
+        return tvm.compile(tvm.IRModule({"main": f}), target=cpu_target())["main"]
+
+    H, P, Ch, W = 4, 3, 6, 4
+    attrs = {"softplus": True, "dt_min": 0.0, "dt_max": 0.0}
+    scan = build(selective_scan_func(H, P, N, groups, True, 0.0, 0.0, gate))
+    conv = build(causal_conv1d_func(Ch, W, True))
+    torch.manual_seed(2)
+    A = -torch.rand(H) if scalar_a else -torch.rand(H, N)
+    A2 = A[:, None].expand(H, N).contiguous() if scalar_a else A
+    D, bias, cw, cb = torch.randn(H), torch.randn(H) * 0.1, torch.randn(Ch, W), torch.randn(Ch)
+    slots = torch.tensor([0, 2, 0, 1], dtype=torch.int32)
+    st_ref, win_ref = torch.zeros(3, H, P, N), torch.zeros(3, W - 1, Ch)
+    st_k, win_k = tvm.runtime.tensor(st_ref.numpy().copy()), tvm.runtime.tensor(win_ref.numpy().copy())
+
+    def tv(a):
+        return tvm.runtime.tensor(a.contiguous().numpy())
+
+    for pt, pos in [
+        (torch.tensor([[1, 0]]), torch.arange(5)[None]),  # prefill, sequence in slot 2
+        (torch.tensor([[3, 0]]), torch.arange(5)[None]),  # prefill, sequence in slot 1
+        (torch.tensor([[1, 0], [0, 0], [3, 0]]), torch.tensor([[5], [-1], [5]])),  # decode with a padding row
+    ]:
+        pt, pos = pt.to(torch.int32), pos.to(torch.int32)
+        b, t = pos.shape
+        x, dt, z = torch.randn(b, t, H, P), torch.randn(b, t, H), torch.randn(b, t, H, P)
+        B, C = torch.randn(b, t, groups, N), torch.randn(b, t, groups, N)
+        ins = [x, dt, A, B, C, st_ref, slots, pt, pos, D, bias] + ([z] if gate else [])
+        want = OPS["cached_selective_scan"].ref(None, ins, attrs)
+        out = tvm.runtime.tensor(np.zeros((b, t, H, P), "float32"))
+        scan(st_k, tv(x), tv(dt), tv(A2), tv(B), tv(C), tv(slots), tv(pt), tv(pos), tv(D), tv(bias), tv(z), out)
+        torch.testing.assert_close(torch.from_numpy(out.numpy()), want, rtol=1e-4, atol=1e-4)
+        cx = torch.randn(b, t, Ch)
+        want = OPS["cached_causal_conv1d"].ref(None, [cx, cw, win_ref, slots, pt, pos, cb], {"act": "silu"})
+        out = tvm.runtime.tensor(np.zeros((b, t, Ch), "float32"))
+        conv(win_k, tv(cx), tv(cw), tv(cb), tv(slots), tv(pt), tv(pos), out)
+        torch.testing.assert_close(torch.from_numpy(out.numpy()), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(st_k.numpy()), st_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(win_k.numpy()), win_ref, rtol=1e-4, atol=1e-4)

@@ -32,6 +32,7 @@ def selective_scan_func(
     SOFTPLUS, GATE = bool(softplus), bool(gate)
     LO, HI = float(dt_min), float(dt_max) if dt_max > 0 else 3.0e38
     CLAMP = dt_min > 0 or dt_max > 0
+    L = 16 if N % 16 == 0 else 8 if N % 8 == 0 else 1  # lanes of the readout's partial sums
 
     @T.prim_func
     def selective_scan(
@@ -66,7 +67,10 @@ def selective_scan_func(
             h = T.Bind(task % H)
             g = T.Bind(h // R)
             s = T.Bind(T.Cast("int64", slot_of[T.Cast("int64", page_table[bi, 0])]))
-            sc = T.alloc_buffer((2,), "float32", scope="global")  # dt of the token, the C readout
+            sc = T.alloc_buffer((1,), "float32", scope="global")  # dt of the token
+            dA = T.alloc_buffer((N,), "float32", scope="global")  # exp(d A[h]) of the token
+            dB = T.alloc_buffer((N,), "float32", scope="global")  # d B[g] of the token
+            acc = T.alloc_buffer((L,), "float32", scope="global")  # lanes of the C readout
             for ti in range(t):
                 p = T.Bind(positions[bi, ti])
                 if p < 0:
@@ -83,14 +87,21 @@ def selective_scan_func(
                     if CLAMP:
                         sc[0] = T.min(T.max(sc[0], T.float32(LO)), T.float32(HI))
                     d = T.Bind(sc[0])
+                    for n in T.vectorized(N):
+                        dA[n] = T.exp(d * A[h, n])
+                        dB[n] = d * Bm[bi, ti, g, n]
                     for pp in range(P):
                         xv = T.Bind(x[bi, ti, h, pp])
-                        sc[1] = T.float32(0)
-                        for n in range(N):
-                            v = T.Bind(st[s, h, pp, n] * T.exp(d * A[h, n]) + d * Bm[bi, ti, g, n] * xv)
-                            st[s, h, pp, n] = v
-                            sc[1] = sc[1] + v * Cm[bi, ti, g, n]
-                        y = T.Bind(sc[1] + D[h] * xv)
+                        for n in T.vectorized(N):
+                            st[s, h, pp, n] = st[s, h, pp, n] * dA[n] + dB[n] * xv
+                        for ll in T.vectorized(L):
+                            acc[ll] = T.float32(0)
+                        for n0 in range(N // L):
+                            for ll in T.vectorized(L):
+                                acc[ll] = acc[ll] + st[s, h, pp, n0 * L + ll] * Cm[bi, ti, g, n0 * L + ll]
+                        for ll in range(1, L):
+                            acc[0] = acc[0] + acc[ll]
+                        y = T.Bind(acc[0] + D[h] * xv)
                         if GATE:
                             zv = T.Bind(z[bi, ti, h, pp])
                             out[bi, ti, h, pp] = y * zv / (T.float32(1) + T.exp(-zv))
