@@ -262,3 +262,21 @@ def test_cpu_kernels_match_the_cached_ops(N, groups, gate, scalar_a):
         torch.testing.assert_close(torch.from_numpy(out.numpy()), want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(torch.from_numpy(st_k.numpy()), st_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(torch.from_numpy(win_k.numpy()), win_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_quantize_weights_reaches_the_projections_of_a_state_space_model():
+    """The mixer's projections are ordinary linear layers of the trace: int8 weights quantize them and the
+    model still prefills close to fp32 (lossy: a relative-error bound, not equality)."""
+    from kiln.passes import REGISTRY, run_counted
+
+    m, g = traced("mamba")
+    base, _ = run_pipeline(g, "canonicalize")
+    q, counts = run_counted(REGISTRY["quantize-weights"], base, {"scheme": "int8", "lm_head": "none"})
+    layers = m.config.num_hidden_layers
+    assert sum(v for k, v in counts.items() if "linear" in k or "quant" in k) >= 3 * layers, counts
+    inc, _ = run_pipeline(q, "O1")
+    assert len(inc.find("cached_selective_scan")) == layers
+    ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = m(input_ids=ids, use_cache=False).logits
+    assert rel_err(interp.run(q, {"input_ids": ids})[0], ref) < 0.05
