@@ -318,6 +318,11 @@ class Engine:
                 index.append(j)
         for i, (ids, p) in enumerate(zip(encoded, plist)):
             self._check(ids, p, i)
+        if self.state_slots is not None and len(encoded) > len(self.state_slots.free):
+            raise ValueError(
+                f"this batch has {len(encoded)} sequences but {len(self.state_slots.free)} of "
+                f"{self.state_slots.num_slots} state slots are free: send fewer requests, or load with more state_slots"
+            )
         need = sum(self.pool.pages_for(len(ids) + p.max_tokens) for ids, p in zip(encoded, plist))
         if need > len(self.pool.free):
             raise ValueError(
