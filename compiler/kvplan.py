@@ -119,10 +119,11 @@ def memory_needs(m: dict[str, Any], batch: int, context: int, chunk: int = 2048)
     out = {
         "weights": int(m.get("weight_bytes", 0)),
         "kv_cache": batch * span * int(kv.get("bytes_per_token", 0)),
-        "recurrent_state": batch * int(kv.get("state_bytes_per_sequence", 0)),  # fixed per sequence
         "prefill_workspace": scores + gather + acts,
         "logits": max(batch, 1) * vocab * 4,
     }
+    if kv.get("state_bytes_per_sequence"):  # state-space layers: a fixed state per sequence, any context
+        out["recurrent_state"] = batch * int(kv["state_bytes_per_sequence"])
     out["total"] = sum(out.values())
     return out
 
