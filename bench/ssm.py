@@ -2,7 +2,8 @@
 as the context grows, kiln on the CPU (and transformers eager at the shortest context), one process.
 
 The models are random-weight: a Mamba-2 shape (hidden 256, 4 layers, 8 heads x 64, state 64, conv 4) and a
-Llama of the same hidden size, layers and heads with an MLP narrowed so both hold about 2.3M parameters. kiln's decode step at context L is timed at position L
+Llama of the same hidden size, layers and heads with an MLP narrowed so both hold about 2.3M parameters.
+kiln's decode step at context L is timed at position L
 of a sequence whose cache holds L positions: attention reads all L cached keys and values (their values
 do not change the cost, so no L-token prefill is run), the state-space layers read and write their
 fixed-size state. transformers runs its own cache after a real prefill of the prompt.
@@ -27,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from results_io import write_results
 
 HIDDEN, LAYERS, HEADS, VOCAB = 256, 4, 8, 1024
+ROUNDS = 3  # rounds of `steps` decode steps; the best is reported
 
 
 def models() -> dict[str, torch.nn.Module]:
@@ -64,16 +66,19 @@ def models() -> dict[str, torch.nn.Module]:
 
 
 def kiln_decode(eng, context: int, steps: int) -> float:
-    """Seconds per decode step of one sequence at positions context .. context + steps - 1."""
-    pages = eng.pool.alloc(eng.pool.pages_for(context + steps))
+    """Seconds per decode step of one sequence at positions just past `context` (the best of ROUNDS rounds)."""
+    pages = eng.pool.alloc(eng.pool.pages_for(context + ROUNDS * steps + 1))
     try:
         if eng.state_slots is not None:
             eng.state_slots.assign(pages[0])
         eng.decode([1], [context], [pages])  # warm
-        t0 = time.perf_counter()
-        for i in range(steps):
-            eng.decode([1 + i % 7], [context + i], [pages])
-        return (time.perf_counter() - t0) / steps
+        best = float("inf")
+        for _ in range(ROUNDS):  # the best round: the host is shared, other work only slows a round down
+            t0 = time.perf_counter()
+            for i in range(steps):
+                eng.decode([1 + i % 7], [context + 1 + i], [pages])
+            best = min(best, (time.perf_counter() - t0) / steps)
+        return best
     finally:
         eng.pool.release(pages)
 
@@ -84,11 +89,14 @@ def hf_decode(model, context: int, steps: int) -> float:
         out = model(input_ids=ids, use_cache=True)
         key = "cache" if "cache" in out else "past_key_values"
         nxt = out.logits[:, -1:].argmax(-1)
-        t0 = time.perf_counter()
-        for i in range(steps):
-            out = model(input_ids=nxt, use_cache=True, position_ids=torch.tensor([[context + i]]), **{key: out[key]})
-            nxt = out.logits[:, -1:].argmax(-1)
-    return (time.perf_counter() - t0) / steps
+        best, pos = float("inf"), context
+        for _ in range(ROUNDS):
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                out = model(input_ids=nxt, use_cache=True, position_ids=torch.tensor([[pos]]), **{key: out[key]})
+                nxt, pos = out.logits[:, -1:].argmax(-1), pos + 1
+            best = min(best, (time.perf_counter() - t0) / steps)
+    return best
 
 
 def main() -> None:
@@ -100,7 +108,7 @@ def main() -> None:
     a = ap.parse_args()
     contexts = [int(c) for c in a.contexts.split(",")]
     mem_contexts = [int(c) for c in a.memory_contexts.split(",")]
-    top = max(contexts + mem_contexts) + a.steps
+    top = max(contexts + mem_contexts) + ROUNDS * a.steps + 1
     import kiln
     from kiln.runtime.artifact import read_manifest
 
