@@ -197,6 +197,9 @@ def test_engine_reuses_state_slots_and_refuses_verify(mamba_artifact):
     kv = read_manifest(art)["kv_cache"]
     assert kv["layers"] == [] and kv["bytes_per_token"] == 0  # no attention: nothing grows with the context
     assert kv["state_bytes_per_sequence"] == kv["state"]["bytes_per_sequence"] > 0
+    # what the engine allocates per slot is what the manifest says a sequence costs, at any context
+    per_slot = sum(4 * int(np.prod(t.bind(0, 1))) for t in eng.kv_layout.tensors if "slots" in t.shape)
+    assert per_slot == kv["state_bytes_per_sequence"]
     assert "## Recurrent state" in open(os.path.join(art, "report.md")).read()
 
 
