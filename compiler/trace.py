@@ -2,7 +2,9 @@
 
 The model is exported once with symbolic `batch` and `tokens` dimensions; each aten op becomes a
 kiln op through one table (`_CONVERT`). Nothing here knows about any architecture: recognizer passes
-find norms, rotary embeddings, attention and MLPs afterwards.
+find norms, rotary embeddings, attention and MLPs afterwards. The one exception is what cannot be exported
+at all: a state-space mixer's scan loops over the sequence in Python, so its functions are captured whole
+as one op each while tracing (capture.py says why and how).
 """
 
 from __future__ import annotations
