@@ -124,8 +124,12 @@ def kv_summary(kv: dict[str, Any], dtype: str | None = None) -> dict[str, Any]:
     per_token = sum(
         int(np.prod([int(d) for d in t["shape"][1:]])) * np.dtype(t["dtype"]).itemsize // kv["page_size"]
         for t in kv["tensors"]
+        if t["shape"][0] == "pages" and len(t["shape"]) > 1  # state tensors and the slot table hold no tokens
     )
-    return dict(kv, bytes_per_token=per_token)
+    out = dict(kv, bytes_per_token=per_token)
+    if kv.get("state"):  # fixed per sequence, whatever its length
+        out["state_bytes_per_sequence"] = kv["state"]["bytes_per_sequence"]
+    return out
 
 
 __all__ = ["Artifact", "SCHEMA_VERSION", "copy_artifact", "kv_summary", "write_artifact"]

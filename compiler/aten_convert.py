@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import sympy
 import torch
 
+from . import capture
 from .errors import UnsupportedOpError
 from .ops import torch_dtype_name
 
@@ -428,3 +429,23 @@ def _index(c, x, indices):
 
 
 _CONVERT[torch.ops.prims.reciprocal.default] = lambda c, x: _binary("div")(c, 1.0, x)
+
+
+def _present(c, name: str, *optional) -> list:
+    """The optional inputs given, in order; absent ones may only trail (an op record's rule)."""
+    given = [o is not None for o in optional]
+    if any(b and not a for a, b in zip(given, given[1:])):
+        raise UnsupportedOpError(name, source_line(c.node), "an optional input is given after an absent one")
+    return [c.tensor(o) for o in optional if o is not None]
+
+
+@_conv(capture.selective_scan_op._opoverload)
+def _selective_scan(c, x, dt, A, B, C, D, dt_bias, z, softplus, dt_min, dt_max):
+    ins = [c.tensor(v) for v in (x, dt, A, B, C)] + _present(c, "kiln.selective_scan", D, dt_bias, z)
+    return c.add("selective_scan", ins, {"softplus": bool(softplus), "dt_min": float(dt_min), "dt_max": float(dt_max)})
+
+
+@_conv(capture.causal_conv1d_op._opoverload)
+def _causal_conv1d(c, x, weight, bias, act):
+    ins = [c.tensor(x), c.tensor(weight)] + ([c.tensor(bias)] if bias is not None else [])
+    return c.add("causal_conv1d", ins, {"act": str(act)})

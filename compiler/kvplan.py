@@ -122,6 +122,8 @@ def memory_needs(m: dict[str, Any], batch: int, context: int, chunk: int = 2048)
         "prefill_workspace": scores + gather + acts,
         "logits": max(batch, 1) * vocab * 4,
     }
+    if kv.get("state_bytes_per_sequence"):  # state-space layers: a fixed state per sequence, any context
+        out["recurrent_state"] = batch * int(kv["state_bytes_per_sequence"])
     out["total"] = sum(out.values())
     return out
 

@@ -128,10 +128,22 @@ def render_report(
         from .kvplan import render_plan
 
         lines += ["", "## KV-cache plan", "", render_plan(m["kv_cache"], kv_budget_gib).rstrip()]
+    if m.get("kv_cache", {}).get("layers") or m.get("kv_cache", {}).get("state"):
         from .kvplan import render_memory
 
         ctx = int(context or m.get("max_context") or 2048)
         lines += ["", "## Memory", "", render_memory(m, batch, ctx, chunk).rstrip()]
+    st = m.get("kv_cache", {}).get("state")
+    if st:
+        kinds = {k: sum(1 for lay in st["layers"] if lay["kind"] == k) for k in ("ssm", "conv")}
+        lines += [
+            "",
+            "## Recurrent state",
+            "",
+            f"{kinds['ssm']} selective-scan and {kinds['conv']} convolution layers keep a fixed-size fp32 state per "
+            f"sequence: **{st['bytes_per_sequence']:,} bytes**, whatever the context length (attention layers, if any, "
+            "add their KV pages). Prefix caching and speculative decoding do not apply to these layers.",
+        ]
     t = m.get("timings", {})
     if t:
         lines += ["", "## Build time (seconds)", "", "| phase | seconds |", "|---|---|"]

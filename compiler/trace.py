@@ -2,7 +2,9 @@
 
 The model is exported once with symbolic `batch` and `tokens` dimensions; each aten op becomes a
 kiln op through one table (`_CONVERT`). Nothing here knows about any architecture: recognizer passes
-find norms, rotary embeddings, attention and MLPs afterwards.
+find norms, rotary embeddings, attention and MLPs afterwards. The one exception is what cannot be exported
+at all: a state-space mixer's scan loops over the sequence in Python, so its functions are captured whole
+as one op each while tracing (capture.py says why and how).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sympy
 import torch
 
 from .aten_convert import _CONVERT, _PASSTHROUGH, source_line
+from .capture import substitute_mixers
 from .decompose import decompose_unconverted
 from .errors import UnsupportedOpError
 from .ir import Graph, Node, TensorType, sym
@@ -46,7 +49,7 @@ def export(model: torch.nn.Module, max_tokens: int = 4096) -> tuple[Any, list[st
     shapes = ({0: Dim("batch", min=1, max=1024), 1: Dim("tokens", min=1, max=max_tokens)},)
     import warnings
 
-    with torch.no_grad(), warnings.catch_warnings(), _static_experts(model):
+    with torch.no_grad(), warnings.catch_warnings(), _static_experts(model), substitute_mixers(model):
         warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations, not the user's
         ep = torch.export.export(_LogitsOnly(model), (ids,), dynamic_shapes=shapes, strict=False)
     return decompose_unconverted(ep, set(_CONVERT) | _PASSTHROUGH, first=True)

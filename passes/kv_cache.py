@@ -8,6 +8,8 @@ for any decoder-only model whose attention was recognized:
   are replaced by `positions [batch, tokens]`, so rotary/learned position embeddings follow;
 - each `attention(q, k, v)` becomes `cached_attention(q, k, v, cache_i, page_table, positions)`,
   which writes k/v into layer i's paged cache and attends over everything cached for the sequence;
+- each state-space op (`selective_scan`, `causal_conv1d`) becomes its cached form over a fixed-size
+  state per sequence (state_cache.py); a model may have attention, recurrent layers, or both;
 - optionally only the last token's logits are computed (what generation needs).
 
 The entry points are the same graph at different symbolic shapes: prefill binds `batch=1`, decode
@@ -28,6 +30,7 @@ from kiln.ops import same
 
 from .latent_cache import cache_mla
 from .registry import count, register
+from .state_cache import RECURRENT, derive_states
 
 BATCH, TOKENS, PAGES, MAX_PAGES = sym("batch"), sym("tokens"), sym("pages"), sym("max_pages")
 
@@ -139,10 +142,12 @@ def describe_fallbacks(graph: Graph) -> str:
 
 @register("kv-cache", phase="cache", requires=("fuse-attention",), invalidates=("fuse-attention",))
 def kv_cache(graph: Graph, page_size: int = 16, logits: str = "last") -> Graph:
-    """Matches: every `attention` op (run fuse-attention first) and the position-id range.
+    """Matches: every `attention` op (run fuse-attention first), every `selective_scan`/`causal_conv1d`,
+    and the position-id range.
     Guarantees: inputs become (input_ids, positions, page_table, kv_cache_0..L-1); each attention
     reads/writes a paged cache [pages, 2, kv_heads, page_size, head_dim]; with logits=last the output
-    is [batch, 1, vocab]. Exact: prefill of a prompt equals the traced forward's rows."""
+    is [batch, 1, vocab]; recurrent layers read/write `kv_cache_{i}_ssm`/`_conv` [slots, ...] through
+    `kv_cache_slots [pages]`. Exact: prefill of a prompt equals the traced forward's rows."""
     if logits not in ("last", "all"):
         raise PassError(f"kv-cache: logits must be 'last' or 'all', got {logits!r}")
     if int(page_size) < 1:
@@ -155,7 +160,8 @@ def kv_cache(graph: Graph, page_size: int = 16, logits: str = "last") -> Graph:
             "attention; run fuse-attention first, or the model's mask depends on input values"
             + describe_fallbacks(graph)
         )
-    if not graph.find("attention") and not graph.find("mla_attention"):
+    recurrent = any(n.op in RECURRENT for n in graph.nodes)
+    if not graph.find("attention") and not graph.find("mla_attention") and not recurrent:
         if graph.meta.get("attention_fallbacks"):
             raise PassError(
                 "kv-cache: no layer's attention was recognized, so there is nothing to cache; fuse-attention "
@@ -209,6 +215,7 @@ def kv_cache(graph: Graph, page_size: int = 16, logits: str = "last") -> Graph:
             }
         )
         count("cached-attention")
+    state = derive_states(g, page_table, positions, PAGES)
     if logits == "last":
         outs = []
         for out in g.outputs:
@@ -243,11 +250,13 @@ def kv_cache(graph: Graph, page_size: int = 16, logits: str = "last") -> Graph:
     ]
     g.meta["kv_cache"] = {
         "page_size": page_size,
-        "dtype": kv_dtypes.pop() if len(kv_dtypes) == 1 else "mixed",
+        "dtype": kv_dtypes.pop() if len(kv_dtypes) == 1 else "mixed" if kv_dtypes else "float32",
         "layers": layers,
         "tensors": tensors,
         "layout": "[pages, 2, kv_heads, page_size, head_dim]",
     }
+    if state is not None:  # state-space layers: a fixed-size state per sequence (state_cache.py)
+        g.meta["kv_cache"]["state"] = state
     g.meta["logits"] = logits
     # prefill: one sequence, any length; decode: one token per sequence; verify: any batch and length
     # with logits for every token (the `last_token` slice is skipped there), for speculative decoding.

@@ -18,7 +18,7 @@ import numpy as np
 
 from .artifact import LIBRARY, WEIGHTS, ArtifactError, WeightFile, check_target, read_manifest
 from .integrity import BackgroundVerification
-from .kv_cache import PagePool, page_table
+from .kv_cache import PagePool, StateSlots, page_table
 from .kv_layout import KVLayout
 from .prompts import Prompt, as_prompt_list
 from .prompts import encode as encode_prompt
@@ -62,7 +62,9 @@ class Completion:
 
 
 class Engine:
-    """Serve one artifact. `kv_cache_tokens` sizes the page pool (tokens over all sequences).
+    """Serve one artifact. `kv_cache_tokens` sizes the page pool (tokens over all sequences); a model with
+    state-space layers also gets `state_slots` fixed-size states (sequences alive at once; default
+    min(pages, 32)).
 
     Calls are serialized: the TVM VM is not re-entrant, so `generate` and the entry points take the
     engine's lock and threads calling them at once run one after another."""
@@ -74,6 +76,7 @@ class Engine:
         verify: bool = True,
         weights: dict | None = None,
         cuda_graphs: bool = True,
+        state_slots: int | None = None,
     ) -> None:
         _threads()
         self._lock = threading.RLock()
@@ -109,8 +112,16 @@ class Engine:
         self.page_size = self.kv_layout.page_size
         self.max_context = int(self.manifest["max_context"])
         self.pool = PagePool(-(-int(kv_cache_tokens) // self.page_size), self.page_size)
-        # one tensor per cache input of the program, in its order (`pages` is ours to choose)
-        self.caches = self.kv_layout.allocate(self.pool.num_pages)
+        # one tensor per cache input of the program, in its order (`pages` and `slots` are ours to choose)
+        self.state_slots: StateSlots | None = None
+        if self.kv_layout.state:  # state-space layers: a fixed-size state per live sequence, not pages
+            n = int(state_slots or min(self.pool.num_pages, 32))
+            self.caches = self.kv_layout.allocate(self.pool.num_pages, n)
+            table = self.kv_layout.slot_table()
+            assert table is not None  # the layout has state
+            self.state_slots = StateSlots(table, n, self.pool)
+        else:
+            self.caches = self.kv_layout.allocate(self.pool.num_pages)
         self.gemv_max_batch = int(self.manifest.get("target", {}).get("gemv_max_batch", 0))
         self._graphs = None
         if self.on_gpu and cuda_graphs:  # decode steps replay as CUDA graphs (one launch per step)
@@ -224,6 +235,8 @@ class Engine:
             raise ValueError(f"prefill: start must be an int position, got {start!r}")
         n = len(ids)
         x, pos = entry_inputs(self, [list(ids)], [list(range(start, start + n))], [pages], "prefill")
+        if self.state_slots is not None and start == 0:
+            self.state_slots.assign(pages[0])  # a new sequence: its state row (see StateSlots)
         pos = pos.astype(np.int32)
         out = self.vm["prefill"](self._t(x), self._t(pos), self._t(page_table([pages])), self.caches, self.weights)
         return out.numpy()[0, -1]
@@ -250,6 +263,11 @@ class Engine:
     ) -> np.ndarray:
         """Several new tokens per sequence (equal counts), filling the cache; returns logits for every
         token [batch, tokens, vocab] (speculative decoding checks draft tokens with this)."""
+        if self.state_slots is not None:
+            raise ArtifactError(
+                "verify: this model has state-space layers, whose state cannot take back rejected draft tokens; "
+                "serve it without speculative decoding"
+            )
         x, pos = entry_inputs(self, tokens, positions, pages, "verify")
         pos = pos.astype(np.int32)
         out = self.vm["verify"](self._t(x), self._t(pos), self._t(page_table(pages)), self.caches, self.weights)
@@ -300,6 +318,11 @@ class Engine:
                 index.append(j)
         for i, (ids, p) in enumerate(zip(encoded, plist)):
             self._check(ids, p, i)
+        if self.state_slots is not None and len(encoded) > len(self.state_slots.free):
+            raise ValueError(
+                f"this batch has {len(encoded)} sequences but {len(self.state_slots.free)} of "
+                f"{self.state_slots.num_slots} state slots are free: send fewer requests, or load with more state_slots"
+            )
         need = sum(self.pool.pages_for(len(ids) + p.max_tokens) for ids, p in zip(encoded, plist))
         if need > len(self.pool.free):
             raise ValueError(

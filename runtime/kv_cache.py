@@ -24,6 +24,7 @@ class PagePool:
             raise ValueError("the KV cache needs at least one page")
         self.num_pages, self.page_size = num_pages, page_size
         self.free = list(range(num_pages - 1, -1, -1))
+        self.on_release: list = []  # callbacks(pages) when pages come back (StateSlots frees a slot)
 
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)
@@ -35,6 +36,8 @@ class PagePool:
 
     def release(self, pages: list[int]) -> None:
         self.free.extend(reversed(pages))
+        for cb in self.on_release:
+            cb(pages)
 
     @property
     def used(self) -> int:
@@ -204,3 +207,40 @@ class PageManager:
                 continue
             self.by_hash[h], self.hash_of[p] = p, h
         return full
+
+
+class StateSlots:
+    """State slots of the state-space layers: one fixed-size state row per live sequence.
+
+    The program finds a sequence's row as `table[first page of the sequence]` (`table` is a host view of
+    the program's `kv_cache_slots [pages]`). A sequence is given a slot when its prefill starts (position
+    0) and gives it back when its first page returns to the pool (the pool's `on_release`), so the
+    scheduler's page accounting stays the one place that knows when a sequence ends. A state needs no
+    clearing: the kernels start from zeros at position 0."""
+
+    def __init__(self, table: np.ndarray, num_slots: int, pool: PagePool) -> None:
+        if num_slots < 1:
+            raise ValueError("state-space layers need at least one state slot")
+        self.table, self.num_slots = table, num_slots
+        self.slot_of: dict[int, int] = {}  # first page of a live sequence -> its slot
+        self.free = list(range(num_slots - 1, -1, -1))
+        pool.on_release.append(self.release)
+
+    def assign(self, first_page: int) -> int:
+        """The slot of a sequence starting at `first_page` (written into the table)."""
+        slot = self.slot_of.get(first_page)
+        if slot is None:
+            if not self.free:
+                raise OutOfPages(
+                    f"all {self.num_slots} state slots hold live sequences: load the engine with more "
+                    "state_slots, or run fewer sequences at once"
+                )
+            slot = self.slot_of[first_page] = self.free.pop()
+        self.table[first_page] = slot
+        return slot
+
+    def release(self, pages: list[int]) -> None:
+        for p in pages:
+            slot = self.slot_of.pop(p, None)
+            if slot is not None:
+                self.free.append(slot)

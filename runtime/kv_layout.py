@@ -22,6 +22,7 @@ import numpy as np
 from .errors import ArtifactError, KilnError
 
 PAGES = "pages"  # the symbolic dimension a runtime chooses
+SLOTS = "slots"  # state-space layers: one row of fixed-size state per sequence (a count the runtime chooses)
 _CPU, _CUDA = 1, 2  # DLPack device types
 
 
@@ -37,9 +38,14 @@ class CacheTensor:
     def page_axis(self) -> int:
         return self.shape.index(PAGES)
 
-    def bind(self, pages: int) -> tuple[int, ...]:
-        """The concrete shape for a pool of `pages` pages."""
-        return tuple(pages if d == PAGES else int(d) for d in self.shape)
+    @property
+    def paged(self) -> bool:
+        """A KV cache tensor holding positions in pages (not a state tensor nor the slot table)."""
+        return PAGES in self.shape and len(self.shape) > 1
+
+    def bind(self, pages: int, slots: int = 0) -> tuple[int, ...]:
+        """The concrete shape for a pool of `pages` pages (and `slots` state slots)."""
+        return tuple(pages if d == PAGES else slots if d == SLOTS else int(d) for d in self.shape)
 
 
 class KVLayout:
@@ -64,7 +70,7 @@ class KVLayout:
             tensors = tuple(
                 CacheTensor(
                     str(t.get("name", f"cache_{i}")),
-                    tuple(PAGES if d == PAGES else int(d) for d in t["shape"]),
+                    tuple(d if d in (PAGES, SLOTS) else int(d) for d in t["shape"]),
                     str(t["dtype"]),
                 )
                 for i, t in enumerate(kv["tensors"])
@@ -72,25 +78,42 @@ class KVLayout:
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactError(f"the manifest's kv_cache.tensors is malformed ({e!r}); rebuild the artifact") from e
         for t in tensors:
-            if PAGES not in t.shape:
+            if PAGES not in t.shape and SLOTS not in t.shape:
                 raise ArtifactError(
-                    f"KV cache tensor '{t.name}' {list(t.shape)} has no '{PAGES}' dimension; rebuild the artifact"
+                    f"KV cache tensor '{t.name}' {list(t.shape)} has no '{PAGES}' nor '{SLOTS}' dimension; "
+                    "rebuild the artifact"
                 )
-        return cls(tensors, int(kv["page_size"]), device)
+        layout = cls(tensors, int(kv["page_size"]), device)
+        layout.state = kv.get("state")
+        return layout
 
-    def shapes(self, pages: int) -> list[tuple[int, ...]]:
-        return [t.bind(pages) for t in self.tensors]
+    state: dict[str, Any] | None = None  # the manifest's kv_cache.state: state-space layers, if any
 
-    def allocate(self, pages: int) -> tuple:
-        """Zeroed cache tensors for `pages` pages on the device, in the program's input order. The layout
-        keeps them: `copy_page` works on these."""
+    def shapes(self, pages: int, slots: int = 0) -> list[tuple[int, ...]]:
+        return [t.bind(pages, slots) for t in self.tensors]
+
+    def allocate(self, pages: int, slots: int = 0) -> tuple:
+        """Zeroed cache tensors for `pages` pages (and `slots` state slots) on the device, in the program's
+        input order. The layout keeps them: `copy_page` works on these."""
         from .tvm_import import aligned_zeros, host_tensor
 
         self.num_pages = pages
         # on the CPU the zeroed memory is shared with TVM, not copied: pages are committed as they are used
-        self.caches = tuple(host_tensor(aligned_zeros(t.bind(pages), t.dtype), self.device) for t in self.tensors)
+        self.caches = tuple(
+            host_tensor(aligned_zeros(t.bind(pages, slots), t.dtype), self.device) for t in self.tensors
+        )
         self._copy = None
         return self.caches
+
+    def slot_table(self) -> np.ndarray | None:
+        """A writable host view of `kv_cache_slots [pages]` (the state slot of the sequence whose first page
+        is that page), or None for a model without state-space layers."""
+        if not self.state:
+            return None
+        i = [t.name for t in self.tensors].index(self.state["slot_table"])
+        if self.device.dlpack_device_type() != _CPU:
+            raise KilnError(f"state-space layers are served on the CPU only; this artifact runs on {self.device}")
+        return np.from_dlpack(self.caches[i])
 
     def copy_page(self, src: int, dst: int) -> None:
         """Copy page `src` to page `dst` in every cache tensor (copy-on-write of a shared page)."""
@@ -103,9 +126,10 @@ class KVLayout:
     def _copier(self) -> Callable[[int, int], None]:
         """A page copy through zero-copy views of the cache tensors, made once for the device."""
         kind = self.device.dlpack_device_type()
-        axes = [t.page_axis for t in self.tensors]
+        paged = [i for i, t in enumerate(self.tensors) if t.paged]  # state tensors are not paged
+        axes = [self.tensors[i].page_axis for i in paged]
         if kind == _CPU:
-            views = [np.from_dlpack(c) for c in self.caches]
+            views = [np.from_dlpack(self.caches[i]) for i in paged]
 
             def copy_cpu(src: int, dst: int) -> None:
                 for v, ax in zip(views, axes):
@@ -121,7 +145,7 @@ class KVLayout:
                     "the copy goes through torch's DLPack views): install torch, or serve without "
                     "prefix caching (Server(..., prefix_caching=False)), which copies no page"
                 ) from e
-            tviews = [torch.from_dlpack(c) for c in self.caches]
+            tviews = [torch.from_dlpack(self.caches[i]) for i in paged]
             stream = torch.cuda.current_stream(tviews[0].device)
 
             def copy_cuda(src: int, dst: int) -> None:

@@ -70,8 +70,12 @@ class Server:
             raise ValueError(f"unknown policy '{policy}': choose one of {', '.join(POLICIES)}")
         if max_batch < 1 or prefill_chunk < 1 or max_wait_s < 0:
             raise ValueError("max_batch and prefill_chunk must be >= 1 and max_wait_s >= 0")
+        if getattr(engine, "state_slots", None) is not None:  # a live sequence holds one state slot
+            max_batch = min(max_batch, engine.state_slots.num_slots)
         self.engine, self.policy, self.max_batch = engine, policy, max_batch
         self.prefill_chunk, self.max_wait_s, self.chat = prefill_chunk, max_wait_s, chat
+        # a state-space layer's state summarizes its whole prefix: no page of a prefix can be shared
+        prefix_caching = prefix_caching and not engine.kv_layout.state
         self.kv = PageManager(engine.pool, engine.kv_layout.copy_page, prefix_caching)
         self.spec = None
         if draft is not None:  # a draft Engine, or "ngram" for prompt lookup

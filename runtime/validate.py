@@ -131,7 +131,7 @@ def cross_check(eng: Any) -> int:
     if ps < 1:
         raise ArtifactError(f"the manifest's kv_cache.page_size is {ps}; the artifact is corrupt: rebuild it")
     for t in eng.kv_layout.tensors:
-        if page_slots(t.shape) != ps:
+        if t.paged and page_slots(t.shape) != ps:
             raise ArtifactError(
                 f"the manifest's kv_cache.page_size is {ps} but cache tensor '{t.name}' {list(t.shape)} holds "
                 f"{page_slots(t.shape)} positions per page: the manifest was edited or is corrupt; rebuild the "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import pytest
@@ -129,5 +130,10 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
         for i in range(n):
             toks.append(int(out.logits[0, -1].argmax()))
             if i < n - 1:
-                out = model(input_ids=torch.tensor([[toks[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+                # state-space models (Mamba) hand their state back as `cache`, attention models as past_key_values
+                past = {"cache": out.cache} if "cache" in out else {"past_key_values": out.past_key_values}
+                if "cache" in out and "position_ids" in inspect.signature(model.forward).parameters:
+                    # hybrids (Bamba) default position ids to arange(new tokens) whatever the cache holds
+                    past["position_ids"] = torch.tensor([[len(prompt) + i]])
+                out = model(input_ids=torch.tensor([[toks[-1]]]), use_cache=True, **past)
     return toks

@@ -24,6 +24,7 @@ COMMON = dict(
     pad_token_id=0,
     tie_word_embeddings=False,
 )
+MAMBA2 = dict(mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=8, mamba_chunk_size=4, mamba_expand=2)
 MOE = dict(num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=48)
 
 # family -> config overrides (on COMMON); the comment says what the family brings to the matrix
@@ -61,6 +62,19 @@ SPECS: dict[str, dict] = {
     "olmoe": {**MOE},  # top-k without renormalizing
     "jetmoe": {**MOE},
     "phimoe": {**MOE},
+    "mamba": {"state_size": 8, "conv_kernel": 4, "expand": 2},  # selective scan + causal conv, no attention
+    "mamba2": {"num_heads": 8, "head_dim": 16, "n_groups": 2, "state_size": 8, "chunk_size": 4},  # scalar A per head
+    "falcon_mamba": {"state_size": 8, "conv_kernel": 4, "expand": 2},  # Mamba-1 with RMS-normed dt, B, C
+    "bamba": {"attn_layer_indices": [1], **MAMBA2},  # Mamba-2 and attention layers
+    "granitemoehybrid": {"layer_types": ["mamba", "attention"], **MAMBA2, **MOE, "shared_intermediate_size": 64},
+    "falcon_h1": {**MAMBA2, "mamba_d_ssm": 128},  # attention and Mamba-2 side by side in every layer
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1}
+    | {"mamba_d_state": 8, "mamba_expand": 2, "use_mamba_kernels": False, **MOE},  # Mamba-1, attention, MoE
+    "zamba2": {"mamba_d_state": 8, "mamba_headdim": 16, "n_mamba_heads": 8, "layers_block_type": ["mamba", "hybrid"]}
+    | {"num_mem_blocks": 1, "use_mem_rope": True, "chunk_size": 4},  # Mamba-2 + a shared attention block
+    "nemotron_h": {"hybrid_override_pattern": "M*", "mamba_num_heads": 8, "mamba_head_dim": 16, "ssm_state_size": 8}
+    | {"n_groups": 1, "chunk_size": 4},
+    "lfm2": {"layer_types": ["conv", "full_attention"], "conv_L_cache": 3, "block_ff_dim": 96},  # gated short conv
 }
 
 
@@ -88,6 +102,9 @@ def tiny_family(family: str, seed: int | None = None) -> torch.nn.Module:
     return m.eval()
 
 
+# families with state-space (recurrent) layers: kv-cache gives them a fixed-size state per sequence
+SSM_FAMILIES = ("mamba", "mamba2", "falcon_mamba", "bamba", "granitemoehybrid", "falcon_h1", "jamba", "zamba2")
+SSM_FAMILIES += ("nemotron_h", "lfm2")
 MOE_FAMILIES = frozenset({"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "jetmoe", "phimoe"})
 
 

@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 from conftest import hf_greedy, rel_err
-from families import MOE_FAMILIES, SPECS, XFAIL_BUILD, XFAIL_TRACE, tiny_family
+from families import MOE_FAMILIES, SPECS, SSM_FAMILIES, XFAIL_BUILD, XFAIL_TRACE, tiny_family
 
 from kiln import interp
 from kiln.trace import trace
@@ -28,8 +28,8 @@ MAX_TOKENS = 64
 # The whole CPU build matrix takes ~15 minutes on 2 cores, more than CI can give it: the fast suite builds
 # BUILT_FAST, the slow suite BUILT_SLOW (one family per feature the others do not have), and the rest run
 # when asked for with KILN_FAMILY_BUILDS=1 (each passed, or failed as its xfail says, when last run).
-BUILT_FAST = ("phi", "mixtral")  # partial rotary + parallel attention/MLP; the moe kernel
-BUILT_SLOW = ("gpt_neox", "falcon", "gemma3_text", "qwen2_moe", "gemma2", "bloom")
+BUILT_FAST = ("phi", "mixtral", "mamba")  # partial rotary + parallel attention/MLP; the moe kernel; state slots
+BUILT_SLOW = ("gpt_neox", "falcon", "gemma3_text", "qwen2_moe", "gemma2", "bloom", "mamba2", "bamba")
 ALL_BUILDS = os.environ.get("KILN_FAMILY_BUILDS") == "1"
 
 
@@ -93,7 +93,10 @@ def test_cpu_build_generates_like_transformers(family, tmp_path):
         assert o.token_ids == hf_greedy(m, p, NEW), (family, p)
     mf = read_manifest(art)
     moe = sum(1 for line in open(os.path.join(art, "ir.txt")) if "= moe(" in line)
-    assert moe == (m.config.num_hidden_layers if family in MOE_FAMILIES else 0)
+    if family not in SSM_FAMILIES:  # hybrids with experts (jamba, granitemoehybrid) have them in some layers
+        assert moe == (m.config.num_hidden_layers if family in MOE_FAMILIES else 0)
+    else:  # a fixed-size state per sequence, recorded in the manifest
+        assert mf["kv_cache"]["state_bytes_per_sequence"] > 0 and not mf["kv_cache"]["state"]["prefix_caching"]
     if moe:  # the cost report counts the k of E experts a token runs
         assert mf["active_params"] < mf["num_params"]
         assert "active per token" in open(os.path.join(art, "report.md")).read()

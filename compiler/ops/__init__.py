@@ -2,15 +2,15 @@
 
 Core ops mirror tensor algebra (core.py, shape.py); LLM-level ops (`rms_norm`, `rope`, `gated_mlp`
 in nn.py; `attention`, `cached_attention`, latent attention in attention.py; `qweight`, `quant_act`
-in quant.py) are created by recognizer and compression passes; the collectives `all_reduce` and
-`all_gather` (collective.py) by shard-tensor-parallel. base.py holds the record, the kinds,
-the annotation keys any node may carry, and the dimension helpers. Importing this package declares
-every op.
+in quant.py) are created by recognizer and compression passes; the state-space ops (`selective_scan`,
+`causal_conv1d` and their cached forms, ssm.py) by the tracer and kv-cache; the collectives `all_reduce`
+and `all_gather` (collective.py) by shard-tensor-parallel. base.py holds the record, the kinds, the
+annotation keys any node may carry, and the dimension helpers. Importing this package declares every op.
 """
 
 from __future__ import annotations
 
-from . import collective, core, moe, nn, quant, routing, shape  # noqa: F401  (declare the ops)
+from . import collective, core, moe, nn, quant, routing, shape, ssm  # noqa: F401  (declare the ops)
 from .attention import (  # noqa: F401
     AttentionAttrs,
     CachedAttentionAttrs,

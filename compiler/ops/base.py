@@ -36,6 +36,7 @@ KINDS: dict[str, str] = {
     "attention": "attention over keys and values, fused or over a paged cache",
     "quant": "quantized values (qweight, quant_act)",
     "collective": "communication among the ranks of a tensor-parallel group (all_reduce, all_gather)",
+    "recurrent": "a scan over tokens with a fixed-size state per sequence (selective_scan, causal_conv1d)",
     "opaque": "an aten op passed through from the trace (aten): interpreter only, no lowering",
 }
 

@@ -30,7 +30,7 @@ from kiln.targets.base import WeightSpec
 
 from .layouts import CAT, RAW, Layout
 
-DIM_SYMBOLS = ("batch", "tokens", "pages", "max_pages")
+DIM_SYMBOLS = ("batch", "tokens", "pages", "max_pages", "slots")
 
 
 def tir_dim(e: sympy.Expr, env: dict[str, Any]):

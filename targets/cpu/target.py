@@ -8,7 +8,7 @@ import tvm
 
 from kiln.targets.common.tvm_target import TvmTarget
 
-from . import moe, routing  # noqa: F401  (register their rules)
+from . import moe, routing, ssm  # noqa: F401  (register their rules)
 from .lowering import CpuLowering
 
 # The x86 features an artifact needs from the CPU that runs it, checked at load time.
