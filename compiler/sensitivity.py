@@ -91,9 +91,9 @@ def find_units(g: Graph) -> list[Unit]:
         if p.op == "param" and p.attrs["name"] in by_weight:
             by_weight[p.attrs["name"]].embeddings.append(n)
     for n in linears:  # a weight read by several linears (rare): all of them carry its error
-        u = by_weight[n.inputs[1].attrs["name"]]
-        if n not in u.linears:
-            u.linears.append(n)
+        owner = by_weight[n.inputs[1].attrs["name"]]
+        if n not in owner.linears:
+            owner.linears.append(n)
     return units
 
 
@@ -111,7 +111,7 @@ def stored_bytes(shape: tuple[int, int], scheme: WeightQuant | None) -> int:
 
 
 def unit_bytes(u: Unit, scheme: WeightQuant | None) -> int:
-    return sum(stored_bytes(s, scheme) for s in u.shapes)  # type: ignore[arg-type]
+    return sum(stored_bytes(s, scheme) for s in u.shapes)
 
 
 def _content_key(g: Graph, units: list[Unit], tokens: list[list[int]], schemes: list[str]) -> str:

@@ -70,19 +70,19 @@ def quantize_weights(
                 f"quantize-weights method={method} needs calibration text: pass calib=... to "
                 "kiln.compile (or --calib FILE to kiln build)"
             )
-    plan = [(n, is_lm_head(g, n)) for n in linears]
+    todo = [(n, is_lm_head(g, n)) for n in linears]
     stats = {}
     if method != "rtn":
         from kiln.calib import collect_input_stats
 
         stats = collect_input_stats(
-            g, list({n.inputs[0] for n, _ in plan}), g.meta["calib_tokens"][: int(calib_windows)]
+            g, list({n.inputs[0] for n, _ in todo}), g.meta["calib_tokens"][: int(calib_windows)]
         )
     awq_inputs: dict[Node, Node] = {}  # linear -> the node its calibration statistics were taken at
     awq_div: dict[Node, torch.Tensor] = {}  # linear -> the AWQ scale its input was divided by
     if method == "awq":
         groups: dict[Node, list[Node]] = {}
-        for n, is_head in plan:
+        for n, is_head in todo:
             if not is_head or head is not None:
                 groups.setdefault(n.inputs[0], []).append(n)
         for gi, (x, users) in enumerate(groups.items(), 1):
@@ -99,8 +99,8 @@ def quantize_weights(
                 awq_inputs[u], awq_div[u] = x, sc[None, :]
         g.toposort()
     done: dict[str, Node] = {}
-    for li, (n, is_head) in enumerate(plan, 1):
-        step(log, f"{method}: quantizing layer", li, len(plan))
+    for li, (n, is_head) in enumerate(todo, 1):
+        step(log, f"{method}: quantizing layer", li, len(todo))
         p = n.inputs[1]
         name = p.attrs["name"]
         sch = scheme_of(name, head if is_head else s)
@@ -189,5 +189,5 @@ def _read_plan(plan: str | dict | None) -> dict[str, WeightQuant | None]:
                 raise PassError(f"quantize-weights: plan file {plan} is not JSON ({e})") from e
     if not isinstance(plan, dict):
         raise PassError("quantize-weights: a plan is a JSON object mapping weight names to schemes or 'none'")
-    plan = plan.get("plan", plan) if isinstance(plan.get("plan"), dict) else plan  # a tune's result file works too
+    plan = plan.get("plan", plan) if isinstance(plan.get("plan"), dict) else plan  # {"plan": {...}} works too
     return {str(k): (None if str(v) == "none" else parse_scheme(str(v))) for k, v in plan.items()}
