@@ -382,7 +382,7 @@ def build_key(
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
-_FILE_OPTIONS = ("calib", "eval_text", "tokenizer_dir")  # options that name files whose content shapes a build
+_FILE_OPTIONS = ("calib", "eval_text", "tokenizer_dir", "quant_plan")  # options that name files whose content shapes a build
 
 
 def _content(path: str) -> list[tuple[str, int, str]]:

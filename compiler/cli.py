@@ -48,6 +48,8 @@ def cmd_build(a: argparse.Namespace) -> int:
         quant["calib"] = a.calib or "lee"
     if getattr(a, "attention", None):
         quant["attention"] = a.attention
+    if a.quant_plan:
+        quant["quant_plan"] = a.quant_plan
     for k in ("prune", "sparsify", "distill_steps"):
         if getattr(a, k, None):
             quant[k] = getattr(a, k)
@@ -251,6 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--dump-ir", default=None, help="write the IR after every pass into this folder")
     b.add_argument("--no-cache", action="store_true", help="do not use or fill the build cache")
     b.add_argument("--quant", default=None, help="weight scheme: int8, int4_g128, int4_g32_sym, int4_sym, ...")
+    b.add_argument(
+        "--quant-plan",
+        default=None,
+        metavar="PLAN.json",
+        help="scheme per weight (JSON: weight name -> scheme or none), e.g. the plan.json kiln tune writes",
+    )
     b.add_argument("--quant-method", default="rtn", choices=["rtn", "awq", "gptq"], help="how codes are chosen")
     b.add_argument("--kv-quant", default=None, choices=["int8", "fp8_e4m3"], help="store the KV cache in 8 bits")
     b.add_argument("--w8a8", action="store_true", help="int8 weights and dynamic int8 activations (SmoothQuant)")
