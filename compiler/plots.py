@@ -92,6 +92,9 @@ def plot_frontier(res: Any, path: str) -> str:
         v = float(budget[4:].rstrip("%"))
         limit = res.ppl_fp32 * (1 + v / 100) if budget.endswith("%") else res.ppl_fp32 + v
         ax.axhline(limit, color="tab:red", lw=0.8, ls="--", label=f"budget {budget}")
+    ys = [c.ppl for c in pts + list(res.references) if c.ppl]
+    if ys and max(ys) > 1.5 * min(ys):  # a lossy single-scheme build would flatten the candidates
+        ax.set_yscale("log")
     ax.set_xlabel("weight MB")
     ax.set_ylabel("held-out perplexity")
     ax.set_title(f"kiln tune: budget {budget}, objective {res.objective}", fontsize=10)
