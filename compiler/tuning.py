@@ -9,8 +9,8 @@
    and the reference interpreter gives its perplexity and KL to fp32. A search along the path (its first
    probe where the estimate meets the budget, then bisection) finds the furthest plan within budget; a
    local search then tries the path's later moves one by one on top of it.
-4. For `objective="speed"` the few smallest plans within budget are built and their decode measured;
-   the fastest wins. For `objective="size"` the smallest wins.
+4. For `objective="speed"` the few smallest plans within budget (and the one with the most int8 weights)
+   are built and their decode measured; the fastest wins. For `objective="size"` the smallest wins.
 
 Every evaluated plan is a point of the frontier (JSON and a plot, with the single-scheme builds beside).
 """
@@ -355,6 +355,11 @@ def tune(
     if objective == "speed" and out:
         t = time.perf_counter()
         pool = sorted(within, key=lambda c: c.weight_bytes)[: max(1, speed_candidates)]
+        # fewer bytes is not always faster: the CPU's int8 kernel streams more weights per second than its
+        # int4 kernels (docs/benchmarks.md), so the plan within budget with the most int8 weights runs too
+        int8_heavy = max(within, key=lambda c: (list(c.plan.values()).count("int8"), -c.weight_bytes))
+        if int8_heavy not in pool:
+            pool.append(int8_heavy)
         for i, c in enumerate(pool):
             path_i = os.path.join(out, "report", "builds", f"candidate{i}")
             _build(module, target, c.plan, path_i, tokenizer_dir)
