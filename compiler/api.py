@@ -382,7 +382,8 @@ def build_key(
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
-_FILE_OPTIONS = ("calib", "eval_text", "tokenizer_dir", "quant_plan")  # options that name files whose content shapes a build
+# options that name files whose content shapes a build
+_FILE_OPTIONS = ("calib", "eval_text", "tokenizer_dir", "quant_plan")
 
 
 def _content(path: str) -> list[tuple[str, int, str]]:
