@@ -190,6 +190,7 @@ def tune(
     references: tuple[str, ...] | list[str] = ("int8", "int4_g128"),
     speed_candidates: int = 2,
     decode_steps: int = 24,
+    speed_rounds: int = 3,
     tokenizer_dir: str | None = None,
     build: bool = True,
     use_cache: bool = True,
@@ -360,10 +361,15 @@ def tune(
         int8_heavy = max(within, key=lambda c: (list(c.plan.values()).count("int8"), -c.weight_bytes))
         if int8_heavy not in pool:
             pool.append(int8_heavy)
+        built = []
         for i, c in enumerate(pool):
-            path_i = os.path.join(out, "report", "builds", f"candidate{i}")
-            _build(module, target, c.plan, path_i, tokenizer_dir)
-            c.decode_tok_s = decode_tok_s(path_i, decode_steps)
+            built.append(
+                _build(module, target, c.plan, os.path.join(out, "report", "builds", f"candidate{i}"), tokenizer_dir)
+            )
+        for _ in range(speed_rounds):  # the builds take turns, best round counts: a shared host's load hits all alike
+            for c, p in zip(pool, built):
+                c.decode_tok_s = max(c.decode_tok_s or 0.0, decode_tok_s(p, decode_steps))
+        for c in pool:
             log.info(f"{c.name}: decode {c.decode_tok_s:.1f} tok/s")
         chosen = max(pool, key=lambda c: c.decode_tok_s or 0.0)
         secs["speed"] = time.perf_counter() - t
