@@ -83,7 +83,7 @@ class Candidate:
     name: str
     plan: dict[str, str]
     weight_bytes: int
-    est_kl: float
+    est_kl: float | None
     ppl: float | None = None
     kl: float | None = None
     within_budget: bool | None = None
@@ -257,7 +257,7 @@ def tune(
     kl_est = sensitivity(base, calib_w, scheme_list, use_cache=use_cache)
     secs["sensitivity"] = time.perf_counter() - t
     fixed = base.stats()["param_bytes"] - sum(unit_bytes(u, None) for u in units)  # norms, untied tables, ...
-    sch = {s: parse_scheme(s) for s in scheme_list}
+    sch = {s: parse_scheme(s) for s in scheme_list + list(references)}
 
     def cost(u: Any, s: str) -> int:
         return unit_bytes(u, None if s == "none" else sch[s])
@@ -273,8 +273,10 @@ def tune(
                 total += cost(u, s)
         return total
 
-    def plan_est(plan: dict[str, str]) -> float:
-        return sum(kl_est[u.key].get(plan[u.weights[0]], 0.0) for u in units)
+    def plan_est(plan: dict[str, str]) -> float | None:
+        """The estimated KL of a plan (the sum over its units); None for a scheme the analysis left out."""
+        est = [0.0 if plan[u.weights[0]] == "none" else kl_est[u.key].get(plan[u.weights[0]]) for u in units]
+        return None if any(e is None for e in est) else sum(e for e in est if e is not None)
 
     t = time.perf_counter()
     log.info("evaluating fp32 on the held-out text")
@@ -289,7 +291,8 @@ def tune(
         c.within_budget = b.ok(c.ppl, c.kl, ppl0)
         log.info(
             f"{c.name}: {c.weight_bytes / 1e6:.2f} MB, ppl {c.ppl:.3f} ({100 * (c.ppl / ppl0 - 1):+.2f}%), "
-            f"KL {c.kl:.5f} (estimated {c.est_kl:.5f}) -> {'within' if c.within_budget else 'over'} budget"
+            f"KL {c.kl:.5f} (estimated {'-' if c.est_kl is None else f'{c.est_kl:.5f}'}) -> "
+            f"{'within' if c.within_budget else 'over'} budget"
         )
         return c
 

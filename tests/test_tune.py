@@ -172,3 +172,19 @@ def test_tune_on_smollm2_stays_within_budget(tmp_path):
     pytest.importorskip("gensim")
     res = kiln.tune("smollm2-135m", budget="ppl+5%", max_trials=2, eval_tokens=256, references=(), build=False)
     assert res.chosen.within_budget and res.chosen.weight_bytes < 0.5 * res.references[0].weight_bytes
+
+
+def test_cli_tune_then_build_with_its_plan(tied, tmp_path, monkeypatch, capsys):
+    from kiln.cli import main
+
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache"))
+    folder = str(tmp_path / "tiny")
+    tied.save_pretrained(folder)
+    out = tmp_path / "tuned"
+    args = ["tune", folder, "-o", str(out), "--budget", "kl:0.001", "--max-trials", "3", "--eval-tokens", "256"]
+    assert main(args + ["--schemes", "int8,int4_g32", "--no-build"]) == 0
+    plan = json.load(open(out / "report" / "plan.json"))
+    assert set(plan.values()) <= {"none", "int8", "int4_g32"} and len(plan) == 15
+    assert main(["build", folder, "-o", str(tmp_path / "art"), "--quant-plan", str(out / "report" / "plan.json")]) == 0
+    m = json.load(open(tmp_path / "art" / "manifest.json"))
+    assert m["quantization"]["plan"] == {k: plan[k] for k in sorted(plan)}
