@@ -370,8 +370,8 @@ def tune(
                 _build(module, target, c.plan, os.path.join(out, "report", "builds", f"candidate{i}"), tokenizer_dir)
             )
         for _ in range(speed_rounds):  # the builds take turns, best round counts: a shared host's load hits all alike
-            for c, p in zip(pool, built):
-                c.decode_tok_s = max(c.decode_tok_s or 0.0, decode_tok_s(p, decode_steps))
+            for c, where in zip(pool, built):
+                c.decode_tok_s = max(c.decode_tok_s or 0.0, decode_tok_s(where, decode_steps))
         for c in pool:
             log.info(f"{c.name}: decode {c.decode_tok_s:.1f} tok/s")
         chosen = max(pool, key=lambda c: c.decode_tok_s or 0.0)
