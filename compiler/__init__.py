@@ -18,6 +18,7 @@ _LAZY = {
     "compile": ("kiln.api", "compile"),
     "load": ("kiln.api", "load"),
     "cached_build": ("kiln.api", "cached_build"),
+    "tune": ("kiln.tuning", "tune"),
     "trace": ("kiln.trace", "trace"),
     "run_pipeline": ("kiln.passmgr", "run_pipeline"),
     "Graph": ("kiln.ir", "Graph"),

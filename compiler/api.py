@@ -30,6 +30,7 @@ def compile(
     verify_each: bool = True,
     quant: str | None = None,
     quant_method: str = "rtn",
+    quant_plan: str | dict[str, str] | None = None,
     kv_quant: str | None = None,
     w8a8: bool = False,
     calib: str | list[list[int]] | None = None,
@@ -55,8 +56,9 @@ def compile(
     local transformers folder. Returns an `Artifact`; `artifact.save(dir)` writes it.
 
     Quantization: `quant="int4_g128"` (with `quant_method` rtn|awq|gptq), `kv_quant="int8"|"fp8_e4m3"`,
-    `w8a8=True` insert the matching passes into the pipeline. `calib` (text file, or "lee") feeds
-    calibrating methods; `eval_text` makes every lossy pass record perplexity and KL on that text.
+    `w8a8=True` insert the matching passes into the pipeline; `quant_plan` (a dict weight name -> scheme
+    or "none", or a JSON file of one, as `kiln.tune` writes) mixes schemes per projection. `calib` (text
+    file, or "lee") feeds calibrating methods; `eval_text` makes every lossy pass record perplexity and KL on that text.
     A model prepared with `kiln.qat.prepare` compiles with exactly its training scheme.
 
     `pack_weights=False` builds from shapes alone (a model on the `meta` device works): the artifact
@@ -136,6 +138,7 @@ def compile(
         kv_quant=kv_quant,
         w8a8=w8a8,
         lm_head=head,
+        quant_plan=plan_file(quant_plan) if quant_plan else None,
     )
     cfg = getattr(model, "config", None)
     from .context import resolve_max_context
@@ -240,6 +243,25 @@ def _check_tensor_parallel(ranks: Any, tgt: Any) -> None:
             "the ranks together in the reference interpreter), but no target lowers all_reduce/all_gather and "
             "the runtime has no NCCL rank group to serve the ranks; build with tensor_parallel=1"
         )
+
+
+def plan_file(plan: str | dict[str, str]) -> str:
+    """A per-weight quantization plan as a file the pipeline text can name: a dict is written, by its
+    content, under kiln's cache (the manifest records the plan itself, not this path)."""
+    if isinstance(plan, str):
+        if not os.path.exists(plan):
+            raise KilnError(f"quantization plan {plan} does not exist (a JSON object: weight name -> scheme)")
+        return os.path.abspath(plan)
+    from .models import cache_dir
+
+    text = json.dumps({str(k): str(v) for k, v in sorted(plan.items())}, indent=0)
+    path = os.path.join(cache_dir(), "plans", hashlib.sha256(text.encode()).hexdigest()[:16] + ".json")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    return path
 
 
 def _run_with_recovery(graph, passes: str, steps: int, verify_each: bool, dump_ir, options: dict | None = None):
@@ -378,7 +400,8 @@ def build_key(
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
-_FILE_OPTIONS = ("calib", "eval_text", "tokenizer_dir")  # options that name files whose content shapes a build
+# options that name files whose content shapes a build
+_FILE_OPTIONS = ("calib", "eval_text", "tokenizer_dir", "quant_plan")
 
 
 def _content(path: str) -> list[tuple[str, int, str]]:

@@ -1,4 +1,4 @@
-"""Command line: `kiln build`, `kiln run`, `kiln chat`, `kiln serve`, `kiln inspect`, `kiln bundle`.
+"""Command line: `kiln build`, `kiln tune`, `kiln run`, `kiln chat`, `kiln serve`, `kiln inspect`, `kiln bundle`.
 
 `run` and `serve` live in kiln.runtime.cli, which a deployment bundle runs without this module."""
 
@@ -48,6 +48,8 @@ def cmd_build(a: argparse.Namespace) -> int:
         quant["calib"] = a.calib or "lee"
     if getattr(a, "attention", None):
         quant["attention"] = a.attention
+    if a.quant_plan:
+        quant["quant_plan"] = a.quant_plan
     for k in ("prune", "sparsify", "distill_steps"):
         if getattr(a, k, None):
             quant[k] = getattr(a, k)
@@ -86,6 +88,34 @@ def cmd_build(a: argparse.Namespace) -> int:
     else:
         log.info("phase times: " + ", ".join(f"{k} {v:.1f}s" for k, v in m.get("timings", {}).items()))
     print(path)
+    return 0
+
+
+def cmd_tune(a: argparse.Namespace) -> int:
+    from kiln.tuning import parse_budget, tune
+
+    parse_budget(a.budget)  # a bad budget is refused before the model loads
+    res = tune(
+        a.model,
+        target=a.target,
+        budget=a.budget,
+        objective=a.objective,
+        max_trials=a.max_trials,
+        out=a.output,
+        schemes=[s.strip() for s in a.schemes.split(",") if s.strip()],
+        calib=a.calib,
+        eval_text=a.eval,
+        eval_tokens=a.eval_tokens,
+        build=not a.no_build,
+    )
+    c = res.chosen
+    speed = f", decode {c.decode_tok_s:.1f} tok/s" if c.decode_tok_s else ""
+    log.info(
+        f"chosen: {c.weight_bytes / 1e6:.1f} MB, perplexity {c.ppl:.3f} (fp32 {res.ppl_fp32:.3f}){speed}; "
+        f"{len(res.candidates)} plans evaluated in {res.seconds.get('total', 0) / 60:.1f} min; "
+        f"report in {res.report.get('tune')}"
+    )
+    print(res.artifact or res.report.get("tune"))
     return 0
 
 
@@ -223,6 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--dump-ir", default=None, help="write the IR after every pass into this folder")
     b.add_argument("--no-cache", action="store_true", help="do not use or fill the build cache")
     b.add_argument("--quant", default=None, help="weight scheme: int8, int4_g128, int4_g32_sym, int4_sym, ...")
+    b.add_argument(
+        "--quant-plan",
+        default=None,
+        metavar="PLAN.json",
+        help="scheme per weight (JSON: weight name -> scheme or none), e.g. the plan.json kiln tune writes",
+    )
     b.add_argument("--quant-method", default="rtn", choices=["rtn", "awq", "gptq"], help="how codes are chosen")
     b.add_argument("--kv-quant", default=None, choices=["int8", "fp8_e4m3"], help="store the KV cache in 8 bits")
     b.add_argument("--w8a8", action="store_true", help="int8 weights and dynamic int8 activations (SmoothQuant)")
@@ -241,6 +277,33 @@ def main(argv: list[str] | None = None) -> int:
         "lossy passes record perplexity and KL on it",
     )
     b.set_defaults(fn=cmd_build)
+    t = sub.add_parser(
+        "tune",
+        help="search a per-projection quantization plan: the smallest or fastest build within an accuracy budget",
+        formatter_class=fmt,
+    )
+    _verbosity_args(t)
+    t.add_argument("model", help="built-in name (smollm2-135m, gemma3-270m), a .gguf file, or a transformers folder")
+    t.add_argument("-o", "--output", required=True, help="folder to write: OUTPUT/artifact and OUTPUT/report/")
+    t.add_argument("--target", default="cpu", choices=available_targets(), help="target the artifact is built for")
+    t.add_argument(
+        "--budget",
+        default="ppl+1%",
+        help="accuracy budget on the held-out text: ppl+1%% (relative), ppl+0.5 (absolute) or kl:0.01 (nats/token)",
+    )
+    t.add_argument(
+        "--objective",
+        default="size",
+        choices=["size", "speed"],
+        help="smallest weights, or fastest measured decode (builds a few candidates)",
+    )
+    t.add_argument("--max-trials", type=int, default=12, help="plans evaluated on the held-out text at most")
+    t.add_argument("--schemes", default="int8,int4_g32,int4_g64,int4_g128", help="schemes a projection may take")
+    t.add_argument("--calib", default="lee", help="calibration text for the sensitivity analysis")
+    t.add_argument("--eval", default="lee_background", help="held-out text every candidate is evaluated on")
+    t.add_argument("--eval-tokens", type=int, default=1024, help="tokens of held-out text per evaluation")
+    t.add_argument("--no-build", action="store_true", help="search and report only; build nothing")
+    t.set_defaults(fn=cmd_tune)
     _verbosity_args(add_run_parser(sub, fmt))
     c = sub.add_parser("chat", help="talk to an artifact in the terminal (multi-turn, streamed)", formatter_class=fmt)
     _verbosity_args(c)

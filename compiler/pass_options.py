@@ -56,17 +56,24 @@ def quantization_steps(
     kv: str | None = None,
     activations: bool = False,
     lm_head: str = "same",
+    plan: str | None = None,
 ) -> list[Step]:
     """W8A8 (`activations`, which then quantizes the weights too) or weights under scheme `quant`
-    (`method` rtn|awq|gptq, `lm_head` none|same|<scheme>); then the KV cache as `kv`."""
+    (`method` rtn|awq|gptq, `lm_head` none|same|<scheme>; `plan` a JSON file of per-weight schemes, see
+    quantize-weights); then the KV cache as `kv`."""
     add: list[Step] = []
     if activations:
         add.append(("quantize-activations", {}))
-    elif quant:
+    elif quant or plan:
         add.append(
             (
                 "quantize-weights",
-                {"scheme": quant, "method": method, **({"lm_head": lm_head} if lm_head != "same" else {})},
+                {
+                    "scheme": quant or "int8",
+                    "method": method,
+                    **({"lm_head": lm_head} if lm_head != "same" else {}),
+                    **({"plan": plan} if plan else {}),
+                },
             )
         )
     if kv:
@@ -86,12 +93,13 @@ def build_pipeline(
     kv_quant: str | None = None,
     w8a8: bool = False,
     lm_head: str = "same",
+    quant_plan: str | None = None,
 ) -> str:
     """`passes` with the passes the options ask for, checked for a freshly traced graph so that a bad
     pipeline is refused before the model is traced. Without options `passes` comes back as written
     (O1 stays O1 in the manifest)."""
     steps = (attention_steps(attention) if attention else []) + pruning_steps(prune, sparsify, sparsify_method)
-    steps += quantization_steps(quant, quant_method, kv_quant, w8a8, lm_head)
+    steps += quantization_steps(quant, quant_method, kv_quant, w8a8, lm_head, quant_plan)
     out = insert_passes(passes, steps) if steps else passes
     check_pipeline(parse_pipeline(out))
     return out

@@ -69,3 +69,37 @@ def plot_artifact(m: dict[str, Any], path: str) -> str:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_frontier(res: Any, path: str) -> str:
+    """PNG at `path`: held-out perplexity against weight bytes for every plan `kiln tune` evaluated (a
+    TuneResult), the chosen one marked, the single-scheme builds beside them, the budget as a line."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    pts = [c for c in res.candidates if c.ppl is not None]
+    ok = [c for c in pts if c.within_budget]
+    bad = [c for c in pts if not c.within_budget]
+    for group, color, label in ((ok, "tab:blue", "candidate within budget"), (bad, "tab:grey", "candidate over")):
+        if group:
+            ax.scatter([c.weight_bytes / 1e6 for c in group], [c.ppl for c in group], c=color, s=18, label=label)
+    for r in res.references:
+        ax.scatter([r.weight_bytes / 1e6], [r.ppl], marker="s", s=40, c="tab:orange")
+        ax.annotate(r.name, (r.weight_bytes / 1e6, r.ppl), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    c = res.chosen
+    ax.scatter([c.weight_bytes / 1e6], [c.ppl], marker="*", s=220, c="tab:red", label=f"chosen ({res.objective})")
+    budget = res.budget
+    if budget.startswith("ppl+"):
+        v = float(budget[4:].rstrip("%"))
+        limit = res.ppl_fp32 * (1 + v / 100) if budget.endswith("%") else res.ppl_fp32 + v
+        ax.axhline(limit, color="tab:red", lw=0.8, ls="--", label=f"budget {budget}")
+    ys = [c.ppl for c in pts + list(res.references) if c.ppl]
+    if ys and max(ys) > 1.5 * min(ys):  # a lossy single-scheme build would flatten the candidates
+        ax.set_yscale("log")
+    ax.set_xlabel("weight MB")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title(f"kiln tune: budget {budget}, objective {res.objective}", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

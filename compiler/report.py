@@ -57,6 +57,36 @@ def _resident_by_layer(weights: list[dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
+def _plan(quant: dict[str, Any] | None) -> list[str]:
+    """The per-weight quantization plan (mixed precision, `kiln tune`): one row per layer, one column per
+    projection; weights outside the numbered layers (the output layer) in a row of their own."""
+    plan = (quant or {}).get("plan")
+    if not plan:
+        return []
+    rows: dict[str, dict[str, str]] = {}
+    for name, scheme in plan.items():
+        m = re.search(r"layers\.(\d+)\.(?:.*\.)?([^.]+)\.weight$", name)
+        layer, proj = (m.group(1), m.group(2)) if m else ("other", name.removesuffix(".weight"))
+        rows.setdefault(layer, {})[proj] = scheme
+    cols = sorted({c for k, r in rows.items() if k != "other" for c in r})
+    counts: dict[str, int] = {}
+    for v in plan.values():
+        counts[v] = counts.get(v, 0) + 1
+    lines = [
+        "## Quantization plan (per weight)",
+        "",
+        "- " + ", ".join(f"{k}: {v} weights" for k, v in sorted(counts.items())),
+        "",
+        "| layer | " + " | ".join(cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    for k in sorted((k for k in rows if k != "other"), key=int):
+        lines.append(f"| {k} | " + " | ".join(rows[k].get(c, "-") for c in cols) + " |")
+    for proj, scheme in sorted(rows.get("other", {}).items()):
+        lines.append(f"| {proj} | {scheme} |" + " |" * (len(cols) - 1))
+    return lines + [""]
+
+
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4, "int8": 1, "uint8": 1, "int64": 8}
 
 
@@ -84,6 +114,7 @@ def render_report(
     ]
     lines += [_attention_kinds(m["kv_cache"].get("layers", [])), ""]
     lines += _resident_by_layer(m.get("weights", []))
+    lines += _plan(m.get("quantization"))
     tr = m.get("trace") or {}
     if tr.get("decomposed") or tr.get("attention_fallbacks") or tr.get("norm_fallbacks"):
         lines += ["## Trace", ""]
