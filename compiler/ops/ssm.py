@@ -97,8 +97,18 @@ def causal_conv1d_reference(x, weight, bias=None, act: str = "", window=None) ->
     return F.silu(y) if act == "silu" else y
 
 
-def _slot(slots: torch.Tensor, page_table: torch.Tensor, b: int) -> int:
-    return int(slots[int(page_table[b, 0])])
+def _live_tokens(state: torch.Tensor, slots: torch.Tensor, page_table: torch.Tensor, positions: torch.Tensor):
+    """(row, token, state slot) of every token that is not padding, in order; a sequence's state row is
+    cleared at its position 0 (a new sequence starts from zeros)."""
+    for b in range(positions.shape[0]):
+        s = int(slots[int(page_table[b, 0])])
+        for t in range(positions.shape[1]):
+            p = int(positions[b, t])
+            if p < 0:
+                continue
+            if p == 0:
+                state[s].zero_()
+            yield b, t, s
 
 
 def _cached_scan_ref(ctx, xs, a):
@@ -107,38 +117,24 @@ def _cached_scan_ref(ctx, xs, a):
     h = x.shape[2]
     dtd = _discretize_dt(dt, dt_bias, a)
     Bh, Ch = _per_head(B, h), _per_head(C, h)
-    for b in range(x.shape[0]):
-        s = _slot(slots, page_table, b)
-        for t in range(x.shape[1]):
-            p = int(positions[b, t])
-            if p < 0:
-                continue
-            if p == 0:
-                state[s].zero_()
-            st = state[s : s + 1]
-            zt = None if z is None else z[b : b + 1, t]
-            y = scan_step(st, x[b : b + 1, t], dtd[b : b + 1, t], A, Bh[b : b + 1, t], Ch[b : b + 1, t], D, zt)
-            out[b, t] = y[0].to(x.dtype)
+    for b, t, s in _live_tokens(state, slots, page_table, positions):
+        st = state[s : s + 1]
+        zt = None if z is None else z[b : b + 1, t]
+        y = scan_step(st, x[b : b + 1, t], dtd[b : b + 1, t], A, Bh[b : b + 1, t], Ch[b : b + 1, t], D, zt)
+        out[b, t] = y[0].to(x.dtype)
     return out
 
 
 def _cached_conv_ref(ctx, xs, a):
     x, weight, state, slots, page_table, positions, bias = xs
     out = torch.zeros_like(x)
-    for b in range(x.shape[0]):
-        s = _slot(slots, page_table, b)
-        for t in range(x.shape[1]):
-            p = int(positions[b, t])
-            if p < 0:
-                continue
-            if p == 0:
-                state[s].zero_()
-            win = torch.cat([state[s], x[b, t][None]], 0)  # [W, Ch]
-            y = (win.t() * weight).sum(-1)
-            if bias is not None:
-                y = y + bias
-            out[b, t] = F.silu(y) if a["act"] == "silu" else y
-            state[s] = win[1:]
+    for b, t, s in _live_tokens(state, slots, page_table, positions):
+        win = torch.cat([state[s], x[b, t][None]], 0)  # [W, Ch]
+        y = (win.t() * weight).sum(-1)
+        if bias is not None:
+            y = y + bias
+        out[b, t] = F.silu(y) if a["act"] == "silu" else y
+        state[s] = win[1:]
     return out
 
 
