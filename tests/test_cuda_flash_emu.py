@@ -49,11 +49,14 @@ def source(tmp_path_factory):
 
 
 def run_emulated(src_dir, tmp, q, cache, pt, pos, rep, kv_heads, page, scale, window):
+    from kiln.targets.cuda.flash import smem_bytes
+
     d = q.shape[-1]
     exe = tmp / "flash_emu"
     subprocess.run(
         [CXX, "-std=c++20", "-O2", "-pthread", f"-I{HERE}", f"-DKILN_KERNEL_SOURCE=\"{src_dir / 'flash.cuh'}\"",
          f"-DKD={d}", f"-DKREP={rep}", f"-DKKVH={kv_heads}", f"-DKPAGE={page}", f"-DKWIN={window}",
+         f"-DKSMEM={smem_bytes(d)}",
          os.path.join(HERE, "cuda_flash_emu.cpp"), "-o", str(exe)],
         check=True, capture_output=True, text=True,
     )  # fmt: skip
@@ -70,11 +73,21 @@ def run_emulated(src_dir, tmp, q, cache, pt, pos, rep, kv_heads, page, scale, wi
     return np.fromfile(tmp / "o.bin", dtype=np.float32).reshape(q.shape)
 
 
+# A block is 128 rows (4 warps x 32) of (token, head-of-group) pairs. What each case reaches besides the
+# common path: tiles every row of a warp sees whole (no mask), at head_dim 128 in two 32-key softmax steps;
+# warps that skip the block's last tile or a step of it; blocks split by the end of the rows; padding rows.
 CASES = {
     # name: (head_dim, rep, kv_heads, page, window, starts, valid tokens, tokens)
     "gqa-chunk-after-prefix": (64, 3, 2, 16, 0, (37, 5), (40, 29), 40),
     "d128-window": (128, 4, 1, 16, 24, (0,), (70,), 70),
     "mqa-short-verify": (64, 8, 1, 16, 0, (90, 3), (5, 5), 5),
+    # 160 rows: the second block's last 3 warps have none; the prefix makes 2 tiles unmasked for every warp
+    "d128-gqa4-long-prefix": (128, 4, 2, 16, 0, (150, 0), (40, 33), 40),
+    # one head per KV head: a warp is 32 tokens, so warps 0-1 skip a tile (and d128 a 32-key step) of warps 2-3
+    "d128-mha-causal": (128, 1, 2, 8, 0, (0, 21), (150, 97), 150),
+    # window 128 and a warp of 32 tokens: the tile 128-191 is whole for every row (no mask), 64-127 is not
+    "mha-window-unmasked-tile": (64, 1, 2, 16, 128, (200,), (30,), 30),
+    "d128-mqa8-window": (128, 8, 1, 16, 70, (20,), (50,), 50),
 }
 
 
