@@ -63,6 +63,16 @@ inline V __shfl_xor_sync(unsigned, V v, int mask) {
   return r;
 }
 
+inline bool __any_sync(unsigned, bool pred) {
+  auto& s = emu::blk->slot[emu::wid()];
+  s[emu::lane()][0] = pred;
+  emu::warp_sync();
+  bool any = false;
+  for (int l = 0; l < 32; ++l) any = any || s[l][0];
+  emu::warp_sync();
+  return any;
+}
+
 inline unsigned kiln_fa_h2(float lo, float hi) {
   return (unsigned)emu::bits((half)lo) | ((unsigned)emu::bits((half)hi) << 16);
 }

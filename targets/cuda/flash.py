@@ -112,7 +112,7 @@ template <int D, int REP, int KVH, int PAGE, int WINDOW>
 __device__ __forceinline__ void kiln_flash(const float* __restrict__ q, const half* __restrict__ cache,
                                            const int* __restrict__ pt, const int* __restrict__ pos,
                                            float* __restrict__ o, long long T, long long MP, float scale_log2,
-                                           int bx, int by, half* smem) {
+                                           int block, int by, half* smem) {
   // MT: m16 tiles a warp owns (32 rows): every K/V fragment read from shared memory feeds MT mma's
   constexpr int BM = kiln_fa_bm, BN = kiln_fa_bn, NW = 4, MT = 2, CH = D / 8, SW = CH < 8 ? CH : 8;
   constexpr int SN = D > 64 ? 32 : BN, KT = D / 16, ND = D / 8, NB = SN / 8;
@@ -125,6 +125,9 @@ __device__ __forceinline__ void kiln_flash(const float* __restrict__ q, const ha
   const long long b = by / KVH;
   const int hk = by % KVH;
   const long long rows = (long long)REP * T;
+  // the launch's first blocks take the last rows: under a causal mask those see the most keys, so the long
+  // blocks start first and the short ones fill the last wave (the grid is ceil(rows / BM) blocks wide)
+  const long long bx = (rows + BM - 1) / BM - 1 - block;
   // row r of the block is token r / REP, head hk * REP + r % REP
   auto qrow = [&](long long r) { return ((b * (KVH * REP) + hk * REP + r % REP) * T + r / REP) * D; };
 
@@ -170,14 +173,18 @@ __device__ __forceinline__ void kiln_flash(const float* __restrict__ q, const ha
   const int first = (WINDOW > 0 && hi >= 0 && lo - WINDOW + 1 > 0) ? lo - WINDOW + 1 : 0;
 
   // keys k0.. of K and V into stage st, as one cp.async group; keys past hi read as zeros (and are masked)
+  const int* const ptb = pt + b * MP;  // this sequence's pages
   auto load = [&](int st, int k0) {
     #pragma unroll
     for (int i = tid; i < BN * CH; i += NW * 32) {
       const int r = i / CH, c = i % CH, j = k0 + r;
+      // k0 is a multiple of BN: when PAGE divides BN, page and slot of key k0 + r follow from r at compile time
+      constexpr bool whole = BN % PAGE == 0;
+      const int pj = whole ? k0 / PAGE + r / PAGE : j / PAGE, slot = whole ? r % PAGE : j % PAGE;
       const half* src = cache;
       if (j <= hi) {
-        const long long pg = pt[b * MP + j / PAGE];
-        src = cache + ((pg * 2 * KVH + hk) * PAGE + j % PAGE) * D + c * 8;
+        const long long pg = ptb[pj];
+        src = cache + ((pg * 2 * KVH + hk) * PAGE + slot) * D + c * 8;
       }
       const int at = st * BN * D + r * D + (c ^ (r % SW)) * 8;
       kiln_fa_cp16(sk + at, src, j <= hi);
@@ -251,35 +258,45 @@ __device__ __forceinline__ void kiln_flash(const float* __restrict__ q, const ha
               if (!(j <= pe && (WINDOW == 0 || j > pe - WINDOW))) s[i][n][e] = -INFINITY;
             }
       }
+      // the rows' new max (scaled, log2 domain): x[i][h] for rows g + 8h of m-tile i
+      float x[MT][2];
+      bool grew = false;
+      #pragma unroll
+      for (int i = 0; i < MT; ++i)
+        #pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          float y = -INFINITY;
+          #pragma unroll
+          for (int n = 0; n < NB; ++n) y = fmaxf(y, fmaxf(s[i][n][2 * h], s[i][n][2 * h + 1]));
+          y = fmaxf(y, __shfl_xor_sync(0xffffffffu, y, 1));
+          y = fmaxf(y, __shfl_xor_sync(0xffffffffu, y, 2));
+          x[i][h] = fmaxf(m[i][h], y * scale_log2);
+          grew = grew || x[i][h] != m[i][h];
+        }
+      // past the first tiles a row's max rarely grows: the warp rescales O (MT x ND x 4 multiplies a thread)
+      // only when one of its rows' did
+      if (__any_sync(0xffffffffu, grew)) {
+        #pragma unroll
+        for (int i = 0; i < MT; ++i)
+          #pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            // a row with no visible key yet keeps max -inf (and O and l at 0): its factor is 2^-inf = 0
+            const float c = kiln_fa_exp2(m[i][h] - (x[i][h] == -INFINITY ? 0.f : x[i][h]));
+            l[i][h] *= c;
+            #pragma unroll
+            for (int n = 0; n < ND; ++n) {
+              acc[i][n][2 * h] *= c;
+              acc[i][n][2 * h + 1] *= c;
+            }
+          }
+      }
       unsigned pa[MT][NB / 2][4];  // P as fp16 A fragments: keys 16kk.. = the C fragments of n-tiles 2kk, 2kk+1
       #pragma unroll
       for (int i = 0; i < MT; ++i) {
-        float x0 = -INFINITY, x1 = -INFINITY;
-        #pragma unroll
-        for (int n = 0; n < NB; ++n) {
-          x0 = fmaxf(x0, fmaxf(s[i][n][0], s[i][n][1]));
-          x1 = fmaxf(x1, fmaxf(s[i][n][2], s[i][n][3]));
-        }
-        x0 = fmaxf(x0, __shfl_xor_sync(0xffffffffu, x0, 1));
-        x0 = fmaxf(x0, __shfl_xor_sync(0xffffffffu, x0, 2));
-        x1 = fmaxf(x1, __shfl_xor_sync(0xffffffffu, x1, 1));
-        x1 = fmaxf(x1, __shfl_xor_sync(0xffffffffu, x1, 2));
-        x0 = fmaxf(m[i][0], x0 * scale_log2);
-        x1 = fmaxf(m[i][1], x1 * scale_log2);
-        // a row with no visible key yet keeps max -inf: subtract 0 so every exp2 below is 0, never NaN
-        const float u0 = x0 == -INFINITY ? 0.f : x0, u1 = x1 == -INFINITY ? 0.f : x1;
-        const float c0 = kiln_fa_exp2(m[i][0] - u0), c1 = kiln_fa_exp2(m[i][1] - u1);
-        m[i][0] = x0;
-        m[i][1] = x1;
-        l[i][0] *= c0;
-        l[i][1] *= c1;
-        #pragma unroll
-        for (int n = 0; n < ND; ++n) {
-          acc[i][n][0] *= c0;
-          acc[i][n][1] *= c0;
-          acc[i][n][2] *= c1;
-          acc[i][n][3] *= c1;
-        }
+        m[i][0] = x[i][0];
+        m[i][1] = x[i][1];
+        // a row with no visible key yet: subtract 0 so every exp2 below is 0, never NaN
+        const float u0 = x[i][0] == -INFINITY ? 0.f : x[i][0], u1 = x[i][1] == -INFINITY ? 0.f : x[i][1];
         #pragma unroll
         for (int n = 0; n < NB; ++n) {
           const float e0 = kiln_fa_exp2(fmaf(s[i][n][0], scale_log2, -u0));
