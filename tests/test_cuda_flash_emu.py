@@ -1,11 +1,13 @@
 """The cuda target's fused prefill attention (targets/cuda/flash.py), its device code run on the CPU under the
 warp emulation of tests/cuda_emu.h: fragment layouts, the swizzle, paged reads, masks and the online softmax
-against a float64 reference. GPU runs of the same kernel are in tests/test_cuda.py (marked gpu)."""
+against a float64 reference; and, where nvcc is installed, ptxas on the kernel TVM emits (no spills). GPU runs of
+the same kernel are in tests/test_cuda.py (marked gpu)."""
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import subprocess
 
@@ -14,6 +16,7 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CXX = shutil.which("g++")
+NVCC = shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if os.path.exists(p)), None)
 
 
 def reference(q, cache, pt, pos, rep, page, scale, window):
@@ -112,3 +115,29 @@ def test_flash_prefill_device_code_matches_reference(case, source, tmp_path):
     # P enters the second product as fp16: errors of a few 1e-3 at outputs of size ~0.3
     np.testing.assert_allclose(got, want, atol=6e-3, rtol=2e-2)
     assert np.all(got[np.broadcast_to((pos < 0)[:, None, :, None], got.shape)] == 0)
+
+
+@pytest.mark.skipif(NVCC is None, reason="needs nvcc (no GPU) to run ptxas on the kernel TVM emits")
+@pytest.mark.parametrize("head_dim,rep,window", [(128, 4, 0), (64, 8, 32)])
+def test_flash_kernel_fits_the_registers_without_spilling(head_dim, rep, window, tmp_path):
+    """ptxas on the kernel as TVM emits it: no spills (a spill in the inner loop costs more than the 32-row
+    tiles gain; the kernel sits near the 255-register limit at head_dim 128), shared memory dynamic, and
+    registers for 2 blocks an SM."""
+    tvm = pytest.importorskip("tvm")
+    from kiln.targets.cuda.flash import THREADS, flash_func
+    from kiln.targets.cuda.target import CudaTarget
+
+    f = flash_func(rep * 8, 8, head_dim, 16, head_dim**-0.5, window).with_attr("global_symbol", "flash")
+    mod = CudaTarget().compile_module(tvm.IRModule({"flash": f})).mod
+    src = next(m.inspect_source("cuda") for m in mod.imports if m.kind == "cuda")
+    assert "extern __shared__" in src and "kiln_flash<" in src
+    (tmp_path / "flash.cu").write_text(src)
+    r = subprocess.run(
+        [NVCC, "-arch=sm_90a", "-cubin", "-Xptxas", "-v", "flash.cu", "-o", "flash.cubin"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", r.stderr), r.stderr
+    regs = int(re.search(r"Used (\d+) registers", r.stderr).group(1))
+    # registers are allocated 8 a thread at a time from the SM's 64K
+    assert 2 * THREADS * (-(-regs // 8) * 8) <= 65536, regs
