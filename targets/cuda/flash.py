@@ -100,8 +100,8 @@ __device__ __forceinline__ void kiln_fa_zero8(half* dst) { *reinterpret_cast<uin
 // Shared memory (dynamic, kiln_fa_smem_bytes(D)): Q (BM x D), then two stages of K and of V (BN x D each),
 // all fp16 with 16-byte chunk c of row r stored at chunk c ^ (r % 8) (ldmatrix reads 8 rows of one chunk
 // column without bank conflicts), then ints: per-warp key limits (8) and the positions of the block's rows.
-// Registers are the scarce resource (O and S alone take 192 a thread at head_dim 128): what the inner loop
-// reads rarely lives in shared memory.
+// Registers are the scarce resource (O alone takes 128 a thread at head_dim 128): what the inner loop reads
+// rarely lives in shared memory.
 constexpr int kiln_fa_bm = 128, kiln_fa_bn = 64;
 constexpr int kiln_fa_smem_bytes(int d) { return (kiln_fa_bm + 4 * kiln_fa_bn) * d * 2 + (8 + kiln_fa_bm) * 4; }
 
@@ -144,23 +144,21 @@ __device__ __forceinline__ void kiln_flash(const float* __restrict__ q, const ha
   }
 
   // this warp's rows: warp * 32 + lane
-  int mx, mn;  // over this warp's rows with a position: largest, smallest
   {
     const long long r = (long long)bx * BM + warp * 32 + lane;
     const int p = r < rows ? pos[b * T + r / REP] : -1;
     sp[warp * 32 + lane] = p;
-    mx = p;
-    mn = p < 0 ? 0x7fffffff : p;
-  }
-  #pragma unroll
-  for (int s = 16; s > 0; s >>= 1) {
-    const int a = __shfl_xor_sync(0xffffffffu, mx, s), c = __shfl_xor_sync(0xffffffffu, mn, s);
-    mx = a > mx ? a : mx;
-    mn = c < mn ? c : mn;
-  }
-  if (lane == 0) {
-    lim[warp] = mx;
-    lim[NW + warp] = mn;
+    int top = p, bottom = p < 0 ? 0x7fffffff : p;  // over the warp's rows with a position: largest, smallest
+    #pragma unroll
+    for (int s = 16; s > 0; s >>= 1) {
+      const int a = __shfl_xor_sync(0xffffffffu, top, s), c = __shfl_xor_sync(0xffffffffu, bottom, s);
+      top = a > top ? a : top;
+      bottom = c < bottom ? c : bottom;
+    }
+    if (lane == 0) {
+      lim[warp] = top;
+      lim[NW + warp] = bottom;
+    }
   }
   __syncthreads();  // limits, positions and Q are in shared memory
   // the keys the block needs: [first, hi]
@@ -178,7 +176,8 @@ __device__ __forceinline__ void kiln_flash(const float* __restrict__ q, const ha
     #pragma unroll
     for (int i = tid; i < BN * CH; i += NW * 32) {
       const int r = i / CH, c = i % CH, j = k0 + r;
-      // k0 is a multiple of BN: when PAGE divides BN, page and slot of key k0 + r follow from r at compile time
+      // k0 is a multiple of BN: when PAGE divides BN, key k0 + r is in page k0 / PAGE + r / PAGE at slot
+      // r % PAGE, with r / PAGE and r % PAGE fixed for the thread (no division of the key)
       constexpr bool whole = BN % PAGE == 0;
       const int pj = whole ? k0 / PAGE + r / PAGE : j / PAGE, slot = whole ? r % PAGE : j % PAGE;
       const half* src = cache;
@@ -212,7 +211,7 @@ __device__ __forceinline__ void kiln_flash(const float* __restrict__ q, const ha
     #pragma unroll
     for (int hh = 0; hh < BN / SN; ++hh) {
       // a warp whose rows see none of these keys skips them (causal: the diagonal's later warps)
-      const int mx = lim[warp], mn = lim[NW + warp];
+      const int mx = lim[warp], mn = lim[NW + warp];  // the warp's largest and smallest position
       const int j0 = k0 + hh * SN;
       if (j0 > mx || (WINDOW > 0 && j0 + SN - 1 <= mn - WINDOW)) continue;
       const half* ktile = sk + (st * BN + hh * SN) * D;
@@ -244,7 +243,7 @@ __device__ __forceinline__ void kiln_flash(const float* __restrict__ q, const ha
           }
         }
       }
-      // mask: c0, c1 at (row g, keys 2t, 2t+1), c2, c3 at (row g+8, same keys); a tile every row of the warp
+      // mask: c0, c1 at (row g, keys 2t, 2t+1), c2, c3 at (row g+8, same keys); a step every row of the warp
       // sees whole (all but the diagonal's and the window's edge) needs none
       if (j0 + SN - 1 > mn || (WINDOW > 0 && j0 <= mx - WINDOW)) {
         #pragma unroll
