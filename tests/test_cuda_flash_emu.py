@@ -88,9 +88,11 @@ CASES = {
     "d128-gqa4-long-prefix": (128, 4, 2, 16, 0, (150, 0), (40, 33), 40),
     # one head per KV head: a warp is 32 tokens, so warps 0-1 skip a tile (and d128 a 32-key step) of warps 2-3
     "d128-mha-causal": (128, 1, 2, 8, 0, (0, 21), (150, 97), 150),
-    # window 128 and a warp of 32 tokens: the tile 128-191 is whole for every row (no mask), 64-127 is not
-    "mha-window-unmasked-tile": (64, 1, 2, 16, 128, (200,), (30,), 30),
-    "d128-mqa8-window": (128, 8, 1, 16, 70, (20,), (50,), 50),
+    # window 128 and a warp of 32 tokens: the tile 128-191 is whole for every row (no mask), 64-127 is not;
+    # pages of 8 keys, fewer than the 16 rows one pass of the block's copy covers at head_dim 64
+    "mha-window-unmasked-tile": (64, 1, 2, 8, 128, (200,), (30,), 30),
+    # pages of 24 keys: a 64-key tile starts and ends inside pages
+    "d128-mqa8-window": (128, 8, 1, 24, 70, (20,), (50,), 50),
 }
 
 

@@ -133,8 +133,8 @@ __device__ __forceinline__ void kiln_flash(const float* __restrict__ q, const ha
 
   // Q to shared memory as fp16; rows past the end or of padding are zeros (their scores stay finite)
   #pragma unroll 4
-  for (int i = tid; i < BM * CH; i += NW * 32) {
-    const int r = i / CH, c = i % CH;
+  for (int k = 0; k < BM * CH / (NW * 32); ++k) {  // a constant trip count, so that the loop unrolls
+    const int i = tid + k * NW * 32, r = i / CH, c = i % CH;
     const long long row = (long long)bx * BM + r;
     half* dst = sq + r * D + (c ^ (r % SW)) * 8;
     if (row < rows && pos[b * T + row / REP] >= 0)
@@ -173,20 +173,25 @@ __device__ __forceinline__ void kiln_flash(const float* __restrict__ q, const ha
   // keys k0.. of K and V into stage st, as one cp.async group; keys past hi read as zeros (and are masked)
   const int* const ptb = pt + b * MP;  // this sequence's pages
   auto load = [&](int st, int k0) {
-    #pragma unroll
-    for (int i = tid; i < BN * CH; i += NW * 32) {
-      const int r = i / CH, c = i % CH, j = k0 + r;
-      // k0 is a multiple of BN: when PAGE divides BN, key k0 + r is in page k0 / PAGE + r / PAGE at slot
-      // r % PAGE, with r / PAGE and r % PAGE fixed for the thread (no division of the key)
-      constexpr bool whole = BN % PAGE == 0;
-      const int pj = whole ? k0 / PAGE + r / PAGE : j / PAGE, slot = whole ? r % PAGE : j % PAGE;
-      const half* src = cache;
-      if (j <= hi) {
-        const long long pg = ptb[pj];
-        src = cache + ((pg * 2 * KVH + hk) * PAGE + slot) * D + c * 8;
-      }
+    // the block's threads cover RP rows of 16-byte chunks a pass: this thread chunk c of rows r0 + k RP
+    constexpr int RP = NW * 32 / CH;
+    const int r0 = tid / CH, c = tid % CH;
+    #pragma unroll 4  // fully unrolled, the page reads and addresses of 8 rows spill at head_dim 128
+    for (int k = 0; k < BN / RP; ++k) {
+      const int r = r0 + k * RP, j = k0 + r;
+      // k0 is a multiple of BN. When PAGE divides BN and RP divides PAGE, row r of the tile is in its page
+      // k RP / PAGE (a constant of the unrolled loop: the loads of one page are one load, all in flight at once)
+      // at slot k RP % PAGE + r0; when PAGE only divides BN, in page r / PAGE at slot r % PAGE.
+      constexpr bool whole = BN % PAGE == 0, aligned = whole && PAGE % RP == 0;
+      const int e = aligned ? k * RP / PAGE : whole ? r / PAGE : j / PAGE - k0 / PAGE;
+      const int slot = aligned ? k * RP % PAGE + r0 : whole ? r % PAGE : j % PAGE;
+      // the entry is read whether or not the key is needed (clamped to hi's page, which exists), so that the
+      // reads of one page stay one read; keys past hi are not copied (zeros, and masked)
+      const int pi = k0 / PAGE + e;
+      const long long pg = ptb[pi < hi / PAGE ? pi : hi / PAGE];
+      const half* src = cache + ((pg * 2 * KVH + hk) * PAGE + slot) * D + c * 8;
       const int at = st * BN * D + r * D + (c ^ (r % SW)) * 8;
-      kiln_fa_cp16(sk + at, src, j <= hi);
+      kiln_fa_cp16(sk + at, j <= hi ? src : cache, j <= hi);
       kiln_fa_cp16(sv + at, j <= hi ? src + KVH * PAGE * D : cache, j <= hi);  // V: the next [2] slot
     }
     kiln_fa_commit();
