@@ -116,6 +116,7 @@ __device__ __forceinline__ void kiln_flash(const float* __restrict__ q, const ha
   // MT: m16 tiles a warp owns (32 rows): every K/V fragment read from shared memory feeds MT mma's
   constexpr int BM = kiln_fa_bm, BN = kiln_fa_bn, NW = 4, MT = 2, CH = D / 8, SW = CH < 8 ? CH : 8;
   constexpr int SN = D > 64 ? 32 : BN, KT = D / 16, ND = D / 8, NB = SN / 8;
+  static_assert(SW == 8 && D % 64 == 0, "the swizzle and the ldmatrix offsets below take 8 chunks a row or more");
   half* const sq = smem;                // [BM, D]
   half* const sk = smem + BM * D;       // [2, BN, D]
   half* const sv = sk + 2 * BN * D;     // [2, BN, D]
@@ -190,7 +191,7 @@ __device__ __forceinline__ void kiln_flash(const float* __restrict__ q, const ha
       const int pi = k0 / PAGE + e;
       const long long pg = ptb[pi < hi / PAGE ? pi : hi / PAGE];
       const half* src = cache + ((pg * 2 * KVH + hk) * PAGE + slot) * D + c * 8;
-      const int at = st * BN * D + r * D + (c ^ (r % SW)) * 8;
+      const int at = st * BN * D + r * D + (c ^ (r0 % SW)) * 8;  // r % 8 == r0 % 8: RP is a multiple of 8
       kiln_fa_cp16(sk + at, j <= hi ? src : cache, j <= hi);
       kiln_fa_cp16(sv + at, j <= hi ? src + KVH * PAGE * D : cache, j <= hi);  // V: the next [2] slot
     }
@@ -205,6 +206,14 @@ __device__ __forceinline__ void kiln_flash(const float* __restrict__ q, const ha
   float m[MT][2], l[MT][2];  // running max (scaled, log2 domain) and this lane's part of the running sum
   #pragma unroll
   for (int i = 0; i < MT; ++i) m[i][0] = m[i][1] = -INFINITY, l[i][0] = l[i][1] = 0.f;
+
+  // ldmatrix rows: every fragment below reads rows r with r % 8 == lane % 8 and chunks 2kt + bit (or n + bit), so
+  // element offset r * D + (chunk ^ (r % 8)) * 8 is a row part OR (a lane part XOR a constant of the unrolled
+  // loop): one instruction a k-step where the generic form took about five
+  const int x8 = lane & 7;
+  const int qr = (warp * 32 + (lane & 15)) * D, qx = ((lane >> 4) ^ x8) * 8;          // Q: A fragments
+  const int kr = ((lane & 7) + (lane >> 4) * 8) * D, kx = (((lane >> 3) & 1) ^ x8) * 8;  // K: B, 2 n-tiles
+  const int vr = ((lane & 7) + ((lane >> 3) & 1) * 8) * D, vx = ((lane >> 4) ^ x8) * 8;  // V: B, transposed
 
   const int tile0 = first / BN * BN;
   if (tile0 <= hi) load(0, tile0);
@@ -231,16 +240,12 @@ __device__ __forceinline__ void kiln_flash(const float* __restrict__ q, const ha
         // Q of k-step kt as A fragments: matrices rows 0-7 / 8-15 x columns 16kt + 0-7, then + 8-15
         unsigned qa[MT][4];
         #pragma unroll
-        for (int i = 0; i < MT; ++i) {
-          const int r = warp * 32 + i * 16 + (lane & 15), c = kt * 2 + (lane >> 4);
-          kiln_fa_ldsm4(qa[i], sq + r * D + (c ^ (r % SW)) * 8);
-        }
+        for (int i = 0; i < MT; ++i) kiln_fa_ldsm4(qa[i], sq + i * 16 * D + (qr | (qx ^ kt * 16)));
         #pragma unroll
         for (int n = 0; n < NB; n += 2) {
           // matrices: keys 8n.. x columns 16kt + 0-7 / 8-15, then keys 8(n+1)..: B fragments of n, n+1
           unsigned bk[4];
-          const int r = n * 8 + (lane & 7) + (lane >> 4) * 8, c = kt * 2 + ((lane >> 3) & 1);
-          kiln_fa_ldsm4(bk, ktile + r * D + (c ^ (r % SW)) * 8);
+          kiln_fa_ldsm4(bk, ktile + n * 8 * D + (kr | (kx ^ kt * 16)));
           #pragma unroll
           for (int i = 0; i < MT; ++i) {
             kiln_fa_mma(s[i][n], qa[i], bk);
@@ -319,8 +324,7 @@ __device__ __forceinline__ void kiln_flash(const float* __restrict__ q, const ha
         for (int n = 0; n < ND; n += 2) {
           // matrices (transposed): keys 16kk + 0-7 / 8-15 x columns 8n.., then 8(n+1)..: B fragments of n, n+1
           unsigned bv[4];
-          const int r = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, c = n + (lane >> 4);
-          kiln_fa_ldsm4t(bv, vtile + r * D + (c ^ (r % SW)) * 8);
+          kiln_fa_ldsm4t(bv, vtile + kk * 16 * D + (vr | (vx ^ n * 8)));
           #pragma unroll
           for (int i = 0; i < MT; ++i) {
             kiln_fa_mma(acc[i][n], pa[i][kk], bv);
