@@ -177,7 +177,7 @@ __device__ __forceinline__ void kiln_flash(const float* __restrict__ q, const ha
     // the block's threads cover RP rows of 16-byte chunks a pass: this thread chunk c of rows r0 + k RP
     constexpr int RP = NW * 32 / CH;
     const int r0 = tid / CH, c = tid % CH;
-    #pragma unroll 4  // fully unrolled, the page reads and addresses of 8 rows spill at head_dim 128
+    #pragma unroll
     for (int k = 0; k < BN / RP; ++k) {
       const int r = r0 + k * RP, j = k0 + r;
       // k0 is a multiple of BN. When PAGE divides BN and RP divides PAGE, row r of the tile is in its page
