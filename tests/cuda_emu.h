@@ -63,6 +63,16 @@ inline V __shfl_xor_sync(unsigned, V v, int mask) {
   return r;
 }
 
+inline bool __any_sync(unsigned, bool pred) {
+  auto& s = emu::blk->slot[emu::wid()];
+  s[emu::lane()][0] = pred;
+  emu::warp_sync();
+  bool any = false;
+  for (int l = 0; l < 32; ++l) any = any || s[l][0];
+  emu::warp_sync();
+  return any;
+}
+
 inline unsigned kiln_fa_h2(float lo, float hi) {
   return (unsigned)emu::bits((half)lo) | ((unsigned)emu::bits((half)hi) << 16);
 }
@@ -134,6 +144,14 @@ inline void kiln_fa_cp16(half* dst, const half* src, bool valid) {
 inline void kiln_fa_commit() {}
 template <int N>
 inline void kiln_fa_wait() {}
+inline void kiln_fa_wait_all() {}
+// ex2.approx: 2^x, and 0 for -inf
+inline float kiln_fa_exp2(float x) { return std::exp2(x); }
+// 8 fp32 -> 8 fp16, one 16-byte shared-memory store
+inline void kiln_fa_q8(half* dst, const float* src) {
+  for (int i = 0; i < 8; ++i) dst[i] = (half)src[i];
+}
+inline void kiln_fa_zero8(half* dst) { std::memset(dst, 0, 16); }
 
 // run `body` for every block of a grid (gx, gy) with `threads` threads each
 inline void emu_launch(int gx, int gy, int threads, const std::function<void()>& body) {

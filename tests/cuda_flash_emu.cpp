@@ -1,6 +1,7 @@
 // Runs kiln's fused prefill attention (targets/cuda/flash.py) under the CPU emulation of tests/cuda_emu.h.
 // usage: flash_emu DIR B T P MP SCALE_LOG2 — reads DIR/{q,cache,pt,pos}.bin, writes DIR/o.bin;
-// the kernel's template arguments come as -DKD, -DKREP, -DKKVH, -DKPAGE, -DKWIN.
+// the kernel's template arguments come as -DKD, -DKREP, -DKKVH, -DKPAGE, -DKWIN, its shared memory in bytes
+// as -DKSMEM.
 #include "cuda_emu.h"
 #include KILN_KERNEL_SOURCE
 
@@ -31,11 +32,25 @@ int main(int argc, char** argv) {
   auto pt = load<int>(dir + "/pt.bin", B * MP);
   auto pos = load<int>(dir + "/pos.bin", B * T);
   std::vector<float> o(B * H * T * KD, -7.0f);  // rows the kernel must write start as garbage
-  const int gx = (int)((KREP * T + 63) / 64), gy = (int)(B * KKVH);
+  // the block's dynamic shared memory: the size the launch gives (KSMEM, from flash.py), then a guard band the
+  // kernel must not touch; it starts as garbage too
+  constexpr int guard = 4096;
+  std::vector<unsigned char> smem(KSMEM + guard, 0xa5);
+  if (kiln_fa_smem_bytes(KD) != KSMEM) {
+    std::fprintf(stderr, "device code lays out %d bytes of shared memory, the launch gives %d\n",
+                 kiln_fa_smem_bytes(KD), KSMEM);
+    return 3;
+  }
+  const int gx = (int)((KREP * T + kiln_fa_bm - 1) / kiln_fa_bm), gy = (int)(B * KKVH);
   emu_launch(gx, gy, 128, [&] {
     kiln_flash<KD, KREP, KKVH, KPAGE, KWIN>(q.data(), cache.data(), pt.data(), pos.data(), o.data(), T, MP,
-                                             scale_log2, (int)blockIdx.x, (int)blockIdx.y);
+                                             scale_log2, (int)blockIdx.x, (int)blockIdx.y, (half*)smem.data());
   });
+  for (int i = KSMEM; i < KSMEM + guard; ++i)
+    if (smem[i] != 0xa5) {
+      std::fprintf(stderr, "shared memory written at byte %d, past the %d the launch gives\n", i, KSMEM);
+      return 4;
+    }
   FILE* f = std::fopen((dir + "/o.bin").c_str(), "wb");
   std::fwrite(o.data(), sizeof(float), o.size(), f);
   std::fclose(f);

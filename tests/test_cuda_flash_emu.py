@@ -1,11 +1,13 @@
 """The cuda target's fused prefill attention (targets/cuda/flash.py), its device code run on the CPU under the
 warp emulation of tests/cuda_emu.h: fragment layouts, the swizzle, paged reads, masks and the online softmax
-against a float64 reference. GPU runs of the same kernel are in tests/test_cuda.py (marked gpu)."""
+against a float64 reference; and, where nvcc is installed, ptxas on the kernel TVM emits (no spills). GPU runs of
+the same kernel are in tests/test_cuda.py (marked gpu)."""
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import subprocess
 
@@ -14,6 +16,7 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CXX = shutil.which("g++")
+NVCC = shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if os.path.exists(p)), None)
 
 
 def reference(q, cache, pt, pos, rep, page, scale, window):
@@ -49,11 +52,14 @@ def source(tmp_path_factory):
 
 
 def run_emulated(src_dir, tmp, q, cache, pt, pos, rep, kv_heads, page, scale, window):
+    from kiln.targets.cuda.flash import smem_bytes
+
     d = q.shape[-1]
     exe = tmp / "flash_emu"
     subprocess.run(
         [CXX, "-std=c++20", "-O2", "-pthread", f"-I{HERE}", f"-DKILN_KERNEL_SOURCE=\"{src_dir / 'flash.cuh'}\"",
          f"-DKD={d}", f"-DKREP={rep}", f"-DKKVH={kv_heads}", f"-DKPAGE={page}", f"-DKWIN={window}",
+         f"-DKSMEM={smem_bytes(d)}",
          os.path.join(HERE, "cuda_flash_emu.cpp"), "-o", str(exe)],
         check=True, capture_output=True, text=True,
     )  # fmt: skip
@@ -70,11 +76,23 @@ def run_emulated(src_dir, tmp, q, cache, pt, pos, rep, kv_heads, page, scale, wi
     return np.fromfile(tmp / "o.bin", dtype=np.float32).reshape(q.shape)
 
 
+# A block is 128 rows (4 warps x 32) of (token, head-of-group) pairs. What each case reaches besides the
+# common path: tiles every row of a warp sees whole (no mask), at head_dim 128 in two 32-key softmax steps;
+# warps that skip the block's last tile or a step of it; blocks split by the end of the rows; padding rows.
 CASES = {
     # name: (head_dim, rep, kv_heads, page, window, starts, valid tokens, tokens)
     "gqa-chunk-after-prefix": (64, 3, 2, 16, 0, (37, 5), (40, 29), 40),
     "d128-window": (128, 4, 1, 16, 24, (0,), (70,), 70),
     "mqa-short-verify": (64, 8, 1, 16, 0, (90, 3), (5, 5), 5),
+    # 160 rows: the second block's last 3 warps have none; the prefix makes 2 tiles unmasked for every warp
+    "d128-gqa4-long-prefix": (128, 4, 2, 16, 0, (150, 0), (40, 33), 40),
+    # one head per KV head: a warp is 32 tokens, so warps 0-1 skip a tile (and d128 a 32-key step) of warps 2-3
+    "d128-mha-causal": (128, 1, 2, 8, 0, (0, 21), (150, 97), 150),
+    # window 128 and a warp of 32 tokens: the tile 128-191 is whole for every row (no mask), 64-127 is not;
+    # pages of 8 keys, fewer than the 16 rows one pass of the block's copy covers at head_dim 64
+    "mha-window-unmasked-tile": (64, 1, 2, 8, 128, (200,), (30,), 30),
+    # pages of 24 keys: a 64-key tile starts and ends inside pages
+    "d128-mqa8-window": (128, 8, 1, 24, 70, (20,), (50,), 50),
 }
 
 
@@ -99,3 +117,29 @@ def test_flash_prefill_device_code_matches_reference(case, source, tmp_path):
     # P enters the second product as fp16: errors of a few 1e-3 at outputs of size ~0.3
     np.testing.assert_allclose(got, want, atol=6e-3, rtol=2e-2)
     assert np.all(got[np.broadcast_to((pos < 0)[:, None, :, None], got.shape)] == 0)
+
+
+@pytest.mark.skipif(NVCC is None, reason="needs nvcc (no GPU) to run ptxas on the kernel TVM emits")
+@pytest.mark.parametrize("head_dim,rep,window", [(128, 4, 0), (64, 8, 32)])
+def test_flash_kernel_fits_the_registers_without_spilling(head_dim, rep, window, tmp_path):
+    """ptxas on the kernel as TVM emits it: no spills (a spill in the inner loop costs more than the 32-row
+    tiles gain; the kernel sits near the 255-register limit at head_dim 128), shared memory dynamic, and
+    registers for 2 blocks an SM."""
+    tvm = pytest.importorskip("tvm")
+    from kiln.targets.cuda.flash import THREADS, flash_func
+    from kiln.targets.cuda.target import CudaTarget
+
+    f = flash_func(rep * 8, 8, head_dim, 16, head_dim**-0.5, window).with_attr("global_symbol", "flash")
+    mod = CudaTarget().compile_module(tvm.IRModule({"flash": f})).mod
+    src = next(m.inspect_source("cuda") for m in mod.imports if m.kind == "cuda")
+    assert "extern __shared__" in src and "kiln_flash<" in src
+    (tmp_path / "flash.cu").write_text(src)
+    r = subprocess.run(
+        [NVCC, "-arch=sm_90a", "-cubin", "-Xptxas", "-v", "flash.cu", "-o", "flash.cubin"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", r.stderr), r.stderr
+    regs = int(re.search(r"Used (\d+) registers", r.stderr).group(1))
+    # registers are allocated 8 a thread at a time from the SM's 64K
+    assert 2 * THREADS * (-(-regs // 8) * 8) <= 65536, regs
