@@ -155,16 +155,18 @@ def cuda_linear(
         out_types += [relax.TensorType([1, 1], "float32")] * (3 - len(parts))
         ys = f.emit(relax.call_tir(gv, args, out_types))
         return [f.emit(relax.op.reshape(f.emit(relax.TupleGetItem(ys, i)), lead + [p])) for i, p in enumerate(parts)]
-    x16 = f.emit(relax.op.astype(x2, "float16"))
+    # an fp16 x comes from a norm that wrote it in the order these weights want (`_gemm_input_order`)
+    fp16_in = str(x2.ty.dtype) == "float16"
     if q:  # dequantized to fp16 in natural column order
+        x16 = x2 if fp16_in else f.emit(relax.op.astype(x2, "float16"))
         dq = f.low.kernel(
             ("cuda_dequant", n_out, kp, bits, group, "sym" if sym else "asym"),
             lambda: C.dequant_func(n_out, kp, bits, group, sym),
         )
         zs = fields[2] if not sym else _dummy(f, (1, 1), "float16")
         w16 = f.emit(relax.call_tir(dq, [fields[0], fields[1], zs], relax.TensorType([n_out, kp], "float16")))
-    else:  # fp16 columns are stored lane-interleaved: the activations take the same order
-        x16 = f.emit(relax.op.take(x16, _columns(f, kp, 16), axis=1, mode="clip"))  # clip: fast mode warns
+    else:  # fp16 columns are stored lane-interleaved: the activations take the same order, cast in the same pass
+        x16 = x2 if fp16_in else _to_storage_f16(f, x2, kp)
         w16 = fields[0]
     y = _matmul_nt(f, x16, w16, [m, n_out])
     if bias is not None:
@@ -173,11 +175,21 @@ def cuda_linear(
     return [y] if len(parts) == 1 else split_rows(f, y, parts)
 
 
-def _columns(f, kp: int, bits: int) -> relax.Expr:
-    """The natural column at each storage position (a constant, once per function)."""
-    key = ("columns", kp, bits)
+def _to_storage_f16(f, x: relax.Expr, kp: int) -> relax.Expr:
+    """fp32 x[m, kp] -> fp16 in the storage column order of fp16 weights, one kernel (a cast followed by a
+    `take` stay two kernels: TVM does not fuse them)."""
+
+    def permute(a, cols):
+        return te.compute(a.shape, lambda i, j: a[i, cols[j]].astype("float16"), name="to_storage")
+
+    return f.bb.emit_te(permute, x, _storage_columns(f, kp))
+
+
+def _storage_columns(f, k: int) -> relax.Expr:
+    """The natural column at each storage position of fp16 weights of k columns (a constant, once per function)."""
+    key = ("columns", k)
     if key not in f.values:
-        f.values[key] = relax.const(storage_columns(kp, bits).astype("int32"), "int32")
+        f.values[key] = relax.const(storage_columns(k, 16).astype("int32"), "int32")
     return f.values[key]
 
 
@@ -229,6 +241,32 @@ def _embedding(f, n, xs):
     return f.bb.emit_te(gather, xs[1], *fields)
 
 
+@register_rule("cuda", "gated_mlp")
+def _gated_mlp(f, n, xs):
+    """In the GEMM programs, SiLU(gate) * up is written in one kernel as the down projection's GEMM reads it
+    (fp16, in the fp16 weights' storage column order or natural order for dequantized weights): the generic
+    rule writes it in fp32, and a cast and a permutation then run as one more pass."""
+    x, wg, wu, wd = n.inputs
+    ffn = int(wg.type.shape[0])
+    bits, group, _ = qkey(wd) if wd.op == "qweight" else (16, 0, True)
+    if f.mode == "gemv" or n.attrs["act"] != "silu" or padded_cols(ffn, bits, group) != ffn:
+        return find_rule("gated_mlp", ("relax",))(f, n, xs)
+    lead, m = f.rows(xs[0], x.type.shape[:-1])
+    gu = f.emit(relax.op.reshape(f.low.linear(f, xs[0], x.type.shape[:-1], (wg, wu), 2 * ffn), [m, 2 * ffn]))
+
+    def silu_mul(a, cols=None):
+        def value(i, j):
+            c = cols[j] if bits == 16 else j
+            g = a[i, c]
+            return (g * tvm.tirx.sigmoid(g) * a[i, ffn + c]).astype("float16")
+
+        return te.compute((a.shape[0], ffn), value, name="silu_mul_f16")
+
+    h = f.bb.emit_te(silu_mul, gu, _storage_columns(f, ffn)) if bits == 16 else f.bb.emit_te(silu_mul, gu)
+    h = f.emit(relax.op.reshape(h, lead + [ffn]))
+    return f.low.linear(f, h, n.type.shape[:-1], (wd,), int(wd.type.shape[0]))
+
+
 @register_rule("cuda", "rms_norm")
 def _rms_norm(f, n, xs):
     """One kernel per norm; a residual add feeding it (and later read by the next residual) runs inside it."""
@@ -243,15 +281,34 @@ def _rms_norm(f, n, xs):
     lead, m = f.rows(a, x.type.shape)
     a2 = f.emit(relax.op.reshape(a, [m, d]))
     eps = float(n.attrs["eps"])
+    order = _gemm_input_order(f, low, n)
+    out_dtype = "float16" if order else "float32"
     kern = low.kernel(
-        ("cuda_rms_norm", d, f"{eps:.3g}", add is not None), lambda: rms_norm_func(d, eps, add is not None)
+        ("cuda_rms_norm", d, f"{eps:.3g}", add is not None) + ((order,) if order else ()),
+        lambda: rms_norm_func(d, eps, add is not None, out_dtype, order == "storage"),
     )
     b2 = f.emit(relax.op.reshape(b, [m, d])) if add is not None else _dummy(f, (1, 1), "float32")
     h_type = relax.TensorType([m, d] if add is not None else [1, 1], "float32")
-    out = f.emit(relax.call_tir(kern, [a2, b2, xs[1]], [h_type, relax.TensorType([m, d], "float32")]))
+    out = f.emit(relax.call_tir(kern, [a2, b2, xs[1]], [h_type, relax.TensorType([m, d], out_dtype)]))
     if add is not None:  # the add's later readers take the kernel's sum; the add itself is left unused
         f.values[add] = f.emit(relax.op.reshape(f.emit(relax.TupleGetItem(out, 0)), lead + [d]))
     return f.emit(relax.op.reshape(f.emit(relax.TupleGetItem(out, 1)), lead + [d]))
+
+
+def _gemm_input_order(f, low: CudaLowering, n: Node) -> str | None:
+    """How the prefill GEMMs reading `n` want it: None (as it is, fp32) unless this function multiplies on
+    tensor cores and every reader of `n` is a linear layer (or gated MLP) over weights of one kind; then fp16,
+    in "storage" order (fp16 weights keep their decode GEMV's column order) or "natural" (dequantized
+    weights). `cuda_linear` reads an fp16 input in that order."""
+    users = low.users.get(n, [])
+    if f.mode == "gemv" or not users or n in low.graph.outputs or int(n.type.shape[-1]) % 256:
+        return None
+    kinds = set()
+    for u in users:
+        if u.op not in ("linear", "gated_mlp") or u.inputs[0] is not n:
+            return None
+        kinds |= {w.op for w in u.inputs[1 : 2 if u.op == "linear" else 4]}
+    return {frozenset({"param"}): "storage", frozenset({"qweight"}): "natural"}.get(frozenset(kinds))
 
 
 def _fusable_add(f, low: CudaLowering, x: Node, norm: Node) -> bool:
