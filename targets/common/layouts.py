@@ -120,8 +120,9 @@ def padded_k(k: int, group: int) -> int:
 
 
 def pad_codes(codes: Any, zeros: Any, group: int) -> Any:
-    """Codes [N, K] (numpy or torch) padded to whole groups with the last group's zero point, so the
-    padding dequantizes to 0."""
+    """Codes [N, K] (numpy or torch) padded to whole groups with the last group's zero point rounded to a
+    code: the padding dequantizes to 0 under an integer zero point, to at most s/2 under a float one;
+    either way the kernels multiply it by the zeros the input is padded with."""
     pad = padded_k(codes.shape[1], group) - codes.shape[1]
     if not pad:
         return codes
