@@ -90,3 +90,30 @@ def test_sparsified_weights_keep_exact_zeros(traced):
             assert int((g.params[base] == 0).sum()) > 0 and bool((w[g.params[base] == 0] == 0).all())
         else:
             assert not bool((zeros == torch.round(zeros)).all())
+
+
+def test_packing_a_ragged_group_that_does_not_span_zero():
+    """A float zero point lies outside the code range when a group does not span 0 (z < 0 for an
+    all-positive group). The ragged last group's padding codes must still be codes: the CPU and CUDA
+    packers accept them, and the real columns dequantize as the IR does."""
+    from kiln.targets.cpu.layouts import BlockedQuant
+    from kiln.targets.cuda.layouts import Quant
+
+    torch.manual_seed(0)
+    w = torch.randn(40, 80)
+    w[:, 64:] = w[:, 64:].abs() + 0.5  # the last (ragged) group of 32 is all positive
+    sch = parse_scheme("int4_g32_floatzero")
+    q, s, z = rtn(w, sch)
+    assert bool((z[:, -1] < 0).all())
+    cpu = BlockedQuant(bits=4, group=32, sym=False).pack([q.numpy(), s.numpy(), z.numpy()])
+    assert len(cpu) == 3 and cpu[0].shape[1] == 96  # padded to 3 whole groups
+    cuda = Quant(bits=4, group=32, sym=False).pack([q.numpy(), s.numpy(), z.numpy()])
+    assert len(cuda) == 3
+    # CPU layout (qkernels.qweight_layout): codes[b, k, j] = q[32b + j, k] | q[32b + 16 + j, k] << 4, and
+    # the value is f * scales + zs with f = 1 + q / 16: the real columns dequantize as the IR does
+    codes = cpu[0][0].astype(np.int64)  # rows 0..31: [K, 16]
+    got_q = np.concatenate([codes & 15, codes >> 4], 1).T  # [32, 96]
+    assert np.array_equal(got_q[:, :80], q.numpy()[:32])
+    f = 1 + got_q / 16.0
+    got = f * np.repeat(cpu[1][0].T, 32, 1) + np.repeat(cpu[2][0].T, 32, 1)
+    np.testing.assert_allclose(got[:, :80], dequantize(q, s, z, 32).numpy()[:32], rtol=1e-5, atol=1e-5)
