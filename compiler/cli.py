@@ -252,7 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--max-context", type=int, default=None, help="longest sequence the artifact serves")
     b.add_argument("--dump-ir", default=None, help="write the IR after every pass into this folder")
     b.add_argument("--no-cache", action="store_true", help="do not use or fill the build cache")
-    b.add_argument("--quant", default=None, help="weight scheme: int8, int4_g128, int4_g32_sym, int4_sym, ...")
+    b.add_argument(
+        "--quant",
+        default=None,
+        help="weight scheme: int8, int4_g128, int4_g32_sym, int4_sym, int4_g32_floatzero (float zero points), ...",
+    )
     b.add_argument(
         "--quant-plan",
         default=None,

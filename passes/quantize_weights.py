@@ -10,7 +10,7 @@ import torch
 from kiln.errors import PassError
 from kiln.ir import Graph, Node
 from kiln.log import get, step
-from kiln.quant import WeightQuant, awq_scales, clip_search, gptq, parse_scheme, quantize_with, rtn
+from kiln.quant import WeightQuant, awq_scales, clip_search, gptq, integer_zero, parse_scheme, quantize_with, rtn
 
 from .qweights import fold_input_scale, is_lm_head, make_qweight
 from .registry import count, register
@@ -39,7 +39,10 @@ def quantize_weights(
     and run before fuse-mlp and kv-cache (they observe each linear's input).
     plan= (a JSON file, or a dict in Python) maps weight names to schemes, `none` keeping a weight fp32:
     mixed precision per projection; weights it does not name follow `scheme` / `lm_head`, and a tied
-    embedding follows its output layer's entry. Lossy."""
+    embedding follows its output layer's entry.
+    A `_floatzero` scheme falls back to integer zero points on weights that sparsify zeroed
+    (graph.meta['sparsity']), so their zeros stay exactly 0 (the 2:4 kernels and compact storage rely
+    on it). Lossy."""
     s = parse_scheme(scheme)
     head = None if lm_head == "none" else (s if lm_head == "same" else parse_scheme(lm_head))
     if method not in ("rtn", "gptq", "awq"):
@@ -59,8 +62,13 @@ def quantize_weights(
             f"(weights here look like '{min(named, default='?')}')"
         )
 
+    sparse = set(g.meta.get("sparsity", {}).get("params", {}))
+
     def scheme_of(name: str, default: WeightQuant | None) -> WeightQuant | None:
-        return per_weight[name] if name in per_weight else default
+        sch = per_weight[name] if name in per_weight else default
+        # a float zero point would turn pruned zeros into +-s/2: sparse weights keep an exact 0
+        was_sparse = name in sparse or name.removesuffix(".awq") in sparse  # AWQ renames what it rescales
+        return integer_zero(sch) if sch is not None and was_sparse else sch
 
     if method != "rtn":
         if g.find("gated_mlp"):

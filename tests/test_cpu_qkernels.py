@@ -36,6 +36,13 @@ def test_quantize_rtn_roundtrip(bits: int, sym: bool, group: int) -> None:
         assert z is None
     else:
         assert z.shape == s.shape and z.dtype == np.float32 and np.all(z == np.round(z))
+        # float zero points: the same error bound, and both ends of every group's range on the grid
+        qf, sf, zf = cq.quantize_rtn(w, bits, group, sym, float_zero=True)
+        wf = cq.dequantize(qf, sf, zf, bits, group, sym)
+        assert np.all(np.abs(wf - w) <= np.repeat(sf, group, axis=1) / 2 * (1 + 1e-5) + 1e-7)
+        wg, fg = w.reshape(n, k // group, group), wf.reshape(n, k // group, group)
+        np.testing.assert_allclose(fg.min(axis=2), wg.min(axis=2), atol=1e-5 * float(np.abs(w).max()))
+        np.testing.assert_allclose(fg.max(axis=2), wg.max(axis=2), atol=1e-5 * float(np.abs(w).max()))
     wdq = cq.dequantize(q, s, z, bits, group, sym)
     assert wdq.shape == (n, k) and wdq.dtype == np.float32
     bound = np.repeat(s, group, axis=1) / 2 * (1 + 1e-5) + 1e-7
@@ -54,6 +61,16 @@ def test_quantize_rtn_formulas() -> None:
     np.testing.assert_allclose(s, [[3.0 / 15]], rtol=1e-6)
     np.testing.assert_array_equal(z, [[5.0]])
     np.testing.assert_array_equal(q, np.clip(np.round(w / s) + 5, 0, 15).astype(np.int32))
+    # an integer zero point moves the grid by up to s/2 and clips an end of the range (-0.7 -> -0.8,
+    # 2.3 -> 2.2); a float one puts both ends on the grid
+    w = np.array([[-0.7, -0.15, 0.52, 2.3]], np.float32)
+    q, s, z = cq.quantize_rtn(w, 4, 4, sym=False)
+    np.testing.assert_array_equal(z, [[4.0]])
+    np.testing.assert_allclose(cq.dequantize(q, s, z, 4, 4, False)[0, [0, 3]], [-0.8, 2.2], atol=1e-6)
+    q, s, z = cq.quantize_rtn(w, 4, 4, sym=False, float_zero=True)
+    np.testing.assert_allclose(z, [[3.5]], rtol=1e-6)
+    np.testing.assert_array_equal(q, [[0, 3, 6, 15]])
+    np.testing.assert_allclose(cq.dequantize(q, s, z, 4, 4, False)[0, [0, 3]], [-0.7, 2.3], atol=1e-6)
     # degenerate groups reconstruct exactly
     c = np.array([[3.0] * 8, [0.0] * 8], np.float32)
     for sym in (True, False):
@@ -107,7 +124,7 @@ def test_qlinear(mode: str, k: int, n: int, bits: int, group: int, sym: bool) ->
     rng = np.random.default_rng(bits * 1000 + group + n + sym)
     w = rng.standard_normal((n, k), dtype=np.float32)
     bias = rng.standard_normal(n, dtype=np.float32)
-    q, s, z = cq.quantize_rtn(w, bits, group, sym)
+    q, s, z = cq.quantize_rtn(w, bits, group, sym, float_zero=k == 256)  # asym: float zero points too
     packed = cq.pack_qweight(q, s, z, bits, group, sym)
     shapes = cq.packed_shapes(n, k, bits, group, sym)
     assert [(a.shape, str(a.dtype)) for a in packed] == shapes

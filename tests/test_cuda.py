@@ -102,7 +102,7 @@ def test_numpy_and_torch_packers_agree_and_dequantize_exactly():
     nat = np.zeros_like(f16)
     nat[:, storage_columns(256, 16)] = f16
     assert np.array_equal(nat[:, :200], w.numpy().astype(np.float16)) and not nat[:, 200:].any()
-    for bits, scheme in ((4, "int4_g64"), (8, "int8_g64"), (4, "int4_g32_sym"), (8, "int8")):
+    for bits, scheme in ((4, "int4_g64"), (8, "int8_g64"), (4, "int4_g32_sym"), (8, "int8"), (4, "int4_g64_floatzero")):
         sch = parse_scheme(scheme)
         q, s, z = rtn(w, sch)
         lay = Quant(bits=bits, group=sch.group_for(200), sym=sch.sym)
@@ -124,8 +124,11 @@ def test_numpy_and_torch_packers_agree_and_dequantize_exactly():
             got = codes * sc + np.repeat(arrays[2].astype(np.float32), g, 1)
         ref = dequantize(q, s, z, sch.group_for(200)).numpy()
         assert np.abs(got[:24, :200] - ref).max() < 2e-2 * np.abs(ref).max(), scheme  # fp16 scales
-        # padding rows are zero; padding columns hold the zero point
-        assert not got[24:].any() and np.abs(got[:24, 200:]).max() < 1e-2 * np.abs(ref).max(), scheme
+        # padding rows are zero; padding columns hold the zero point (rounded to a code: within s/2 of 0
+        # when it is a float; the kernels multiply the padding by zero inputs)
+        assert not got[24:].any(), scheme
+        pad = np.abs(got[:24, 200:]) - (0.5 * sc[:24, 200:] if sch.float_zero else 0)
+        assert pad.max() < 1e-2 * np.abs(ref).max(), scheme
     assert Quant(part=2, bits=4, group=64, sym=False).key() == "cuda_mma_q4g64a:2"
 
 

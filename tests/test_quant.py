@@ -43,7 +43,19 @@ def test_scheme_names():
         parse_scheme("int4_128")
 
 
-@pytest.mark.parametrize("name", ["int8", "int4_g32", "int4_g128", "int4_g128_sym", "int4_sym", "int3_g64"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "int8",
+        "int4_g32",
+        "int4_g128",
+        "int4_g128_sym",
+        "int4_sym",
+        "int3_g64",
+        "int4_g128_floatzero",
+        "int8_asym_floatzero",
+    ],
+)
 def test_rtn_error_is_half_a_step_including_ragged_groups(name):
     s = parse_scheme(name)
     w = torch.randn(24, 576)  # 576 = 4.5 x 128: the last group of g128 is short
@@ -72,7 +84,7 @@ def test_gptq_and_awq_beat_rtn_on_correlated_inputs():
     assert e_awq <= e_rtn * 1.0001
 
 
-@pytest.mark.parametrize("scheme,min_db", [("int8", 30.0), ("int4_g32", 12.0)])
+@pytest.mark.parametrize("scheme,min_db", [("int8", 30.0), ("int4_g32", 12.0), ("int4_g32_floatzero", 12.0)])
 def test_quantize_weights_rtn(base, scheme, min_db):
     g, counts = run_counted(REGISTRY["quantize-weights"], base, {"scheme": scheme})
     verify(g)
@@ -173,7 +185,7 @@ def test_qat_prepared_model_compiles_to_exactly_its_forward(models):
     assert float((out - trained_fwd).abs().max() / trained_fwd.abs().max()) < 1e-5
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4_g32", "int4_g16_sym", "int4_sym"])
+@pytest.mark.parametrize("scheme", ["int8", "int4_g32", "int4_g16_sym", "int4_sym", "int4_g32_floatzero"])
 def test_compiled_quantized_model_matches_its_ir(models, artifacts, scheme):
     """The CPU kernels dequantize inside the matmul and compute what the IR says (hidden 48 with
     group 32 leaves a ragged last group; the artifact's weights shrink)."""
@@ -238,7 +250,7 @@ def test_int8_kv_cache_compiles_and_matches_its_ir(models, artifacts):
     assert float((torch.from_numpy(got) - ref).abs().max() / ref.abs().max()) < 1e-4
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4_g16"])
+@pytest.mark.parametrize("scheme", ["int8", "int4_g16", "int4_g16_floatzero"])
 def test_tied_embedding_reads_the_quantized_output_layer(scheme):
     """A table tied to the LM head shares its quantized codes: one copy in the artifact, and the
     compiled gather dequantizes rows exactly as the IR does."""

@@ -119,13 +119,15 @@ def padded_k(k: int, group: int) -> int:
     return -(-k // group) * group
 
 
-def pad_codes(codes: Any, zeros: Any, group: int) -> Any:
-    """Codes [N, K] (numpy or torch) padded to whole groups with the last group's zero point, so the
-    padding dequantizes to 0."""
+def pad_codes(codes: Any, zeros: Any, group: int, bits: int) -> Any:
+    """Codes [N, K] (numpy or torch) padded to whole groups with the last group's zero point as a code, so
+    the padding dequantizes to 0 under an integer zero point. A float zero point is rounded and clamped
+    to the code range (it lies outside when the group does not span 0): that padding is not 0, but the
+    kernels multiply it by the zeros the input is padded with."""
     pad = padded_k(codes.shape[1], group) - codes.shape[1]
     if not pad:
         return codes
-    fill = zeros[:, -1:].round()
+    fill = zeros[:, -1:].round().clip(0, (1 << bits) - 1)
     if isinstance(codes, np.ndarray):
         return np.concatenate([codes, np.repeat(fill, pad, axis=1).astype(codes.dtype)], axis=1)
     import torch

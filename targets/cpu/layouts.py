@@ -54,7 +54,7 @@ class BlockedQuant(Layout):
         from .qkernels import pack_qweight
 
         codes, scales, zeros = split_sources(arrays)
-        codes = pad_codes(codes.astype(np.int32), zeros, self.group)
+        codes = pad_codes(codes.astype(np.int32), zeros, self.group, self.bits)
         return pack_qweight(codes, scales, None if self.sym else zeros, self.bits, self.group, self.sym)
 
 
@@ -102,7 +102,7 @@ class Sparse24Quant(Layout):
         from .sparse24 import pack_sparse24_quant
 
         codes, scales, zeros = split_sources(arrays)
-        codes = pad_codes(codes.astype(np.int32), zeros, self.group)
+        codes = pad_codes(codes.astype(np.int32), zeros, self.group, self.bits)
         return pack_sparse24_quant(codes, scales, zeros, self.bits, self.group, self.sym)
 
     def dense_bytes(self, shape: tuple[int, ...], dtype: str) -> int:

@@ -53,7 +53,9 @@ def _check(shape: tuple[int, int], bits: int, group: int, kernel: bool = False) 
     return k // group
 
 
-def quantize_rtn(w: np.ndarray, bits: int, group: int, sym: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def quantize_rtn(
+    w: np.ndarray, bits: int, group: int, sym: bool, float_zero: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Round-to-nearest quantization of a torch-layout weight w [N, K].
 
     Returns ``(q, scales, zeros)``: q [N, K] int32 codes in [0, 2^bits - 1]; scales [N, K//group] f32;
@@ -61,6 +63,7 @@ def quantize_rtn(w: np.ndarray, bits: int, group: int, sym: bool) -> tuple[np.nd
 
     * sym:  s = max|w| / (2^(bits-1) - 1),  q = clamp(round(w/s), -2^(bits-1), 2^(bits-1)-1) + 2^(bits-1)
     * asym: s = (max - min) / (2^bits - 1), z = round(-min/s),  q = clamp(round(w/s) + z, 0, 2^bits - 1)
+    * asym, float_zero: z = -min/s unrounded, q = clamp(round(w/s + z), 0, 2^bits - 1) (kiln's `_floatzero`)
 
     ``group == K`` means per-channel.  Rounding is numpy's (half to even).  A group whose scale would be
     0 (all equal values) gets s = |value| / qmax (or 1 for all zeros) so it reconstructs exactly.  For
@@ -85,8 +88,11 @@ def quantize_rtn(w: np.ndarray, bits: int, group: int, sym: bool) -> tuple[np.nd
     s = ((hi - lo) / np.float32(qmax)).astype(np.float32)
     degenerate = np.abs(lo) / np.float32(qmax)
     s = np.where(s > 0, s, np.where(degenerate > 0, degenerate, np.float32(1))).astype(np.float32)
-    z = np.round(-lo / s).astype(np.float32)
-    q = np.clip(np.round(wg / s[:, :, None]) + z[:, :, None], 0, qmax)
+    z = (-lo / s).astype(np.float32)
+    if not float_zero:
+        z = np.round(z)
+    zi = np.round(z)  # round(w/s + frac(z)) + int(z): exactly round(w/s) + z for an integer z, ties included
+    q = np.clip(np.round(wg / s[:, :, None] + (z - zi)[:, :, None]) + zi[:, :, None], 0, qmax)
     return q.reshape(n, k).astype(np.int32), s, z
 
 

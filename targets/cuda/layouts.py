@@ -208,8 +208,8 @@ class Quant(Layout):
     def pack(self, arrays: list[Any]) -> list[Any]:
         codes, scales, zeros = split_sources(arrays)
         k, npad = codes.shape[1], padded_rows(codes.shape[0])
-        # padding columns hold the last zero point, so they dequantize to (nearly) zero
-        codes = pad_codes(codes, zeros, padded_cols(k, self.bits, self.group))
+        # padding columns hold the last zero point (rounded): they meet the zero-padded input
+        codes = pad_codes(codes, zeros, padded_cols(k, self.bits, self.group), self.bits)
         ng = codes.shape[1] // scale_group(k, self.bits, self.group)
         out = [pack_codes(codes, self.bits), _pad_rows(_pad_cols(_f16(scales), ng), npad)]
         if not self.sym:
