@@ -159,16 +159,15 @@ __device__ __forceinline__ void kiln_qmma(const int* __restrict__ ws, const int*
 """
 
 
-def qgemv_config(n: int, k: int, bits: int) -> tuple[int, int, int, bool]:
+def qgemv_config(n: int, k: int, bits: int) -> tuple[int, int, int]:
     """(warps sharing a row tile (split K), row tiles a warp streams together, 16-byte loads a lane makes per
-    row tile and iteration, whether the next iteration's activations and scales load during this one), as
-    measured on the H200 (bench/gpu_notes.md, change 16): int4 outputs of 6144 rows or more stream two row
-    tiles a warp (each activation fragment then feeds two tiles' `mma`s: m = 1 7-14% faster, m = 16 25-30%);
-    the rest two loads an iteration. Prefetching the next iteration's fragments (more registers, fewer
-    blocks an SM) did not pay on any of the 8B shapes; it stays an option for other shapes."""
+    row tile and iteration), as measured on the H200 (bench/gpu_notes.md, change 16): int4 outputs of 6144
+    rows or more stream two row tiles a warp (each activation fragment then feeds two tiles' `mma`s: m = 1
+    7-14% faster, m = 16 25-30%); the rest two loads an iteration. Loading the next iteration's fragments
+    during this one (a second register buffer) lost on every 8B shape: more registers, fewer blocks an SM."""
     if bits == 4 and n >= 6144:
-        return 8, 2, 1, False
-    return 8, 1, 2, False
+        return 8, 2, 1
+    return 8, 1, 2
 
 
 def qgemv_func(
@@ -181,7 +180,6 @@ def qgemv_func(
     splits: int | None = None,
     rows: int | None = None,
     loads: int | None = None,
-    prefetch: bool | None = None,
     parts: tuple[int, ...] = (),
 ):
     """y[m, n] = x[m, k] @ W^T (+ bias) for small m, W as int8/int4 codes in the `QuantMMA` layout (k padded
@@ -190,8 +188,7 @@ def qgemv_func(
 
     A warp streams `rows` row tiles over its 1/`splits` of K, one 16-byte load a lane and row tile per
     iteration, the loads DEPTH iterations ahead in a `cp.async` ring; the activation fragments and scales of
-    the next iteration are loaded while this one computes (two register buffers, the loop unrolled by two so
-    that each buffer is named statically)."""
+    an iteration are loaded with its weight copies, before the wait on the ring."""
     KB = kblock_cols(bits)
     if k % KB:
         raise ValueError(f"quantized GEMV reduction size {k} must be a multiple of {KB} for {bits}-bit codes")
@@ -203,9 +200,8 @@ def qgemv_func(
         raise ValueError(f"GEMV output parts {parts} must be at most 3 sizes adding up to {n}")
     c1, c2 = parts[0], parts[0] + (parts[1] if len(parts) > 1 else 0)
     pdims = list(parts) + [1] * (3 - len(parts))
-    S0, R0, U0, P0 = qgemv_config(n, k, bits)
+    S0, R0, U0 = qgemv_config(n, k, bits)
     S, R, U = splits or S0, rows or R0, loads or U0
-    prefetch = P0 if prefetch is None else prefetch
     if WARPS % S:
         raise ValueError(f"GEMV splits must divide {WARPS}, got {S}")
     tiles_k = KB // 16  # k-tiles per load
@@ -229,7 +225,6 @@ def qgemv_func(
     D = DEPTH  # iterations of loads in flight ahead of the one computed
     NST = (D + 1) * U * R  # ring slots of 16 bytes per lane
     b1 = "true" if R > 1 else "false"  # the second n-tile's fragments held only where two row tiles share them
-    NB = 2 if prefetch else 1  # register buffers of activation fragments and scales
     call = f"kiln_qmma<{bits}, {tiles_k}, {tpg}, {'false' if sym else 'true'}, {b1}>"
 
     @T.macro
@@ -248,8 +243,8 @@ def qgemv_func(
         T.cuda.func_call("kiln_cp_commit", source_code=_SRC)
 
     @T.macro
-    def fetch(x, s, zs, xb, sz, m, mo, tx, t0, ks, i, buf):
-        # the activation fragments and scales (and zs) of iteration i, into register buffer `buf`
+    def fetch(x, s, zs, xb, sz, m, mo, tx, t0, ks, i):
+        # the activation fragments and scales (and zs) of iteration i
         for u in T.unroll(U):
             if i * U + u < per and ks * per + i * U + u < kblocks:
                 T.cuda.func_call(
@@ -258,7 +253,7 @@ def qgemv_func(
                     m - mo * MB,
                     k,
                     (ks * per + i * U + u) * KB,
-                    T.address_of(xb[(buf * U + u) * XB]),
+                    T.address_of(xb[u * XB]),
                     source_code=_SRC,
                 )
                 for r in T.unroll(R):
@@ -266,40 +261,36 @@ def qgemv_func(
                         for q in T.unroll(NS):
                             for h in T.unroll(2):
                                 col = ((ks * per + i * U + u) * KB + q * tpg * 16) // g
-                                sz[buf * SZ + ((u * R + r) * NS + q) * 4 + h] = T.Cast(
+                                sz[((u * R + r) * NS + q) * 4 + h] = T.Cast(
                                     "float32", s[(t0 + r) * 16 + h * 8 + tx // 4, col]
                                 )
                                 if not sym:
-                                    sz[buf * SZ + ((u * R + r) * NS + q) * 4 + 2 + h] = T.Cast(
+                                    sz[((u * R + r) * NS + q) * 4 + 2 + h] = T.Cast(
                                         "float32", zs[(t0 + r) * 16 + h * 8 + tx // 4, col]
                                     )
 
     @T.macro
-    def step(x, s, zs, w, ring, xb, sz, acc, m, mo, ty, tx, t0, ks, io, cur):
-        # iteration io: its loads D ahead, the next iteration's fragments, then the mma's of this one
-        if io < outer:
-            copy(ring, w, ty, tx, t0, ks, io + D)
-            if prefetch:
-                fetch(x, s, zs, xb, sz, m, mo, tx, t0, ks, io + 1, 1 - cur)
-            else:
-                fetch(x, s, zs, xb, sz, m, mo, tx, t0, ks, io, cur)
-            T.cuda.func_call(f"kiln_cp_wait<{D}>", source_code=_SRC)  # iteration io has landed
-            for u in T.unroll(U):
-                for r in T.unroll(R):
-                    if io * U + u < per and ks * per + io * U + u < kblocks and t0 + r < rt:
-                        T.cuda.func_call(
-                            call,
-                            T.address_of(ring[ty, (((io % (D + 1)) * U + u) * R + r) * 128 + tx * 4]),
-                            T.address_of(ring[ty, (((io % (D + 1)) * U + u) * R + r) * 128 + tx * 4 + 3]),
-                            T.address_of(xb[(cur * U + u) * XB]),
-                            T.address_of(x[mo * MB, 0]),
-                            m - mo * MB,
-                            k,
-                            (ks * per + io * U + u) * KB,
-                            T.address_of(sz[cur * SZ + (u * R + r) * NS * 4]),
-                            T.address_of(acc[r * 8]),
-                            source_code=_SRC,
-                        )
+    def step(x, s, zs, w, ring, xb, sz, acc, m, mo, ty, tx, t0, ks, io):
+        # iteration io: its loads D ahead, its fragments and scales, then its mma's
+        copy(ring, w, ty, tx, t0, ks, io + D)
+        fetch(x, s, zs, xb, sz, m, mo, tx, t0, ks, io)
+        T.cuda.func_call(f"kiln_cp_wait<{D}>", source_code=_SRC)  # iteration io has landed
+        for u in T.unroll(U):
+            for r in T.unroll(R):
+                if io * U + u < per and ks * per + io * U + u < kblocks and t0 + r < rt:
+                    T.cuda.func_call(
+                        call,
+                        T.address_of(ring[ty, (((io % (D + 1)) * U + u) * R + r) * 128 + tx * 4]),
+                        T.address_of(ring[ty, (((io % (D + 1)) * U + u) * R + r) * 128 + tx * 4 + 3]),
+                        T.address_of(xb[u * XB]),
+                        T.address_of(x[mo * MB, 0]),
+                        m - mo * MB,
+                        k,
+                        (ks * per + io * U + u) * KB,
+                        T.address_of(sz[(u * R + r) * NS * 4]),
+                        T.address_of(acc[r * 8]),
+                        source_code=_SRC,
+                    )
 
     @T.macro
     def store(y0, y1, y2, i, row, val):
@@ -334,28 +325,22 @@ def qgemv_func(
                     for tx in T.thread_binding(32, thread="threadIdx.x"):
                         acc = T.alloc_buffer((8 * R,), "float32", scope="local")
                         ring = T.alloc_buffer((WARPS, NST * 128), "int32", scope="shared")
-                        xb = T.alloc_buffer((NB * U * XB,), "uint32", scope="local")
-                        sz = T.alloc_buffer((NB * SZ,), "float32", scope="local")
+                        xb = T.alloc_buffer((U * XB,), "uint32", scope="local")
+                        sz = T.alloc_buffer((SZ,), "float32", scope="local")
                         sums = T.alloc_buffer((WARPS, 32, 8 * R), "float32", scope="shared")
                         red = T.alloc_buffer((1,), "float32", scope="local")
                         t0 = T.Bind((bx * RPB + ty // S) * R)  # this warp's first row tile
                         ks = T.Bind(ty % S)
                         for i in T.unroll(8 * R):
                             acc[i] = T.float32(0)
-                        for i in T.unroll(NB * U * XB):
+                        for i in T.unroll(U * XB):
                             xb[i] = T.uint32(0)  # (all of it written here: the calls below write through pointers)
-                        for i in T.unroll(NB * SZ):
+                        for i in T.unroll(SZ):
                             sz[i] = T.float32(0)
                         for d in T.unroll(D):  # D iterations of weights in flight before the first is used
                             copy(ring, w, ty, tx, t0, ks, d)
-                        if prefetch:  # two buffers, named statically: the loop unrolled by two
-                            fetch(x, s, zs, xb, sz, m, mo, tx, t0, ks, 0, 0)
-                            for io2 in range((outer + 1) // 2):
-                                step(x, s, zs, w, ring, xb, sz, acc, m, mo, ty, tx, t0, ks, io2 * 2, 0)
-                                step(x, s, zs, w, ring, xb, sz, acc, m, mo, ty, tx, t0, ks, io2 * 2 + 1, 1)
-                        else:
-                            for io in range(outer):
-                                step(x, s, zs, w, ring, xb, sz, acc, m, mo, ty, tx, t0, ks, io, 0)
+                        for io in range(outer):
+                            step(x, s, zs, w, ring, xb, sz, acc, m, mo, ty, tx, t0, ks, io)
                         # every warp is done with its ring (the planner may give `sums` the ring's memory)
                         T.tvm_storage_sync("shared")
                         for i in T.unroll(8 * R):
