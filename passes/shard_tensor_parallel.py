@@ -25,127 +25,19 @@ split on their codes, scales and zeros: rows freely, input columns only on whole
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import sympy
-import torch
 
 from kiln.errors import PassError
 from kiln.ir import Graph, Node, ttype
 from kiln.ops import norm_dim, ops_of_kind, same
 
 from .registry import count, register
+from .tp_shard import Shard, contiguous_run, head_rows, index_ranges
 
 _CHANNELWISE = ops_of_kind("unary", "elementwise")
 _LOGIT_TAIL = ("mul", "div", "tanh", "cast", "reshape", "slice")  # LM head -> output
-
-
-@dataclass
-class _Shard:
-    """The rank's plan: how each weight parameter is split (name -> spec), for checks and the manifest."""
-
-    g: Graph
-    ranks: int
-    rank: int
-    specs: dict[str, dict] = field(default_factory=dict)
-    done: set[Node] = field(default_factory=set)  # linears and qweights already split
-    full: dict[str, tuple[int, ...]] = field(default_factory=dict)  # the unsharded parameter shapes
-
-    def __post_init__(self) -> None:
-        self.full = {k: tuple(t.shape) for k, t in self.g.params.items()}
-
-    def rows(self, w: Node) -> int:
-        """The unsharded row count of weight `w` (a parameter or a qweight; a tied one may be split already)."""
-        p = w.inputs[0] if w.op == "qweight" else w
-        return self.full[p.attrs["name"]][0]
-
-    # -- weights ------------------------------------------------------------------------------------
-    def take(self, p: Node, axis: int, index: list[int], role: str) -> None:
-        """Keep entries `index` of parameter node `p` along `axis` (-1 in `index`: a zero pad entry)."""
-        name = p.attrs["name"]
-        spec = {"axis": axis, "index": index, "role": role}
-        old = self.specs.get(name)
-        if old is not None:
-            if (old["axis"], old["index"]) != (axis, index):
-                raise PassError(
-                    f"shard-tensor-parallel: parameter '{name}' is read as {old['role']} and as {role}, "
-                    "which split it differently; kiln cannot give the rank one slice of it"
-                )
-            p.type = ttype(tuple(self.g.params[name].shape), p.type.dtype)
-            return
-        t = self.g.params[name]
-        pad = torch.zeros_like(t.narrow(axis, 0, 1))
-        ext = torch.cat([t, pad], axis)  # index -1 reads the zero row after the last
-        rows = torch.tensor([i if i >= 0 else t.shape[axis] for i in index], dtype=torch.long)
-        self.g.params[name] = ext.index_select(axis, rows).contiguous()
-        p.type = ttype(tuple(self.g.params[name].shape), p.type.dtype)
-        self.specs[name] = spec
-
-    def weight(self, w: Node, axis: int, index: list[int], role: str) -> None:
-        """Split weight `w` ([out, in]: a parameter or a `qweight`) on `axis` (0 rows, 1 input columns)."""
-        if w in self.done:
-            return
-        self.done.add(w)
-        if w.op == "param":
-            self.take(w, axis, index, role)
-            return
-        if w.op != "qweight" or any(i.op != "param" for i in w.inputs):
-            raise PassError(
-                f"shard-tensor-parallel: the weight of {role} is %{w.name} = {w.op}; kiln splits parameters "
-                "and quantized weights (qweight) only"
-            )
-        codes, scales, zeros = w.inputs
-        if axis == 0:
-            for p in (codes, scales, zeros):
-                self.take(p, 0, index, role)
-            return
-        k, group, groups = int(codes.type.shape[1]), int(w.attrs["group"]), int(scales.type.shape[1])
-        self.take(codes, 1, index, role)
-        if groups == 1:  # one scale per output row: every column slice keeps it
-            w.attrs = {**w.attrs, "group": len(index)}
-        else:
-            lo = index[0]
-            whole = index == list(range(lo, lo + len(index))) and lo % group == 0
-            if not whole or (len(index) % group and index[-1] != k - 1):
-                raise PassError(
-                    f"shard-tensor-parallel: {role} was quantized in groups of {group} input channels, and "
-                    f"its {k} inputs split over {self.ranks} ranks cut a group; quantize with a group size "
-                    f"that divides {k // self.ranks}, or run shard-tensor-parallel before quantize-weights"
-                )
-            gi = list(range(lo // group, -(-(index[-1] + 1) // group)))
-            self.take(scales, 1, gi, role)
-            self.take(zeros, 1, gi, role)
-        count("qweight-split")
-
-    def bias(self, b: Node | None, index: list[int], role: str) -> None:
-        if b is not None:
-            self.take(b, 0, index, role)
-
-    # -- collectives --------------------------------------------------------------------------------
-    def after(self, n: Node, make: Callable[[Node], Node]) -> Node:
-        """Insert the nodes `make(n)` builds after `n` and give them n's users (and output places)."""
-        users = [u for u in self.g.nodes if n in u.inputs]
-        new = make(n)
-        for u in users:
-            u.inputs = [new if i is n else i for i in u.inputs]
-        self.g.outputs = [new if o is n else o for o in self.g.outputs]
-        return new
-
-    def all_reduce(self, n: Node, bias: Node | None = None) -> Node:
-        def make(x: Node) -> Node:
-            r = self.g.add("all_reduce", [x], {"ranks": self.ranks}, name=x.name + "_allreduce", source=x.source)
-            count("all-reduce")
-            return r if bias is None else self.g.add("add", [r, bias], name=x.name + "_bias", source=x.source)
-
-        return self.after(n, make)
-
-    def row_parallel(self, lin: Node, index: list[int], role: str) -> None:
-        """A linear whose input features are split: its partial sums meet in an all_reduce (then the bias)."""
-        self.weight(lin.inputs[1], 1, index, role)
-        bias = lin.input("bias")
-        lin.inputs = lin.inputs[:2]
-        self.all_reduce(lin, bias)
 
 
 def _literal(e: object) -> int | None:
@@ -161,15 +53,6 @@ def _set_last(x: Node, old: int, new: int) -> None:
     """A reshape whose last entry names `old` features: `new` (the rank's)."""
     if x.op == "reshape" and _literal(x.attrs["shape"][-1]) == old:
         x.attrs = {**x.attrs, "shape": list(x.attrs["shape"][:-1]) + [new]}
-
-
-def _run(n: int, size: int, rank: int) -> list[int]:
-    per = size // n
-    return list(range(rank * per, (rank + 1) * per))
-
-
-def _rows(heads: list[int], d: int) -> list[int]:
-    return [h * d + i for h in heads for i in range(d)]
 
 
 @dataclass
@@ -260,7 +143,7 @@ def _set_heads(path: _Path, heads: int) -> None:
                 n.attrs = {**n.attrs, "shape": shape}
 
 
-def _shard_attention(s: _Shard, att: Node, users: dict[Node, list[Node]]) -> dict:
+def _shard_attention(s: Shard, att: Node, users: dict[Node, list[Node]]) -> dict:
     q, k, v = att.inputs[:3]
     H, Hkv, D = int(q.type.shape[1]), int(k.type.shape[1]), int(q.type.shape[3])
     Dv = int(v.type.shape[3])
@@ -272,10 +155,10 @@ def _shard_attention(s: _Shard, att: Node, users: dict[Node, list[Node]]) -> dic
             f"not divide; choose ranks among {ok}"
         )
     hq = H // n
-    qh = _run(n, H, r)
+    qh = contiguous_run(n, H, r)
     rep = H // Hkv
     if Hkv % n == 0:
-        kvh = _run(n, Hkv, r)
+        kvh = contiguous_run(n, Hkv, r)
     elif rep % hq == 0:  # fewer KV heads than ranks: the one KV head the rank's query heads share
         kvh = [qh[0] // rep]
         count("kv-heads-replicated")
@@ -312,7 +195,7 @@ def _shard_attention(s: _Shard, att: Node, users: dict[Node, list[Node]]) -> dic
         rows: list[int] = []
         for p, heads, d, _ in sorted(parts, key=lambda t: t[0].offset):
             start = len(rows)
-            rows += [p.offset + i for i in _rows(heads, d)]
+            rows += [p.offset + i for i in head_rows(heads, d)]
             if p.cut is not None:  # the role's features in the rank's (smaller) fused output
                 p.cut.attrs = {**p.cut.attrs, "start": start, "end": len(rows)}
             _set_heads(p, len(heads))
@@ -355,18 +238,16 @@ def _shard_attention(s: _Shard, att: Node, users: dict[Node, list[Node]]) -> dic
             )
         _set_last(u, H * Dv, hq * Dv)
         x = u
-    s.row_parallel(u, _rows(qh, Dv), f"the output projection %{u.name}")
+    s.row_parallel(u, head_rows(qh, Dv), f"the output projection %{u.name}")
     count("row-parallel")
     return {"heads": qh, "kv_heads": kvh, "layer": att.attrs.get("layer")}
 
 
-def _splittable(s: _Shard, lin: Node) -> bool:
+def _splittable(s: Shard, lin: Node) -> bool:
     return lin not in s.done and lin.inputs[1] not in s.done and lin.inputs[1].op in ("param", "qweight")
 
 
-def _ffn_group(
-    s: _Shard, down: Node, users: dict[Node, list[Node]]
-) -> tuple[list[Node], list[Node], list[Node]] | None:
+def _ffn_group(s: Shard, down: Node, users: dict[Node, list[Node]]) -> tuple[list[Node], list[Node], list[Node]] | None:
     """The linears whose output channels reach `down`'s input through channel-wise ops only, the
     reshapes in between, and the slices that cut a fused gate/up projection's output into its parts
     (Phi-3); None when down's input is not such a channel group."""
@@ -411,7 +292,7 @@ def _ffn_group(
     return (producers, reshapes, cuts) if producers else None
 
 
-def _shard_mlps(s: _Shard, users: dict[Node, list[Node]], skip: set[Node]) -> list[str]:
+def _shard_mlps(s: Shard, users: dict[Node, list[Node]], skip: set[Node]) -> list[str]:
     n, r = s.ranks, s.rank
     done = []
     for m in s.g.find("gated_mlp"):
@@ -421,7 +302,7 @@ def _shard_mlps(s: _Shard, users: dict[Node, list[Node]], skip: set[Node]) -> li
                 f"shard-tensor-parallel: %{m.name} (from {m.source}) has {F} intermediate channels, which {n} ranks "
                 "do not divide; choose ranks that divide it"
             )
-        idx = _run(n, F, r)
+        idx = contiguous_run(n, F, r)
         s.weight(m.inputs[1], 0, idx, f"the gate projection of %{m.name}")
         s.weight(m.inputs[2], 0, idx, f"the up projection of %{m.name}")
         s.weight(m.inputs[3], 1, idx, f"the down projection of %{m.name}")
@@ -441,7 +322,7 @@ def _shard_mlps(s: _Shard, users: dict[Node, list[Node]], skip: set[Node]) -> li
                 f"shard-tensor-parallel: the MLP into %{down.name} (from {down.source}) has {F} intermediate "
                 f"channels, which {n} ranks do not divide; choose ranks that divide it"
             )
-        idx = _run(n, F, r)
+        idx = contiguous_run(n, F, r)
         for p in producers:
             rows = idx
             parts = sorted((c for c in cuts if c.inputs[0] is p), key=lambda c: int(c.attrs["start"]))
@@ -464,24 +345,17 @@ def _shard_mlps(s: _Shard, users: dict[Node, list[Node]], skip: set[Node]) -> li
     return done
 
 
-def _vocab_index(s: _Shard, V: int) -> tuple[list[int], int, int]:
-    """The rank's vocabulary rows (padded with -1 to a multiple of ranks), its first id and its end."""
-    per = -(-V // s.ranks)
-    lo = s.rank * per
-    return [i if i < V else -1 for i in range(lo, lo + per)], lo, min(lo + per, V)
-
-
 def _token_ids(x: Node) -> bool:
     while x.op == "cast":
         x = x.inputs[0]
     return x.op == "input" and x.name == "input_ids"
 
 
-def _shard_embedding(s: _Shard, e: Node) -> None:
+def _shard_embedding(s: Shard, e: Node) -> None:
     g = s.g
     w, ids = e.inputs
     V = s.rows(w)
-    index, lo, hi = _vocab_index(s, V)
+    index, lo, hi = s.vocab(V)
     s.weight(w, 0, index, f"the embedding table %{e.name}")
     dt = ids.type.dtype
     ge = g.add("ge", [ids, g.const(lo, dt, before=e)], before=e)
@@ -513,10 +387,10 @@ def _lm_head(g: Graph, out: Node) -> Node | None:
     return x
 
 
-def _shard_lm_head(s: _Shard, lin: Node) -> None:
+def _shard_lm_head(s: Shard, lin: Node) -> None:
     g = s.g
     V = s.rows(lin.inputs[1])
-    index, _, _ = _vocab_index(s, V)
+    index, _, _ = s.vocab(V)
     s.weight(lin.inputs[1], 0, index, f"the LM head %{lin.name}")
     s.bias(lin.input("bias"), index, f"the LM head bias of %{lin.name}")
     s.done.add(lin)
@@ -575,7 +449,7 @@ def shard_tensor_parallel(graph: Graph, ranks: int = 1, rank: int = 0) -> Graph:
     if graph.find("all_reduce") or graph.find("all_gather"):
         raise PassError("shard-tensor-parallel: the graph is sharded already")
     g = graph.copy()
-    s = _Shard(g, ranks, rank)
+    s = Shard(g, ranks, rank)
     users = g.users()
     layers = [_shard_attention(s, a, users) for a in [n for n in g.nodes if n.op in ("attention", "cached_attention")]]
     heads = [lin for o in g.outputs if (lin := _lm_head(g, o)) is not None]
@@ -597,7 +471,7 @@ def shard_tensor_parallel(graph: Graph, ranks: int = 1, rank: int = 0) -> Graph:
         weights[name] = {
             "split": "rows" if spec["axis"] == 0 else "columns",
             "axis": spec["axis"],
-            "ranges": _ranges(real),
+            "ranges": index_ranges(real),
             "pad": len(idx) - len(real),
             "role": spec["role"],
         }
@@ -611,14 +485,3 @@ def shard_tensor_parallel(graph: Graph, ranks: int = 1, rank: int = 0) -> Graph:
         "weights": weights,
     }
     return g
-
-
-def _ranges(index: list[int]) -> list[list[int]]:
-    """[3, 4, 5, 9, 10] -> [[3, 6], [9, 11]]: half-open runs of consecutive indices."""
-    out: list[list[int]] = []
-    for i in index:
-        if out and out[-1][1] == i:
-            out[-1][1] = i + 1
-        else:
-            out.append([i, i + 1])
-    return out
