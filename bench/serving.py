@@ -212,6 +212,23 @@ def print_table(summary: dict, rates: list[float]) -> None:
     print(f"greedy outputs identical across policies: {summary['greedy_outputs_identical']}")
 
 
+def fixed_batches(eng, a: argparse.Namespace) -> dict:
+    """Decode tok/s at fixed batch sizes beside the floor (bench/fixed_batch.py), and batch 64 again with the
+    tokens drawn on the host; the goal keys name the model (`decode_tok_s_batch64_8b` for llama-3.1-8b)."""
+    from fixed_batch import copy_bandwidth, decode_throughput, gemm_rate
+
+    bw, rate = copy_bandwidth(), gemm_rate()
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s, fp16 GEMM {rate / 1e12:.0f} TFLOP/s (measured)", flush=True)
+    batches = [int(b) for b in a.fixed_batches.split(",") if b.strip()]
+    host = 64 if 64 in batches and eng.device_sampling else None
+    fb = decode_throughput(eng, batches, a.fixed_context, 64, bw, rate, host_draws_at=host)
+    out: dict = {"copy_bandwidth": bw, "gemm_rate": rate, "fixed_batch": fb}
+    tag = {"llama-3.1-8b": "_8b"}.get(a.random_weights or "", "")
+    for b in batches:
+        out[f"decode_tok_s_batch{b}{tag}"] = fb[f"batch{b}"]["decode_tok_s"]
+    return out
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m", help="what to build when no --artifact is given")
@@ -244,6 +261,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--prefix-requests", type=int, default=None, help="its request count (default: --requests)")
     ap.add_argument("--save", default=None, help="write bench/results/NAME.json with machine, date and commit")
     ap.add_argument("--json", default=None, help="write the figures to this path")
+    ap.add_argument(
+        "--fixed-batches",
+        default=None,
+        help="GPU: also decode tok/s at these fixed batch sizes (comma-separated) beside the step's floor",
+    )
+    ap.add_argument("--fixed-context", type=int, default=512, help="their mean context in tokens")
+    ap.add_argument("--fixed-only", action="store_true", help="only the fixed-batch figures (no policy sweep)")
     a = ap.parse_args(argv)
     bad = [
         msg
@@ -293,11 +317,16 @@ def main(argv: list[str] | None = None) -> dict:
         f"page size {eng.page_size}, {eng.pool.num_pages} KV pages, TVM threads {os.environ.get('TVM_NUM_THREADS')}",
         flush=True,
     )
-    warm_up(eng, a.max_batch)
-    runs = sweep(eng, wl, a, a.policy_list, a.rate_list)
-    summary = summarize(runs, a, a.rate_list)
-    print_table(summary, a.rate_list)
-    figures: dict = {
+    figures: dict = {}
+    if a.fixed_batches:
+        figures.update(fixed_batches(eng, a))
+    summary: dict = {}
+    if not a.fixed_only:
+        warm_up(eng, a.max_batch)
+        runs = sweep(eng, wl, a, a.policy_list, a.rate_list)
+        summary = summarize(runs, a, a.rate_list)
+        print_table(summary, a.rate_list)
+    figures |= {
         "command": "python bench/serving.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "model": model,
         "repeats": a.repeats,

@@ -280,35 +280,43 @@ class GraphRunner:
         self.stream = engine.device.create_raw_stream()
         self.graphs: dict = {}
 
-    def run(self, fn: str, arrays: list) -> Any:
-        """Replay `fn` on `arrays`; returns the graph's output tensor (a TVM runtime tensor)."""
+    def run(self, fn: str, arrays: list, then: tuple[str, list] | None = None) -> tuple[Any, Any]:
+        """Replay `fn` on `arrays`; with `then` = (function, more arrays), that function on `fn`'s output and
+        those arrays in the same graph (the decode step's draws). Returns the graph's output tensors (TVM
+        runtime tensors): `fn`'s, and `then`'s or None."""
         import numpy as np
         import tvm_ffi
 
-        key = (fn,) + tuple(a.shape for a in arrays)
+        extra = then[1] if then is not None else []
+        key = (fn,) + tuple(a.shape for a in arrays) + ((then[0],) + tuple(a.shape for a in extra) if then else ())
         g = self.graphs.get(key)
         eng = self.eng
         if g is None:
-            ins = [eng._t(np.ascontiguousarray(a)) for a in arrays]
+            ins = [eng._t(np.ascontiguousarray(a)) for a in list(arrays) + list(extra)]
+
+            def step():
+                out = eng.vm[fn](*ins[: len(arrays)], eng.caches, eng.weights)
+                return out, (eng.vm[then[0]](out, *ins[len(arrays) :]) if then is not None else None)
+
             with tvm_ffi.use_raw_stream(eng.device, self.stream):
                 for _ in range(2):  # warm the allocator so the captured run allocates nothing new
-                    eng.vm[fn](*ins, eng.caches, eng.weights)
+                    step()
                 self.rt.check(self.rt.lib.cudaStreamSynchronize(ctypes.c_void_p(self.stream)), "sync")
                 self.rt.check(self.rt.lib.cudaStreamBeginCapture(ctypes.c_void_p(self.stream), 2), "begin capture")
-                out = eng.vm[fn](*ins, eng.caches, eng.weights)
+                outs = step()
                 graph = ctypes.c_void_p()
                 self.rt.check(
                     self.rt.lib.cudaStreamEndCapture(ctypes.c_void_p(self.stream), ctypes.byref(graph)), "end capture"
                 )
             exe = ctypes.c_void_p()
             self.rt.check(self.rt.lib.cudaGraphInstantiate(ctypes.byref(exe), graph, 0), "graph instantiate")
-            g = self.graphs[key] = (exe, ins, out, graph)
-        exe, ins, out, _ = g
-        for t, a in zip(ins, arrays):
+            g = self.graphs[key] = (exe, ins, outs, graph)
+        exe, ins, outs, _ = g
+        for t, a in zip(ins, list(arrays) + list(extra)):
             t.copyfrom(np.ascontiguousarray(a))
         self.rt.check(self.rt.lib.cudaGraphLaunch(exe, ctypes.c_void_p(self.stream)), "graph launch")
         self.rt.check(self.rt.lib.cudaStreamSynchronize(ctypes.c_void_p(self.stream)), "sync")
-        return out
+        return outs
 
     def close(self) -> None:
         """Destroy the captured graphs (their executables hold device memory) and the stream."""

@@ -72,6 +72,17 @@ class Decoder:
             self._last = TokenLogprob(tok, lp, top)
         return tok
 
+    def device_draw(self, rng: np.random.Generator) -> tuple[float, int] | None:
+        """(temperature, key) when the device may draw the next token alone (`Engine.decode_step`): nothing
+        here reads the logits (no grammar, penalty, filter or logprobs). The key comes from the sequence's
+        own generator, so a seeded request repeats on the same engine."""
+        p = self.params
+        if self.grammar is not None or self.logprobs is not None or p.penalized:
+            return None
+        if p.min_p > 0 or p.top_k > 0 or p.top_p < 1.0:
+            return None
+        return (0.0, 0) if p.temperature == 0 else (float(p.temperature), int(rng.integers(0, 2**31 - 1)))
+
     def push(self, token: int) -> Delta:
         """Record a sampled token; returns what the stream shows for it."""
         lp, self._last = self._last, None

@@ -61,10 +61,20 @@ class Completion:
     index: int = 0  # which of the prompt's n completions
 
 
+@dataclass
+class DecodeStep:
+    """A decode step's result (`Engine.decode_step`): `tokens[i]` the device's draw for row i (None where it
+    drew none) and `logits(i)` row i's logits [vocab], read on demand; valid until the engine's next call."""
+
+    logits: Callable[[int], np.ndarray]
+    tokens: list[int | None]
+
+
 class Engine:
     """Serve one artifact. `kv_cache_tokens` sizes the page pool (tokens over all sequences); a model with
     state-space layers also gets `state_slots` fixed-size states (sequences alive at once; default
-    min(pages, 32)).
+    min(pages, 32)). `device_sampling=False` keeps every draw on the host (a cuda artifact otherwise draws
+    decode tokens on the GPU where the request's parameters allow: `decode_step`).
 
     Calls are serialized: the TVM VM is not re-entrant, so `generate` and the entry points take the
     engine's lock and threads calling them at once run one after another."""
@@ -77,6 +87,7 @@ class Engine:
         weights: dict | None = None,
         cuda_graphs: bool = True,
         state_slots: int | None = None,
+        device_sampling: bool = True,
     ) -> None:
         _threads()
         self._lock = threading.RLock()
@@ -123,6 +134,8 @@ class Engine:
         else:
             self.caches = self.kv_layout.allocate(self.pool.num_pages)
         self.gemv_max_batch = int(self.manifest.get("target", {}).get("gemv_max_batch", 0))
+        # decode tokens drawn on the device (`decode_step`), where the artifact has the `sample` function
+        self.device_sampling = bool(device_sampling and self.manifest.get("target", {}).get("sampler"))
         self._graphs = None
         if self.on_gpu and cuda_graphs:  # decode steps replay as CUDA graphs (one launch per step)
             from .cuda import GraphRunner
@@ -244,18 +257,54 @@ class Engine:
     @serialized
     def decode(self, tokens: Sequence[int], positions: Sequence[int], pages: list[list[int]]) -> np.ndarray:
         """One new token per sequence; returns logits [batch, vocab]."""
+        return self._decode(tokens, positions, pages)[0].numpy()[:, -1]
+
+    @serialized
+    def decode_step(
+        self,
+        tokens: Sequence[int],
+        positions: Sequence[int],
+        pages: list[list[int]],
+        draws: Sequence[tuple[float, int] | None],
+    ) -> DecodeStep:
+        """One new token per sequence, as `decode`. Where the artifact draws on the device (`device_sampling`)
+        and `draws[i]` is (temperature, key), row i's token is drawn there (targets/cuda/sample.py: the argmax
+        at temperature 0) and its logits stay on the device unless read: a step then copies token ids to the
+        host instead of [batch, vocab] logits."""
+        if len(draws) != len(tokens):
+            raise ValueError(f"decode_step: {len(draws)} draws for {len(tokens)} sequences")
+        if not self.device_sampling or all(d is None for d in draws):
+            logits = self.decode(tokens, positions, pages)
+            return DecodeStep(lambda i: logits[i], [None] * len(draws))
+        temp = np.array([max(float(d[0]), 0.0) if d else 0.0 for d in draws], dtype=np.float32)
+        key = np.array([int(d[1]) & 0x7FFFFFFF if d else 0 for d in draws], dtype=np.int32)
+        out, drawn = self._decode(tokens, positions, pages, (temp, key))
+        ids = drawn.numpy()
+        t, v = int(out.shape[1]), int(out.shape[2])
+
+        def row(i: int) -> np.ndarray:  # one row's bytes from the device
+            return out._create_view((v,), "float32", (i * t + t - 1) * v * 4).numpy()
+
+        return DecodeStep(row, [int(ids[i]) if d is not None else None for i, d in enumerate(draws)])
+
+    def _decode(self, tokens, positions, pages, sample: tuple[np.ndarray, np.ndarray] | None = None) -> Any:
+        """Run decode (or decode_batched) as a CUDA graph where there are graphs; with `sample`, the device's
+        draws too. Returns the logits tensor (and the draws)."""
         x, pos = entry_inputs(
             self, column(tokens, "decode: tokens"), column(positions, "decode: positions"), pages, "decode"
         )
         pos = pos.astype(np.int32)
         fn = "decode_batched" if self.gemv_max_batch and len(tokens) > self.gemv_max_batch else "decode"
+        then = ("sample", list(sample)) if sample is not None else None
         if self._graphs is not None:
             pt = np.zeros((len(pages), self._pt_width), dtype=np.int32)
             for i, r in enumerate(pages):
                 pt[i, : len(r)] = r
-            return self._graphs.run(fn, [x, pos, pt]).numpy()[:, -1]
+            return self._graphs.run(fn, [x, pos, pt], then)
         out = self.vm[fn](self._t(x), self._t(pos), self._t(page_table(pages)), self.caches, self.weights)
-        return out.numpy()[:, -1]
+        if then is None:
+            return out, None
+        return out, self.vm[then[0]](out, *(self._t(a) for a in then[1]))
 
     @serialized
     def verify(

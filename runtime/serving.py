@@ -430,15 +430,19 @@ class Server:
                 assert self.spec is not None  # k stays 0 without a speculator
                 news = self.spec.step(dec, k, lambda i, row: self._sample(dec[i], row))
             else:
-                logits = self.engine.decode(
-                    [r.ids[-1] for r in dec], [len(r.ids) - 1 for r in dec], [r.pages for r in dec]
+                on_device = getattr(self.engine, "device_sampling", False)
+                step = self.engine.decode_step(
+                    [r.ids[-1] for r in dec],
+                    [len(r.ids) - 1 for r in dec],
+                    [r.pages for r in dec],
+                    [r.handle.decoder.device_draw(r.rng) if on_device else None for r in dec],
                 )
         except Exception as e:
             for r in dec:
                 self._finish(r, "error", e)
             return
         if k < 1:
-            news = [self._sample(r, row) for r, row in zip(dec, logits)]
+            news = [self._sample(r, step.logits, i, step.tokens[i]) for i, r in enumerate(dec)]
         for r, new in zip(dec, news):
             r.computed = len(r.ids)  # KV of the last token is written now
             for t in new:
@@ -449,10 +453,19 @@ class Server:
                 r.computed = len(r.ids) - 1  # KV of every accepted token is written; the newest has none yet
                 r.registered = self.kv.register(r.ids, r.pages, r.computed, r.registered)
 
-    def _sample(self, r: Request, logits: np.ndarray) -> list[int]:
-        """The request's next token; a sampling error fails this request alone (no token)."""
+    def _sample(
+        self,
+        r: Request,
+        logits: np.ndarray | Callable[[int], np.ndarray],
+        i: int | None = None,
+        drawn: int | None = None,
+    ) -> list[int]:
+        """The request's next token: the device's draw, or sampled here from `logits` (a row, or with `i` a
+        step's rows read on demand); a sampling error fails this request alone (no token)."""
+        if drawn is not None:
+            return [drawn]
         try:
-            return [r.handle.decoder.pick(logits, r.ids, r.rng)]
+            return [r.handle.decoder.pick(logits(i) if callable(logits) and i is not None else logits, r.ids, r.rng)]
         except Exception as e:
             self._finish(r, "error", e)
             return []

@@ -342,3 +342,63 @@ def test_server_serves_a_cuda_engine_with_prefix_sharing(cuda_dir):
     # bit-equality is not promised past a near-tie; the decode steps after the copy read the copied page
     assert again[0].token_ids[:4] == alone[0][:4]
     assert m["prefix_hit_tokens"] >= 3 * eng.page_size - 1 and m["cow_copies"] >= 1 and copies, (m, copies)
+
+
+@gpu
+def test_decode_tokens_drawn_on_the_device_match_the_host(cuda_dir):
+    """A cuda artifact draws decode tokens on the GPU (targets/cuda/sample.py): greedy outputs through
+    `generate` equal the host's argmax of the same logits token for token, on the GEMV program (batch 1) and
+    decode_batched (batch 6); rows that need their logits (logprobs, a penalty) read them from the device beside
+    rows drawn there and get the host's answers; seeded temperature draws repeat, another seed differs."""
+    from dataclasses import replace
+
+    from kiln.runtime.sampling import SamplingParams
+
+    path = _artifact(cuda_dir, "tiny-llama", "fp16")
+    eng, _ = _engine_and_reference(path, "tiny-llama")
+    assert eng.device_sampling and eng.manifest["target"]["sampler"]
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 1000, (int(n),), generator=g).tolist() for n in torch.randint(5, 40, (6,), generator=g)]
+    greedy = SamplingParams(max_tokens=16, ignore_eos=True)
+    params = [greedy, replace(greedy, logprobs=2), greedy, replace(greedy, repetition_penalty=1.3), greedy, greedy]
+    for batch in (1, 6):
+        on = eng.generate(prompts[:batch], params[:batch])
+        eng.device_sampling = False
+        try:
+            off = eng.generate(prompts[:batch], params[:batch])
+        finally:
+            eng.device_sampling = True
+        assert [c.token_ids for c in on] == [c.token_ids for c in off], batch
+        for a, b in zip(on, off):
+            assert (a.logprobs is None) == (b.logprobs is None)
+            if a.logprobs:
+                assert [x.top for x in a.logprobs] == [x.top for x in b.logprobs]
+    hot = SamplingParams(max_tokens=24, ignore_eos=True, temperature=1.0, seed=11)
+    first = eng.generate([prompts[0]] * 2, [hot, replace(hot, seed=12)])
+    again = eng.generate([prompts[0]] * 2, [hot, replace(hot, seed=12)])
+    assert [c.token_ids for c in first] == [c.token_ids for c in again]
+    assert first[0].token_ids != first[1].token_ids
+
+
+@gpu
+def test_device_draws_match_the_reference(cuda_dir):
+    """The `sample` function alone on the GPU, 300 rows: argmax rows exactly numpy's (a tie takes the first
+    index), Gumbel-max rows the numpy reference's draw up to float32 near-ties."""
+    from kiln.targets.cuda.sample import gumbel, reference
+
+    path = _artifact(cuda_dir, "tiny-llama", "fp16")
+    eng, _ = _engine_and_reference(path, "tiny-llama")
+    rng = np.random.default_rng(0)
+    b, v = 300, eng.vocab_size
+    logits = (rng.standard_normal((b, 2, v)) * 3).astype(np.float32)
+    logits[0, -1, [3, 700]] = 40.0
+    temp = np.where(np.arange(b) % 2 == 0, 0.0, 0.8).astype(np.float32)
+    key = rng.integers(0, 2**31 - 1, size=b).astype(np.int32)
+    got = eng.vm["sample"](eng._t(logits), eng._t(temp), eng._t(key)).numpy()
+    want = reference(logits, temp, key)
+    assert got[0] == 3
+    assert (got[::2] == want[::2]).all()
+    for i in np.nonzero(got != want)[0]:
+        z = logits[i, -1].astype(np.float64) / temp[i] + gumbel(int(key[i]), v)
+        assert z[got[i]] >= z.max() - 1e-4, i
+    assert (got == want).mean() >= 0.95

@@ -34,6 +34,7 @@ from .layouts import F16, Quant, code_index, packed_shapes, padded_cols, scale_g
 from .norms import rms_norm_func
 from .qgemv import qgemv_func
 from .rope import rope_append_func
+from .sample import sample_func
 
 
 class CudaLowering(RelaxLowering):
@@ -54,6 +55,25 @@ class CudaLowering(RelaxLowering):
         self.gemv_rows, self.gemv_splits = gemv_rows, gemv_splits
         super().__init__(graph, target_name)
         self.users = graph.users()
+
+    def lower(self, entry_points):
+        if "decode" in entry_points:
+            self.sample_function()
+        return super().lower(entry_points)
+
+    def sample_function(self) -> None:
+        """`sample(logits[B, T, V], temperature[B], key[B]) -> tokens[B]`: the decode step's draws on the device
+        (targets/cuda/sample.py), so a step returns token ids rather than logits to the host."""
+        vocab = int(self.graph.outputs[0].type.shape[-1])
+        gv = self.kernel(("cuda_sample", vocab), lambda: sample_func(vocab))
+        b, t = tvm.tirx.Var("batch", "int64"), tvm.tirx.Var("tokens", "int64")
+        logits = relax.Var("logits", relax.TensorType([b, t, vocab], "float32"))
+        temp = relax.Var("temperature", relax.TensorType([b], "float32"))
+        key = relax.Var("key", relax.TensorType([b], "int32"))
+        with self.bb.function("sample", [logits, temp, key]):
+            with self.bb.dataflow():
+                out = self.bb.emit_output(relax.call_tir(gv, [logits, temp, key], relax.TensorType([b], "int32")))
+            self.bb.emit_func_output(out)
 
     def plan_embedding(self, n: Node) -> bool:
         self.weight_fields(n.inputs[0])  # fp16 rows (or codes), shared with a tied LM head

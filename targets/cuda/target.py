@@ -110,6 +110,8 @@ class CudaTarget(TvmTarget):
     def build(self, graph: Graph, entry_points: dict[str, EntryPoint] | None = None) -> BuildResult:
         out = super().build(graph, entry_points)
         out.target["gemv_max_batch"] = gemv_max_batch(graph)
+        if "decode" in (entry_points or self.entry_points(graph)):  # CudaLowering.sample_function
+            out.target["sampler"] = "sample: argmax or Gumbel-max draws of the last position, on the device"
         out.target.update(prefill_attention(graph, self.prefill_attention))
         return out
 

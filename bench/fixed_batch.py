@@ -1,0 +1,134 @@
+"""Fixed-batch decode throughput beside its floor: B sequences at a given context decode together, greedy.
+
+Used by bench/serving.py (`--fixed-batches`). For each batch size, B random prompts of `context - new / 2`
+tokens generate `new` tokens each through `Engine.generate` (a static batch), so the contexts average
+`context`; decode tokens/s counts the B x (new - 1) tokens after the first, over the time after the prefills.
+
+The floor of a step: the bytes it must read (every streamed weight once, the K/V of B contexts) over the
+measured copy bandwidth, against the FLOPs of its matrix products (2 x streamed parameters x B, plus attention's
+4 x layers x heads x head_dim x context x B) over the measured fp16 GEMM rate; the step cannot beat the larger.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+
+def _sync() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    except ImportError:
+        pass
+
+
+def copy_bandwidth() -> float:
+    """Device copy bandwidth, bytes read + written per second (torch, 1 GiB buffers)."""
+    import torch
+
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    _sync()
+    t = time.perf_counter()
+    for _ in range(20):
+        b.copy_(a)
+    _sync()
+    return 2 * n * 20 / (time.perf_counter() - t)
+
+
+def gemm_rate(n: int = 8192) -> float:
+    """FLOP/s of an n^3 fp16 matrix product (cuBLAS through torch)."""
+    import torch
+
+    a = torch.randn(n, n, device="cuda", dtype=torch.float16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.float16)
+    for _ in range(3):
+        a @ b
+    _sync()
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    _sync()
+    return 2 * n**3 * 10 / (time.perf_counter() - t)
+
+
+def model_facts(eng) -> dict[str, Any]:
+    """Bytes a decode step streams (every weight but an untied embedding table, of which one row a token is
+    read), K/V bytes a cached token, parameters multiplied a token, and attention's shape."""
+    man = eng.manifest
+    model = man.get("model") or {}
+    tied = bool(model.get("tie_word_embeddings"))
+    streamed = 0
+    for s, w in zip(man["weights"], eng.weights):
+        if not tied and all(x.startswith("model.embed_tokens") for x in s["sources"]):
+            continue
+        streamed += int(np.prod(w.shape)) * np.dtype(str(w.dtype)).itemsize
+    layers = int(model.get("num_hidden_layers") or 0)
+    heads = int(model.get("num_attention_heads") or 0)
+    kv_heads = int(model.get("num_key_value_heads") or heads)
+    head_dim = int(model.get("head_dim") or (int(model.get("hidden_size") or 0) // max(heads, 1)))
+    hidden, ffn, vocab = (int(model.get(k) or 0) for k in ("hidden_size", "intermediate_size", "vocab_size"))
+    # parameters a token is multiplied by: the projections and the LM head (not the embedding lookup)
+    mult = layers * (hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * ffn) + vocab * hidden
+    cache_bytes = 2 if man.get("target", {}).get("kv_cache_dtype", "float16") == "float16" else 4
+    return {
+        "streamed_bytes": streamed,
+        "kv_bytes_per_token": 2 * layers * kv_heads * head_dim * cache_bytes,
+        "multiplied_params": mult,
+        "attention_flops_per_context_token": 4 * layers * heads * head_dim,
+    }
+
+
+def decode_throughput(
+    eng, batches: list[int], context: int, new: int, bw: float, rate: float, host_draws_at: int | None = None
+) -> dict[str, Any]:
+    """Decode tokens/s at each fixed batch, each beside its floor; with `host_draws_at`, that batch again with
+    the tokens drawn on the host from copied logits (the engine's `device_sampling` off)."""
+    from kiln.runtime.sampling import SamplingParams
+
+    facts = model_facts(eng)
+    rng = np.random.default_rng(0)
+    prompt_len = context - new // 2
+    out: dict[str, Any] = {"context": context, "new_tokens": new, **facts}
+    runs = [(b, True) for b in batches] + ([(host_draws_at, False)] if host_draws_at else [])
+    for b, on_device in runs:
+        prompts = [rng.integers(0, eng.vocab_size, size=prompt_len).tolist() for _ in range(b)]
+        eng.device_sampling = on_device and bool(eng.manifest.get("target", {}).get("sampler"))
+        try:
+            eng.generate(prompts, SamplingParams(max_tokens=3, ignore_eos=True))  # captures this batch's graph
+            t = time.perf_counter()
+            outs = eng.generate(prompts, SamplingParams(max_tokens=new, ignore_eos=True))
+            total = time.perf_counter() - t
+        finally:
+            eng.device_sampling = bool(eng.manifest.get("target", {}).get("sampler"))
+        step = (total - sum(o.prefill_seconds for o in outs)) / (new - 1)
+        t_bytes = (facts["streamed_bytes"] + facts["kv_bytes_per_token"] * b * context) / bw
+        flops = b * (2 * facts["multiplied_params"] + facts["attention_flops_per_context_token"] * context)
+        t_flops = flops / rate
+        floor = max(t_bytes, t_flops)
+        r = {
+            "decode_tok_s": b / step,
+            "step_ms": step * 1e3,
+            "floor_ms": floor * 1e3,
+            "bytes_floor_ms": t_bytes * 1e3,
+            "flops_floor_ms": t_flops * 1e3,
+            "floor_tok_s": b / floor,
+            "share_of_floor": floor / step,
+        }
+        key = f"batch{b}" + ("" if on_device else "_host_draws")
+        out[key] = r
+        print(
+            f"  fixed batch {b:>4}{'' if on_device else ' (host draws)'}: {r['decode_tok_s']:9.1f} tok/s, "
+            f"step {r['step_ms']:.2f} ms; floor {r['floor_ms']:.2f} ms (bytes {r['bytes_floor_ms']:.2f}, FLOPs "
+            f"{r['flops_floor_ms']:.2f}) = {r['floor_tok_s']:.0f} tok/s; {100 * r['share_of_floor']:.0f}% of it",
+            flush=True,
+        )
+    return out
