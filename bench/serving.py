@@ -19,6 +19,9 @@ exactly as bench/gpu_decode.py makes them (`seeded_model`), prompts of random to
         --save gpu_serving --json gpu_serving_run.json
 
 (about 5 minutes on an H200 at ~15 ms a decode step at batch 64; `--repeats 3` takes three times as long).
+`--fixed-batches 1,8,32,64,128,256` adds decode tok/s at those fixed batch sizes at `--fixed-context` (512)
+tokens, each beside its floor (bench/fixed_batch.py), and batch 64 again with the tokens drawn on the host;
+`--fixed-only` runs only those.
 
 The workload (bench/serving_workload.py): `--requests` requests with log-normal prompt lengths (median
 `--prompt-median`, sigma 1.0: a long tail, clipped to `--prompt-max`) and short chat outputs (median

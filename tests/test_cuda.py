@@ -384,7 +384,7 @@ def test_decode_tokens_drawn_on_the_device_match_the_host(cuda_dir):
 def test_device_draws_match_the_reference(cuda_dir):
     """The `sample` function alone on the GPU, 300 rows: argmax rows exactly numpy's (a tie takes the first
     index), Gumbel-max rows the numpy reference's draw up to float32 near-ties."""
-    from kiln.targets.cuda.sample import gumbel, reference
+    from cuda_sample_ref import gumbel, reference
 
     path = _artifact(cuda_dir, "tiny-llama", "fp16")
     eng, _ = _engine_and_reference(path, "tiny-llama")

@@ -65,7 +65,7 @@ def test_device_argmax_matches_numpy(nt, emulator, tmp_path):
 
 @pytest.mark.skipif(CXX is None, reason="needs g++ for the CPU emulation of the device code")
 def test_device_gumbel_draws_match_the_reference(emulator, tmp_path):
-    from kiln.targets.cuda.sample import gumbel, reference
+    from cuda_sample_ref import gumbel, reference
 
     rng = np.random.default_rng(1)
     b, v = 12, 3001
@@ -85,7 +85,7 @@ def test_device_gumbel_draws_match_the_reference(emulator, tmp_path):
 
 def test_gumbel_max_draws_follow_softmax():
     """Across keys, argmax(logits / T + g) is distributed as softmax(logits / T): a chi-square test on 8 tokens."""
-    from kiln.targets.cuda.sample import reference
+    from cuda_sample_ref import reference
 
     logits = np.log(np.array([0.3, 0.2, 0.15, 0.12, 0.1, 0.08, 0.04, 0.01]))[None, None, :] * 1.3
     n, t = 20000, 1.3
