@@ -2,7 +2,8 @@
 
 Used by bench/serving.py (`--fixed-batches`). For each batch size, B random prompts of `context - new / 2`
 tokens generate `new` tokens each through `Engine.generate` (a static batch), so the contexts average
-`context`; decode tokens/s counts the B x (new - 1) tokens after the first, over the time after the prefills.
+`context`; decode tokens/s counts the B x (new - 1) tokens after the first, over the time from the first decode
+step to the end (the scheduler's host work between steps included).
 
 The floor of a step: the bytes it must read (every streamed weight once, the K/V of B contexts) over the
 measured copy bandwidth, against the FLOPs of its matrix products (2 x streamed parameters x B, plus attention's
@@ -11,6 +12,7 @@ measured copy bandwidth, against the FLOPs of its matrix products (2 x streamed 
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -103,10 +105,11 @@ def decode_throughput(
         prompts = [rng.integers(0, eng.vocab_size, size=prompt_len).tolist() for _ in range(b)]
         eng.device_sampling = on_device and bool(eng.manifest.get("target", {}).get("sampler"))
         inner = eng.decode_step
-        spent = [0.0]
+        spent, first = [0.0], [0.0]
 
         def timed(*args, **kw):  # the engine's share of a step; the rest is the scheduler's host work
             t0 = time.perf_counter()
+            first[0] = first[0] or t0
             try:
                 return inner(*args, **kw)
             finally:
@@ -115,13 +118,25 @@ def decode_throughput(
         try:
             eng.generate(prompts, SamplingParams(max_tokens=3, ignore_eos=True))  # captures this batch's graph
             eng.decode_step = timed
-            t = time.perf_counter()
-            outs = eng.generate(prompts, SamplingParams(max_tokens=new, ignore_eos=True))
-            total = time.perf_counter() - t
+            prof = None
+            if os.environ.get("KILN_PROFILE_HOST") == str(b):  # the scheduler's host work at this batch
+                import cProfile
+
+                prof = cProfile.Profile()
+                prof.enable()
+            eng.generate(prompts, SamplingParams(max_tokens=new, ignore_eos=True))
+            end = time.perf_counter()
+            if prof is not None:
+                import pstats
+
+                prof.disable()
+                pstats.Stats(prof).sort_stats("tottime").print_stats(25)
         finally:
             eng.device_sampling = bool(eng.manifest.get("target", {}).get("sampler"))
             eng.__dict__.pop("decode_step", None)  # the bound method again
-        step = (total - sum(o.prefill_seconds for o in outs)) / (new - 1)
+        # the static batch prefills every prompt, then decodes: from the first decode step to the end, with the
+        # scheduler's work between steps (admission and the prompts' validation come before and are not counted)
+        step = (end - first[0]) / (new - 1)
         t_bytes = (facts["streamed_bytes"] + facts["kv_bytes_per_token"] * b * context) / bw
         flops = b * (2 * facts["multiplied_params"] + facts["attention_flops_per_context_token"] * context)
         t_flops = flops / rate

@@ -297,10 +297,7 @@ class Engine:
         fn = "decode_batched" if self.gemv_max_batch and len(tokens) > self.gemv_max_batch else "decode"
         then = ("sample", list(sample)) if sample is not None else None
         if self._graphs is not None:
-            pt = np.zeros((len(pages), self._pt_width), dtype=np.int32)
-            for i, r in enumerate(pages):
-                pt[i, : len(r)] = r
-            return self._graphs.run(fn, [x, pos, pt], then)
+            return self._graphs.run(fn, [x, pos, page_table(pages, self._pt_width)], then)
         out = self.vm[fn](self._t(x), self._t(pos), self._t(page_table(pages)), self.caches, self.weights)
         if then is None:
             return out, None

@@ -25,7 +25,10 @@ def _is_ids(x: object) -> bool:
         isinstance(x, Sequence | np.ndarray)
         and not isinstance(x, str)
         and len(x) > 0
-        and all(isinstance(t, int | np.integer) and not isinstance(t, bool) for t in x)
+        and (
+            (isinstance(x, list) and set(map(type, x)) <= {int})  # the common case, in bulk
+            or all(isinstance(t, int | np.integer) and not isinstance(t, bool) for t in x)
+        )
     )
 
 
