@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 from .artifact import ArtifactError
@@ -155,6 +156,9 @@ class _Cublas:
         if lib.cublasCreate_v2(ctypes.byref(self.handle)):
             raise ArtifactError("cublasCreate failed: is the GPU usable?")
         self.one, self.zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
+        self._one, self._zero = ctypes.byref(self.one), ctypes.byref(self.zero)
+        self._stream: int | None = None  # the stream cuBLAS was last set to
+        self._args: dict = {}  # per (shapes, nt): the call's integer arguments
         p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_float)
         lib.cublasGemmStridedBatchedEx.argtypes = [
             p,
@@ -185,11 +189,31 @@ class _Cublas:
 
     def _gemm(self, a, b, c, nt: bool) -> None:
         """Row-major c[batch, m, n] = a[batch, m, k] @ (b[batch, n, k]^T if nt else b[batch, k, n]).
-        b may have no batch dims (a weight shared by every row)."""
+        b may have no batch dims (a weight shared by every row). Prefill calls this ~130 times a prompt from
+        Python, so everything but the pointers is worked out once per shape (a call costs ~36 us otherwise)."""
         import tvm_ffi
 
-        self.lib.cublasSetStream_v2(self.handle, ctypes.c_void_p(tvm_ffi.get_raw_stream(self.dev)))
-        ash, bsh, csh = [int(x) for x in a.shape], [int(x) for x in b.shape], [int(x) for x in c.shape]
+        stream = tvm_ffi.get_raw_stream(self.dev)
+        if stream != self._stream:
+            self.lib.cublasSetStream_v2(self.handle, ctypes.c_void_p(stream))
+            self._stream = stream
+        key = (a.shape, b.shape, c.shape, nt)
+        args = self._args.get(key)
+        if args is None:
+            args = self._args[key] = self._shape_args(a.shape, b.shape, c.shape, nt)
+        op, n, m, k, ldb, sb, sa, sc, batch = args
+        err = self.lib.cublasGemmStridedBatchedEx(
+            self.handle, op, self.OP_N, n, m, k, self._one,
+            ctypes.c_void_p(b.data_ptr()), self.R_16F, ldb, sb,
+            ctypes.c_void_p(a.data_ptr()), self.R_16F, k, sa, self._zero,
+            ctypes.c_void_p(c.data_ptr()), self.R_32F, n, sc, batch,
+            self.COMPUTE_32F, self.ALGO_DEFAULT,
+        )  # fmt: skip
+        if err:
+            raise RuntimeError(f"cublasGemmStridedBatchedEx failed with status {err} for {a.shape} x {b.shape}")
+
+    def _shape_args(self, a_shape, b_shape, c_shape, nt: bool) -> tuple:
+        ash, bsh, csh = [int(x) for x in a_shape], [int(x) for x in b_shape], [int(x) for x in c_shape]
         m, n = csh[-2], csh[-1]
         k = ash[-1]
         batch = 1
@@ -199,33 +223,7 @@ class _Cublas:
             m, batch = m * batch, 1
         sb = 0 if len(bsh) == 2 else bsh[-1] * bsh[-2]
         # column-major view: c^T[n, m] = op(b) [n, k] @ a^T [k, m]
-        err = self.lib.cublasGemmStridedBatchedEx(
-            self.handle,
-            self.OP_T if nt else self.OP_N,
-            self.OP_N,
-            n,
-            m,
-            k,
-            ctypes.byref(self.one),
-            ctypes.c_void_p(b.data_ptr()),
-            self.R_16F,
-            k if nt else n,
-            sb,
-            ctypes.c_void_p(a.data_ptr()),
-            self.R_16F,
-            k,
-            m * k,
-            ctypes.byref(self.zero),
-            ctypes.c_void_p(c.data_ptr()),
-            self.R_32F,
-            n,
-            m * n,
-            batch,
-            self.COMPUTE_32F,
-            self.ALGO_DEFAULT,
-        )
-        if err:
-            raise RuntimeError(f"cublasGemmStridedBatchedEx failed with status {err} for {ash} x {bsh}")
+        return (self.OP_T if nt else self.OP_N, n, m, k, k if nt else n, sb, m * k, m * n, batch)
 
 
 def _register_gemm(dev) -> None:
@@ -280,10 +278,17 @@ class GraphRunner:
         self.stream = engine.device.create_raw_stream()
         self.graphs: dict = {}
 
-    def run(self, fn: str, arrays: list, then: tuple[str, list] | None = None) -> tuple[Any, Any]:
+    def run(
+        self,
+        fn: str,
+        arrays: list,
+        then: tuple[str, list] | None = None,
+        while_running: Callable[[], None] | None = None,
+    ) -> tuple[Any, Any]:
         """Replay `fn` on `arrays`; with `then` = (function, more arrays), that function on `fn`'s output and
-        those arrays in the same graph (the decode step's draws). Returns the graph's output tensors (TVM
-        runtime tensors): `fn`'s, and `then`'s or None."""
+        those arrays in the same graph (the decode step's draws); `while_running()` runs on the host between
+        the launch and the wait. Returns the graph's output tensors (TVM runtime tensors): `fn`'s, and `then`'s
+        or None."""
         import numpy as np
         import tvm_ffi
 
@@ -315,7 +320,11 @@ class GraphRunner:
         for t, a in zip(ins, list(arrays) + list(extra)):
             t.copyfrom(np.ascontiguousarray(a))
         self.rt.check(self.rt.lib.cudaGraphLaunch(exe, ctypes.c_void_p(self.stream)), "graph launch")
-        self.rt.check(self.rt.lib.cudaStreamSynchronize(ctypes.c_void_p(self.stream)), "sync")
+        try:
+            if while_running is not None:
+                while_running()
+        finally:
+            self.rt.check(self.rt.lib.cudaStreamSynchronize(ctypes.c_void_p(self.stream)), "sync")
         return outs
 
     def close(self) -> None:

@@ -266,19 +266,23 @@ class Engine:
         positions: Sequence[int],
         pages: list[list[int]],
         draws: Sequence[tuple[float, int] | None],
+        while_running: Callable[[], None] | None = None,
     ) -> DecodeStep:
         """One new token per sequence, as `decode`. Where the artifact draws on the device (`device_sampling`)
         and `draws[i]` is (temperature, key), row i's token is drawn there (targets/cuda/sample.py: the argmax
         at temperature 0) and its logits stay on the device unless read: a step then copies token ids to the
-        host instead of [batch, vocab] logits."""
+        host instead of [batch, vocab] logits. `while_running` is called once the step is launched, before
+        waiting for it: host work that overlaps the GPU's (it must not touch the engine)."""
         if len(draws) != len(tokens):
             raise ValueError(f"decode_step: {len(draws)} draws for {len(tokens)} sequences")
         if not self.device_sampling or all(d is None for d in draws):
             logits = self.decode(tokens, positions, pages)
+            if while_running is not None:
+                while_running()
             return DecodeStep(lambda i: logits[i], [None] * len(draws))
         temp = np.array([max(float(d[0]), 0.0) if d else 0.0 for d in draws], dtype=np.float32)
         key = np.array([int(d[1]) & 0x7FFFFFFF if d else 0 for d in draws], dtype=np.int32)
-        out, drawn = self._decode(tokens, positions, pages, (temp, key))
+        out, drawn = self._decode(tokens, positions, pages, (temp, key), while_running)
         ids = drawn.numpy()
         t, v = int(out.shape[1]), int(out.shape[2])
 
@@ -287,9 +291,17 @@ class Engine:
 
         return DecodeStep(row, [int(ids[i]) if d is not None else None for i, d in enumerate(draws)])
 
-    def _decode(self, tokens, positions, pages, sample: tuple[np.ndarray, np.ndarray] | None = None) -> Any:
+    def _decode(
+        self,
+        tokens,
+        positions,
+        pages,
+        sample: tuple[np.ndarray, np.ndarray] | None = None,
+        while_running: Callable[[], None] | None = None,
+    ) -> Any:
         """Run decode (or decode_batched) as a CUDA graph where there are graphs; with `sample`, the device's
-        draws too. Returns the logits tensor (and the draws)."""
+        draws too, and `while_running` between launching them and reading them back. Returns the logits tensor
+        (and the draws)."""
         x, pos = entry_inputs(
             self, column(tokens, "decode: tokens"), column(positions, "decode: positions"), pages, "decode"
         )
@@ -297,11 +309,12 @@ class Engine:
         fn = "decode_batched" if self.gemv_max_batch and len(tokens) > self.gemv_max_batch else "decode"
         then = ("sample", list(sample)) if sample is not None else None
         if self._graphs is not None:
-            return self._graphs.run(fn, [x, pos, page_table(pages, self._pt_width)], then)
+            return self._graphs.run(fn, [x, pos, page_table(pages, self._pt_width)], then, while_running)
         out = self.vm[fn](self._t(x), self._t(pos), self._t(page_table(pages)), self.caches, self.weights)
-        if then is None:
-            return out, None
-        return out, self.vm[then[0]](out, *(self._t(a) for a in then[1]))
+        drawn = self.vm[then[0]](out, *(self._t(a) for a in then[1])) if then is not None else None
+        if while_running is not None:  # the kernels are queued; reading a result waits for them
+            while_running()
+        return out, drawn
 
     @serialized
     def verify(

@@ -45,7 +45,7 @@ class RequestHandle:
     ) -> None:
         self._server, self.id, self._callback = server, rid, callback
         self.decoder, self._listener = decoder, listener
-        self._q: queue.Queue = queue.Queue()
+        self._q: queue.SimpleQueue = queue.SimpleQueue()  # put from the scheduler, get from the client
         self._done = threading.Event()
         self.completion = Completion(list(prompt_ids))
         self.error: BaseException | None = None

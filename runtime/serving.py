@@ -92,6 +92,9 @@ class Server:
         self.running: list[Request] = []
         self._finished: list[dict] = []
         self.preemptions = self.steps = self.decode_steps = self.prefill_tokens = 0
+        # tokens drawn on the device whose client-side handling (text, queue, callbacks) waits for the next
+        # decode step to run on the GPU: `_emit(defer=True)`, `_flush_deferred`
+        self._deferred: list[tuple[Request, int]] = []
         self.peak_batch = 0
         self._t_first: float | None = None
         self._t_last: float | None = None
@@ -197,6 +200,7 @@ class Server:
         with self._step_lock:
             self._cancels.update(r.id for r in list(self.waiting) + self.running)
             self._drain()
+            self._flush_deferred()
             self.kv.clear_cache()  # give cached pages back to the engine's pool
 
     def __enter__(self):
@@ -306,6 +310,8 @@ class Server:
             dec = [r for r in self.running if r.pending == 1 and not self._prefills(r)]
             if dec:
                 self._decode(dec)
+            elif self._deferred:  # no step to hide them behind
+                self._flush_deferred()
             pre = [r for r in self.running if self._prefills(r)]
             budget = self.prefill_chunk if self.policy == "continuous" else None
             for r in pre:
@@ -431,22 +437,28 @@ class Server:
                 news = self.spec.step(dec, k, lambda i, row: self._sample(dec[i], row))
             else:
                 on_device = getattr(self.engine, "device_sampling", False)
+                kw = {"while_running": self._flush_deferred} if self._deferred else {}
                 step = self.engine.decode_step(
                     [r.ids[-1] for r in dec],
                     [len(r.ids) - 1 for r in dec],
                     [r.pages for r in dec],
                     [r.handle.decoder.device_draw(r.rng) if on_device else None for r in dec],
+                    **kw,
                 )
         except Exception as e:
             for r in dec:
                 self._finish(r, "error", e)
             return
+        drawn = [None] * len(dec)
         if k < 1:
+            drawn = step.tokens
             news = [self._sample(r, step.logits, i, step.tokens[i]) for i, r in enumerate(dec)]
-        for r, new in zip(dec, news):
+        for r, new, d in zip(dec, news, drawn):
+            if r.state != "running":  # failed while the step ran (its deferred tokens' callback raised)
+                continue
             r.computed = len(r.ids)  # KV of the last token is written now
             for t in new:
-                self._emit(r, t)
+                self._emit(r, t, defer=d is not None and not r.params.stop)
                 if r.state != "running":
                     break
             if r.state == "running":
@@ -470,24 +482,46 @@ class Server:
             self._finish(r, "error", e)
             return []
 
-    def _emit(self, r: Request, tok: int) -> None:
-        """Append a sampled token. Position len(ids)-1 has no KV yet, so computed = len(ids)-1 after."""
+    def _emit(self, r: Request, tok: int, defer: bool = False) -> None:
+        """Append a sampled token. Position len(ids)-1 has no KV yet, so computed = len(ids)-1 after.
+
+        `defer`: the token was drawn on the device and nothing but its id decides whether the sequence goes
+        on (no stop strings; the device draws no grammar-constrained token): its client-side handling (text,
+        the stream, callbacks) runs while the next decode step runs on the GPU (`_flush_deferred`), so a
+        large batch's host work hides behind the GPU's. It always runs before the request's end."""
         now = time.perf_counter()
         if r.first_at is None:
             r.first_at = now
         r.ids.append(tok)
         r.computed = min(r.computed, len(r.ids) - 1)
-        try:
-            stopped = r.handle._push(tok)  # a stop string, or a complete JSON value
-        except BaseException as e:  # the client's callback, even SystemExit/KeyboardInterrupt: its request alone
-            self._finish(r, "error", e)
-            return
+        stopped = False
+        if defer:
+            self._deferred.append((r, tok))
+        else:
+            try:
+                stopped = r.handle._push(tok)  # a stop string, or a complete JSON value
+            except BaseException as e:  # the client's callback, even SystemExit/KeyboardInterrupt: its request alone
+                self._finish(r, "error", e)
+                return
         if stopped or tok in r.stops:
             self._finish(r, "stop")
         elif r.generated >= r.params.max_tokens:
             self._finish(r, "length")
 
+    def _flush_deferred(self) -> None:
+        """The deferred tokens' client-side handling, in the order they were drawn."""
+        items, self._deferred = self._deferred, []
+        for r, tok in items:
+            if r.handle.done():  # failed by an earlier token's callback in this flush
+                continue
+            try:
+                r.handle._push(tok)
+            except BaseException as e:  # the client's callback: its request alone
+                self._finish(r, "error", e)
+
     def _finish(self, r: Request, reason: str, error: BaseException | None = None) -> None:
+        if self._deferred:  # its tokens reach the client before its end
+            self._flush_deferred()
         if r.state == "done":
             return
         if r.state == "running":

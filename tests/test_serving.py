@@ -211,3 +211,54 @@ def test_cancel_failing_callback_and_concurrent_submits(engines):
         m = srv.metrics()
         assert m["requests_failed"] == 1 and m["requests_cancelled"] == 1 and m["requests_finished"] == 13
     _no_leak(srv)
+
+
+def test_device_drawn_tokens_reach_clients_while_the_next_step_runs(engines, monkeypatch):
+    """With tokens drawn on the device (emulated: the argmax of the host's logits, as the cuda kernel draws it
+    at temperature 0), a token's client-side handling runs while the next decode step runs (`while_running`).
+    Outputs, streamed tokens and their order, a stop token and a callback that raises behave as without it."""
+    from dataclasses import replace
+
+    from kiln.runtime.engine import DecodeStep
+
+    eng = engines["llama"]
+    prompts, params = _workload(8, 5, max_new=30)
+    params = [replace(sp, max_tokens=max(sp.max_tokens, 6)) for sp in params]
+    alone = _alone(eng, prompts, params)
+    params[2] = replace(params[2], stop_token_ids=(alone[2][3],), ignore_eos=False)
+    ref = _alone(eng, prompts, params)
+    assert len(ref[2]) == alone[2].index(alone[2][3]) + 1  # the stop token ends it, and is kept
+    real, overlapped = eng.decode, []
+
+    def decode_step(tokens, positions, pages, draws, while_running=None):
+        logits = real(tokens, positions, pages)
+        if while_running is not None:
+            overlapped.append(len(tokens))
+            while_running()
+        return DecodeStep(
+            lambda i: logits[i], [None if d is None else int(np.argmax(logits[i])) for i, d in enumerate(draws)]
+        )
+
+    monkeypatch.setattr(eng, "device_sampling", True)
+    monkeypatch.setattr(eng, "decode_step", decode_step)
+    streamed: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+
+    def callback(i, tok):
+        streamed[i].append(tok)
+        if i == 5 and len(streamed[i]) == 4:
+            raise RuntimeError("client went away")
+
+    srv = Server(eng, policy="continuous", max_batch=4, background=False)
+    handles = [
+        srv.submit(p, sp, callback=lambda t, i=i: callback(i, t)) for i, (p, sp) in enumerate(zip(prompts, params))
+    ]
+    srv._run(handles)
+    assert overlapped  # some steps ran with deferred tokens
+    for i, h in enumerate(handles):
+        if i == 5:
+            assert h.completion.finish_reason == "error" and streamed[i] == ref[i][:4]
+            continue
+        assert h.completion.token_ids == ref[i] and streamed[i] == ref[i], i
+        assert h.completion.finish_reason == ("stop" if i == 2 else "length")
+    _no_leak(srv)
+    srv.close()
