@@ -118,6 +118,7 @@ def decode_throughput(
         try:
             eng.generate(prompts, SamplingParams(max_tokens=3, ignore_eos=True))  # captures this batch's graph
             eng.decode_step = timed
+            timers = _time_host() if str(b) in os.environ.get("KILN_TIME_HOST", "").split(",") else None
             prof = None
             if os.environ.get("KILN_PROFILE_HOST") == str(b):  # the scheduler's host work at this batch
                 import cProfile
@@ -126,6 +127,12 @@ def decode_throughput(
                 prof.enable()
             eng.generate(prompts, SamplingParams(max_tokens=new, ignore_eos=True))
             end = time.perf_counter()
+            if timers is not None:
+                print(
+                    f"  host work at batch {b}, ms a step: "
+                    + ", ".join(f"{k} {v / (new - 1) * 1e3:.2f}" for k, v in timers.pop("stop")().items()),
+                    flush=True,
+                )
             if prof is not None:
                 import pstats
 
@@ -161,3 +168,48 @@ def decode_throughput(
             flush=True,
         )
     return out
+
+
+def _time_host() -> dict:
+    """Wall time spent in the scheduler's per-step methods and in Python's garbage collector, until
+    `timers["stop"]()` puts the methods back and returns the totals (seconds)."""
+    import gc
+
+    from kiln.runtime.serving import Server
+
+    totals: dict = {}
+    saved = {}
+
+    def wrap(name):
+        fn = saved[name] = getattr(Server, name)
+
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                totals[name] = totals.get(name, 0.0) + time.perf_counter() - t0
+
+        setattr(Server, name, timed)
+
+    for name in ("_emit", "_reserve", "_flush_deferred", "_sample", "_decode", "_step"):
+        wrap(name)
+    gc_start = [0.0]
+
+    def on_gc(phase, info):
+        if phase == "start":
+            gc_start[0] = time.perf_counter()
+        else:
+            key = f"gc{info.get('generation')}"
+            totals[key] = totals.get(key, 0.0) + time.perf_counter() - gc_start[0]
+
+    gc.callbacks.append(on_gc)
+
+    def stop():
+        gc.callbacks.remove(on_gc)
+        for name, fn in saved.items():
+            setattr(Server, name, fn)
+        return dict(totals)
+
+    totals["stop"] = stop
+    return totals
