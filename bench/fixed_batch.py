@@ -19,49 +19,6 @@ from typing import Any
 import numpy as np
 
 
-def _sync() -> None:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-    except ImportError:
-        pass
-
-
-def copy_bandwidth() -> float:
-    """Device copy bandwidth, bytes read + written per second (torch, 1 GiB buffers)."""
-    import torch
-
-    n = 1 << 30
-    a = torch.empty(n, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    _sync()
-    t = time.perf_counter()
-    for _ in range(20):
-        b.copy_(a)
-    _sync()
-    return 2 * n * 20 / (time.perf_counter() - t)
-
-
-def gemm_rate(n: int = 8192) -> float:
-    """FLOP/s of an n^3 fp16 matrix product (cuBLAS through torch)."""
-    import torch
-
-    a = torch.randn(n, n, device="cuda", dtype=torch.float16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.float16)
-    for _ in range(3):
-        a @ b
-    _sync()
-    t = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    _sync()
-    return 2 * n**3 * 10 / (time.perf_counter() - t)
-
-
 def model_facts(eng) -> dict[str, Any]:
     """Bytes a decode step streams (every weight but an untied embedding table, of which one row a token is
     read), K/V bytes a cached token, parameters multiplied a token, and attention's shape."""
@@ -80,10 +37,15 @@ def model_facts(eng) -> dict[str, Any]:
     hidden, ffn, vocab = (int(model.get(k) or 0) for k in ("hidden_size", "intermediate_size", "vocab_size"))
     # parameters a token is multiplied by: the projections and the LM head (not the embedding lookup)
     mult = layers * (hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * ffn) + vocab * hidden
-    cache_bytes = 2 if man.get("target", {}).get("kv_cache_dtype", "float16") == "float16" else 4
+    kv_token = 0  # the bytes one cached token takes over the engine's paged cache tensors (any dtype)
+    for c, t in zip(eng.caches, eng.kv_layout.tensors):
+        if t.paged:
+            kv_token += (
+                int(np.prod(c.shape)) * np.dtype(str(c.dtype)).itemsize // (c.shape[t.page_axis] * eng.page_size)
+            )
     return {
         "streamed_bytes": streamed,
-        "kv_bytes_per_token": 2 * layers * kv_heads * head_dim * cache_bytes,
+        "kv_bytes_per_token": kv_token,
         "multiplied_params": mult,
         "attention_flops_per_context_token": 4 * layers * heads * head_dim,
     }

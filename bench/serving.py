@@ -218,7 +218,9 @@ def print_table(summary: dict, rates: list[float]) -> None:
 def fixed_batches(eng, a: argparse.Namespace) -> dict:
     """Decode tok/s at fixed batch sizes beside the floor (bench/fixed_batch.py), and batch 64 again with the
     tokens drawn on the host; the goal keys name the model (`decode_tok_s_batch64_8b` for llama-3.1-8b)."""
-    from fixed_batch import copy_bandwidth, decode_throughput, gemm_rate
+    from fixed_batch import decode_throughput
+    from gpu_decode import copy_bandwidth
+    from gpu_prefill import gemm_rate
 
     bw, rate = copy_bandwidth(), gemm_rate()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s, fp16 GEMM {rate / 1e12:.0f} TFLOP/s (measured)", flush=True)

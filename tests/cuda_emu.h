@@ -7,8 +7,11 @@
 #pragma once
 #include <barrier>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -152,6 +155,19 @@ inline void kiln_fa_q8(half* dst, const float* src) {
   for (int i = 0; i < 8; ++i) dst[i] = (half)src[i];
 }
 inline void kiln_fa_zero8(half* dst) { std::memset(dst, 0, 16); }
+
+// n values of type X from a binary file (the drivers' inputs); exits with a message when it is short
+template <typename X>
+inline std::vector<X> emu_load(const std::string& path, size_t n) {
+  std::vector<X> v(n);
+  FILE* f = std::fopen(path.c_str(), "rb");
+  if (!f || std::fread(v.data(), sizeof(X), n, f) != n) {
+    std::fprintf(stderr, "cannot read %zu values from %s\n", n, path.c_str());
+    std::exit(2);
+  }
+  std::fclose(f);
+  return v;
+}
 
 // run `body` for every block of a grid (gx, gy) with `threads` threads each
 inline void emu_launch(int gx, int gy, int threads, const std::function<void()>& body) {

@@ -9,28 +9,16 @@
 #include <cstdlib>
 #include <string>
 
-template <typename X>
-static std::vector<X> load(const std::string& path, size_t n) {
-  std::vector<X> v(n);
-  FILE* f = std::fopen(path.c_str(), "rb");
-  if (!f || std::fread(v.data(), sizeof(X), n, f) != n) {
-    std::fprintf(stderr, "cannot read %zu values from %s\n", n, path.c_str());
-    std::exit(2);
-  }
-  std::fclose(f);
-  return v;
-}
-
 int main(int argc, char** argv) {
   if (argc != 7) return 2;
   const std::string dir = argv[1];
   const long long B = std::atoll(argv[2]), T = std::atoll(argv[3]), P = std::atoll(argv[4]), MP = std::atoll(argv[5]);
   const float scale_log2 = std::strtof(argv[6], nullptr);
   const long long H = (long long)KREP * KKVH;
-  auto q = load<float>(dir + "/q.bin", B * H * T * KD);
-  auto cache = load<half>(dir + "/cache.bin", P * 2 * KKVH * KPAGE * KD);
-  auto pt = load<int>(dir + "/pt.bin", B * MP);
-  auto pos = load<int>(dir + "/pos.bin", B * T);
+  auto q = emu_load<float>(dir + "/q.bin", B * H * T * KD);
+  auto cache = emu_load<half>(dir + "/cache.bin", P * 2 * KKVH * KPAGE * KD);
+  auto pt = emu_load<int>(dir + "/pt.bin", B * MP);
+  auto pos = emu_load<int>(dir + "/pos.bin", B * T);
   std::vector<float> o(B * H * T * KD, -7.0f);  // rows the kernel must write start as garbage
   // the block's dynamic shared memory: the size the launch gives (KSMEM, from flash.py), then a guard band the
   // kernel must not touch; it starts as garbage too

@@ -8,26 +8,14 @@
 #include <string>
 #include <vector>
 
-template <typename X>
-static std::vector<X> load(const std::string& path, size_t n) {
-  std::vector<X> v(n);
-  FILE* f = std::fopen(path.c_str(), "rb");
-  if (!f || std::fread(v.data(), sizeof(X), n, f) != n) {
-    std::fprintf(stderr, "cannot read %zu values from %s\n", n, path.c_str());
-    std::exit(2);
-  }
-  std::fclose(f);
-  return v;
-}
-
 int main(int argc, char** argv) {
   if (argc != 5) return 2;
   const std::string dir = argv[1];
   const long long B = std::atoll(argv[2]), T = std::atoll(argv[3]);
   const int V = std::atoi(argv[4]);
-  auto logits = load<float>(dir + "/logits.bin", B * T * V);
-  auto temp = load<float>(dir + "/temp.bin", B);
-  auto key = load<int>(dir + "/key.bin", B);
+  auto logits = emu_load<float>(dir + "/logits.bin", B * T * V);
+  auto temp = emu_load<float>(dir + "/temp.bin", B);
+  auto key = emu_load<int>(dir + "/key.bin", B);
   std::vector<int> tok(B, -7);  // every row must be written
   emu_launch((int)B, 1, KNT, [&] { kiln_sample<KNT>(logits.data(), temp.data(), key.data(), tok.data(), T, V, (int)blockIdx.x); });
   FILE* f = std::fopen((dir + "/tok.bin").c_str(), "wb");

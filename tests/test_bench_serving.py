@@ -124,3 +124,29 @@ def test_gpu_mode_imports_only_the_runtime_side():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_fixed_batch_throughput_and_its_floor(engines):
+    """bench/fixed_batch.py (the GPU's `--fixed-batches`) on a tiny CPU engine: tokens/s from the first decode step,
+    and a floor made of the bytes the step streams and its FLOPs at the given bandwidth and GEMM rate."""
+    from fixed_batch import decode_throughput, model_facts
+
+    eng = engines["llama"]
+    facts = model_facts(eng)
+    weights = sum(int(np.prod(w.shape)) * np.dtype(str(w.dtype)).itemsize for w in eng.weights)
+    assert 0 < facts["streamed_bytes"] <= weights
+    m = eng.manifest["model"]
+    assert facts["kv_bytes_per_token"] == 2 * m["num_hidden_layers"] * m["num_key_value_heads"] * 4 * (
+        m["hidden_size"] // m["num_attention_heads"]
+    )  # the CPU artifact's cache is fp32
+    bw, rate = 1e12, 1e13
+    out = decode_throughput(eng, [1, 3], 40, 8, bw, rate)
+    for b in (1, 3):
+        r = out[f"batch{b}"]
+        assert r["decode_tok_s"] > 0 and 0 < r["engine_step_ms"] <= r["step_ms"]
+        assert r["bytes_floor_ms"] == pytest.approx(
+            (facts["streamed_bytes"] + facts["kv_bytes_per_token"] * b * 40) / bw * 1e3
+        )
+        assert r["floor_ms"] == max(r["bytes_floor_ms"], r["flops_floor_ms"])
+        assert r["share_of_floor"] == pytest.approx(r["floor_ms"] / r["step_ms"])
+    assert out["batch3"]["flops_floor_ms"] == pytest.approx(3 * out["batch1"]["flops_floor_ms"])
