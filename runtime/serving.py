@@ -115,7 +115,9 @@ class Server:
         listener: Callable[[Delta], None] | None = None,
     ) -> RequestHandle:
         """Queue one sequence (params.n must be 1: `generate` fans n out); refuses (ValueError) one that
-        can never run. `listener(delta)` sees each text delta on the scheduler thread. Returns its handle."""
+        can never run. `callback(token)` and `listener(delta)` see each token on the scheduler thread, for a
+        token drawn on the GPU while the next decode step runs, under the engine's lock: they must not wait on
+        another thread's use of the engine. Returns its handle."""
         self._refuse_if_closed()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
