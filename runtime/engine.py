@@ -8,6 +8,7 @@ token per sequence per step; a sequence leaves the batch when it stops.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -275,6 +276,19 @@ class Engine:
         waiting for it: host work that overlaps the GPU's (it must not touch the engine)."""
         if len(draws) != len(tokens):
             raise ValueError(f"decode_step: {len(draws)} draws for {len(tokens)} sequences")
+        for i, d in enumerate(draws):
+            ok = d is None or (
+                isinstance(d, tuple)
+                and len(d) == 2
+                and isinstance(d[0], (int, float))
+                and math.isfinite(d[0])
+                and d[0] >= 0
+                and isinstance(d[1], int)
+            )
+            if not ok:
+                raise ValueError(
+                    f"decode_step: draws[{i}] is {d!r}: give None (the host samples) or (temperature >= 0, int key)"
+                )
         if not self.device_sampling or all(d is None for d in draws):
             logits = self.decode(tokens, positions, pages)
             if while_running is not None:

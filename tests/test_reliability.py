@@ -58,6 +58,10 @@ def test_raw_entry_points_check_pages_positions_and_lengths(engines):
         (lambda: eng.verify([[1, 2], [3]], [[0, 1], [0]], [[0], [1]]), "rectangular"),
         (lambda: eng.verify([[1.0, 2.0]], [[0, 1]], [[0]]), "must hold ints"),
         (lambda: eng.verify([[1, 2]], [[0, 1]], [[0, 2**40]]), "names page"),
+        (lambda: eng.decode_step([5], [3], [[0]], [None, None]), "2 draws for 1 sequences"),
+        (lambda: eng.decode_step([5], [3], [[0]], [(float("nan"), 1)]), r"draws\[0\] is \(nan, 1\)"),
+        (lambda: eng.decode_step([5], [3], [[0]], [(-1.0, 1)]), "temperature >= 0, int key"),
+        (lambda: eng.decode_step([5], [3], [[0]], [("hot", 1)]), "temperature >= 0, int key"),
     ]
     for call, msg in bad_calls:
         with pytest.raises(ValueError, match=msg):
