@@ -49,7 +49,8 @@ class PagePool:
 
 def page_table(rows: Sequence[Sequence[int]], width: int | None = None) -> np.ndarray:
     """Page lists of a batch -> [batch, width] int32 (default width: the longest list; padded with page 0,
-    never read). One vectorized scatter: a decode step of 256 sequences builds this every step."""
+    never read). The graphs take a fixed width (the artifact's pages a sequence at most); reading the lists is
+    what costs (~0.25 ms for 256 sequences of 34 pages here, as with a loop of row copies)."""
     lens = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
     out = np.zeros((len(rows), max(1, int(lens.max(initial=0))) if width is None else width), dtype=np.int32)
     out[np.arange(out.shape[1]) < lens[:, None]] = np.fromiter(
