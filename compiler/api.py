@@ -178,30 +178,39 @@ def compile(
     from .artifact import kv_summary
     from .ops.moe import idle_expert_params
 
-    manifest = {
-        "schema_version": _schema(),
-        "kiln_version": KILN_VERSION,
-        "name": name or (cfg.model_type if cfg is not None else "model"),
-        "source": str(source),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": graph.meta.get("model", {}),
-        "num_params": graph.stats()["params"],
-        "active_params": graph.stats()["params"] - idle_expert_params(graph),
-        "trace": {
-            "decomposed": graph.meta.get("decomposed", []),
-            "attention_fallbacks": graph.meta.get("attention_fallbacks", []),
-            "norm_fallbacks": graph.meta.get("norm_fallbacks", []),
-        },
-        "pipeline": passes,
-        "passes": [r.to_json() for r in records],
-        "entry_points": _signatures(graph),
-        "kv_cache": kv_summary(graph.meta["kv_cache"]),
-        "max_context": ctx,
-        "eos_token_ids": _eos_ids(cfg),
-        "quantization": graph.meta.get("quant"),
-    }
-    log.info(f"lowering and building for {target}")
-    art = tgt.package(graph, PackageInputs(manifest, tokenizer_dir, timings, pack_weights))
+    def manifest_of(graph: Any, records: list) -> dict[str, Any]:
+        tp = graph.meta.get("tensor_parallel")
+        return {
+            "schema_version": _schema(),
+            "kiln_version": KILN_VERSION,
+            "name": name or (cfg.model_type if cfg is not None else "model"),
+            "source": str(source),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "model": graph.meta.get("model", {}),
+            "num_params": graph.stats()["params"],
+            "active_params": graph.stats()["params"] - idle_expert_params(graph),
+            "trace": {
+                "decomposed": graph.meta.get("decomposed", []),
+                "attention_fallbacks": graph.meta.get("attention_fallbacks", []),
+                "norm_fallbacks": graph.meta.get("norm_fallbacks", []),
+            },
+            "pipeline": passes + (f",{records[-1].name}{{ranks={tp['ranks']},rank={tp['rank']}}}" if tp else ""),
+            "passes": [r.to_json() for r in records],
+            "entry_points": _signatures(graph),
+            "kv_cache": kv_summary(graph.meta["kv_cache"]),
+            "max_context": ctx,
+            "eos_token_ids": _eos_ids(cfg),
+            "quantization": graph.meta.get("quant"),
+            **({"tensor_parallel": tp} if tp else {}),
+        }
+
+    if tensor_parallel > 1:
+        if drafts:
+            raise KilnError("--draft and --tensor-parallel together are not built yet: build one or the other")
+        art = _package_ranks(tgt, graph, records, tensor_parallel, manifest_of, tokenizer_dir, timings, pack_weights)
+    else:
+        log.info(f"lowering and building for {target}")
+        art = tgt.package(graph, PackageInputs(manifest_of(graph, records), tokenizer_dir, timings, pack_weights))
     if drafts:
         if not pack_weights:
             raise KilnError("--draft needs the weights in the artifact (drop --no-weights / pack_weights=False)")
@@ -233,16 +242,40 @@ def compile(
 
 
 def _check_tensor_parallel(ranks: Any, tgt: Any) -> None:
-    """Refuse a tensor-parallel build the target cannot serve, saying what exists and what does not."""
+    """Refuse a tensor-parallel build the target cannot serve, before the slow steps."""
     if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
         raise KilnError(f"tensor_parallel must be a number of ranks >= 1, got {ranks!r}")
     if ranks > 1 and "tensor-parallel" not in tgt.capabilities:
         raise KilnError(
-            f"target '{tgt.name}' cannot build tensor_parallel={ranks} yet: kiln splits the program (the pass "
-            f"shard-tensor-parallel{{ranks={ranks},rank=R}} makes rank R's graph, and kiln.ranks.run_ranks runs "
-            "the ranks together in the reference interpreter), but no target lowers all_reduce/all_gather and "
-            "the runtime has no NCCL rank group to serve the ranks; build with tensor_parallel=1"
+            f"target '{tgt.name}' cannot build tensor_parallel={ranks}: its runtime has no rank group to run the "
+            "ranks' collectives (the cpu and cuda targets do); build with tensor_parallel=1"
         )
+
+
+def _package_ranks(
+    tgt: Any,
+    graph: Any,
+    records: list,
+    ranks: int,
+    manifest_of: Callable[[Any, list], dict[str, Any]],
+    tokenizer_dir: str | None,
+    timings: dict[str, float],
+    pack_weights: bool,
+) -> Any:
+    """A tensor-parallel build: rank R's program is shard-tensor-parallel{ranks,rank=R} of the optimized graph,
+    built for the target; rank 0's artifact carries the others under ranks/R (compiler/artifact.py)."""
+    from kiln.targets.base import PackageInputs
+
+    from .passmgr import run_pipeline
+
+    arts = []
+    for r in range(ranks):
+        log.info(f"rank {r} of {ranks}: sharding, lowering and building for {tgt.name}")
+        g, more = run_pipeline(graph, f"shard-tensor-parallel{{ranks={ranks},rank={r}}}")
+        inputs = PackageInputs(manifest_of(g, records + more), tokenizer_dir if r == 0 else None, timings, pack_weights)
+        arts.append(tgt.package(g, inputs))
+    arts[0].ranks = arts[1:]
+    return arts[0]
 
 
 def plan_file(plan: str | dict[str, str]) -> str:

@@ -30,6 +30,7 @@ class Artifact:
     tokenizer_dir: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
     drafts: dict[str, Any] = field(default_factory=dict)  # kind -> Artifact of a draft model (kiln/draft.py)
+    ranks: list[Any] = field(default_factory=list)  # a tensor-parallel build's ranks 1..N-1 (this is rank 0)
 
     def save(self, path: str) -> str:
         """Write the artifact to `path` atomically: a crash leaves either the old directory or the new one."""
@@ -45,10 +46,37 @@ class Artifact:
                 from .draft import save_drafts
 
                 save_drafts(tmp, self.drafts, self.weights, manifest)
+            if self.ranks:
+                save_ranks(tmp, self.ranks, manifest)
             manifest["timings"] = dict(self.timings, save=round(time.perf_counter() - t0, 3))
 
         self.manifest = write_artifact(path, dict(self.manifest), self.ir_text, self.tokenizer_dir, payload)
         return os.path.abspath(path)
+
+
+RANKS_DIR = "ranks"
+
+
+def save_ranks(tmp: str, ranks: list[Artifact], manifest: dict[str, Any]) -> None:
+    """Write a tensor-parallel build's ranks 1..N-1 under tmp/ranks/R/, each a whole artifact of its own
+    (library, its weight shard, manifest), and list them in rank 0's manifest: tensor_parallel.members[R]
+    is rank R's directory, relative to rank 0's ("" for rank 0 itself)."""
+    members = [""]
+    for art in ranks:
+        r = int(art.manifest["tensor_parallel"]["rank"])
+
+        def payload(d: str, m: dict[str, Any], art: Artifact = art) -> None:
+            art.build.export(os.path.join(d, LIBRARY))
+            if art.manifest.get("weights_included", True):
+                from safetensors.numpy import save_file
+
+                save_file(art.weights, os.path.join(d, WEIGHTS))
+
+        path = os.path.join(tmp, RANKS_DIR, str(r))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_artifact(path, dict(art.manifest), art.ir_text, None, payload)
+        members.append(f"{RANKS_DIR}/{r}")
+    manifest["tensor_parallel"] = dict(manifest["tensor_parallel"], members=members)
 
 
 def write_artifact(

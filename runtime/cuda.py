@@ -91,8 +91,8 @@ def kernel_binary(code: str, arch: str, path: str | None = None, manifest: dict 
     return compile_source(code, arch)
 
 
-def prepare(manifest: dict, path: str | None = None):
-    """Check the GPU against the artifact and install the compile callback (which prefers the fatbins
+def prepare(manifest: dict, path: str | None = None, index: int = 0):
+    """Check GPU `index` against the artifact and install the compile callback (which prefers the fatbins
     stored in the artifact at `path`); returns the TVM device."""
     import tvm
     import tvm_ffi
@@ -100,11 +100,16 @@ def prepare(manifest: dict, path: str | None = None):
     _load_cuda_runtime(tvm)
     t = manifest.get("target", {})
     arch, want = t.get("arch", "?"), t.get("compute_capability")
-    dev = tvm.cuda(0)
+    dev = tvm.cuda(index)
     if not dev.exist:
         raise ArtifactError(
-            f"artifact was built for target 'cuda' ({arch}) but no CUDA GPU is visible here: "
-            "run it on a machine with an NVIDIA GPU, or rebuild with --target cpu"
+            f"artifact was built for target 'cuda' ({arch}) but no CUDA GPU {index} is visible here: "
+            + (
+                "run it on a machine with an NVIDIA GPU, or rebuild with --target cpu"
+                if index == 0
+                else f"rank {index} of a tensor-parallel artifact runs on GPU {index}; run it where there are as "
+                "many GPUs as ranks (CUDA_VISIBLE_DEVICES lists them), or rebuild with fewer ranks"
+            )
         )
     have = str(dev.compute_version)
     if want and have != want:
@@ -243,6 +248,12 @@ def _register_gemm(dev) -> None:
 
 
 # -- decode steps replayed as CUDA graphs ----------------------------------------------------------
+
+
+def set_device(index: int) -> None:
+    """Make GPU `index` the calling thread's current device (cuBLAS and NCCL bind to it when created)."""
+    rt = _STATE.get("cudart") or _STATE.setdefault("cudart", _Cudart())
+    rt.check(rt.lib.cudaSetDevice(int(index)), f"cudaSetDevice({index})")
 
 
 class _Cudart:

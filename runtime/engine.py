@@ -85,10 +85,11 @@ class Engine:
         path: str,
         kv_cache_tokens: int = 8192,
         verify: bool = True,
-        weights: dict | None = None,
+        weights: dict | Callable[[dict, Any], dict] | None = None,
         cuda_graphs: bool = True,
         state_slots: int | None = None,
         device_sampling: bool = True,
+        _rank: tuple[int, int, dict] | None = None,
     ) -> None:
         _threads()
         self._lock = threading.RLock()
@@ -96,6 +97,56 @@ class Engine:
         self.manifest = read_manifest(path)
         check_target(self.manifest)
         self.on_gpu = self.manifest.get("target", {}).get("name") == "cuda"
+        # a tensor-parallel artifact: rank 0 here starts and feeds the other ranks (runtime/rank_group.py)
+        self.group: Any = None
+        self.collectives: Any = None
+        self.rank = _rank[0] if _rank is not None else 0
+        tp = self.manifest.get("tensor_parallel") or {}
+        if int(tp.get("ranks", 1)) > 1 and _rank is None:
+            self.group = self._start_group(
+                weights,
+                kv_cache_tokens=kv_cache_tokens,
+                verify=verify,
+                cuda_graphs=cuda_graphs,
+                state_slots=state_slots,
+                device_sampling=device_sampling,
+            )
+        try:
+            self._load(path, kv_cache_tokens, verify, weights, cuda_graphs, state_slots, device_sampling, _rank)
+        except BaseException:
+            if self.group is not None:
+                self.group.close()
+            raise
+        if self.group is not None:
+            self.group.ready()
+
+    def _start_group(self, weights: Any, **options: Any) -> Any:
+        from .rank_group import RankGroup
+
+        tp = self.manifest["tensor_parallel"]
+        if int(tp.get("rank", 0)) != 0:
+            raise ArtifactError(
+                f"{self.path} is rank {tp['rank']} of a {tp['ranks']}-rank tensor-parallel artifact: open the "
+                "artifact's top directory (rank 0), which starts every rank"
+            )
+        if weights is not None and not callable(weights):
+            raise ArtifactError(
+                "a tensor-parallel artifact built without weights takes weights=FUNCTION (manifest, device) -> "
+                "{field: array}, an importable function each rank calls for its own shard, not one dict"
+            )
+        return RankGroup(self.path, self.manifest, self.on_gpu, dict(options, weights=weights))
+
+    def _load(
+        self,
+        path: str,
+        kv_cache_tokens: int,
+        verify: bool,
+        weights: Any,
+        cuda_graphs: bool,
+        state_slots: int | None,
+        device_sampling: bool,
+        _rank: tuple[int, int, dict] | None,
+    ) -> None:
         # after the cheap host and device checks, before anything from the artifact is opened; the checksums
         # (hundreds of MB) are computed while TVM imports and the library, KV cache and tokenizer load, and
         # waited for in two steps: the library's before it is opened, the weights' before they are bound
@@ -109,7 +160,7 @@ class Engine:
         if self.on_gpu:
             from .cuda import prepare
 
-            self.device = prepare(self.manifest, path)
+            self.device = prepare(self.manifest, path, self.rank)
             pending = BackgroundVerification(path, self.manifest) if verify else None
         else:
             self.device = tvm.cpu()
@@ -119,6 +170,10 @@ class Engine:
             lib = tvm.runtime.load_module(os.path.join(path, LIBRARY))
         except Exception as e:
             raise ArtifactError(f"cannot load {LIBRARY} from {path}: {e}") from e
+        if int((self.manifest.get("tensor_parallel") or {}).get("ranks", 1)) > 1:
+            from .collectives import register
+
+            register()  # the VM looks up the library's collective calls when it is made
         self.vm = VirtualMachine(lib, self.device)
         self.kv_layout = KVLayout.from_manifest(self.manifest, self.device)
         self.page_size = self.kv_layout.page_size
@@ -151,7 +206,15 @@ class Engine:
             self.tokenizer = Tokenizer(tok_dir)
         if pending is not None:
             pending.wait()  # every checksum, the weights' too, before they are bound and anything runs
+        if callable(weights):  # made here, for this rank (a tensor-parallel group calls it in every rank)
+            weights = weights(self.manifest, self.device)
         self.weights = self._load_weights() if weights is None else self._bind_weights(weights)
+        if self.group is not None:  # the collectives meet the other ranks' before the first program runs
+            self.collectives = self.group.connect(self.device)
+        elif _rank is not None:
+            from .rank_group import connect_worker
+
+            self.collectives = connect_worker(_rank[2], _rank[1], _rank[0], self.device)
         self.vocab_size = cross_check(self)  # the manifest's shape facts against the library, before serving
         self.eos_ids = tuple(self.manifest.get("eos_token_ids") or ())
 
@@ -165,6 +228,12 @@ class Engine:
             if self.closed:
                 return
             self.closed = True
+            if self.group is not None:
+                self.group.close()  # its collectives too
+                self.group = None
+            elif self.collectives is not None:
+                self.collectives.close()
+            self.collectives = None
             if self._graphs is not None:
                 self._graphs.close()
                 self._graphs = None
@@ -241,6 +310,38 @@ class Engine:
     def _t(self, a: np.ndarray):
         return self._tvm.runtime.tensor(a, self.device)
 
+    def _run(
+        self,
+        fn: str,
+        arrays: list[np.ndarray],
+        then: tuple[str, list[np.ndarray]] | None = None,
+        graph: bool = False,
+        while_running: Callable[[], None] | None = None,
+    ) -> tuple[Any, Any]:
+        """Entry point `fn` on host `arrays` (then the caches and weights), with `then` = (function, more
+        arrays) run on its output; as a captured CUDA graph when `graph`. Returns the output tensors (fn's,
+        then's or None). In a tensor-parallel group every rank runs the same call: rank 0 forwards it first."""
+        if self.group is not None:
+            self.group.send(("run", fn, arrays, then, graph))
+        try:
+            if graph:
+                assert self._graphs is not None  # `graph` is asked for only where there are graphs
+                out = self._graphs.run(fn, arrays, then, while_running)
+            else:
+                y = self.vm[fn](*(self._t(a) for a in arrays), self.caches, self.weights)
+                out = (y, self.vm[then[0]](y, *(self._t(a) for a in then[1])) if then is not None else None)
+                if while_running is not None:  # the kernels are queued; reading a result waits for them
+                    while_running()
+                if self.group is not None:
+                    self.device.sync()  # the step is complete (or failed) before the group is checked
+        except Exception:
+            if self.group is not None:
+                self.group.check()  # a dead rank explains the failure better
+            raise
+        if self.group is not None:
+            self.group.check()
+        return out
+
     @serialized
     def prefill(self, ids: Sequence[int], pages: list[int], start: int = 0) -> np.ndarray:
         """Run `ids` (positions start..start+n-1) through the model, filling the cache; returns the
@@ -251,8 +352,7 @@ class Engine:
         x, pos = entry_inputs(self, [list(ids)], [list(range(start, start + n))], [pages], "prefill")
         if self.state_slots is not None and start == 0:
             self.state_slots.assign(pages[0])  # a new sequence: its state row (see StateSlots)
-        pos = pos.astype(np.int32)
-        out = self.vm["prefill"](self._t(x), self._t(pos), self._t(page_table([pages])), self.caches, self.weights)
+        out, _ = self._run("prefill", [x, pos.astype(np.int32), page_table([pages])])
         return out.numpy()[0, -1]
 
     @serialized
@@ -322,13 +422,9 @@ class Engine:
         pos = pos.astype(np.int32)
         fn = "decode_batched" if self.gemv_max_batch and len(tokens) > self.gemv_max_batch else "decode"
         then = ("sample", list(sample)) if sample is not None else None
-        if self._graphs is not None:
-            return self._graphs.run(fn, [x, pos, page_table(pages, self._pt_width)], then, while_running)
-        out = self.vm[fn](self._t(x), self._t(pos), self._t(page_table(pages)), self.caches, self.weights)
-        drawn = self.vm[then[0]](out, *(self._t(a) for a in then[1])) if then is not None else None
-        if while_running is not None:  # the kernels are queued; reading a result waits for them
-            while_running()
-        return out, drawn
+        graph = self._graphs is not None
+        table = page_table(pages, self._pt_width) if graph else page_table(pages)
+        return self._run(fn, [x, pos, table], then, graph, while_running)
 
     @serialized
     def verify(
@@ -342,8 +438,7 @@ class Engine:
                 "serve it without speculative decoding"
             )
         x, pos = entry_inputs(self, tokens, positions, pages, "verify")
-        pos = pos.astype(np.int32)
-        out = self.vm["verify"](self._t(x), self._t(pos), self._t(page_table(pages)), self.caches, self.weights)
+        out, _ = self._run("verify", [x, pos.astype(np.int32), page_table(pages)])
         return out.numpy()
 
     # -- generation -------------------------------------------------------------------------------

@@ -361,15 +361,107 @@ def test_shard_before_int8_matches_the_quantized_graph(full):
         assert (out[0] - ref).abs().max() < 0.1 * ref.abs().max()
 
 
-def test_compile_refuses_tensor_parallel_naming_what_exists():
-    """No target lowers the collectives yet: kiln.compile says so before tracing."""
+def test_compile_refuses_tensor_parallel_where_no_runtime_serves_it():
+    """The mlir and pim targets have no rank group: kiln.compile says so before tracing."""
     import kiln
     from kiln.errors import KilnError
 
     m = tiny_model("llama", num_attention_heads=4, num_key_value_heads=2)
-    with pytest.raises(
-        KilnError, match=r"target 'cpu' cannot build tensor_parallel=2 yet.*shard-tensor-parallel.*NCCL"
-    ):
-        kiln.compile(m, target="cpu", tensor_parallel=2)
+    with pytest.raises(KilnError, match=r"target 'pim' cannot build tensor_parallel=2: .*cpu and cuda"):
+        kiln.compile(m, target="pim", tensor_parallel=2)
     with pytest.raises(KilnError, match="number of ranks >= 1"):
         kiln.compile(m, target="cpu", tensor_parallel=0)
+
+
+# -- the rank group at run time: one process per rank (runtime/rank_group.py) --------------------------
+
+
+@pytest.fixture(scope="module")
+def tp_artifacts(tmp_path_factory):
+    """The same tiny model built for the cpu target on one rank and on two."""
+    import kiln
+
+    m = tiny_model("llama", num_attention_heads=4, num_key_value_heads=2)
+    out = {}
+    for ranks in (1, 2):
+        out[ranks] = kiln.compile(m, target="cpu", tensor_parallel=ranks).save(
+            str(tmp_path_factory.mktemp(f"tp{ranks}"))
+        )
+    return out
+
+
+def test_tensor_parallel_artifact_layout(tp_artifacts):
+    """Rank 0 at the top, rank 1 a whole artifact under ranks/1 with half the attention heads; the top
+    manifest lists the members and checksums every rank's files."""
+    import json
+    import os
+
+    top = json.load(open(os.path.join(tp_artifacts[2], "manifest.json")))
+    one = json.load(open(os.path.join(tp_artifacts[2], "ranks", "1", "manifest.json")))
+    assert top["tensor_parallel"]["members"] == ["", "ranks/1"]
+    assert (top["tensor_parallel"]["rank"], one["tensor_parallel"]["rank"]) == (0, 1)
+    assert one["pipeline"].endswith("shard-tensor-parallel{ranks=2,rank=1}")
+    assert "ranks/1/weights.safetensors" in top["files"]
+    assert [lay["heads"] for lay in one["tensor_parallel"]["layers"]] == [[2, 3], [2, 3]]
+
+
+def test_tensor_parallel_engine_matches_one_rank(tp_artifacts):
+    """Two CPU processes exchanging through shared memory give the single-rank build's logits (fp32 sums in
+    another order) and the same greedy tokens, through the engine and the continuous-batching server."""
+    import numpy as np
+
+    from kiln.runtime.engine import Engine
+    from kiln.runtime.sampling import SamplingParams
+    from kiln.runtime.serving import Server
+
+    with Engine(tp_artifacts[1], kv_cache_tokens=256) as e1, Engine(tp_artifacts[2], kv_cache_tokens=256) as e2:
+        assert e2.group is not None and len(e2.group.procs) == 1
+        ids = [1, 5, 9, 20, 33, 2, 7, 11, 60]
+        a, b = e1.prefill(ids, [0, 1, 2]), e2.prefill(ids, [0, 1, 2])
+        assert np.abs(a - b).max() < 1e-5 * max(1.0, np.abs(a).max())
+        a, b = e1.decode([3, 4], [9, 0], [[0, 1, 2], [3]]), e2.decode([3, 4], [9, 0], [[0, 1, 2], [3]])
+        assert np.abs(a - b).max() < 1e-5 * max(1.0, np.abs(a).max())
+        prompts = [[1, 2, 3, 4], [9, 8, 7], [5] * 11]
+        p = SamplingParams(max_tokens=12, ignore_eos=True)
+        want = [c.token_ids for c in e1.generate(prompts, p)]
+        assert [c.token_ids for c in e2.generate(prompts, p)] == want
+        with Server(e2, policy="continuous", max_batch=2) as srv:
+            got = [h.result().token_ids for h in [srv.submit(x, p) for x in prompts]]
+        assert got == want
+
+
+def test_tensor_parallel_rank_death_fails_calls_with_reason(tp_artifacts):
+    """A rank killed while rank 0 waits for it in a collective: the call fails (no hang) naming the rank and
+    how it stopped, and so does every later call; closing still works."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from kiln.runtime.engine import Engine
+    from kiln.runtime.rank_group import RankError
+
+    eng = Engine(tp_artifacts[2], kv_cache_tokens=256)
+    pid = eng.group.procs[0].pid
+    threading.Timer(0.5, os.kill, (pid, signal.SIGKILL)).start()
+    t0 = time.monotonic()
+    with pytest.raises(RankError, match=rf"rank 1 \(pid {pid}\) stopped with exit code -9"):
+        while time.monotonic() - t0 < 60:
+            eng.decode([3], [0], [[0]])
+    assert time.monotonic() - t0 < 30
+    with pytest.raises(RankError, match="restart the server or engine"):
+        eng.prefill([1, 2], [0])
+    eng.close()
+
+
+def test_tensor_parallel_refuses_a_member_and_a_weights_dict(tp_artifacts):
+    """Rank 1's directory alone is refused (rank 0 starts the group), as is one dict of weights for all ranks."""
+    import os
+
+    from kiln.runtime.engine import Engine
+    from kiln.runtime.errors import ArtifactError
+
+    with pytest.raises(ArtifactError, match="rank 1 of a 2-rank tensor-parallel artifact: open the artifact's top"):
+        Engine(os.path.join(tp_artifacts[2], "ranks", "1"))
+    with pytest.raises(ArtifactError, match="weights=FUNCTION"):
+        Engine(tp_artifacts[2], weights={})

@@ -253,3 +253,30 @@ def _gated_mlp(f, n, xs):
     act = {"silu": relax.op.nn.silu, "gelu": relax.op.nn.gelu, "gelu_tanh": relax.op.nn.gelu_tanh}[n.attrs["act"]]
     h = f.emit(relax.op.multiply(f.emit(act(g)), u))
     return f.low.linear(f, h, n.type.shape[:-1], (wd,), int(wd.type.shape[0]))
+
+
+# -- collectives of a tensor-parallel rank (passes/shard_tensor_parallel.py) --------------------------
+# The program calls the runtime, which does the exchange with the other ranks on the same stream as the
+# kernels (runtime/collectives.py: NCCL on GPUs, shared memory between CPU processes).
+
+
+@register_rule("relax", "all_reduce")
+def _all_reduce(f, n, xs):
+    return f.emit(relax.call_dps_packed("kiln.all_reduce", [xs[0]], f.ttype(n.type)))
+
+
+@register_rule("relax", "all_gather")
+def _all_gather(f, n, xs):
+    """The runtime gathers the ranks' parts rank-major ([ranks, *x]); a permute and a reshape put them along
+    `dim`."""
+    x = n.inputs[0]
+    ranks, rank = int(n.attrs["ranks"]), x.type.rank
+    d = n.attrs["dim"] % rank
+    parts = f.emit(
+        relax.call_dps_packed(
+            "kiln.all_gather", [xs[0]], relax.TensorType([ranks] + f.dims(x.type.shape), x.type.dtype)
+        )
+    )
+    if d:
+        parts = f.emit(relax.op.permute_dims(parts, list(range(1, d + 1)) + [0] + list(range(d + 1, rank + 1))))
+    return f.emit(relax.op.reshape(parts, f.dims(n.type.shape)))

@@ -25,6 +25,7 @@ class CpuTarget(TvmTarget):
     name = "cpu"
     capabilities = frozenset(
         {"fp32", "int8", "int4", "kv-int8", "w8a8", "alibi", "mla", "sliding-window", "gqa", "sparse-storage"}
+        | {"tensor-parallel"}  # ranks as processes exchanging through shared memory (runtime/collectives.py)
     )
     lowering = CpuLowering
 

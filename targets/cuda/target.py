@@ -48,7 +48,7 @@ def prefill_attention(graph: Graph, mode: str = "fused") -> dict[str, Any]:
 
 class CudaTarget(TvmTarget):
     name = "cuda"
-    capabilities = frozenset({"fp16", "int8", "int4", "sliding-window", "gqa", "tensor-cores"})
+    capabilities = frozenset({"fp16", "int8", "int4", "sliding-window", "gqa", "tensor-cores", "tensor-parallel"})
 
     def __init__(
         self,

@@ -28,7 +28,7 @@ from .hw import DEFAULT, PimHardware
 
 class PimTarget(CpuTarget):
     name = "pim"
-    capabilities = CpuTarget.capabilities | {"simulated"}
+    capabilities = (CpuTarget.capabilities - {"tensor-parallel"}) | {"simulated"}
     pass_modules = ("kiln.targets.pim.place_pim",)
 
     def __init__(
