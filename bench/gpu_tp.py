@@ -95,7 +95,8 @@ def random_field_weights(manifest: dict, device: Any) -> dict[str, Any]:
     dtype (speed does not depend on the values; norms get ones, fp16 weights N(0, 0.02), codes uniform)."""
     import torch
 
-    g = torch.Generator(device=f"cuda:{device.index}").manual_seed(1000 + int(manifest["tensor_parallel"]["rank"]))
+    rank = int((manifest.get("tensor_parallel") or {}).get("rank", 0))
+    g = torch.Generator(device=f"cuda:{device.index}").manual_seed(1000 + rank)
     out = {}
     with torch.device(f"cuda:{device.index}"):
         for spec in manifest["weights"]:
@@ -105,8 +106,6 @@ def random_field_weights(manifest: dict, device: Any) -> dict[str, Any]:
                     t = torch.ones(shape, dtype=dt)
                 else:
                     t = (torch.randn(shape, generator=g, dtype=torch.float32) * 0.02).to(dt)
-                    if spec["name"].endswith("scales") or "scale" in spec["transform"]:
-                        t = t.abs() * 0.05 + 1e-3
             else:
                 info = torch.iinfo(dt)
                 t = torch.randint(

@@ -465,3 +465,55 @@ def test_tensor_parallel_refuses_a_member_and_a_weights_dict(tp_artifacts):
         Engine(os.path.join(tp_artifacts[2], "ranks", "1"))
     with pytest.raises(ArtifactError, match="weights=FUNCTION"):
         Engine(tp_artifacts[2], weights={})
+
+
+# -- on 2 GPUs: NCCL between two processes, each rank on its own GPU ------------------------------------
+
+
+def _two_gpus() -> bool:
+    return torch.cuda.is_available() and torch.cuda.device_count() >= 2
+
+
+def build_cuda_pair(out: str) -> dict[int, str]:
+    """tests/cuda_models.py's tiny Llama (8 query heads over 1 KV head: each rank keeps a copy of it) built for
+    the cuda target on one rank and on two, with its weights."""
+    import os
+
+    from cuda_models import make_model
+
+    import kiln
+
+    m = make_model("tiny-llama")
+    paths = {}
+    for ranks in (1, 2):
+        paths[ranks] = os.path.join(out, f"tiny-tp{ranks}")
+        if not os.path.exists(os.path.join(paths[ranks], "manifest.json")):
+            kiln.compile(m, target="cuda", tensor_parallel=ranks).save(paths[ranks])
+    return paths
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _two_gpus(), reason="needs 2 CUDA GPUs")
+def test_tensor_parallel_on_two_gpus_matches_one(tmp_path):
+    """The 2-rank cuda build (NCCL inside the decode step's CUDA graph) gives the 1-rank build's logits within
+    fp16 rounding and the same greedy tokens, through the engine and the server. Artifacts: KILN_CUDA_TP_ARTIFACTS
+    (built elsewhere by build_cuda_pair), or built here."""
+    import os
+
+    import numpy as np
+
+    from kiln.runtime.engine import Engine
+    from kiln.runtime.sampling import SamplingParams
+    from kiln.runtime.serving import Server
+
+    paths = build_cuda_pair(os.environ.get("KILN_CUDA_TP_ARTIFACTS") or str(tmp_path))
+    with Engine(paths[1], kv_cache_tokens=512) as e1, Engine(paths[2], kv_cache_tokens=512) as e2:
+        ids = [1, 5, 9, 20, 33, 2, 7, 11, 60]
+        a, b = e1.prefill(ids, [0, 1, 2]), e2.prefill(ids, [0, 1, 2])
+        assert np.abs(a - b).max() < 2e-2 * max(1.0, np.abs(a).max())
+        prompts = [[1, 2, 3, 4], [9, 8, 7], [5] * 11]
+        p = SamplingParams(max_tokens=16, ignore_eos=True)
+        want = [c.token_ids for c in e1.generate(prompts, p)]
+        assert [c.token_ids for c in e2.generate(prompts, p)] == want
+        with Server(e2, policy="continuous", max_batch=4) as srv:
+            assert [h.result().token_ids for h in [srv.submit(x, p) for x in prompts]] == want
