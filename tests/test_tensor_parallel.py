@@ -479,16 +479,15 @@ def build_cuda_pair(out: str) -> dict[int, str]:
     the cuda target on one rank and on two, with its weights."""
     import os
 
-    from cuda_models import make_model
-
-    import kiln
-
-    m = make_model("tiny-llama")
     paths = {}
     for ranks in (1, 2):
         paths[ranks] = os.path.join(out, f"tiny-tp{ranks}")
         if not os.path.exists(os.path.join(paths[ranks], "manifest.json")):
-            kiln.compile(m, target="cuda", tensor_parallel=ranks).save(paths[ranks])
+            from cuda_models import make_model
+
+            import kiln
+
+            kiln.compile(make_model("tiny-llama"), target="cuda", tensor_parallel=ranks).save(paths[ranks])
     return paths
 
 
