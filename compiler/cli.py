@@ -66,6 +66,8 @@ def cmd_build(a: argparse.Namespace) -> int:
         quant["target_options"] = {"arch": a.cuda_arch, "gemm": a.cuda_gemm}
     if a.no_weights:
         quant["pack_weights"] = False
+    if a.tensor_parallel != 1:
+        quant["tensor_parallel"] = a.tensor_parallel
     if a.target == "mlir":
         quant["mlir_forms"] = a.mlir_form or ["linalg-on-tensors"]
         if a.mlir_static:
@@ -211,6 +213,14 @@ def main(argv: list[str] | None = None) -> int:
         default="cublas",
         choices=["cublas", "tvm"],
         help="prefill GEMMs: cuBLAS tensor cores at run time, or TVM's own CUDA-core schedules",
+    )
+    b.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split the model over N ranks (GPUs of one host, or CPU processes): rank R's program and weights under "
+        "ranks/R; serving it starts one process per rank",
     )
     b.add_argument(
         "--no-weights",

@@ -185,3 +185,20 @@ def test_plots_without_matplotlib_name_the_extra(cli_build, tmp_path, monkeypatc
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an environment without it raises
     assert main(["-q", "inspect", out, "--plot", str(tmp_path / "b.png")]) == 1
     assert "pip install 'kiln[plots]'" in capfd.readouterr().err
+
+
+def test_cli_build_tensor_parallel_writes_every_rank(cli_build, capfd):
+    """`--tensor-parallel 3` (the tiny model's 6 query / 3 KV heads split three ways): rank 0 at the top with
+    the others under ranks/; the engine opens it as one group of 3 processes."""
+    import json
+
+    from kiln.runtime.engine import Engine
+
+    folder, out, _ = cli_build
+    assert main(["-q", "build", folder, "-o", out + "-tp3", "--tensor-parallel", "3"]) == 0
+    top = json.load(open(os.path.join(out + "-tp3", "manifest.json")))
+    assert top["tensor_parallel"]["members"] == ["", "ranks/1", "ranks/2"]
+    with Engine(out + "-tp3", kv_cache_tokens=64) as eng:
+        assert len(eng.group.procs) == 2 and eng.decode([1], [0], [[0]]).shape == (1, eng.vocab_size)
+    with pytest.raises(SystemExit):
+        main(["-q", "build", folder, "-o", out + "-tpx", "--tensor-parallel", "x"])
