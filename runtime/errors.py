@@ -14,3 +14,7 @@ class KilnError(Exception):
 
 class ArtifactError(KilnError):
     """A corrupt, mismatched or incomplete artifact, refused with its reason."""
+
+
+class RankError(KilnError):
+    """A rank of a tensor-parallel group failed (runtime/rank_group.py): the engine serves no more requests."""

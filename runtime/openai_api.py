@@ -154,6 +154,9 @@ class OpenAIServer:
 
         @app.get("/health")
         async def health() -> JSONResponse:
+            dead = self.server._dead  # the scheduler stopped (a tensor-parallel rank died): nothing runs
+            if dead is not None:
+                return JSONResponse({"status": "failed", "reason": str(dead)}, 503)
             return JSONResponse({"status": "draining" if self.draining else "ok"}, 503 if self.draining else 200)
 
         @app.get("/metrics")

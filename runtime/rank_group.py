@@ -25,11 +25,7 @@ import time
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from .errors import KilnError
-
-
-class RankError(KilnError):
-    """A rank of a tensor-parallel group failed: the group cannot serve any more requests."""
+from .errors import RankError
 
 
 def members(path: str, manifest: dict) -> list[str]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import RankError
 from .kv_cache import OutOfPages, PageManager
 from .requests import Request
 
@@ -180,6 +181,8 @@ class Scheduling:
             r.handle.completion.prefill_seconds += time.perf_counter() - t0
         except Exception as e:
             self._finish(r, "error", e)
+            if isinstance(e, RankError):  # the engine is gone: so is the server (Server._serve)
+                raise
             return
         r.computed += n
         self.prefill_tokens += n
@@ -220,6 +223,8 @@ class Scheduling:
         except Exception as e:
             for r in dec:
                 self._finish(r, "error", e)
+            if isinstance(e, RankError):
+                raise
             return
         drawn = [None] * len(dec)
         if k < 1:

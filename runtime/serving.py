@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 
 from .decoding import Decoder, Delta
 from .engine import Completion
+from .errors import RankError
 from .kv_cache import PageManager
 from .prompts import Prompt, as_prompt_list
 from .requests import Request, RequestFailed, RequestHandle
@@ -260,6 +261,8 @@ class Server(Scheduling):
                     return
             try:
                 did = self.step()
+            except RankError:  # a rank of the engine's tensor-parallel group died: nothing can run any more
+                raise
             except Exception:  # a scheduler bug: step() failed what was in flight; keep serving the rest
                 did = False
             if not did:

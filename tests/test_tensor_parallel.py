@@ -454,6 +454,28 @@ def test_tensor_parallel_rank_death_fails_calls_with_reason(tp_artifacts):
     eng.close()
 
 
+def test_tensor_parallel_rank_death_stops_the_server(tp_artifacts):
+    """Under the server, a dead rank fails the requests in flight with the reason, and the server refuses
+    new ones saying why (its scheduler stops: the engine cannot run anything any more)."""
+    import os
+    import signal
+
+    from kiln.runtime.engine import Engine
+    from kiln.runtime.sampling import SamplingParams
+    from kiln.runtime.serving import Server
+
+    with Engine(tp_artifacts[2], kv_cache_tokens=256) as eng, Server(eng, policy="continuous", max_batch=2) as srv:
+        p = SamplingParams(max_tokens=4, ignore_eos=True)
+        assert len(srv.submit([1, 2, 3], p).result().token_ids) == 4
+        os.kill(eng.group.procs[0].pid, signal.SIGKILL)
+        eng.group._watchdog.join(30)  # the watchdog has seen the exit
+        with pytest.raises(Exception, match="rank 1 .* stopped with exit code -9"):
+            srv.submit([4, 5, 6], p).result()
+        srv._thread.join(30)
+        with pytest.raises(RuntimeError, match="scheduler stopped .*RankError"):
+            srv.submit([7, 8], p)
+
+
 def test_tensor_parallel_refuses_a_member_and_a_weights_dict(tp_artifacts):
     """Rank 1's directory alone is refused (rank 0 starts the group), as is one dict of weights for all ranks."""
     import os
