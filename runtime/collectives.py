@@ -223,7 +223,7 @@ class Nccl(Collectives):
     """Rank `rank` of `ranks` on TVM device `device` (its GPU, current in the calling thread). Connecting
     blocks until every rank has called it."""
 
-    def __init__(self, ranks: int, rank: int, unique_id: bytes, device: Any) -> None:
+    def __init__(self, ranks: int, rank: int, unique_id: bytes, device: Any, arch: str | None = None) -> None:
         from .cuda import set_device
 
         self.ranks, self.rank, self.device = ranks, rank, device
@@ -236,6 +236,60 @@ class Nccl(Collectives):
         self.aborted = False
         # a measurement knob: skip the exchanges (every result is wrong) to time a step without them
         self.dry = os.environ.get("KILN_TP_DRY_COLLECTIVES") == "1"
+        self.p2p: Any = None  # the peer-memory all-reduce (runtime/p2p_allreduce.py), where every rank has it
+        if arch and os.environ.get("KILN_TP_ALLREDUCE", "p2p") != "nccl":
+            self.p2p = self._peer_memory(arch)
+
+    def _agree(self, ok: bool) -> bool:
+        """True when every rank says `ok` (an NCCL sum at start, outside any graph)."""
+        import tvm
+
+        x = tvm.runtime.tensor(np.array([1 if ok else 0], dtype=np.int32), self.device)
+        out = tvm.runtime.tensor(np.zeros(1, dtype=np.int32), self.device)
+        _check(
+            self.lib.ncclAllReduce(x.data_ptr(), out.data_ptr(), 1, 2, 0, self.comm, self._stream()), "ncclAllReduce"
+        )
+        self.device.sync()
+        return int(out.numpy()[0]) == self.ranks
+
+    def _peer_memory(self, arch: str) -> Any:
+        """Set up the peer-memory all-reduce with the other ranks, or None (then NCCL sums everything)."""
+        import tvm
+
+        from .cuda import peer_access
+        from .p2p_allreduce import CAP, library
+
+        self.p2p_cap = CAP
+        lib, handle = None, ctypes.create_string_buffer(64)
+        try:
+            lib = library(arch)
+            ok = all(peer_access(self.device.index, r) for r in range(self.ranks) if r != self.rank)
+            ok = ok and lib.kiln_ar_handle_bytes() == 64
+            ok = (
+                ok
+                and lib.kiln_ar_alloc(self.device.index, self.rank, self.ranks, ctypes.cast(handle, ctypes.c_void_p))
+                == 0
+            )
+        except OSError as e:
+            print(f"kiln: rank {self.rank}: NCCL sums everything ({e})", file=sys.stderr)
+            ok = False
+        if not self._agree(ok):
+            if lib is not None:
+                lib.kiln_ar_close()
+            return None
+        mine = tvm.runtime.tensor(np.frombuffer(handle.raw, dtype=np.uint8).copy(), self.device)
+        every = tvm.runtime.tensor(np.zeros((self.ranks, 64), dtype=np.uint8), self.device)
+        _check(
+            self.lib.ncclAllGather(mine.data_ptr(), every.data_ptr(), 64, 1, self.comm, self._stream()), "ncclAllGather"
+        )
+        self.device.sync()
+        handles = ctypes.create_string_buffer(every.numpy().tobytes(), self.ranks * 64)
+        assert lib is not None  # every rank, this one too, loaded it
+        opened = lib.kiln_ar_open(ctypes.cast(handles, ctypes.c_void_p)) == 0
+        if not self._agree(opened):
+            lib.kiln_ar_close()
+            return None
+        return lib
 
     def _stream(self) -> ctypes.c_void_p:
         import tvm_ffi
@@ -246,6 +300,11 @@ class Nccl(Collectives):
         if self.dry:
             return
         n, dt = int(np.prod([int(d) for d in x.shape])), _NCCL_TYPES[str(x.dtype)]
+        if self.p2p is not None and dt == 7 and 0 < n * 4 <= self.p2p_cap:
+            err = self.p2p.kiln_ar_run(x.data_ptr(), out.data_ptr(), n, self._stream())
+            if err:
+                raise CollectiveError(f"the peer-memory all-reduce failed: CUDA error {err}")
+            return
         _check(
             self.lib.ncclAllReduce(x.data_ptr(), out.data_ptr(), n, dt, 0, self.comm, self._stream()), "ncclAllReduce"
         )
@@ -257,12 +316,18 @@ class Nccl(Collectives):
         _check(self.lib.ncclAllGather(x.data_ptr(), out.data_ptr(), n, dt, self.comm, self._stream()), "ncclAllGather")
 
     def abort(self) -> None:
+        if self.p2p is not None:
+            self.p2p.kiln_ar_abort()  # its kernel stops waiting for the dead rank
         if not self.aborted:
             self.aborted = True
             self.lib.ncclCommAbort(self.comm)  # kernels waiting for a dead rank see the flag and return
 
     def close(self) -> None:
         self.uninstall()
+        if self.p2p is not None:
+            self.device.sync()
+            self.p2p.kiln_ar_close()
+            self.p2p = None
         if not self.aborted:
             self.aborted = True
             self.lib.ncclCommDestroy(self.comm)

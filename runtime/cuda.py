@@ -101,15 +101,15 @@ def prepare(manifest: dict, path: str | None = None, index: int = 0):
     t = manifest.get("target", {})
     arch, want = t.get("arch", "?"), t.get("compute_capability")
     dev = tvm.cuda(index)
+    if not dev.exist and index == 0:
+        raise ArtifactError(
+            f"artifact was built for target 'cuda' ({arch}) but no CUDA GPU is visible here: "
+            "run it on a machine with an NVIDIA GPU, or rebuild with --target cpu"
+        )
     if not dev.exist:
         raise ArtifactError(
-            f"artifact was built for target 'cuda' ({arch}) but no CUDA GPU {index} is visible here: "
-            + (
-                "run it on a machine with an NVIDIA GPU, or rebuild with --target cpu"
-                if index == 0
-                else f"rank {index} of a tensor-parallel artifact runs on GPU {index}; run it where there are as "
-                "many GPUs as ranks (CUDA_VISIBLE_DEVICES lists them), or rebuild with fewer ranks"
-            )
+            f"rank {index} of this tensor-parallel artifact runs on GPU {index}, which is not visible here: run it "
+            "where there are as many GPUs as ranks (CUDA_VISIBLE_DEVICES lists them), or rebuild with fewer ranks"
         )
     have = str(dev.compute_version)
     if want and have != want:
@@ -254,6 +254,14 @@ def set_device(index: int) -> None:
     """Make GPU `index` the calling thread's current device (cuBLAS and NCCL bind to it when created)."""
     rt = _STATE.get("cudart") or _STATE.setdefault("cudart", _Cudart())
     rt.check(rt.lib.cudaSetDevice(int(index)), f"cudaSetDevice({index})")
+
+
+def peer_access(index: int, peer: int) -> bool:
+    """Whether GPU `index` can read GPU `peer`'s memory directly (NVLink or PCIe peer-to-peer)."""
+    rt = _STATE.get("cudart") or _STATE.setdefault("cudart", _Cudart())
+    ok = ctypes.c_int(0)
+    rt.check(rt.lib.cudaDeviceCanAccessPeer(ctypes.byref(ok), int(index), int(peer)), "cudaDeviceCanAccessPeer")
+    return bool(ok.value)
 
 
 class _Cudart:

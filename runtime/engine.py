@@ -209,12 +209,13 @@ class Engine:
         if callable(weights):  # made here, for this rank (a tensor-parallel group calls it in every rank)
             weights = weights(self.manifest, self.device)
         self.weights = self._load_weights() if weights is None else self._bind_weights(weights)
+        arch = self.manifest.get("target", {}).get("arch") if self.on_gpu else None
         if self.group is not None:  # the collectives meet the other ranks' before the first program runs
-            self.collectives = self.group.connect(self.device)
+            self.collectives = self.group.connect(self.device, arch)
         elif _rank is not None:
             from .rank_group import connect_worker
 
-            self.collectives = connect_worker(_rank[2], _rank[1], _rank[0], self.device)
+            self.collectives = connect_worker(_rank[2], _rank[1], _rank[0], self.device, arch)
         self.vocab_size = cross_check(self)  # the manifest's shape facts against the library, before serving
         self.eos_ids = tuple(self.manifest.get("eos_token_ids") or ())
 

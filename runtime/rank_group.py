@@ -131,7 +131,7 @@ class RankGroup:
             raise RankError(f"the tensor-parallel group failed: {self.failed}; restart the server or engine")
 
     # -- start --------------------------------------------------------------------------------------
-    def connect(self, device: Any) -> Any:
+    def connect(self, device: Any, arch: str | None = None) -> Any:
         """Rank 0's collectives, connected to the workers' (which connect as they finish loading)."""
         from .collectives import Nccl, SharedMemory
 
@@ -142,7 +142,7 @@ class RankGroup:
 
             def init() -> None:
                 try:
-                    box["c"] = Nccl(self.ranks, 0, self.spec["id"], device)
+                    box["c"] = Nccl(self.ranks, 0, self.spec["id"], device, arch)
                 except BaseException as e:
                     box["e"] = e
 
@@ -225,11 +225,14 @@ class RankGroup:
             self._shm = None
 
 
-def connect_worker(spec: dict, ranks: int, rank: int, device: Any) -> Any:
+def connect_worker(spec: dict, ranks: int, rank: int, device: Any, arch: str | None = None) -> Any:
     """A worker's collectives (the leader made `spec`)."""
     from .collectives import Nccl, SharedMemory
 
-    c = SharedMemory(ranks, rank, spec["path"]) if spec["kind"] == "shm" else Nccl(ranks, rank, spec["id"], device)
+    if spec["kind"] == "shm":
+        c: Any = SharedMemory(ranks, rank, spec["path"])
+    else:
+        c = Nccl(ranks, rank, spec["id"], device, arch)
     c.install()
     return c
 
