@@ -17,7 +17,8 @@ Reports: Llama-3.1-8B shape fp16, batch-1 decode and batch-64 throughput on 2 GP
 shape (fp16 and int4) batch-1 decode on 2 GPUs against the two cards' bandwidth roofline (each rank streams
 its half of the weights at the measured copy bandwidth of its GPU); the collectives' share of a step, measured
 by running the same steps with the collectives skipped (KILN_TP_DRY_COLLECTIVES=1: wrong numbers, the step's
-time without its exchanges); and NCCL's own all-reduce latency and bus bandwidth on the pair (torch.distributed).
+time without its exchanges) and with every sum through NCCL (KILN_TP_ALLREDUCE=nccl) instead of the
+peer-memory all-reduce; and NCCL's own all-reduce latency and bus bandwidth on the pair (torch.distributed).
 """
 
 from __future__ import annotations
@@ -183,10 +184,12 @@ def run(art: str, json_out: str | None, only: list[str] | None, new: int, contex
             continue
         batches = [1, 64] if model == "llama-3.1-8b" else [1]
         runs: dict[str, Any] = {}
-        for dry in [False, True] if ranks > 1 else [False]:
-            if dry:
-                os.environ["KILN_TP_DRY_COLLECTIVES"] = "1"
-            print(f"{key}{' (collectives skipped)' if dry else ''}", flush=True)
+        parts = [("real", {})]
+        if ranks > 1 and model == "llama-3.1-8b":  # NCCL for every sum, and no sums at all
+            parts += [("nccl", {"KILN_TP_ALLREDUCE": "nccl"}), ("dry", {"KILN_TP_DRY_COLLECTIVES": "1"})]
+        for part, env in parts:
+            os.environ.update(env)
+            print(f"{key} ({part})", flush=True)
             t = time.perf_counter()
             eng = Engine(
                 os.path.join(art, key),
@@ -197,9 +200,11 @@ def run(art: str, json_out: str | None, only: list[str] | None, new: int, contex
             load = time.perf_counter() - t
             r = decode_throughput(eng, batches, context, new, bw, rate * ranks)
             r["load_s"] = load
+            r["peer_memory_sums"] = getattr(eng.collectives, "p2p", None) is not None
             eng.close()
-            os.environ.pop("KILN_TP_DRY_COLLECTIVES", None)
-            runs["dry" if dry else "real"] = r
+            for k in env:
+                os.environ.pop(k)
+            runs[part] = r
         results["runs"][key] = runs
         if json_out:
             with open(json_out, "w") as f:
@@ -240,11 +245,12 @@ def summarize(run_json: str, machine: str, command: str) -> str:
                     out[f"{key}_{part}_batch{b}_floor_ms"] = x["floor_ms"]
     for key in runs:
         if "dry" in runs[key]:
-            for b in (1, 64):
-                if f"batch{b}" in runs[key]["real"]:
-                    out[f"{key}_collectives_ms_batch{b}"] = (
-                        runs[key]["real"][f"batch{b}"]["step_ms"] - runs[key]["dry"][f"batch{b}"]["step_ms"]
-                    )
+            for part in ("real", "nccl"):
+                for b in (1, 64):
+                    if f"batch{b}" in runs[key][part]:
+                        out[f"{key}_{part}_collectives_ms_batch{b}"] = (
+                            runs[key][part][f"batch{b}"]["step_ms"] - runs[key]["dry"][f"batch{b}"]["step_ms"]
+                        )
     out["nccl"] = r.get("nccl")
     out["bandwidth_tb_s"], out["gemm_tflops"] = r["bandwidth_tb_s"], r["gemm_tflops"]
     out["command"] = command

@@ -538,3 +538,68 @@ def test_tensor_parallel_on_two_gpus_matches_one(tmp_path):
         assert [c.token_ids for c in e2.generate(prompts, p)] == want
         with Server(e2, policy="continuous", max_batch=4) as srv:
             assert [h.result().token_ids for h in [srv.submit(x, p) for x in prompts]] == want
+
+
+def _peer_sum_rank(r, q_in, q_out, res):
+    """One process of test_peer_memory_all_reduce_two_processes (spawned)."""
+    import ctypes
+
+    from kiln.runtime.p2p_allreduce import library
+
+    torch.cuda.set_device(0)
+    lib = library("sm_90a")
+    h = ctypes.create_string_buffer(64)
+    assert lib.kiln_ar_alloc(0, r, 2, ctypes.cast(h, ctypes.c_void_p)) == 0
+    q_out.put((r, h.raw))
+    hs = q_in.get()
+    assert lib.kiln_ar_open(ctypes.cast(ctypes.create_string_buffer(hs, 128), ctypes.c_void_p)) == 0
+    ok = True
+    s = torch.cuda.current_stream().cuda_stream
+    for n in (1, 4096, 5000, 262144):  # one block, a few, a ragged last block, the 1 MB cap
+        x = torch.arange(n, device="cuda", dtype=torch.float32) * (r + 1)
+        out = torch.empty_like(x)
+        for _ in range(3):
+            assert lib.kiln_ar_run(x.data_ptr(), out.data_ptr(), n, ctypes.c_void_p(s)) == 0
+            torch.cuda.synchronize()
+            ok = ok and torch.equal(out, torch.arange(n, device="cuda", dtype=torch.float32) * 3)
+    n, st = 4096, torch.cuda.Stream()
+    x, out, g = torch.zeros(n, device="cuda"), torch.zeros(n, device="cuda"), torch.cuda.CUDAGraph()
+    with torch.cuda.stream(st), torch.cuda.graph(g, stream=st):
+        for _ in range(4):  # 4 sums a replay: the epochs advance on the device
+            lib.kiln_ar_run(x.data_ptr(), out.data_ptr(), n, ctypes.c_void_p(st.cuda_stream))
+    for k in range(3):
+        x.fill_(float(k + r))
+        g.replay()
+        torch.cuda.synchronize()
+        ok = ok and bool((out == float(2 * k + 1)).all())
+    res.put((r, ok))
+    if r == 0:  # rank 1 is gone: this sum waits for it until aborted
+        import threading
+
+        threading.Timer(1.0, lib.kiln_ar_abort).start()
+        lib.kiln_ar_run(x.data_ptr(), out.data_ptr(), n, ctypes.c_void_p(s))
+        torch.cuda.synchronize()
+        res.put(("aborted", True))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_peer_memory_all_reduce_two_processes():
+    """The peer-memory all-reduce between two processes on GPU 0 (time-sliced, so correctness only): exact sums
+    at 1 to 262,144 floats, replayed in a CUDA graph with new inputs, and a sum whose peer is gone returns once
+    aborted instead of hanging."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    qs, back, res = [ctx.Queue() for _ in range(2)], ctx.Queue(), ctx.Queue()
+    ps = [ctx.Process(target=_peer_sum_rank, args=(r, qs[r], back, res)) for r in range(2)]
+    for p in ps:
+        p.start()
+    hs = dict(back.get(timeout=300) for _ in range(2))
+    for q in qs:
+        q.put(hs[0] + hs[1])
+    got = dict(res.get(timeout=120) for _ in range(3))
+    for p in ps:
+        p.join(60)
+    assert got == {0: True, 1: True, "aborted": True}
+    assert [p.exitcode for p in ps] == [0, 0]
