@@ -390,6 +390,21 @@ def tp_artifacts(tmp_path_factory):
     return out
 
 
+def test_tensor_parallel_int8_build_matches_one_rank(tmp_path):
+    """Quantization composes: an int8 build over two ranks (each keeps its rows' scales) gives the int8 build's
+    logits on one rank."""
+    import numpy as np
+
+    import kiln
+    from kiln.runtime.engine import Engine
+
+    m = tiny_model("llama", num_attention_heads=4, num_key_value_heads=2)
+    paths = [kiln.compile(m, quant="int8", tensor_parallel=n).save(str(tmp_path / f"q{n}")) for n in (1, 2)]
+    with Engine(paths[0], kv_cache_tokens=128) as e1, Engine(paths[1], kv_cache_tokens=128) as e2:
+        a, b = e1.prefill([3, 1, 4, 1, 5, 9, 2, 6], [0, 1]), e2.prefill([3, 1, 4, 1, 5, 9, 2, 6], [0, 1])
+        assert np.abs(a - b).max() < 1e-4 * max(1.0, np.abs(a).max())
+
+
 def test_tensor_parallel_artifact_layout(tp_artifacts):
     """Rank 0 at the top, rank 1 a whole artifact under ranks/1 with half the attention heads; the top
     manifest lists the members and checksums every rank's files."""
