@@ -284,7 +284,8 @@ def paged_decode_func(heads: int, kv_heads: int, head_dim: int, page: int, scale
     if head_dim % LPT or E % 8:
         raise ValueError(f"paged decode kernel needs head_dim a multiple of 64, got {head_dim}")
     NT = 256
-    G = NT // LPT  # tokens in flight per block
+    G = NT // LPT  # tokens in flight per block, per round
+    U = 4  # rounds whose K/V loads are issued together before any is used (a block is latency-bound at batch 1)
     rep = heads // kv_heads
     sc = float(scale)
 
@@ -300,8 +301,8 @@ def paged_decode_func(heads: int, kv_heads: int, head_dim: int, page: int, scale
         for blk in T.thread_binding(B * Tn * heads, thread="blockIdx.x"):
             for tx in T.thread_binding(NT, thread="threadIdx.x"):
                 ql = T.alloc_buffer((E,), "float32", scope="local")
-                kl = T.alloc_buffer((E,), "float16", scope="local")
-                vl = T.alloc_buffer((E,), "float16", scope="local")
+                kl = T.alloc_buffer((U, E), "float16", scope="local")
+                vl = T.alloc_buffer((U, E), "float16", scope="local")
                 acc = T.alloc_buffer((E,), "float32", scope="local")
                 st = T.alloc_buffer((4,), "float32", scope="local")  # m, l, s, corr
                 sm_m = T.alloc_buffer((G,), "float32", scope="shared")
@@ -322,28 +323,36 @@ def paged_decode_func(heads: int, kv_heads: int, head_dim: int, page: int, scale
                     acc[j] = T.float32(0)
                 st[0] = T.float32(_NEG)
                 st[1] = T.float32(0)
-                for it in range((p - lo + G) // G):
-                    tok = T.Bind(lo + it * G + grp)
-                    if tok <= p:
-                        pg = T.Bind(pt[b, tok // page])
-                        for j0 in T.unroll(E // 8):
-                            for j in T.vectorized(8):
-                                kl[j0 * 8 + j] = cache[pg, 0, hk, tok % page, sub * E + j0 * 8 + j]
-                        for j0 in T.unroll(E // 8):
-                            for j in T.vectorized(8):
-                                vl[j0 * 8 + j] = cache[pg, 1, hk, tok % page, sub * E + j0 * 8 + j]
-                        st[2] = T.float32(0)
-                        for j in T.unroll(E):
-                            st[2] = st[2] + ql[j] * T.Cast("float32", kl[j])
-                        for sh in T.unroll(3):
-                            st[2] = st[2] + T.tvm_warp_shuffle_xor(
-                                T.tvm_warp_activemask(), st[2], T.shift_left(1, sh), 32, 32
-                            )
-                        st[3] = T.max(st[0], st[2])
-                        st[1] = st[1] * T.exp(st[0] - st[3]) + T.exp(st[2] - st[3])
-                        for j in T.unroll(E):
-                            acc[j] = acc[j] * T.exp(st[0] - st[3]) + T.exp(st[2] - st[3]) * T.Cast("float32", vl[j])
-                        st[0] = st[3]
+                for it in range((p - lo + G * U) // (G * U)):
+                    for u in T.unroll(U):  # every load of the round first
+                        if lo + (it * U + u) * G + grp <= p:
+                            pg = T.Bind(pt[b, (lo + (it * U + u) * G + grp) // page])
+                            for j0 in T.unroll(E // 8):
+                                for j in T.vectorized(8):
+                                    kl[u, j0 * 8 + j] = cache[
+                                        pg, 0, hk, (lo + (it * U + u) * G + grp) % page, sub * E + j0 * 8 + j
+                                    ]
+                            for j0 in T.unroll(E // 8):
+                                for j in T.vectorized(8):
+                                    vl[u, j0 * 8 + j] = cache[
+                                        pg, 1, hk, (lo + (it * U + u) * G + grp) % page, sub * E + j0 * 8 + j
+                                    ]
+                    for u in T.unroll(U):
+                        if lo + (it * U + u) * G + grp <= p:
+                            st[2] = T.float32(0)
+                            for j in T.unroll(E):
+                                st[2] = st[2] + ql[j] * T.Cast("float32", kl[u, j])
+                            for sh in T.unroll(3):
+                                st[2] = st[2] + T.tvm_warp_shuffle_xor(
+                                    T.tvm_warp_activemask(), st[2], T.shift_left(1, sh), 32, 32
+                                )
+                            st[3] = T.max(st[0], st[2])
+                            st[1] = st[1] * T.exp(st[0] - st[3]) + T.exp(st[2] - st[3])
+                            for j in T.unroll(E):
+                                acc[j] = acc[j] * T.exp(st[0] - st[3]) + T.exp(st[2] - st[3]) * T.Cast(
+                                    "float32", vl[u, j]
+                                )
+                            st[0] = st[3]
                 if sub == 0:
                     sm_m[grp] = st[0]
                     sm_l[grp] = st[1]
