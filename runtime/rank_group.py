@@ -204,6 +204,9 @@ class RankGroup:
                 conn.send_bytes(pickle.dumps(("close",)))
             except OSError:
                 pass
+        if self.collectives is not None:  # with the workers' (NCCL may meet its peers on the way out)
+            self.collectives.close()
+            self.collectives = None
         deadline = time.monotonic() + timeout
         for p in self.procs:
             try:
@@ -214,9 +217,6 @@ class RankGroup:
         for conn in self.conns:
             conn.close()
         self.procs, self.conns = [], []
-        if self.collectives is not None:
-            self.collectives.close()
-            self.collectives = None
         if self._shm is not None:
             try:
                 os.remove(self._shm)
