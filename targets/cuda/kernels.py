@@ -28,26 +28,17 @@ _NEG = -1.0e30
 E = 8  # fp16 weights per 16-byte load
 
 
-RESIDENT_BLOCKS = 7 * 132  # GEMV blocks resident at once on an H200: 7 per SM at ~70 registers a thread (ncu)
-
-
 def gemv_config(n: int) -> tuple[int, int, int]:
     """(rows per warp, 16-byte loads in flight per row and lane, warps sharing a row) for an output size n.
 
-    Two rows per warp at every size: a second row halves the activation traffic per weight (H200,
-    Llama-3.1-8B shape, batch-1 decode: 147.6 tok/s with 2 rows against 138.1 with 1 below n = 8192; 4 rows
-    are slower). Warps share a row (split K, partial sums added through shared memory) when the grid would
-    otherwise end in a mostly empty wave: at n = 4096 one warp per row group gives 512 blocks, 0.55 of a
-    wave, and each warp walks a whole row (ncu: the down projection at 31% achieved occupancy, 1.9 TB/s)."""
-    wide = n >= 8192
-    rows, loads = 2, 8 // (2 if wide else 1)
-
-    def efficiency(split: int) -> float:
-        waves = -(-n // (WARPS // split * rows)) / RESIDENT_BLOCKS
-        return waves / -(-waves // 1)
-
-    best = max(efficiency(sp) for sp in (1, 2, 4))
-    return rows, loads, next(sp for sp in (1, 2, 4) if efficiency(sp) > best - 0.05)
+    Two rows per warp, each warp over a whole row: a second row halves the activation traffic per weight (H200,
+    Llama-3.1-8B shape, batch-1 decode: 147.6 tok/s with 2 rows against 138.1 with 1 below n = 8192), and
+    sharing rows between warps (split K) loses at every shape measured since the decode attention and norms
+    were fused (per call, µs, rows x splits 2x1 / 2x2 / 2x4 / 1x4 / 4x2: 8B o 4096 -> 4096 10.9 / 12.4 / 13.9 /
+    13.1 / 18.6, down 14336 -> 4096 29.2 / 30.8 / 32.4 / 31.0 / 38.0, q+k+v -> 6144 17.5 / 16.4 / 16.2 / 15.8 /
+    25.0; a tensor-parallel rank's o 2048 -> 4096 6.8 / 8.4 / 10.3 / 10.2 / 8.3, down 7168 -> 4096 16.5 / 17.6 /
+    18.3 / 18.0 / 24.2; bench/gpu_notes.md, change 25)."""
+    return 2, 8 // (2 if n >= 8192 else 1), 1
 
 
 def gemv_func(
