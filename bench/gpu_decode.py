@@ -56,6 +56,9 @@ SHAPES = {
         head_dim=128,
     ),
 }
+SHAPES["llama-3.1-70b"] = dict(  # bench/gpu_tp.py: over 2 GPUs (its fp16 weights fill one H200)
+    SHAPES["llama-3.1-8b"], hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64
+)
 VARIANTS = {"fp16": {}, "int8": {"quant": "int8"}, "int4": {"quant": "int4_g128"}}
 MAX_CONTEXT = 4096
 PEAK_FP16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}  # dense tensor-core FLOP/s, vendor data sheets
@@ -407,7 +410,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", choices=("build", "run", "summarize"))
     ap.add_argument("dir")
-    ap.add_argument("--models", default=",".join(SHAPES))
+    ap.add_argument("--models", default="llama-3.2-1b,llama-3.1-8b")  # 70B: bench/gpu_tp.py, on 2 GPUs
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--baselines", default="eager,compile")
     ap.add_argument("--new-tokens", type=int, default=128)

@@ -32,26 +32,8 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from gpu_decode import SHAPES  # noqa: E402
+from gpu_decode import SHAPES  # noqa: E402  (with the 70B shape)
 
-SHAPES = dict(
-    SHAPES,
-    **{
-        "llama-3.1-70b": dict(
-            hidden_size=8192,
-            intermediate_size=28672,
-            num_hidden_layers=80,
-            num_attention_heads=64,
-            num_key_value_heads=8,
-            vocab_size=128256,
-            rope_theta=500000.0,
-            rms_norm_eps=1e-5,
-            tie_word_embeddings=False,
-            max_position_embeddings=4096,
-            head_dim=128,
-        )
-    },
-)
 # (model, variant, ranks): the single-GPU 8B build is the baseline the 2-GPU one is compared with
 BUILDS = [
     ("llama-3.1-8b", "fp16", 1),
