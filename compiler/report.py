@@ -112,6 +112,13 @@ def render_report(
         f"- KV cache: {m['kv_cache']['page_size']}-token pages, {len(m['kv_cache']['layers'])} layers, "
         f"{m['kv_cache'].get('bytes_per_token', 0)} bytes per token ({m['kv_cache'].get('dtype')})",
     ]
+    tp = m.get("tensor_parallel")
+    if tp:  # the figures above are this rank's: its share of the weights, its KV heads
+        more = [x for x in tp.get("members") or [] if x]
+        lines.append(
+            f"- tensor parallel: rank {tp.get('rank')} of {tp.get('ranks')}; weights and KV cache above are this "
+            f"rank's share" + (f" (the other ranks: {', '.join(more)})" if more else "")
+        )
     lines += [_attention_kinds(m["kv_cache"].get("layers", [])), ""]
     lines += _resident_by_layer(m.get("weights", []))
     lines += _plan(m.get("quantization"))

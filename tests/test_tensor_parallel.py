@@ -418,6 +418,12 @@ def test_tensor_parallel_artifact_layout(tp_artifacts):
     assert one["pipeline"].endswith("shard-tensor-parallel{ranks=2,rank=1}")
     assert "ranks/1/weights.safetensors" in top["files"]
     assert [lay["heads"] for lay in one["tensor_parallel"]["layers"]] == [[2, 3], [2, 3]]
+    from kiln.report import render_report
+
+    assert (
+        "- tensor parallel: rank 0 of 2; weights and KV cache above are this rank's share (the other ranks: ranks/1)"
+        in (render_report(top))
+    )
 
 
 def test_tensor_parallel_engine_matches_one_rank(tp_artifacts):
