@@ -436,7 +436,7 @@ def test_tensor_parallel_engine_matches_one_rank(tp_artifacts):
     from kiln.runtime.serving import Server
 
     with Engine(tp_artifacts[1], kv_cache_tokens=256) as e1, Engine(tp_artifacts[2], kv_cache_tokens=256) as e2:
-        assert e2.group is not None and len(e2.group.procs) == 1
+        assert e2.group is not None and _rank_workers() == [e2.group.procs[0].pid]
         ids = [1, 5, 9, 20, 33, 2, 7, 11, 60]
         a, b = e1.prefill(ids, [0, 1, 2]), e2.prefill(ids, [0, 1, 2])
         assert np.abs(a - b).max() < 1e-5 * max(1.0, np.abs(a).max())
@@ -449,6 +449,7 @@ def test_tensor_parallel_engine_matches_one_rank(tp_artifacts):
         with Server(e2, policy="continuous", max_batch=2) as srv:
             got = [h.result().token_ids for h in [srv.submit(x, p) for x in prompts]]
         assert got == want
+    assert not _rank_workers()  # closing the engine stopped its worker
 
 
 def test_tensor_parallel_rank_death_fails_calls_with_reason(tp_artifacts):
@@ -473,6 +474,7 @@ def test_tensor_parallel_rank_death_fails_calls_with_reason(tp_artifacts):
     with pytest.raises(RankError, match="restart the server or engine"):
         eng.prefill([1, 2], [0])
     eng.close()
+    assert not _rank_workers()
 
 
 def test_tensor_parallel_rank_death_stops_the_server(tp_artifacts):
@@ -495,6 +497,45 @@ def test_tensor_parallel_rank_death_stops_the_server(tp_artifacts):
         srv._thread.join(30)
         with pytest.raises(RuntimeError, match="scheduler stopped .*RankError"):
             srv.submit([7, 8], p)
+
+
+def test_tensor_parallel_damaged_rank_is_refused_without_hanging(tp_artifacts, tmp_path):
+    """A flipped byte in rank 1's weights: the engine refuses to load, naming the file, and leaves no worker."""
+    import shutil
+    import time
+
+    from kiln.runtime.engine import Engine
+    from kiln.runtime.errors import ArtifactError, RankError
+
+    bad = str(tmp_path / "bad")
+    shutil.copytree(tp_artifacts[2], bad)
+    w = tmp_path / "bad" / "ranks" / "1" / "weights.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-3] ^= 0xFF
+    w.write_bytes(bytes(data))
+    t0 = time.monotonic()
+    with pytest.raises((ArtifactError, RankError), match="ranks/1/weights.safetensors|weights.safetensors"):
+        Engine(bad, kv_cache_tokens=64)
+    assert time.monotonic() - t0 < 60
+    assert not _rank_workers()
+
+
+def _rank_workers() -> list[int]:
+    """Worker processes of this process's rank groups still alive."""
+    import os
+
+    out = []
+    for pid in [p for p in os.listdir("/proc") if p.isdigit()]:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == os.getpid() and b"kiln.runtime.rank_group" in cmd:
+            out.append(int(pid))
+    return out
 
 
 def test_tensor_parallel_refuses_a_member_and_a_weights_dict(tp_artifacts):
