@@ -393,13 +393,7 @@ def summarize(run_json: str, machine: str, command: str) -> str:
                 small["kiln-fp16"]["decode_tok_s"] / small["torch.compile-fp16"]["decode_tok_s"]
             )
     figures["models"] = run["models"]
-    doc = write_results("gpu_decode", figures)
-    with open(doc) as f:  # the GPU host's own description, not this checkout's host
-        d = json.load(f)
-    d["machine"] = machine
-    with open(doc, "w") as f:
-        json.dump(d, f, indent=1)
-    return doc
+    return write_results("gpu_decode", figures, on=machine)  # the GPU host, not this one
 
 
 def _nbytes(t) -> int:

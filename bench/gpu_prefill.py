@@ -241,13 +241,7 @@ def summarize(run_json: str, machine: str, command: str) -> str:
         "attention": r["attention"],
         "prefill": p,
     }
-    doc = write_results("gpu_prefill", figures)
-    with open(doc) as f:
-        d = json.load(f)
-    d["machine"] = machine
-    with open(doc, "w") as f:
-        json.dump(d, f, indent=1)
-    return doc
+    return write_results("gpu_prefill", figures, on=machine)  # the GPU host, not this one
 
 
 def main(argv=None) -> None:

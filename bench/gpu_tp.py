@@ -236,13 +236,7 @@ def summarize(run_json: str, machine: str, command: str) -> str:
     out["nccl"] = r.get("nccl")
     out["bandwidth_tb_s"], out["gemm_tflops"] = r["bandwidth_tb_s"], r["gemm_tflops"]
     out["command"] = command
-    doc = write_results("gpu_tp", out)
-    with open(doc) as f:  # the GPU host's own description, not this checkout's host
-        d = json.load(f)
-    d["machine"] = machine
-    with open(doc, "w") as f:
-        json.dump(d, f, indent=1)
-    return doc
+    return write_results("gpu_tp", out, on=machine)  # the GPU host, not this one
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -49,11 +49,12 @@ def commit() -> str:
         return "unknown"
 
 
-def write_results(name: str, figures: dict[str, Any]) -> str:
-    """Write bench/results/NAME.json: {machine, date, commit, **figures}; returns the path."""
+def write_results(name: str, figures: dict[str, Any], on: str | None = None) -> str:
+    """Write bench/results/NAME.json: {machine, date, commit, **figures}; returns the path. `on`: the machine the
+    figures come from, in words, when it is not this one (a GPU host's run summarized here)."""
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"{name}.json")
-    doc = {"machine": machine(), "date": datetime.date.today().isoformat(), "commit": commit(), **figures}
+    doc = {"machine": on or machine(), "date": datetime.date.today().isoformat(), "commit": commit(), **figures}
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)
     print(f"wrote {path}")
