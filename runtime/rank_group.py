@@ -52,6 +52,7 @@ class RankGroup:
         self.on_gpu = on_gpu
         self.failed: str | None = None
         self.collectives: Any = None
+        self._reading = threading.Lock()  # the watchdog and the loading wait both read the workers' messages
         self._shm: str | None = None
         if on_gpu:
             from .collectives import nccl_unique_id
@@ -110,13 +111,14 @@ class RankGroup:
     def _reason(self, r: int) -> str:
         """The error a worker sent before it stopped, if any."""
         conn = self.conns[r - 1]
-        try:
-            while conn.poll(0):
-                msg = conn.recv()
-                if isinstance(msg, tuple) and msg and msg[0] == "error":
-                    return f": {msg[1]}"
-        except (EOFError, OSError, pickle.UnpicklingError):
-            pass
+        with self._reading:
+            try:
+                while conn.poll(0):
+                    msg = conn.recv()
+                    if isinstance(msg, tuple) and msg and msg[0] == "error":
+                        return f": {msg[1]}"
+            except (EOFError, OSError, pickle.UnpicklingError):
+                pass
         return ""
 
     def fail(self, reason: str) -> None:
@@ -161,17 +163,19 @@ class RankGroup:
         """Wait until every worker has loaded its rank (or one failed)."""
         deadline = time.monotonic() + timeout
         for r, conn in enumerate(self.conns, start=1):
-            while not conn.poll(0.05):
+            msg = None
+            while msg is None:
                 self.check()
                 if time.monotonic() > deadline:
                     self.fail(f"rank {r} did not load within {timeout:.0f} s")
                     self.check()
-            try:
-                msg = conn.recv()
-            except (EOFError, OSError):
-                self._watchdog.join(5)
-                self.check()
-                raise RankError(f"rank {r} closed its connection while loading") from None
+                try:
+                    with self._reading:  # the watchdog may take an error message first: then it fails the group
+                        msg = conn.recv() if conn.poll(0.05) else None
+                except (EOFError, OSError):
+                    self._watchdog.join(5)
+                    self.check()
+                    raise RankError(f"rank {r} closed its connection while loading") from None
             if msg[0] != "ready":
                 self.fail(f"rank {r} failed to load: {msg[1]}")
                 self.check()
