@@ -117,6 +117,8 @@ def compile(
         options["static"] = mlir_static
     tgt = get_target(target, **options)  # refuse bad targets and options before the slow steps
     _check_tensor_parallel(tensor_parallel, tgt)
+    if drafts and tensor_parallel > 1:
+        raise KilnError("--draft and --tensor-parallel together are not built yet: build one or the other")
     from .pass_options import build_pipeline
     from .qat import qat_scheme, strip_qat
 
@@ -205,8 +207,6 @@ def compile(
         }
 
     if tensor_parallel > 1:
-        if drafts:
-            raise KilnError("--draft and --tensor-parallel together are not built yet: build one or the other")
         art = _package_ranks(tgt, graph, records, tensor_parallel, manifest_of, tokenizer_dir, timings, pack_weights)
     else:
         log.info(f"lowering and building for {target}")

@@ -371,6 +371,8 @@ def test_compile_refuses_tensor_parallel_where_no_runtime_serves_it():
         kiln.compile(m, target="pim", tensor_parallel=2)
     with pytest.raises(KilnError, match="number of ranks >= 1"):
         kiln.compile(m, target="cpu", tensor_parallel=0)
+    with pytest.raises(KilnError, match="--draft and --tensor-parallel together are not built yet"):
+        kiln.compile(m, target="cpu", tensor_parallel=2, draft="self:1")
 
 
 # -- the rank group at run time: one process per rank (runtime/rank_group.py) --------------------------
