@@ -66,7 +66,7 @@ class RankGroup:
         self.spec = spec
         self.procs: list[subprocess.Popen] = []
         self.conns: list[Connection] = []
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        env = dict(os.environ)
         if not on_gpu:  # the ranks share the host's cores
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
             env["TVM_NUM_THREADS"] = str(max(1, cores // self.ranks))
@@ -74,7 +74,7 @@ class RankGroup:
             for r, where in enumerate(members(path, manifest)[1:], start=1):
                 mine, theirs = socket.socketpair()
                 p = subprocess.Popen(
-                    [sys.executable, "-m", "kiln.runtime.rank_group", str(theirs.fileno())],
+                    _worker_command(theirs.fileno()),
                     pass_fds=[theirs.fileno()],
                     env=env,
                     stdin=subprocess.DEVNULL,
@@ -229,6 +229,19 @@ class RankGroup:
             self._shm = None
 
 
+def _worker_command(fd: int) -> list[str]:
+    """This interpreter with this process's import path and isolation flags (a bundle runs `python -I -S`
+    with its own lib/ first; a benchmark's weight function lives beside its script) running `worker(fd)`."""
+    flags = [
+        f
+        for f, on in (("-I", sys.flags.isolated), ("-S", sys.flags.no_site), ("-E", sys.flags.ignore_environment))
+        if on
+    ]
+    path = [p for p in sys.path if p]
+    code = f"import sys; sys.path[:0] = {path!r}; from kiln.runtime.rank_group import worker; worker({fd})"
+    return [sys.executable, *flags, "-c", code]
+
+
 def connect_worker(spec: dict, ranks: int, rank: int, device: Any, arch: str | None = None) -> Any:
     """A worker's collectives (the leader made `spec`)."""
     from .collectives import Nccl, SharedMemory
@@ -281,7 +294,3 @@ def worker(fd: int) -> None:
             conn.send(("error", f"{type(e).__name__}: {e}"))
             os._exit(1)  # a rank out of step cannot go on; rank 0's watchdog fails the group
     eng.close()
-
-
-if __name__ == "__main__":
-    worker(int(sys.argv[1]))
