@@ -667,3 +667,31 @@ def test_peer_memory_all_reduce_two_processes():
         p.join(60)
     assert got == {0: True, 1: True, "aborted": True}
     assert [p.exitcode for p in ps] == [0, 0]
+
+
+def test_tensor_parallel_artifact_runs_from_a_bundle(tp_artifacts, tmp_path):
+    """A bundle carries every rank, and its isolated interpreter (python -I -S, lib/ first) starts the workers
+    with its own packages: the bundled 2-rank artifact gives the 1-rank build's logits."""
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from kiln.bundle import make_bundle
+    from kiln.runtime.engine import Engine
+
+    b = make_bundle(tp_artifacts[2], str(tmp_path / "b")).path
+    code = (
+        f"import sys, json; sys.path.insert(0, {str(tmp_path / 'b' / 'lib')!r}); import os; "
+        "os.environ['TVM_USE_RUNTIME_LIB'] = '1'; from kiln.runtime.engine import Engine; "
+        f"e = Engine({str(tmp_path / 'b' / 'artifact')!r}, kv_cache_tokens=64); "
+        "print(json.dumps([e.decode([1, 2], [0, 0], [[0], [1]]).tolist(), e.group.procs[0].args[1:3]])); e.close()"
+    )
+    r = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, timeout=300, cwd=b)
+    assert r.returncode == 0, r.stderr
+    got, flags = json.loads(r.stdout.strip().splitlines()[-1])
+    assert flags == ["-I", "-S"]
+    with Engine(tp_artifacts[1], kv_cache_tokens=64) as e1:
+        want = e1.decode([1, 2], [0, 0], [[0], [1]])
+    assert np.abs(np.array(got) - want).max() < 1e-5 * max(1.0, np.abs(want).max())
