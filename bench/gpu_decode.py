@@ -345,9 +345,9 @@ def run(
     return results
 
 
-def summarize(run_json: str, machine: str, command: str) -> str:
+def summarize(run_json: str, machine: str, command: str, save: str = "gpu_decode") -> str:
     """The figures the decode goals are stated in (8B shape), from a run's --json, written to
-    bench/results/gpu_decode.json with the machine, date and commit of this checkout."""
+    bench/results/SAVE.json (gpu_decode.json) with the machine, date and commit of this checkout."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from results_io import write_results
 
@@ -393,7 +393,7 @@ def summarize(run_json: str, machine: str, command: str) -> str:
                 small["kiln-fp16"]["decode_tok_s"] / small["torch.compile-fp16"]["decode_tok_s"]
             )
     figures["models"] = run["models"]
-    return write_results("gpu_decode", figures, on=machine)  # the GPU host, not this one
+    return write_results(save, figures, on=machine)  # the GPU host, not this one
 
 
 def _nbytes(t) -> int:
@@ -412,12 +412,13 @@ def main(argv=None) -> None:
     ap.add_argument("--json")
     ap.add_argument("--machine", default="", help="summarize: the GPU host, in words")
     ap.add_argument("--command", default="", help="summarize: the command the run was made with")
+    ap.add_argument("--save", default="gpu_decode", help="summarize: bench/results/SAVE.json")
     ap.add_argument("--gemv-rows", type=int, default=None, help="build: output rows per warp in the decode GEMV")
     ap.add_argument("--gemv-splits", type=int, default=None, help="build: warps sharing a row in the decode GEMV")
     a = ap.parse_args(argv)
     models = [m for m in a.models.split(",") if m]
     if a.mode == "summarize":  # DIR is the run's --json here
-        summarize(a.dir, a.machine, a.command)
+        summarize(a.dir, a.machine, a.command, a.save)
         return
     if a.mode == "build":
         opts = {k: v for k, v in (("gemv_rows", a.gemv_rows), ("gemv_splits", a.gemv_splits)) if v}
