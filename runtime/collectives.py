@@ -7,7 +7,9 @@ the same order, as the ranks' programs do; sums are identical on every rank):
 
 - `Nccl` (GPUs): NCCL itself, loaded with ctypes from where the CUDA stack installed it, issued on the
   stream TVM runs the kernels on, so a decode step captured as a CUDA graph captures its collectives too.
-  NVLink multicast (NVLS) is off unless NCCL_NVLS_ENABLE is set: it can take a host's GPUs out of service.
+  Float32 sums up to 1 MB (a decode step's) go through a one-shot kernel over peer memory instead
+  (runtime/p2p_allreduce.py) when every rank could set it up. NVLink multicast (NVLS) is off unless
+  NCCL_NVLS_ENABLE is set: it can take a host's GPUs out of service.
 - `SharedMemory` (CPU processes): each rank writes its part into its slot of one shared file, and after a
   barrier every rank sums the slots in rank order (so every rank gets the same bits), chunk by chunk.
 
