@@ -103,7 +103,12 @@ class Engine:
         self.rank = _rank[0] if _rank is not None else 0
         tp = self.manifest.get("tensor_parallel") or {}
         if int(tp.get("ranks", 1)) > 1 and _rank is None:
-            self.group = self._start_group(
+            from .rank_group import start_group
+
+            self.group = start_group(
+                path,
+                self.manifest,
+                self.on_gpu,
                 weights,
                 kv_cache_tokens=kv_cache_tokens,
                 verify=verify,
@@ -119,22 +124,6 @@ class Engine:
             raise
         if self.group is not None:
             self.group.ready()
-
-    def _start_group(self, weights: Any, **options: Any) -> Any:
-        from .rank_group import RankGroup
-
-        tp = self.manifest["tensor_parallel"]
-        if int(tp.get("rank", 0)) != 0:
-            raise ArtifactError(
-                f"{self.path} is rank {tp['rank']} of a {tp['ranks']}-rank tensor-parallel artifact: open the "
-                "artifact's top directory (rank 0), which starts every rank"
-            )
-        if weights is not None and not callable(weights):
-            raise ArtifactError(
-                "a tensor-parallel artifact built without weights takes weights=FUNCTION (manifest, device) -> "
-                "{field: array}, an importable function each rank calls for its own shard, not one dict"
-            )
-        return RankGroup(self.path, self.manifest, self.on_gpu, dict(options, weights=weights))
 
     def _load(
         self,

@@ -28,6 +28,25 @@ from typing import Any
 from .errors import RankError
 
 
+def start_group(path: str, manifest: dict, on_gpu: bool, weights: Any, **options: Any) -> RankGroup:
+    """Ranks 1..N-1 of the tensor-parallel artifact at `path`, which must be rank 0's; `weights` (None or a
+    function each rank calls for its own shard) and `options` go to every rank's Engine."""
+    from .artifact import ArtifactError
+
+    tp = manifest["tensor_parallel"]
+    if int(tp.get("rank", 0)) != 0:
+        raise ArtifactError(
+            f"{path} is rank {tp['rank']} of a {tp['ranks']}-rank tensor-parallel artifact: open the "
+            "artifact's top directory (rank 0), which starts every rank"
+        )
+    if weights is not None and not callable(weights):
+        raise ArtifactError(
+            "a tensor-parallel artifact built without weights takes weights=FUNCTION (manifest, device) -> "
+            "{field: array}, an importable function each rank calls for its own shard, not one dict"
+        )
+    return RankGroup(path, manifest, on_gpu, dict(options, weights=weights))
+
+
 def members(path: str, manifest: dict) -> list[str]:
     """Every rank's artifact directory, rank 0 first."""
     from .artifact import MANIFEST, ArtifactError
